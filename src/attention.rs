@@ -1,0 +1,201 @@
+//! One description of an attention problem, shared by the CPU reference and the GPU
+//! launchers so that checked mode and the tests compare like with like (SPEC §1-§5).
+
+use crate::config::RopeSchedule;
+use crate::error::{positive, Error, Result};
+
+/// Which components of a head form a rotation pair (SPEC §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// GPT-NeoX / transformers `rotate_half`: pair i = (x[i], x[i + r/2]).
+    #[default]
+    Half,
+    /// GPT-J / Meta LLaMA: pair i = (x[2i], x[2i+1]).
+    Interleaved,
+}
+
+/// The rotation: frequencies, how many components rotate, their layout and the attention factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rotary {
+    /// Radians per position, length `rotary_dim / 2` (f64: the GPU splits it for exact angles).
+    pub inv_freq: Vec<f64>,
+    /// Rotated components (even, <= head_dim); the rest pass through unscaled.
+    pub rotary_dim: usize,
+    /// Pairing of components.
+    pub layout: Layout,
+    /// Multiplies the rotated components (YaRN / LongRoPE mscale); 1 otherwise.
+    pub attention_factor: f64,
+}
+
+impl Rotary {
+    /// A rotation from an evaluated schedule.
+    pub fn from_schedule(s: &RopeSchedule, layout: Layout) -> Self {
+        Rotary { inv_freq: s.inv_freq.clone(), rotary_dim: s.rotary_dim, layout, attention_factor: s.attention_factor }
+    }
+
+    /// Validate against a head dimension.
+    pub fn validate(&self, head_dim: usize) -> Result<()> {
+        if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 || self.rotary_dim > head_dim {
+            return Err(Error::RotaryDim { rotary_dim: self.rotary_dim, head_dim });
+        }
+        if self.inv_freq.len() != self.rotary_dim / 2 {
+            return Err(Error::Shape {
+                what: "inv_freq",
+                expected: format!("[{}]", self.rotary_dim / 2),
+                got: format!("[{}]", self.inv_freq.len()),
+            });
+        }
+        for &f in &self.inv_freq {
+            if !f.is_finite() || f < 0.0 {
+                return Err(Error::Parameter { name: "inv_freq", value: f, reason: "must be finite and >= 0" });
+            }
+        }
+        positive("attention_factor", self.attention_factor)?;
+        Ok(())
+    }
+}
+
+/// Relative-position variants that cannot be done by rotating Q and K once (SPEC §3).
+/// `window` is w and `k` the leak divisor of SPEC §3.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Relative {
+    /// Plain RoPE: the score sees `rel = i - j`.
+    #[default]
+    None,
+    /// ReRoPE: distances at or past `window` are clamped to `window`.
+    ReRope { window: usize },
+    /// Leaky ReRoPE: past `window`, distances grow with slope `1/k` (k > 1).
+    Leaky { window: usize, k: f64 },
+}
+
+/// ALiBi over the query heads. `head_offset` is the global index of the first local head, so a
+/// tensor-parallel shard holding heads `offset..offset+Hq` of `total_heads` gets the right slopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alibi {
+    /// Heads of the whole model (decides the slope schedule).
+    pub total_heads: usize,
+    /// Global index of local query head 0.
+    pub head_offset: usize,
+}
+
+/// Which keys a query sees (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mask {
+    /// Keys after the query are hidden.
+    pub causal: bool,
+    /// Sliding window W: keys with `i - j >= W` are hidden (unless they are sinks).
+    pub window: Option<usize>,
+    /// The first `sinks` positions stay visible through the window.
+    pub sinks: usize,
+}
+
+impl Mask {
+    /// Whether key position `j` is visible to query position `i`.
+    #[inline]
+    pub fn visible(&self, i: i64, j: i64) -> bool {
+        if self.causal && j > i {
+            return false;
+        }
+        match self.window {
+            Some(w) => i - j < w as i64 || j < self.sinks as i64,
+            None => true,
+        }
+    }
+}
+
+/// An attention problem: heads, scale, masks and position encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionParams {
+    /// Query heads (local to this device).
+    pub num_q_heads: usize,
+    /// Key/value heads; `num_q_heads` must be a multiple (GQA/MQA).
+    pub num_kv_heads: usize,
+    /// Components per head.
+    pub head_dim: usize,
+    /// Score scale; `None` means `1/sqrt(head_dim)`.
+    pub scale: Option<f64>,
+    /// Masking.
+    pub mask: Mask,
+    /// RoPE applied to Q and K (from unrotated inputs), if any.
+    pub rope: Option<Rotary>,
+    /// ReRoPE / Leaky ReRoPE (needs `rope`).
+    pub relative: Relative,
+    /// ALiBi bias, if any.
+    pub alibi: Option<Alibi>,
+}
+
+impl AttentionParams {
+    /// Causal attention without position encoding.
+    pub fn new(num_q_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        AttentionParams {
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            scale: None,
+            mask: Mask { causal: true, window: None, sinks: 0 },
+            rope: None,
+            relative: Relative::None,
+            alibi: None,
+        }
+    }
+
+    /// The scale in use.
+    pub fn softmax_scale(&self) -> f64 {
+        self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+
+    /// Query heads per KV head.
+    pub fn group_size(&self) -> usize {
+        self.num_q_heads / self.num_kv_heads
+    }
+
+    /// Validate everything that does not depend on tensor sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.head_dim == 0 {
+            return Err(Error::Shape { what: "head_dim", expected: "> 0".into(), got: "0".into() });
+        }
+        if self.num_kv_heads == 0 || self.num_q_heads == 0 || self.num_q_heads % self.num_kv_heads != 0 {
+            return Err(Error::GqaRatio { num_q_heads: self.num_q_heads, num_kv_heads: self.num_kv_heads });
+        }
+        if let Some(s) = self.scale {
+            if !s.is_finite() {
+                return Err(Error::Parameter { name: "scale", value: s, reason: "must be finite" });
+            }
+        }
+        if let Some(r) = &self.rope {
+            r.validate(self.head_dim)?;
+        }
+        match self.relative {
+            Relative::None => {}
+            Relative::ReRope { window } | Relative::Leaky { window, .. } => {
+                if self.rope.is_none() {
+                    return Err(Error::Parameter { name: "relative", value: window as f64, reason: "ReRoPE needs a rope schedule" });
+                }
+                if window == 0 {
+                    return Err(Error::Parameter { name: "rerope window", value: 0.0, reason: "must be >= 1" });
+                }
+            }
+        }
+        if let Relative::Leaky { k, .. } = self.relative {
+            if !(k.is_finite() && k > 1.0) {
+                return Err(Error::Parameter { name: "leaky k", value: k, reason: "must be finite and > 1" });
+            }
+        }
+        if let Some(w) = self.mask.window {
+            if w == 0 {
+                return Err(Error::Parameter { name: "window", value: 0.0, reason: "must be >= 1" });
+            }
+        }
+        if let Some(a) = self.alibi {
+            if a.total_heads == 0 || a.head_offset + self.num_q_heads > a.total_heads {
+                return Err(Error::Shape {
+                    what: "alibi heads",
+                    expected: format!("head_offset + num_q_heads <= total_heads ({})", a.total_heads),
+                    got: format!("{} + {}", a.head_offset, self.num_q_heads),
+                });
+            }
+        }
+        Ok(())
+    }
+}

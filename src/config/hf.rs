@@ -1,0 +1,248 @@
+//! Reading a Hugging Face `config.json` into a [`RopeConfig`] (SPEC §2, "Config forms").
+//!
+//! The precedence follows transformers 5's `standardize_rope_params`: values inside
+//! `rope_parameters` / `rope_scaling` win over top-level ones, except a top-level
+//! `original_max_position_embeddings` (Phi-3), which transformers gives priority.
+
+use super::{RopeConfig, RopeScaling};
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+
+type Obj = Map<String, Value>;
+
+/// Python's `json.dump` writes NaN/Infinity as bare words, which is not JSON. We turn them
+/// into marker strings so the error can name the key that holds them instead of failing the parse.
+const NON_FINITE: &str = "\u{0}non-finite";
+
+fn sanitize_non_finite(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut in_str = false;
+    let mut escaped = false;
+    let mut rest = json;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_str = true;
+        }
+        let word = ["-Infinity", "Infinity", "NaN"].into_iter().find(|w| rest.starts_with(w));
+        if let Some(w) = word {
+            out.push('"');
+            out.push_str(NON_FINITE);
+            out.push('"');
+            rest = &rest[w.len()..];
+        } else {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
+}
+
+fn parse_root(json: &str) -> Result<Obj> {
+    let v: Value = serde_json::from_str(&sanitize_non_finite(json)).map_err(|e| Error::Json(e.to_string()))?;
+    match v {
+        Value::Object(o) => Ok(o),
+        _ => Err(Error::Json("the top level is not a JSON object".into())),
+    }
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidValue { key: key.to_string(), reason: reason.into() }
+}
+
+/// A number under `key`; `None` when absent or null (Python's `.get()` semantics).
+fn f64_of(o: &Obj, key: &str) -> Result<Option<f64>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| bad(key, "not representable as f64")),
+        Some(Value::String(s)) if s == NON_FINITE => Err(bad(key, "is NaN or infinite")),
+        Some(other) => Err(bad(key, format!("expected a number, got {other}"))),
+    }
+}
+
+/// A non-negative integer under `key` (integral floats such as `4096.0` are accepted).
+fn usize_of(o: &Obj, key: &str) -> Result<Option<usize>> {
+    match f64_of(o, key)? {
+        None => Ok(None),
+        Some(v) if v >= 0.0 && v.fract() == 0.0 && v < 1e15 => Ok(Some(v as usize)),
+        Some(v) => Err(bad(key, format!("expected a non-negative integer, got {v}"))),
+    }
+}
+
+fn list_of(o: &Obj, key: &'static str) -> Result<Vec<f64>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Err(Error::MissingKey(key)),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::Number(n) => n.as_f64().ok_or_else(|| bad(key, format!("entry {i} is not an f64"))),
+                Value::String(s) if s == NON_FINITE => Err(bad(key, format!("entry {i} is NaN or infinite"))),
+                other => Err(bad(key, format!("entry {i} is {other}, not a number"))),
+            })
+            .collect(),
+        Some(other) => Err(bad(key, format!("expected a list of numbers, got {other}"))),
+    }
+}
+
+fn required(v: Option<f64>, key: &'static str) -> Result<f64> {
+    v.ok_or(Error::MissingKey(key))
+}
+
+/// Keys that only a flat (single-schedule) rope dict holds.
+const FLAT_KEYS: [&str; 4] = ["rope_type", "type", "rope_theta", "factor"];
+
+/// `rope_parameters` keyed by layer type: a non-empty object of objects, none of them a flat key.
+fn nested_layer_types(rp: &Obj) -> Option<Vec<String>> {
+    let nested = !rp.is_empty()
+        && rp.iter().all(|(k, v)| !FLAT_KEYS.contains(&k.as_str()) && (v.is_object() || v.is_null()));
+    nested.then(|| rp.iter().filter(|(_, v)| v.is_object()).map(|(k, _)| k.clone()).collect())
+}
+
+pub(super) fn layer_types(json: &str) -> Result<Vec<String>> {
+    let root = parse_root(json)?;
+    Ok(match root.get("rope_parameters") {
+        Some(Value::Object(rp)) => nested_layer_types(rp).unwrap_or_default(),
+        _ => Vec::new(),
+    })
+}
+
+/// The dict that holds the schedule: `rope_parameters` (picking the layer type) or `rope_scaling`.
+fn rope_dict<'a>(root: &'a Obj, layer_type: Option<&str>) -> Result<Option<&'a Obj>> {
+    for key in ["rope_parameters", "rope_scaling"] {
+        match root.get(key) {
+            None | Some(Value::Null) => continue,
+            Some(Value::Object(rp)) => {
+                let Some(available) = nested_layer_types(rp) else { return Ok(Some(rp)) };
+                let Some(requested) = layer_type else {
+                    return Err(Error::LayerType { requested: None, available });
+                };
+                return match rp.get(requested) {
+                    Some(Value::Object(inner)) => Ok(Some(inner)),
+                    _ => Err(Error::LayerType { requested: Some(requested.to_string()), available }),
+                };
+            }
+            Some(other) => return Err(bad(key, format!("expected an object, got {other}"))),
+        }
+    }
+    Ok(None)
+}
+
+fn head_dim(root: &Obj) -> Result<usize> {
+    for key in ["qk_rope_head_dim", "head_dim"] {
+        if let Some(d) = usize_of(root, key)? {
+            return Ok(d);
+        }
+    }
+    let hidden = usize_of(root, "hidden_size")?.ok_or(Error::MissingKey("hidden_size"))?;
+    let heads = usize_of(root, "num_attention_heads")?.ok_or(Error::MissingKey("num_attention_heads"))?;
+    if heads == 0 {
+        return Err(bad("num_attention_heads", "must be > 0"));
+    }
+    Ok(hidden / heads)
+}
+
+pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> {
+    let root = parse_root(json)?;
+    let empty = Obj::new();
+    let p = rope_dict(&root, layer_type)?.unwrap_or(&empty);
+    let either = |key: &str| -> Result<Option<f64>> { Ok(f64_of(p, key)?.or(f64_of(&root, key)?)) };
+
+    let theta = match either("rope_theta")? {
+        Some(t) => t,
+        None => f64_of(&root, "rotary_emb_base")?.unwrap_or(10000.0),
+    };
+    let head_dim = head_dim(&root)?;
+    let prf = match either("partial_rotary_factor")? {
+        Some(f) => f,
+        None => f64_of(&root, "rotary_pct")?.unwrap_or(1.0),
+    };
+    if !(prf > 0.0 && prf <= 1.0) {
+        return Err(bad("partial_rotary_factor", format!("{prf} is not in (0, 1]")));
+    }
+    let rotary_dim = (head_dim as f64 * prf) as usize;
+    let mpe = usize_of(&root, "max_position_embeddings")?;
+    let original_max = || -> Result<usize> {
+        Ok(usize_of(&root, "original_max_position_embeddings")?
+            .or(usize_of(p, "original_max_position_embeddings")?)
+            .or(mpe)
+            .ok_or(Error::MissingKey("original_max_position_embeddings"))?)
+    };
+    // Derived factor (DeepSeek / Phi-3 style): max_position_embeddings / original.
+    let implicit_factor = |orig: usize| -> Result<f64> {
+        Ok(mpe.ok_or(Error::MissingKey("max_position_embeddings"))? as f64 / orig as f64)
+    };
+
+    let rope_type = match p.get("rope_type").or(p.get("type")) {
+        None | Some(Value::Null) => "default".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => return Err(bad("rope_type", format!("expected a string, got {other}"))),
+    };
+    let factor = || required(f64_of(p, "factor")?, "factor");
+    let scaling = match rope_type.as_str() {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "ntk" => RopeScaling::Ntk { factor: factor()? },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: factor()?,
+            max_position_embeddings: mpe.ok_or(Error::MissingKey("max_position_embeddings"))?,
+        },
+        "yarn" => {
+            let orig = original_max()?;
+            let truncate = match p.get("truncate") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => return Err(bad("truncate", format!("expected a bool, got {other}"))),
+            };
+            // transformers: `get("beta_fast") or 32` — a zero counts as absent.
+            let or_default = |key: &str, d: f64| -> Result<f64> {
+                Ok(f64_of(p, key)?.filter(|v| *v != 0.0).unwrap_or(d))
+            };
+            RopeScaling::Yarn {
+                factor: match f64_of(p, "factor")? {
+                    Some(f) => f,
+                    None => implicit_factor(orig)?,
+                },
+                original_max_position_embeddings: orig,
+                beta_fast: or_default("beta_fast", 32.0)?,
+                beta_slow: or_default("beta_slow", 1.0)?,
+                mscale: f64_of(p, "mscale")?,
+                mscale_all_dim: f64_of(p, "mscale_all_dim")?,
+                attention_factor: f64_of(p, "attention_factor")?,
+                truncate,
+            }
+        }
+        "llama3" => RopeScaling::Llama3 {
+            factor: factor()?,
+            low_freq_factor: required(f64_of(p, "low_freq_factor")?, "low_freq_factor")?,
+            high_freq_factor: required(f64_of(p, "high_freq_factor")?, "high_freq_factor")?,
+            original_max_position_embeddings: original_max()?,
+        },
+        "longrope" | "su" => {
+            let orig = original_max()?;
+            RopeScaling::LongRope {
+                short_factor: list_of(p, "short_factor")?,
+                long_factor: list_of(p, "long_factor")?,
+                original_max_position_embeddings: orig,
+                factor: match f64_of(p, "factor")? {
+                    Some(f) => f,
+                    None => implicit_factor(orig)?,
+                },
+                attention_factor: f64_of(p, "attention_factor")?,
+            }
+        }
+        other => return Err(Error::UnknownRopeType(other.to_string())),
+    };
+    RopeConfig::with_scaling(theta, head_dim, rotary_dim, mpe, scaling)
+}

@@ -1,0 +1,1 @@
+//! CUDA launch layer (filled in below).

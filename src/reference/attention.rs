@@ -1,0 +1,63 @@
+//! Full attention with output and log-sum-exp (SPEC §5): the twin of the prefill and decode kernels.
+
+use super::check_len;
+use super::scores::ScoreContext;
+use crate::attention::AttentionParams;
+use crate::error::Result;
+
+/// Attention output `[Nq, Hq, d]` and natural-log LSE `[Hq, Nq]` (`-inf` for fully masked rows,
+/// whose output is 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionOutput {
+    /// `[Nq, Hq, d]`.
+    pub out: Vec<f64>,
+    /// `[Hq, Nq]`.
+    pub lse: Vec<f64>,
+}
+
+/// Softmax attention of Q `[Nq, Hq, d]` over K, V `[Nk, Hkv, d]`, queries at `q_pos`, keys at `k_pos`.
+///
+/// ```
+/// use rope_attn::{reference, AttentionParams};
+/// let p = AttentionParams::new(1, 1, 2);
+/// let (q, k, v) = (vec![1.0, 0.0], vec![1.0, 0.0, 0.0, 1.0], vec![1.0, 2.0, 3.0, 4.0]);
+/// let o = reference::attention(&q, &k, &v, &[1], &[0, 1], &p).unwrap();
+/// let w = (1.0f64 / 2f64.sqrt()).exp();            // key 0 scores 1/sqrt(2), key 1 scores 0
+/// assert!((o.out[0] - (w * 1.0 + 3.0) / (w + 1.0)).abs() < 1e-15);
+/// assert!((o.lse[0] - (w + 1.0).ln()).abs() < 1e-15);
+/// ```
+pub fn attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    q_pos: &[i64],
+    k_pos: &[i64],
+    p: &AttentionParams,
+) -> Result<AttentionOutput> {
+    let ctx = ScoreContext::new(p, q, k, q_pos, k_pos)?;
+    check_len("v", v.len(), k.len())?;
+    let (nq, d, hq, hkv) = (q_pos.len(), p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let mut out = vec![0.0; nq * hq * d];
+    let mut lse = vec![f64::NEG_INFINITY; hq * nq];
+    let mut row: Vec<Option<f64>> = Vec::with_capacity(k_pos.len());
+    for h in 0..hq {
+        let kvh = h / p.group_size();
+        for (qi, &i) in q_pos.iter().enumerate() {
+            row.clear();
+            row.extend(k_pos.iter().enumerate().map(|(kj, &j)| ctx.score(h, qi, i, kj, j)));
+            let Some(max) = row.iter().flatten().copied().reduce(f64::max) else { continue };
+            let sum: f64 = row.iter().flatten().map(|s| (s - max).exp()).sum();
+            lse[h * nq + qi] = max + sum.ln();
+            let o = &mut out[(qi * hq + h) * d..(qi * hq + h + 1) * d];
+            for (kj, s) in row.iter().enumerate() {
+                let Some(s) = s else { continue };
+                let w = (s - max).exp() / sum;
+                let vs = (kj * hkv + kvh) * d;
+                for (oc, vc) in o.iter_mut().zip(&v[vs..vs + d]) {
+                    *oc += w * vc;
+                }
+            }
+        }
+    }
+    Ok(AttentionOutput { out, lse })
+}
