@@ -3,7 +3,8 @@
 
 use std::fmt;
 
-/// Everything that can go wrong in rope-attn.
+/// Everything that can go wrong in rope-attn. Each variant's doc says what its fields hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Error {
     /// `config.json` is not valid JSON, or not a JSON object.
