@@ -1,1 +1,43 @@
-//! CUDA launch layer (filled in below).
+//! The safe launch layer: kernels from `kernels/*.cu` launched on the caller's stream and
+//! device buffers (cudarc), every input validated before a launch, and a checked mode that
+//! re-runs the CPU reference on the same inputs.
+//!
+//! Nothing here allocates in the hot path: any workspace is sized by a query function and
+//! passed in by the caller; nothing synchronizes the host (checked mode excepted, by design).
+//!
+//! ```no_run
+//! use rope_attn::cuda::{Gpu, RopeShape};
+//! use rope_attn::{Layout, RopeSchedule, Rotary};
+//! let gpu = Gpu::new(0)?;                      // loads the embedded kernels once per context
+//! let stream = gpu.context().default_stream();
+//! let (tokens, heads, d) = (4, 2, 64);
+//! let mut q = stream.clone_htod(&vec![half::bf16::ONE; tokens * heads * d])?;
+//! let mut k = stream.clone_htod(&vec![half::bf16::ONE; tokens * heads * d])?;
+//! let pos = stream.clone_htod(&[0i32, 1, 2, 3])?;
+//! let rot = Rotary::from_schedule(&RopeSchedule::plain(10000.0, d)?, Layout::Half);
+//! let shape = RopeShape::contiguous(tokens, heads, heads, d);
+//! rope_attn::cuda::rope_inplace(&gpu, &stream, &mut q, &mut k, &pos, &shape, &rot)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod attention;
+mod checked;
+mod decode;
+mod device;
+mod dtype;
+mod merge;
+mod params;
+mod rope;
+mod scores;
+
+pub use attention::{attention_fwd, attention_fwd_workspace_len, AttentionBatch, PrefillPath};
+pub use checked::{CheckReport, Tolerance};
+pub use decode::{attention_decode, decode_workspace_len, paged_append, DecodeBatch, PagedKvCache};
+pub use device::{device_status, Gpu};
+pub use dtype::Dtype;
+pub use merge::merge_states;
+pub use rope::{rope_inplace, rope_inplace_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM};
+pub use scores::{scores, scores_checked, ScoresShape};
+
+/// Head dimensions the attention kernels are instantiated for.
+pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 80, 96, 128, 256];

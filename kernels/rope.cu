@@ -1,0 +1,100 @@
+// The standalone rotation kernel: rotates Q and K (in place, or out of place into a workspace)
+// in one launch. Tensors are [tokens, heads, head_dim] with a row stride between tokens, so
+// the Q and K parts of a packed QKV projection are rotated where they lie.
+//
+// One block per token: the block computes the token's cos/sin once per pair (shared by all
+// heads), then each thread rotates P consecutive pairs of one head with vector loads. The
+// kernel is memory-bound; pass-through components are not touched when rotating in place.
+#include "rope.cuh"
+
+namespace ra {
+
+// Mirrored by `RopeParams` in src/cuda/params.rs.
+struct RopeParams {
+    RopeArgs rope;
+    const void* q_in;
+    void* q_out;
+    const void* k_in;
+    void* k_out;
+    const int* positions;   // [tokens], or null: position = token - cu_seqlens[b] of its sequence
+    const int* cu_seqlens;  // [batch + 1] when positions is null
+    long long q_in_stride, q_out_stride, k_in_stride, k_out_stride;  // elements per token
+    int tokens, q_heads, k_heads, head_dim, batch;
+    int use_leak_freq;  // rotate with freq_leak (Leaky ReRoPE's keys at j/k)
+};
+
+__device__ __forceinline__ int token_position(const RopeParams& p, int t) {
+    if (p.positions != nullptr) return p.positions[t];
+    int lo = 0, hi = p.batch;  // largest b with cu_seqlens[b] <= t
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (p.cu_seqlens[mid] <= t) lo = mid; else hi = mid;
+    }
+    return t - p.cu_seqlens[lo];
+}
+
+template <typename T, bool INTERLEAVED, int P>
+__device__ void rope_body(const RopeParams& p) {
+    __shared__ float2 cs[RA_MAX_PAIRS];
+    const int t = blockIdx.x;
+    const int half = p.rope.rotary_dim / 2;
+    const int pos = token_position(p, t);
+    const float2* freq = p.use_leak_freq ? p.rope.freq_leak : p.rope.freq;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        cs[i] = cs_scaled(angle_turns(pos, freq[i]), p.rope.attention_factor);
+    }
+    __syncthreads();
+
+    const int D = p.head_dim;
+    const int groups = half / P;
+    const int heads = p.q_heads + p.k_heads;
+    for (int w = threadIdx.x; w < heads * groups; w += blockDim.x) {
+        const int h = w / groups, i0 = (w % groups) * P;
+        const bool is_q = h < p.q_heads;
+        const int hh = is_q ? h : h - p.q_heads;
+        const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + t * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
+        T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + t * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
+        float x0[P], x1[P];
+        if (INTERLEAVED) {
+            float x[2 * P];
+            load_f32<T, 2 * P>(src + 2 * i0, x);
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+                rotate_pair(x[2 * j], x[2 * j + 1], cs[i0 + j].x, cs[i0 + j].y);
+            }
+            store_f32<T, 2 * P>(dst + 2 * i0, x);
+        } else {
+            load_f32<T, P>(src + i0, x0);
+            load_f32<T, P>(src + i0 + half, x1);
+#pragma unroll
+            for (int j = 0; j < P; ++j) rotate_pair(x0[j], x1[j], cs[i0 + j].x, cs[i0 + j].y);
+            store_f32<T, P>(dst + i0, x0);
+            store_f32<T, P>(dst + i0 + half, x1);
+        }
+    }
+
+    // Out of place: carry the pass-through components (rotary_dim..head_dim) along.
+    const int rest = D - p.rope.rotary_dim;
+    const bool q_moves = p.q_out != p.q_in, k_moves = p.k_out != p.k_in;
+    if (rest > 0 && (q_moves || k_moves)) {
+        for (int w = threadIdx.x; w < heads * rest; w += blockDim.x) {
+            const int h = w / rest, c = p.rope.rotary_dim + w % rest;
+            const bool is_q = h < p.q_heads;
+            if (is_q ? !q_moves : !k_moves) continue;
+            const int hh = is_q ? h : h - p.q_heads;
+            const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + t * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
+            T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + t * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
+            dst[c] = src[c];
+        }
+    }
+}
+
+}  // namespace ra
+
+// rope_<layout>_v<P>_<dtype>: P = 2 when every row start is aligned for vector access, else 1.
+#define RA_ROPE(T, NAME)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) rope_half_v1_##NAME(const ra::RopeParams p) { ra::rope_body<T, false, 1>(p); } \
+    extern "C" __global__ void __launch_bounds__(128) rope_half_v2_##NAME(const ra::RopeParams p) { ra::rope_body<T, false, 2>(p); } \
+    extern "C" __global__ void __launch_bounds__(128) rope_inter_v1_##NAME(const ra::RopeParams p) { ra::rope_body<T, true, 1>(p); } \
+    extern "C" __global__ void __launch_bounds__(128) rope_inter_v2_##NAME(const ra::RopeParams p) { ra::rope_body<T, true, 2>(p); }
+RA_FOR_EACH_DTYPE(RA_ROPE)

@@ -1,0 +1,78 @@
+// Rotation helpers shared by every kernel: exact angles at any position, both pair layouts,
+// partial rotary and the attention factor (SPEC §1, "Precision").
+#pragma once
+#include "common.cuh"
+
+#define RA_MAX_PAIRS 128  // head_dim <= 256
+
+namespace ra {
+
+// How Q and K are rotated. Mirrored by `RopeArgs` in src/cuda/params.rs (same field order).
+struct RopeArgs {
+    // Frequencies in *turns* per position (inv_freq / 2π), each split into an f32 pair
+    // hi + lo so that together they carry ~48 bits: see angle_turns.
+    float2 freq[RA_MAX_PAIRS];
+    // The same divided by Leaky ReRoPE's k (zeros otherwise).
+    float2 freq_leak[RA_MAX_PAIRS];
+    int rotary_dim;          // 0 = no RoPE
+    int interleaved;         // 0 = half (rotate_half), 1 = interleaved pairs
+    float attention_factor;  // multiplies rotated components
+    int relative;            // 0 = plain RoPE, 1 = ReRoPE, 2 = Leaky ReRoPE
+    int window;              // ReRoPE window w
+    int pad_;
+};
+
+enum Relative { REL_NONE = 0, REL_RE = 1, REL_LEAKY = 2 };
+
+// x - round(x): exact in floating point, result in [-0.5, 0.5].
+__device__ __forceinline__ float frac_turns(float x) { return x - rintf(x); }
+
+// The fractional part of m * f (in turns) for an integer position m of any size an int holds.
+// An f32 product m*f loses the fraction once m*f > 2^23 (at m = 2^24 nothing is left), so:
+// m = mh + ml with mh a multiple of 4096 and ml < 4096 (both exact in f32), f = hi + lo; each
+// partial product is reduced mod 1 exactly (frac_turns), and fmaf recovers each product's
+// rounding error exactly. What remains is a few f32 roundings of numbers below 2: ~2e-7 turns.
+__device__ __forceinline__ float angle_turns(int m_signed, float2 f) {
+    const float sign = m_signed < 0 ? -1.f : 1.f;
+    const unsigned m = m_signed < 0 ? 0u - static_cast<unsigned>(m_signed) : static_cast<unsigned>(m_signed);
+    const float mh = static_cast<float>(m & 0xFFFFF000u);
+    const float ml = static_cast<float>(m & 0x00000FFFu);
+    const float p1 = mh * f.x, e1 = fmaf(mh, f.x, -p1);
+    const float p2 = ml * f.x, e2 = fmaf(ml, f.x, -p2);
+    const float p3 = mh * f.y, e3 = fmaf(mh, f.y, -p3);
+    const float p4 = ml * f.y;
+    float t = frac_turns(p1) + frac_turns(p2);
+    t += frac_turns(p3) + ((e1 + e2) + (e3 + p4));
+    return sign * frac_turns(t);
+}
+
+// cos and sin of 2π t: sincospif reduces its argument exactly, so |t| <= 0.5 costs no accuracy.
+__device__ __forceinline__ void sincos_turns(float t, float& c, float& s) { sincospif(2.f * t, &s, &c); }
+
+// Indices of rotation pair i in a head (SPEC §1).
+__device__ __forceinline__ void pair_index(int interleaved, int rotary_dim, int i, int& a, int& b) {
+    if (interleaved) {
+        a = 2 * i;
+        b = 2 * i + 1;
+    } else {
+        a = i;
+        b = i + rotary_dim / 2;
+    }
+}
+
+// Rotate (x0, x1) by (c, s); the attention factor is folded into c and s by the callers.
+__device__ __forceinline__ void rotate_pair(float& x0, float& x1, float c, float s) {
+    const float y0 = x0 * c - x1 * s;
+    const float y1 = x0 * s + x1 * c;
+    x0 = y0;
+    x1 = y1;
+}
+
+// (cos, sin) * scale of pair i at turns t.
+__device__ __forceinline__ float2 cs_scaled(float t, float scale) {
+    float c, s;
+    sincos_turns(t, c, s);
+    return make_float2(c * scale, s * scale);
+}
+
+}  // namespace ra

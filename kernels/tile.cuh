@@ -1,0 +1,64 @@
+// Loading a tile of head vectors into shared memory, rotated on the way (the fused part of
+// every fused kernel). Each thread takes whole rotation pairs, so a tile can also be rotated
+// in place in shared memory (src == dst) after an async copy.
+#pragma once
+#include "rope.cuh"
+
+namespace ra {
+
+// Which rotation a tile receives (SPEC §3's two-rotation trick for ReRoPE).
+enum RotMode {
+    ROT_NONE = 0,     // copy as is
+    ROT_POS = 1,      // rotate to the row's own position, times attention_factor
+    ROT_Q_RE = 2,     // ReRoPE far query: rotate to w, times attention_factor^2 (key stays raw)
+    ROT_Q_LEAKY = 3,  // Leaky far query: rotate to w + (i - w)/k
+    ROT_K_LEAKY = 4,  // Leaky far key: rotate to j/k
+};
+
+__device__ __forceinline__ float2 mode_cs(const RopeArgs& a, int mode, int pos, int pair) {
+    const float af = a.attention_factor;
+    switch (mode) {
+        case ROT_POS: return cs_scaled(angle_turns(pos, a.freq[pair]), af);
+        case ROT_Q_RE: return cs_scaled(angle_turns(a.window, a.freq[pair]), af * af);
+        case ROT_Q_LEAKY:
+            return cs_scaled(angle_turns(a.window, a.freq[pair]) + angle_turns(pos - a.window, a.freq_leak[pair]), af);
+        default: return cs_scaled(angle_turns(pos, a.freq_leak[pair]), af);  // ROT_K_LEAKY
+    }
+}
+
+// rows x D tile: src row r at src + r * src_stride (global or shared), dst row r at
+// dst + r * dst_ld (shared). Rows >= valid_rows are zero-filled. Row r sits at position pos0 + r.
+// Every thread of the block must call it (it does not synchronize by itself).
+template <typename SrcT, typename DstT>
+__device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const SrcT* src, long long src_stride,
+                                                  int rows, int valid_rows, int D, const RopeArgs& a, int mode,
+                                                  int pos0) {
+    const int r = (mode == ROT_NONE) ? 0 : a.rotary_dim;
+    const int half = r / 2;
+    const bool in_place = static_cast<const void*>(src) == static_cast<const void*>(dst);
+    // Rotation pairs.
+    for (int e = threadIdx.x; e < rows * half; e += blockDim.x) {
+        const int row = e / half, p = e % half;
+        int ia, ib;
+        pair_index(a.interleaved, r, p, ia, ib);
+        float x0 = 0.f, x1 = 0.f;
+        if (row < valid_rows) {
+            x0 = to_f32(src[row * src_stride + ia]);
+            x1 = to_f32(src[row * src_stride + ib]);
+            const float2 cs = mode_cs(a, mode, pos0 + row, p);
+            rotate_pair(x0, x1, cs.x, cs.y);
+        }
+        dst[row * dst_ld + ia] = from_f32<DstT>(x0);
+        dst[row * dst_ld + ib] = from_f32<DstT>(x1);
+    }
+    // Pass-through components (all of them without RoPE).
+    const int rest = D - r;
+    if (rest > 0 && !in_place) {
+        for (int e = threadIdx.x; e < rows * rest; e += blockDim.x) {
+            const int row = e / rest, c = r + e % rest;
+            dst[row * dst_ld + c] = row < valid_rows ? from_f32<DstT>(to_f32(src[row * src_stride + c])) : from_f32<DstT>(0.f);
+        }
+    }
+}
+
+}  // namespace ra

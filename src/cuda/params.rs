@@ -1,0 +1,244 @@
+//! `#[repr(C)]` mirrors of the kernels' parameter structs, passed by value (FlashAttention's
+//! one-struct-per-kernel style). Field order and types must match the `.cu`/`.cuh` files.
+
+use crate::attention::{Layout, Relative, Rotary};
+use crate::error::{Error, Result};
+use cudarc::driver::DeviceRepr;
+
+/// `RA_MAX_PAIRS` in kernels/rope.cuh: rotary_dim <= 256.
+pub(crate) const MAX_PAIRS: usize = 128;
+
+/// Mirror of `ra::RopeArgs` (kernels/rope.cuh).
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub(crate) struct RopeArgs {
+    pub freq: [[f32; 2]; MAX_PAIRS],
+    pub freq_leak: [[f32; 2]; MAX_PAIRS],
+    pub rotary_dim: i32,
+    pub interleaved: i32,
+    pub attention_factor: f32,
+    pub relative: i32,
+    pub window: i32,
+    pub pad_: i32,
+}
+
+/// `inv_freq / 2π` (turns per position) as an f32 pair hi + lo carrying ~48 bits, so the kernel
+/// can reduce `position * freq` modulo one turn exactly (kernels/rope.cuh, `angle_turns`).
+pub(crate) fn split_turns(inv_freq: f64) -> [f32; 2] {
+    let turns = inv_freq / std::f64::consts::TAU;
+    let hi = turns as f32;
+    [hi, (turns - hi as f64) as f32]
+}
+
+impl RopeArgs {
+    /// No rotation at all (attention without RoPE).
+    pub fn none() -> Self {
+        RopeArgs {
+            freq: [[0.0; 2]; MAX_PAIRS],
+            freq_leak: [[0.0; 2]; MAX_PAIRS],
+            rotary_dim: 0,
+            interleaved: 0,
+            attention_factor: 1.0,
+            relative: 0,
+            window: 0,
+            pad_: 0,
+        }
+    }
+
+    /// The kernel form of a rotation (validated against `head_dim`) and relative mode.
+    pub fn new(rot: Option<&Rotary>, relative: Relative, head_dim: usize) -> Result<Self> {
+        let mut a = Self::none();
+        let Some(rot) = rot else { return Ok(a) };
+        rot.validate(head_dim)?;
+        if rot.rotary_dim / 2 > MAX_PAIRS {
+            return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim });
+        }
+        for (i, &f) in rot.inv_freq.iter().enumerate() {
+            a.freq[i] = split_turns(f);
+        }
+        a.rotary_dim = rot.rotary_dim as i32;
+        a.interleaved = (rot.layout == Layout::Interleaved) as i32;
+        a.attention_factor = rot.attention_factor as f32;
+        match relative {
+            Relative::None => {}
+            Relative::ReRope { window } => {
+                a.relative = 1;
+                a.window = window_i32(window)?;
+            }
+            Relative::Leaky { window, k } => {
+                a.relative = 2;
+                a.window = window_i32(window)?;
+                for (i, &f) in rot.inv_freq.iter().enumerate() {
+                    a.freq_leak[i] = split_turns(f / k);
+                }
+            }
+        }
+        Ok(a)
+    }
+}
+
+fn window_i32(w: usize) -> Result<i32> {
+    i32::try_from(w).map_err(|_| Error::Position { what: "rerope window", value: w as i64, limit: i32::MAX as i64 })
+}
+
+/// Mirror of `ra::RopeParams` (kernels/rope.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct RopeParams {
+    pub rope: RopeArgs,
+    pub q_in: u64,
+    pub q_out: u64,
+    pub k_in: u64,
+    pub k_out: u64,
+    pub positions: u64,
+    pub cu_seqlens: u64,
+    pub q_in_stride: i64,
+    pub q_out_stride: i64,
+    pub k_in_stride: i64,
+    pub k_out_stride: i64,
+    pub tokens: i32,
+    pub q_heads: i32,
+    pub k_heads: i32,
+    pub head_dim: i32,
+    pub batch: i32,
+    pub use_leak_freq: i32,
+}
+
+/// Mirror of `ra::ScoresParams` (kernels/scores.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct ScoresParams {
+    pub rope: RopeArgs,
+    pub q: u64,
+    pub k: u64,
+    pub out: u64,
+    pub q_row_stride: i64,
+    pub k_row_stride: i64,
+    pub nq: i32,
+    pub nk: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub q_offset: i32,
+    pub causal: i32,
+    pub window: i32,
+    pub sinks: i32,
+    pub alibi_total_heads: i32,
+    pub alibi_head_offset: i32,
+    pub scale: f32,
+}
+
+/// Mirror of `ra::AttnParams` (kernels/attention.cuh): prefill over a variable-length batch.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct AttnParams {
+    pub rope: RopeArgs,
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub k_far: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    pub q_row_stride: i64,
+    pub k_row_stride: i64,
+    pub v_row_stride: i64,
+    pub o_row_stride: i64,
+    pub batch: i32,
+    pub max_seqlen_q: i32,
+    pub total_q: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub causal: i32,
+    pub window: i32,
+    pub sinks: i32,
+    pub alibi_total_heads: i32,
+    pub alibi_head_offset: i32,
+    pub rotate_k: i32,
+    pub scale_log2: f32,
+    pub scale: f32,
+}
+
+/// Mirror of `ra::DecodeParams` (kernels/attention_decode.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct DecodeParams {
+    pub rope: RopeArgs,
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub block_table: u64,
+    pub context_lens: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub part_out: u64,
+    pub part_lse: u64,
+    pub q_row_stride: i64,
+    pub page_stride: i64,
+    pub batch: i32,
+    pub queries: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub page_size: i32,
+    pub max_pages: i32,
+    pub splits: i32,
+    pub keys_per_split: i32,
+    pub causal: i32,
+    pub window: i32,
+    pub sinks: i32,
+    pub alibi_total_heads: i32,
+    pub alibi_head_offset: i32,
+    pub scale: f32,
+    pub pad_: i32,
+}
+
+/// Mirror of `ra::AppendParams` (kernels/attention_decode.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct AppendParams {
+    pub k: u64,
+    pub v: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub block_table: u64,
+    pub slots: u64,
+    pub k_row_stride: i64,
+    pub v_row_stride: i64,
+    pub page_stride: i64,
+    pub tokens: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub page_size: i32,
+}
+
+/// Mirror of `ra::MergeParams` (kernels/merge.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct MergeParams {
+    pub o1: u64,
+    pub lse1: u64,
+    pub o2: u64,
+    pub lse2: u64,
+    pub out: u64,
+    pub lse_out: u64,
+    pub tokens: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub pad_: i32,
+}
+
+// SAFETY: plain-old-data structs whose layout matches the CUDA side field for field.
+unsafe impl DeviceRepr for RopeParams {}
+unsafe impl DeviceRepr for ScoresParams {}
+unsafe impl DeviceRepr for AttnParams {}
+unsafe impl DeviceRepr for DecodeParams {}
+unsafe impl DeviceRepr for AppendParams {}
+unsafe impl DeviceRepr for MergeParams {}
+
+/// An i32 kernel argument from a usize, or a typed error naming it.
+pub(crate) fn to_i32(what: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Position { what, value: v as i64, limit: i32::MAX as i64 })
+}

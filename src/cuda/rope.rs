@@ -1,0 +1,236 @@
+//! Launcher for kernels/rope.cu: rotate Q and K in place (or into other buffers) in one launch.
+
+use super::checked::{widen, CheckReport, Tolerance};
+use super::device::{Gpu, Module};
+use super::dtype::Dtype;
+use super::params::{to_i32, RopeArgs, RopeParams};
+use crate::attention::{Relative, Rotary};
+use crate::error::{Error, Result};
+use crate::reference;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+/// Largest rotary dimension the kernels take (128 pairs); components past it may pass through.
+pub const ROPE_MAX_HEAD_DIM: usize = 256;
+
+/// Geometry of Q and K for the rope kernel: `[tokens, heads, head_dim]` with a row stride
+/// (elements from one token to the next) per tensor, so views into a packed QKV work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeShape {
+    /// Tokens (rows).
+    pub tokens: usize,
+    /// Query heads per token.
+    pub q_heads: usize,
+    /// Key heads per token (0: rotate Q only).
+    pub k_heads: usize,
+    /// Components per head.
+    pub head_dim: usize,
+    /// Elements between consecutive tokens of Q (>= q_heads * head_dim).
+    pub q_row_stride: usize,
+    /// Elements between consecutive tokens of K (>= k_heads * head_dim).
+    pub k_row_stride: usize,
+}
+
+impl RopeShape {
+    /// Dense `[tokens, heads, head_dim]` tensors.
+    pub fn contiguous(tokens: usize, q_heads: usize, k_heads: usize, head_dim: usize) -> Self {
+        RopeShape { tokens, q_heads, k_heads, head_dim, q_row_stride: q_heads * head_dim, k_row_stride: k_heads * head_dim }
+    }
+
+    /// Elements a buffer must hold for `heads` heads at `stride`.
+    fn needed(&self, heads: usize, stride: usize) -> usize {
+        if self.tokens == 0 || heads == 0 {
+            0
+        } else {
+            (self.tokens - 1) * stride + heads * self.head_dim
+        }
+    }
+
+    fn validate(&self, q_len: usize, k_len: usize, pos_len: usize, rot: &Rotary) -> Result<()> {
+        rot.validate(self.head_dim)?;
+        if rot.rotary_dim > ROPE_MAX_HEAD_DIM {
+            return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim: self.head_dim });
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::Shape { what: "head_dim", expected: "even".into(), got: self.head_dim.to_string() });
+        }
+        for (what, heads, stride, len) in
+            [("q", self.q_heads, self.q_row_stride, q_len), ("k", self.k_heads, self.k_row_stride, k_len)]
+        {
+            if heads > 0 && stride < heads * self.head_dim {
+                return Err(Error::Stride { what, stride, min: heads * self.head_dim });
+            }
+            // Pairs are loaded two elements at a time: every row must start on an even element.
+            if heads > 0 && stride % 2 != 0 {
+                return Err(Error::Stride { what, stride, min: stride + 1 });
+            }
+            let needed = self.needed(heads, stride);
+            if len < needed {
+                return Err(Error::BufferTooSmall { what, needed, got: len });
+            }
+        }
+        if pos_len < self.tokens {
+            return Err(Error::BufferTooSmall { what: "positions", needed: self.tokens, got: pos_len });
+        }
+        to_i32("tokens", self.tokens)?;
+        to_i32("q_row_stride", self.q_row_stride)?;
+        to_i32("k_row_stride", self.k_row_stride)?;
+        Ok(())
+    }
+}
+
+/// Raw device addresses of one rope launch.
+pub(crate) struct RopePtrs {
+    pub q_in: u64,
+    pub q_out: u64,
+    pub k_in: u64,
+    pub k_out: u64,
+    pub q_out_stride: usize,
+    pub k_out_stride: usize,
+}
+
+/// Where the positions come from: an explicit array, or "index within the sequence" from
+/// cumulative sequence offsets (for pre-rotating a variable-length batch of keys).
+pub(crate) enum Positions {
+    Explicit(u64),
+    FromCuSeqlens { cu_seqlens: u64, batch: usize },
+}
+
+/// The one launch path every rope call goes through (validated by the caller).
+pub(crate) fn launch<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    ptrs: RopePtrs,
+    shape: &RopeShape,
+    args: RopeArgs,
+    positions: Positions,
+    use_leak_freq: bool,
+) -> Result<()> {
+    gpu.check_stream(stream)?;
+    if shape.tokens == 0 || shape.q_heads + shape.k_heads == 0 {
+        return Ok(());
+    }
+    let elem = std::mem::size_of::<T>() as u64;
+    // Two pairs per thread (vector loads) when every row start is 4-element aligned.
+    let v2 = [ptrs.q_in, ptrs.q_out, ptrs.k_in, ptrs.k_out].iter().all(|p| p % (4 * elem) == 0)
+        && [shape.q_row_stride, shape.k_row_stride, ptrs.q_out_stride, ptrs.k_out_stride, shape.head_dim]
+            .iter()
+            .all(|s| s % 4 == 0)
+        && args.rotary_dim % 4 == 0;
+    let layout = if args.interleaved != 0 { "inter" } else { "half" };
+    let name = format!("rope_{layout}_v{}_{}", if v2 { 2 } else { 1 }, T::NAME);
+    let func = gpu.function(Module::Rope, &name)?;
+    let (pos_ptr, cu, batch) = match positions {
+        Positions::Explicit(p) => (p, 0, 0),
+        Positions::FromCuSeqlens { cu_seqlens, batch } => (0, cu_seqlens, batch),
+    };
+    let params = RopeParams {
+        rope: args,
+        q_in: ptrs.q_in,
+        q_out: ptrs.q_out,
+        k_in: ptrs.k_in,
+        k_out: ptrs.k_out,
+        positions: pos_ptr,
+        cu_seqlens: cu,
+        q_in_stride: shape.q_row_stride as i64,
+        q_out_stride: ptrs.q_out_stride as i64,
+        k_in_stride: shape.k_row_stride as i64,
+        k_out_stride: ptrs.k_out_stride as i64,
+        tokens: to_i32("tokens", shape.tokens)?,
+        q_heads: to_i32("q_heads", shape.q_heads)?,
+        k_heads: to_i32("k_heads", shape.k_heads)?,
+        head_dim: to_i32("head_dim", shape.head_dim)?,
+        batch: to_i32("batch", batch)?,
+        use_leak_freq: use_leak_freq as i32,
+    };
+    let cfg = LaunchConfig { grid_dim: (shape.tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&params);
+    // SAFETY: the params struct mirrors ra::RopeParams; every pointer was checked by the caller
+    // to cover the rows the kernel touches (shape validated against the buffer lengths).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Rotate Q `[tokens, q_heads, head_dim]` and K `[tokens, k_heads, head_dim]` in place, token
+/// `t` to `positions[t]` (any i32: negative positions rotate backwards).
+pub fn rope_inplace<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    q: &mut impl DevicePtrMut<T>,
+    k: &mut impl DevicePtrMut<T>,
+    positions: &impl DevicePtr<i32>,
+    shape: &RopeShape,
+    rot: &Rotary,
+) -> Result<()> {
+    shape.validate(q.len(), k.len(), positions.len(), rot)?;
+    let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+    let (qp, _gq) = q.device_ptr_mut(stream);
+    let (kp, _gk) = k.device_ptr_mut(stream);
+    let (pp, _gp) = positions.device_ptr(stream);
+    let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+    launch::<T>(gpu, stream, ptrs, shape, args, Positions::Explicit(pp), false)
+}
+
+/// Rotate into other buffers: outputs are dense `[tokens, heads, head_dim]` (pass-through
+/// components copied), inputs untouched.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_into<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    q_out: &mut impl DevicePtrMut<T>,
+    k_out: &mut impl DevicePtrMut<T>,
+    positions: &impl DevicePtr<i32>,
+    shape: &RopeShape,
+    rot: &Rotary,
+) -> Result<()> {
+    shape.validate(q.len(), k.len(), positions.len(), rot)?;
+    let dense = RopeShape::contiguous(shape.tokens, shape.q_heads, shape.k_heads, shape.head_dim);
+    dense.validate(q_out.len(), k_out.len(), positions.len(), rot)?;
+    let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+    let (qi, _g1) = q.device_ptr(stream);
+    let (ki, _g2) = k.device_ptr(stream);
+    let (qo, _g3) = q_out.device_ptr_mut(stream);
+    let (ko, _g4) = k_out.device_ptr_mut(stream);
+    let (pp, _g5) = positions.device_ptr(stream);
+    let ptrs = RopePtrs { q_in: qi, q_out: qo, k_in: ki, k_out: ko, q_out_stride: dense.q_row_stride, k_out_stride: dense.k_row_stride };
+    launch::<T>(gpu, stream, ptrs, shape, args, Positions::Explicit(pp), false)
+}
+
+/// [`rope_inplace`], then copy everything back and compare with [`reference::rotate`] on the
+/// same inputs. Synchronizes the stream (it is the one call here that does).
+pub fn rope_inplace_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    q: &mut impl DevicePtrMut<T>,
+    k: &mut impl DevicePtrMut<T>,
+    positions: &impl DevicePtr<i32>,
+    shape: &RopeShape,
+    rot: &Rotary,
+) -> Result<CheckReport> {
+    shape.validate(q.len(), k.len(), positions.len(), rot)?;
+    let q_before = widen(&stream.clone_dtoh(q)?);
+    let k_before = widen(&stream.clone_dtoh(k)?);
+    let pos: Vec<i64> = stream.clone_dtoh(positions)?.iter().take(shape.tokens).map(|&p| p as i64).collect();
+    rope_inplace(gpu, stream, q, k, positions, shape, rot)?;
+    let q_after = widen(&stream.clone_dtoh(q)?);
+    let k_after = widen(&stream.clone_dtoh(k)?);
+    let tol = Tolerance::rope::<T>();
+    let mut reports = Vec::new();
+    for (before, after, heads, stride) in
+        [(q_before, q_after, shape.q_heads, shape.q_row_stride), (k_before, k_after, shape.k_heads, shape.k_row_stride)]
+    {
+        let mut want = before;
+        // Negative positions rotate backwards on the GPU; the reference takes them as f64 too.
+        for (t, &p) in pos.iter().enumerate() {
+            for h in 0..heads {
+                let s = t * stride + h * shape.head_dim;
+                reference::rotate_head(&mut want[s..s + shape.head_dim], p as f64, rot);
+            }
+        }
+        reports.push(CheckReport::compare("rope", &after, &want, tol));
+    }
+    let k_rep = reports.pop().unwrap();
+    reports.pop().unwrap().worst(k_rep).ensure()
+}

@@ -1,0 +1,188 @@
+//! Launcher for kernels/scores.cu: the fused RoPE·QKᵀ·ALiBi score matrix.
+
+use super::checked::{widen, CheckReport, Tolerance};
+use super::device::{Gpu, Module};
+use super::dtype::Dtype;
+use super::params::{to_i32, RopeArgs, ScoresParams};
+use super::SUPPORTED_HEAD_DIMS;
+use crate::attention::AttentionParams;
+use crate::error::{Error, Result};
+use crate::reference;
+use cudarc::driver::{sys::CUfunction_attribute, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+/// Sizes of a score computation: Q `[nq, Hq, d]`, K `[nk, Hkv, d]` (row strides in elements),
+/// queries at positions `q_offset..q_offset+nq`, keys at `0..nk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoresShape {
+    /// Query rows.
+    pub nq: usize,
+    /// Key rows.
+    pub nk: usize,
+    /// Elements between consecutive query rows (>= Hq * d).
+    pub q_row_stride: usize,
+    /// Elements between consecutive key rows (>= Hkv * d).
+    pub k_row_stride: usize,
+    /// Position of query row 0 (decode offset).
+    pub q_offset: usize,
+}
+
+impl ScoresShape {
+    /// Dense Q and K for the heads of `p`.
+    pub fn contiguous(p: &AttentionParams, nq: usize, nk: usize, q_offset: usize) -> Self {
+        ScoresShape { nq, nk, q_row_stride: p.num_q_heads * p.head_dim, k_row_stride: p.num_kv_heads * p.head_dim, q_offset }
+    }
+}
+
+/// Elements a `[rows, heads, d]` tensor with a row stride spans.
+pub(crate) fn span(rows: usize, stride: usize, heads: usize, d: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * stride + heads * d
+    }
+}
+
+/// Checks shared by every attention-like launcher: head dim instantiated, strides, buffer sizes.
+pub(crate) fn check_rows(what: &'static str, len: usize, rows: usize, stride: usize, heads: usize, d: usize) -> Result<()> {
+    if stride < heads * d {
+        return Err(Error::Stride { what, stride, min: heads * d });
+    }
+    let needed = span(rows, stride, heads, d);
+    if len < needed {
+        return Err(Error::BufferTooSmall { what, needed, got: len });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_head_dim(d: usize) -> Result<()> {
+    if !SUPPORTED_HEAD_DIMS.contains(&d) {
+        return Err(Error::UnsupportedHeadDim { head_dim: d, supported: SUPPORTED_HEAD_DIMS });
+    }
+    Ok(())
+}
+
+/// Position-encoding and mask fields shared by the score and attention kernels.
+pub(crate) struct Common {
+    pub rope: RopeArgs,
+    pub causal: i32,
+    pub window: i32,
+    pub sinks: i32,
+    pub alibi_total_heads: i32,
+    pub alibi_head_offset: i32,
+    pub scale: f32,
+}
+
+pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
+    p.validate()?;
+    check_head_dim(p.head_dim)?;
+    let (total, offset) = p.alibi.map_or((0, 0), |a| (a.total_heads, a.head_offset));
+    Ok(Common {
+        rope: RopeArgs::new(p.rope.as_ref(), p.relative, p.head_dim)?,
+        causal: p.mask.causal as i32,
+        window: to_i32("window", p.mask.window.unwrap_or(0))?,
+        sinks: to_i32("sinks", p.mask.sinks)?,
+        alibi_total_heads: to_i32("alibi total_heads", total)?,
+        alibi_head_offset: to_i32("alibi head_offset", offset)?,
+        scale: p.softmax_scale() as f32,
+    })
+}
+
+/// Opt a kernel into more than 48 KB of dynamic shared memory when it needs it.
+pub(crate) fn set_smem(func: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
+    if bytes > 48 * 1024 {
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
+    }
+    Ok(())
+}
+
+/// Scores `[Hq, nq, nk]` (f32) of unrotated Q and K, RoPE / ReRoPE / ALiBi / masks as `p` says;
+/// masked entries are `-inf`.
+pub fn scores<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    out: &mut impl DevicePtrMut<f32>,
+    shape: &ScoresShape,
+    p: &AttentionParams,
+) -> Result<()> {
+    gpu.check_stream(stream)?;
+    let c = common(p)?;
+    let d = p.head_dim;
+    check_rows("q", q.len(), shape.nq, shape.q_row_stride, p.num_q_heads, d)?;
+    check_rows("k", k.len(), shape.nk, shape.k_row_stride, p.num_kv_heads, d)?;
+    let needed = p.num_q_heads * shape.nq * shape.nk;
+    if out.len() < needed {
+        return Err(Error::BufferTooSmall { what: "scores out", needed, got: out.len() });
+    }
+    let last_q = shape.q_offset + shape.nq;
+    to_i32("q_offset + nq", last_q)?;
+    to_i32("nk", shape.nk)?;
+    if needed == 0 {
+        return Ok(());
+    }
+    let bm = if T::NAME == "f32" { 32 } else { 64 };
+    let pitch = if T::NAME == "f32" { d + 1 } else { d + 8 };
+    let smem = 2 * bm * pitch * std::mem::size_of::<T>();
+    let func = gpu.function(Module::Scores, &format!("scores_{}", T::NAME))?;
+    set_smem(&func, smem)?;
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = k.device_ptr(stream);
+    let (op, _g3) = out.device_ptr_mut(stream);
+    let params = ScoresParams {
+        rope: c.rope,
+        q: qp,
+        k: kp,
+        out: op,
+        q_row_stride: shape.q_row_stride as i64,
+        k_row_stride: shape.k_row_stride as i64,
+        nq: to_i32("nq", shape.nq)?,
+        nk: to_i32("nk", shape.nk)?,
+        q_heads: to_i32("num_q_heads", p.num_q_heads)?,
+        kv_heads: to_i32("num_kv_heads", p.num_kv_heads)?,
+        head_dim: d as i32,
+        q_offset: to_i32("q_offset", shape.q_offset)?,
+        causal: c.causal,
+        window: c.window,
+        sinks: c.sinks,
+        alibi_total_heads: c.alibi_total_heads,
+        alibi_head_offset: c.alibi_head_offset,
+        scale: c.scale,
+    };
+    let grid = (shape.nk.div_ceil(bm) as u32, shape.nq.div_ceil(bm) as u32, p.num_q_heads as u32);
+    if grid.1 > 65535 || grid.2 > 65535 {
+        return Err(Error::Shape { what: "scores grid", expected: "nq/tile and heads <= 65535".into(), got: format!("{grid:?}") });
+    }
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&params);
+    // SAFETY: params mirrors ra::ScoresParams; buffer extents were checked above.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// [`scores`], then compare with [`reference::scores`] on the same (copied back) inputs.
+pub fn scores_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    out: &mut impl DevicePtrMut<f32>,
+    shape: &ScoresShape,
+    p: &AttentionParams,
+) -> Result<CheckReport> {
+    scores(gpu, stream, q, k, out, shape, p)?;
+    let d = p.head_dim;
+    let qh = gather_rows(&widen(&stream.clone_dtoh(q)?), shape.nq, shape.q_row_stride, p.num_q_heads * d);
+    let kh = gather_rows(&widen(&stream.clone_dtoh(k)?), shape.nk, shape.k_row_stride, p.num_kv_heads * d);
+    let got: Vec<f64> = stream.clone_dtoh(out)?.iter().take(p.num_q_heads * shape.nq * shape.nk).map(|&x| x as f64).collect();
+    let q_pos: Vec<i64> = (0..shape.nq).map(|i| (shape.q_offset + i) as i64).collect();
+    let k_pos: Vec<i64> = (0..shape.nk as i64).collect();
+    let want = reference::scores(&qh, &kh, &q_pos, &k_pos, p)?;
+    CheckReport::compare("scores", &got, &want, Tolerance::scores::<T>(d)).ensure()
+}
+
+/// Dense `[rows, width]` from rows `stride` apart.
+pub(crate) fn gather_rows(x: &[f64], rows: usize, stride: usize, width: usize) -> Vec<f64> {
+    (0..rows).flat_map(|r| x[r * stride..r * stride + width].iter().copied()).collect()
+}
