@@ -25,9 +25,7 @@ impl Module {
         match self {
             Module::Rope => fatbins::ROPE,
             Module::Scores => fatbins::SCORES,
-            Module::AttentionFwd => fatbins::ATTENTION_FWD,
-            Module::AttentionDecode => fatbins::ATTENTION_DECODE,
-            Module::Merge => fatbins::MERGE,
+            _ => unreachable!(),
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::attention::{Relative, Rotary};
 use crate::error::{Error, Result};
 use crate::reference;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// Largest rotary dimension the kernels take (128 pairs); components past it may pass through.
 pub const ROPE_MAX_HEAD_DIM: usize = 256;
@@ -98,7 +99,7 @@ pub(crate) enum Positions {
 /// The one launch path every rope call goes through (validated by the caller).
 pub(crate) fn launch<T: Dtype>(
     gpu: &Gpu,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     ptrs: RopePtrs,
     shape: &RopeShape,
     args: RopeArgs,
@@ -155,7 +156,7 @@ pub(crate) fn launch<T: Dtype>(
 /// `t` to `positions[t]` (any i32: negative positions rotate backwards).
 pub fn rope_inplace<T: Dtype>(
     gpu: &Gpu,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     q: &mut impl DevicePtrMut<T>,
     k: &mut impl DevicePtrMut<T>,
     positions: &impl DevicePtr<i32>,
@@ -176,7 +177,7 @@ pub fn rope_inplace<T: Dtype>(
 #[allow(clippy::too_many_arguments)]
 pub fn rope_into<T: Dtype>(
     gpu: &Gpu,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     q: &impl DevicePtr<T>,
     k: &impl DevicePtr<T>,
     q_out: &mut impl DevicePtrMut<T>,
@@ -202,9 +203,9 @@ pub fn rope_into<T: Dtype>(
 /// same inputs. Synchronizes the stream (it is the one call here that does).
 pub fn rope_inplace_checked<T: Dtype>(
     gpu: &Gpu,
-    stream: &CudaStream,
-    q: &mut impl DevicePtrMut<T>,
-    k: &mut impl DevicePtrMut<T>,
+    stream: &Arc<CudaStream>,
+    q: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    k: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
     positions: &impl DevicePtr<i32>,
     shape: &RopeShape,
     rot: &Rotary,

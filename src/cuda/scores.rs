@@ -9,6 +9,7 @@ use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::reference;
 use cudarc::driver::{sys::CUfunction_attribute, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// Sizes of a score computation: Q `[nq, Hq, d]`, K `[nk, Hkv, d]` (row strides in elements),
 /// queries at positions `q_offset..q_offset+nq`, keys at `0..nk`.
@@ -99,7 +100,7 @@ pub(crate) fn set_smem(func: &cudarc::driver::CudaFunction, bytes: usize) -> Res
 /// masked entries are `-inf`.
 pub fn scores<T: Dtype>(
     gpu: &Gpu,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     q: &impl DevicePtr<T>,
     k: &impl DevicePtr<T>,
     out: &mut impl DevicePtrMut<f32>,
@@ -164,10 +165,10 @@ pub fn scores<T: Dtype>(
 /// [`scores`], then compare with [`reference::scores`] on the same (copied back) inputs.
 pub fn scores_checked<T: Dtype>(
     gpu: &Gpu,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     q: &impl DevicePtr<T>,
     k: &impl DevicePtr<T>,
-    out: &mut impl DevicePtrMut<f32>,
+    out: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
     shape: &ScoresShape,
     p: &AttentionParams,
 ) -> Result<CheckReport> {
