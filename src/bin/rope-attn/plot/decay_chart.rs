@@ -71,7 +71,7 @@ impl Figure for DecayChart {
             .x_desc("relative distance rel = i − j (tokens, log scale)")
             .y_desc("Σ_i cos(rel·θ_i) / (r/2)")
             .x_label_formatter(&|x| fmt_tokens(*x))
-            .y_label_formatter(&|y| format!("{y:.1}"))
+            .y_label_formatter(&|y| if y.abs() < 1e-9 { "0.0".into() } else { format!("{y:.1}") })
             .label_style((FAMILY, 17))
             .axis_desc_style((FAMILY, 19))
             .light_line_style(RGBColor(238, 238, 238))

@@ -17,10 +17,10 @@ pub fn fail<E: std::fmt::Display>(e: E) -> String {
     format!("drawing failed: {e}")
 }
 
-/// Write `fig` to `<stem>.svg` and `<stem>.png`; returns both paths.
-pub fn write_svg_png(fig: &impl Figure, stem: &Path) -> Result<[PathBuf; 2], String> {
-    let svg = stem.with_extension("svg");
-    let png = stem.with_extension("png");
+/// Write `fig` to `dir/<name>.svg` and `dir/<name>.png` (`name` may hold dots); returns both paths.
+pub fn write_svg_png(fig: &impl Figure, dir: &Path, name: &str) -> Result<[PathBuf; 2], String> {
+    let svg = dir.join(format!("{name}.svg"));
+    let png = dir.join(format!("{name}.png"));
     {
         let root = SVGBackend::new(&svg, fig.size()).into_drawing_area();
         root.fill(&WHITE).map_err(fail)?;

@@ -81,7 +81,7 @@ fn windows(args: &Args) -> Result<Vec<usize>, String> {
 fn default_model() -> Result<Model, String> {
     let config = RopeConfig::new(10000.0, 128).map_err(|e| e.to_string())?;
     let schedule = config.schedule(None).map_err(|e| e.to_string())?;
-    Ok(Model { path: String::new(), name: "plain RoPE".into(), layer_type: None, config, schedule })
+    Ok(Model { path: String::new(), name: "a plain-RoPE model (no config given)".into(), layer_type: None, config, schedule })
 }
 
 pub fn run(argv: &[String]) -> Result<(), String> {
@@ -120,7 +120,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         [one] => schedules::comparison(one, factor, args.count("--original-max")?, points, max_distance)?,
         several => schedules::side_by_side(several, points, max_distance),
     };
-    let mut written = write_svg_png(&chart, &out.join("decay"))?.to_vec();
+    let mut written = write_svg_png(&chart, &out, "decay")?.to_vec();
     println!("score matrices computed on {}", score_matrix::BACKEND);
     for m in &models {
         for &w in &windows {
@@ -129,7 +129,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
                 _ => format!("scores_{}_{w}", m.name),
             };
             let fig = scores::heatmaps(m, w, grid, (heads, head))?;
-            written.extend(write_svg_png(&fig, &out.join(stem))?);
+            written.extend(write_svg_png(&fig, &out, &stem)?);
         }
     }
     for p in &written {

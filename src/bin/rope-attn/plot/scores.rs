@@ -42,8 +42,8 @@ pub fn heatmaps(m: &Model, window: usize, grid: usize, (heads, head): (usize, us
     Ok(Heatmaps {
         title: format!("{}: position-only attention scores over {window} tokens", m.name),
         subtitle: format!(
-            "S[i,j] = q'·k'/√d − slope·(i−j) for all-ones q, k; head_dim {}, θ = {}, attention factor {}; causal (grey = masked); {sampling}",
-            m.config.head_dim, m.config.theta, m.schedule.attention_factor
+            "S[i,j] = q'·k'/√d − slope·(i−j) for all-ones q, k; head_dim {}, rotary_dim {}, θ = {}, attention factor {:.4}; causal (grey = masked); {sampling}",
+            m.config.head_dim, m.config.rotary_dim, m.config.theta, m.schedule.attention_factor
         ),
         window,
         n,
