@@ -95,10 +95,12 @@ fn freqs_table_lists_every_pair_and_the_decay() {
     let o = run(&["freqs", &write(&dir, "llama31.json", LLAMA31)]);
     assert!(o.status.success(), "stderr: {}", stderr(&o));
     let out = stdout(&o);
-    for needle in ["rope_type                llama3", "rotary_dim               128", "wavelength", "long-range decay"] {
+    for needle in ["rope_type                llama3", "rotary_dim               128", "wavelength", "long-range decay"]
+    {
         assert!(out.contains(needle), "missing `{needle}` in:\n{out}");
     }
-    let pair_rows = out.lines().filter(|l| l.split_whitespace().count() == 4 && l.trim_start().starts_with(char::is_numeric));
+    let pair_rows =
+        out.lines().filter(|l| l.split_whitespace().count() == 4 && l.trim_start().starts_with(char::is_numeric));
     assert_eq!(pair_rows.count(), 64);
 }
 

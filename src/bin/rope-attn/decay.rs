@@ -24,11 +24,7 @@ OPTIONS:
     -h, --help          this help
 ";
 
-const SPEC: Spec = Spec {
-    command: "decay",
-    options: &["--seq-len", "--layer-type", "--max-distance"],
-    flags: &[],
-};
+const SPEC: Spec = Spec { command: "decay", options: &["--seq-len", "--layer-type", "--max-distance"], flags: &[] };
 
 pub fn run(argv: &[String]) -> Result<(), String> {
     let args = SPEC.parse(argv)?;

@@ -28,11 +28,8 @@ OPTIONS:
     -h, --help          this help
 ";
 
-const SPEC: Spec = Spec {
-    command: "freqs",
-    options: &["--seq-len", "--layer-type", "--max-distance"],
-    flags: &["--json"],
-};
+const SPEC: Spec =
+    Spec { command: "freqs", options: &["--seq-len", "--layer-type", "--max-distance"], flags: &["--json"] };
 
 pub fn run(argv: &[String]) -> Result<(), String> {
     let args = SPEC.parse(argv)?;

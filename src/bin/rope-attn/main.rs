@@ -60,10 +60,7 @@ fn usage() -> String {
 }
 
 fn find(name: &str) -> Result<&'static Command, String> {
-    COMMANDS
-        .iter()
-        .find(|c| c.name == name)
-        .ok_or_else(|| format!("unknown command `{name}` (see `rope-attn --help`)"))
+    COMMANDS.iter().find(|c| c.name == name).ok_or_else(|| format!("unknown command `{name}` (see `rope-attn --help`)"))
 }
 
 fn dispatch(argv: &[String]) -> Result<(), String> {

@@ -14,7 +14,8 @@ pub fn register() -> Result<(), String> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_font(FAMILY, FontStyle::Normal, DEJAVU_SANS).map_err(|_| "the embedded font does not load".to_string());
+        result = register_font(FAMILY, FontStyle::Normal, DEJAVU_SANS)
+            .map_err(|_| "the embedded font does not load".to_string());
     });
     result
 }

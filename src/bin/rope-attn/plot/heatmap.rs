@@ -28,7 +28,7 @@ const LABEL_AREA: u32 = 50;
 fn range(values: &[f64]) -> (f64, f64) {
     let finite = values.iter().copied().filter(|v| v.is_finite());
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-    if !(lo < hi) {
+    if lo >= hi {
         let c = if lo.is_finite() { lo } else { 0.0 };
         return (c - 0.5, c + 0.5);
     }

@@ -35,7 +35,8 @@ OPTIONS:
     --out DIR              output folder (created if missing)             [required]
     --seq-len N            current sequence length (dynamic NTK and LongRoPE depend on it)
     --layer-type T         layer type for configs whose rope_parameters are per layer type
-    --factor F             context-extension factor of the comparison     [default 8]
+    --factor F             context-extension factor of the comparison
+                           [default: the config's factor, else 8]
     --original-max N       original context length of the comparison
                            [default: the config's original_max_position_embeddings, else its
                             max_position_embeddings, else 8192]
@@ -81,7 +82,13 @@ fn windows(args: &Args) -> Result<Vec<usize>, String> {
 fn default_model() -> Result<Model, String> {
     let config = RopeConfig::new(10000.0, 128).map_err(|e| e.to_string())?;
     let schedule = config.schedule(None).map_err(|e| e.to_string())?;
-    Ok(Model { path: String::new(), name: "a plain-RoPE model (no config given)".into(), layer_type: None, config, schedule })
+    Ok(Model {
+        path: String::new(),
+        name: "a plain-RoPE model (no config given)".into(),
+        layer_type: None,
+        config,
+        schedule,
+    })
 }
 
 pub fn run(argv: &[String]) -> Result<(), String> {
@@ -92,7 +99,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     }
     let out = PathBuf::from(args.value("--out").ok_or("plot needs --out DIR (see `rope-attn plot --help`)")?);
     let seq_len = args.count("--seq-len")?;
-    let factor = args.positive("--factor")?.unwrap_or(8.0);
+    let factor = args.positive("--factor")?;
     let points = args.count("--points")?.unwrap_or(400);
     let max_distance = args.positive("--max-distance")?.unwrap_or(1e6);
     if points < 2 || max_distance <= 1.0 {
@@ -111,7 +118,10 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     let models = if args.positionals.is_empty() {
         vec![default_model()?]
     } else {
-        args.positionals.iter().map(|p| load::model(p, args.value("--layer-type"), seq_len)).collect::<Result<_, _>>()?
+        args.positionals
+            .iter()
+            .map(|p| load::model(p, args.value("--layer-type"), seq_len))
+            .collect::<Result<_, _>>()?
     };
     font::register()?;
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;

@@ -21,15 +21,30 @@ fn same(a: &RopeSchedule, b: &RopeSchedule) -> bool {
         && a.inv_freq.iter().zip(&b.inv_freq).all(|(x, y)| (x - y).abs() <= 1e-12 * x.abs().max(y.abs()))
 }
 
-/// `m`'s base and dimensions under default / linear / NTK / YaRN / Llama 3.1 with one factor.
+/// The context-extension factor a config uses, if its schedule has one.
+fn config_factor(cfg: &RopeConfig) -> Option<f64> {
+    match &cfg.scaling {
+        RopeScaling::Default => None,
+        RopeScaling::Linear { factor }
+        | RopeScaling::Ntk { factor }
+        | RopeScaling::Dynamic { factor, .. }
+        | RopeScaling::Yarn { factor, .. }
+        | RopeScaling::Llama3 { factor, .. }
+        | RopeScaling::LongRope { factor, .. } => Some(*factor),
+    }
+}
+
+/// `m`'s base and dimensions under default / linear / NTK / YaRN / Llama 3.1 with one factor
+/// (given, else the config's own, else 8) and one original length (given, else the config's).
 pub fn comparison(
     m: &Model,
-    factor: f64,
+    factor: Option<f64>,
     original_max: Option<usize>,
     points: usize,
     max_distance: f64,
 ) -> Result<DecayChart, String> {
     let c = &m.config;
+    let factor = factor.or_else(|| config_factor(c)).unwrap_or(8.0);
     let orig = original_max.unwrap_or_else(|| original_length(c));
     let yarn = RopeScaling::Yarn {
         factor,
@@ -96,14 +111,18 @@ pub fn side_by_side(models: &[Model], points: usize, max_distance: f64) -> Decay
     let curves = models
         .iter()
         .map(|m| Curve {
-            label: format!("{} ({}, θ = {}, r = {})", m.name, m.schedule.rope_type, m.config.theta, m.config.rotary_dim),
+            label: format!(
+                "{} ({}, θ = {}, r = {})",
+                m.name, m.schedule.rope_type, m.config.theta, m.config.rotary_dim
+            ),
             schedule: m.schedule.clone(),
         })
         .collect();
     DecayChart {
         title: format!("RoPE long-range decay of {} configs", models.len()),
-        subtitle: "each config's own schedule; mean of cos(rel·θ_i) over its rotary pairs (attention factors not applied)"
-            .into(),
+        subtitle:
+            "each config's own schedule; mean of cos(rel·θ_i) over its rotary pairs (attention factors not applied)"
+                .into(),
         curves,
         markers: Vec::new(),
         points,

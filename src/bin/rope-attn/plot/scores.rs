@@ -30,8 +30,14 @@ pub fn heatmaps(m: &Model, window: usize, grid: usize, (heads, head): (usize, us
     let with = |rope: Option<Rotary>, alibi: Option<Alibi>| AttentionParams { rope, alibi, ..base.clone() };
     let slope = alibi::slope(heads, head);
     let panels = vec![
-        Panel { caption: format!("RoPE ({})", m.schedule.rope_type), values: score_matrix(&with(Some(rope.clone()), None), &pos, &pos)? },
-        Panel { caption: format!("ALiBi (slope {})", fmt_slope(slope)), values: score_matrix(&with(None, Some(bias)), &pos, &pos)? },
+        Panel {
+            caption: format!("RoPE ({})", m.schedule.rope_type),
+            values: score_matrix(&with(Some(rope.clone()), None), &pos, &pos)?,
+        },
+        Panel {
+            caption: format!("ALiBi (slope {})", fmt_slope(slope)),
+            values: score_matrix(&with(None, Some(bias)), &pos, &pos)?,
+        },
         Panel { caption: "RoPE + ALiBi".into(), values: score_matrix(&with(Some(rope), Some(bias)), &pos, &pos)? },
     ];
     let sampling = if n == window {
