@@ -208,4 +208,33 @@ fn main() {
     println!("cargo:rustc-env=ROPE_ATTN_PTXAS_REPORT={}", report_path.display());
     println!("cargo:rustc-env=ROPE_ATTN_NVCC={}", nvcc.display());
     fs::write(out_dir.join("kernels.rs"), consts).unwrap();
+
+    let layout = probe_abi_layout(&nvcc, &kernels, &out_dir).unwrap_or_else(|e| {
+        println!("cargo:warning=ABI layout probe failed ({e}); tests/abi_layout.rs will fail");
+        String::new()
+    });
+    let layout_path = out_dir.join("abi_layout.txt");
+    fs::write(&layout_path, layout).unwrap();
+    println!("cargo:rustc-env=ROPE_ATTN_ABI_LAYOUT={}", layout_path.display());
+}
+
+/// Build and run kernels/abi/layout_probe.cu (host code only; no GPU needed): sizes and field
+/// offsets of the kernel parameter structs as the CUDA compiler lays them out.
+fn probe_abi_layout(nvcc: &Path, kernels: &Path, out_dir: &Path) -> Result<String, String> {
+    let exe = out_dir.join("layout_probe");
+    let bin = nvcc.parent().unwrap_or(Path::new("."));
+    let mut cmd = Command::new(nvcc);
+    cmd.args(["-std=c++17", "-o"]).arg(&exe).arg(kernels.join("abi/layout_probe.cu"));
+    for lib in ["../lib", "../lib64"] {
+        cmd.arg(format!("-L{}", bin.join(lib).display()));
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let run = Command::new(&exe).output().map_err(|e| e.to_string())?;
+    if !run.status.success() {
+        return Err(format!("probe exited with {}", run.status));
+    }
+    Ok(String::from_utf8_lossy(&run.stdout).into_owned())
 }

@@ -6,22 +6,10 @@
 // heads), then each thread rotates P consecutive pairs of one head with vector loads. The
 // kernel is memory-bound; pass-through components are not touched when rotating in place.
 #include "rope.cuh"
+#include "params.cuh"
 
 namespace ra {
 
-// Mirrored by `RopeParams` in src/cuda/params.rs.
-struct RopeParams {
-    RopeArgs rope;
-    const void* q_in;
-    void* q_out;
-    const void* k_in;
-    void* k_out;
-    const int* positions;   // [tokens], or null: position = token - cu_seqlens[b] of its sequence
-    const int* cu_seqlens;  // [batch + 1] when positions is null
-    long long q_in_stride, q_out_stride, k_in_stride, k_out_stride;  // elements per token
-    int tokens, q_heads, k_heads, head_dim, batch;
-    int use_leak_freq;  // rotate with freq_leak (Leaky ReRoPE's keys at j/k)
-};
 
 __device__ __forceinline__ int token_position(const RopeParams& p, int t) {
     if (p.positions != nullptr) return p.positions[t];

@@ -9,21 +9,10 @@
 #include "alibi.cuh"
 #include "mask.cuh"
 #include "tile.cuh"
+#include "params.cuh"
 
 namespace ra {
 
-// Mirrored by `ScoresParams` in src/cuda/params.rs.
-struct ScoresParams {
-    RopeArgs rope;
-    const void* q;
-    const void* k;
-    float* out;
-    long long q_row_stride, k_row_stride;
-    int nq, nk, q_heads, kv_heads, head_dim, q_offset;
-    int causal, window, sinks;
-    int alibi_total_heads, alibi_head_offset;  // total 0 = no ALiBi
-    float scale;
-};
 
 constexpr int S_THREADS = 128;
 

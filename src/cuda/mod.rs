@@ -39,5 +39,11 @@ pub use dtype::Dtype;
 pub use rope::{rope_inplace, rope_inplace_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM};
 pub use scores::{scores, scores_checked, ScoresShape};
 
+/// Sizes and field offsets of the kernel parameter mirrors (for the ABI test; not a stable API).
+#[doc(hidden)]
+pub fn abi_layout() -> Vec<(String, usize)> {
+    params::abi_layout()
+}
+
 /// Head dimensions the attention kernels are instantiated for.
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 80, 96, 128, 256];

@@ -148,6 +148,7 @@ pub(crate) struct AttnParams {
     pub batch: i32,
     pub max_seqlen_q: i32,
     pub total_q: i32,
+    pub total_k: i32,
     pub q_heads: i32,
     pub kv_heads: i32,
     pub head_dim: i32,
@@ -176,7 +177,7 @@ pub(crate) struct DecodeParams {
     pub part_out: u64,
     pub part_lse: u64,
     pub q_row_stride: i64,
-    pub page_stride: i64,
+    pub o_row_stride: i64,
     pub batch: i32,
     pub queries: i32,
     pub q_heads: i32,
@@ -184,6 +185,7 @@ pub(crate) struct DecodeParams {
     pub head_dim: i32,
     pub page_size: i32,
     pub max_pages: i32,
+    pub num_pages: i32,
     pub splits: i32,
     pub keys_per_split: i32,
     pub causal: i32,
@@ -191,8 +193,7 @@ pub(crate) struct DecodeParams {
     pub sinks: i32,
     pub alibi_total_heads: i32,
     pub alibi_head_offset: i32,
-    pub scale: f32,
-    pub pad_: i32,
+    pub scale_log2: f32,
 }
 
 /// Mirror of `ra::AppendParams` (kernels/attention_decode.cu).
@@ -203,15 +204,13 @@ pub(crate) struct AppendParams {
     pub v: u64,
     pub k_cache: u64,
     pub v_cache: u64,
-    pub block_table: u64,
     pub slots: u64,
     pub k_row_stride: i64,
     pub v_row_stride: i64,
-    pub page_stride: i64,
     pub tokens: i32,
     pub kv_heads: i32,
     pub head_dim: i32,
-    pub page_size: i32,
+    pub num_slots: i32,
 }
 
 /// Mirror of `ra::MergeParams` (kernels/merge.cu).
@@ -230,6 +229,21 @@ pub(crate) struct MergeParams {
     pub pad_: i32,
 }
 
+/// Mirror of `ra::SplitsParams` (kernels/merge.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct SplitsParams {
+    pub part_out: u64,
+    pub part_lse: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub o_row_stride: i64,
+    pub splits: i32,
+    pub tokens: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+}
+
 // SAFETY: plain-old-data structs whose layout matches the CUDA side field for field.
 unsafe impl DeviceRepr for RopeParams {}
 unsafe impl DeviceRepr for ScoresParams {}
@@ -237,8 +251,30 @@ unsafe impl DeviceRepr for AttnParams {}
 unsafe impl DeviceRepr for DecodeParams {}
 unsafe impl DeviceRepr for AppendParams {}
 unsafe impl DeviceRepr for MergeParams {}
+unsafe impl DeviceRepr for SplitsParams {}
 
 /// An i32 kernel argument from a usize, or a typed error naming it.
 pub(crate) fn to_i32(what: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Position { what, value: v as i64, limit: i32::MAX as i64 })
+}
+
+/// Size of every params struct and offset of every field, named as kernels/abi/layout_probe.cu
+/// prints them, for tests/abi_layout.rs.
+pub(crate) fn abi_layout() -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    macro_rules! check {
+        ($s:ident; $($f:ident),*) => {
+            out.push((stringify!($s).to_string(), std::mem::size_of::<$s>()));
+            $(out.push((concat!(stringify!($s), ".", stringify!($f)).to_string(), std::mem::offset_of!($s, $f)));)*
+        };
+    }
+    check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, pad_);
+    check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, use_leak_freq);
+    check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale);
+    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, q_row_stride, k_row_stride, v_row_stride, o_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale);
+    check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2);
+    check!(AppendParams; k, v, k_cache, v_cache, slots, k_row_stride, v_row_stride, tokens, kv_heads, head_dim, num_slots);
+    check!(MergeParams; o1, lse1, o2, lse2, out, lse_out, tokens, heads, head_dim, pad_);
+    check!(SplitsParams; part_out, part_lse, out, lse, o_row_stride, splits, tokens, heads, head_dim);
+    out
 }

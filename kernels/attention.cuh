@@ -1,0 +1,52 @@
+// Pieces shared by the prefill and decode attention kernels: the parameter struct, tile
+// copies and the online-softmax state (FlashAttention-2's, in the log2 domain).
+#pragma once
+#include "alibi.cuh"
+#include "mask.cuh"
+#include "tile.cuh"
+#include "params.cuh"
+
+namespace ra {
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+
+// A sequence's rows, clamped to the totals the host validated, so that corrupt offsets can
+// never index outside the buffers.
+struct SeqBounds {
+    int q_start, seqlen_q, k_start, seqlen_k;
+};
+__device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
+    SeqBounds s;
+    s.q_start = imin(imax(p.cu_seqlens_q[b], 0), p.total_q);
+    s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;
+    s.k_start = imin(imax(p.cu_seqlens_k[b], 0), p.total_k);
+    s.seqlen_k = imin(imax(p.cu_seqlens_k[b + 1], s.k_start), p.total_k) - s.k_start;
+    return s;
+}
+
+// rows x D tile into shared memory (row pitch LD) with 16-byte cp.async; rows >= valid are
+// zero-filled without touching global memory.
+template <typename T, int D, int LD>
+__device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stride, int rows, int valid) {
+    constexpr int CH = D * sizeof(T) / 16;  // 16-byte chunks per row
+    constexpr int PER = 16 / sizeof(T);
+    for (int c = threadIdx.x; c < rows * CH; c += blockDim.x) {
+        const int row = c / CH, col = (c % CH) * PER;
+        const bool ok = row < valid;
+        cp_async_16(s + row * LD + col, g + (ok ? row : 0) * stride + col, ok);
+    }
+}
+
+// Score of query position i and key position j, in log2 units, before masking: the near or
+// far dot product (ReRoPE), scaled, plus the ALiBi bias (slope 0 = none).
+__device__ __forceinline__ float score_log2(const RopeArgs& r, float scale_log2, float near, float far, int i, int j,
+                                            float slope) {
+    const bool use_far = r.relative != REL_NONE && r.rotary_dim > 0 && i - j >= r.window;
+    float s = (use_far ? far : near) * scale_log2;
+    if (slope != 0.f) s += alibi_bias(slope, i, j) * LOG2E;
+    return s;
+}
+
+}  // namespace ra

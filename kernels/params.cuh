@@ -1,0 +1,109 @@
+// Every kernel's parameter struct, in one place (FlashAttention's flash.h style): each is
+// passed by value and mirrored field for field by a #[repr(C)] struct in src/cuda/params.rs.
+// tests/abi_layout.rs compares sizes and offsets of both sides (build.rs probes this header).
+#pragma once
+#include "rope.cuh"
+
+namespace ra {
+
+// Mirrored by `RopeParams` in src/cuda/params.rs.
+struct RopeParams {
+    RopeArgs rope;
+    const void* q_in;
+    void* q_out;
+    const void* k_in;
+    void* k_out;
+    const int* positions;   // [tokens], or null: position = token - cu_seqlens[b] of its sequence
+    const int* cu_seqlens;  // [batch + 1] when positions is null
+    long long q_in_stride, q_out_stride, k_in_stride, k_out_stride;  // elements per token
+    int tokens, q_heads, k_heads, head_dim, batch;
+    int use_leak_freq;  // rotate with freq_leak (Leaky ReRoPE's keys at j/k)
+};
+
+// Mirrored by `ScoresParams` in src/cuda/params.rs.
+struct ScoresParams {
+    RopeArgs rope;
+    const void* q;
+    const void* k;
+    float* out;
+    long long q_row_stride, k_row_stride;
+    int nq, nk, q_heads, kv_heads, head_dim, q_offset;
+    int causal, window, sinks;
+    int alibi_total_heads, alibi_head_offset;  // total 0 = no ALiBi
+    float scale;
+};
+
+// Mirrored by `AttnParams` in src/cuda/params.rs. Variable-length batch: sequence b's queries
+// are rows cu_seqlens_q[b]..cu_seqlens_q[b+1] of q, its keys rows cu_seqlens_k[b].. of k and v.
+// Query m of a sequence sits at position (seqlen_k - seqlen_q) + m, key j at j.
+struct AttnParams {
+    RopeArgs rope;
+    const void* q;
+    const void* k;      // unrotated (rotate_k = 1) or pre-rotated keys
+    const void* v;
+    const void* k_far;  // ReRoPE: raw keys; Leaky: keys rotated to j/k; else unused
+    void* out;
+    float* lse;         // [q_heads, total_q], natural log
+    const int* cu_seqlens_q;
+    const int* cu_seqlens_k;
+    long long q_row_stride, k_row_stride, v_row_stride, o_row_stride;
+    int batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim;
+    int causal, window, sinks, alibi_total_heads, alibi_head_offset;
+    int rotate_k;       // rotate each K tile in shared memory as it arrives
+    float scale_log2;   // scale * log2(e)
+    float scale;
+};
+
+// Mirrored by `DecodeParams` in src/cuda/params.rs.
+struct DecodeParams {
+    RopeArgs rope;
+    const void* q;        // [batch * queries, Hq, D] rows q_row_stride apart
+    const void* k_cache;  // [num_pages, page_size, Hkv, D]
+    const void* v_cache;
+    const int* block_table;   // [batch, max_pages]
+    const int* context_lens;  // [batch]
+    void* out;                // [batch * queries, Hq, D] rows o_row_stride apart (splits == 1)
+    float* lse;               // [Hq, batch * queries] (splits == 1)
+    float* part_out;          // [splits, batch * queries, Hq, D] (splits > 1)
+    float* part_lse;          // [splits, Hq, batch * queries]
+    long long q_row_stride, o_row_stride;
+    int batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages;
+    int splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset;
+    float scale_log2;
+};
+
+// Mirrored by `AppendParams` in src/cuda/params.rs. vLLM's slot mapping: token t goes to slot
+// slots[t] = page * page_size + offset; negative slots (padding) are skipped.
+struct AppendParams {
+    const void* k;  // [tokens, Hkv, D] rows k_row_stride apart (unrotated)
+    const void* v;
+    void* k_cache;  // [num_pages, page_size, Hkv, D]
+    void* v_cache;
+    const int* slots;
+    long long k_row_stride, v_row_stride;
+    int tokens, kv_heads, head_dim, num_slots;
+};
+
+// Mirrored by `MergeParams` in src/cuda/params.rs: O [tokens, heads, D] dense, LSE [heads, tokens].
+struct MergeParams {
+    const void* o1;
+    const float* lse1;
+    const void* o2;
+    const float* lse2;
+    void* out;
+    float* lse_out;
+    int tokens, heads, head_dim, pad_;
+};
+
+// Mirrored by `SplitsParams` in src/cuda/params.rs: the decode kernel's f32 partials
+// [splits, tokens, heads, D] and [splits, heads, tokens] into O (rows o_row_stride apart) and LSE.
+struct SplitsParams {
+    const float* part_out;
+    const float* part_lse;
+    void* out;
+    float* lse;
+    long long o_row_stride;
+    int splits, tokens, heads, head_dim;
+};
+
+}  // namespace ra
