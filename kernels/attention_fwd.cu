@@ -32,7 +32,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const T* qg = static_cast<const T*>(p.q) + (long long)(sb.q_start + m0) * p.q_row_stride + (long long)h * D;
     const T* kg = static_cast<const T*>(p.k) + (long long)sb.k_start * p.k_row_stride + (long long)kvh * D;
     const T* vg = static_cast<const T*>(p.v) + (long long)sb.k_start * p.v_row_stride + (long long)kvh * D;
-    const T* fg = static_cast<const T*>(p.k_far) + (long long)sb.k_start * p.k_row_stride + (long long)kvh * D;
+    const T* fg = static_cast<const T*>(p.k_far) + (long long)sb.k_start * p.kf_row_stride + (long long)kvh * D;
     const int vq = imin(BM, sb.seqlen_q - m0);
     const int i0 = sb.seqlen_k - sb.seqlen_q + m0;  // position of the tile's first query
     const bool rope = p.rope.rotary_dim > 0;
@@ -52,7 +52,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     auto issue_k = [&](int n) {
         const int valid = imin(BN, sb.seqlen_k - n * BN);
         copy_tile_async<T, D, LD>(Ks, kg + (long long)n * BN * p.k_row_stride, p.k_row_stride, BN, valid);
-        if (rel) copy_tile_async<T, D, LD>(Kf, fg + (long long)n * BN * p.k_row_stride, p.k_row_stride, BN, valid);
+        if (rel) copy_tile_async<T, D, LD>(Kf, fg + (long long)n * BN * p.kf_row_stride, p.kf_row_stride, BN, valid);
         cp_async_commit();
     };
 
@@ -232,7 +232,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
     const MaskArgs mask{p.causal, p.window, p.sinks};
     const float slope = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) : 0.f;
     const float* kg = static_cast<const float*>(p.k) + (long long)sb.k_start * p.k_row_stride + (long long)kvh * D;
-    const float* fg = static_cast<const float*>(p.k_far) + (long long)sb.k_start * p.k_row_stride + (long long)kvh * D;
+    const float* fg = static_cast<const float*>(p.k_far) + (long long)sb.k_start * p.kf_row_stride + (long long)kvh * D;
     const float* vg = static_cast<const float*>(p.v) + (long long)sb.k_start * p.v_row_stride + (long long)kvh * D;
     float mx = -INFINITY, sum = 0.f;
     const int j_end = p.causal ? imin(sb.seqlen_k, imax(0, i + 1)) : sb.seqlen_k;
@@ -244,7 +244,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
             const int c = lane + 32 * x;
             if (c < D) {
                 dn = fmaf(qn[x], kg[(long long)j * p.k_row_stride + c], dn);
-                if (rel) df = fmaf(qf[x], fg[(long long)j * p.k_row_stride + c], df);
+                if (rel) df = fmaf(qf[x], fg[(long long)j * p.kf_row_stride + c], df);
             }
         }
 #pragma unroll

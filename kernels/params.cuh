@@ -46,7 +46,7 @@ struct AttnParams {
     float* lse;         // [q_heads, total_q], natural log
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
-    long long q_row_stride, k_row_stride, v_row_stride, o_row_stride;
+    long long q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride;
     int batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim;
     int causal, window, sinks, alibi_total_heads, alibi_head_offset;
     int rotate_k;       // rotate each K tile in shared memory as it arrives

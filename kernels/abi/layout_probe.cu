@@ -70,6 +70,7 @@ int main() {
     FIELD(AttnParams, k_row_stride);
     FIELD(AttnParams, v_row_stride);
     FIELD(AttnParams, o_row_stride);
+    FIELD(AttnParams, kf_row_stride);
     FIELD(AttnParams, batch);
     FIELD(AttnParams, max_seqlen_q);
     FIELD(AttnParams, total_q);

@@ -25,7 +25,9 @@ impl Module {
         match self {
             Module::Rope => fatbins::ROPE,
             Module::Scores => fatbins::SCORES,
-            _ => unreachable!(),
+            Module::AttentionFwd => fatbins::ATTENTION_FWD,
+            Module::AttentionDecode => fatbins::ATTENTION_DECODE,
+            Module::Merge => fatbins::MERGE,
         }
     }
 }

@@ -20,22 +20,26 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-// mod attention;
+mod attention;
 mod checked;
-// mod decode;
+mod decode;
 mod device;
 mod dtype;
-// mod merge;
+mod merge;
 mod params;
 mod rope;
 mod scores;
 
-// pub use attention::{attention_fwd, attention_fwd_workspace_len, AttentionBatch, PrefillPath};
+pub use attention::{
+    attention_fwd, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, PrefillPath,
+};
 pub use checked::{CheckReport, Tolerance};
-// pub use decode::{attention_decode, decode_workspace_len, paged_append, DecodeBatch, PagedKvCache};
+pub use decode::{
+    attention_decode, attention_decode_checked, decode_splits, decode_workspace_len, paged_append, DecodeBatch, PagedKvCache,
+};
 pub use device::{device_status, Gpu};
 pub use dtype::Dtype;
-// pub use merge::merge_states;
+pub use merge::merge_states;
 pub use rope::{rope_inplace, rope_inplace_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM};
 pub use scores::{scores, scores_checked, ScoresShape};
 

@@ -1,0 +1,301 @@
+//! Launcher for kernels/attention_fwd.cu: prefill attention over a variable-length batch with
+//! RoPE / ReRoPE / ALiBi inside the kernel.
+//!
+//! Two ways to get rotated keys, picked per call:
+//! * **fused**: unrotated K is rotated tile by tile in shared memory as it arrives (no
+//!   workspace; every query block re-rotates every K tile, which costs special-function time
+//!   on long prefills);
+//! * **pre-rotate**: the rope kernel rotates K once into a caller-provided workspace (one
+//!   O(N·d) pass; the attention kernel then streams rotated keys). ReRoPE / Leaky ReRoPE and
+//!   f32 always take this path (they need the second, far copy of the keys).
+
+use super::checked::{widen, CheckReport, Tolerance};
+use super::device::{Gpu, Module};
+use super::dtype::Dtype;
+use super::params::{to_i32, AttnParams, RopeArgs};
+use super::rope::{launch as launch_rope, Positions, RopePtrs, RopeShape};
+use super::scores::{check_rows, common, gather_rows, set_smem};
+use crate::attention::{AttentionParams, Relative};
+use crate::error::{Error, Result};
+use crate::reference;
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// Host-side description of a variable-length batch (FlashAttention's varlen convention):
+/// sequence b owns query rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` and key/value rows
+/// `cu_seqlens_k[b]..cu_seqlens_k[b+1]`; its query m sits at position `seqlen_k - seqlen_q + m`
+/// and key j at `j` (so causal masking is bottom-right aligned, as for chunked prefill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionBatch {
+    /// Sequences.
+    pub batch: usize,
+    /// Longest query sequence (sizes the grid; rows past it are not computed).
+    pub max_seqlen_q: usize,
+    /// Query rows in all (`cu_seqlens_q[batch]`).
+    pub total_q: usize,
+    /// Key rows in all (`cu_seqlens_k[batch]`).
+    pub total_k: usize,
+    /// Elements between query rows (>= Hq·d): views into a packed QKV work.
+    pub q_row_stride: usize,
+    /// Elements between key rows (>= Hkv·d).
+    pub k_row_stride: usize,
+    /// Elements between value rows (>= Hkv·d).
+    pub v_row_stride: usize,
+    /// Elements between output rows (>= Hq·d).
+    pub o_row_stride: usize,
+}
+
+impl AttentionBatch {
+    /// Dense `[total, heads, d]` tensors.
+    pub fn contiguous(p: &AttentionParams, batch: usize, max_seqlen_q: usize, total_q: usize, total_k: usize) -> Self {
+        let (q, kv) = (p.num_q_heads * p.head_dim, p.num_kv_heads * p.head_dim);
+        AttentionBatch { batch, max_seqlen_q, total_q, total_k, q_row_stride: q, k_row_stride: kv, v_row_stride: kv, o_row_stride: q }
+    }
+
+    /// One sequence of `nq` queries over `nk` keys.
+    pub fn single(p: &AttentionParams, nq: usize, nk: usize) -> Self {
+        Self::contiguous(p, 1, nq, nq, nk)
+    }
+}
+
+/// Which way the keys were rotated (returned so callers and benchmarks can see the choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillPath {
+    /// No rotation needed (no RoPE).
+    Plain,
+    /// K rotated tile by tile inside the attention kernel.
+    Fused,
+    /// K rotated once into the workspace by the rope kernel.
+    PreRotated,
+}
+
+/// Workspace elements (of T) the pre-rotate path needs: the rotated keys, plus the far keys of
+/// Leaky ReRoPE. 0 without RoPE.
+pub fn attention_fwd_workspace_len(p: &AttentionParams, total_k: usize) -> usize {
+    let keys = total_k * p.num_kv_heads * p.head_dim;
+    match (&p.rope, p.relative) {
+        (None, _) => 0,
+        (Some(_), Relative::Leaky { .. }) => 2 * keys,
+        (Some(_), _) => keys,
+    }
+}
+
+/// Whether pre-rotating K is expected to beat the fused path: every query block re-rotates each
+/// K tile it visits in the fused path, so once a sequence spans more than a couple of query
+/// blocks (64 rows each) the one-pass rotation is cheaper. Measured trade-off: see BENCHMARKS.md.
+pub fn prefill_prefers_workspace(batch: &AttentionBatch) -> bool {
+    batch.max_seqlen_q > 128
+}
+
+fn smem_bytes<T: Dtype>(d: usize, rel: bool) -> (usize, usize) {
+    let (bm, bn) = if d == 256 { (32, 32) } else { (64, 64) };
+    let tiles = bm + 2 * bn + if rel { bm + bn } else { 0 };
+    (tiles * (d + 8) * std::mem::size_of::<T>(), bm)
+}
+
+fn is_16bit<T: Dtype>() -> bool {
+    std::mem::size_of::<T>() == 2
+}
+
+/// Prefill attention: O `[total_q, Hq, d]` (rows `o_row_stride` apart) and natural-log LSE
+/// `[Hq, total_q]` (f32) from unrotated Q, K and V. `workspace` (length from
+/// [`attention_fwd_workspace_len`]) selects the pre-rotate path; without it the fused path runs,
+/// which f16/bf16 plain RoPE supports (ReRoPE and f32 need the workspace: a typed error says so).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    cu_seqlens_k: &impl DevicePtr<i32>,
+    batch: &AttentionBatch,
+    p: &AttentionParams,
+    workspace: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<PrefillPath> {
+    gpu.check_stream(stream)?;
+    let c = common(p)?;
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    check_rows("q", q.len(), batch.total_q, batch.q_row_stride, hq, d)?;
+    check_rows("k", k.len(), batch.total_k, batch.k_row_stride, hkv, d)?;
+    check_rows("v", v.len(), batch.total_k, batch.v_row_stride, hkv, d)?;
+    check_rows("out", out.len(), batch.total_q, batch.o_row_stride, hq, d)?;
+    if lse.len() < hq * batch.total_q {
+        return Err(Error::BufferTooSmall { what: "lse", needed: hq * batch.total_q, got: lse.len() });
+    }
+    for (what, buf) in [("cu_seqlens_q", cu_seqlens_q.len()), ("cu_seqlens_k", cu_seqlens_k.len())] {
+        if buf < batch.batch + 1 {
+            return Err(Error::BufferTooSmall { what, needed: batch.batch + 1, got: buf });
+        }
+    }
+    if batch.batch > 65535 || hq > 65535 {
+        return Err(Error::Shape { what: "grid", expected: "batch and num_q_heads <= 65535".into(), got: format!("{} x {}", batch.batch, hq) });
+    }
+    for (what, v) in [("total_q", batch.total_q), ("total_k", batch.total_k), ("max_seqlen_q", batch.max_seqlen_q)] {
+        to_i32(what, v)?;
+    }
+    if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
+        return Ok(PrefillPath::Plain);
+    }
+    let rope = p.rope.is_some();
+    let rel = p.relative != Relative::None;
+    let needed_ws = attention_fwd_workspace_len(p, batch.total_k);
+    let path = match (&workspace, rope) {
+        (_, false) => PrefillPath::Plain,
+        (Some(ws), true) if ws.len() >= needed_ws => PrefillPath::PreRotated,
+        (Some(ws), true) => return Err(Error::BufferTooSmall { what: "workspace", needed: needed_ws, got: ws.len() }),
+        (None, true) if rel || !is_16bit::<T>() => {
+            return Err(Error::BufferTooSmall { what: "workspace (ReRoPE and f32 pre-rotate K)", needed: needed_ws, got: 0 })
+        }
+        (None, true) => PrefillPath::Fused,
+    };
+    // cp.async moves 16-byte chunks: rows of K, V (and far K) must start 16-byte aligned.
+    let elem = std::mem::size_of::<T>();
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = k.device_ptr(stream);
+    let (vp, _g3) = v.device_ptr(stream);
+    let (op, _g4) = out.device_ptr_mut(stream);
+    let (lp, _g5) = lse.device_ptr_mut(stream);
+    let (cq, _g6) = cu_seqlens_q.device_ptr(stream);
+    let (ck, _g7) = cu_seqlens_k.device_ptr(stream);
+    if is_16bit::<T>() {
+        let chunk = 16 / elem;
+        for (what, ptr, stride) in [("k", kp, batch.k_row_stride), ("v", vp, batch.v_row_stride)] {
+            if ptr % 16 != 0 || stride % chunk != 0 {
+                return Err(Error::Stride { what, stride, min: chunk });
+            }
+        }
+        if op % 4 != 0 || batch.o_row_stride % 2 != 0 {
+            return Err(Error::Stride { what: "out", stride: batch.o_row_stride, min: 2 });
+        }
+    }
+
+    let mut k_near = kp;
+    let mut k_near_stride = batch.k_row_stride;
+    let mut k_far = kp;
+    let mut kf_stride = batch.k_row_stride;
+    let _ws_guard;
+    if path == PrefillPath::PreRotated {
+        let ws = workspace.unwrap();
+        let keys = batch.total_k * hkv * d;
+        let (wp, g) = ws.device_ptr_mut(stream);
+        _ws_guard = g;
+        let kshape = RopeShape { tokens: batch.total_k, q_heads: 0, k_heads: hkv, head_dim: d, q_row_stride: 0, k_row_stride: batch.k_row_stride };
+        let positions = || Positions::FromCuSeqlens { cu_seqlens: ck, batch: batch.batch };
+        let ptrs = |out: u64| RopePtrs { q_in: 0, q_out: 0, k_in: kp, k_out: out, q_out_stride: 0, k_out_stride: hkv * d };
+        let rope_args = RopeArgs::new(p.rope.as_ref(), p.relative, d)?;
+        launch_rope::<T>(gpu, stream, ptrs(wp), &kshape, rope_args, positions(), false)?;
+        k_near = wp;
+        k_near_stride = hkv * d;
+        if let Relative::Leaky { .. } = p.relative {
+            let far = wp + (keys * elem) as u64;
+            launch_rope::<T>(gpu, stream, ptrs(far), &kshape, rope_args, positions(), true)?;
+            k_far = far;
+            kf_stride = hkv * d;
+        }
+    }
+
+    let params = AttnParams {
+        rope: c.rope,
+        q: qp,
+        k: k_near,
+        v: vp,
+        k_far,
+        out: op,
+        lse: lp,
+        cu_seqlens_q: cq,
+        cu_seqlens_k: ck,
+        q_row_stride: batch.q_row_stride as i64,
+        k_row_stride: k_near_stride as i64,
+        v_row_stride: batch.v_row_stride as i64,
+        o_row_stride: batch.o_row_stride as i64,
+        kf_row_stride: kf_stride as i64,
+        batch: batch.batch as i32,
+        max_seqlen_q: batch.max_seqlen_q as i32,
+        total_q: batch.total_q as i32,
+        total_k: batch.total_k as i32,
+        q_heads: hq as i32,
+        kv_heads: hkv as i32,
+        head_dim: d as i32,
+        causal: c.causal,
+        window: c.window,
+        sinks: c.sinks,
+        alibi_total_heads: c.alibi_total_heads,
+        alibi_head_offset: c.alibi_head_offset,
+        rotate_k: (path == PrefillPath::Fused) as i32,
+        scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
+        scale: c.scale,
+    };
+    let (func, cfg) = if is_16bit::<T>() {
+        let (smem, bm) = smem_bytes::<T>(d, rel);
+        let func = gpu.function(Module::AttentionFwd, &format!("attention_fwd_d{d}_{}", T::NAME))?;
+        set_smem(&func, smem)?;
+        let threads = if d == 256 { 64 } else { 128 };
+        let grid = (batch.max_seqlen_q.div_ceil(bm) as u32, hq as u32, batch.batch as u32);
+        (func, LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 })
+    } else {
+        let func = gpu.function(Module::AttentionFwd, "attention_fwd_rows_f32")?;
+        let grid = (batch.max_seqlen_q.div_ceil(4) as u32, hq as u32, batch.batch as u32);
+        (func, LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 })
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&params);
+    // SAFETY: params mirrors ra::AttnParams (tests/abi_layout.rs); every buffer was checked to
+    // span total_q / total_k rows at its stride, and the kernel clamps sequence offsets to those totals.
+    unsafe { b.launch(cfg) }?;
+    Ok(path)
+}
+
+/// [`attention_fwd`], then compare O and LSE with [`reference::attention`] per sequence on the
+/// same (copied back) inputs. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    out: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    lse: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    cu_seqlens_k: &impl DevicePtr<i32>,
+    batch: &AttentionBatch,
+    p: &AttentionParams,
+    workspace: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<(PrefillPath, CheckReport)> {
+    let path = attention_fwd(gpu, stream, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, p, workspace)?;
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let qh = gather_rows(&widen(&stream.clone_dtoh(q)?), batch.total_q, batch.q_row_stride, hq * d);
+    let kh = gather_rows(&widen(&stream.clone_dtoh(k)?), batch.total_k, batch.k_row_stride, hkv * d);
+    let vh = gather_rows(&widen(&stream.clone_dtoh(v)?), batch.total_k, batch.v_row_stride, hkv * d);
+    let oh = gather_rows(&widen(&stream.clone_dtoh(out)?), batch.total_q, batch.o_row_stride, hq * d);
+    let lh: Vec<f64> = stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect();
+    let cq = stream.clone_dtoh(cu_seqlens_q)?;
+    let ck = stream.clone_dtoh(cu_seqlens_k)?;
+    let (mut want_o, mut want_l) = (vec![0.0; oh.len()], vec![f64::NEG_INFINITY; hq * batch.total_q]);
+    for b in 0..batch.batch {
+        let (q0, q1, k0, k1) = (cq[b] as usize, cq[b + 1] as usize, ck[b] as usize, ck[b + 1] as usize);
+        let off = (k1 - k0) as i64 - (q1 - q0) as i64;
+        let q_pos: Vec<i64> = (0..(q1 - q0) as i64).map(|m| off + m).collect();
+        let k_pos: Vec<i64> = (0..(k1 - k0) as i64).collect();
+        let r = reference::attention(
+            &qh[q0 * hq * d..q1 * hq * d],
+            &kh[k0 * hkv * d..k1 * hkv * d],
+            &vh[k0 * hkv * d..k1 * hkv * d],
+            &q_pos,
+            &k_pos,
+            p,
+        )?;
+        want_o[q0 * hq * d..q1 * hq * d].copy_from_slice(&r.out);
+        for h in 0..hq {
+            want_l[h * batch.total_q + q0..h * batch.total_q + q1].copy_from_slice(&r.lse[h * (q1 - q0)..(h + 1) * (q1 - q0)]);
+        }
+    }
+    let tol = Tolerance::attention::<T>(d);
+    let ro = CheckReport::compare("attention out", &oh, &want_o, tol);
+    let rl = CheckReport::compare("attention lse", &lh[..want_l.len()], &want_l, tol);
+    Ok((path, ro.worst(rl).ensure()?))
+}

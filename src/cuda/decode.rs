@@ -1,0 +1,375 @@
+//! Launchers for kernels/attention_decode.cu (paged decode, split-K) and the paged-cache append.
+
+use super::checked::{widen, CheckReport, Tolerance};
+use super::device::{Gpu, Module};
+use super::dtype::Dtype;
+use super::params::{to_i32, AppendParams, DecodeParams, SplitsParams};
+use super::scores::{check_rows, common, gather_rows, set_smem};
+use crate::attention::AttentionParams;
+use crate::error::{Error, Result};
+use crate::reference;
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// Geometry of a paged KV cache: K and V each `[num_pages, page_size, Hkv, d]`, unrotated keys.
+/// The buffers and the block table are the caller's; this only describes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedKvCache {
+    /// Pages in the pool.
+    pub num_pages: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Components per head.
+    pub head_dim: usize,
+}
+
+impl PagedKvCache {
+    /// Elements of one of the K / V buffers.
+    pub fn len(&self) -> usize {
+        self.num_pages * self.page_size * self.kv_heads * self.head_dim
+    }
+
+    /// Whether the pool is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn validate(&self, p: &AttentionParams) -> Result<()> {
+        if self.kv_heads != p.num_kv_heads || self.head_dim != p.head_dim {
+            return Err(Error::Shape {
+                what: "paged cache",
+                expected: format!("Hkv {} x d {}", p.num_kv_heads, p.head_dim),
+                got: format!("Hkv {} x d {}", self.kv_heads, self.head_dim),
+            });
+        }
+        if self.page_size == 0 || self.num_pages == 0 {
+            return Err(Error::Shape { what: "paged cache", expected: "num_pages, page_size > 0".into(), got: format!("{self:?}") });
+        }
+        to_i32("num_pages * page_size", self.num_pages * self.page_size)?;
+        Ok(())
+    }
+}
+
+/// A decode step's batch: `queries` new tokens per sequence (already appended to the cache, so
+/// query qi of sequence b sits at position `context_lens[b] - queries + qi`), Q rows
+/// `[batch * queries, Hq, d]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeBatch {
+    /// Sequences.
+    pub batch: usize,
+    /// Query tokens per sequence (1..=16).
+    pub queries: usize,
+    /// Columns of the block table (`[batch, max_pages]`, i32 page indices).
+    pub max_pages: usize,
+    /// An upper bound on every `context_lens[b]`, known on the host (sizes the key splits).
+    pub max_context: usize,
+    /// Elements between query rows (>= Hq·d).
+    pub q_row_stride: usize,
+    /// Elements between output rows (>= Hq·d).
+    pub o_row_stride: usize,
+}
+
+impl DecodeBatch {
+    /// Dense Q and O.
+    pub fn contiguous(p: &AttentionParams, batch: usize, queries: usize, max_pages: usize, max_context: usize) -> Self {
+        let row = p.num_q_heads * p.head_dim;
+        DecodeBatch { batch, queries, max_pages, max_context, q_row_stride: row, o_row_stride: row }
+    }
+
+    fn tokens(&self) -> usize {
+        self.batch * self.queries
+    }
+}
+
+/// Keys per tile of the decode kernel (`decode_tile_keys` in the .cu).
+fn tile_keys(d: usize) -> usize {
+    if d <= 128 {
+        32
+    } else {
+        16
+    }
+}
+
+const DEC_ROWS: usize = 16;
+
+fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
+    let rows = p.group_size() * b.queries;
+    b.batch * p.num_kv_heads * rows.div_ceil(DEC_ROWS)
+}
+
+/// How many key splits a decode call should use on a GPU with `sm_count` SMs: enough blocks to
+/// fill the machine twice over, each split at least 256 keys.
+pub fn decode_splits(p: &AttentionParams, b: &DecodeBatch, sm_count: usize) -> usize {
+    let blocks = blocks_per_split(p, b).max(1);
+    let want = (2 * sm_count).div_ceil(blocks);
+    want.clamp(1, b.max_context.div_ceil(256).max(1))
+}
+
+/// f32 workspace elements for `splits` partial results (0 for one split).
+pub fn decode_workspace_len(p: &AttentionParams, b: &DecodeBatch, splits: usize) -> usize {
+    if splits <= 1 {
+        0
+    } else {
+        splits * b.tokens() * p.num_q_heads * (p.head_dim + 1)
+    }
+}
+
+/// Paged decode attention: O `[batch*queries, Hq, d]` and LSE `[Hq, batch*queries]` with keys
+/// rotated on the fly at their cached positions. `splits > 1` needs a workspace of
+/// [`decode_workspace_len`] f32 elements (the combine kernel then merges the partials).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cache: &PagedKvCache,
+    batch: &DecodeBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    gpu.check_stream(stream)?;
+    let c = common(p)?;
+    cache.validate(p)?;
+    let (d, hq) = (p.head_dim, p.num_q_heads);
+    if !(1..=16).contains(&batch.queries) {
+        return Err(Error::Shape { what: "decode queries", expected: "1..=16".into(), got: batch.queries.to_string() });
+    }
+    let tokens = batch.tokens();
+    check_rows("q", q.len(), tokens, batch.q_row_stride, hq, d)?;
+    check_rows("out", out.len(), tokens, batch.o_row_stride, hq, d)?;
+    for (what, got, needed) in [
+        ("k_cache", k_cache.len(), cache.len()),
+        ("v_cache", v_cache.len(), cache.len()),
+        ("block_table", block_table.len(), batch.batch * batch.max_pages),
+        ("context_lens", context_lens.len(), batch.batch),
+        ("lse", lse.len(), hq * tokens),
+    ] {
+        if got < needed {
+            return Err(Error::BufferTooSmall { what, needed, got });
+        }
+    }
+    if batch.max_context > batch.max_pages * cache.page_size {
+        return Err(Error::Position { what: "max_context", value: batch.max_context as i64, limit: (batch.max_pages * cache.page_size) as i64 });
+    }
+    to_i32("batch * max_pages", batch.batch * batch.max_pages)?;
+    to_i32("tokens", tokens)?;
+    if splits == 0 {
+        return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let bn = tile_keys(d);
+    let keys_per_split = batch.max_context.div_ceil(splits).div_ceil(bn).max(1) * bn;
+    let splits = batch.max_context.div_ceil(keys_per_split).max(1);
+    let ws_needed = decode_workspace_len(p, batch, splits);
+    let ws = match workspace {
+        Some(ws) if ws.len() >= ws_needed => Some(ws),
+        _ if splits == 1 => None,
+        other => return Err(Error::BufferTooSmall { what: "decode workspace", needed: ws_needed, got: other.map_or(0, |w| w.len()) }),
+    };
+    let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(DEC_ROWS);
+    if grid_y > 65535 || batch.batch > 65535 {
+        return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", batch.batch) });
+    }
+
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = k_cache.device_ptr(stream);
+    let (vp, _g3) = v_cache.device_ptr(stream);
+    let (bp, _g4) = block_table.device_ptr(stream);
+    let (cp, _g5) = context_lens.device_ptr(stream);
+    let (op, _g6) = out.device_ptr_mut(stream);
+    let (lp, _g7) = lse.device_ptr_mut(stream);
+    let (part_out, part_lse, _g8) = match ws {
+        Some(ws) => {
+            let (wp, g) = ws.device_ptr_mut(stream);
+            (wp, wp + (splits * tokens * hq * d * 4) as u64, Some(g))
+        }
+        None => (0, 0, None),
+    };
+    let params = DecodeParams {
+        rope: c.rope,
+        q: qp,
+        k_cache: kp,
+        v_cache: vp,
+        block_table: bp,
+        context_lens: cp,
+        out: op,
+        lse: lp,
+        part_out,
+        part_lse,
+        q_row_stride: batch.q_row_stride as i64,
+        o_row_stride: batch.o_row_stride as i64,
+        batch: batch.batch as i32,
+        queries: batch.queries as i32,
+        q_heads: hq as i32,
+        kv_heads: p.num_kv_heads as i32,
+        head_dim: d as i32,
+        page_size: cache.page_size as i32,
+        max_pages: batch.max_pages as i32,
+        num_pages: cache.num_pages as i32,
+        splits: splits as i32,
+        keys_per_split: keys_per_split as i32,
+        causal: c.causal,
+        window: c.window,
+        sinks: c.sinks,
+        alibi_total_heads: c.alibi_total_heads,
+        alibi_head_offset: c.alibi_head_offset,
+        scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
+    };
+    let smem = (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4;
+    let func = gpu.function(Module::AttentionDecode, &format!("attention_decode_{}", T::NAME))?;
+    set_smem(&func, smem)?;
+    let cfg = LaunchConfig { grid_dim: (splits as u32, grid_y as u32, batch.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&params);
+    // SAFETY: params mirrors ra::DecodeParams; buffers were checked against the cache geometry and
+    // batch; the kernel clamps context lengths and block-table entries into the pool.
+    unsafe { b.launch(cfg) }?;
+    if splits > 1 {
+        let combine = gpu.function(Module::Merge, &format!("combine_splits_{}", T::NAME))?;
+        let sp = SplitsParams {
+            part_out,
+            part_lse,
+            out: op,
+            lse: lp,
+            o_row_stride: batch.o_row_stride as i64,
+            splits: splits as i32,
+            tokens: tokens as i32,
+            heads: hq as i32,
+            head_dim: d as i32,
+        };
+        let cfg = LaunchConfig { grid_dim: (tokens as u32, hq as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let mut b = stream.launch_builder(&combine);
+        b.arg(&sp);
+        // SAFETY: SplitsParams mirrors ra::SplitsParams; the partials were sized by decode_workspace_len.
+        unsafe { b.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// Append new unrotated K/V rows `[tokens, Hkv, d]` into the paged cache at `slots[t]`
+/// (`page * page_size + offset`, vLLM's slot mapping; negative slots are skipped).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_append<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    k_cache: &mut impl DevicePtrMut<T>,
+    v_cache: &mut impl DevicePtrMut<T>,
+    slots: &impl DevicePtr<i32>,
+    tokens: usize,
+    k_row_stride: usize,
+    v_row_stride: usize,
+    cache: &PagedKvCache,
+) -> Result<()> {
+    gpu.check_stream(stream)?;
+    let (hkv, d) = (cache.kv_heads, cache.head_dim);
+    check_rows("k", k.len(), tokens, k_row_stride, hkv, d)?;
+    check_rows("v", v.len(), tokens, v_row_stride, hkv, d)?;
+    for (what, got, needed) in [("k_cache", k_cache.len(), cache.len()), ("v_cache", v_cache.len(), cache.len()), ("slots", slots.len(), tokens)] {
+        if got < needed {
+            return Err(Error::BufferTooSmall { what, needed, got });
+        }
+    }
+    to_i32("tokens", tokens)?;
+    let num_slots = to_i32("num_pages * page_size", cache.num_pages * cache.page_size)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let (kp, _g1) = k.device_ptr(stream);
+    let (vp, _g2) = v.device_ptr(stream);
+    let (kc, _g3) = k_cache.device_ptr_mut(stream);
+    let (vc, _g4) = v_cache.device_ptr_mut(stream);
+    let (sp, _g5) = slots.device_ptr(stream);
+    let params = AppendParams {
+        k: kp,
+        v: vp,
+        k_cache: kc,
+        v_cache: vc,
+        slots: sp,
+        k_row_stride: k_row_stride as i64,
+        v_row_stride: v_row_stride as i64,
+        tokens: tokens as i32,
+        kv_heads: hkv as i32,
+        head_dim: d as i32,
+        num_slots,
+    };
+    let func = gpu.function(Module::AttentionDecode, &format!("paged_append_{}", T::NAME))?;
+    let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&params);
+    // SAFETY: AppendParams mirrors ra::AppendParams; the kernel skips slots outside the pool.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// [`attention_decode`], then compare with [`reference::attention`] over the keys gathered from
+/// the cache through the block table. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    out: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    lse: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    cache: &PagedKvCache,
+    batch: &DecodeBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<CheckReport> {
+    attention_decode(gpu, stream, q, k_cache, v_cache, block_table, context_lens, out, lse, cache, batch, p, splits, workspace)?;
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let tokens = batch.tokens();
+    let qh = gather_rows(&widen(&stream.clone_dtoh(q)?), tokens, batch.q_row_stride, hq * d);
+    let oh = gather_rows(&widen(&stream.clone_dtoh(out)?), tokens, batch.o_row_stride, hq * d);
+    let lh: Vec<f64> = stream.clone_dtoh(lse)?.iter().take(hq * tokens).map(|&x| x as f64).collect();
+    let kc = widen(&stream.clone_dtoh(k_cache)?);
+    let vc = widen(&stream.clone_dtoh(v_cache)?);
+    let table = stream.clone_dtoh(block_table)?;
+    let lens = stream.clone_dtoh(context_lens)?;
+    let row = hkv * d;
+    let (mut want_o, mut want_l) = (vec![0.0; oh.len()], vec![f64::NEG_INFINITY; hq * tokens]);
+    for b in 0..batch.batch {
+        let ctx = (lens[b].max(0) as usize).min(batch.max_pages * cache.page_size);
+        let gather = |cache_buf: &[f64]| -> Vec<f64> {
+            (0..ctx)
+                .flat_map(|j| {
+                    let page = table[b * batch.max_pages + j / cache.page_size].clamp(0, cache.num_pages as i32 - 1) as usize;
+                    let slot = page * cache.page_size + j % cache.page_size;
+                    cache_buf[slot * row..(slot + 1) * row].iter().copied()
+                })
+                .collect()
+        };
+        let (kk, vv) = (gather(&kc), gather(&vc));
+        let q_pos: Vec<i64> = (0..batch.queries).map(|qi| ctx as i64 - batch.queries as i64 + qi as i64).collect();
+        let k_pos: Vec<i64> = (0..ctx as i64).collect();
+        let qs = &qh[b * batch.queries * hq * d..(b + 1) * batch.queries * hq * d];
+        let r = reference::attention(qs, &kk, &vv, &q_pos, &k_pos, p)?;
+        want_o[b * batch.queries * hq * d..(b + 1) * batch.queries * hq * d].copy_from_slice(&r.out);
+        for h in 0..hq {
+            for qi in 0..batch.queries {
+                want_l[h * tokens + b * batch.queries + qi] = r.lse[h * batch.queries + qi];
+            }
+        }
+    }
+    let tol = Tolerance::attention::<T>(d);
+    let ro = CheckReport::compare("decode out", &oh, &want_o, tol);
+    let rl = CheckReport::compare("decode lse", &lh, &want_l, tol);
+    ro.worst(rl).ensure()
+}
