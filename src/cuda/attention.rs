@@ -87,6 +87,85 @@ pub fn prefill_prefers_workspace(batch: &AttentionBatch) -> bool {
     batch.max_seqlen_q > 128
 }
 
+/// Buffer lengths (in elements) of a prefill call: what [`AttentionBatch::check`] validates
+/// without touching a device (the launcher runs the same check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FwdLens {
+    /// Q elements.
+    pub q: usize,
+    /// K elements.
+    pub k: usize,
+    /// V elements.
+    pub v: usize,
+    /// Output elements.
+    pub out: usize,
+    /// LSE elements (f32).
+    pub lse: usize,
+    /// `cu_seqlens_q` entries.
+    pub cu_seqlens_q: usize,
+    /// `cu_seqlens_k` entries.
+    pub cu_seqlens_k: usize,
+    /// Workspace elements, if one is passed.
+    pub workspace: Option<usize>,
+}
+
+impl AttentionBatch {
+    /// Validate a prefill call for element type `T` and say which path it will take.
+    pub fn check<T: Dtype>(&self, p: &AttentionParams, lens: &FwdLens) -> Result<PrefillPath> {
+        common(p)?;
+        let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+        check_rows("q", lens.q, self.total_q, self.q_row_stride, hq, d)?;
+        check_rows("k", lens.k, self.total_k, self.k_row_stride, hkv, d)?;
+        check_rows("v", lens.v, self.total_k, self.v_row_stride, hkv, d)?;
+        check_rows("out", lens.out, self.total_q, self.o_row_stride, hq, d)?;
+        if lens.lse < hq * self.total_q {
+            return Err(Error::BufferTooSmall { what: "lse", needed: hq * self.total_q, got: lens.lse });
+        }
+        for (what, got) in [("cu_seqlens_q", lens.cu_seqlens_q), ("cu_seqlens_k", lens.cu_seqlens_k)] {
+            if got < self.batch + 1 {
+                return Err(Error::BufferTooSmall { what, needed: self.batch + 1, got });
+            }
+        }
+        if self.batch > 65535 || hq > 65535 {
+            return Err(Error::Shape {
+                what: "grid",
+                expected: "batch and num_q_heads <= 65535".into(),
+                got: format!("{} x {}", self.batch, hq),
+            });
+        }
+        if self.max_seqlen_q > self.total_q {
+            return Err(Error::Shape { what: "max_seqlen_q", expected: format!("<= total_q {}", self.total_q), got: self.max_seqlen_q.to_string() });
+        }
+        for (what, v) in [("total_q", self.total_q), ("total_k", self.total_k), ("max_seqlen_q", self.max_seqlen_q)] {
+            to_i32(what, v)?;
+        }
+        if is_16bit::<T>() {
+            // cp.async moves 16-byte chunks: K and V rows must start on 16-byte boundaries;
+            // O is stored two elements at a time.
+            let chunk = 16 / std::mem::size_of::<T>();
+            for (what, stride) in [("k", self.k_row_stride), ("v", self.v_row_stride)] {
+                if stride % chunk != 0 {
+                    return Err(Error::Stride { what, stride, min: chunk });
+                }
+            }
+            if self.o_row_stride % 2 != 0 {
+                return Err(Error::Stride { what: "out", stride: self.o_row_stride, min: 2 });
+            }
+        }
+        let needed_ws = attention_fwd_workspace_len(p, self.total_k);
+        let rel = p.relative != Relative::None;
+        match (lens.workspace, p.rope.is_some()) {
+            (_, false) => Ok(PrefillPath::Plain),
+            (Some(ws), true) if ws >= needed_ws => Ok(PrefillPath::PreRotated),
+            (Some(ws), true) => Err(Error::BufferTooSmall { what: "workspace", needed: needed_ws, got: ws }),
+            (None, true) if rel || !is_16bit::<T>() => {
+                Err(Error::BufferTooSmall { what: "workspace (ReRoPE and f32 pre-rotate K)", needed: needed_ws, got: 0 })
+            }
+            (None, true) => Ok(PrefillPath::Fused),
+        }
+    }
+}
+
 fn smem_bytes<T: Dtype>(d: usize, rel: bool) -> (usize, usize) {
     let (bm, bn) = if d == 256 { (32, 32) } else { (64, 64) };
     let tiles = bm + 2 * bn + if rel { bm + bn } else { 0 };
@@ -117,42 +196,23 @@ pub fn attention_fwd<T: Dtype>(
     workspace: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<PrefillPath> {
     gpu.check_stream(stream)?;
+    let lens = FwdLens {
+        q: q.len(),
+        k: k.len(),
+        v: v.len(),
+        out: out.len(),
+        lse: lse.len(),
+        cu_seqlens_q: cu_seqlens_q.len(),
+        cu_seqlens_k: cu_seqlens_k.len(),
+        workspace: workspace.as_ref().map(|w| w.len()),
+    };
+    let path = batch.check::<T>(p, &lens)?;
     let c = common(p)?;
     let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    check_rows("q", q.len(), batch.total_q, batch.q_row_stride, hq, d)?;
-    check_rows("k", k.len(), batch.total_k, batch.k_row_stride, hkv, d)?;
-    check_rows("v", v.len(), batch.total_k, batch.v_row_stride, hkv, d)?;
-    check_rows("out", out.len(), batch.total_q, batch.o_row_stride, hq, d)?;
-    if lse.len() < hq * batch.total_q {
-        return Err(Error::BufferTooSmall { what: "lse", needed: hq * batch.total_q, got: lse.len() });
-    }
-    for (what, buf) in [("cu_seqlens_q", cu_seqlens_q.len()), ("cu_seqlens_k", cu_seqlens_k.len())] {
-        if buf < batch.batch + 1 {
-            return Err(Error::BufferTooSmall { what, needed: batch.batch + 1, got: buf });
-        }
-    }
-    if batch.batch > 65535 || hq > 65535 {
-        return Err(Error::Shape { what: "grid", expected: "batch and num_q_heads <= 65535".into(), got: format!("{} x {}", batch.batch, hq) });
-    }
-    for (what, v) in [("total_q", batch.total_q), ("total_k", batch.total_k), ("max_seqlen_q", batch.max_seqlen_q)] {
-        to_i32(what, v)?;
-    }
-    if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
-        return Ok(PrefillPath::Plain);
-    }
-    let rope = p.rope.is_some();
     let rel = p.relative != Relative::None;
-    let needed_ws = attention_fwd_workspace_len(p, batch.total_k);
-    let path = match (&workspace, rope) {
-        (_, false) => PrefillPath::Plain,
-        (Some(ws), true) if ws.len() >= needed_ws => PrefillPath::PreRotated,
-        (Some(ws), true) => return Err(Error::BufferTooSmall { what: "workspace", needed: needed_ws, got: ws.len() }),
-        (None, true) if rel || !is_16bit::<T>() => {
-            return Err(Error::BufferTooSmall { what: "workspace (ReRoPE and f32 pre-rotate K)", needed: needed_ws, got: 0 })
-        }
-        (None, true) => PrefillPath::Fused,
-    };
-    // cp.async moves 16-byte chunks: rows of K, V (and far K) must start 16-byte aligned.
+    if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
+        return Ok(path);
+    }
     let elem = std::mem::size_of::<T>();
     let (qp, _g1) = q.device_ptr(stream);
     let (kp, _g2) = k.device_ptr(stream);
@@ -161,16 +221,8 @@ pub fn attention_fwd<T: Dtype>(
     let (lp, _g5) = lse.device_ptr_mut(stream);
     let (cq, _g6) = cu_seqlens_q.device_ptr(stream);
     let (ck, _g7) = cu_seqlens_k.device_ptr(stream);
-    if is_16bit::<T>() {
-        let chunk = 16 / elem;
-        for (what, ptr, stride) in [("k", kp, batch.k_row_stride), ("v", vp, batch.v_row_stride)] {
-            if ptr % 16 != 0 || stride % chunk != 0 {
-                return Err(Error::Stride { what, stride, min: chunk });
-            }
-        }
-        if op % 4 != 0 || batch.o_row_stride % 2 != 0 {
-            return Err(Error::Stride { what: "out", stride: batch.o_row_stride, min: 2 });
-        }
+    if is_16bit::<T>() && (kp % 16 != 0 || vp % 16 != 0 || op % 4 != 0) {
+        return Err(Error::Shape { what: "k/v/out pointers", expected: "16-byte aligned k and v, 4-byte aligned out".into(), got: format!("{kp:#x} {vp:#x} {op:#x}") });
     }
 
     let mut k_near = kp;

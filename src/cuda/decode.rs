@@ -116,6 +116,88 @@ pub fn decode_workspace_len(p: &AttentionParams, b: &DecodeBatch, splits: usize)
     }
 }
 
+/// Buffer lengths (elements) of a decode call, for [`DecodeBatch::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLens {
+    /// Q elements.
+    pub q: usize,
+    /// K cache elements.
+    pub k_cache: usize,
+    /// V cache elements.
+    pub v_cache: usize,
+    /// Block-table entries.
+    pub block_table: usize,
+    /// `context_lens` entries.
+    pub context_lens: usize,
+    /// Output elements.
+    pub out: usize,
+    /// LSE elements.
+    pub lse: usize,
+    /// f32 workspace elements, if one is passed.
+    pub workspace: Option<usize>,
+}
+
+/// How a decode call will run: key splits and keys per split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// Key splits actually used (fewer than asked when the context is short).
+    pub splits: usize,
+    /// Keys per split (a multiple of the kernel's tile).
+    pub keys_per_split: usize,
+}
+
+impl DecodeBatch {
+    /// Validate a decode call (no device needed) and plan its splits.
+    pub fn check(&self, p: &AttentionParams, cache: &PagedKvCache, lens: &DecodeLens, splits: usize) -> Result<DecodePlan> {
+        common(p)?;
+        cache.validate(p)?;
+        let (d, hq) = (p.head_dim, p.num_q_heads);
+        if !(1..=16).contains(&self.queries) {
+            return Err(Error::Shape { what: "decode queries", expected: "1..=16".into(), got: self.queries.to_string() });
+        }
+        let tokens = self.tokens();
+        check_rows("q", lens.q, tokens, self.q_row_stride, hq, d)?;
+        check_rows("out", lens.out, tokens, self.o_row_stride, hq, d)?;
+        for (what, got, needed) in [
+            ("k_cache", lens.k_cache, cache.len()),
+            ("v_cache", lens.v_cache, cache.len()),
+            ("block_table", lens.block_table, self.batch * self.max_pages),
+            ("context_lens", lens.context_lens, self.batch),
+            ("lse", lens.lse, hq * tokens),
+        ] {
+            if got < needed {
+                return Err(Error::BufferTooSmall { what, needed, got });
+            }
+        }
+        if self.max_context > self.max_pages * cache.page_size {
+            return Err(Error::Position {
+                what: "max_context",
+                value: self.max_context as i64,
+                limit: (self.max_pages * cache.page_size) as i64,
+            });
+        }
+        to_i32("batch * max_pages", self.batch * self.max_pages)?;
+        to_i32("tokens", tokens)?;
+        if splits == 0 {
+            return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
+        }
+        let grid_y = p.num_kv_heads * (p.group_size() * self.queries).div_ceil(DEC_ROWS);
+        if grid_y > 65535 || self.batch > 65535 {
+            return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", self.batch) });
+        }
+        let bn = tile_keys(d);
+        let keys_per_split = self.max_context.div_ceil(splits).div_ceil(bn).max(1) * bn;
+        let splits = self.max_context.div_ceil(keys_per_split).max(1);
+        let needed = decode_workspace_len(p, self, splits);
+        match lens.workspace {
+            _ if splits == 1 => {}
+            Some(ws) if ws >= needed => {}
+            ws => return Err(Error::BufferTooSmall { what: "decode workspace", needed, got: ws.unwrap_or(0) }),
+        }
+        Ok(DecodePlan { splits, keys_per_split })
+    }
+}
+
 /// Paged decode attention: O `[batch*queries, Hq, d]` and LSE `[Hq, batch*queries]` with keys
 /// rotated on the fly at their cached positions. `splits > 1` needs a workspace of
 /// [`decode_workspace_len`] f32 elements (the combine kernel then merges the partials).
@@ -137,50 +219,26 @@ pub fn attention_decode<T: Dtype>(
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     gpu.check_stream(stream)?;
+    let lens = DecodeLens {
+        q: q.len(),
+        k_cache: k_cache.len(),
+        v_cache: v_cache.len(),
+        block_table: block_table.len(),
+        context_lens: context_lens.len(),
+        out: out.len(),
+        lse: lse.len(),
+        workspace: workspace.as_ref().map(|w| w.len()),
+    };
+    let DecodePlan { splits, keys_per_split } = batch.check(p, cache, &lens, splits)?;
     let c = common(p)?;
-    cache.validate(p)?;
     let (d, hq) = (p.head_dim, p.num_q_heads);
-    if !(1..=16).contains(&batch.queries) {
-        return Err(Error::Shape { what: "decode queries", expected: "1..=16".into(), got: batch.queries.to_string() });
-    }
     let tokens = batch.tokens();
-    check_rows("q", q.len(), tokens, batch.q_row_stride, hq, d)?;
-    check_rows("out", out.len(), tokens, batch.o_row_stride, hq, d)?;
-    for (what, got, needed) in [
-        ("k_cache", k_cache.len(), cache.len()),
-        ("v_cache", v_cache.len(), cache.len()),
-        ("block_table", block_table.len(), batch.batch * batch.max_pages),
-        ("context_lens", context_lens.len(), batch.batch),
-        ("lse", lse.len(), hq * tokens),
-    ] {
-        if got < needed {
-            return Err(Error::BufferTooSmall { what, needed, got });
-        }
-    }
-    if batch.max_context > batch.max_pages * cache.page_size {
-        return Err(Error::Position { what: "max_context", value: batch.max_context as i64, limit: (batch.max_pages * cache.page_size) as i64 });
-    }
-    to_i32("batch * max_pages", batch.batch * batch.max_pages)?;
-    to_i32("tokens", tokens)?;
-    if splits == 0 {
-        return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
-    }
     if tokens == 0 {
         return Ok(());
     }
     let bn = tile_keys(d);
-    let keys_per_split = batch.max_context.div_ceil(splits).div_ceil(bn).max(1) * bn;
-    let splits = batch.max_context.div_ceil(keys_per_split).max(1);
-    let ws_needed = decode_workspace_len(p, batch, splits);
-    let ws = match workspace {
-        Some(ws) if ws.len() >= ws_needed => Some(ws),
-        _ if splits == 1 => None,
-        other => return Err(Error::BufferTooSmall { what: "decode workspace", needed: ws_needed, got: other.map_or(0, |w| w.len()) }),
-    };
+    let ws = if splits > 1 { workspace } else { None };
     let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(DEC_ROWS);
-    if grid_y > 65535 || batch.batch > 65535 {
-        return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", batch.batch) });
-    }
 
     let (qp, _g1) = q.device_ptr(stream);
     let (kp, _g2) = k_cache.device_ptr(stream);

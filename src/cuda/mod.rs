@@ -31,11 +31,13 @@ mod rope;
 mod scores;
 
 pub use attention::{
-    attention_fwd, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, PrefillPath,
+    attention_fwd, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,
+    PrefillPath,
 };
 pub use checked::{CheckReport, Tolerance};
 pub use decode::{
-    attention_decode, attention_decode_checked, decode_splits, decode_workspace_len, paged_append, DecodeBatch, PagedKvCache,
+    attention_decode, attention_decode_checked, decode_splits, decode_workspace_len, paged_append, DecodeBatch, DecodeLens,
+    DecodePlan, PagedKvCache,
 };
 pub use device::{device_status, Gpu};
 pub use dtype::Dtype;

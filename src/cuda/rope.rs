@@ -46,7 +46,8 @@ impl RopeShape {
         }
     }
 
-    fn validate(&self, q_len: usize, k_len: usize, pos_len: usize, rot: &Rotary) -> Result<()> {
+    /// Validate buffer lengths (elements) and the rotation, as every launcher does before a launch.
+    pub fn check(&self, q_len: usize, k_len: usize, pos_len: usize, rot: &Rotary) -> Result<()> {
         rot.validate(self.head_dim)?;
         if rot.rotary_dim > ROPE_MAX_HEAD_DIM {
             return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim: self.head_dim });
@@ -163,7 +164,7 @@ pub fn rope_inplace<T: Dtype>(
     shape: &RopeShape,
     rot: &Rotary,
 ) -> Result<()> {
-    shape.validate(q.len(), k.len(), positions.len(), rot)?;
+    shape.check(q.len(), k.len(), positions.len(), rot)?;
     let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
     let (qp, _gq) = q.device_ptr_mut(stream);
     let (kp, _gk) = k.device_ptr_mut(stream);
@@ -186,9 +187,9 @@ pub fn rope_into<T: Dtype>(
     shape: &RopeShape,
     rot: &Rotary,
 ) -> Result<()> {
-    shape.validate(q.len(), k.len(), positions.len(), rot)?;
+    shape.check(q.len(), k.len(), positions.len(), rot)?;
     let dense = RopeShape::contiguous(shape.tokens, shape.q_heads, shape.k_heads, shape.head_dim);
-    dense.validate(q_out.len(), k_out.len(), positions.len(), rot)?;
+    dense.check(q_out.len(), k_out.len(), positions.len(), rot)?;
     let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
     let (qi, _g1) = q.device_ptr(stream);
     let (ki, _g2) = k.device_ptr(stream);
@@ -210,7 +211,7 @@ pub fn rope_inplace_checked<T: Dtype>(
     shape: &RopeShape,
     rot: &Rotary,
 ) -> Result<CheckReport> {
-    shape.validate(q.len(), k.len(), positions.len(), rot)?;
+    shape.check(q.len(), k.len(), positions.len(), rot)?;
     let q_before = widen(&stream.clone_dtoh(q)?);
     let k_before = widen(&stream.clone_dtoh(k)?);
     let pos: Vec<i64> = stream.clone_dtoh(positions)?.iter().take(shape.tokens).map(|&p| p as i64).collect();

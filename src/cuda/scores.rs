@@ -28,6 +28,25 @@ pub struct ScoresShape {
 }
 
 impl ScoresShape {
+    /// Validate a score computation's buffer lengths (elements) and parameters.
+    pub fn check(&self, p: &AttentionParams, q_len: usize, k_len: usize, out_len: usize) -> Result<()> {
+        common(p)?;
+        let d = p.head_dim;
+        check_rows("q", q_len, self.nq, self.q_row_stride, p.num_q_heads, d)?;
+        check_rows("k", k_len, self.nk, self.k_row_stride, p.num_kv_heads, d)?;
+        let needed = p.num_q_heads * self.nq * self.nk;
+        if out_len < needed {
+            return Err(Error::BufferTooSmall { what: "scores out", needed, got: out_len });
+        }
+        to_i32("q_offset + nq", self.q_offset + self.nq)?;
+        to_i32("nk", self.nk)?;
+        let bm = 32; // the smaller (f32) tile bounds the grid
+        if self.nq.div_ceil(bm) > 65535 || p.num_q_heads > 65535 {
+            return Err(Error::Shape { what: "scores grid", expected: "nq/32 and heads <= 65535".into(), got: format!("{} x {}", self.nq, p.num_q_heads) });
+        }
+        Ok(())
+    }
+
     /// Dense Q and K for the heads of `p`.
     pub fn contiguous(p: &AttentionParams, nq: usize, nk: usize, q_offset: usize) -> Self {
         ScoresShape { nq, nk, q_row_stride: p.num_q_heads * p.head_dim, k_row_stride: p.num_kv_heads * p.head_dim, q_offset }
@@ -108,18 +127,10 @@ pub fn scores<T: Dtype>(
     p: &AttentionParams,
 ) -> Result<()> {
     gpu.check_stream(stream)?;
+    shape.check(p, q.len(), k.len(), out.len())?;
     let c = common(p)?;
     let d = p.head_dim;
-    check_rows("q", q.len(), shape.nq, shape.q_row_stride, p.num_q_heads, d)?;
-    check_rows("k", k.len(), shape.nk, shape.k_row_stride, p.num_kv_heads, d)?;
-    let needed = p.num_q_heads * shape.nq * shape.nk;
-    if out.len() < needed {
-        return Err(Error::BufferTooSmall { what: "scores out", needed, got: out.len() });
-    }
-    let last_q = shape.q_offset + shape.nq;
-    to_i32("q_offset + nq", last_q)?;
-    to_i32("nk", shape.nk)?;
-    if needed == 0 {
+    if p.num_q_heads * shape.nq * shape.nk == 0 {
         return Ok(());
     }
     let bm = if T::NAME == "f32" { 32 } else { 64 };
@@ -151,9 +162,6 @@ pub fn scores<T: Dtype>(
         scale: c.scale,
     };
     let grid = (shape.nk.div_ceil(bm) as u32, shape.nq.div_ceil(bm) as u32, p.num_q_heads as u32);
-    if grid.1 > 65535 || grid.2 > 65535 {
-        return Err(Error::Shape { what: "scores grid", expected: "nq/tile and heads <= 65535".into(), got: format!("{grid:?}") });
-    }
     let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
     let mut b = stream.launch_builder(&func);
     b.arg(&params);
