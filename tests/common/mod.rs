@@ -1,0 +1,104 @@
+//! Shared by the GPU test files: device discovery that skips loudly (or fails under
+//! `ROPE_ATTN_REQUIRE_GPU=1`), seeded data and the schedules the sweeps iterate over.
+#![allow(dead_code)]
+
+use cudarc::driver::CudaStream;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rope_attn::cuda::{device_status, Gpu};
+use rope_attn::{Layout, RopeConfig, RopeScaling, Rotary};
+use std::io::Write;
+use std::sync::Arc;
+
+/// The GPU, or `None` after printing why this test skipped. libtest captures `println!`, so the
+/// message goes straight to the stderr handle, where CI logs show it.
+pub fn gpu_or_skip(test: &str) -> Option<(Gpu, Arc<CudaStream>)> {
+    match device_status() {
+        Ok(_) => {
+            let gpu = Gpu::new(0).expect("a device is present but could not be opened");
+            let stream = gpu.context().default_stream();
+            Some((gpu, stream))
+        }
+        Err(why) => {
+            if std::env::var("ROPE_ATTN_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("{test}: ROPE_ATTN_REQUIRE_GPU=1 but no GPU is usable: {why}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({why}); the kernels are unproven until this runs on one");
+            None
+        }
+    }
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Uniform in [-1, 1).
+pub fn uniform(rng: &mut StdRng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// Round through the device dtype so that the reference sees exactly what the GPU sees.
+pub fn as_dtype<T: rope_attn::cuda::Dtype>(x: &[f64]) -> (Vec<T>, Vec<f64>) {
+    let t: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
+    let back = t.iter().map(|v| v.to_f64()).collect();
+    (t, back)
+}
+
+/// Schedules of every rope type, for a head of `d` with rotary dim `r`.
+pub fn schedules(d: usize, r: usize) -> Vec<(&'static str, Rotary)> {
+    let half = r / 2;
+    let mk = |theta: f64, scaling: RopeScaling, seq: Option<usize>, layout: Layout| {
+        let cfg = RopeConfig::with_scaling(theta, d, r, Some(8192), scaling).unwrap();
+        Rotary::from_schedule(&cfg.schedule(seq).unwrap(), layout)
+    };
+    vec![
+        ("default", mk(10000.0, RopeScaling::Default, None, Layout::Half)),
+        ("default-interleaved", mk(10000.0, RopeScaling::Default, None, Layout::Interleaved)),
+        ("linear", mk(10000.0, RopeScaling::Linear { factor: 4.0 }, None, Layout::Half)),
+        ("dynamic", mk(10000.0, RopeScaling::Dynamic { factor: 2.0, max_position_embeddings: 8192 }, Some(20000), Layout::Half)),
+        ("ntk", mk(10000.0, RopeScaling::Ntk { factor: 4.0 }, None, Layout::Interleaved)),
+        (
+            "yarn",
+            mk(
+                1e6,
+                RopeScaling::Yarn {
+                    factor: 4.0,
+                    original_max_position_embeddings: 32768,
+                    beta_fast: 32.0,
+                    beta_slow: 1.0,
+                    mscale: None,
+                    mscale_all_dim: None,
+                    attention_factor: None,
+                    truncate: true,
+                },
+                None,
+                Layout::Half,
+            ),
+        ),
+        (
+            "llama3",
+            mk(
+                500000.0,
+                RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 },
+                None,
+                Layout::Half,
+            ),
+        ),
+        (
+            "longrope",
+            mk(
+                10000.0,
+                RopeScaling::LongRope {
+                    short_factor: (0..half).map(|i| 1.0 + i as f64 / half as f64).collect(),
+                    long_factor: (0..half).map(|i| 1.0 + 4.0 * i as f64 / half as f64).collect(),
+                    original_max_position_embeddings: 4096,
+                    factor: 32.0,
+                    attention_factor: None,
+                },
+                Some(100000),
+                Layout::Half,
+            ),
+        ),
+    ]
+}

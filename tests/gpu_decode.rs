@@ -1,0 +1,145 @@
+//! Paged decode (split-K) and the paged append kernel against the reference; and decode agreeing
+//! with prefill token by token over the same cache.
+
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use rand::seq::SliceRandom;
+use rope_attn::cuda::{
+    attention_decode, attention_decode_checked, attention_fwd, decode_workspace_len, paged_append, AttentionBatch, CheckReport, DecodeBatch,
+    Dtype, PagedKvCache, Tolerance,
+};
+use rope_attn::{Alibi, AttentionParams, Mask, Relative};
+use std::sync::Arc;
+
+type Stream = Arc<cudarc::driver::CudaStream>;
+
+/// A paged cache filled through `paged_append` from per-sequence K/V, pages handed out in a
+/// shuffled order so the block table really indirects.
+struct Filled<T: Dtype> {
+    k_cache: cudarc::driver::CudaSlice<T>,
+    v_cache: cudarc::driver::CudaSlice<T>,
+    table: cudarc::driver::CudaSlice<i32>,
+    lens: cudarc::driver::CudaSlice<i32>,
+    cache: PagedKvCache,
+    max_pages: usize,
+}
+
+fn fill<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, p: &AttentionParams, ctx: &[usize], page: usize, r: &mut rand::rngs::StdRng) -> Filled<T> {
+    let (hkv, d) = (p.num_kv_heads, p.head_dim);
+    let max_pages = ctx.iter().max().unwrap().div_ceil(page);
+    let num_pages = ctx.len() * max_pages + 3;
+    let mut free: Vec<i32> = (0..num_pages as i32).collect();
+    free.shuffle(r);
+    let table: Vec<i32> = (0..ctx.len() * max_pages).map(|i| free[i]).collect();
+    let cache = PagedKvCache { num_pages, page_size: page, kv_heads: hkv, head_dim: d };
+    let mut k_cache = stream.alloc_zeros::<T>(cache.len()).unwrap();
+    let mut v_cache = stream.alloc_zeros::<T>(cache.len()).unwrap();
+    for (b, &n) in ctx.iter().enumerate() {
+        let (kv, _) = as_dtype::<T>(&uniform(r, n * hkv * d));
+        let (vv, _) = as_dtype::<T>(&uniform(r, n * hkv * d));
+        let slots: Vec<i32> = (0..n).map(|j| table[b * max_pages + j / page] * page as i32 + (j % page) as i32).collect();
+        let (k, v, s) = (stream.clone_htod(&kv).unwrap(), stream.clone_htod(&vv).unwrap(), stream.clone_htod(&slots).unwrap());
+        paged_append(gpu, stream, &k, &v, &mut k_cache, &mut v_cache, &s, n, hkv * d, hkv * d, &cache).unwrap();
+    }
+    let lens: Vec<i32> = ctx.iter().map(|&n| n as i32).collect();
+    Filled { k_cache, v_cache, table: stream.clone_htod(&table).unwrap(), lens: stream.clone_htod(&lens).unwrap(), cache, max_pages }
+}
+
+fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, seed: u64) -> usize {
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for (ci, &d) in [64usize, 80, 96, 128, 256].iter().enumerate() {
+        for (si, (_name, rot)) in schedules(d, d).into_iter().enumerate() {
+            let case = ci * 8 + si;
+            let (hq, hkv) = [(4usize, 4usize), (8, 2), (32, 4)][case % 3];
+            let queries = [1usize, 4, 16][case % 3];
+            let mut p = AttentionParams::new(hq, hkv, d);
+            p.rope = Some(rot);
+            p.relative = [Relative::None, Relative::ReRope { window: 32 }, Relative::Leaky { window: 16, k: 8.0 }][case % 3];
+            p.mask = [Mask { causal: true, window: None, sinks: 0 }, Mask { causal: true, window: Some(100), sinks: 4 }][case % 2];
+            if case % 2 == 1 {
+                p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+            }
+            let page = [16usize, 7][case % 2];
+            let ctx = [queries, 300, 1000 + case];
+            let f = fill::<T>(gpu, stream, &p, &ctx, page, &mut r);
+            let tokens = ctx.len() * queries;
+            let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, *ctx.iter().max().unwrap());
+            let (qv, _) = as_dtype::<T>(&uniform(&mut r, tokens * hq * d));
+            let q = stream.clone_htod(&qv).unwrap();
+            for splits in [1usize, 5] {
+                let mut out = stream.alloc_zeros::<T>(tokens * hq * d).unwrap();
+                let mut lse = stream.alloc_zeros::<f32>(tokens * hq).unwrap();
+                let mut ws = stream.alloc_zeros::<f32>(decode_workspace_len(&p, &batch, splits).max(1)).unwrap();
+                let mut wsv = ws.as_view_mut();
+                attention_decode_checked(gpu, stream, &q, &f.k_cache, &f.v_cache, &f.table, &f.lens, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut wsv))
+                    .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} queries={queries} splits={splits} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
+                cases += 1;
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn decode_matches_reference_all_dtypes() {
+    let Some((gpu, stream)) = gpu_or_skip("decode_matches_reference_all_dtypes") else { return };
+    let n = sweep::<f32>(&gpu, &stream, 1000) + sweep::<f16>(&gpu, &stream, 2000) + sweep::<bf16>(&gpu, &stream, 3000);
+    assert_eq!(n, 3 * 5 * 8 * 2);
+}
+
+/// Decoding token by token over a cache reproduces the last rows of a prefill of the whole sequence.
+#[test]
+fn decode_reproduces_prefill_rows() {
+    let Some((gpu, stream)) = gpu_or_skip("decode_reproduces_prefill_rows") else { return };
+    let (n, hq, hkv, d, page) = (300usize, 8usize, 2usize, 128usize, 16usize);
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(schedules(d, d).remove(6).1);
+    p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+    let mut r = rng(77);
+    let (qv, _) = as_dtype::<bf16>(&uniform(&mut r, n * hq * d));
+    let (kv, _) = as_dtype::<bf16>(&uniform(&mut r, n * hkv * d));
+    let (vv, _) = as_dtype::<bf16>(&uniform(&mut r, n * hkv * d));
+    let (q, k, v) = (stream.clone_htod(&qv).unwrap(), stream.clone_htod(&kv).unwrap(), stream.clone_htod(&vv).unwrap());
+    let mut out = stream.alloc_zeros::<bf16>(n * hq * d).unwrap();
+    let mut lse = stream.alloc_zeros::<f32>(n * hq).unwrap();
+    let cu = stream.clone_htod(&[0i32, n as i32]).unwrap();
+    attention_fwd(&gpu, &stream, &q, &k, &v, &mut out, &mut lse, &cu, &cu, &AttentionBatch::single(&p, n, n), &p, None).unwrap();
+    let pre_o: Vec<f64> = stream.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f64()).collect();
+    let pre_l = stream.clone_dtoh(&lse).unwrap();
+
+    let max_pages = n.div_ceil(page);
+    let cache = PagedKvCache { num_pages: max_pages, page_size: page, kv_heads: hkv, head_dim: d };
+    let table: Vec<i32> = (0..max_pages as i32).rev().collect();
+    let table_d = stream.clone_htod(&table).unwrap();
+    let mut kc = stream.alloc_zeros::<bf16>(cache.len()).unwrap();
+    let mut vc = stream.alloc_zeros::<bf16>(cache.len()).unwrap();
+    let row = hkv * d;
+    let tol = Tolerance(2.0 * Tolerance::attention::<bf16>(d).0);
+    for t in 0..n {
+        let slot = table[t / page] * page as i32 + (t % page) as i32;
+        let (kt, vt, s) = (
+            stream.clone_htod(&kv[t * row..(t + 1) * row]).unwrap(),
+            stream.clone_htod(&vv[t * row..(t + 1) * row]).unwrap(),
+            stream.clone_htod(&[slot]).unwrap(),
+        );
+        paged_append(&gpu, &stream, &kt, &vt, &mut kc, &mut vc, &s, 1, row, row, &cache).unwrap();
+        if t < n - 40 {
+            continue; // compare the last 40 steps
+        }
+        let qt = stream.clone_htod(&qv[t * hq * d..(t + 1) * hq * d]).unwrap();
+        let lens = stream.clone_htod(&[(t + 1) as i32]).unwrap();
+        let batch = DecodeBatch::contiguous(&p, 1, 1, max_pages, t + 1);
+        let mut o = stream.alloc_zeros::<bf16>(hq * d).unwrap();
+        let mut l = stream.alloc_zeros::<f32>(hq).unwrap();
+        attention_decode(&gpu, &stream, &qt, &kc, &vc, &table_d, &lens, &mut o, &mut l, &cache, &batch, &p, 1, None).unwrap();
+        let got_o: Vec<f64> = stream.clone_dtoh(&o).unwrap().iter().map(|x| x.to_f64()).collect();
+        let got_l: Vec<f64> = stream.clone_dtoh(&l).unwrap().iter().map(|&x| x as f64).collect();
+        let want_l: Vec<f64> = (0..hq).map(|h| pre_l[h * n + t] as f64).collect();
+        let rep = CheckReport::compare("decode vs prefill out", &got_o, &pre_o[t * hq * d..(t + 1) * hq * d], tol)
+            .worst(CheckReport::compare("decode vs prefill lse", &got_l, &want_l, tol));
+        assert!(rep.passed(), "step {t}: {rep:?}");
+    }
+}
