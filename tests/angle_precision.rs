@@ -1,0 +1,86 @@
+//! The GPU's exact-angle reduction (`angle_turns` in kernels/rope.cuh) replayed in f32 on the
+//! CPU, operation for operation, against an exact reduction: the algorithm itself is proven here,
+//! on every machine, whether or not a GPU is present. (nvcc may contract a multiply-add into an
+//! FMA, which only removes roundings.)
+
+fn frac_turns(x: f32) -> f32 {
+    x - x.round_ties_even()
+}
+
+/// kernels/rope.cuh `angle_turns`, line for line.
+fn angle_turns(m_signed: i32, hi: f32, lo: f32) -> f32 {
+    let sign = if m_signed < 0 { -1.0f32 } else { 1.0 };
+    let m = m_signed.unsigned_abs();
+    let mh = (m & 0xFFFF_F000) as f32;
+    let ml = (m & 0x0000_0FFF) as f32;
+    let (p1, p2, p3) = (mh * hi, ml * hi, mh * lo);
+    let (e1, e2, e3) = (mh.mul_add(hi, -p1), ml.mul_add(hi, -p2), mh.mul_add(lo, -p3));
+    let p4 = ml * lo;
+    let mut t = frac_turns(p1) + frac_turns(p2);
+    t = frac_turns(t) + frac_turns(p3);
+    t = frac_turns(t) + frac_turns(e1);
+    t = frac_turns(t) + ((e2 + e3) + p4);
+    sign * frac_turns(t)
+}
+
+/// src/cuda/params.rs `split_turns`, re-derived.
+fn split(inv_freq: f64) -> (f32, f32, f64) {
+    let turns = inv_freq / std::f64::consts::TAU;
+    let hi = turns as f32;
+    (hi, (turns - hi as f64) as f32, turns)
+}
+
+/// frac(m * x) in turns for an f64 x, with the product's rounding error recovered exactly (fma).
+fn exact_turns(m: i64, x: f64) -> f64 {
+    let mf = m as f64;
+    let p = mf * x;
+    let e = mf.mul_add(x, -p);
+    let f = (p - p.round()) + e;
+    f - f.round()
+}
+
+fn wrap(d: f64) -> f64 {
+    d - d.round()
+}
+
+#[test]
+fn angle_reduction_is_exact_to_a_few_f32_ulps() {
+    let freqs: Vec<f64> = (0..64).map(|i| 10000f64.powf(-(2 * i) as f64 / 128.0)).chain([500000f64.powf(-126.0 / 128.0) / 8.0, 1.0]).collect();
+    let mut positions: Vec<i32> = vec![0, 1, 2, 4095, 4096, 4097, (1 << 24) - 1, 1 << 24, (1 << 24) + 1, 100_000_000, i32::MAX, -1, -(1 << 24)];
+    let mut s: u64 = 12345;
+    for _ in 0..2000 {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        positions.push((s >> 33) as i32);
+    }
+    let (mut worst_split, mut worst_true) = (0f64, 0f64);
+    for &f in &freqs {
+        let (hi, lo, turns) = split(f);
+        let represented = hi as f64 + lo as f64;
+        for &m in &positions {
+            let got = angle_turns(m, hi, lo) as f64;
+            // Against the value the kernel is given (hi + lo): the reduction's own error.
+            worst_split = worst_split.max(wrap(got - exact_turns(m as i64, represented)).abs());
+            // Against the true frequency: adds the 2^-48 representation error of hi + lo.
+            if (m as i64).abs() <= 1 << 25 {
+                worst_true = worst_true.max(wrap(got - exact_turns(m as i64, turns)).abs());
+            }
+        }
+    }
+    // Four roundings of sums below one turn (half an ulp of 1.0 each, 6e-8): < 2.5e-7 turns,
+    // i.e. < 1.6e-6 rad, at every position an i32 holds.
+    println!("worst reduction error {worst_split:e} turns; vs the true angle (|m| <= 2^25) {worst_true:e}");
+    assert!(worst_split < 2.5e-7, "reduction error {worst_split:e} turns");
+    assert!(worst_true < 2.5e-7, "error vs the true angle up to 2^25: {worst_true:e} turns");
+}
+
+#[test]
+fn naive_f32_angles_would_fail_this_test() {
+    // The reason the reduction exists: m * f in plain f32 at m = 2^24 is off by whole radians.
+    let f = 1.0f64;
+    let m = (1 << 24) + 1;
+    let naive = ((m as f32) * (f / std::f64::consts::TAU) as f32) as f64;
+    let err = wrap(naive - exact_turns(m as i64, f / std::f64::consts::TAU)).abs();
+    assert!(err > 1e-3, "naive error {err}");
+    let (hi, lo, _) = split(f);
+    assert!(wrap(angle_turns(m, hi, lo) as f64 - exact_turns(m as i64, f / std::f64::consts::TAU)).abs() < 2.5e-7);
+}
