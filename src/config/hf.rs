@@ -13,6 +13,9 @@ type Obj = Map<String, Value>;
 /// Python's `json.dump` writes NaN/Infinity as bare words, which is not JSON. We turn them
 /// into marker strings so the error can name the key that holds them instead of failing the parse.
 const NON_FINITE: &str = "\u{0}non-finite";
+/// How [`NON_FINITE`] is written into the JSON text: a raw NUL inside a JSON string is an error,
+/// so it goes in as the `\u0000` escape, which serde_json decodes back to [`NON_FINITE`].
+const NON_FINITE_ESCAPED: &str = "\\u0000non-finite";
 
 fn sanitize_non_finite(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
@@ -38,7 +41,7 @@ fn sanitize_non_finite(json: &str) -> String {
         let word = ["-Infinity", "Infinity", "NaN"].into_iter().find(|w| rest.starts_with(w));
         if let Some(w) = word {
             out.push('"');
-            out.push_str(NON_FINITE);
+            out.push_str(NON_FINITE_ESCAPED);
             out.push('"');
             rest = &rest[w.len()..];
         } else {
