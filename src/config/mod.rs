@@ -10,6 +10,10 @@ mod schedules;
 
 use crate::error::{positive, Error, Result};
 
+/// The largest head dimension a config may declare: far above any real model (<= 512), small
+/// enough that a schedule can always be allocated.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
 /// A frequency schedule and its parameters, one variant per `rope_type`.
 /// Field names are the `config.json` keys they come from (SPEC §2 gives their meaning).
 #[allow(missing_docs)]
@@ -145,6 +149,14 @@ impl RopeConfig {
         positive("rope_theta", self.theta)?;
         if self.head_dim == 0 {
             return Err(Error::InvalidValue { key: "head_dim".into(), reason: "must be > 0".into() });
+        }
+        if self.head_dim > MAX_HEAD_DIM {
+            // A corrupt config would otherwise make `schedule` allocate head_dim/2 f64s, and an
+            // allocation failure aborts the process.
+            return Err(Error::InvalidValue {
+                key: "head_dim".into(),
+                reason: format!("{} is larger than {MAX_HEAD_DIM}", self.head_dim),
+            });
         }
         if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim {
             return Err(Error::RotaryDim { rotary_dim: self.rotary_dim, head_dim: self.head_dim });
