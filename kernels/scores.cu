@@ -91,6 +91,8 @@ __device__ void scores_body(const ScoresParams& p) {
             float acc[8];
 #pragma unroll
             for (int r = 0; r < 8; ++r) acc[r] = 0.f;
+            // Unrolled by 4, not fully: a full unroll makes sm_80's ptxas spill.
+#pragma unroll 4
             for (int x = 0; x < D; ++x) {
                 const float kx = Ks[lane * ld + x];
 #pragma unroll
