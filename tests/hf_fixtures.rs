@@ -1,0 +1,346 @@
+//! rope-attn against Hugging Face transformers itself.
+//!
+//! `tests/fixtures/hf_rope.json` is written by `tests/fixtures/gen_hf_fixtures.py` (transformers
+//! 5.24, forced to float64) from the real `config.json` files in `examples/configs/`. These tests
+//! parse the same files with [`RopeConfig::from_hf_config_json_layer`] and demand:
+//!
+//! * inverse frequencies equal to 1e-12 relative (LongRoPE 1e-6: transformers computes its
+//!   exponent in float32, SPEC §2), attention factor to 1e-12, same rotary dim and rope type;
+//! * [`reference::rotate`] equal to transformers' `apply_rotary_pos_emb` to 1e-12 absolute;
+//! * [`reference::attention`] equal to a torch float64 softmax over transformers-rotated Q/K.
+//!
+//! Every test also asserts how many cases it checked, so an emptied fixture file fails.
+
+use rope_attn::{reference, AttentionParams, Layout, Mask, RopeConfig, RopeSchedule, Rotary};
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+const FIXTURES: &str = include_str!("fixtures/hf_rope.json");
+
+fn fixtures() -> Value {
+    serde_json::from_str(FIXTURES).expect("tests/fixtures/hf_rope.json parses")
+}
+
+fn configs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples").join("configs")
+}
+
+/// The text of `examples/configs/<name>`, with `override` (an object or null) merged into its
+/// top level, as the fixture generator did.
+fn config_text(name: &str, override_: &Value) -> String {
+    let path = configs_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    match override_ {
+        Value::Null => text,
+        Value::Object(o) => {
+            let mut cfg: Map<String, Value> = serde_json::from_str(&text).expect("config is JSON");
+            for (k, v) in o {
+                cfg.insert(k.clone(), v.clone());
+            }
+            Value::Object(cfg).to_string()
+        }
+        other => panic!("override must be an object or null, got {other}"),
+    }
+}
+
+fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number")).collect()
+}
+
+/// The float list `key` of case `idx` in fixture section `section`, parsed *exactly* from the
+/// fixture text. serde_json's default float parsing (without its `float_roundtrip` feature) is
+/// not correctly rounded: it misreads about one 17-digit float in ten by an ulp, which at
+/// position 2^24 moves an angle by 1e-9 rad. Rust's `str::parse::<f64>` is correctly rounded, and
+/// the generator writes one case per line with Python's exact float repr.
+fn exact_f64s(section: &str, idx: usize, key: &str) -> Vec<f64> {
+    let mut lines = FIXTURES.lines().skip_while(|l| !l.starts_with(&format!(" \"{section}\": [")));
+    let header = lines.next().unwrap_or_else(|| panic!("no section {section}"));
+    assert!(header.ends_with('['), "{header}");
+    let line = lines.nth(idx).unwrap_or_else(|| panic!("{section} has no case {idx}"));
+    let start = line.find(&format!("\"{key}\": [")).unwrap_or_else(|| panic!("{section}[{idx}] has no {key}"));
+    let body = &line[start + key.len() + 5..];
+    let body = &body[..body.find(']').expect("list end")];
+    let out: Vec<f64> = body.split(", ").map(|t| t.parse::<f64>().unwrap_or_else(|e| panic!("{t}: {e}"))).collect();
+    // Same values as the JSON parse, up to serde_json's one-ulp misreads.
+    let loose = f64s(&fixtures()[section][idx][key]);
+    assert_eq!(out.len(), loose.len(), "{section}[{idx}].{key}");
+    for (a, b) in out.iter().zip(&loose) {
+        assert!(a == b || rel_err(*b, *a) <= 2.0 * f64::EPSILON, "{section}[{idx}].{key}: {a} vs {b}");
+    }
+    out
+}
+
+fn i64s(v: &Value) -> Vec<i64> {
+    v.as_array().expect("array").iter().map(|x| x.as_i64().expect("integer")).collect()
+}
+
+fn usize_of(v: &Value) -> usize {
+    v.as_u64().expect("unsigned integer") as usize
+}
+
+fn rel_err(got: f64, want: f64) -> f64 {
+    if got == want {
+        0.0
+    } else {
+        (got - want).abs() / want.abs()
+    }
+}
+
+fn cases<'a>(f: &'a Value, key: &str) -> &'a Vec<Value> {
+    f[key].as_array().unwrap_or_else(|| panic!("fixture has no `{key}` list"))
+}
+
+#[test]
+fn fixture_file_records_its_generator() {
+    let f = fixtures();
+    assert_eq!(f["generator"], "tests/fixtures/gen_hf_fixtures.py");
+    assert!(f["transformers"].as_str().is_some_and(|v| v.starts_with("5.")), "{}", f["transformers"]);
+}
+
+#[test]
+fn schedules_match_transformers() {
+    let f = fixtures();
+    let cases = cases(&f, "schedules");
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    let mut types = BTreeSet::new();
+    let mut configs = BTreeSet::new();
+    for (idx, case) in cases.iter().enumerate() {
+        let name = case["config"].as_str().expect("config name");
+        let layer = case["layer_type"].as_str();
+        let seq_len = case["seq_len"].as_u64().map(|s| s as usize);
+        let label = format!("{name} layer={layer:?} seq_len={seq_len:?}");
+        let json = config_text(name, &case["override"]);
+        let cfg = match RopeConfig::from_hf_config_json_layer(&json, layer) {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(format!("{label}: does not parse: {e}"));
+                continue;
+            }
+        };
+        let s = match cfg.schedule(seq_len) {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{label}: schedule fails: {e}"));
+                continue;
+            }
+        };
+        let want_type = case["rope_type"].as_str().expect("rope_type");
+        let want = exact_f64s("schedules", idx, "inv_freq");
+        let tol = case["tolerance"].as_f64().expect("tolerance");
+        assert!(tol == 1e-12 || (want_type == "longrope" && tol == 1e-6), "{label}: tolerance {tol}");
+        if s.rope_type != want_type {
+            failures.push(format!("{label}: rope_type {} != transformers {want_type}", s.rope_type));
+        }
+        if s.rotary_dim != usize_of(&case["rotary_dim"]) {
+            failures.push(format!("{label}: rotary_dim {} != {}", s.rotary_dim, case["rotary_dim"]));
+        }
+        if s.inv_freq.len() != want.len() || want.len() * 2 != s.rotary_dim {
+            failures.push(format!("{label}: {} frequencies, transformers has {}", s.inv_freq.len(), want.len()));
+            continue;
+        }
+        let (worst_i, worst) = s
+            .inv_freq
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| rel_err(*g, *w))
+            .enumerate()
+            .fold((0, 0.0), |acc, (i, e)| if e > acc.1 { (i, e) } else { acc });
+        if worst.is_nan() || worst > tol {
+            failures.push(format!(
+                "{label}: inv_freq[{worst_i}] = {:e}, transformers {:e} (rel err {worst:e} > {tol:e})",
+                s.inv_freq[worst_i], want[worst_i]
+            ));
+        }
+        let af = case["attention_factor"].as_f64().expect("attention_factor");
+        let af_err = rel_err(s.attention_factor, af);
+        if af_err.is_nan() || af_err > 1e-12 {
+            failures.push(format!("{label}: attention_factor {} != transformers {af}", s.attention_factor));
+        }
+        types.insert(want_type.to_string());
+        configs.insert(name.to_string());
+        checked += 1;
+    }
+    assert!(failures.is_empty(), "{} of {} schedule cases fail:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(checked >= 24, "only {checked} schedule cases checked");
+    for t in ["default", "linear", "dynamic", "ntk", "yarn", "llama3", "longrope"] {
+        assert!(types.contains(t), "no fixture case exercises rope_type {t}");
+    }
+    // Every real config shipped in examples/configs has transformers' numbers checked.
+    for entry in std::fs::read_dir(configs_dir()).expect("examples/configs") {
+        let file = entry.expect("dir entry").file_name().into_string().expect("utf-8 name");
+        if file.ends_with(".json") {
+            assert!(configs.contains(&file), "examples/configs/{file} has no fixture case");
+        }
+    }
+}
+
+#[test]
+fn dynamic_ntk_fixture_grows_with_sequence_length() {
+    // The dynamic cases must actually differ above max_position_embeddings, or the test above
+    // would not notice a schedule that ignores seq_len.
+    let f = fixtures();
+    let dynamic: Vec<&Value> = cases(&f, "schedules").iter().filter(|c| c["rope_type"] == "dynamic").collect();
+    assert!(dynamic.len() >= 5, "{} dynamic cases", dynamic.len());
+    let at = |len: Option<u64>| {
+        dynamic.iter().find(|c| c["seq_len"].as_u64() == len).map(|c| f64s(&c["inv_freq"])).expect("case")
+    };
+    let base = at(None);
+    assert_eq!(at(Some(32768)), base, "at max_position_embeddings dynamic NTK is plain RoPE");
+    let long = at(Some(131072));
+    assert!(long[long.len() - 1] < base[base.len() - 1] * 0.5, "low frequencies must shrink");
+    assert_eq!(long[0], 1.0);
+
+    let cfg = RopeConfig::from_hf_config_json(&config_text("internlm2-chat-1_8b-dynamic.json", &Value::Null)).unwrap();
+    let rust = |len| cfg.schedule(len).unwrap().inv_freq;
+    assert_eq!(rust(None), rust(Some(2048)), "below the trained length the schedule is fixed");
+    assert_ne!(rust(Some(32769)), rust(Some(32768)));
+}
+
+#[test]
+fn longrope_fixture_switches_factors_above_original_length() {
+    let f = fixtures();
+    let lr: Vec<&Value> = cases(&f, "schedules").iter().filter(|c| c["rope_type"] == "longrope").collect();
+    assert!(lr.len() >= 4);
+    let at = |len: Option<u64>| lr.iter().find(|c| c["seq_len"].as_u64() == len).map(|c| f64s(&c["inv_freq"])).unwrap();
+    assert_eq!(at(None), at(Some(4096)), "short factors up to and at original_max_position_embeddings");
+    assert_eq!(at(Some(4097)), at(Some(131072)), "long factors above it");
+    assert_ne!(at(Some(4096)), at(Some(4097)));
+    // Phi-3's attention factor sqrt(1 + ln(32)/ln(4096)), which the GGUF metadata also records (f32).
+    let af = lr[0]["attention_factor"].as_f64().unwrap();
+    assert!((af - (1.0 + 32f64.ln() / 4096f64.ln()).sqrt()).abs() < 1e-15);
+    assert!((af - 1.190238118171692).abs() < 1e-7);
+}
+
+#[test]
+fn every_example_config_parses_for_every_layer_type() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(configs_dir()).expect("examples/configs") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let json = std::fs::read_to_string(&path).unwrap();
+        let layers = RopeConfig::hf_layer_types(&json).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if layers.is_empty() {
+            let cfg = RopeConfig::from_hf_config_json(&json).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            cfg.schedule(None).unwrap();
+        } else {
+            let err = RopeConfig::from_hf_config_json(&json).unwrap_err();
+            assert!(matches!(err, rope_attn::Error::LayerType { requested: None, .. }), "{}: {err:?}", path.display());
+            for layer in &layers {
+                let cfg = RopeConfig::from_hf_config_json_layer(&json, Some(layer)).unwrap();
+                cfg.schedule(None).unwrap();
+            }
+        }
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} example configs");
+}
+
+/// Rotate `x` (`[tokens, heads, d]`) with `rot` and compare with transformers' output.
+#[allow(clippy::too_many_arguments)]
+fn check_rotation(label: &str, x: &[f64], want: &[f64], heads: usize, d: usize, pos: &[i64], rot: &Rotary, tol: &dyn Fn(usize, usize) -> f64) -> f64 {
+    assert_eq!(x.len(), pos.len() * heads * d, "{label}: fixture shape");
+    assert_eq!(want.len(), x.len(), "{label}: fixture shape");
+    let mut got = x.to_vec();
+    reference::rotate(&mut got, pos.len(), heads, d, heads * d, pos, rot).unwrap();
+    let mut worst: f64 = 0.0;
+    for (idx, (g, w)) in got.iter().zip(want).enumerate() {
+        let (t, c) = (idx / (heads * d), idx % d);
+        let err = (g - w).abs();
+        assert!(err <= tol(t, c), "{label}: token {t} (position {}) component {c}: {g} vs transformers {w} (|err| {err:e} > {:e})", pos[t], tol(t, c));
+        worst = worst.max(err);
+    }
+    worst
+}
+
+#[test]
+fn rotate_matches_apply_rotary_pos_emb() {
+    let f = fixtures();
+    let cases = cases(&f, "rotations");
+    let mut partial = 0;
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (d, r) = (usize_of(&case["head_dim"]), usize_of(&case["rotary_dim"]));
+        let (hq, hk) = (usize_of(&case["q_heads"]), usize_of(&case["k_heads"]));
+        let pos = i64s(&case["positions"]);
+        assert!(pos.contains(&(1 << 24)), "{label}: positions must reach 2^24");
+        assert_eq!(case["layout"], "half");
+        let exact = |key| exact_f64s("rotations", idx, key);
+        let (q, k, q_out, k_out) = (exact("q"), exact("k"), exact("q_out"), exact("k_out"));
+        let af = case["attention_factor"].as_f64().unwrap();
+        if r < d {
+            partial += 1;
+            // transformers leaves the pass-through part alone; so must we.
+            for t in 0..pos.len() {
+                for h in 0..hq {
+                    let s = (t * hq + h) * d;
+                    assert_eq!(&q_out[s + r..s + d], &q[s + r..s + d], "{label}: pass-through changed");
+                }
+            }
+        }
+
+        // 1. With transformers' own frequencies the angle m*f is the same f64 product on both
+        //    sides; only sin/cos and the final multiply-adds may differ, by a few ulps.
+        let hf = Rotary { inv_freq: exact("inv_freq"), rotary_dim: r, layout: Layout::Half, attention_factor: af };
+        let tight = |_: usize, _: usize| 1e-12;
+        check_rotation(label, &q, &q_out, hq, d, &pos, &hf, &tight);
+        check_rotation(label, &k, &k_out, hk, d, &pos, &hf, &tight);
+
+        // 2. With the schedule rope-attn computes from the same config.json. The frequencies
+        //    agree to a few ulps, but at position m a frequency error df moves the angle by m*df,
+        //    so the bound grows with the position: |err| <= |pair| * af * m * |df| + 1e-12.
+        let cfg = RopeConfig::from_hf_config_json(&config_text(case["config"].as_str().unwrap(), &Value::Null)).unwrap();
+        let sched = cfg.schedule(None).unwrap();
+        let ours = Rotary::from_schedule(&sched, Layout::Half);
+        let df: Vec<f64> = ours.inv_freq.iter().zip(&hf.inv_freq).map(|(a, b)| (a - b).abs()).collect();
+        for (x, want, heads) in [(&q, &q_out, hq), (&k, &k_out, hk)] {
+            let bound = |t: usize, c: usize| {
+                if c >= r {
+                    return 0.0; // pass-through: bit-identical
+                }
+                let i = if c < r / 2 { c } else { c - r / 2 };
+                let base = (t * heads) * d; // any head: use the largest pair norm over heads
+                let pair = (0..heads)
+                    .map(|h| {
+                        let s = base + h * d;
+                        x[s + i].hypot(x[s + i + r / 2])
+                    })
+                    .fold(0.0, f64::max);
+                2.0 * pair * af * pos[t] as f64 * df[i] + 1e-12
+            };
+            check_rotation(label, x, want, heads, d, &pos, &ours, &bound);
+        }
+    }
+    assert_eq!(cases.len(), 3, "rotation cases");
+    assert_eq!(partial, 1, "one partial-rotary (GPT-NeoX) case");
+}
+
+#[test]
+fn attention_matches_torch_softmax_over_transformers_rope() {
+    let f = fixtures();
+    let cases = cases(&f, "attention");
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+        let (q_pos, k_pos) = (i64s(&case["q_pos"]), i64s(&case["k_pos"]));
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: usize_of(&case["sinks"]) };
+        let sched = RopeSchedule::plain(case["rope_theta"].as_f64().unwrap(), d).unwrap();
+        p.rope = Some(Rotary::from_schedule(&sched, Layout::Half));
+        let exact = |key| exact_f64s("attention", idx, key);
+        let o = reference::attention(&exact("q"), &exact("k"), &exact("v"), &q_pos, &k_pos, &p).unwrap();
+        let (want_o, want_lse) = (exact("out"), exact("lse"));
+        assert_eq!(o.out.len(), want_o.len(), "{label}");
+        assert_eq!(o.lse.len(), want_lse.len(), "{label}");
+        for (i, (g, w)) in o.out.iter().zip(&want_o).enumerate() {
+            assert!((g - w).abs() <= 1e-12, "{label}: out[{i}] {g} vs torch {w}");
+        }
+        for (i, (g, w)) in o.lse.iter().zip(&want_lse).enumerate() {
+            assert!((g - w).abs() <= 1e-12, "{label}: lse[{i}] {g} vs torch {w}");
+        }
+    }
+    assert_eq!(cases.len(), 2, "attention cases");
+}
