@@ -131,7 +131,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         several => schedules::side_by_side(several, points, max_distance),
     };
     let mut written = write_svg_png(&chart, &out, "decay")?.to_vec();
-    println!("score matrices computed on {}", score_matrix::BACKEND);
+    println!("score matrices computed on {}", score_matrix::backend());
     for m in &models {
         for &w in &windows {
             let stem = match models.len() {
