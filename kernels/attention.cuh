@@ -14,8 +14,10 @@ constexpr float LN2 = 0.6931471805599453f;
 
 // A sequence's rows, clamped to the totals the host validated, so that corrupt offsets can
 // never index outside the buffers.
+// q_pos0 / k_pos0: positions of the sequence's first query and key (seq_starts, or the
+// bottom-right-aligned default seqlen_k - seqlen_q and 0).
 struct SeqBounds {
-    int q_start, seqlen_q, k_start, seqlen_k;
+    int q_start, seqlen_q, k_start, seqlen_k, q_pos0, k_pos0;
 };
 __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     SeqBounds s;
@@ -23,6 +25,8 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;
     s.k_start = imin(imax(p.cu_seqlens_k[b], 0), p.total_k);
     s.seqlen_k = imin(imax(p.cu_seqlens_k[b + 1], s.k_start), p.total_k) - s.k_start;
+    s.q_pos0 = p.seq_starts ? p.seq_starts[2 * b] : s.seqlen_k - s.seqlen_q;
+    s.k_pos0 = p.seq_starts ? p.seq_starts[2 * b + 1] : 0;
     return s;
 }
 

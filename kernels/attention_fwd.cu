@@ -34,7 +34,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const T* vg = static_cast<const T*>(p.v) + (long long)sb.k_start * p.v_row_stride + (long long)kvh * D;
     const T* fg = static_cast<const T*>(p.k_far) + (long long)sb.k_start * p.kf_row_stride + (long long)kvh * D;
     const int vq = imin(BM, sb.seqlen_q - m0);
-    const int i0 = sb.seqlen_k - sb.seqlen_q + m0;  // position of the tile's first query
+    const int kp = sb.k_pos0;          // position of the sequence's key 0
+    const int i0 = sb.q_pos0 + m0;     // position of the tile's first query
     const bool rope = p.rope.rotary_dim > 0;
     const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
 
@@ -44,9 +45,10 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const MaskArgs mask{p.causal, p.window, p.sinks};
     const int n_tiles = (sb.seqlen_k + BN - 1) / BN;
     // Causal: no key after the last query of the tile.
-    const int n_end = p.causal ? imin(n_tiles, imax(0, (i0 + vq - 1) / BN + 1)) : n_tiles;
+    const int last_key = i0 + vq - 1 - kp;  // causal: the last key index any row of the tile sees
+    const int n_end = p.causal ? (last_key < 0 ? 0 : imin(n_tiles, last_key / BN + 1)) : n_tiles;
     auto next_tile = [&](int n) {
-        while (n < n_end && !tile_visible(mask, i0, i0 + vq, n * BN, imin(n * BN + BN, sb.seqlen_k))) ++n;
+        while (n < n_end && !tile_visible(mask, i0, i0 + vq, kp + n * BN, kp + imin(n * BN + BN, sb.seqlen_k))) ++n;
         return n;
     };
     auto issue_k = [&](int n) {
@@ -72,7 +74,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
         cp_async_wait<0>();
         __syncthreads();  // K_n landed; every warp finished P·V of the previous tile
         if (p.rotate_k) {
-            load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, j0);
+            load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);
             __syncthreads();
         }
         copy_tile_async<T, D, LD>(Vs, vg + (long long)j0 * p.v_row_stride, p.v_row_stride, BN, vk);
@@ -106,7 +108,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
         }
 
         // Scale, bias, mask; online softmax (rows g and g+8 of the warp; 4 lanes share a row).
-        const bool full = vk == BN && tile_fully_visible(mask, i0, i0 + vq, j0, j0 + BN);
+        const bool full = vk == BN && tile_fully_visible(mask, i0, i0 + vq, kp + j0, kp + j0 + BN);
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             const int i = i0 + warp * 16 + g + rr * 8;
@@ -115,7 +117,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
-                    const int key = nt * 8 + 2 * t + (c & 1), j = j0 + key;
+                    const int key = nt * 8 + 2 * t + (c & 1), j = kp + j0 + key;
                     float x = score_log2(p.rope, p.scale_log2, s[nt][c], sf[nt][c], i, j, slope);
                     if (!full && (key >= vk || !visible(mask, i, j))) x = -INFINITY;
                     s[nt][c] = x;
@@ -200,7 +202,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
     const SeqBounds sb = seq_bounds(p, b);
     if (m >= sb.seqlen_q) return;  // whole warp leaves together: no block-wide barrier below
     const int D = p.head_dim, kvh = h / (p.q_heads / p.kv_heads);
-    const int i = sb.seqlen_k - sb.seqlen_q + m;
+    const int i = sb.q_pos0 + m;
     const float* qg = static_cast<const float*>(p.q) + (long long)(sb.q_start + m) * p.q_row_stride + (long long)h * D;
     const bool rope = p.rope.rotary_dim > 0;
     const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
@@ -235,9 +237,9 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
     const float* fg = static_cast<const float*>(p.k_far) + (long long)sb.k_start * p.kf_row_stride + (long long)kvh * D;
     const float* vg = static_cast<const float*>(p.v) + (long long)sb.k_start * p.v_row_stride + (long long)kvh * D;
     float mx = -INFINITY, sum = 0.f;
-    const int j_end = p.causal ? imin(sb.seqlen_k, imax(0, i + 1)) : sb.seqlen_k;
+    const int j_end = p.causal ? imin(sb.seqlen_k, imax(0, i - sb.k_pos0 + 1)) : sb.seqlen_k;
     for (int j = 0; j < j_end; ++j) {
-        if (!visible(mask, i, j)) continue;
+        if (!visible(mask, i, sb.k_pos0 + j)) continue;
         float dn = 0.f, df = 0.f;
 #pragma unroll
         for (int x = 0; x < ROW_MAXC; ++x) {
@@ -252,7 +254,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
             dn += __shfl_xor_sync(0xffffffffu, dn, off);
             df += __shfl_xor_sync(0xffffffffu, df, off);
         }
-        const float s = score_log2(p.rope, p.scale_log2, dn, df, i, j, slope);
+        const float s = score_log2(p.rope, p.scale_log2, dn, df, i, sb.k_pos0 + j, slope);
         const float m_new = fmaxf(mx, s);
         const float alpha = exp2f(mx - m_new), w = exp2f(s - m_new);
         sum = sum * alpha + w;

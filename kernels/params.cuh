@@ -15,8 +15,9 @@ struct RopeParams {
     void* k_out;
     const int* positions;   // [tokens], or null: position = token - cu_seqlens[b] of its sequence
     const int* cu_seqlens;  // [batch + 1] when positions is null
+    const int* seq_starts;  // with cu_seqlens: position of sequence b's token 0 is seq_starts[b * starts_stride]; null = 0
     long long q_in_stride, q_out_stride, k_in_stride, k_out_stride;  // elements per token
-    int tokens, q_heads, k_heads, head_dim, batch;
+    int tokens, q_heads, k_heads, head_dim, batch, starts_stride;
     int use_leak_freq;  // rotate with freq_leak (Leaky ReRoPE's keys at j/k)
 };
 
@@ -35,7 +36,8 @@ struct ScoresParams {
 
 // Mirrored by `AttnParams` in src/cuda/params.rs. Variable-length batch: sequence b's queries
 // are rows cu_seqlens_q[b]..cu_seqlens_q[b+1] of q, its keys rows cu_seqlens_k[b].. of k and v.
-// Query m of a sequence sits at position (seqlen_k - seqlen_q) + m, key j at j.
+// Query m of a sequence sits at position (seqlen_k - seqlen_q) + m, key j at j, unless
+// seq_starts gives other starting positions (ring attention, chunks of a longer sequence).
 struct AttnParams {
     RopeArgs rope;
     const void* q;
@@ -46,6 +48,7 @@ struct AttnParams {
     float* lse;         // [q_heads, total_q], natural log
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
+    const int* seq_starts;  // [batch, 2]: positions of each sequence's first query and first key; null = default
     long long q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride;
     int batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim;
     int causal, window, sinks, alibi_total_heads, alibi_head_offset;

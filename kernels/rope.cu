@@ -18,7 +18,7 @@ __device__ __forceinline__ int token_position(const RopeParams& p, int t) {
         const int mid = (lo + hi) / 2;
         if (p.cu_seqlens[mid] <= t) lo = mid; else hi = mid;
     }
-    return t - p.cu_seqlens[lo];
+    return t - p.cu_seqlens[lo] + (p.seq_starts ? p.seq_starts[lo * p.starts_stride] : 0);
 }
 
 template <typename T, bool INTERLEAVED, int P>

@@ -179,3 +179,45 @@ fn merge_of_halves_equals_whole() {
     let rep = CheckReport::compare("merge out", &got_o, &want.out, tol).worst(CheckReport::compare("merge lse", &got_l, &want.lse, tol));
     assert!(rep.passed(), "{rep:?}");
 }
+
+/// Ring / chunked attention: the queries of the last chunk against two key blocks, each run with
+/// its true starting positions (attention_fwd_at), merged, equal the reference over all keys —
+/// RoPE angles, the causal mask and ALiBi distances all follow the positions.
+#[test]
+fn key_blocks_at_their_positions_merge_to_the_whole() {
+    let Some((gpu, stream)) = gpu_or_skip("key_blocks_at_their_positions_merge_to_the_whole") else { return };
+    let (n, nq, split, h, d) = (300usize, 70usize, 170usize, 2usize, 64usize);
+    let q0 = n - nq;
+    let mut p = AttentionParams::new(h, h, d);
+    p.rope = Some(schedules(d, d).remove(5).1);
+    p.alibi = Some(Alibi { total_heads: h, head_offset: 0 });
+    let mut r = rng(66);
+    let (qv, qf) = as_dtype::<bf16>(&uniform(&mut r, nq * h * d));
+    let (kv, kf) = as_dtype::<bf16>(&uniform(&mut r, n * h * d));
+    let (vv, vf) = as_dtype::<bf16>(&uniform(&mut r, n * h * d));
+    let q = stream.clone_htod(&qv).unwrap();
+    let mut parts = Vec::new();
+    for (a, b) in [(0usize, split), (split, n)] {
+        let k = stream.clone_htod(&kv[a * h * d..b * h * d]).unwrap();
+        let v = stream.clone_htod(&vv[a * h * d..b * h * d]).unwrap();
+        let mut out = stream.alloc_zeros::<bf16>(nq * h * d).unwrap();
+        let mut lse = stream.alloc_zeros::<f32>(nq * h).unwrap();
+        let cq = stream.clone_htod(&[0i32, nq as i32]).unwrap();
+        let ck = stream.clone_htod(&[0i32, (b - a) as i32]).unwrap();
+        let starts = stream.clone_htod(&[q0 as i32, a as i32]).unwrap();
+        let batch = AttentionBatch::single(&p, nq, b - a);
+        rope_attn::cuda::attention_fwd_at(&gpu, &stream, &q, &k, &v, &mut out, &mut lse, &cq, &ck, &starts, &batch, &p, None).unwrap();
+        parts.push((out, lse));
+    }
+    let mut out = stream.alloc_zeros::<bf16>(nq * h * d).unwrap();
+    let mut lse = stream.alloc_zeros::<f32>(nq * h).unwrap();
+    merge_states(&gpu, &stream, &parts[0].0, &parts[0].1, &parts[1].0, &parts[1].1, &mut out, &mut lse, nq, h, d).unwrap();
+    let q_pos: Vec<i64> = (q0 as i64..n as i64).collect();
+    let k_pos: Vec<i64> = (0..n as i64).collect();
+    let want = reference::attention(&qf, &kf, &vf, &q_pos, &k_pos, &p).unwrap();
+    let got_o: Vec<f64> = stream.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f64()).collect();
+    let got_l: Vec<f64> = stream.clone_dtoh(&lse).unwrap().iter().map(|&x| x as f64).collect();
+    let tol = Tolerance(2.0 * Tolerance::attention::<bf16>(d).0);
+    let rep = CheckReport::compare("ring out", &got_o, &want.out, tol).worst(CheckReport::compare("ring lse", &got_l, &want.lse, tol));
+    assert!(rep.passed(), "{rep:?}");
+}

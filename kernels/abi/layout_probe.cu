@@ -27,6 +27,7 @@ int main() {
     FIELD(RopeParams, k_out);
     FIELD(RopeParams, positions);
     FIELD(RopeParams, cu_seqlens);
+    FIELD(RopeParams, seq_starts);
     FIELD(RopeParams, q_in_stride);
     FIELD(RopeParams, q_out_stride);
     FIELD(RopeParams, k_in_stride);
@@ -36,6 +37,7 @@ int main() {
     FIELD(RopeParams, k_heads);
     FIELD(RopeParams, head_dim);
     FIELD(RopeParams, batch);
+    FIELD(RopeParams, starts_stride);
     FIELD(RopeParams, use_leak_freq);
     SIZE(ScoresParams);
     FIELD(ScoresParams, rope);
@@ -66,6 +68,7 @@ int main() {
     FIELD(AttnParams, lse);
     FIELD(AttnParams, cu_seqlens_q);
     FIELD(AttnParams, cu_seqlens_k);
+    FIELD(AttnParams, seq_starts);
     FIELD(AttnParams, q_row_stride);
     FIELD(AttnParams, k_row_stride);
     FIELD(AttnParams, v_row_stride);

@@ -195,6 +195,51 @@ pub fn attention_fwd<T: Dtype>(
     p: &AttentionParams,
     workspace: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<PrefillPath> {
+    fwd(gpu, stream, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, None::<&cudarc::driver::CudaSlice<i32>>, batch, p, workspace)
+}
+
+/// [`attention_fwd`] with explicit starting positions: `seq_starts` is `[batch, 2]` i32, the
+/// positions of each sequence's first query and first key. This is what a chunk of a longer
+/// sequence or a ring-attention key block needs: RoPE angles, causal / window masks, ALiBi and
+/// ReRoPE distances all follow these positions. (Without it: queries end where keys end.)
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_at<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    cu_seqlens_k: &impl DevicePtr<i32>,
+    seq_starts: &impl DevicePtr<i32>,
+    batch: &AttentionBatch,
+    p: &AttentionParams,
+    workspace: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<PrefillPath> {
+    if seq_starts.len() < 2 * batch.batch {
+        return Err(Error::BufferTooSmall { what: "seq_starts", needed: 2 * batch.batch, got: seq_starts.len() });
+    }
+    fwd(gpu, stream, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, Some(seq_starts), batch, p, workspace)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    cu_seqlens_k: &impl DevicePtr<i32>,
+    seq_starts: Option<&impl DevicePtr<i32>>,
+    batch: &AttentionBatch,
+    p: &AttentionParams,
+    workspace: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<PrefillPath> {
     gpu.check_stream(stream)?;
     let lens = FwdLens {
         q: q.len(),
@@ -221,6 +266,13 @@ pub fn attention_fwd<T: Dtype>(
     let (lp, _g5) = lse.device_ptr_mut(stream);
     let (cq, _g6) = cu_seqlens_q.device_ptr(stream);
     let (ck, _g7) = cu_seqlens_k.device_ptr(stream);
+    let (starts, _g8) = match seq_starts {
+        Some(s) => {
+            let (sp, g) = s.device_ptr(stream);
+            (sp, Some(g))
+        }
+        None => (0, None),
+    };
     if is_16bit::<T>() && (kp % 16 != 0 || vp % 16 != 0 || op % 4 != 0) {
         return Err(Error::Shape { what: "k/v/out pointers", expected: "16-byte aligned k and v, 4-byte aligned out".into(), got: format!("{kp:#x} {vp:#x} {op:#x}") });
     }
@@ -236,7 +288,8 @@ pub fn attention_fwd<T: Dtype>(
         let (wp, g) = ws.device_ptr_mut(stream);
         _ws_guard = g;
         let kshape = RopeShape { tokens: batch.total_k, q_heads: 0, k_heads: hkv, head_dim: d, q_row_stride: 0, k_row_stride: batch.k_row_stride };
-        let positions = || Positions::FromCuSeqlens { cu_seqlens: ck, batch: batch.batch };
+        // Key t of sequence b sits at t - cu_seqlens_k[b] + seq_starts[2b + 1].
+        let positions = || Positions::FromCuSeqlens { cu_seqlens: ck, batch: batch.batch, starts: if starts == 0 { 0 } else { starts + 4 }, stride: 2 };
         let ptrs = |out: u64| RopePtrs { q_in: 0, q_out: 0, k_in: kp, k_out: out, q_out_stride: 0, k_out_stride: hkv * d };
         let rope_args = RopeArgs::new(p.rope.as_ref(), p.relative, d)?;
         launch_rope::<T>(gpu, stream, ptrs(wp), &kshape, rope_args, positions(), false)?;
@@ -260,6 +313,7 @@ pub fn attention_fwd<T: Dtype>(
         lse: lp,
         cu_seqlens_q: cq,
         cu_seqlens_k: ck,
+        seq_starts: starts,
         q_row_stride: batch.q_row_stride as i64,
         k_row_stride: k_near_stride as i64,
         v_row_stride: batch.v_row_stride as i64,

@@ -31,7 +31,7 @@ mod rope;
 mod scores;
 
 pub use attention::{
-    attention_fwd, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,
+    attention_fwd, attention_fwd_at, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,
     PrefillPath,
 };
 pub use checked::{CheckReport, Tolerance};

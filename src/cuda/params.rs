@@ -92,6 +92,7 @@ pub(crate) struct RopeParams {
     pub k_out: u64,
     pub positions: u64,
     pub cu_seqlens: u64,
+    pub seq_starts: u64,
     pub q_in_stride: i64,
     pub q_out_stride: i64,
     pub k_in_stride: i64,
@@ -101,6 +102,7 @@ pub(crate) struct RopeParams {
     pub k_heads: i32,
     pub head_dim: i32,
     pub batch: i32,
+    pub starts_stride: i32,
     pub use_leak_freq: i32,
 }
 
@@ -141,6 +143,7 @@ pub(crate) struct AttnParams {
     pub lse: u64,
     pub cu_seqlens_q: u64,
     pub cu_seqlens_k: u64,
+    pub seq_starts: u64,
     pub q_row_stride: i64,
     pub k_row_stride: i64,
     pub v_row_stride: i64,
@@ -270,9 +273,9 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
         };
     }
     check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, pad_);
-    check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, use_leak_freq);
+    check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq);
     check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale);
-    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale);
+    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale);
     check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2);
     check!(AppendParams; k, v, k_cache, v_cache, slots, k_row_stride, v_row_stride, tokens, kv_heads, head_dim, num_slots);
     check!(MergeParams; o1, lse1, o2, lse2, out, lse_out, tokens, heads, head_dim, pad_);

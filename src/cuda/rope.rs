@@ -94,7 +94,8 @@ pub(crate) struct RopePtrs {
 /// cumulative sequence offsets (for pre-rotating a variable-length batch of keys).
 pub(crate) enum Positions {
     Explicit(u64),
-    FromCuSeqlens { cu_seqlens: u64, batch: usize },
+    /// Token t of sequence b sits at `t - cu_seqlens[b] + starts[b * stride]` (starts 0 = none).
+    FromCuSeqlens { cu_seqlens: u64, batch: usize, starts: u64, stride: usize },
 }
 
 /// The one launch path every rope call goes through (validated by the caller).
@@ -121,9 +122,9 @@ pub(crate) fn launch<T: Dtype>(
     let layout = if args.interleaved != 0 { "inter" } else { "half" };
     let name = format!("rope_{layout}_v{}_{}", if v2 { 2 } else { 1 }, T::NAME);
     let func = gpu.function(Module::Rope, &name)?;
-    let (pos_ptr, cu, batch) = match positions {
-        Positions::Explicit(p) => (p, 0, 0),
-        Positions::FromCuSeqlens { cu_seqlens, batch } => (0, cu_seqlens, batch),
+    let (pos_ptr, cu, batch, starts, stride) = match positions {
+        Positions::Explicit(p) => (p, 0, 0, 0, 0),
+        Positions::FromCuSeqlens { cu_seqlens, batch, starts, stride } => (0, cu_seqlens, batch, starts, stride),
     };
     let params = RopeParams {
         rope: args,
@@ -133,6 +134,7 @@ pub(crate) fn launch<T: Dtype>(
         k_out: ptrs.k_out,
         positions: pos_ptr,
         cu_seqlens: cu,
+        seq_starts: starts,
         q_in_stride: shape.q_row_stride as i64,
         q_out_stride: ptrs.q_out_stride as i64,
         k_in_stride: shape.k_row_stride as i64,
@@ -142,6 +144,7 @@ pub(crate) fn launch<T: Dtype>(
         k_heads: to_i32("k_heads", shape.k_heads)?,
         head_dim: to_i32("head_dim", shape.head_dim)?,
         batch: to_i32("batch", batch)?,
+        starts_stride: stride as i32,
         use_leak_freq: use_leak_freq as i32,
     };
     let cfg = LaunchConfig { grid_dim: (shape.tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
