@@ -232,7 +232,7 @@ fn run_gpu(g: &Gpu, a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at:
     let cu = stream.clone_htod(&[0i32, a.prompt as i32]).map_err(d)?;
     let batch = AttentionBatch::single(&p, a.prompt, a.prompt);
     let (path, rep) = cuda::attention_fwd_checked(g, &stream, &qd, &kd, &vd, &mut out, &mut lse, &cu, &cu, &batch, &p, None).map_err(e)?;
-    println!("prefill {} tokens ({path:?} path): max abs error vs reference {:.2e} (tolerance {:.1e})", a.prompt, rep.max_abs, rep.tolerance.0);
+    println!("prefill {} tokens ({path:?} path): max abs error vs reference {:.2e} (tolerance {:.1e})", a.prompt, rep.max_abs, rep.tolerance.abs);
 
     // The paged cache: pages of 16 tokens handed out back to front, so the block table really indirects.
     let page = 16;

@@ -1,7 +1,7 @@
 //! The fused RoPE·QKᵀ·ALiBi score kernel against the reference: every dtype and head dim,
 //! every rope type, ReRoPE and Leaky ReRoPE, ALiBi with a tensor-parallel head offset, causal /
 //! window / sink masks, GQA 1/4/8, decode offset, sizes that are not multiples of any tile.
-//! Tolerance (Tolerance::scores): 4 eps_dtype sqrt(d) + 2e-5, relative to the scores' scale.
+//! Tolerance (Tolerance::scores): 4 eps_dtype sqrt(d)·scale·max|q|·max|k| (+ f32 ulps), per element.
 
 mod common;
 

@@ -9,7 +9,7 @@
 //!   O(N·d) pass; the attention kernel then streams rotated keys). ReRoPE / Leaky ReRoPE and
 //!   f32 always take this path (they need the second, far copy of the keys).
 
-use super::checked::{widen, CheckReport, Tolerance};
+use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::params::{to_i32, AttnParams, RopeArgs};
@@ -400,8 +400,8 @@ pub fn attention_fwd_checked<T: Dtype>(
             want_l[h * batch.total_q + q0..h * batch.total_q + q1].copy_from_slice(&r.lse[h * (q1 - q0)..(h + 1) * (q1 - q0)]);
         }
     }
-    let tol = Tolerance::attention::<T>(d);
-    let ro = CheckReport::compare("attention out", &oh, &want_o, tol);
-    let rl = CheckReport::compare("attention lse", &lh[..want_l.len()], &want_l, tol);
+    let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&kh), max_abs(&vh));
+    let ro = CheckReport::compare("attention out", &oh, &want_o, tol_o);
+    let rl = CheckReport::compare("attention lse", &lh[..want_l.len()], &want_l, tol_l);
     Ok((path, ro.worst(rl).ensure()?))
 }

@@ -34,7 +34,7 @@ pub use attention::{
     attention_fwd, attention_fwd_at, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,
     PrefillPath,
 };
-pub use checked::{CheckReport, Tolerance};
+pub use checked::{max_abs, CheckReport, Tolerance};
 pub use decode::{
     attention_decode, attention_decode_checked, decode_splits, decode_workspace_len, paged_append, DecodeBatch, DecodeLens,
     DecodePlan, PagedKvCache,

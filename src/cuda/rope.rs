@@ -1,6 +1,6 @@
 //! Launcher for kernels/rope.cu: rotate Q and K in place (or into other buffers) in one launch.
 
-use super::checked::{widen, CheckReport, Tolerance};
+use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::params::{to_i32, RopeArgs, RopeParams};
@@ -221,7 +221,7 @@ pub fn rope_inplace_checked<T: Dtype>(
     rope_inplace(gpu, stream, q, k, positions, shape, rot)?;
     let q_after = widen(&stream.clone_dtoh(q)?);
     let k_after = widen(&stream.clone_dtoh(k)?);
-    let tol = Tolerance::rope::<T>();
+    let tol = Tolerance::rope::<T>(max_abs(&q_after).max(max_abs(&k_after)));
     let mut reports = Vec::new();
     for (before, after, heads, stride) in
         [(q_before, q_after, shape.q_heads, shape.q_row_stride), (k_before, k_after, shape.k_heads, shape.k_row_stride)]

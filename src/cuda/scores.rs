@@ -1,6 +1,6 @@
 //! Launcher for kernels/scores.cu: the fused RoPE·QKᵀ·ALiBi score matrix.
 
-use super::checked::{widen, CheckReport, Tolerance};
+use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::params::{to_i32, RopeArgs, ScoresParams};
@@ -188,7 +188,7 @@ pub fn scores_checked<T: Dtype>(
     let q_pos: Vec<i64> = (0..shape.nq).map(|i| (shape.q_offset + i) as i64).collect();
     let k_pos: Vec<i64> = (0..shape.nk as i64).collect();
     let want = reference::scores(&qh, &kh, &q_pos, &k_pos, p)?;
-    CheckReport::compare("scores", &got, &want, Tolerance::scores::<T>(d)).ensure()
+    CheckReport::compare("scores", &got, &want, Tolerance::scores::<T>(p, max_abs(&qh), max_abs(&kh))).ensure()
 }
 
 /// Dense `[rows, width]` from rows `stride` apart.
