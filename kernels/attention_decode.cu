@@ -100,16 +100,26 @@ __device__ void decode_body(const DecodeParams& p) {
     for (int j0 = k_begin; j0 < k_end; j0 += BN) {
         const int vk = imin(BN, k_end - j0);
         __syncthreads();  // the previous tile is consumed (and Q is rotated, on the first pass)
-        for (int e = threadIdx.x; e < BN * D; e += blockDim.x) {
-            const int key = e / D, c = e % D;
-            float kx = 0.f, vx = 0.f;
+        // 16-byte loads: a cache row (one key, one head) is D contiguous elements, 16-byte
+        // aligned because D is a multiple of 8 and the pool is.
+        constexpr int VEC = 16 / sizeof(T);
+        const int chunks = D / VEC;
+        for (int e = threadIdx.x; e < BN * chunks; e += blockDim.x) {
+            const int key = e / chunks, c = (e % chunks) * VEC;
+            float kx[VEC], vx[VEC];
             if (key < vk) {
-                kx = to_f32(paged_row(p, kc, b, j0 + key, kvh)[c]);
-                vx = to_f32(paged_row(p, vc, b, j0 + key, kvh)[c]);
+                load_f32<T, VEC>(paged_row(p, kc, b, j0 + key, kvh) + c, kx);
+                load_f32<T, VEC>(paged_row(p, vc, b, j0 + key, kvh) + c, vx);
+            } else {
+#pragma unroll
+                for (int x = 0; x < VEC; ++x) kx[x] = vx[x] = 0.f;
             }
-            Ks[key * LDK + c] = kx;
-            if (rel) Kf[key * LDK + c] = kx;
-            Vs[key * LDK + c] = vx;
+#pragma unroll
+            for (int x = 0; x < VEC; ++x) {
+                Ks[key * LDK + c + x] = kx[x];
+                if (rel) Kf[key * LDK + c + x] = kx[x];
+                Vs[key * LDK + c + x] = vx[x];
+            }
         }
         __syncthreads();
         if (rope) {

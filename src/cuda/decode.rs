@@ -247,6 +247,9 @@ pub fn attention_decode<T: Dtype>(
     let (cp, _g5) = context_lens.device_ptr(stream);
     let (op, _g6) = out.device_ptr_mut(stream);
     let (lp, _g7) = lse.device_ptr_mut(stream);
+    if kp % 16 != 0 || vp % 16 != 0 {
+        return Err(Error::Shape { what: "k/v cache pointers", expected: "16-byte aligned".into(), got: format!("{kp:#x} {vp:#x}") });
+    }
     let (part_out, part_lse, _g8) = match ws {
         Some(ws) => {
             let (wp, g) = ws.device_ptr_mut(stream);
