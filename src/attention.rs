@@ -7,10 +7,10 @@ use crate::error::{positive, Error, Result};
 /// Which components of a head form a rotation pair (SPEC §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Layout {
-    /// GPT-NeoX / transformers `rotate_half`: pair i = (x[i], x[i + r/2]).
+    /// GPT-NeoX / transformers `rotate_half`: pair i = `(x[i], x[i + r/2])`.
     #[default]
     Half,
-    /// GPT-J / Meta LLaMA: pair i = (x[2i], x[2i+1]).
+    /// GPT-J / Meta LLaMA: pair i = `(x[2i], x[2i+1])`.
     Interleaved,
 }
 

@@ -8,7 +8,7 @@
 //! * [`config`]: `config.json` → [`RopeConfig`] → [`RopeSchedule`] (inverse frequencies, rotary
 //!   dim, attention factor), matching transformers to ~1e-15 in f64.
 //! * [`alibi`]: BLOOM's slopes.
-//! * [`reference`]: the f64 CPU twin of every kernel.
+//! * [`reference`](mod@reference): the f64 CPU twin of every kernel.
 //! * [`cuda`]: the safe launch layer over cudarc (device buffers, the caller's stream).
 //!
 //! ```
