@@ -10,16 +10,7 @@ use rope_attn::cuda::{max_abs, CheckReport, Dtype, Tolerance};
 use rope_attn::{reference, Alibi, AttentionParams, Layout, RopeConfig, RopeScaling, Rotary};
 
 fn yarn(d: usize) -> Rotary {
-    let s = RopeScaling::Yarn {
-        factor: 8.0,
-        original_max_position_embeddings: 4096,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: None,
-        mscale_all_dim: None,
-        attention_factor: None,
-        truncate: true,
-    };
+    let s = RopeScaling::yarn(8.0, 4096);
     let cfg = RopeConfig::with_scaling(10000.0, d, d, Some(32768), s).unwrap();
     Rotary::from_schedule(&cfg.schedule(None).unwrap(), Layout::Half)
 }

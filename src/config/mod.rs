@@ -51,6 +51,22 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
+    /// YaRN with transformers' defaults (beta_fast 32, beta_slow 1, no mscale overrides,
+    /// truncated correction range): what a config with only `factor` and
+    /// `original_max_position_embeddings` means.
+    pub fn yarn(factor: f64, original_max_position_embeddings: usize) -> Self {
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: None,
+            mscale_all_dim: None,
+            attention_factor: None,
+            truncate: true,
+        }
+    }
+
     /// The canonical `rope_type` name (as transformers writes it).
     pub fn name(&self) -> &'static str {
         match self {

@@ -58,24 +58,7 @@ pub fn schedules(d: usize, r: usize) -> Vec<(&'static str, Rotary)> {
         ("linear", mk(10000.0, RopeScaling::Linear { factor: 4.0 }, None, Layout::Half)),
         ("dynamic", mk(10000.0, RopeScaling::Dynamic { factor: 2.0, max_position_embeddings: 8192 }, Some(20000), Layout::Half)),
         ("ntk", mk(10000.0, RopeScaling::Ntk { factor: 4.0 }, None, Layout::Interleaved)),
-        (
-            "yarn",
-            mk(
-                1e6,
-                RopeScaling::Yarn {
-                    factor: 4.0,
-                    original_max_position_embeddings: 32768,
-                    beta_fast: 32.0,
-                    beta_slow: 1.0,
-                    mscale: None,
-                    mscale_all_dim: None,
-                    attention_factor: None,
-                    truncate: true,
-                },
-                None,
-                Layout::Half,
-            ),
-        ),
+        ("yarn", mk(1e6, RopeScaling::yarn(4.0, 32768), None, Layout::Half)),
         (
             "llama3",
             mk(

@@ -46,16 +46,7 @@ pub fn comparison(
     let c = &m.config;
     let factor = factor.or_else(|| config_factor(c)).unwrap_or(8.0);
     let orig = original_max.unwrap_or_else(|| original_length(c));
-    let yarn = RopeScaling::Yarn {
-        factor,
-        original_max_position_embeddings: orig,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: None,
-        mscale_all_dim: None,
-        attention_factor: None,
-        truncate: true,
-    };
+    let yarn = RopeScaling::yarn(factor, orig);
     let llama3 = RopeScaling::Llama3 {
         factor,
         low_freq_factor: 1.0,
