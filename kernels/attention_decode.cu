@@ -41,8 +41,8 @@ __device__ void decode_body(const DecodeParams& p) {
 
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
-    const int chunks = (rows_total + DEC_ROWS - 1) / DEC_ROWS;
-    const int kvh = blockIdx.y / chunks, r0 = (blockIdx.y % chunks) * DEC_ROWS;
+    const int row_blocks = (rows_total + DEC_ROWS - 1) / DEC_ROWS;
+    const int kvh = blockIdx.y / row_blocks, r0 = (blockIdx.y % row_blocks) * DEC_ROWS;
     const int ctx = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
     const int k_begin = split * p.keys_per_split, k_end = imin(ctx, k_begin + p.keys_per_split);
     const bool rope = p.rope.rotary_dim > 0;
@@ -103,9 +103,9 @@ __device__ void decode_body(const DecodeParams& p) {
         // 16-byte loads: a cache row (one key, one head) is D contiguous elements, 16-byte
         // aligned because D is a multiple of 8 and the pool is.
         constexpr int VEC = 16 / sizeof(T);
-        const int chunks = D / VEC;
-        for (int e = threadIdx.x; e < BN * chunks; e += blockDim.x) {
-            const int key = e / chunks, c = (e % chunks) * VEC;
+        const int row_chunks = D / VEC;
+        for (int e = threadIdx.x; e < BN * row_chunks; e += blockDim.x) {
+            const int key = e / row_chunks, c = (e % row_chunks) * VEC;
             float kx[VEC], vx[VEC];
             if (key < vk) {
                 load_f32<T, VEC>(paged_row(p, kc, b, j0 + key, kvh) + c, kx);
