@@ -5,6 +5,7 @@
 //! Every error goes to stderr and exits with code 2.
 
 mod args;
+mod bench;
 mod decay;
 mod freqs;
 mod load;
@@ -33,6 +34,12 @@ const COMMANDS: &[Command] = &[
         summary: "RoPE's long-range decay table, one column per config",
         help: decay::HELP,
         run: decay::run,
+    },
+    Command {
+        name: "bench",
+        summary: "time the kernels against their baselines (GPU); the CPU reference without one",
+        help: bench::HELP,
+        run: bench::run,
     },
     #[cfg(feature = "plot")]
     Command {
