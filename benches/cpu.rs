@@ -18,19 +18,14 @@ fn configs() -> Vec<(String, String, Option<String>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs");
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&dir) {
-        let mut paths: Vec<_> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
+        let mut paths: Vec<_> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
         paths.sort();
         for p in paths {
             let Ok(json) = std::fs::read_to_string(&p) else {
                 continue;
             };
-            let layer = RopeConfig::hf_layer_types(&json)
-                .ok()
-                .and_then(|t| t.into_iter().next());
+            let layer = RopeConfig::hf_layer_types(&json).ok().and_then(|t| t.into_iter().next());
             if RopeConfig::from_hf_config_json_layer(&json, layer.as_deref()).is_ok() {
                 out.push((p.file_stem().unwrap().to_string_lossy().into_owned(), json, layer));
             }
@@ -86,10 +81,7 @@ fn schedules(c: &mut Criterion) {
     let types = [
         RopeScaling::Default,
         RopeScaling::Linear { factor: 4.0 },
-        RopeScaling::Dynamic {
-            factor: 2.0,
-            max_position_embeddings: 8192,
-        },
+        RopeScaling::Dynamic { factor: 2.0, max_position_embeddings: 8192 },
         RopeScaling::Ntk { factor: 4.0 },
         yarn,
         RopeScaling::Llama3 {
@@ -131,19 +123,9 @@ fn reference_ops(c: &mut Criterion) {
     // and Leaky ReRoPE (two rotated copies per pair).
     let (n, hq, hkv, d) = (64usize, 4usize, 1usize, 64usize);
     let mut p = AttentionParams::new(hq, hkv, d);
-    p.rope = Some(Rotary::from_schedule(
-        &RopeConfig::new(10000.0, d).unwrap().schedule(None).unwrap(),
-        Layout::Half,
-    ));
-    p.alibi = Some(Alibi {
-        total_heads: hq,
-        head_offset: 0,
-    });
-    let leaky = AttentionParams {
-        relative: Relative::Leaky { window: 16, k: 8.0 },
-        alibi: None,
-        ..p.clone()
-    };
+    p.rope = Some(Rotary::from_schedule(&RopeConfig::new(10000.0, d).unwrap().schedule(None).unwrap(), Layout::Half));
+    p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+    let leaky = AttentionParams { relative: Relative::Leaky { window: 16, k: 8.0 }, alibi: None, ..p.clone() };
     let (q, k, v) = (uniform(n * hq * d, 2), uniform(n * hkv * d, 3), uniform(n * hkv * d, 4));
     let pos: Vec<i64> = (0..n as i64).collect();
     g.bench_function(format!("scores/rope+alibi/{n}x{n}/gqa{hq}-{hkv}/d{d}"), |b| {

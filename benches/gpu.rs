@@ -47,10 +47,7 @@ fn scores(c: &mut Criterion, gpu: &Gpu, stream: &Stream) -> Res<()> {
     let (n, hq, hkv, d) = (1024usize, 32usize, 8usize, 128usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(device::llama31_rotary(d)?);
-    p.alibi = Some(Alibi {
-        total_heads: hq,
-        head_offset: 0,
-    });
+    p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
     let q = device::random_device::<bf16>(stream, n * hq * d, 21)?;
     let k = device::random_device::<bf16>(stream, n * hkv * d, 22)?;
     let mut out = stream.alloc_zeros::<f32>(hq * n * n)?;
@@ -60,9 +57,7 @@ fn scores(c: &mut Criterion, gpu: &Gpu, stream: &Stream) -> Res<()> {
     g.throughput(Throughput::Elements((hq * n * n) as u64));
     g.bench_function(BenchmarkId::new("rope+alibi causal", format!("{n}x{n}")), |b| {
         b.iter_custom(|iters| {
-            gpu_time(&timer, iters, &mut |_| {
-                Ok(cuda::scores(gpu, stream, &q, &k, &mut out, &shape, &p)?)
-            })
+            gpu_time(&timer, iters, &mut |_| Ok(cuda::scores(gpu, stream, &q, &k, &mut out, &shape, &p)?))
         })
     });
     g.finish();
@@ -105,10 +100,7 @@ fn decode(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize, sms: usize) 
     for (batch, ctx) in [(1usize, 32768usize), (16, 8192), (64, 4096)] {
         let kv = Decode::<bf16>::kv_bytes(batch, ctx, hkv, d);
         let mut dc = Decode::<bf16>::new(stream, batch, ctx, hq, hkv, d, 16, device::input_sets(kv, l2), sms, 9)?;
-        println!(
-            "decode b{batch} ctx {ctx}: {} splits (decode_splits for {sms} SMs)",
-            dc.splits
-        );
+        println!("decode b{batch} ctx {ctx}: {} splits (decode_splits for {sms} SMs)", dc.splits);
         let timer = Timer::new(stream)?;
         g.throughput(Throughput::Bytes(kv as u64));
         g.bench_function(BenchmarkId::new(format!("b{batch}"), format!("ctx{ctx}")), |b| {

@@ -64,9 +64,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         return Ok(());
     }
     if let Some(p) = args.positionals.first() {
-        return Err(format!(
-            "bench takes no positional arguments, got `{p}` (see `rope-attn bench --help`)"
-        ));
+        return Err(format!("bench takes no positional arguments, got `{p}` (see `rope-attn bench --help`)"));
     }
     if args.flag("--torch") && args.flag("--no-torch") {
         return Err("--torch and --no-torch contradict each other".into());
@@ -74,16 +72,9 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     let quick = args.flag("--quick");
     let mut plan = cases::plan(quick);
     if let Some(only) = args.value("--only") {
-        let list: Vec<String> = only
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let list: Vec<String> = only.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         if let Some(bad) = list.iter().find(|s| !cases::SECTIONS.contains(&s.as_str())) {
-            return Err(format!(
-                "--only: unknown section `{bad}` (sections: {})",
-                cases::SECTIONS.join(",")
-            ));
+            return Err(format!("--only: unknown section `{bad}` (sections: {})", cases::SECTIONS.join(",")));
         }
         plan = plan.only(&list);
     }

@@ -112,26 +112,13 @@ impl DecodeCase {
     }
 
     pub fn id(&self) -> String {
-        format!(
-            "{}-d{}-b{}-ctx{}",
-            self.dtype.name(),
-            self.head_dim,
-            self.batch,
-            self.context
-        )
+        format!("{}-d{}-b{}-ctx{}", self.dtype.name(), self.head_dim, self.batch, self.context)
     }
 }
 
 impl fmt::Display for DecodeCase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} d{} b{} ctx {}",
-            self.dtype.name(),
-            self.head_dim,
-            self.batch,
-            short(self.context)
-        )
+        write!(f, "{} d{} b{} ctx {}", self.dtype.name(), self.head_dim, self.batch, short(self.context))
     }
 }
 
@@ -158,13 +145,7 @@ impl RopeCase {
 
 impl fmt::Display for RopeCase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} d{} {} tokens",
-            self.dtype.name(),
-            self.head_dim,
-            short(self.tokens)
-        )
+        write!(f, "{} d{} {} tokens", self.dtype.name(), self.head_dim, short(self.tokens))
     }
 }
 
@@ -190,11 +171,7 @@ pub const SECTIONS: &[&str] = &["prefill", "decode", "rope"];
 
 /// The full plan (the shapes), or the `--quick` subset.
 pub fn plan(quick: bool) -> Plan {
-    let dtypes: &[DType] = if quick {
-        &[DType::Bf16]
-    } else {
-        &[DType::Bf16, DType::F16]
-    };
+    let dtypes: &[DType] = if quick { &[DType::Bf16] } else { &[DType::Bf16, DType::F16] };
     let dims: &[usize] = if quick { &[128] } else { &[64, 128] };
     let shapes: &[(usize, usize)] = if quick {
         &[(1, 2048), (1, 8192), (16, 2048)]
@@ -220,45 +197,24 @@ pub fn plan(quick: bool) -> Plan {
             }
         }
     }
-    let contexts: &[usize] = if quick {
-        &[8192, 32768]
-    } else {
-        &[1024, 8192, 32768, 131072]
-    };
+    let contexts: &[usize] = if quick { &[8192, 32768] } else { &[1024, 8192, 32768, 131072] };
     let batches: &[usize] = if quick { &[1, 16] } else { &[1, 16, 64] };
     let mut decode = Vec::new();
     for &dtype in dtypes {
         for &head_dim in dims {
             for &context in contexts {
                 for &batch in batches {
-                    decode.push(DecodeCase {
-                        dtype,
-                        head_dim,
-                        batch,
-                        context,
-                        q_heads: Q_HEADS,
-                        kv_heads: KV_HEADS,
-                    });
+                    decode.push(DecodeCase { dtype, head_dim, batch, context, q_heads: Q_HEADS, kv_heads: KV_HEADS });
                 }
             }
         }
     }
-    let tokens: &[usize] = if quick {
-        &[8192, 131072]
-    } else {
-        &[512, 2048, 8192, 32768, 131072]
-    };
+    let tokens: &[usize] = if quick { &[8192, 131072] } else { &[512, 2048, 8192, 32768, 131072] };
     let mut rope = Vec::new();
     for &dtype in dtypes {
         for &head_dim in dims {
             for &t in tokens {
-                rope.push(RopeCase {
-                    dtype,
-                    head_dim,
-                    tokens: t,
-                    q_heads: Q_HEADS,
-                    kv_heads: KV_HEADS,
-                });
+                rope.push(RopeCase { dtype, head_dim, tokens: t, q_heads: Q_HEADS, kv_heads: KV_HEADS });
             }
         }
     }
@@ -343,11 +299,7 @@ fn summarize(items: impl Iterator<Item = (String, String, String, String)>) -> S
             }
         }
     }
-    cols.iter()
-        .filter(|c| !c.is_empty())
-        .map(|c| c.join(","))
-        .collect::<Vec<_>>()
-        .join(" × ")
+    cols.iter().filter(|c| !c.is_empty()).map(|c| c.join(",")).collect::<Vec<_>>().join(" × ")
 }
 
 #[cfg(test)]
@@ -383,28 +335,12 @@ mod tests {
         assert_eq!(c.flops(), 4.0 * 32.0 * 2048.0 * 2048.0 * 128.0);
         assert_eq!(PrefillCase { causal: true, ..c }.flops(), c.flops() / 2.0);
         // Q and O: 2048·32·128·2 bytes each; K and V: 2048·8·128·2 each.
-        assert_eq!(
-            c.bytes(),
-            (2.0 * 2048.0 * 32.0 * 128.0 + 2.0 * 2048.0 * 8.0 * 128.0) * 2.0
-        );
+        assert_eq!(c.bytes(), (2.0 * 2048.0 * 32.0 * 128.0 + 2.0 * 2048.0 * 8.0 * 128.0) * 2.0);
         assert_eq!(c.id(), "bf16-d128-b1-n2048-full");
         assert_eq!(c.to_string(), "bf16 d128 1x2k full");
-        let d = DecodeCase {
-            dtype: DType::F16,
-            head_dim: 128,
-            batch: 16,
-            context: 8192,
-            q_heads: 32,
-            kv_heads: 8,
-        };
+        let d = DecodeCase { dtype: DType::F16, head_dim: 128, batch: 16, context: 8192, q_heads: 32, kv_heads: 8 };
         assert_eq!(d.kv_bytes(), 2.0 * 16.0 * 8192.0 * 8.0 * 128.0 * 2.0);
-        let r = RopeCase {
-            dtype: DType::Bf16,
-            head_dim: 64,
-            tokens: 512,
-            q_heads: 32,
-            kv_heads: 8,
-        };
+        let r = RopeCase { dtype: DType::Bf16, head_dim: 64, tokens: 512, q_heads: 32, kv_heads: 8 };
         assert_eq!(r.bytes(), 2.0 * 512.0 * 40.0 * 64.0 * 2.0);
         assert_eq!(
             (short(512), short(2048), short(131072), short(1000)),

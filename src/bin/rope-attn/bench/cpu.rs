@@ -114,22 +114,13 @@ pub fn run(quick: bool) -> Result<Vec<Row>, String> {
         format!("{:.1} ns per pair", t.0 * 1e6 / (tokens * heads * d / 2) as f64),
     );
 
-    let (n, hq, hkv, d) = if quick {
-        (64usize, 4usize, 1usize, 64usize)
-    } else {
-        (128, 4, 1, 64)
-    };
+    let (n, hq, hkv, d) = if quick { (64usize, 4usize, 1usize, 64usize) } else { (128, 4, 1, 64) };
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(Rotary::from_schedule(
-        &RopeConfig::new(10000.0, d)
-            .and_then(|c| c.schedule(None))
-            .map_err(|e| e.to_string())?,
+        &RopeConfig::new(10000.0, d).and_then(|c| c.schedule(None)).map_err(|e| e.to_string())?,
         Layout::Half,
     ));
-    p.alibi = Some(Alibi {
-        total_heads: hq,
-        head_offset: 0,
-    });
+    p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
     let (q, k, v) = (uniform(n * hq * d, 2), uniform(n * hkv * d, 3), uniform(n * hkv * d, 4));
     let pos: Vec<i64> = (0..n as i64).collect();
     let flops = 4.0 * (hq * n * n * d) as f64 / 2.0;

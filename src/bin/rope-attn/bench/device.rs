@@ -33,22 +33,12 @@ pub struct Settings {
 impl Settings {
     /// The full runner: 10 rounds of >= 5 ms each after >= 50 ms of warm-up.
     pub fn full() -> Self {
-        Settings {
-            warmup_ms: 50.0,
-            rounds: 10,
-            round_ms: 5.0,
-            max_iters: 1000,
-        }
+        Settings { warmup_ms: 50.0, rounds: 10, round_ms: 5.0, max_iters: 1000 }
     }
 
     /// `--quick`: 5 rounds of >= 2 ms after >= 20 ms of warm-up.
     pub fn quick() -> Self {
-        Settings {
-            warmup_ms: 20.0,
-            rounds: 5,
-            round_ms: 2.0,
-            max_iters: 500,
-        }
+        Settings { warmup_ms: 20.0, rounds: 5, round_ms: 2.0, max_iters: 500 }
     }
 }
 
@@ -80,11 +70,7 @@ impl Timer {
     pub fn new(stream: &Arc<CudaStream>) -> Res<Self> {
         let ctx = stream.context();
         let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        Ok(Timer {
-            stream: stream.clone(),
-            start: ctx.new_event(flags)?,
-            end: ctx.new_event(flags)?,
-        })
+        Ok(Timer { stream: stream.clone(), start: ctx.new_event(flags)?, end: ctx.new_event(flags)? })
     }
 
     /// Milliseconds between an event before `f(first)` and one after `f(first + iters - 1)`,
@@ -118,13 +104,7 @@ impl Timer {
             next += iters;
         }
         per.sort_by(f64::total_cmp);
-        Ok(Stats {
-            median_ms: median(&per),
-            min_ms: per[0],
-            max_ms: per[per.len() - 1],
-            iters,
-            rounds: per.len(),
-        })
+        Ok(Stats { median_ms: median(&per), min_ms: per[0], max_ms: per[per.len() - 1], iters, rounds: per.len() })
     }
 }
 
@@ -353,22 +333,9 @@ impl<T: Dtype> Prefill<T> {
     ) -> Res<Self> {
         let rot = llama31_rotary(d)?;
         let mut no_pe = AttentionParams::new(hq, hkv, d);
-        no_pe.mask = Mask {
-            causal,
-            window: None,
-            sinks: 0,
-        };
-        let alibi_only = AttentionParams {
-            alibi: Some(Alibi {
-                total_heads: hq,
-                head_offset: 0,
-            }),
-            ..no_pe.clone()
-        };
-        let with_pe = AttentionParams {
-            rope: Some(rot.clone()),
-            ..alibi_only.clone()
-        };
+        no_pe.mask = Mask { causal, window: None, sinks: 0 };
+        let alibi_only = AttentionParams { alibi: Some(Alibi { total_heads: hq, head_offset: 0 }), ..no_pe.clone() };
+        let with_pe = AttentionParams { rope: Some(rot.clone()), ..alibi_only.clone() };
         let tokens = batch * seqlen;
         let ab = AttentionBatch::contiguous(&with_pe, batch, seqlen, tokens, tokens);
         let mut set_list = Vec::with_capacity(sets);
@@ -518,12 +485,7 @@ impl<T: Dtype> Decode<T> {
         let max_pages = context.div_ceil(page_size);
         let per_set = batch * max_pages;
         let sets = sets.max(1);
-        let cache = PagedKvCache {
-            num_pages: sets * per_set,
-            page_size,
-            kv_heads: hkv,
-            head_dim: d,
-        };
+        let cache = PagedKvCache { num_pages: sets * per_set, page_size, kv_heads: hkv, head_dim: d };
         let mut r = SplitMix(seed);
         let mut tables = Vec::with_capacity(sets);
         for s in 0..sets {

@@ -92,10 +92,7 @@ fn metadata(gpu: &Gpu, opts: &Opts, peak: Option<Peak>, sms: usize, l2: usize) -
         .unwrap_or_else(|| "unknown (nvcc of the build not found here)".into());
     let mut m = vec![
         ("device".to_string(), gpu.describe()),
-        (
-            "sms / l2 / memory".into(),
-            format!("{sms} SMs, {:.0} MB L2, {:.1} GiB", l2 as f64 / 1e6, gib(total)),
-        ),
+        ("sms / l2 / memory".into(), format!("{sms} SMs, {:.0} MB L2, {:.1} GiB", l2 as f64 / 1e6, gib(total))),
         (
             "driver".into(),
             format!(
@@ -115,10 +112,7 @@ fn metadata(gpu: &Gpu, opts: &Opts, peak: Option<Peak>, sms: usize, l2: usize) -
                 shell("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "no git".into())
             ),
         ),
-        (
-            "date".into(),
-            shell("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default(),
-        ),
+        ("date".into(), shell("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default()),
         (
             "timing".into(),
             format!(
@@ -132,10 +126,7 @@ fn metadata(gpu: &Gpu, opts: &Opts, peak: Option<Peak>, sms: usize, l2: usize) -
     ];
     let peak_text = match (opts.peak_tflops, opts.peak_gbps) {
         (None, None) => peaks::describe(peak),
-        _ => format!(
-            "{:?} TFLOP/s, {:?} GB/s (given on the command line)",
-            opts.peak_tflops, opts.peak_gbps
-        ),
+        _ => format!("{:?} TFLOP/s, {:?} GB/s (given on the command line)", opts.peak_tflops, opts.peak_gbps),
     };
     m.push(("peak".into(), peak_text));
     m
@@ -160,11 +151,7 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
     let l2 = dev::l2_bytes(&gpu).map_err(|e| e.to_string())?;
     let mut peak = peaks::lookup(&gpu.describe());
     if opts.peak_tflops.is_some() || opts.peak_gbps.is_some() {
-        let base = peak.unwrap_or(Peak {
-            card: "given",
-            tflops: f64::NAN,
-            gbps: f64::NAN,
-        });
+        let base = peak.unwrap_or(Peak { card: "given", tflops: f64::NAN, gbps: f64::NAN });
         peak = Some(Peak {
             card: "given",
             tflops: opts.peak_tflops.unwrap_or(base.tflops),
@@ -175,14 +162,7 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
     for (k, v) in &meta {
         eprintln!("{k:>18}: {v}");
     }
-    let cx = Ctx {
-        gpu: &gpu,
-        stream,
-        settings: opts_settings(opts),
-        l2,
-        sms,
-        peak,
-    };
+    let cx = Ctx { gpu: &gpu, stream, settings: opts_settings(opts), l2, sms, peak };
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     let mut summary = String::new();
@@ -199,10 +179,7 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
     );
     meta.push((
         "copy ceiling".into(),
-        format!(
-            "{copy_gbps:.0} GB/s, dtod copy of {:.2} GiB counting read + write",
-            gib(copy_bytes)
-        ),
+        format!("{copy_gbps:.0} GB/s, dtod copy of {:.2} GiB counting read + write", gib(copy_bytes)),
     ));
     rows.push(Row {
         section: "ceiling",
@@ -266,30 +243,20 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
                 _ => torch::probe(&opts.python).map(|_| ()),
             };
             match go.and_then(|_| {
-                eprintln!(
-                    "[torch] {} {} ({} cases)",
-                    opts.python,
-                    torch::script_path().display(),
-                    plan.prefill.len()
-                );
+                eprintln!("[torch] {} {} ({} cases)", opts.python, torch::script_path().display(), plan.prefill.len());
                 torch::run(&opts.python, &plan.prefill, &cx.settings)
             }) {
                 Ok(t) => {
                     meta.push(("torch".into(), t.versions()));
                     if let Some(tf) = t.matmul_tflops {
-                        meta.push((
-                            "matmul ceiling".into(),
-                            format!("{tf:.0} TFLOP/s (torch bf16 8192^3 matmul)"),
-                        ));
+                        meta.push(("matmul ceiling".into(), format!("{tf:.0} TFLOP/s (torch bf16 8192^3 matmul)")));
                     }
                     for (id, imp, msg) in &t.errors {
                         eprintln!("  torch {id} {imp}: {msg}");
                     }
                     if mode == TorchMode::Force && t.results.is_empty() {
-                        failures.push(format!(
-                            "--torch: the torch script produced no timings ({} errors)",
-                            t.errors.len()
-                        ));
+                        failures
+                            .push(format!("--torch: the torch script produced no timings ({} errors)", t.errors.len()));
                     }
                     Some(t)
                 }
@@ -341,12 +308,7 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
         summary += &rope_table(&rows);
     }
     let _ = cx.sms;
-    Ok(Outcome {
-        meta,
-        rows,
-        summary,
-        failures,
-    })
+    Ok(Outcome { meta, rows, summary, failures })
 }
 
 fn error_row(section: &'static str, case: &str, e: &str) -> Row {
@@ -371,10 +333,7 @@ fn sanity<T: Dtype>(cx: &Ctx, d: usize) -> Result<String, String> {
         let total: usize = lens.iter().sum();
         let mut p = rope_attn::AttentionParams::new(hq, hkv, d);
         p.rope = Some(dev::llama31_rotary(d)?);
-        p.alibi = Some(rope_attn::Alibi {
-            total_heads: hq,
-            head_offset: 0,
-        });
+        p.alibi = Some(rope_attn::Alibi { total_heads: hq, head_offset: 0 });
         let b = AttentionBatch::contiguous(&p, lens.len(), 200, total, total);
         let q = dev::random_device::<T>(s, total * hq * d, 11)?;
         let k = dev::random_device::<T>(s, total * hkv * d, 12)?;
@@ -458,13 +417,7 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
     };
     let chosen = |is: bool| if is { " [auto]" } else { "" };
     let rows = vec![
-        base(
-            "ours_fused",
-            "rope+alibi",
-            format!("{fused_path:?}{}", chosen(!auto_pre)),
-            fused,
-            check,
-        ),
+        base("ours_fused", "rope+alibi", format!("{fused_path:?}{}", chosen(!auto_pre)), fused, check),
         base(
             "ours_prerotated",
             "rope+alibi",
@@ -479,13 +432,7 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
             unfused,
             "ALiBi kept in the attention for parity".into(),
         ),
-        base(
-            "ours_no_pe",
-            "none",
-            format!("{:?}", PrefillPath::Plain),
-            nope,
-            "same kernel, no RoPE, no ALiBi".into(),
-        ),
+        base("ours_no_pe", "none", format!("{:?}", PrefillPath::Plain), nope, "same kernel, no RoPE, no ALiBi".into()),
     ];
     Ok((rows, ours))
 }
@@ -537,10 +484,7 @@ fn torch_rows(plan: &Plan, t: &TorchRun, auto_ms: &HashMap<String, f64>, peak: O
 fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) -> Res<Row> {
     let (b, ctx, hq, hkv, d) = (c.batch, c.context, c.q_heads, c.kv_heads, c.head_dim);
     let mut sets = dev::input_sets(Decode::<T>::kv_bytes(b, ctx, hkv, d), cx.l2);
-    if cx
-        .fits(Decode::<T>::device_bytes(b, ctx, hq, hkv, d, PAGE_SIZE, sets))
-        .is_err()
-    {
+    if cx.fits(Decode::<T>::device_bytes(b, ctx, hq, hkv, d, PAGE_SIZE, sets)).is_err() {
         sets = 1;
     }
     cx.fits(Decode::<T>::device_bytes(b, ctx, hq, hkv, d, PAGE_SIZE, sets))?;
@@ -570,11 +514,7 @@ fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) ->
         pct_peak: cx.peak.map(|p| 100.0 * gbps / p.gbps),
         ratio: Some(gbps / copy_gbps),
         ratio_of: "GB/s(K+V read) / GB/s(dtod copy, read+write)",
-        note: format!(
-            "{} input sets{}",
-            dc.sets(),
-            if finite { "" } else { "; NON-FINITE OUTPUT" }
-        ),
+        note: format!("{} input sets{}", dc.sets(), if finite { "" } else { "; NON-FINITE OUTPUT" }),
     })
 }
 
@@ -619,18 +559,12 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
             Some(copy.median_ms / rope.median_ms),
             format!("{sets} input sets; bytes read + written"),
         ),
-        row(
-            "dtod_copy_same_bytes",
-            copy,
-            None,
-            "cuMemcpyDtoDAsync of Q+K bytes".into(),
-        ),
+        row("dtod_copy_same_bytes", copy, None, "cuMemcpyDtoDAsync of Q+K bytes".into()),
     ])
 }
 
 fn find<'a>(rows: &'a [Row], section: &str, case: &str, implementation: &str) -> Option<&'a Row> {
-    rows.iter()
-        .find(|r| r.section == section && r.case == case && r.implementation == implementation)
+    rows.iter().find(|r| r.section == section && r.case == case && r.implementation == implementation)
 }
 
 fn prefill_table(plan: &Plan, rows: &[Row], peak: Option<Peak>) -> String {
@@ -649,23 +583,15 @@ fn prefill_table(plan: &Plan, rows: &[Row], peak: Option<Peak>) -> String {
         .copied()
         .filter(|(_, imp)| rows.iter().any(|r| r.section == "prefill" && r.implementation == *imp))
         .collect();
-    let mut header = vec![
-        "prefill (GQA 32/8, RoPE+ALiBi)",
-        "fused ms",
-        "pre-rot ms",
-        "ours",
-        "TFLOP/s",
-        "%peak",
-    ];
+    let mut header = vec!["prefill (GQA 32/8, RoPE+ALiBi)", "fused ms", "pre-rot ms", "ours", "TFLOP/s", "%peak"];
     header.extend(present.iter().map(|(h, _)| *h));
     header.push("check");
     let mut body = Vec::new();
     for c in &plan.prefill {
         let id = c.id();
-        let (Some(f), Some(p)) = (
-            find(rows, "prefill", &id, "ours_fused"),
-            find(rows, "prefill", &id, "ours_prerotated"),
-        ) else {
+        let (Some(f), Some(p)) =
+            (find(rows, "prefill", &id, "ours_fused"), find(rows, "prefill", &id, "ours_prerotated"))
+        else {
             let why = find(rows, "prefill", &id, "error").map_or("not run".to_string(), |r| r.note.clone());
             let mut line = vec![c.to_string(), "—".into(), "—".into(), why];
             line.resize(header.len(), String::new());
@@ -677,23 +603,14 @@ fn prefill_table(plan: &Plan, rows: &[Row], peak: Option<Peak>) -> String {
             c.to_string(),
             format!("{:.3}", f.ms_median),
             format!("{:.3}", p.ms_median),
-            (if ours.implementation == "ours_fused" {
-                "fused"
-            } else {
-                "pre-rot"
-            })
-            .into(),
+            (if ours.implementation == "ours_fused" { "fused" } else { "pre-rot" }).into(),
             num(ours.tflops, 1),
             num(ours.pct_peak, 1),
         ];
         for (_, imp) in &present {
             line.push(times(find(rows, "prefill", &id, imp).and_then(|r| r.ratio)));
         }
-        line.push(if f.note.contains("MISMATCH") {
-            "MISMATCH".into()
-        } else {
-            "ok".into()
-        });
+        line.push(if f.note.contains("MISMATCH") { "MISMATCH".into() } else { "ok".into() });
         body.push(line);
     }
     format!(
@@ -740,20 +657,9 @@ fn decode_table(rows: &[Row], copy_gbps: f64) -> String {
 
 fn rope_table(rows: &[Row]) -> String {
     let mut body = Vec::new();
-    for r in rows
-        .iter()
-        .filter(|r| r.section == "rope" && r.implementation != "dtod_copy_same_bytes")
-    {
+    for r in rows.iter().filter(|r| r.section == "rope" && r.implementation != "dtod_copy_same_bytes") {
         if r.implementation == "error" {
-            body.push(vec![
-                r.case.clone(),
-                "—".into(),
-                "—".into(),
-                "—".into(),
-                "—".into(),
-                "—".into(),
-                r.note.clone(),
-            ]);
+            body.push(vec![r.case.clone(), "—".into(), "—".into(), "—".into(), "—".into(), "—".into(), r.note.clone()]);
             continue;
         }
         let copy = find(rows, "rope", &r.case, "dtod_copy_same_bytes");

@@ -16,132 +16,32 @@ pub struct Peak {
 /// (tokens that must all appear in the device name, its peaks); the first match wins, so the
 /// more specific variants come first.
 const PEAKS: &[(&[&str], Peak)] = &[
-    (
-        &["h200", "nvl"],
-        Peak {
-            card: "H200 NVL",
-            tflops: 835.0,
-            gbps: 4800.0,
-        },
-    ),
-    (
-        &["h200"],
-        Peak {
-            card: "H200 SXM",
-            tflops: 989.0,
-            gbps: 4800.0,
-        },
-    ),
-    (
-        &["h100", "pcie"],
-        Peak {
-            card: "H100 PCIe",
-            tflops: 756.0,
-            gbps: 2000.0,
-        },
-    ),
-    (
-        &["h100", "nvl"],
-        Peak {
-            card: "H100 NVL",
-            tflops: 835.0,
-            gbps: 3900.0,
-        },
-    ),
-    (
-        &["h100"],
-        Peak {
-            card: "H100 SXM",
-            tflops: 989.0,
-            gbps: 3350.0,
-        },
-    ),
-    (
-        &["a100", "80gb", "pcie"],
-        Peak {
-            card: "A100 80GB PCIe",
-            tflops: 312.0,
-            gbps: 1935.0,
-        },
-    ),
-    (
-        &["a100", "80gb"],
-        Peak {
-            card: "A100 80GB SXM",
-            tflops: 312.0,
-            gbps: 2039.0,
-        },
-    ),
-    (
-        &["a100"],
-        Peak {
-            card: "A100 40GB",
-            tflops: 312.0,
-            gbps: 1555.0,
-        },
-    ),
-    (
-        &["l40s"],
-        Peak {
-            card: "L40S",
-            tflops: 362.0,
-            gbps: 864.0,
-        },
-    ),
-    (
-        &["l4"],
-        Peak {
-            card: "L4",
-            tflops: 121.0,
-            gbps: 300.0,
-        },
-    ),
-    (
-        &["a10"],
-        Peak {
-            card: "A10",
-            tflops: 125.0,
-            gbps: 600.0,
-        },
-    ),
-    (
-        &["rtx", "4090"],
-        Peak {
-            card: "RTX 4090",
-            tflops: 165.0,
-            gbps: 1008.0,
-        },
-    ),
-    (
-        &["rtx", "3090"],
-        Peak {
-            card: "RTX 3090",
-            tflops: 71.0,
-            gbps: 936.0,
-        },
-    ),
+    (&["h200", "nvl"], Peak { card: "H200 NVL", tflops: 835.0, gbps: 4800.0 }),
+    (&["h200"], Peak { card: "H200 SXM", tflops: 989.0, gbps: 4800.0 }),
+    (&["h100", "pcie"], Peak { card: "H100 PCIe", tflops: 756.0, gbps: 2000.0 }),
+    (&["h100", "nvl"], Peak { card: "H100 NVL", tflops: 835.0, gbps: 3900.0 }),
+    (&["h100"], Peak { card: "H100 SXM", tflops: 989.0, gbps: 3350.0 }),
+    (&["a100", "80gb", "pcie"], Peak { card: "A100 80GB PCIe", tflops: 312.0, gbps: 1935.0 }),
+    (&["a100", "80gb"], Peak { card: "A100 80GB SXM", tflops: 312.0, gbps: 2039.0 }),
+    (&["a100"], Peak { card: "A100 40GB", tflops: 312.0, gbps: 1555.0 }),
+    (&["l40s"], Peak { card: "L40S", tflops: 362.0, gbps: 864.0 }),
+    (&["l4"], Peak { card: "L4", tflops: 121.0, gbps: 300.0 }),
+    (&["a10"], Peak { card: "A10", tflops: 125.0, gbps: 600.0 }),
+    (&["rtx", "4090"], Peak { card: "RTX 4090", tflops: 165.0, gbps: 1008.0 }),
+    (&["rtx", "3090"], Peak { card: "RTX 3090", tflops: 71.0, gbps: 936.0 }),
 ];
 
 /// The peaks of the card named `device` (as `Gpu::describe` or the driver reports it), if known.
 pub fn lookup(device: &str) -> Option<Peak> {
     let lower = device.to_ascii_lowercase();
-    let tokens: Vec<&str> = lower
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|t| !t.is_empty())
-        .collect();
-    PEAKS
-        .iter()
-        .find(|(need, _)| need.iter().all(|n| tokens.contains(n)))
-        .map(|(_, p)| *p)
+    let tokens: Vec<&str> = lower.split(|c: char| !c.is_ascii_alphanumeric()).filter(|t| !t.is_empty()).collect();
+    PEAKS.iter().find(|(need, _)| need.iter().all(|n| tokens.contains(n))).map(|(_, p)| *p)
 }
 
 /// "H100 SXM: 989 TFLOP/s dense bf16, 3350 GB/s (datasheet)" or "unknown peak".
 pub fn describe(peak: Option<Peak>) -> String {
     match peak {
-        Some(p) => format!(
-            "{}: {:.0} TFLOP/s dense 16-bit, {:.0} GB/s (datasheet)",
-            p.card, p.tflops, p.gbps
-        ),
+        Some(p) => format!("{}: {:.0} TFLOP/s dense 16-bit, {:.0} GB/s (datasheet)", p.card, p.tflops, p.gbps),
         None => "unknown peak (card not in the table; pass --peak-tflops / --peak-gbps)".into(),
     }
 }

@@ -47,8 +47,7 @@ fn field(s: &str) -> String {
 
 /// `digits` decimals; empty if missing.
 fn opt(x: Option<f64>, digits: usize) -> String {
-    x.filter(|v| v.is_finite())
-        .map_or_else(String::new, |v| format!("{v:.digits$}"))
+    x.filter(|v| v.is_finite()).map_or_else(String::new, |v| format!("{v:.digits$}"))
 }
 
 /// TFLOP/s: two decimals, or four significant digits under 1 (the CPU reference's rates).
@@ -117,15 +116,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         s.trim_end().to_string() + "\n"
     };
     let mut out = line(header.to_vec());
-    out += &line(
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str)
-            .collect(),
-    );
+    out += &line(widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().iter().map(String::as_str).collect());
     for r in rows {
         out += &line(r.iter().map(String::as_str).collect());
     }
@@ -134,14 +125,12 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `1.234` → "1.23×", None → "—".
 pub fn times(x: Option<f64>) -> String {
-    x.filter(|v| v.is_finite())
-        .map_or_else(|| "—".into(), |v| format!("{v:.2}×"))
+    x.filter(|v| v.is_finite()).map_or_else(|| "—".into(), |v| format!("{v:.2}×"))
 }
 
 /// A number with `digits` decimals, or "—".
 pub fn num(x: Option<f64>, digits: usize) -> String {
-    x.filter(|v| v.is_finite())
-        .map_or_else(|| "—".into(), |v| format!("{v:.digits$}"))
+    x.filter(|v| v.is_finite()).map_or_else(|| "—".into(), |v| format!("{v:.digits$}"))
 }
 
 #[cfg(test)]
@@ -167,11 +156,7 @@ mod tests {
         assert_eq!(lines[0], "# device: NVIDIA H100 80GB");
         assert_eq!(lines[1], HEADER);
         assert!(lines[2].starts_with("prefill,bf16-d128-b1-n512-causal,torch_sdpa_flash,,"));
-        assert!(
-            lines[2].contains(",true,,0.500000,0.250000,123.46,,,,,"),
-            "{}",
-            lines[2]
-        );
+        assert!(lines[2].contains(",true,,0.500000,0.250000,123.46,,,,,"), "{}", lines[2]);
         assert!(lines[2].ends_with(",\"k,v expanded to 32 heads, \"\"no gqa\"\"\""));
         assert_eq!(lines[2].matches(',').count() - 2, HEADER.matches(',').count());
         // two inside the quoted note
@@ -179,17 +164,11 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(
-            &["case", "ms"],
-            &[vec!["a".into(), "1.5".into()], vec!["longer".into(), "10.25".into()]],
-        );
+        let t = table(&["case", "ms"], &[vec!["a".into(), "1.5".into()], vec!["longer".into(), "10.25".into()]]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "case       ms");
         assert_eq!(lines[2], "a         1.5");
         assert_eq!(lines[3], "longer  10.25");
-        assert_eq!(
-            (times(Some(1.234)), times(None), num(Some(2.0), 1)),
-            ("1.23×".into(), "—".into(), "2.0".into())
-        );
+        assert_eq!((times(Some(1.234)), times(None), num(Some(2.0), 1)), ("1.23×".into(), "—".into(), "2.0".into()));
     }
 }

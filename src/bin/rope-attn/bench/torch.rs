@@ -34,9 +34,7 @@ impl TorchRun {
     /// The timing of `implementation` on case `id`.
     #[cfg(test)]
     pub fn ms(&self, id: &str, implementation: &str) -> Option<&TorchResult> {
-        self.results
-            .iter()
-            .find(|r| r.id == id && r.implementation == implementation)
+        self.results.iter().find(|r| r.id == id && r.implementation == implementation)
     }
 
     /// "torch 2.5.1 (CUDA 12.4), flash_attn 2.6.3" for the report.
@@ -46,16 +44,10 @@ impl TorchRun {
         };
         let get = |k: &str| env.get(k).and_then(Value::as_str).map(str::to_string);
         let mut s = match get("torch") {
-            Some(t) => format!(
-                "torch {t} (CUDA runtime {})",
-                get("cuda_runtime").unwrap_or_else(|| "?".into())
-            ),
+            Some(t) => format!("torch {t} (CUDA runtime {})", get("cuda_runtime").unwrap_or_else(|| "?".into())),
             None => format!("torch: {}", get("error").unwrap_or_else(|| "not importable".into())),
         };
-        for (key, name) in [
-            ("flash_attn", "flash_attn"),
-            ("flash_attn3", "flash_attn_interface (FA3)"),
-        ] {
+        for (key, name) in [("flash_attn", "flash_attn"), ("flash_attn3", "flash_attn_interface (FA3)")] {
             match get(key) {
                 Some(v) => s += &format!(", {name} {v}"),
                 None => s += &format!(", no {name}"),
@@ -72,8 +64,7 @@ pub fn parse(text: &str) -> TorchRun {
         let v: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(_) => {
-                run.errors
-                    .push((String::new(), String::new(), format!("unparsed output: {line}")));
+                run.errors.push((String::new(), String::new(), format!("unparsed output: {line}")));
                 continue;
             }
         };
@@ -89,15 +80,11 @@ pub fn parse(text: &str) -> TorchRun {
                     ms_min: min,
                     note: s("note"),
                 }),
-                _ => run
-                    .errors
-                    .push((s("id"), s("impl"), format!("result without a positive time: {line}"))),
+                _ => run.errors.push((s("id"), s("impl"), format!("result without a positive time: {line}"))),
             },
             Some("error") => run.errors.push((s("id"), s("impl"), s("error"))),
             Some("matmul") => run.matmul_tflops = f("tflops"),
-            _ => run
-                .errors
-                .push((String::new(), String::new(), format!("unknown line: {line}"))),
+            _ => run.errors.push((String::new(), String::new(), format!("unknown line: {line}"))),
         }
     }
     run
@@ -117,10 +104,7 @@ pub fn script_path() -> PathBuf {
 /// `Ok(version)` when `python` imports torch and torch sees a CUDA device.
 pub fn probe(python: &str) -> Result<String, String> {
     let out = Command::new(python)
-        .args([
-            "-c",
-            "import torch; print(torch.__version__, torch.cuda.is_available())",
-        ])
+        .args(["-c", "import torch; print(torch.__version__, torch.cuda.is_available())"])
         .stderr(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {python}: {e}"))?;
@@ -168,17 +152,10 @@ pub fn run(python: &str, cases: &[PrefillCase], s: &Settings) -> Result<TorchRun
         .expect("stdin is piped")
         .write_all(body.as_bytes())
         .map_err(|e| format!("writing to the torch script: {e}"))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for the torch script: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("waiting for the torch script: {e}"))?;
     let run = parse(&String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
-        return Err(format!(
-            "{} exited with {} ({} results read)",
-            script.display(),
-            out.status,
-            run.results.len()
-        ));
+        return Err(format!("{} exited with {} ({} results read)", script.display(), out.status, run.results.len()));
     }
     Ok(run)
 }
@@ -201,16 +178,10 @@ Traceback (most recent call last):
         assert_eq!(r.matmul_tflops, Some(700.5));
         assert_eq!(r.results.len(), 1);
         let sdpa = r.ms("bf16-d128-b1-n2048-causal", "sdpa_flash").unwrap();
-        assert_eq!(
-            (sdpa.ms_median, sdpa.ms_min, sdpa.note.as_str()),
-            (0.25, 0.24, "gqa native (enable_gqa)")
-        );
+        assert_eq!((sdpa.ms_median, sdpa.ms_min, sdpa.note.as_str()), (0.25, 0.24, "gqa native (enable_gqa)"));
         assert!(r.ms("bf16-d128-b1-n2048-causal", "flash_attn").is_none());
         assert_eq!(r.errors.len(), 3, "{:?}", r.errors);
-        assert_eq!(
-            r.versions(),
-            "torch 2.5.1 (CUDA runtime 12.4), no flash_attn, no flash_attn_interface (FA3)"
-        );
+        assert_eq!(r.versions(), "torch 2.5.1 (CUDA runtime 12.4), no flash_attn, no flash_attn_interface (FA3)");
     }
 
     #[test]
