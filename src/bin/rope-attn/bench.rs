@@ -36,7 +36,8 @@ and unfused outputs against each other. Timing: CUDA events after warm-up, media
 inputs rotated over several sets when they would fit in L2. Prints TFLOP/s (4·b·h·n²·d, halved
 for causal), GB/s, % of the card's datasheet peak and ratios t(baseline)/t(ours).
 
-Without a GPU: prints what it would run, then times the f64 CPU reference at tiny sizes (exit 0).
+Without a GPU: prints what it would run, then times the f64 CPU reference at tiny sizes (exit 0;
+with ROPE_ATTN_REQUIRE_GPU=1 a missing GPU is an error, as in the test suite).
 
 OPTIONS:
     --quick             a small subset (bf16, d128, a few shapes), fewer rounds
@@ -98,6 +99,11 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     let csv_path = args.value("--csv");
 
     let status = rope_attn::cuda::device_status();
+    if let Err(why) = &status {
+        if std::env::var("ROPE_ATTN_REQUIRE_GPU").as_deref() == Ok("1") && !args.flag("--cpu") {
+            return Err(format!("ROPE_ATTN_REQUIRE_GPU=1 but no GPU is usable: {why}"));
+        }
+    }
     match (&status, args.flag("--cpu")) {
         (Ok(_), false) => {
             println!(
@@ -165,4 +171,34 @@ pub fn cpu_model() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn cpu_mode_runs_end_to_end_and_writes_the_csv() {
+        let path = std::env::temp_dir().join(format!("rope-attn-bench-{}.csv", std::process::id()));
+        let p = path.to_str().unwrap();
+        run(&argv(&["--cpu", "--quick", "--only", "rope", "--csv", p])).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert!(text.lines().any(|l| l.starts_with("section,case,impl,")));
+        for imp in ["reference::rotate", "reference::attention", "RopeConfig::from_hf_config_json"] {
+            assert!(text.lines().any(|l| l.starts_with("cpu,") && l.contains(imp)), "{imp} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn usage_errors_are_named() {
+        assert!(run(&argv(&["--only", "prefil"])).unwrap_err().contains("prefil"));
+        assert!(run(&argv(&["--torch", "--no-torch"])).unwrap_err().contains("contradict"));
+        assert!(run(&argv(&["extra"])).unwrap_err().contains("positional"));
+        assert!(run(&argv(&["--peak-tflops", "-1"])).unwrap_err().contains("--peak-tflops"));
+    }
 }
