@@ -162,22 +162,24 @@ def run_case(torch, case, impls, s, theta):
             expanded.extend((q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) for q, k, v in bhnd)
         return expanded[i % sets]
 
-    def sdpa(backend, q, k, v, native):
-        with sdpa_kernel(backend):
-            if native:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    def sdpa(q, k, v, native):
+        # Called inside `with sdpa_kernel(backend)`, entered once around the whole measurement
+        # (not per call: its Python overhead would be timed on small shapes).
+        if native:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     expand_note = f"k,v expanded to {hq} heads before timing (no enable_gqa on this backend)"
     cos, sin = rope_tables(torch, n, d, theta, dt) if "torch_rope_sdpa" in impls else (None, None)
     for impl in impls:
         try:
+            backend = None
             if impl in ("sdpa_flash", "sdpa_cudnn"):
                 backend = SDPBackend.FLASH_ATTENTION if impl == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
                 native = gqa_native(backend)
 
-                def fn(i, backend=backend, native=native):
-                    return sdpa(backend, *kv_for(i, native), native)
+                def fn(i, native=native):
+                    return sdpa(*kv_for(i, native), native)
 
                 note = "gqa native (enable_gqa)" if native else expand_note
             elif impl in ("flash_attn", "flash_attn3"):
@@ -192,7 +194,8 @@ def run_case(torch, case, impls, s, theta):
 
                 note = "gqa native, [b,n,h,d]"
             elif impl == "torch_rope_sdpa":
-                native = gqa_native(SDPBackend.FLASH_ATTENTION)
+                backend = SDPBackend.FLASH_ATTENTION
+                native = gqa_native(backend)
 
                 def fn(i, native=native):
                     q, k, v = bhnd[i % sets]
@@ -200,14 +203,18 @@ def run_case(torch, case, impls, s, theta):
                     k2 = k * cos + rotate_half(k) * sin
                     if not native:
                         k2, v = k2.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-                    return sdpa(SDPBackend.FLASH_ATTENTION, q2, k2, v, native)
+                    return sdpa(q2, k2, v, native)
 
                 note = "rotate_half RoPE in torch ops + flash SDPA; " + (
                     "gqa native (enable_gqa)" if native else "k,v expanded inside the timing"
                 )
             else:
                 raise ValueError(f"unknown impl {impl}")
-            med, mn, iters = measure(torch, fn, s)
+            if backend is None:
+                med, mn, iters = measure(torch, fn, s)
+            else:
+                with sdpa_kernel(backend):
+                    med, mn, iters = measure(torch, fn, s)
             emit({"type": "result", "id": cid, "impl": impl, "ms_median": med, "ms_min": mn, "iters": iters, "sets": sets, "note": note})
         except Exception as e:  # noqa: BLE001 - report and go on with the next implementation
             emit({"type": "error", "id": cid, "impl": impl, "error": f"{type(e).__name__}: {e}"[:500]})
