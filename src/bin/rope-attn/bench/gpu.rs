@@ -307,7 +307,6 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
     if !plan.rope.is_empty() {
         summary += &rope_table(&rows);
     }
-    let _ = cx.sms;
     Ok(Outcome { meta, rows, summary, failures })
 }
 
