@@ -1,0 +1,228 @@
+//! CPU tensors: the f64 reference on the same inputs, rounded once to the tensor's dtype.
+//! Operands arrive validated (shapes, dtypes, kernel checks) by the public functions.
+
+use super::{candle_error, from_f64, to_f64, ErrSlot, Rows};
+use crate::attention::{AttentionParams, Rotary};
+use crate::cuda::{DecodeBatch, Dtype, PagedKvCache};
+use crate::error::{Error, Result};
+use crate::reference;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout as CLayout, Tensor};
+
+/// Out-of-place rotation of Q and K into dense tensors of their dtype.
+pub(super) fn rope(q: &Tensor, k: &Tensor, pos: &[i64], rot: &Rotary) -> Result<(Tensor, Tensor)> {
+    let one = |x: &Tensor| -> Result<Tensor> {
+        let (n, h, d) = x.dims3().map_err(candle_error)?;
+        let mut v = to_f64(x)?;
+        reference::rotate(&mut v, n, h, d, h * d, pos, rot)?;
+        from_f64(v, x.dims(), x.dtype(), x.device())
+    };
+    Ok((one(q)?, one(k)?))
+}
+
+/// Rotates the rows of one tensor where they lie.
+struct RotateRows<'a> {
+    rows: Rows,
+    pos: &'a [i64],
+    rot: &'a Rotary,
+    err: ErrSlot,
+}
+
+fn rotate_rows<T: Dtype>(x: &mut [T], rows: &Rows, pos: &[i64], rot: &Rotary) {
+    let d = rows.head_dim;
+    let mut buf = vec![0.0; d];
+    for (t, &p) in pos.iter().enumerate() {
+        for h in 0..rows.heads {
+            let s = rows.at(t, h);
+            let head = &mut x[s..s + d];
+            for (b, v) in buf.iter_mut().zip(head.iter()) {
+                *b = v.to_f64();
+            }
+            reference::rotate_head(&mut buf, p as f64, rot);
+            for (v, b) in head.iter_mut().zip(&buf) {
+                *v = T::from_f64(*b);
+            }
+        }
+    }
+}
+
+impl InplaceOp1 for RotateRows<'_> {
+    fn name(&self) -> &'static str {
+        "rope-attn rope_inplace"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &CLayout) -> candle_core::Result<()> {
+        debug_assert_eq!(l.start_offset(), self.rows.offset);
+        match s {
+            CpuStorage::F32(x) => rotate_rows(x, &self.rows, self.pos, self.rot),
+            CpuStorage::F16(x) => rotate_rows(x, &self.rows, self.pos, self.rot),
+            CpuStorage::BF16(x) => rotate_rows(x, &self.rows, self.pos, self.rot),
+            other => {
+                return Err(self.err.keep(Error::DtypeMismatch { expected: "f32, f16 or bf16", got: other.dtype().as_str() }))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rotate the rows of `x` in place (positions validated by the caller).
+pub(super) fn rotate_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: &Rotary) -> Result<()> {
+    let op = RotateRows { rows, pos, rot, err: ErrSlot::default() };
+    x.inplace_op1(&op).map_err(|e| op.err.or(e))
+}
+
+/// Prefill over a packed batch: the reference per sequence, queries bottom-right aligned.
+pub(super) fn attention_prefill(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &AttentionParams,
+    cu_q: &[usize],
+    cu_k: &[usize],
+) -> Result<(Tensor, Tensor)> {
+    let (qh, kh, vh) = (to_f64(q)?, to_f64(k)?, to_f64(v)?);
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let tq = cu_q[cu_q.len() - 1];
+    let mut out = vec![0.0; tq * hq * d];
+    let mut lse = vec![f32::NEG_INFINITY; hq * tq];
+    for b in 0..cu_q.len() - 1 {
+        let (q0, q1, k0, k1) = (cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]);
+        let (nq, nk) = (q1 - q0, k1 - k0);
+        if nq == 0 {
+            continue;
+        }
+        let off = nk as i64 - nq as i64;
+        let q_pos: Vec<i64> = (0..nq as i64).map(|m| off + m).collect();
+        let k_pos: Vec<i64> = (0..nk as i64).collect();
+        let r = reference::attention(
+            &qh[q0 * hq * d..q1 * hq * d],
+            &kh[k0 * hkv * d..k1 * hkv * d],
+            &vh[k0 * hkv * d..k1 * hkv * d],
+            &q_pos,
+            &k_pos,
+            p,
+        )?;
+        out[q0 * hq * d..q1 * hq * d].copy_from_slice(&r.out);
+        for h in 0..hq {
+            for m in 0..nq {
+                lse[h * tq + q0 + m] = r.lse[h * nq + m] as f32;
+            }
+        }
+    }
+    let lse = Tensor::from_vec(lse, (hq, tq), q.device()).map_err(candle_error)?;
+    Ok((from_f64(out, &[tq, hq, d], q.dtype(), q.device())?, lse))
+}
+
+/// Paged decode: keys gathered through the block table, then the reference per sequence.
+/// Unlike the kernel (which clamps), out-of-range table entries and lengths are errors here.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_decode(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    table: &[i64],
+    lens: &[i64],
+    batch: &DecodeBatch,
+    cache: &PagedKvCache,
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor)> {
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let (nq, tokens) = (batch.queries, batch.batch * batch.queries);
+    for &ctx in lens {
+        if ctx < nq as i64 {
+            return Err(Error::Shape {
+                what: "context_lens",
+                expected: format!(">= {nq} (the new tokens are in the cache)"),
+                got: ctx.to_string(),
+            });
+        }
+        if ctx > batch.max_context as i64 {
+            return Err(Error::Position { what: "context_lens", value: ctx, limit: batch.max_context as i64 });
+        }
+    }
+    let (qh, kc, vc) = (to_f64(q)?, to_f64(k_cache)?, to_f64(v_cache)?);
+    let row = hkv * d;
+    let mut out = vec![0.0; tokens * hq * d];
+    let mut lse = vec![f32::NEG_INFINITY; hq * tokens];
+    for b in 0..batch.batch {
+        let ctx = lens[b] as usize;
+        let mut slots = Vec::with_capacity(ctx);
+        for j in 0..ctx {
+            let page = table[b * batch.max_pages + j / cache.page_size];
+            if !(0..cache.num_pages as i64).contains(&page) {
+                return Err(Error::Position { what: "block_table entry", value: page, limit: cache.num_pages as i64 - 1 });
+            }
+            slots.push(page as usize * cache.page_size + j % cache.page_size);
+        }
+        let gather = |c: &[f64]| -> Vec<f64> { slots.iter().flat_map(|&s| c[s * row..(s + 1) * row].iter().copied()).collect() };
+        let (kk, vv) = (gather(&kc), gather(&vc));
+        let q_pos: Vec<i64> = (0..nq).map(|qi| (ctx - nq + qi) as i64).collect();
+        let k_pos: Vec<i64> = (0..ctx as i64).collect();
+        let span = b * nq * hq * d..(b + 1) * nq * hq * d;
+        let r = reference::attention(&qh[span.clone()], &kk, &vv, &q_pos, &k_pos, p)?;
+        out[span].copy_from_slice(&r.out);
+        for h in 0..hq {
+            for qi in 0..nq {
+                lse[h * tokens + b * nq + qi] = r.lse[h * nq + qi] as f32;
+            }
+        }
+    }
+    let lse = Tensor::from_vec(lse, (hq, tokens), q.device()).map_err(candle_error)?;
+    Ok((from_f64(out, &[tokens, hq, d], q.dtype(), q.device())?, lse))
+}
+
+/// Copies rows of one source into one cache at their slots.
+struct CopyRows<'a> {
+    src: Rows,
+    slots: &'a [i64],
+    num_slots: usize,
+    err: ErrSlot,
+}
+
+fn copy_rows<T: Copy>(dst: &mut [T], base: usize, src: &[T], rows: &Rows, slots: &[i64], num_slots: usize) {
+    let row = rows.heads * rows.head_dim;
+    for (t, &slot) in slots.iter().enumerate() {
+        if slot < 0 || slot as usize >= num_slots {
+            continue;
+        }
+        let (o, s) = (base + slot as usize * row, rows.at(t, 0));
+        dst[o..o + row].copy_from_slice(&src[s..s + row]);
+    }
+}
+
+impl InplaceOp2 for CopyRows<'_> {
+    fn name(&self) -> &'static str {
+        "rope-attn paged_append"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &CLayout, src: &CpuStorage, _sl: &CLayout) -> candle_core::Result<()> {
+        let (b, r, sl, n) = (dl.start_offset(), &self.src, self.slots, self.num_slots);
+        match (dst, src) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => copy_rows(d, b, s, r, sl, n),
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => copy_rows(d, b, s, r, sl, n),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => copy_rows(d, b, s, r, sl, n),
+            (d, s) => return Err(self.err.keep(Error::DtypeMismatch { expected: d.dtype().as_str(), got: s.dtype().as_str() })),
+        }
+        Ok(())
+    }
+}
+
+/// Write K and V rows into their caches (one in-place op per cache).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn paged_append(
+    k: &Tensor,
+    v: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    kr: Rows,
+    vr: Rows,
+    slots: &[i64],
+    cache: &PagedKvCache,
+) -> Result<()> {
+    let num_slots = cache.num_pages * cache.page_size;
+    for (dst, src, rows) in [(k_cache, k, kr), (v_cache, v, vr)] {
+        let op = CopyRows { src: rows, slots, num_slots, err: ErrSlot::default() };
+        dst.inplace_op2(src, &op).map_err(|e| op.err.or(e))?;
+    }
+    Ok(())
+}
