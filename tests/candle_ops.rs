@@ -347,7 +347,7 @@ fn decode_matches_candle_and_prefill() {
     p.alibi = Some(Alibi { total_heads: 8, head_offset: 0 });
     let kv: Vec<(Tensor, Tensor)> = ctx.iter().map(|&n| (uniform(&mut r, &[n, hkv, d], &Device::Cpu), uniform(&mut r, &[n, hkv, d], &Device::Cpu))).collect();
     let q = uniform(&mut r, &[ctx.len() * nq, hq, d], &Device::Cpu);
-    let lens = Tensor::new(&[9u32, 6, 2], &Device::Cpu).unwrap();
+    let lens = Tensor::new(&[9i32, 6, 2], &Device::Cpu).unwrap(); // I32 here, I64 table, U32 positions elsewhere
     for shared in [false, true] {
         let c = paged(&kv, (hkv, d), 4, 16, 3, shared);
         let (out, lse) = ra::attention_decode(&q, &c.k_cache, &c.v_cache, &c.table, &lens, 12, &p).unwrap();
@@ -486,6 +486,7 @@ fn typed_errors_for_shape_dtype_layout_and_range_mistakes() {
     );
     expect!(ra::attention_decode(&q2, &kc, &kc, &table, &Tensor::new(&[1u32, 1], &dev).unwrap(), 9, &p), Err(Error::Position { what: "max_context", .. }));
     shape(ra::attention_decode(&z(&[3, 4, 64], DType::F32), &kc, &kc, &table, &Tensor::new(&[1u32, 1], &dev).unwrap(), 8, &p), "q");
+    shape(ra::attention_decode(&q2, &kc, &kc, &table.t().unwrap(), &Tensor::new(&[1u32, 1], &dev).unwrap(), 8, &p), "block_table");
     shape(ra::attention_decode(&q2, &kc, &z(&[4, 2, 2, 64], DType::F32), &table, &Tensor::new(&[1u32, 1], &dev).unwrap(), 8, &p), "v_cache");
     shape(ra::attention_decode(&q2, &kc.permute((1, 0, 2, 3)).unwrap(), &kc, &table, &Tensor::new(&[1u32, 1], &dev).unwrap(), 8, &p), "k_cache");
     // append: new rows inside the cache, overlapping cache views
@@ -505,7 +506,9 @@ fn typed_errors_for_shape_dtype_layout_and_range_mistakes() {
 fn gpu_candle_ops_match_cpu() {
     #[cfg(not(feature = "candle-cuda"))]
     {
-        eprintln!("SKIPPED gpu_candle_ops_match_cpu: built without the `candle-cuda` feature (CUDA tensors untested in this build)");
+        // Straight to the stderr handle: libtest captures eprintln!, CI logs should show this.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED gpu_candle_ops_match_cpu: built without the `candle-cuda` feature (CUDA tensors untested in this build)");
     }
     #[cfg(feature = "candle-cuda")]
     gpu::run();
@@ -522,7 +525,8 @@ mod gpu {
                 if std::env::var("ROPE_ATTN_REQUIRE_GPU").as_deref() == Ok("1") {
                     panic!("gpu_candle_ops_match_cpu: ROPE_ATTN_REQUIRE_GPU=1 but no GPU is usable: {why}");
                 }
-                eprintln!("SKIPPED gpu_candle_ops_match_cpu: no GPU ({why}); the candle CUDA path is unproven until this runs on one");
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "SKIPPED gpu_candle_ops_match_cpu: no GPU ({why}); the candle CUDA path is unproven until this runs on one");
                 None
             }
         }
@@ -584,7 +588,7 @@ mod gpu {
             assert_eq!(max_diff(&kcg.to_device(&Device::Cpu).unwrap(), &kcc), 0.0, "{dt:?} append k");
             assert_eq!(max_diff(&vcg.to_device(&Device::Cpu).unwrap(), &vcc), 0.0, "{dt:?} append v");
             let table = Tensor::new(&[[7i64, 6, 5, 4, 3, 2]], &Device::Cpu).unwrap();
-            let lens = Tensor::new(&[t as i64], &Device::Cpu).unwrap();
+            let lens = Tensor::new(&[t as i32], &Device::Cpu).unwrap();
             let qd = qc.narrow(0, 0, 2).unwrap();
             let (odg, ldg) = ra::attention_decode(
                 &qd.to_device(&gpu).unwrap(),

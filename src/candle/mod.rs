@@ -22,8 +22,9 @@
 //!   (decode rotates them at their positions). They may be two views of one
 //!   `[2, num_pages, page_size, Hkv, d]` tensor (vLLM's layout). Block table `[batch, max_pages]`,
 //!   context lengths `[batch]`, slots `[tokens]` (`page * page_size + offset`).
-//! * Integer tensors (positions, block table, lengths, slots): U32, I32 or I64, on the same
-//!   device as the rest. I32 saves a cast on CUDA. Positions are `0 ..= i32::MAX`.
+//! * Integer tensors (positions, block table, lengths, slots): U32, I32 or I64, contiguous, on
+//!   the same device as the rest; the kernels read them as i32 (I64 costs a cast on CUDA).
+//!   Positions are `0 ..= i32::MAX`: CPU tensors are checked, CUDA ones cannot be without a sync.
 //! * Float tensors: F32, F16 or BF16 (the kernels' types), all of one call in the same dtype.
 //!   Outputs have that dtype; log-sum-exps are F32 `[Hq, tokens]`, natural log, `-inf` for a
 //!   query that sees no key (its output row is 0).
@@ -162,6 +163,9 @@ fn int_tensor(what: &'static str, t: &Tensor, dims: &[usize]) -> Result<()> {
     if t.dims() != dims {
         return Err(Error::Shape { what, expected: format!("{dims:?}"), got: dims_str(t) });
     }
+    if !t.is_contiguous() {
+        return Err(Error::Shape { what, expected: "a contiguous tensor".into(), got: format!("strides {:?}", t.layout().stride()) });
+    }
     Ok(())
 }
 
@@ -179,14 +183,14 @@ pub(crate) fn same_storage(a: &Tensor, b: &Tensor) -> bool {
 enum On {
     Cpu,
     #[cfg(feature = "candle-cuda")]
-    Cuda(candle_core::CudaDevice),
+    Cuda,
 }
 
 fn on(t: &Tensor) -> Result<On> {
     match t.device() {
         Device::Cpu => Ok(On::Cpu),
         #[cfg(feature = "candle-cuda")]
-        Device::Cuda(d) => Ok(On::Cuda(d.clone())),
+        Device::Cuda(_) => Ok(On::Cuda),
         #[cfg(not(feature = "candle-cuda"))]
         Device::Cuda(_) => Err(Error::NoDevice("rope-attn was built without the `candle-cuda` feature, which CUDA tensors need".into())),
         Device::Metal(_) => Err(Error::NoDevice("Metal tensors are not supported (CPU and CUDA only)".into())),
@@ -214,7 +218,7 @@ macro_rules! with_dtype {
                 type $T = half::bf16;
                 $body
             }
-            other => Err(Error::DtypeMismatch { expected: "f32, f16 or bf16", got: other.as_str() }),
+            other => Err($crate::error::Error::DtypeMismatch { expected: "f32, f16 or bf16", got: other.as_str() }),
         }
     };
 }
@@ -282,7 +286,7 @@ pub fn rope(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) -> Result<
             cpu::rope(q, k, &pos, rot)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda(_) => gpu::rope(q, k, positions, rot, &_call.shape),
+        On::Cuda => gpu::rope(q, k, positions, rot, &_call.shape),
     }
 }
 
@@ -298,7 +302,7 @@ pub fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) ->
             cpu::rotate_inplace(k, call.k, &pos, rot)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda(_) => gpu::rope_inplace(q, k, positions, rot, &call),
+        On::Cuda => gpu::rope_inplace(q, k, positions, rot, &call),
     }
 }
 
@@ -394,7 +398,7 @@ pub fn attention_prefill(
     match on(q)? {
         On::Cpu => cpu::attention_prefill(q, k, v, p, &call.cu_q, &call.cu_k),
         #[cfg(feature = "candle-cuda")]
-        On::Cuda(_) => gpu::attention_prefill(q, k, v, p, &call.batch, &call.cu_q, &call.cu_k),
+        On::Cuda => gpu::attention_prefill(q, k, v, p, &call.batch, &call.cu_q, &call.cu_k),
     }
 }
 
@@ -504,7 +508,7 @@ pub fn attention_decode(
             cpu::attention_decode(q, k_cache, v_cache, &table, &lens, &call.batch, &call.cache, p)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda(_) => gpu::attention_decode(q, k_cache, v_cache, block_table, context_lens, &call.batch, &call.cache, p),
+        On::Cuda => gpu::attention_decode(q, k_cache, v_cache, block_table, context_lens, &call.batch, &call.cache, p),
     }
 }
 
@@ -555,7 +559,7 @@ pub fn paged_append(k: &Tensor, v: &Tensor, k_cache: &Tensor, v_cache: &Tensor, 
             cpu::paged_append(k, v, k_cache, v_cache, kr, vr, &slots, &cache)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda(_) => gpu::paged_append(k, v, k_cache, v_cache, kr, vr, slots, &cache),
+        On::Cuda => gpu::paged_append(k, v, k_cache, v_cache, kr, vr, slots, &cache),
     }
 }
 
