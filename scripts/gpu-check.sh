@@ -11,7 +11,7 @@ export ROPE_ATTN_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/gpu.txt"
 status=0
 if command -v cargo >/dev/null; then
-    cargo test --release 2>&1 | tee "$LOG/tests.txt" || status=1
+    cargo test --release --features candle 2>&1 | tee "$LOG/tests.txt" || status=1
     cargo test --release --no-run --message-format=json 2>/dev/null | python3 -c '
 import json,sys
 for l in sys.stdin:

@@ -40,6 +40,10 @@ pub enum Error {
     NoDevice(String),
     /// A CUDA driver call failed.
     Cuda(String),
+    /// Tensors that must share a device do not (what, expected, got).
+    Device { what: &'static str, expected: String, got: String },
+    /// An operation inside candle failed (feature `candle`).
+    Candle(String),
     /// Checked mode: the GPU result differs from the CPU reference beyond tolerance.
     Mismatch { what: &'static str, max_abs: f64, max_rel: f64, tolerance: f64 },
 }
@@ -91,6 +95,8 @@ impl fmt::Display for Error {
             }
             Error::NoDevice(why) => write!(f, "no CUDA device: {why}"),
             Error::Cuda(e) => write!(f, "CUDA error: {e}"),
+            Error::Device { what, expected, got } => write!(f, "{what}: expected {expected}, got {got}"),
+            Error::Candle(e) => write!(f, "candle: {e}"),
             Error::Mismatch { what, max_abs, max_rel, tolerance } => write!(
                 f,
                 "{what}: GPU result differs from the CPU reference (max abs {max_abs:.3e}, max rel {max_rel:.3e}, tolerance {tolerance:.1e})"

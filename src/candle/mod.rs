@@ -146,7 +146,7 @@ fn same_dtype(first: &Tensor, t: &Tensor) -> Result<()> {
 
 fn same_device(first: &Tensor, what: &'static str, t: &Tensor) -> Result<()> {
     if !first.device().same_device(t.device()) {
-        return Err(Error::Shape {
+        return Err(Error::Device {
             what,
             expected: format!("a tensor on {:?} (the device of the first argument)", first.device().location()),
             got: format!("one on {:?}", t.device().location()),
@@ -199,7 +199,7 @@ fn on(t: &Tensor) -> Result<On> {
 
 /// Errors from candle itself (our own come back typed through the ops' error slot).
 pub(crate) fn candle_error(e: candle_core::Error) -> Error {
-    Error::Cuda(format!("candle: {e}"))
+    Error::Candle(e.to_string())
 }
 
 /// Run `$body` with `$T` the kernel element type of a candle dtype.

@@ -36,6 +36,9 @@ impl Module {
 /// Safe to call on machines without a driver: cudarc's dynamic loading would panic on the
 /// first driver call, so the library's presence is checked first.
 pub fn device_status() -> std::result::Result<usize, String> {
+    // With cudarc's dynamic loading (our default) libcuda may be absent: check before the first
+    // call. candle's CUDA backend (feature `candle-cuda`) links libcuda instead: then it is there.
+    #[cfg(not(feature = "candle-cuda"))]
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err("the CUDA driver library (libcuda) is not installed".into());
     }
