@@ -287,6 +287,9 @@ fn fwd<T: Dtype>(
         let keys = batch.total_k * hkv * d;
         let (wp, g) = ws.device_ptr_mut(stream);
         _ws_guard = g;
+        if wp % 16 != 0 {
+            return Err(Error::Shape { what: "workspace pointer", expected: "16-byte aligned".into(), got: format!("{wp:#x}") });
+        }
         let kshape = RopeShape { tokens: batch.total_k, q_heads: 0, k_heads: hkv, head_dim: d, q_row_stride: 0, k_row_stride: batch.k_row_stride };
         // Key t of sequence b sits at t - cu_seqlens_k[b] + seq_starts[2b + 1].
         let positions = || Positions::FromCuSeqlens { cu_seqlens: ck, batch: batch.batch, starts: if starts == 0 { 0 } else { starts + 4 }, stride: 2 };

@@ -113,6 +113,11 @@ pub(crate) fn launch<T: Dtype>(
         return Ok(());
     }
     let elem = std::mem::size_of::<T>() as u64;
+    // Pairs move two elements at a time (strides and head_dim are even by validation): the
+    // buffers must start on a two-element boundary, or the loads would fault.
+    if [ptrs.q_in, ptrs.q_out, ptrs.k_in, ptrs.k_out].iter().any(|p| p % (2 * elem) != 0) {
+        return Err(Error::Shape { what: "q/k pointers", expected: format!("{}-byte aligned", 2 * elem), got: "an odd element offset".into() });
+    }
     // Two pairs per thread (vector loads) when every row start is 4-element aligned.
     let v2 = [ptrs.q_in, ptrs.q_out, ptrs.k_in, ptrs.k_out].iter().all(|p| p % (4 * elem) == 0)
         && [shape.q_row_stride, shape.k_row_stride, ptrs.q_out_stride, ptrs.k_out_stride, shape.head_dim]
