@@ -61,16 +61,7 @@ fn config_parsing(c: &mut Criterion) {
 /// One config per rope type (head_dim 128), evaluated at a sequence length past the original.
 fn schedules(c: &mut Criterion) {
     let d = 128;
-    let yarn = RopeScaling::Yarn {
-        factor: 4.0,
-        original_max_position_embeddings: 32768,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: None,
-        mscale_all_dim: None,
-        attention_factor: None,
-        truncate: true,
-    };
+    let yarn = RopeScaling::yarn(4.0, 32768);
     let longrope = RopeScaling::LongRope {
         short_factor: (0..d / 2).map(|i| 1.0 + i as f64 * 0.01).collect(),
         long_factor: (0..d / 2).map(|i| 1.0 + i as f64 * 0.5).collect(),

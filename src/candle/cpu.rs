@@ -81,34 +81,10 @@ pub(super) fn attention_prefill(
     cu_k: &[usize],
 ) -> Result<(Tensor, Tensor)> {
     let (qh, kh, vh) = (to_f64(q)?, to_f64(k)?, to_f64(v)?);
-    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let (d, hq) = (p.head_dim, p.num_q_heads);
     let tq = cu_q[cu_q.len() - 1];
-    let mut out = vec![0.0; tq * hq * d];
-    let mut lse = vec![f32::NEG_INFINITY; hq * tq];
-    for b in 0..cu_q.len() - 1 {
-        let (q0, q1, k0, k1) = (cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]);
-        let (nq, nk) = (q1 - q0, k1 - k0);
-        if nq == 0 {
-            continue;
-        }
-        let off = nk as i64 - nq as i64;
-        let q_pos: Vec<i64> = (0..nq as i64).map(|m| off + m).collect();
-        let k_pos: Vec<i64> = (0..nk as i64).collect();
-        let r = reference::attention(
-            &qh[q0 * hq * d..q1 * hq * d],
-            &kh[k0 * hkv * d..k1 * hkv * d],
-            &vh[k0 * hkv * d..k1 * hkv * d],
-            &q_pos,
-            &k_pos,
-            p,
-        )?;
-        out[q0 * hq * d..q1 * hq * d].copy_from_slice(&r.out);
-        for h in 0..hq {
-            for m in 0..nq {
-                lse[h * tq + q0 + m] = r.lse[h * nq + m] as f32;
-            }
-        }
-    }
+    let r = reference::attention_varlen(&qh, &kh, &vh, cu_q, cu_k, p)?;
+    let (out, lse): (Vec<f64>, Vec<f32>) = (r.out, r.lse.iter().map(|&x| x as f32).collect());
     let lse = Tensor::from_vec(lse, (hq, tq), q.device()).map_err(candle_error)?;
     Ok((from_f64(out, &[tq, hq, d], q.dtype(), q.device())?, lse))
 }

@@ -382,27 +382,11 @@ pub fn attention_fwd_checked<T: Dtype>(
     let vh = gather_rows(&widen(&stream.clone_dtoh(v)?), batch.total_k, batch.v_row_stride, hkv * d);
     let oh = gather_rows(&widen(&stream.clone_dtoh(out)?), batch.total_q, batch.o_row_stride, hq * d);
     let lh: Vec<f64> = stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect();
-    let cq = stream.clone_dtoh(cu_seqlens_q)?;
-    let ck = stream.clone_dtoh(cu_seqlens_k)?;
-    let (mut want_o, mut want_l) = (vec![0.0; oh.len()], vec![f64::NEG_INFINITY; hq * batch.total_q]);
-    for b in 0..batch.batch {
-        let (q0, q1, k0, k1) = (cq[b] as usize, cq[b + 1] as usize, ck[b] as usize, ck[b + 1] as usize);
-        let off = (k1 - k0) as i64 - (q1 - q0) as i64;
-        let q_pos: Vec<i64> = (0..(q1 - q0) as i64).map(|m| off + m).collect();
-        let k_pos: Vec<i64> = (0..(k1 - k0) as i64).collect();
-        let r = reference::attention(
-            &qh[q0 * hq * d..q1 * hq * d],
-            &kh[k0 * hkv * d..k1 * hkv * d],
-            &vh[k0 * hkv * d..k1 * hkv * d],
-            &q_pos,
-            &k_pos,
-            p,
-        )?;
-        want_o[q0 * hq * d..q1 * hq * d].copy_from_slice(&r.out);
-        for h in 0..hq {
-            want_l[h * batch.total_q + q0..h * batch.total_q + q1].copy_from_slice(&r.lse[h * (q1 - q0)..(h + 1) * (q1 - q0)]);
-        }
-    }
+    let offsets = |cu: Vec<i32>| -> Vec<usize> { cu.iter().take(batch.batch + 1).map(|&x| x.max(0) as usize).collect() };
+    let cq = offsets(stream.clone_dtoh(cu_seqlens_q)?);
+    let ck = offsets(stream.clone_dtoh(cu_seqlens_k)?);
+    let want = reference::attention_varlen(&qh, &kh, &vh, &cq, &ck, p)?;
+    let (want_o, want_l) = (want.out, want.lse);
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&kh), max_abs(&vh));
     let ro = CheckReport::compare("attention out", &oh, &want_o, tol_o);
     let rl = CheckReport::compare("attention lse", &lh[..want_l.len()], &want_l, tol_l);

@@ -61,3 +61,44 @@ pub fn attention(
     }
     Ok(AttentionOutput { out, lse })
 }
+
+/// Attention over a packed variable-length batch, the twin of `attention_fwd`: sequence b owns
+/// query rows `cu_q[b]..cu_q[b+1]` of Q `[total_q, Hq, d]` and key rows `cu_k[b]..cu_k[b+1]` of
+/// K, V `[total_k, Hkv, d]`; its query m sits at position `seqlen_k - seqlen_q + m` and key j at
+/// j (bottom-right aligned). Output `[total_q, Hq, d]`, LSE `[Hq, total_q]`.
+pub fn attention_varlen(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    cu_q: &[usize],
+    cu_k: &[usize],
+    p: &AttentionParams,
+) -> Result<AttentionOutput> {
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    if cu_q.len() != cu_k.len() || cu_q.is_empty() {
+        return Err(crate::Error::Shape {
+            what: "cu_seqlens",
+            expected: "q and k offsets of equal, non-zero length".into(),
+            got: format!("{} and {}", cu_q.len(), cu_k.len()),
+        });
+    }
+    let (tq, tk) = (cu_q[cu_q.len() - 1], cu_k[cu_k.len() - 1]);
+    check_len("q", q.len(), tq * hq * d)?;
+    check_len("k", k.len(), tk * hkv * d)?;
+    let mut out = AttentionOutput { out: vec![0.0; tq * hq * d], lse: vec![f64::NEG_INFINITY; hq * tq] };
+    for b in 0..cu_q.len() - 1 {
+        let (q0, q1, k0, k1) = (cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]);
+        if q1 < q0 || k1 < k0 || q1 > tq || k1 > tk {
+            return Err(crate::Error::Shape { what: "cu_seqlens", expected: "non-decreasing offsets".into(), got: format!("sequence {b}") });
+        }
+        let (nq, nk) = (q1 - q0, k1 - k0);
+        let q_pos: Vec<i64> = (0..nq as i64).map(|m| nk as i64 - nq as i64 + m).collect();
+        let k_pos: Vec<i64> = (0..nk as i64).collect();
+        let r = attention(&q[q0 * hq * d..q1 * hq * d], &k[k0 * hkv * d..k1 * hkv * d], &v[k0 * hkv * d..k1 * hkv * d], &q_pos, &k_pos, p)?;
+        out.out[q0 * hq * d..q1 * hq * d].copy_from_slice(&r.out);
+        for h in 0..hq {
+            out.lse[h * tq + q0..h * tq + q1].copy_from_slice(&r.lse[h * nq..(h + 1) * nq]);
+        }
+    }
+    Ok(out)
+}

@@ -10,7 +10,7 @@ mod rotate;
 mod scores;
 mod sinusoidal;
 
-pub use attention::{attention, AttentionOutput};
+pub use attention::{attention, attention_varlen, AttentionOutput};
 pub use merge::merge;
 pub use rotate::{rotate, rotate_head};
 pub use scores::scores;
