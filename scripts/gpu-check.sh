@@ -19,7 +19,9 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("gpu_"): print(m["executable"])
 ' > "$LOG/gpu_bins.txt"
 else
-    (cd .devbin/tests && for t in *; do echo "== $t"; ./"$t" 2>&1 || echo "FAILED $t"; done) | tee "$LOG/tests.txt"
+    # Staged binaries: only the GPU tests (the CPU tests read files at paths baked in at build
+    # time, and they already ran where they were built).
+    (cd .devbin/tests && for t in gpu_*; do echo "== $t"; ./"$t" 2>&1 || echo "FAILED $t"; done) | tee "$LOG/tests.txt"
     grep -q '^FAILED' "$LOG/tests.txt" && status=1
     ls -d "$PWD"/.devbin/tests/gpu_* > "$LOG/gpu_bins.txt"
 fi
