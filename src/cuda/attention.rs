@@ -180,6 +180,32 @@ fn is_16bit<T: Dtype>() -> bool {
 /// `[Hq, total_q]` (f32) from unrotated Q, K and V. `workspace` (length from
 /// [`attention_fwd_workspace_len`]) selects the pre-rotate path; without it the fused path runs,
 /// which f16/bf16 plain RoPE supports (ReRoPE and f32 need the workspace: a typed error says so).
+///
+/// From a server (the README's snippet, compiled):
+/// ```no_run
+/// use half::bf16;
+/// use rope_attn::cuda::{attention_fwd, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, Gpu};
+/// use rope_attn::{AttentionParams, Layout, RopeConfig, Rotary};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let gpu = Gpu::new(0)?; // or Gpu::from_context(your_ctx): kernels load once per context
+/// let stream = gpu.context().default_stream();
+/// let rope = RopeConfig::from_hf_config_json(&std::fs::read_to_string("config.json")?)?;
+/// let (seqs, hq, hkv, d) = ([5usize, 3], 32, 8, 128);
+/// let mut p = AttentionParams::new(hq, hkv, d); // causal, 1/sqrt(d)
+/// p.rope = Some(Rotary::from_schedule(&rope.schedule(Some(8))?, Layout::Half));
+/// let total: usize = seqs.iter().sum();
+/// let batch = AttentionBatch::contiguous(&p, seqs.len(), 5, total, total);
+/// let cu = stream.clone_htod(&[0i32, 5, 8])?;
+/// let q = stream.alloc_zeros::<bf16>(total * hq * d)?; // your projections, unrotated
+/// let (k, v) = (stream.alloc_zeros::<bf16>(total * hkv * d)?, stream.alloc_zeros::<bf16>(total * hkv * d)?);
+/// let mut out = stream.alloc_zeros::<bf16>(total * hq * d)?;
+/// let mut lse = stream.alloc_zeros::<f32>(hq * total)?;
+/// let mut ws = stream.alloc_zeros::<bf16>(attention_fwd_workspace_len(&p, total))?;
+/// let mut ws = ws.as_view_mut();
+/// let ws = prefill_prefers_workspace(&batch).then_some(&mut ws);
+/// attention_fwd(&gpu, &stream, &q, &k, &v, &mut out, &mut lse, &cu, &cu, &batch, &p, ws)?;
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd<T: Dtype>(
     gpu: &Gpu,
