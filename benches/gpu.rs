@@ -74,7 +74,7 @@ fn prefill(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize) -> Res<()> 
         println!(
             "prefill {batch}x{seqlen}: without workspace the launcher took {fused:?}, with one {pre:?} \
              (prefill_prefers_workspace: {}); outputs vs fused: pre-rotated {d_pre:.1e}, unfused {d_unf:.1e}",
-            cuda::prefill_prefers_workspace(&pf.batch)
+            cuda::prefill_prefers_workspace::<bf16>(&pf.with_pe, &pf.batch)
         );
         let flops = 4.0 * (batch * hq * seqlen * seqlen * d) as f64 / 2.0;
         g.throughput(Throughput::Elements(flops as u64)); // "elements" = FLOPs: criterion prints Gelem/s = GFLOP/s

@@ -9,7 +9,7 @@
 //! real allocations (lengths from the tensor's offset to the end of its storage, alignment).
 
 use super::{candle_error, same_storage, with_dtype, Elem, ErrSlot, RopeCall, Rows};
-use crate::attention::{AttentionParams, Relative, Rotary};
+use crate::attention::{AttentionParams, Rotary};
 use crate::cuda::{self as rc, AttentionBatch, DecodeBatch, Gpu, PagedKvCache, RopeShape};
 use crate::error::{Error, Result};
 use candle_core::op::BackpropOp;
@@ -212,8 +212,7 @@ impl Prefill<'_> {
         let ck = stream.clone_htod(&cu(self.cu_k))?;
         let mut out = stream.alloc_zeros::<T>(b.total_q * p.num_q_heads * p.head_dim)?;
         let mut lse = stream.alloc_zeros::<f32>(p.num_q_heads * b.total_q)?;
-        // ReRoPE and f32 need the pre-rotated keys; 16-bit RoPE takes them past two query tiles.
-        let pre_rotate = p.rope.is_some() && (p.relative != Relative::None || T::NAME == "f32" || rc::prefill_prefers_workspace(b));
+        let pre_rotate = rc::prefill_prefers_workspace::<T>(p, b);
         let mut ws = match pre_rotate {
             true => Some(stream.alloc_zeros::<T>(rc::attention_fwd_workspace_len(p, b.total_k).max(1))?),
             false => None,

@@ -12,7 +12,7 @@
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
-use super::params::{to_i32, AttnParams, RopeArgs};
+use super::params::{to_i32, AttnParams};
 use super::rope::{launch as launch_rope, Positions, RopePtrs, RopeShape};
 use super::scores::{check_rows, common, gather_rows, set_smem};
 use crate::attention::{AttentionParams, Relative};
@@ -80,11 +80,19 @@ pub fn attention_fwd_workspace_len(p: &AttentionParams, total_k: usize) -> usize
     }
 }
 
-/// Whether pre-rotating K is expected to beat the fused path: every query block re-rotates each
-/// K tile it visits in the fused path, so once a sequence spans more than a couple of query
-/// blocks (64 rows each) the one-pass rotation is cheaper. Measured trade-off: see BENCHMARKS.md.
-pub fn prefill_prefers_workspace(batch: &AttentionBatch) -> bool {
-    batch.max_seqlen_q > 128
+/// Whether to pass a workspace (of [`attention_fwd_workspace_len`]) to [`attention_fwd`] for
+/// element type `T`: always when the pre-rotated path is required (ReRoPE / Leaky ReRoPE, f32),
+/// never without RoPE, and otherwise when pre-rotating K is expected to beat the fused path:
+/// every query block re-rotates each K tile it visits in the fused path, so once a sequence spans
+/// more than a couple of query blocks (64 rows each) the one-pass rotation is cheaper (the
+/// threshold is unmeasured until BENCHMARKS.md has figures).
+pub fn prefill_prefers_workspace<T: Dtype>(p: &AttentionParams, batch: &AttentionBatch) -> bool {
+    p.rope.is_some() && (pre_rotation_required::<T>(p) || batch.max_seqlen_q > 128)
+}
+
+/// ReRoPE needs the second (far) copy of the keys, and the f32 kernel has no fused path.
+fn pre_rotation_required<T: Dtype>(p: &AttentionParams) -> bool {
+    p.relative != Relative::None || !is_16bit::<T>()
 }
 
 /// Buffer lengths (in elements) of a prefill call: what [`AttentionBatch::check`] validates
@@ -153,12 +161,11 @@ impl AttentionBatch {
             }
         }
         let needed_ws = attention_fwd_workspace_len(p, self.total_k);
-        let rel = p.relative != Relative::None;
         match (lens.workspace, p.rope.is_some()) {
             (_, false) => Ok(PrefillPath::Plain),
             (Some(ws), true) if ws >= needed_ws => Ok(PrefillPath::PreRotated),
             (Some(ws), true) => Err(Error::BufferTooSmall { what: "workspace", needed: needed_ws, got: ws }),
-            (None, true) if rel || !is_16bit::<T>() => {
+            (None, true) if pre_rotation_required::<T>(p) => {
                 Err(Error::BufferTooSmall { what: "workspace (ReRoPE and f32 pre-rotate K)", needed: needed_ws, got: 0 })
             }
             (None, true) => Ok(PrefillPath::Fused),
@@ -202,7 +209,7 @@ fn is_16bit<T: Dtype>() -> bool {
 /// let mut lse = stream.alloc_zeros::<f32>(hq * total)?;
 /// let mut ws = stream.alloc_zeros::<bf16>(attention_fwd_workspace_len(&p, total))?;
 /// let mut ws = ws.as_view_mut();
-/// let ws = prefill_prefers_workspace(&batch).then_some(&mut ws);
+/// let ws = prefill_prefers_workspace::<bf16>(&p, &batch).then_some(&mut ws);
 /// attention_fwd(&gpu, &stream, &q, &k, &v, &mut out, &mut lse, &cu, &cu, &batch, &p, ws)?;
 /// # Ok(()) }
 /// ```
@@ -320,7 +327,7 @@ fn fwd<T: Dtype>(
         // Key t of sequence b sits at t - cu_seqlens_k[b] + seq_starts[2b + 1].
         let positions = || Positions::FromCuSeqlens { cu_seqlens: ck, batch: batch.batch, starts: if starts == 0 { 0 } else { starts + 4 }, stride: 2 };
         let ptrs = |out: u64| RopePtrs { q_in: 0, q_out: 0, k_in: kp, k_out: out, q_out_stride: 0, k_out_stride: hkv * d };
-        let rope_args = RopeArgs::new(p.rope.as_ref(), p.relative, d)?;
+        let rope_args = c.rope;
         launch_rope::<T>(gpu, stream, ptrs(wp), &kshape, rope_args, positions(), false)?;
         k_near = wp;
         k_near_stride = hkv * d;

@@ -4,6 +4,7 @@ use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::params::{to_i32, RopeArgs, RopeParams};
+use super::scores::span;
 use crate::attention::{Relative, Rotary};
 use crate::error::{Error, Result};
 use crate::reference;
@@ -39,10 +40,10 @@ impl RopeShape {
 
     /// Elements a buffer must hold for `heads` heads at `stride`.
     fn needed(&self, heads: usize, stride: usize) -> usize {
-        if self.tokens == 0 || heads == 0 {
+        if heads == 0 {
             0
         } else {
-            (self.tokens - 1) * stride + heads * self.head_dim
+            span(self.tokens, stride, heads, self.head_dim)
         }
     }
 

@@ -387,7 +387,7 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
     let pre = time(PrefillVariant::PreRotated)?;
     let nope = time(PrefillVariant::NoPe)?;
     let unfused = time(PrefillVariant::Unfused)?;
-    let auto_pre = cuda::prefill_prefers_workspace(&pf.batch);
+    let auto_pre = cuda::prefill_prefers_workspace::<T>(&pf.with_pe, &pf.batch);
     let ours = if auto_pre { pre.median_ms } else { fused.median_ms };
     let base = |implementation: &str, pe: &'static str, path: String, st: dev::Stats, note: String| {
         let tf = c.flops() / (st.median_ms * 1e-3) / 1e12;
