@@ -31,7 +31,7 @@ __device__ __forceinline__ const T* paged_row(const DecodeParams& p, const T* ca
 
 template <typename T>
 __device__ void decode_body(const DecodeParams& p) {
-    extern __shared__ __align__(16) float dsm[];
+    RA_DYNAMIC_SMEM(float, dsm);
     const int D = p.head_dim, BN = decode_tile_keys(D), LDK = D + 1;
     float* Ks = dsm;
     float* Kf = Ks + BN * LDK;
@@ -215,8 +215,8 @@ __device__ void append_body(const AppendParams& p) {
 }  // namespace ra
 
 #define RA_DECODE(T, NAME)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(ra::DEC_WARPS * 32) attention_decode_##NAME(const ra::DecodeParams p) { \
+    RA_KERNEL(ra::DEC_WARPS * 32, attention_decode_##NAME, ra::DecodeParams) { \
         ra::decode_body<T>(p);                                                                                \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) paged_append_##NAME(const ra::AppendParams p) { ra::append_body<T>(p); }
+    RA_KERNEL(128, paged_append_##NAME, ra::AppendParams) { ra::append_body<T>(p); }
 RA_FOR_EACH_DTYPE(RA_DECODE)

@@ -18,7 +18,7 @@ namespace ra {
 template <typename T, int D, int WARPS, int BN>
 __device__ void attention_fwd_mma(const AttnParams& p) {
     constexpr int BM = WARPS * 16, LD = D + 8, NT = BN / 8, DT = D / 8;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    RA_DYNAMIC_SMEM(unsigned char, smem_raw);
     T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + BM * LD;
     T* Vs = Ks + BN * LD;
@@ -280,13 +280,12 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
 // attention_fwd_d<D>_<dtype>: 4 warps x 64 keys per tile; head_dim 256 takes 2 warps x 32 keys
 // so that Q, K, V and the ReRoPE far copies fit the 99 KB of an sm_86/89 block.
 #define RA_FWD(T, NAME, D, WARPS, BN)                                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                      \
-        attention_fwd_d##D##_##NAME(const ra::AttnParams p) { ra::attention_fwd_mma<T, D, WARPS, BN>(p); }
+    RA_KERNEL(WARPS * 32, attention_fwd_d##D##_##NAME, ra::AttnParams) { ra::attention_fwd_mma<T, D, WARPS, BN>(p); }
 #define RA_FWD_ALL_D(T, NAME) \
     RA_FWD(T, NAME, 64, 4, 64) RA_FWD(T, NAME, 80, 4, 64) RA_FWD(T, NAME, 96, 4, 64) RA_FWD(T, NAME, 128, 4, 64) RA_FWD(T, NAME, 256, 2, 32)
 RA_FWD_ALL_D(__half, f16)
 RA_FWD_ALL_D(__nv_bfloat16, bf16)
 
-extern "C" __global__ void __launch_bounds__(ra::ROW_WARPS * 32) attention_fwd_rows_f32(const ra::AttnParams p) {
+RA_KERNEL(ra::ROW_WARPS * 32, attention_fwd_rows_f32, ra::AttnParams) {
     ra::attention_fwd_rows(p);
 }

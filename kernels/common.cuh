@@ -1,9 +1,27 @@
 // Shared device helpers: dtype conversion, vector access, async copies and tensor-core mma.
 // Everything here is header-only and inlined; the kernels read like the algorithm.
 #pragma once
+#ifdef RA_EMULATE
+#include "emu/simt.h"  // the same source on the CPU: the SIMT emulator (feature `emulator`)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
+
+// A kernel entry point: extern "C" (the launchers look kernels up by name), launch bounds, and
+// one parameter struct passed by value. Under the emulator the kernel also registers itself.
+#ifdef RA_EMULATE
+#define RA_KERNEL(THREADS, NAME, PARAMS)                                                                    \
+    extern "C" void NAME(const PARAMS p);                                                                   \
+    static void NAME##_emu_entry(const void* a) { NAME(*static_cast<const PARAMS*>(a)); }                   \
+    static ::ra_emu::Registrar NAME##_emu_registrar(#NAME, &NAME##_emu_entry, sizeof(PARAMS), (THREADS)); \
+    extern "C" void NAME(const PARAMS p)
+#define RA_DYNAMIC_SMEM(TYPE, NAME) TYPE* NAME = static_cast<TYPE*>(::ra_emu::dynamic_smem())
+#else
+#define RA_KERNEL(THREADS, NAME, PARAMS) extern "C" __global__ void __launch_bounds__(THREADS) NAME(const PARAMS p)
+#define RA_DYNAMIC_SMEM(TYPE, NAME) extern __shared__ __align__(16) TYPE NAME[]
+#endif
 
 namespace ra {
 
@@ -53,6 +71,20 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[N]) {
 
 // ---- async global -> shared copies (sm_80+) ----------------------------------------------
 // 16 bytes per call; `valid == false` zero-fills (out-of-range rows) without reading global memory.
+#ifdef RA_EMULATE
+inline void cp_async_16(void* smem, const void* gmem, bool valid) { ra_emu::cp_async_16(smem, gmem, valid); }
+inline void cp_async_commit() { ra_emu::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { ra_emu::cp_async_wait(N); }
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ra_emu::ldmatrix_x4(r, smem, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { ra_emu::ldmatrix_x4(r, smem, true); }
+template <typename T> inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <> inline void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ra_emu::mma_16816(d, a, b0, b1, ra_emu::MMA_F16);
+}
+template <> inline void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ra_emu::mma_16816(d, a, b0, b1, ra_emu::MMA_BF16);
+}
+#else
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
     uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     int src_size = valid ? 16 : 0;
@@ -91,6 +123,7 @@ template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // RA_EMULATE
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }

@@ -57,8 +57,8 @@ __device__ void combine_splits_body(const SplitsParams& p) {
 }  // namespace ra
 
 #define RA_MERGE(T, NAME)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128) merge_##NAME(const ra::MergeParams p) { ra::merge_body<T>(p); } \
-    extern "C" __global__ void __launch_bounds__(128) combine_splits_##NAME(const ra::SplitsParams p) {             \
+    RA_KERNEL(128, merge_##NAME, ra::MergeParams) { ra::merge_body<T>(p); } \
+    RA_KERNEL(128, combine_splits_##NAME, ra::SplitsParams) {             \
         ra::combine_splits_body<T>(p);                                                                              \
     }
 RA_FOR_EACH_DTYPE(RA_MERGE)

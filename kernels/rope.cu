@@ -81,8 +81,8 @@ __device__ void rope_body(const RopeParams& p) {
 
 // rope_<layout>_v<P>_<dtype>: P = 2 when every row start is aligned for vector access, else 1.
 #define RA_ROPE(T, NAME)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(128) rope_half_v1_##NAME(const ra::RopeParams p) { ra::rope_body<T, false, 1>(p); } \
-    extern "C" __global__ void __launch_bounds__(128) rope_half_v2_##NAME(const ra::RopeParams p) { ra::rope_body<T, false, 2>(p); } \
-    extern "C" __global__ void __launch_bounds__(128) rope_inter_v1_##NAME(const ra::RopeParams p) { ra::rope_body<T, true, 1>(p); } \
-    extern "C" __global__ void __launch_bounds__(128) rope_inter_v2_##NAME(const ra::RopeParams p) { ra::rope_body<T, true, 2>(p); }
+    RA_KERNEL(128, rope_half_v1_##NAME, ra::RopeParams) { ra::rope_body<T, false, 1>(p); } \
+    RA_KERNEL(128, rope_half_v2_##NAME, ra::RopeParams) { ra::rope_body<T, false, 2>(p); } \
+    RA_KERNEL(128, rope_inter_v1_##NAME, ra::RopeParams) { ra::rope_body<T, true, 1>(p); } \
+    RA_KERNEL(128, rope_inter_v2_##NAME, ra::RopeParams) { ra::rope_body<T, true, 2>(p); }
 RA_FOR_EACH_DTYPE(RA_ROPE)

@@ -62,7 +62,7 @@ template <typename T>
 __device__ void scores_body(const ScoresParams& p) {
     using Tile = ScoresTile<T>;
     constexpr int BM = Tile::BM;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    RA_DYNAMIC_SMEM(unsigned char, smem_raw);
     const int D = p.head_dim, ld = Tile::pitch(D);
     T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + BM * ld;
@@ -117,5 +117,5 @@ __device__ void scores_body(const ScoresParams& p) {
 }  // namespace ra
 
 #define RA_SCORES(T, NAME) \
-    extern "C" __global__ void __launch_bounds__(ra::S_THREADS) scores_##NAME(const ra::ScoresParams p) { ra::scores_body<T>(p); }
+    RA_KERNEL(ra::S_THREADS, scores_##NAME, ra::ScoresParams) { ra::scores_body<T>(p); }
 RA_FOR_EACH_DTYPE(RA_SCORES)

@@ -40,6 +40,8 @@ pub enum Error {
     NoDevice(String),
     /// A CUDA driver call failed.
     Cuda(String),
+    /// The SIMT emulator refused a launch or stopped a kernel that misbehaved (feature `emulator`).
+    Emulator(String),
     /// Tensors that must share a device do not (what, expected, got).
     Device { what: &'static str, expected: String, got: String },
     /// An operation inside candle failed (feature `candle`).
@@ -95,6 +97,7 @@ impl fmt::Display for Error {
             }
             Error::NoDevice(why) => write!(f, "no CUDA device: {why}"),
             Error::Cuda(e) => write!(f, "CUDA error: {e}"),
+            Error::Emulator(e) => write!(f, "SIMT emulator: {e}"),
             Error::Device { what, expected, got } => write!(f, "{what}: expected {expected}, got {got}"),
             Error::Candle(e) => write!(f, "candle: {e}"),
             Error::Mismatch { what, max_abs, max_rel, tolerance } => write!(

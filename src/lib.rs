@@ -28,6 +28,8 @@ pub mod alibi;
 pub mod attention;
 pub mod config;
 pub mod cuda;
+#[cfg(feature = "emulator")]
+pub mod emulator;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod error;

@@ -12,13 +12,14 @@
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
+use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, AttnParams};
 use super::rope::{launch as launch_rope, Positions, RopePtrs, RopeShape};
-use super::scores::{check_rows, common, gather_rows, set_smem};
+use super::scores::{check_rows, common, gather_rows};
 use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
 use crate::reference;
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Host-side description of a variable-length batch (FlashAttention's varlen convention):
@@ -273,7 +274,7 @@ fn fwd<T: Dtype>(
     p: &AttentionParams,
     workspace: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<PrefillPath> {
-    gpu.check_stream(stream)?;
+    let be = OnStream::new(gpu, stream)?;
     let lens = FwdLens {
         q: q.len(),
         k: k.len(),
@@ -285,27 +286,56 @@ fn fwd<T: Dtype>(
         workspace: workspace.as_ref().map(|w| w.len()),
     };
     let path = batch.check::<T>(p, &lens)?;
-    let c = common(p)?;
-    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    let rel = p.relative != Relative::None;
-    if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
-        return Ok(path);
-    }
-    let elem = std::mem::size_of::<T>();
-    let (qp, _g1) = q.device_ptr(stream);
-    let (kp, _g2) = k.device_ptr(stream);
-    let (vp, _g3) = v.device_ptr(stream);
-    let (op, _g4) = out.device_ptr_mut(stream);
-    let (lp, _g5) = lse.device_ptr_mut(stream);
-    let (cq, _g6) = cu_seqlens_q.device_ptr(stream);
-    let (ck, _g7) = cu_seqlens_k.device_ptr(stream);
-    let (starts, _g8) = match seq_starts {
+    let (q, _g1) = q.device_ptr(stream);
+    let (k, _g2) = k.device_ptr(stream);
+    let (v, _g3) = v.device_ptr(stream);
+    let (out, _g4) = out.device_ptr_mut(stream);
+    let (lse, _g5) = lse.device_ptr_mut(stream);
+    let (cu_q, _g6) = cu_seqlens_q.device_ptr(stream);
+    let (cu_k, _g7) = cu_seqlens_k.device_ptr(stream);
+    let (seq_starts, _g8) = match seq_starts {
         Some(s) => {
             let (sp, g) = s.device_ptr(stream);
             (sp, Some(g))
         }
         None => (0, None),
     };
+    let (workspace, _g9) = match workspace {
+        Some(w) => {
+            let (wp, g) = w.device_ptr_mut(stream);
+            (wp, Some(g))
+        }
+        None => (0, None),
+    };
+    let ptrs = FwdPtrs { q, k, v, out, lse, cu_q, cu_k, seq_starts, workspace };
+    launch_fwd::<T, _>(&be, ptrs, path, batch, p)?;
+    Ok(path)
+}
+
+/// Addresses of a prefill call's buffers (0 = absent: no seq_starts, no workspace).
+pub(crate) struct FwdPtrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub cu_q: u64,
+    pub cu_k: u64,
+    pub seq_starts: u64,
+    pub workspace: u64,
+}
+
+/// Plan and run a prefill whose buffers [`AttentionBatch::check`] accepted (it returned `path`):
+/// the key pre-rotation launches when the path says so, then the attention kernel.
+pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: PrefillPath, batch: &AttentionBatch, p: &AttentionParams) -> Result<()> {
+    let c = common(p)?;
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let rel = p.relative != Relative::None;
+    if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
+        return Ok(());
+    }
+    let elem = std::mem::size_of::<T>();
+    let FwdPtrs { q: qp, k: kp, v: vp, out: op, lse: lp, cu_q: cq, cu_k: ck, seq_starts: starts, workspace: wp } = ptrs;
     if is_16bit::<T>() && (kp % 16 != 0 || vp % 16 != 0 || op % 4 != 0) {
         return Err(Error::Shape { what: "k/v/out pointers", expected: "16-byte aligned k and v, 4-byte aligned out".into(), got: format!("{kp:#x} {vp:#x} {op:#x}") });
     }
@@ -314,12 +344,8 @@ fn fwd<T: Dtype>(
     let mut k_near_stride = batch.k_row_stride;
     let mut k_far = kp;
     let mut kf_stride = batch.k_row_stride;
-    let _ws_guard;
     if path == PrefillPath::PreRotated {
-        let ws = workspace.unwrap();
         let keys = batch.total_k * hkv * d;
-        let (wp, g) = ws.device_ptr_mut(stream);
-        _ws_guard = g;
         if wp % 16 != 0 {
             return Err(Error::Shape { what: "workspace pointer", expected: "16-byte aligned".into(), got: format!("{wp:#x}") });
         }
@@ -327,13 +353,12 @@ fn fwd<T: Dtype>(
         // Key t of sequence b sits at t - cu_seqlens_k[b] + seq_starts[2b + 1].
         let positions = || Positions::FromCuSeqlens { cu_seqlens: ck, batch: batch.batch, starts: if starts == 0 { 0 } else { starts + 4 }, stride: 2 };
         let ptrs = |out: u64| RopePtrs { q_in: 0, q_out: 0, k_in: kp, k_out: out, q_out_stride: 0, k_out_stride: hkv * d };
-        let rope_args = c.rope;
-        launch_rope::<T>(gpu, stream, ptrs(wp), &kshape, rope_args, positions(), false)?;
+        launch_rope::<T, B>(be, ptrs(wp), &kshape, c.rope, positions(), false)?;
         k_near = wp;
         k_near_stride = hkv * d;
         if let Relative::Leaky { .. } = p.relative {
             let far = wp + (keys * elem) as u64;
-            launch_rope::<T>(gpu, stream, ptrs(far), &kshape, rope_args, positions(), true)?;
+            launch_rope::<T, B>(be, ptrs(far), &kshape, c.rope, positions(), true)?;
             k_far = far;
             kf_stride = hkv * d;
         }
@@ -371,24 +396,17 @@ fn fwd<T: Dtype>(
         scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
         scale: c.scale,
     };
-    let (func, cfg) = if is_16bit::<T>() {
+    // The kernel clamps sequence offsets to total_q / total_k, which the buffers were checked to span.
+    let launch = if is_16bit::<T>() {
         let (smem, bm) = smem_bytes::<T>(d, rel);
-        let func = gpu.function(Module::AttentionFwd, &format!("attention_fwd_d{d}_{}", T::NAME))?;
-        set_smem(&func, smem)?;
-        let threads = if d == 256 { 64 } else { 128 };
         let grid = (batch.max_seqlen_q.div_ceil(bm) as u32, hq as u32, batch.batch as u32);
-        (func, LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 })
+        let name = format!("attention_fwd_d{d}_{}", T::NAME);
+        Launch { module: Module::AttentionFwd, name, grid, threads: if d == 256 { 64 } else { 128 }, smem, params }
     } else {
-        let func = gpu.function(Module::AttentionFwd, "attention_fwd_rows_f32")?;
         let grid = (batch.max_seqlen_q.div_ceil(4) as u32, hq as u32, batch.batch as u32);
-        (func, LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 })
+        Launch { module: Module::AttentionFwd, name: "attention_fwd_rows_f32".into(), grid, threads: 128, smem: 0, params }
     };
-    let mut b = stream.launch_builder(&func);
-    b.arg(&params);
-    // SAFETY: params mirrors ra::AttnParams (tests/abi_layout.rs); every buffer was checked to
-    // span total_q / total_k rows at its stride, and the kernel clamps sequence offsets to those totals.
-    unsafe { b.launch(cfg) }?;
-    Ok(path)
+    be.run(&launch)
 }
 
 /// [`attention_fwd`], then compare O and LSE with [`reference::attention`] per sequence on the
@@ -409,19 +427,40 @@ pub fn attention_fwd_checked<T: Dtype>(
     workspace: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<(PrefillPath, CheckReport)> {
     let path = attention_fwd(gpu, stream, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, p, workspace)?;
+    let host = FwdHost {
+        q: widen(&stream.clone_dtoh(q)?),
+        k: widen(&stream.clone_dtoh(k)?),
+        v: widen(&stream.clone_dtoh(v)?),
+        out: widen(&stream.clone_dtoh(out)?),
+        lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
+        cu_q: stream.clone_dtoh(cu_seqlens_q)?,
+        cu_k: stream.clone_dtoh(cu_seqlens_k)?,
+    };
+    Ok((path, compare_fwd::<T>(&host, batch, p)?))
+}
+
+/// Host copies of a prefill's inputs and results, widened, for checked mode.
+pub(crate) struct FwdHost {
+    pub q: Vec<f64>,
+    pub k: Vec<f64>,
+    pub v: Vec<f64>,
+    pub out: Vec<f64>,
+    pub lse: Vec<f64>,
+    pub cu_q: Vec<i32>,
+    pub cu_k: Vec<i32>,
+}
+
+/// Checked mode's comparison of a prefill with [`reference::attention_varlen`] (shared with the emulator).
+pub(crate) fn compare_fwd<T: Dtype>(h: &FwdHost, batch: &AttentionBatch, p: &AttentionParams) -> Result<CheckReport> {
     let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    let qh = gather_rows(&widen(&stream.clone_dtoh(q)?), batch.total_q, batch.q_row_stride, hq * d);
-    let kh = gather_rows(&widen(&stream.clone_dtoh(k)?), batch.total_k, batch.k_row_stride, hkv * d);
-    let vh = gather_rows(&widen(&stream.clone_dtoh(v)?), batch.total_k, batch.v_row_stride, hkv * d);
-    let oh = gather_rows(&widen(&stream.clone_dtoh(out)?), batch.total_q, batch.o_row_stride, hq * d);
-    let lh: Vec<f64> = stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect();
-    let offsets = |cu: Vec<i32>| -> Vec<usize> { cu.iter().take(batch.batch + 1).map(|&x| x.max(0) as usize).collect() };
-    let cq = offsets(stream.clone_dtoh(cu_seqlens_q)?);
-    let ck = offsets(stream.clone_dtoh(cu_seqlens_k)?);
-    let want = reference::attention_varlen(&qh, &kh, &vh, &cq, &ck, p)?;
-    let (want_o, want_l) = (want.out, want.lse);
+    let qh = gather_rows(&h.q, batch.total_q, batch.q_row_stride, hq * d);
+    let kh = gather_rows(&h.k, batch.total_k, batch.k_row_stride, hkv * d);
+    let vh = gather_rows(&h.v, batch.total_k, batch.v_row_stride, hkv * d);
+    let oh = gather_rows(&h.out, batch.total_q, batch.o_row_stride, hq * d);
+    let offsets = |cu: &[i32]| -> Vec<usize> { cu.iter().take(batch.batch + 1).map(|&x| x.max(0) as usize).collect() };
+    let want = reference::attention_varlen(&qh, &kh, &vh, &offsets(&h.cu_q), &offsets(&h.cu_k), p)?;
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&kh), max_abs(&vh));
-    let ro = CheckReport::compare("attention out", &oh, &want_o, tol_o);
-    let rl = CheckReport::compare("attention lse", &lh[..want_l.len()], &want_l, tol_l);
-    Ok((path, ro.worst(rl).ensure()?))
+    let ro = CheckReport::compare("attention out", &oh, &want.out, tol_o);
+    let rl = CheckReport::compare("attention lse", &h.lse[..want.lse.len()], &want.lse, tol_l);
+    ro.worst(rl).ensure()
 }

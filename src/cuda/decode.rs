@@ -3,12 +3,13 @@
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
+use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, AppendParams, DecodeParams, SplitsParams};
-use super::scores::{check_rows, common, gather_rows, set_smem};
+use super::scores::{check_rows, common, gather_rows};
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::reference;
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Geometry of a paged KV cache: K and V each `[num_pages, page_size, Hkv, d]`, unrotated keys.
@@ -218,7 +219,7 @@ pub fn attention_decode<T: Dtype>(
     splits: usize,
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
-    gpu.check_stream(stream)?;
+    let be = OnStream::new(gpu, stream)?;
     let lens = DecodeLens {
         q: q.len(),
         k_cache: k_cache.len(),
@@ -229,7 +230,48 @@ pub fn attention_decode<T: Dtype>(
         lse: lse.len(),
         workspace: workspace.as_ref().map(|w| w.len()),
     };
-    let DecodePlan { splits, keys_per_split } = batch.check(p, cache, &lens, splits)?;
+    let plan = batch.check(p, cache, &lens, splits)?;
+    let (q, _g1) = q.device_ptr(stream);
+    let (k_cache, _g2) = k_cache.device_ptr(stream);
+    let (v_cache, _g3) = v_cache.device_ptr(stream);
+    let (block_table, _g4) = block_table.device_ptr(stream);
+    let (context_lens, _g5) = context_lens.device_ptr(stream);
+    let (out, _g6) = out.device_ptr_mut(stream);
+    let (lse, _g7) = lse.device_ptr_mut(stream);
+    let (workspace, _g8) = match workspace {
+        Some(ws) if plan.splits > 1 => {
+            let (wp, g) = ws.device_ptr_mut(stream);
+            (wp, Some(g))
+        }
+        _ => (0, None),
+    };
+    let ptrs = DecodePtrs { q, k_cache, v_cache, block_table, context_lens, out, lse, workspace };
+    launch_decode::<T, _>(&be, ptrs, plan, cache, batch, p)
+}
+
+/// Addresses of a decode call's buffers (workspace 0 when one split).
+pub(crate) struct DecodePtrs {
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub block_table: u64,
+    pub context_lens: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub workspace: u64,
+}
+
+/// Plan and run a decode that [`DecodeBatch::check`] accepted (it returned `plan`): the split-K
+/// attention kernel, then the combine kernel when there is more than one split.
+pub(crate) fn launch_decode<T: Dtype, B: Backend>(
+    be: &B,
+    ptrs: DecodePtrs,
+    plan: DecodePlan,
+    cache: &PagedKvCache,
+    batch: &DecodeBatch,
+    p: &AttentionParams,
+) -> Result<()> {
+    let DecodePlan { splits, keys_per_split } = plan;
     let c = common(p)?;
     let (d, hq) = (p.head_dim, p.num_q_heads);
     let tokens = batch.tokens();
@@ -237,26 +279,12 @@ pub fn attention_decode<T: Dtype>(
         return Ok(());
     }
     let bn = tile_keys(d);
-    let ws = if splits > 1 { workspace } else { None };
     let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(DEC_ROWS);
-
-    let (qp, _g1) = q.device_ptr(stream);
-    let (kp, _g2) = k_cache.device_ptr(stream);
-    let (vp, _g3) = v_cache.device_ptr(stream);
-    let (bp, _g4) = block_table.device_ptr(stream);
-    let (cp, _g5) = context_lens.device_ptr(stream);
-    let (op, _g6) = out.device_ptr_mut(stream);
-    let (lp, _g7) = lse.device_ptr_mut(stream);
+    let DecodePtrs { q: qp, k_cache: kp, v_cache: vp, block_table: bp, context_lens: cp, out: op, lse: lp, workspace: wp } = ptrs;
     if kp % 16 != 0 || vp % 16 != 0 {
         return Err(Error::Shape { what: "k/v cache pointers", expected: "16-byte aligned".into(), got: format!("{kp:#x} {vp:#x}") });
     }
-    let (part_out, part_lse, _g8) = match ws {
-        Some(ws) => {
-            let (wp, g) = ws.device_ptr_mut(stream);
-            (wp, wp + (splits * tokens * hq * d * 4) as u64, Some(g))
-        }
-        None => (0, 0, None),
-    };
+    let (part_out, part_lse) = if splits > 1 { (wp, wp + (splits * tokens * hq * d * 4) as u64) } else { (0, 0) };
     let params = DecodeParams {
         rope: c.rope,
         q: qp,
@@ -287,18 +315,18 @@ pub fn attention_decode<T: Dtype>(
         alibi_head_offset: c.alibi_head_offset,
         scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
     };
-    let smem = (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4;
-    let func = gpu.function(Module::AttentionDecode, &format!("attention_decode_{}", T::NAME))?;
-    set_smem(&func, smem)?;
-    let cfg = LaunchConfig { grid_dim: (splits as u32, grid_y as u32, batch.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-    let mut b = stream.launch_builder(&func);
-    b.arg(&params);
-    // SAFETY: params mirrors ra::DecodeParams; buffers were checked against the cache geometry and
-    // batch; the kernel clamps context lengths and block-table entries into the pool.
-    unsafe { b.launch(cfg) }?;
+    // Buffers were checked against the cache geometry and batch; the kernel clamps context
+    // lengths and block-table entries into the pool.
+    be.run(&Launch {
+        module: Module::AttentionDecode,
+        name: format!("attention_decode_{}", T::NAME),
+        grid: (splits as u32, grid_y as u32, batch.batch as u32),
+        threads: 128,
+        smem: (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4,
+        params,
+    })?;
     if splits > 1 {
-        let combine = gpu.function(Module::Merge, &format!("combine_splits_{}", T::NAME))?;
-        let sp = SplitsParams {
+        let params = SplitsParams {
             part_out,
             part_lse,
             out: op,
@@ -309,11 +337,9 @@ pub fn attention_decode<T: Dtype>(
             heads: hq as i32,
             head_dim: d as i32,
         };
-        let cfg = LaunchConfig { grid_dim: (tokens as u32, hq as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let mut b = stream.launch_builder(&combine);
-        b.arg(&sp);
-        // SAFETY: SplitsParams mirrors ra::SplitsParams; the partials were sized by decode_workspace_len.
-        unsafe { b.launch(cfg) }?;
+        // The partials were sized by decode_workspace_len.
+        let name = format!("combine_splits_{}", T::NAME);
+        be.run(&Launch { module: Module::Merge, name, grid: (tokens as u32, hq as u32, 1), threads: 128, smem: 0, params })?;
     }
     Ok(())
 }
@@ -334,45 +360,63 @@ pub fn paged_append<T: Dtype>(
     v_row_stride: usize,
     cache: &PagedKvCache,
 ) -> Result<()> {
-    gpu.check_stream(stream)?;
-    let (hkv, d) = (cache.kv_heads, cache.head_dim);
-    check_rows("k", k.len(), tokens, k_row_stride, hkv, d)?;
-    check_rows("v", v.len(), tokens, v_row_stride, hkv, d)?;
-    for (what, got, needed) in [("k_cache", k_cache.len(), cache.len()), ("v_cache", v_cache.len(), cache.len()), ("slots", slots.len(), tokens)] {
-        if got < needed {
-            return Err(Error::BufferTooSmall { what, needed, got });
-        }
-    }
-    to_i32("tokens", tokens)?;
-    let num_slots = to_i32("num_pages * page_size", cache.num_pages * cache.page_size)?;
-    if tokens == 0 {
-        return Ok(());
-    }
+    let be = OnStream::new(gpu, stream)?;
+    let lens = [k.len(), v.len(), k_cache.len(), v_cache.len(), slots.len()];
+    let rows = AppendRows { tokens, k_row_stride, v_row_stride };
+    rows.check(lens, cache)?;
     let (kp, _g1) = k.device_ptr(stream);
     let (vp, _g2) = v.device_ptr(stream);
     let (kc, _g3) = k_cache.device_ptr_mut(stream);
     let (vc, _g4) = v_cache.device_ptr_mut(stream);
     let (sp, _g5) = slots.device_ptr(stream);
+    launch_append::<T, _>(&be, [kp, vp, kc, vc, sp], &rows, cache)
+}
+
+/// The new rows of a [`paged_append`].
+pub(crate) struct AppendRows {
+    pub tokens: usize,
+    pub k_row_stride: usize,
+    pub v_row_stride: usize,
+}
+
+impl AppendRows {
+    /// Validate lengths `[k, v, k_cache, v_cache, slots]` (elements).
+    pub(crate) fn check(&self, [k, v, k_cache, v_cache, slots]: [usize; 5], cache: &PagedKvCache) -> Result<()> {
+        let (hkv, d) = (cache.kv_heads, cache.head_dim);
+        check_rows("k", k, self.tokens, self.k_row_stride, hkv, d)?;
+        check_rows("v", v, self.tokens, self.v_row_stride, hkv, d)?;
+        for (what, got, needed) in [("k_cache", k_cache, cache.len()), ("v_cache", v_cache, cache.len()), ("slots", slots, self.tokens)] {
+            if got < needed {
+                return Err(Error::BufferTooSmall { what, needed, got });
+            }
+        }
+        to_i32("tokens", self.tokens)?;
+        to_i32("num_pages * page_size", cache.num_pages * cache.page_size)?;
+        Ok(())
+    }
+}
+
+/// Plan and run an append on buffers `[k, v, k_cache, v_cache, slots]` that [`AppendRows::check`] accepted.
+pub(crate) fn launch_append<T: Dtype, B: Backend>(be: &B, [k, v, k_cache, v_cache, slots]: [u64; 5], rows: &AppendRows, cache: &PagedKvCache) -> Result<()> {
+    if rows.tokens == 0 {
+        return Ok(());
+    }
     let params = AppendParams {
-        k: kp,
-        v: vp,
-        k_cache: kc,
-        v_cache: vc,
-        slots: sp,
-        k_row_stride: k_row_stride as i64,
-        v_row_stride: v_row_stride as i64,
-        tokens: tokens as i32,
-        kv_heads: hkv as i32,
-        head_dim: d as i32,
-        num_slots,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        k_row_stride: rows.k_row_stride as i64,
+        v_row_stride: rows.v_row_stride as i64,
+        tokens: rows.tokens as i32,
+        kv_heads: cache.kv_heads as i32,
+        head_dim: cache.head_dim as i32,
+        num_slots: (cache.num_pages * cache.page_size) as i32,
     };
-    let func = gpu.function(Module::AttentionDecode, &format!("paged_append_{}", T::NAME))?;
-    let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    let mut b = stream.launch_builder(&func);
-    b.arg(&params);
-    // SAFETY: AppendParams mirrors ra::AppendParams; the kernel skips slots outside the pool.
-    unsafe { b.launch(cfg) }?;
-    Ok(())
+    // The kernel skips slots outside the pool.
+    let name = format!("paged_append_{}", T::NAME);
+    be.run(&Launch { module: Module::AttentionDecode, name, grid: (rows.tokens as u32, 1, 1), threads: 128, smem: 0, params })
 }
 
 /// [`attention_decode`], then compare with [`reference::attention`] over the keys gathered from
@@ -395,15 +439,38 @@ pub fn attention_decode_checked<T: Dtype>(
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<CheckReport> {
     attention_decode(gpu, stream, q, k_cache, v_cache, block_table, context_lens, out, lse, cache, batch, p, splits, workspace)?;
+    let host = DecodeHost {
+        q: widen(&stream.clone_dtoh(q)?),
+        k_cache: widen(&stream.clone_dtoh(k_cache)?),
+        v_cache: widen(&stream.clone_dtoh(v_cache)?),
+        block_table: stream.clone_dtoh(block_table)?,
+        context_lens: stream.clone_dtoh(context_lens)?,
+        out: widen(&stream.clone_dtoh(out)?),
+        lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
+    };
+    compare_decode::<T>(&host, cache, batch, p)
+}
+
+/// Host copies of a decode's inputs and results, widened, for checked mode.
+pub(crate) struct DecodeHost {
+    pub q: Vec<f64>,
+    pub k_cache: Vec<f64>,
+    pub v_cache: Vec<f64>,
+    pub block_table: Vec<i32>,
+    pub context_lens: Vec<i32>,
+    pub out: Vec<f64>,
+    pub lse: Vec<f64>,
+}
+
+/// Checked mode's comparison of a decode with [`reference::attention`] over the keys gathered
+/// through the block table (shared with the emulator).
+pub(crate) fn compare_decode<T: Dtype>(h: &DecodeHost, cache: &PagedKvCache, batch: &DecodeBatch, p: &AttentionParams) -> Result<CheckReport> {
     let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
     let tokens = batch.tokens();
-    let qh = gather_rows(&widen(&stream.clone_dtoh(q)?), tokens, batch.q_row_stride, hq * d);
-    let oh = gather_rows(&widen(&stream.clone_dtoh(out)?), tokens, batch.o_row_stride, hq * d);
-    let lh: Vec<f64> = stream.clone_dtoh(lse)?.iter().take(hq * tokens).map(|&x| x as f64).collect();
-    let kc = widen(&stream.clone_dtoh(k_cache)?);
-    let vc = widen(&stream.clone_dtoh(v_cache)?);
-    let table = stream.clone_dtoh(block_table)?;
-    let lens = stream.clone_dtoh(context_lens)?;
+    let qh = gather_rows(&h.q, tokens, batch.q_row_stride, hq * d);
+    let oh = gather_rows(&h.out, tokens, batch.o_row_stride, hq * d);
+    let lh = &h.lse[..hq * tokens];
+    let (kc, vc, table, lens) = (&h.k_cache, &h.v_cache, &h.block_table, &h.context_lens);
     let row = hkv * d;
     let (mut want_o, mut want_l) = (vec![0.0; oh.len()], vec![f64::NEG_INFINITY; hq * tokens]);
     for b in 0..batch.batch {
@@ -417,7 +484,7 @@ pub fn attention_decode_checked<T: Dtype>(
                 })
                 .collect()
         };
-        let (kk, vv) = (gather(&kc), gather(&vc));
+        let (kk, vv) = (gather(kc), gather(vc));
         let q_pos: Vec<i64> = (0..batch.queries).map(|qi| ctx as i64 - batch.queries as i64 + qi as i64).collect();
         let k_pos: Vec<i64> = (0..ctx as i64).collect();
         let qs = &qh[b * batch.queries * hq * d..(b + 1) * batch.queries * hq * d];
@@ -429,8 +496,8 @@ pub fn attention_decode_checked<T: Dtype>(
             }
         }
     }
-    let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&kc), max_abs(&vc));
+    let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(kc), max_abs(vc));
     let ro = CheckReport::compare("decode out", &oh, &want_o, tol_o);
-    let rl = CheckReport::compare("decode lse", &lh, &want_l, tol_l);
+    let rl = CheckReport::compare("decode lse", lh, &want_l, tol_l);
     ro.worst(rl).ensure()
 }

@@ -2,9 +2,10 @@
 
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
+use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, MergeParams};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// `out, lse_out = merge((o1, lse1), (o2, lse2))` for O `[tokens, heads, d]` (dense) and LSE
@@ -25,50 +26,63 @@ pub fn merge_states<T: Dtype>(
     heads: usize,
     head_dim: usize,
 ) -> Result<()> {
-    gpu.check_stream(stream)?;
-    let (on, ln) = (tokens * heads * head_dim, tokens * heads);
-    for (what, got, needed) in [
-        ("o1", o1.len(), on),
-        ("o2", o2.len(), on),
-        ("out", out.len(), on),
-        ("lse1", lse1.len(), ln),
-        ("lse2", lse2.len(), ln),
-        ("lse_out", lse_out.len(), ln),
-    ] {
-        if got < needed {
-            return Err(Error::BufferTooSmall { what, needed, got });
-        }
-    }
-    to_i32("tokens", tokens)?;
-    if heads > 65535 {
-        return Err(Error::Shape { what: "merge heads", expected: "<= 65535".into(), got: heads.to_string() });
-    }
-    if on == 0 {
-        return Ok(());
-    }
+    let be = OnStream::new(gpu, stream)?;
+    let shape = MergeShape { tokens, heads, head_dim };
+    shape.check([o1.len(), lse1.len(), o2.len(), lse2.len(), out.len(), lse_out.len()])?;
     let (a, _g1) = o1.device_ptr(stream);
     let (la, _g2) = lse1.device_ptr(stream);
     let (b, _g3) = o2.device_ptr(stream);
     let (lb, _g4) = lse2.device_ptr(stream);
     let (o, _g5) = out.device_ptr_mut(stream);
     let (lo, _g6) = lse_out.device_ptr_mut(stream);
+    launch_merge::<T, _>(&be, [a, la, b, lb, o, lo], &shape)
+}
+
+/// `[tokens, heads, head_dim]` states to merge.
+pub(crate) struct MergeShape {
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl MergeShape {
+    /// Validate lengths `[o1, lse1, o2, lse2, out, lse_out]` (elements).
+    pub(crate) fn check(&self, lens: [usize; 6]) -> Result<()> {
+        let (on, ln) = (self.tokens * self.heads * self.head_dim, self.tokens * self.heads);
+        let names = ["o1", "lse1", "o2", "lse2", "out", "lse_out"];
+        for (i, (what, got)) in names.into_iter().zip(lens).enumerate() {
+            let needed = if i % 2 == 0 { on } else { ln };
+            if got < needed {
+                return Err(Error::BufferTooSmall { what, needed, got });
+            }
+        }
+        to_i32("tokens", self.tokens)?;
+        to_i32("head_dim", self.head_dim)?;
+        if self.heads > 65535 {
+            return Err(Error::Shape { what: "merge heads", expected: "<= 65535".into(), got: self.heads.to_string() });
+        }
+        Ok(())
+    }
+}
+
+/// Plan and run a merge on buffers `[o1, lse1, o2, lse2, out, lse_out]` that [`MergeShape::check`] accepted.
+pub(crate) fn launch_merge<T: Dtype, B: Backend>(be: &B, [o1, lse1, o2, lse2, out, lse_out]: [u64; 6], s: &MergeShape) -> Result<()> {
+    if s.tokens * s.heads * s.head_dim == 0 {
+        return Ok(());
+    }
     let params = MergeParams {
-        o1: a,
-        lse1: la,
-        o2: b,
-        lse2: lb,
-        out: o,
-        lse_out: lo,
-        tokens: tokens as i32,
-        heads: heads as i32,
-        head_dim: to_i32("head_dim", head_dim)?,
+        o1,
+        lse1,
+        o2,
+        lse2,
+        out,
+        lse_out,
+        tokens: s.tokens as i32,
+        heads: s.heads as i32,
+        head_dim: s.head_dim as i32,
         pad_: 0,
     };
-    let func = gpu.function(Module::Merge, &format!("merge_{}", T::NAME))?;
-    let cfg = LaunchConfig { grid_dim: (tokens as u32, heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    let mut bld = stream.launch_builder(&func);
-    bld.arg(&params);
-    // SAFETY: MergeParams mirrors ra::MergeParams; all six buffers were checked to hold tokens x heads rows.
-    unsafe { bld.launch(cfg) }?;
-    Ok(())
+    // All six buffers were checked to hold tokens x heads rows.
+    let name = format!("merge_{}", T::NAME);
+    be.run(&Launch { module: Module::Merge, name, grid: (s.tokens as u32, s.heads as u32, 1), threads: 128, smem: 0, params })
 }

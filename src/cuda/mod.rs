@@ -20,15 +20,16 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod attention;
-mod checked;
-mod decode;
+pub(crate) mod attention;
+pub(crate) mod checked;
+pub(crate) mod decode;
 mod device;
 mod dtype;
-mod merge;
-mod params;
-mod rope;
-mod scores;
+pub(crate) mod launch;
+pub(crate) mod merge;
+pub(crate) mod params;
+pub(crate) mod rope;
+pub(crate) mod scores;
 
 pub use attention::{
     attention_fwd, attention_fwd_at, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,

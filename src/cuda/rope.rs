@@ -3,12 +3,13 @@
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
+use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, RopeArgs, RopeParams};
 use super::scores::span;
 use crate::attention::{Relative, Rotary};
 use crate::error::{Error, Result};
 use crate::reference;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Largest rotary dimension the kernels take (128 pairs); components past it may pass through.
@@ -100,16 +101,14 @@ pub(crate) enum Positions {
 }
 
 /// The one launch path every rope call goes through (validated by the caller).
-pub(crate) fn launch<T: Dtype>(
-    gpu: &Gpu,
-    stream: &Arc<CudaStream>,
+pub(crate) fn launch<T: Dtype, B: Backend>(
+    be: &B,
     ptrs: RopePtrs,
     shape: &RopeShape,
     args: RopeArgs,
     positions: Positions,
     use_leak_freq: bool,
 ) -> Result<()> {
-    gpu.check_stream(stream)?;
     if shape.tokens == 0 || shape.q_heads + shape.k_heads == 0 {
         return Ok(());
     }
@@ -127,7 +126,6 @@ pub(crate) fn launch<T: Dtype>(
         && args.rotary_dim % 4 == 0;
     let layout = if args.interleaved != 0 { "inter" } else { "half" };
     let name = format!("rope_{layout}_v{}_{}", if v2 { 2 } else { 1 }, T::NAME);
-    let func = gpu.function(Module::Rope, &name)?;
     let (pos_ptr, cu, batch, starts, stride) = match positions {
         Positions::Explicit(p) => (p, 0, 0, 0, 0),
         Positions::FromCuSeqlens { cu_seqlens, batch, starts, stride } => (0, cu_seqlens, batch, starts, stride),
@@ -153,13 +151,8 @@ pub(crate) fn launch<T: Dtype>(
         starts_stride: stride as i32,
         use_leak_freq: use_leak_freq as i32,
     };
-    let cfg = LaunchConfig { grid_dim: (shape.tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    let mut b = stream.launch_builder(&func);
-    b.arg(&params);
-    // SAFETY: the params struct mirrors ra::RopeParams; every pointer was checked by the caller
-    // to cover the rows the kernel touches (shape validated against the buffer lengths).
-    unsafe { b.launch(cfg) }?;
-    Ok(())
+    // Every pointer was checked by the caller to cover the rows the kernel touches.
+    be.run(&Launch { module: Module::Rope, name, grid: (shape.tokens as u32, 1, 1), threads: 128, smem: 0, params })
 }
 
 /// Rotate Q `[tokens, q_heads, head_dim]` and K `[tokens, k_heads, head_dim]` in place, token
@@ -179,7 +172,7 @@ pub fn rope_inplace<T: Dtype>(
     let (kp, _gk) = k.device_ptr_mut(stream);
     let (pp, _gp) = positions.device_ptr(stream);
     let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
-    launch::<T>(gpu, stream, ptrs, shape, args, Positions::Explicit(pp), false)
+    launch::<T, _>(&OnStream::new(gpu, stream)?, ptrs, shape, args, Positions::Explicit(pp), false)
 }
 
 /// Rotate into other buffers: outputs are dense `[tokens, heads, head_dim]` (pass-through
@@ -206,7 +199,7 @@ pub fn rope_into<T: Dtype>(
     let (ko, _g4) = k_out.device_ptr_mut(stream);
     let (pp, _g5) = positions.device_ptr(stream);
     let ptrs = RopePtrs { q_in: qi, q_out: qo, k_in: ki, k_out: ko, q_out_stride: dense.q_row_stride, k_out_stride: dense.k_row_stride };
-    launch::<T>(gpu, stream, ptrs, shape, args, Positions::Explicit(pp), false)
+    launch::<T, _>(&OnStream::new(gpu, stream)?, ptrs, shape, args, Positions::Explicit(pp), false)
 }
 
 /// [`rope_inplace`], then copy everything back and compare with [`reference::rotate`] on the
@@ -221,26 +214,34 @@ pub fn rope_inplace_checked<T: Dtype>(
     rot: &Rotary,
 ) -> Result<CheckReport> {
     shape.check(q.len(), k.len(), positions.len(), rot)?;
-    let q_before = widen(&stream.clone_dtoh(q)?);
-    let k_before = widen(&stream.clone_dtoh(k)?);
-    let pos: Vec<i64> = stream.clone_dtoh(positions)?.iter().take(shape.tokens).map(|&p| p as i64).collect();
+    let before = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    let pos = stream.clone_dtoh(positions)?;
     rope_inplace(gpu, stream, q, k, positions, shape, rot)?;
-    let q_after = widen(&stream.clone_dtoh(q)?);
-    let k_after = widen(&stream.clone_dtoh(k)?);
-    let tol = Tolerance::rope::<T>(max_abs(&q_after).max(max_abs(&k_after)));
+    let after = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    compare_rope::<T>(&before, &after, &pos, shape, rot)
+}
+
+/// Checked mode's comparison, on host copies of Q and K (`[q, k]`) before and after rotating
+/// them in place (shared with the emulator).
+pub(crate) fn compare_rope<T: Dtype>(
+    before: &[Vec<f64>; 2],
+    after: &[Vec<f64>; 2],
+    positions: &[i32],
+    shape: &RopeShape,
+    rot: &Rotary,
+) -> Result<CheckReport> {
+    let tol = Tolerance::rope::<T>(max_abs(&after[0]).max(max_abs(&after[1])));
     let mut reports = Vec::new();
-    for (before, after, heads, stride) in
-        [(q_before, q_after, shape.q_heads, shape.q_row_stride), (k_before, k_after, shape.k_heads, shape.k_row_stride)]
-    {
-        let mut want = before;
+    for (i, (heads, stride)) in [(shape.q_heads, shape.q_row_stride), (shape.k_heads, shape.k_row_stride)].into_iter().enumerate() {
+        let mut want = before[i].clone();
         // Negative positions rotate backwards on the GPU; the reference takes them as f64 too.
-        for (t, &p) in pos.iter().enumerate() {
+        for (t, &p) in positions.iter().take(shape.tokens).enumerate() {
             for h in 0..heads {
                 let s = t * stride + h * shape.head_dim;
                 reference::rotate_head(&mut want[s..s + shape.head_dim], p as f64, rot);
             }
         }
-        reports.push(CheckReport::compare("rope", &after, &want, tol));
+        reports.push(CheckReport::compare("rope", &after[i], &want, tol));
     }
     let k_rep = reports.pop().unwrap();
     reports.pop().unwrap().worst(k_rep).ensure()

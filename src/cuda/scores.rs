@@ -3,12 +3,13 @@
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
+use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, RopeArgs, ScoresParams};
 use super::SUPPORTED_HEAD_DIMS;
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::reference;
-use cudarc::driver::{sys::CUfunction_attribute, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys::CUfunction_attribute, CudaStream, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Sizes of a score computation: Q `[nq, Hq, d]`, K `[nk, Hkv, d]` (row strides in elements),
@@ -126,8 +127,16 @@ pub fn scores<T: Dtype>(
     shape: &ScoresShape,
     p: &AttentionParams,
 ) -> Result<()> {
-    gpu.check_stream(stream)?;
+    let be = OnStream::new(gpu, stream)?;
     shape.check(p, q.len(), k.len(), out.len())?;
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = k.device_ptr(stream);
+    let (op, _g3) = out.device_ptr_mut(stream);
+    launch_scores::<T, _>(&be, [qp, kp, op], shape, p)
+}
+
+/// Plan and run a scores launch on buffers `[q, k, out]` that [`ScoresShape::check`] accepted.
+pub(crate) fn launch_scores<T: Dtype, B: Backend>(be: &B, [q, k, out]: [u64; 3], shape: &ScoresShape, p: &AttentionParams) -> Result<()> {
     let c = common(p)?;
     let d = p.head_dim;
     if p.num_q_heads * shape.nq * shape.nk == 0 {
@@ -135,17 +144,11 @@ pub fn scores<T: Dtype>(
     }
     let bm = if T::NAME == "f32" { 32 } else { 64 };
     let pitch = if T::NAME == "f32" { d + 1 } else { d + 8 };
-    let smem = 2 * bm * pitch * std::mem::size_of::<T>();
-    let func = gpu.function(Module::Scores, &format!("scores_{}", T::NAME))?;
-    set_smem(&func, smem)?;
-    let (qp, _g1) = q.device_ptr(stream);
-    let (kp, _g2) = k.device_ptr(stream);
-    let (op, _g3) = out.device_ptr_mut(stream);
     let params = ScoresParams {
         rope: c.rope,
-        q: qp,
-        k: kp,
-        out: op,
+        q,
+        k,
+        out,
         q_row_stride: shape.q_row_stride as i64,
         k_row_stride: shape.k_row_stride as i64,
         nq: to_i32("nq", shape.nq)?,
@@ -161,13 +164,14 @@ pub fn scores<T: Dtype>(
         alibi_head_offset: c.alibi_head_offset,
         scale: c.scale,
     };
-    let grid = (shape.nk.div_ceil(bm) as u32, shape.nq.div_ceil(bm) as u32, p.num_q_heads as u32);
-    let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-    let mut b = stream.launch_builder(&func);
-    b.arg(&params);
-    // SAFETY: params mirrors ra::ScoresParams; buffer extents were checked above.
-    unsafe { b.launch(cfg) }?;
-    Ok(())
+    be.run(&Launch {
+        module: Module::Scores,
+        name: format!("scores_{}", T::NAME),
+        grid: (shape.nk.div_ceil(bm) as u32, shape.nq.div_ceil(bm) as u32, p.num_q_heads as u32),
+        threads: 128,
+        smem: 2 * bm * pitch * std::mem::size_of::<T>(),
+        params,
+    })
 }
 
 /// [`scores`], then compare with [`reference::scores`] on the same (copied back) inputs.
@@ -181,14 +185,20 @@ pub fn scores_checked<T: Dtype>(
     p: &AttentionParams,
 ) -> Result<CheckReport> {
     scores(gpu, stream, q, k, out, shape, p)?;
+    let got: Vec<f64> = stream.clone_dtoh(out)?.iter().map(|&x| x as f64).collect();
+    compare_scores::<T>(&widen(&stream.clone_dtoh(q)?), &widen(&stream.clone_dtoh(k)?), &got, shape, p)
+}
+
+/// Checked mode's comparison on host copies (shared with the emulator).
+pub(crate) fn compare_scores<T: Dtype>(q: &[f64], k: &[f64], got: &[f64], shape: &ScoresShape, p: &AttentionParams) -> Result<CheckReport> {
     let d = p.head_dim;
-    let qh = gather_rows(&widen(&stream.clone_dtoh(q)?), shape.nq, shape.q_row_stride, p.num_q_heads * d);
-    let kh = gather_rows(&widen(&stream.clone_dtoh(k)?), shape.nk, shape.k_row_stride, p.num_kv_heads * d);
-    let got: Vec<f64> = stream.clone_dtoh(out)?.iter().take(p.num_q_heads * shape.nq * shape.nk).map(|&x| x as f64).collect();
+    let qh = gather_rows(q, shape.nq, shape.q_row_stride, p.num_q_heads * d);
+    let kh = gather_rows(k, shape.nk, shape.k_row_stride, p.num_kv_heads * d);
     let q_pos: Vec<i64> = (0..shape.nq).map(|i| (shape.q_offset + i) as i64).collect();
     let k_pos: Vec<i64> = (0..shape.nk as i64).collect();
     let want = reference::scores(&qh, &kh, &q_pos, &k_pos, p)?;
-    CheckReport::compare("scores", &got, &want, Tolerance::scores::<T>(p, max_abs(&qh), max_abs(&kh))).ensure()
+    let got = &got[..want.len()];
+    CheckReport::compare("scores", got, &want, Tolerance::scores::<T>(p, max_abs(&qh), max_abs(&kh))).ensure()
 }
 
 /// Dense `[rows, width]` from rows `stride` apart.

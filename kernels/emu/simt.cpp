@@ -1,0 +1,489 @@
+// The SIMT emulator's runtime (see simt.h): fibers for CUDA threads, a block scheduler with
+// barrier and collective checking, the warp collectives computed from all lanes' operands, and
+// the launch entry point the Rust side calls (src/emulator/).
+#include "simt.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace ra_emu {
+
+thread_local ThreadState* tls_thread = nullptr;
+thread_local BlockState* tls_block = nullptr;
+
+// ---- the kernel registry -------------------------------------------------------------------
+struct KernelInfo {
+    Entry entry;
+    size_t params_size;
+    int max_threads;
+};
+static std::map<std::string, KernelInfo>& registry() {
+    static std::map<std::string, KernelInfo> r;  // filled by static constructors, read after main starts
+    return r;
+}
+Registrar::Registrar(const char* name, Entry entry, size_t params_size, int max_threads) {
+    registry()[name] = KernelInfo{entry, params_size, max_threads};
+}
+
+// ---- f16 conversions (round to nearest even, subnormals, overflow to inf) ------------------
+uint16_t f32_to_f16_bits(float f) {
+    const uint32_t x = f32_bits(f);
+    const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u;   // NaN
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to inf
+    if (ax < 0x38800000u) {                         // below 2^-14: a subnormal half (or zero)
+        // |f| * 2^24 is exact and < 1024; rintf rounds half to even. 1024 encodes 2^-14 itself.
+        return sign | static_cast<uint16_t>(rintf(bits_f32(ax) * 16777216.0f));
+    }
+    uint32_t h = ((((ax >> 23) - 127 + 15) << 10) | ((ax & 0x7fffffu) >> 13));
+    const uint32_t rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry moves into the exponent, as it should
+    return sign | static_cast<uint16_t>(h);
+}
+
+float f16_bits_to_f32(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    if (exp == 0) {
+        const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24, exact
+        return sign ? -v : v;
+    }
+    if (exp == 31) return bits_f32(sign | 0x7f800000u | (mant << 13));
+    return bits_f32(sign | ((exp - 15 + 127) << 23) | (mant << 13));
+}
+
+}  // namespace ra_emu
+
+void sincospif(float x, float* s, float* c) {
+    const double r = static_cast<double>(x) - 2.0 * nearbyint(static_cast<double>(x) / 2.0);  // exact, in [-1, 1]
+    *s = static_cast<float>(sin(M_PI * r));
+    *c = static_cast<float>(cos(M_PI * r));
+}
+
+namespace ra_emu {
+
+// ---- fibers ---------------------------------------------------------------------------------
+// A context switch saves the callee-saved registers on the old stack and resumes the new one.
+#if defined(__x86_64__)
+extern "C" void ra_emu_switch(void** save_sp, void* new_sp);
+extern "C" void ra_emu_fiber_entry();
+asm(R"(
+    .text
+    .globl ra_emu_switch
+    .hidden ra_emu_switch
+    .type ra_emu_switch,@function
+ra_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size ra_emu_switch, .-ra_emu_switch
+
+    .globl ra_emu_fiber_entry
+    .hidden ra_emu_fiber_entry
+    .type ra_emu_fiber_entry,@function
+ra_emu_fiber_entry:
+    call ra_emu_fiber_main
+    ud2
+    .size ra_emu_fiber_entry, .-ra_emu_fiber_entry
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+static void context_init(Context& c, char* stack_lo, size_t size) {
+    // Stack top 16-byte aligned; `ret` in ra_emu_switch lands on ra_emu_fiber_entry with rsp
+    // aligned as a call expects. Six zeroed callee-saved registers and the default MXCSR / x87 CW.
+    uintptr_t top = (reinterpret_cast<uintptr_t>(stack_lo) + size) & ~uintptr_t(15);
+    uint64_t* s = reinterpret_cast<uint64_t*>(top);
+    s[-1] = reinterpret_cast<uint64_t>(&ra_emu_fiber_entry);
+    for (int i = 2; i <= 7; ++i) s[-i] = 0;
+    const uint32_t csr[2] = {0x1f80u, 0x037fu};
+    std::memcpy(&s[-8], csr, 8);
+    c.sp = &s[-8];
+}
+static void context_switch(Context& from, Context& to) { ra_emu_switch(&from.sp, to.sp); }
+#else
+}  // namespace ra_emu
+#include <ucontext.h>
+extern "C" void ra_emu_fiber_main();
+namespace ra_emu {
+struct Context {
+    ucontext_t uc;
+};
+static void context_init(Context& c, char* stack_lo, size_t size) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack_lo;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, ra_emu_fiber_main, 0);
+}
+static void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+enum State { RUN, WAIT_BLOCK, WAIT_WARP, DONE };
+enum Collective { C_NONE, C_SYNCWARP, C_SHFL, C_LDMATRIX, C_MMA };
+static const char* collective_name(int c) {
+    static const char* n[] = {"none", "__syncwarp", "a shuffle", "ldmatrix", "mma.sync"};
+    return n[c];
+}
+
+struct Copy {
+    void* dst;
+    const void* src;  // null: zero-fill
+};
+
+struct Fiber : ThreadState {
+    Context ctx;
+    int lane = 0, warp = 0, parity = 0;
+    State state = RUN;
+    Collective waiting = C_NONE;
+    std::vector<Copy> open;                 // cp.async issued, not yet committed
+    std::vector<std::vector<Copy>> groups;  // committed, not yet landed (oldest first)
+};
+
+// Per-warp exchange slots, double-buffered so that one barrier per collective suffices: a lane
+// can only reuse a buffer after every lane has passed the next collective's barrier.
+struct WarpSlots {
+    uint32_t w[2][32][8];
+};
+
+struct Launch : BlockState {
+    std::vector<Fiber> fibers;
+    std::vector<WarpSlots> warps;
+    std::vector<unsigned char> smem;
+    Context sched;
+    Entry entry = nullptr;
+    const void* params = nullptr;
+    uint64_t rng = 0;
+    std::string error;
+};
+static thread_local Launch* tls_launch = nullptr;
+
+static uint64_t next_random(Launch& L) {  // xorshift64*
+    L.rng ^= L.rng >> 12;
+    L.rng ^= L.rng << 25;
+    L.rng ^= L.rng >> 27;
+    return L.rng * 0x2545F4914F6CDD1DULL;
+}
+
+static Fiber& me() { return *static_cast<Fiber*>(tls_thread); }
+
+static void yield_to_scheduler() { context_switch(me().ctx, tls_launch->sched); }
+
+// Stop the launch: record the first error and leave this fiber for good.
+static void fail(const char* fmt, ...) {
+    Launch& L = *tls_launch;
+    if (L.error.empty()) {
+        char buf[512];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
+        const Fiber& f = me();
+        char where[128];
+        snprintf(where, sizeof where, " (block %u,%u,%u thread %u)", L.bid.x, L.bid.y, L.bid.z, f.tid.x);
+        L.error = std::string(buf) + where;
+    }
+    for (;;) yield_to_scheduler();
+}
+
+}  // namespace ra_emu
+
+extern "C" void ra_emu_fiber_main() {
+    using namespace ra_emu;
+    tls_launch->entry(tls_launch->params);
+    me().state = DONE;
+    yield_to_scheduler();
+    __builtin_unreachable();
+}
+
+namespace ra_emu {
+
+void* dynamic_smem() { return tls_launch->smem.data(); }
+
+void syncthreads() {
+    me().state = WAIT_BLOCK;
+    yield_to_scheduler();
+}
+
+// Publish this lane's operands, wait for the whole warp, return the slots of all 32 lanes.
+static uint32_t (*exchange(Collective kind, const uint32_t* words, int n))[8] {
+    Fiber& f = me();
+    uint32_t(*slots)[8] = tls_launch->warps[f.warp].w[f.parity];
+    std::memcpy(slots[f.lane], words, 4 * n);
+    f.parity ^= 1;
+    f.state = WAIT_WARP;
+    f.waiting = kind;
+    yield_to_scheduler();
+    f.waiting = C_NONE;
+    return slots;
+}
+
+static void check_full_mask(unsigned mask, const char* what) {
+    if (mask != 0xffffffffu) fail("%s with mask %#x: the kernels only use full-warp collectives", what, mask);
+}
+
+void syncwarp(unsigned mask) {
+    check_full_mask(mask, "__syncwarp");
+    exchange(C_SYNCWARP, nullptr, 0);
+}
+
+float shfl(unsigned mask, float v, int arg, bool is_xor) {
+    check_full_mask(mask, "a shuffle");
+    const uint32_t w = f32_bits(v);
+    uint32_t(*s)[8] = exchange(C_SHFL, &w, 1);
+    const int src = is_xor ? (me().lane ^ arg) & 31 : arg & 31;
+    return bits_f32(s[src][0]);
+}
+
+static bool in_smem(const void* p, size_t bytes) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    const std::vector<unsigned char>& s = tls_launch->smem;
+    return !s.empty() && c >= s.data() && c + bytes <= s.data() + s.size();
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
+    if (!in_smem(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16 != 0)
+        fail("ldmatrix row address %p is not a 16-byte aligned row inside dynamic shared memory", smem);
+    uint32_t words[2];
+    const uintptr_t a = reinterpret_cast<uintptr_t>(smem);
+    words[0] = static_cast<uint32_t>(a);
+    words[1] = static_cast<uint32_t>(a >> 32);
+    uint32_t(*s)[8] = exchange(C_LDMATRIX, words, 2);
+    const int lane = me().lane, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        // Matrix i's eight rows come from lanes 8i..8i+7; element (row, col) is a b16.
+        auto elem = [&](int row, int col) -> uint32_t {
+            const uint32_t* w = s[8 * i + row];
+            const uintptr_t addr = (static_cast<uintptr_t>(w[1]) << 32) | w[0];
+            uint16_t v;
+            std::memcpy(&v, reinterpret_cast<const void*>(addr + 2 * col), 2);
+            return v;
+        };
+        r[i] = trans ? elem(2 * t, g) | (elem(2 * t + 1, g) << 16) : elem(g, 2 * t) | (elem(g, 2 * t + 1) << 16);
+    }
+}
+
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaType type) {
+    const uint32_t words[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    uint32_t(*s)[8] = exchange(C_MMA, words, 6);
+    auto val = [&](uint32_t reg, int half) {
+        const uint16_t h = static_cast<uint16_t>(reg >> (16 * half));
+        return static_cast<double>(type == MMA_F16 ? f16_bits_to_f32(h) : bf16_bits_to_f32(h));
+    };
+    // PTX ISA, mma.m16n8k16 fragments: A(r, k) in lane (r%8)*4 + (k%8)/2, register
+    // (r >= 8) + 2(k >= 8), half k%2; B(k, n) in lane 4n + (k%8)/2, register (k >= 8), half k%2;
+    // this lane's D elements are rows g, g+8 and columns 2t, 2t+1.
+    auto A = [&](int r, int k) { return val(s[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k % 2); };
+    auto B = [&](int k, int n) { return val(s[4 * n + (k % 8) / 2][4 + (k >= 8)], k % 2); };
+    const int lane = me().lane, g = lane / 4, t = lane % 4;
+    for (int c = 0; c < 4; ++c) {
+        const int row = g + 8 * (c / 2), col = 2 * t + (c % 2);
+        double acc = 0.0;  // products of 16-bit values are exact; the sum is rounded once
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        d[c] = static_cast<float>(static_cast<double>(d[c]) + acc);
+    }
+}
+
+static void land(const std::vector<Copy>& group) {
+    for (const Copy& c : group) {
+        if (c.src) std::memcpy(c.dst, c.src, 16);
+        else std::memset(c.dst, 0, 16);
+    }
+}
+
+void cp_async_16(void* smem, const void* gmem, bool valid) {
+    if (!in_smem(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16 != 0)
+        fail("cp.async destination %p is not 16-byte aligned inside dynamic shared memory", smem);
+    if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async source %p is not 16-byte aligned", gmem);
+    me().open.push_back(Copy{smem, valid ? gmem : nullptr});
+}
+
+void cp_async_commit() {
+    Fiber& f = me();
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+    // Lands now or only at its wait (coin flip): a read that does not wait sees poison.
+    if (next_random(*tls_launch) & 1) {
+        land(f.groups.back());
+        f.groups.back().clear();
+    }
+}
+
+void cp_async_wait(int newest_pending) {
+    Fiber& f = me();
+    while (static_cast<int>(f.groups.size()) > newest_pending) {
+        land(f.groups.front());
+        f.groups.erase(f.groups.begin());
+    }
+}
+
+// ---- the block scheduler --------------------------------------------------------------------
+// Runs every runnable fiber (random order) until it blocks; then releases warps whose lanes all
+// wait at the same collective, or else the block if every live thread waits at __syncthreads.
+static bool run_block(Launch& L, char* stacks, size_t stack_size, size_t stride) {
+    const unsigned n = L.bdim.x * L.bdim.y * L.bdim.z;
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = L.fibers[i];
+        f.tid = uint3{i % L.bdim.x, (i / L.bdim.x) % L.bdim.y, i / (L.bdim.x * L.bdim.y)};
+        f.lane = static_cast<int>(i % 32);
+        f.warp = static_cast<int>(i / 32);
+        f.parity = 0;
+        f.state = RUN;
+        f.waiting = C_NONE;
+        f.open.clear();
+        f.groups.clear();
+        context_init(f.ctx, stacks + i * stride + (stride - stack_size), stack_size);
+    }
+    std::memset(L.smem.data(), 0xff, L.smem.size());  // uninitialised shared memory reads as NaN
+    std::vector<unsigned> order;
+    for (;;) {
+        order.clear();
+        for (unsigned i = 0; i < n; ++i)
+            if (L.fibers[i].state == RUN) order.push_back(i);
+        for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[next_random(L) % i]);
+        for (unsigned i : order) {
+            tls_thread = &L.fibers[i];
+            context_switch(L.sched, L.fibers[i].ctx);
+            if (!L.error.empty()) return false;
+        }
+        bool released = false;
+        unsigned alive = 0;
+        for (unsigned w = 0; w * 32 < n; ++w) {
+            unsigned at_warp = 0, done = 0, at_block = 0;
+            Collective kind = C_NONE;
+            const unsigned end = (w + 1) * 32 < n ? (w + 1) * 32 : n;
+            for (unsigned i = w * 32; i < end; ++i) {
+                const Fiber& f = L.fibers[i];
+                if (f.state == WAIT_WARP) {
+                    if (at_warp > 0 && f.waiting != kind) {
+                        L.error = std::string("lanes of warp ") + std::to_string(w) + " wait at different collectives (" +
+                                  collective_name(kind) + ", " + collective_name(f.waiting) + ")";
+                        return false;
+                    }
+                    kind = f.waiting;
+                    ++at_warp;
+                }
+                done += f.state == DONE;
+                at_block += f.state == WAIT_BLOCK;
+            }
+            alive += (end - w * 32) - done;
+            if (at_warp == 0) continue;
+            if (done > 0 || at_block > 0 || end - w * 32 < 32) {
+                L.error = std::string(collective_name(kind)) + " in warp " + std::to_string(w) + " while " +
+                          std::to_string(done + (32 - (end - w * 32))) + " lanes have exited and " + std::to_string(at_block) +
+                          " wait at __syncthreads: a full-warp collective needs every lane";
+                return false;
+            }
+            for (unsigned i = w * 32; i < end; ++i) L.fibers[i].state = RUN;
+            released = true;
+        }
+        if (alive == 0) return true;
+        if (!released)  // every live thread waits at __syncthreads (exited threads count as arrived)
+            for (unsigned i = 0; i < n; ++i)
+                if (L.fibers[i].state == WAIT_BLOCK) L.fibers[i].state = RUN;
+    }
+}
+
+static thread_local std::string tls_error;
+
+}  // namespace ra_emu
+
+// Sizes a GPU of the supported generations takes per block (sm_86/89 allow 99 KiB of shared memory).
+static const uint32_t MAX_SMEM = 99 * 1024;
+
+// Run kernel `name` over the whole grid, one block at a time. 0 on success; otherwise
+// ra_emu_last_error() says why (nothing is left running).
+extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t smem_bytes,
+                             const void* params, size_t params_size, uint64_t seed) {
+    using namespace ra_emu;
+    tls_error.clear();
+    auto it = registry().find(name);
+    if (it == registry().end()) {
+        tls_error = std::string("no kernel named ") + name;
+        return 1;
+    }
+    const KernelInfo& k = it->second;
+    const unsigned threads = block[0] * block[1] * block[2];
+    if (params_size != k.params_size) {
+        tls_error = std::string(name) + ": parameter struct of " + std::to_string(params_size) + " bytes, the kernel takes " +
+                    std::to_string(k.params_size);
+        return 1;
+    }
+    if (threads == 0 || threads > static_cast<unsigned>(k.max_threads) || grid[0] == 0 || grid[1] == 0 || grid[2] == 0 ||
+        grid[1] > 65535 || grid[2] > 65535) {
+        tls_error = std::string(name) + ": invalid launch: " + std::to_string(threads) + " threads (bound " +
+                    std::to_string(k.max_threads) + "), grid " + std::to_string(grid[0]) + "x" + std::to_string(grid[1]) + "x" +
+                    std::to_string(grid[2]);
+        return 1;
+    }
+    if (smem_bytes > MAX_SMEM) {
+        tls_error = std::string(name) + ": " + std::to_string(smem_bytes) + " bytes of dynamic shared memory (sm_86/89 blocks get 99 KiB)";
+        return 1;
+    }
+    Launch L;
+    L.gdim = uint3{grid[0], grid[1], grid[2]};
+    L.bdim = uint3{block[0], block[1], block[2]};
+    L.fibers.resize(threads);
+    L.warps.resize((threads + 31) / 32);
+    L.smem.resize(smem_bytes);
+    L.entry = k.entry;
+    L.params = params;
+    // Fiber stacks with a guard page below each: an overflow faults instead of corrupting.
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE)), stack_size = 256 * 1024, stride = stack_size + page;
+    char* stacks = static_cast<char*>(mmap(nullptr, stride * threads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (stacks == MAP_FAILED) {
+        tls_error = "could not map fiber stacks";
+        return 1;
+    }
+    for (unsigned i = 0; i < threads; ++i) mprotect(stacks + i * stride, page, PROT_NONE);
+    Launch* prev_launch = tls_launch;
+    BlockState* prev_block = tls_block;
+    ThreadState* prev_thread = tls_thread;
+    tls_launch = &L;
+    tls_block = &L;
+    bool ok = true;
+    for (uint32_t z = 0; ok && z < grid[2]; ++z)
+        for (uint32_t y = 0; ok && y < grid[1]; ++y)
+            for (uint32_t x = 0; ok && x < grid[0]; ++x) {
+                L.bid = uint3{x, y, z};
+                L.rng = (seed ^ (0x9E3779B97F4A7C15ULL * (1 + x + 65536ULL * (y + 65536ULL * z)))) | 1;
+                ok = run_block(L, stacks, stack_size, stride);
+            }
+    tls_launch = prev_launch;
+    tls_block = prev_block;
+    tls_thread = prev_thread;
+    munmap(stacks, stride * threads);
+    if (!ok) {
+        tls_error = std::string(name) + ": " + L.error;
+        return 1;
+    }
+    return 0;
+}
+
+extern "C" const char* ra_emu_last_error() { return ra_emu::tls_error.c_str(); }
