@@ -9,6 +9,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <map>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -344,10 +345,45 @@ void cp_async_wait(int newest_pending) {
 }
 
 // ---- the block scheduler --------------------------------------------------------------------
-// Runs every runnable fiber (random order) until it blocks; then releases warps whose lanes all
-// wait at the same collective, or else the block if every live thread waits at __syncthreads.
+// Warps advance one at a time, in random order: the chosen warp's runnable lanes run (random
+// lane order) until each blocks; a warp whose lanes all wait at the same collective is released
+// when it is next chosen. So warps drift apart by any number of collectives between two
+// __syncthreads, as they may on a GPU, and a missing barrier shows. When no warp can move, the
+// block barrier opens if every live thread waits at it (exited threads count as arrived).
+enum WarpStatus { W_RUNNABLE, W_COLLECTIVE, W_BLOCKED };
+
+static WarpStatus warp_status(Launch& L, unsigned w, unsigned n) {
+    unsigned at_warp = 0, done = 0, at_block = 0, running = 0;
+    Collective kind = C_NONE;
+    const unsigned lo = w * 32, hi = (w + 1) * 32 < n ? (w + 1) * 32 : n;
+    for (unsigned i = lo; i < hi; ++i) {
+        const Fiber& f = L.fibers[i];
+        if (f.state == WAIT_WARP) {
+            if (at_warp > 0 && f.waiting != kind) {
+                L.error = std::string("lanes of warp ") + std::to_string(w) + " wait at different collectives (" +
+                          collective_name(kind) + ", " + collective_name(f.waiting) + ")";
+                return W_BLOCKED;
+            }
+            kind = f.waiting;
+            ++at_warp;
+        }
+        running += f.state == RUN;
+        done += f.state == DONE;
+        at_block += f.state == WAIT_BLOCK;
+    }
+    if (running > 0) return W_RUNNABLE;
+    if (at_warp == 0) return W_BLOCKED;
+    if (done > 0 || at_block > 0 || hi - lo < 32) {
+        L.error = std::string(collective_name(kind)) + " in warp " + std::to_string(w) + " while " +
+                  std::to_string(done + (32 - (hi - lo))) + " lanes have exited and " + std::to_string(at_block) +
+                  " wait at __syncthreads: a full-warp collective needs every lane";
+        return W_BLOCKED;
+    }
+    return W_COLLECTIVE;
+}
+
 static bool run_block(Launch& L, char* stacks, size_t stack_size, size_t stride) {
-    const unsigned n = L.bdim.x * L.bdim.y * L.bdim.z;
+    const unsigned n = L.bdim.x * L.bdim.y * L.bdim.z, nwarps = (n + 31) / 32;
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = L.fibers[i];
         f.tid = uint3{i % L.bdim.x, (i / L.bdim.x) % L.bdim.y, i / (L.bdim.x * L.bdim.y)};
@@ -361,52 +397,39 @@ static bool run_block(Launch& L, char* stacks, size_t stack_size, size_t stride)
         context_init(f.ctx, stacks + i * stride + (stride - stack_size), stack_size);
     }
     std::memset(L.smem.data(), 0xff, L.smem.size());  // uninitialised shared memory reads as NaN
-    std::vector<unsigned> order;
+    std::vector<std::pair<unsigned, WarpStatus>> movable;
+    std::vector<unsigned> lanes;
     for (;;) {
-        order.clear();
-        for (unsigned i = 0; i < n; ++i)
-            if (L.fibers[i].state == RUN) order.push_back(i);
-        for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[next_random(L) % i]);
-        for (unsigned i : order) {
+        movable.clear();
+        for (unsigned w = 0; w < nwarps; ++w) {
+            const WarpStatus st = warp_status(L, w, n);
+            if (!L.error.empty()) return false;
+            if (st != W_BLOCKED) movable.emplace_back(w, st);
+        }
+        if (movable.empty()) {
+            bool alive = false;
+            for (unsigned i = 0; i < n; ++i)
+                if (L.fibers[i].state == WAIT_BLOCK) {
+                    L.fibers[i].state = RUN;
+                    alive = true;
+                }
+            if (!alive) return true;  // every thread has exited
+            continue;
+        }
+        const auto [w, status] = movable[next_random(L) % movable.size()];
+        const unsigned lo = w * 32, hi = (w + 1) * 32 < n ? (w + 1) * 32 : n;
+        lanes.clear();
+        for (unsigned i = lo; i < hi; ++i) {
+            // Lanes that reached a collective early wait for the rest; once all have, it completes.
+            if (status == W_COLLECTIVE) L.fibers[i].state = RUN;
+            if (L.fibers[i].state == RUN) lanes.push_back(i);
+        }
+        for (size_t i = lanes.size(); i > 1; --i) std::swap(lanes[i - 1], lanes[next_random(L) % i]);
+        for (unsigned i : lanes) {
             tls_thread = &L.fibers[i];
             context_switch(L.sched, L.fibers[i].ctx);
             if (!L.error.empty()) return false;
         }
-        bool released = false;
-        unsigned alive = 0;
-        for (unsigned w = 0; w * 32 < n; ++w) {
-            unsigned at_warp = 0, done = 0, at_block = 0;
-            Collective kind = C_NONE;
-            const unsigned end = (w + 1) * 32 < n ? (w + 1) * 32 : n;
-            for (unsigned i = w * 32; i < end; ++i) {
-                const Fiber& f = L.fibers[i];
-                if (f.state == WAIT_WARP) {
-                    if (at_warp > 0 && f.waiting != kind) {
-                        L.error = std::string("lanes of warp ") + std::to_string(w) + " wait at different collectives (" +
-                                  collective_name(kind) + ", " + collective_name(f.waiting) + ")";
-                        return false;
-                    }
-                    kind = f.waiting;
-                    ++at_warp;
-                }
-                done += f.state == DONE;
-                at_block += f.state == WAIT_BLOCK;
-            }
-            alive += (end - w * 32) - done;
-            if (at_warp == 0) continue;
-            if (done > 0 || at_block > 0 || end - w * 32 < 32) {
-                L.error = std::string(collective_name(kind)) + " in warp " + std::to_string(w) + " while " +
-                          std::to_string(done + (32 - (end - w * 32))) + " lanes have exited and " + std::to_string(at_block) +
-                          " wait at __syncthreads: a full-warp collective needs every lane";
-                return false;
-            }
-            for (unsigned i = w * 32; i < end; ++i) L.fibers[i].state = RUN;
-            released = true;
-        }
-        if (alive == 0) return true;
-        if (!released)  // every live thread waits at __syncthreads (exited threads count as arrived)
-            for (unsigned i = 0; i < n; ++i)
-                if (L.fibers[i].state == WAIT_BLOCK) L.fibers[i].state = RUN;
     }
 }
 

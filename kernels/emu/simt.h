@@ -4,9 +4,10 @@
 //
 // Every CUDA thread is a fiber; a block's fibers run on one OS thread, switching at barriers
 // (__syncthreads, __syncwarp) and warp collectives (shuffles, ldmatrix, mma.sync), which are
-// computed from all 32 lanes' operands exactly as the PTX ISA lays them out. Between barriers
-// the fibers run in a seeded random order, and each cp.async group lands either when committed
-// or only at its wait, so a missing barrier or wait changes results instead of hiding. Misuse
+// computed from all 32 lanes' operands exactly as the PTX ISA lays them out. Warps advance one
+// collective at a time in a seeded random order (so they drift apart between barriers as on a
+// GPU), lanes run in random order, each cp.async group lands either when committed or only at
+// its wait, and shared memory starts as NaN: a missing barrier or wait changes results. Misuse
 // that would hang or be undefined on a GPU (a barrier some threads skip, a collective with
 // exited or diverged lanes) stops the launch with an error instead.
 #pragma once

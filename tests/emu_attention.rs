@@ -1,0 +1,142 @@
+//! Prefill attention and merge, run by the SIMT emulator (the real kernel source on the CPU)
+//! against the f64 reference: the GPU sweep of tests/gpu_attention.rs at emulator-sized
+//! lengths. Every head dim, f16/bf16/f32, fused and pre-rotated keys, GQA, causal / window /
+//! sinks, ALiBi with a head offset, ReRoPE and Leaky ReRoPE, ragged batches with 1-token
+//! sequences, lengths that are multiples of no tile, and rows that see no key (O = 0, lse = -inf).
+//! Tolerance (Tolerance::attention): (2·score tolerance + eps_dtype)·max|v| for O, the score tolerance for LSE.
+#![cfg(feature = "emulator")]
+
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use rope_attn::cuda::{attention_fwd_workspace_len, max_abs, AttentionBatch, CheckReport, Dtype, PrefillPath, Tolerance};
+use rope_attn::emulator::{Emulator, FwdInputs};
+use rope_attn::{reference, Alibi, AttentionParams, Mask, Relative};
+
+fn cu(s: &[usize]) -> Vec<i32> {
+    std::iter::once(0).chain(s.iter().scan(0, |a, &x| { *a += x; Some(*a as i32) })).collect()
+}
+
+/// One varlen problem through the emulated prefill in checked mode; returns the path taken.
+fn run<T: Dtype>(emu: &Emulator, p: &AttentionParams, seq_q: &[usize], seq_k: &[usize], seed: u64, use_ws: bool) -> PrefillPath {
+    let mut r = rng(seed);
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let (cq, ck) = (cu(seq_q), cu(seq_k));
+    let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
+    let batch = AttentionBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, tk);
+    let (q, _) = as_dtype::<T>(&uniform(&mut r, tq * hq * d));
+    let (k, _) = as_dtype::<T>(&uniform(&mut r, tk * hkv * d));
+    let (v, _) = as_dtype::<T>(&uniform(&mut r, tk * hkv * d));
+    let mut out = vec![T::default(); tq * hq * d];
+    let mut lse = vec![0f32; hq * tq];
+    let mut ws = vec![T::default(); attention_fwd_workspace_len(p, tk)];
+    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: None };
+    let (path, rep) = emu
+        .attention_fwd_checked(&x, &mut out, &mut lse, &batch, p, use_ws.then_some(&mut ws[..]))
+        .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} q={seq_q:?} k={seq_k:?} {:?} {:?} alibi={:?}: {e}", T::NAME, p.relative, p.mask, p.alibi));
+    assert!(rep.count > 0);
+    path
+}
+
+fn sweep<T: Dtype>(seed: u64) -> usize {
+    let emu = Emulator::with_seed(seed);
+    let mut cases = 0;
+    let f32_path = std::mem::size_of::<T>() == 4;
+    for (ci, &d) in [64usize, 80, 96, 128, 256].iter().enumerate() {
+        for (si, (_name, rot)) in schedules(d, if ci % 2 == 0 { d } else { d / 2 }).into_iter().enumerate() {
+            let case = ci * 8 + si;
+            let (hq, hkv) = [(2usize, 2usize), (4, 1), (4, 2)][case % 3];
+            let mut p = AttentionParams::new(hq, hkv, d);
+            p.rope = Some(rot);
+            p.relative = [Relative::None, Relative::None, Relative::ReRope { window: 16 }, Relative::Leaky { window: 8, k: 4.0 }][case % 4];
+            p.mask = [
+                Mask { causal: true, window: None, sinks: 0 },
+                Mask { causal: true, window: Some(40), sinks: 4 },
+                Mask { causal: false, window: None, sinks: 0 },
+            ][case % 3];
+            if case % 2 == 0 {
+                p.alibi = Some(Alibi { total_heads: 2 * hq, head_offset: hq });
+            }
+            // Ragged batches: a 1-token sequence, odd sizes, one spanning two query tiles and
+            // several key tiles; more queries than keys (its first queries see no key when causal).
+            let (sq, sk): (Vec<usize>, Vec<usize>) = match case % 3 {
+                0 => (vec![1, 17, 70], vec![1, 17, 130]),
+                1 => (vec![66, 3], vec![100, 3]),
+                _ => (vec![40, 9], vec![30, 9]),
+            };
+            let rel = p.relative != Relative::None;
+            let ws = rel || f32_path || case % 2 == 1;
+            let path = run::<T>(&emu, &p, &sq, &sk, seed + case as u64, ws);
+            assert_eq!(path, if ws { PrefillPath::PreRotated } else { PrefillPath::Fused });
+            cases += 1;
+        }
+    }
+    cases
+}
+
+#[test]
+fn emulated_prefill_matches_reference_f16() {
+    assert_eq!(sweep::<f16>(100), 40);
+}
+
+#[test]
+fn emulated_prefill_matches_reference_bf16() {
+    assert_eq!(sweep::<bf16>(200), 40);
+}
+
+#[test]
+fn emulated_prefill_matches_reference_f32() {
+    assert_eq!(sweep::<f32>(300), 40);
+}
+
+/// No position encoding, and plain RoPE through both paths, over a few hundred keys.
+#[test]
+fn emulated_prefill_longer_sequences() {
+    let emu = Emulator::new();
+    for (i, &n) in [191usize, 256, 300].iter().enumerate() {
+        let mut p = AttentionParams::new(1, 1, 128);
+        if i > 0 {
+            p.rope = Some(schedules(128, 128).remove(6).1);
+        }
+        run::<bf16>(&emu, &p, &[n], &[n], 7 + i as u64, i == 2);
+    }
+}
+
+/// merge((O1, lse1), (O2, lse2)) over the two halves of the keys equals attention over all of them;
+/// the halves are run at their true key positions (attention_fwd_at), as ring attention does.
+#[test]
+fn emulated_key_blocks_at_their_positions_merge_to_the_whole() {
+    let emu = Emulator::new();
+    let (n, nq, split, h, d) = (150usize, 40usize, 70usize, 2usize, 64usize);
+    let q0 = n - nq;
+    let mut p = AttentionParams::new(h, h, d);
+    p.rope = Some(schedules(d, d).remove(5).1);
+    p.alibi = Some(Alibi { total_heads: h, head_offset: 0 });
+    let mut r = rng(66);
+    let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, nq * h * d));
+    let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, n * h * d));
+    let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, n * h * d));
+    let mut parts = Vec::new();
+    for (a, b) in [(0usize, split), (split, n)] {
+        let (cq, ck) = ([0i32, nq as i32], [0i32, (b - a) as i32]);
+        let starts = [q0 as i32, a as i32];
+        let x = FwdInputs { q: &q, k: &k[a * h * d..b * h * d], v: &v[a * h * d..b * h * d], cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: Some(&starts) };
+        let (mut o, mut l) = (vec![bf16::ZERO; nq * h * d], vec![0f32; nq * h]);
+        emu.attention_fwd(&x, &mut o, &mut l, &AttentionBatch::single(&p, nq, b - a), &p, None).unwrap();
+        // merge_states takes LSE [heads, tokens] and O [tokens, heads, d]: as the kernel wrote them.
+        parts.push((o, l));
+    }
+    let (mut out, mut lse) = (vec![bf16::ZERO; nq * h * d], vec![0f32; nq * h]);
+    emu.merge_states([(&parts[0].0, &parts[0].1), (&parts[1].0, &parts[1].1)], &mut out, &mut lse, nq, h, d).unwrap();
+    let q_pos: Vec<i64> = (q0 as i64..n as i64).collect();
+    let k_pos: Vec<i64> = (0..n as i64).collect();
+    let want = reference::attention(&qf, &kf, &vf, &q_pos, &k_pos, &p).unwrap();
+    let got_o: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    let got_l: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+    // Two roundings to bf16 (each block's O, then the merged O): twice the attention tolerance.
+    let (tol_o, tol_l) = Tolerance::attention::<bf16>(&p, max_abs(&qf), max_abs(&kf), max_abs(&vf));
+    let rep = CheckReport::compare("merged out", &got_o, &want.out, tol_o.times(2.0))
+        .worst(CheckReport::compare("merged lse", &got_l, &want.lse, tol_l.times(2.0)));
+    assert!(rep.passed(), "{rep:?}");
+}
