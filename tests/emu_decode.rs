@@ -1,0 +1,158 @@
+//! Paged decode (split-K and its combine step) and the paged append kernel, run by the SIMT
+//! emulator (the real kernel source on the CPU) against the f64 reference: the sweep of
+//! tests/gpu_decode.rs at emulator-sized contexts, and decode agreeing with prefill step by step.
+//! Tolerance (Tolerance::attention), twice it where two kernels each round O once.
+#![cfg(feature = "emulator")]
+
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use rand::seq::SliceRandom;
+use rope_attn::cuda::{decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, Tolerance};
+use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs};
+use rope_attn::{Alibi, AttentionParams, Mask, Relative};
+
+/// A paged cache filled through `paged_append` from per-sequence K/V, pages handed out in a
+/// shuffled order so the block table really indirects.
+struct Filled<T> {
+    k_cache: Vec<T>,
+    v_cache: Vec<T>,
+    table: Vec<i32>,
+    lens: Vec<i32>,
+    cache: PagedKvCache,
+    max_pages: usize,
+}
+
+fn fill<T: Dtype>(emu: &Emulator, p: &AttentionParams, ctx: &[usize], page: usize, r: &mut rand::rngs::StdRng) -> Filled<T> {
+    let (hkv, d) = (p.num_kv_heads, p.head_dim);
+    let max_pages = ctx.iter().max().unwrap().div_ceil(page);
+    let num_pages = ctx.len() * max_pages + 3;
+    let mut free: Vec<i32> = (0..num_pages as i32).collect();
+    free.shuffle(r);
+    let table: Vec<i32> = (0..ctx.len() * max_pages).map(|i| free[i]).collect();
+    let cache = PagedKvCache { num_pages, page_size: page, kv_heads: hkv, head_dim: d };
+    let (mut k_cache, mut v_cache) = (vec![T::default(); cache.len()], vec![T::default(); cache.len()]);
+    for (b, &n) in ctx.iter().enumerate() {
+        let (k, _) = as_dtype::<T>(&uniform(r, n * hkv * d));
+        let (v, _) = as_dtype::<T>(&uniform(r, n * hkv * d));
+        let slots: Vec<i32> = (0..n).map(|j| table[b * max_pages + j / page] * page as i32 + (j % page) as i32).collect();
+        emu.paged_append(&k, &v, &mut k_cache, &mut v_cache, &slots, n, hkv * d, hkv * d, &cache).unwrap();
+        for (j, &s) in slots.iter().enumerate() {
+            let row = hkv * d;
+            let (got, want) = (&k_cache[s as usize * row..(s as usize + 1) * row], &k[j * row..(j + 1) * row]);
+            assert!(got.iter().zip(want).all(|(a, b)| a.to_f64() == b.to_f64()), "append: key {j} of sequence {b}");
+        }
+    }
+    let lens = ctx.iter().map(|&n| n as i32).collect();
+    Filled { k_cache, v_cache, table, lens, cache, max_pages }
+}
+
+fn sweep<T: Dtype>(seed: u64) -> usize {
+    let emu = Emulator::with_seed(seed);
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for (ci, &d) in [64usize, 80, 96, 128, 256].iter().enumerate() {
+        for (si, (_name, rot)) in schedules(d, d).into_iter().enumerate() {
+            let case = ci * 8 + si;
+            let (hq, hkv) = [(2usize, 2usize), (8, 2), (16, 2)][case % 3];
+            let queries = [1usize, 4, 16][case % 3];
+            let mut p = AttentionParams::new(hq, hkv, d);
+            p.rope = Some(rot);
+            p.relative = [Relative::None, Relative::ReRope { window: 32 }, Relative::Leaky { window: 16, k: 8.0 }][case % 3];
+            p.mask = [Mask { causal: true, window: None, sinks: 0 }, Mask { causal: true, window: Some(50), sinks: 4 }][case % 2];
+            if case % 2 == 1 {
+                p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+            }
+            let page = [16usize, 7][case % 2];
+            let ctx = [queries, 100, 150 + case];
+            let f = fill::<T>(&emu, &p, &ctx, page, &mut r);
+            let tokens = ctx.len() * queries;
+            let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, *ctx.iter().max().unwrap());
+            let (q, _) = as_dtype::<T>(&uniform(&mut r, tokens * hq * d));
+            let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+            for splits in [1usize, 3] {
+                let (mut out, mut lse) = (vec![T::default(); tokens * hq * d], vec![0f32; tokens * hq]);
+                let mut ws = vec![0f32; decode_workspace_len(&p, &batch, splits)];
+                emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
+                    .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} queries={queries} splits={splits} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
+                cases += 1;
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn emulated_decode_matches_reference_f32() {
+    assert_eq!(sweep::<f32>(1000), 5 * 8 * 2);
+}
+
+#[test]
+fn emulated_decode_matches_reference_f16() {
+    assert_eq!(sweep::<f16>(2000), 5 * 8 * 2);
+}
+
+#[test]
+fn emulated_decode_matches_reference_bf16() {
+    assert_eq!(sweep::<bf16>(3000), 5 * 8 * 2);
+}
+
+/// Decoding token by token over a cache reproduces the last rows of a prefill of the whole
+/// sequence (llama3 RoPE + ALiBi, GQA 4).
+#[test]
+fn emulated_decode_reproduces_prefill_rows() {
+    let emu = Emulator::new();
+    let (n, hq, hkv, d, page) = (150usize, 8usize, 2usize, 128usize, 16usize);
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(schedules(d, d).remove(6).1);
+    p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+    let mut r = rng(77);
+    let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, n * hq * d));
+    let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, n * hkv * d));
+    let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, n * hkv * d));
+    let (mut pre_o, mut pre_l) = (vec![bf16::ZERO; n * hq * d], vec![0f32; n * hq]);
+    let cu = [0i32, n as i32];
+    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
+    emu.attention_fwd(&x, &mut pre_o, &mut pre_l, &AttentionBatch::single(&p, n, n), &p, None).unwrap();
+
+    let max_pages = n.div_ceil(page);
+    let cache = PagedKvCache { num_pages: max_pages, page_size: page, kv_heads: hkv, head_dim: d };
+    let table: Vec<i32> = (0..max_pages as i32).rev().collect();
+    let (mut kc, mut vc) = (vec![bf16::ZERO; cache.len()], vec![bf16::ZERO; cache.len()]);
+    let row = hkv * d;
+    let (tol_o, tol_l) = Tolerance::attention::<bf16>(&p, max_abs(&qf), max_abs(&kf), max_abs(&vf));
+    for t in 0..n {
+        let slot = [table[t / page] * page as i32 + (t % page) as i32];
+        emu.paged_append(&k[t * row..(t + 1) * row], &v[t * row..(t + 1) * row], &mut kc, &mut vc, &slot, 1, row, row, &cache).unwrap();
+        if t < n - 12 {
+            continue; // compare the last 12 steps
+        }
+        let lens = [(t + 1) as i32];
+        let batch = DecodeBatch::contiguous(&p, 1, 1, max_pages, t + 1);
+        let (mut o, mut l) = (vec![bf16::ZERO; hq * d], vec![0f32; hq]);
+        let xd = DecodeInputs { q: &q[t * hq * d..(t + 1) * hq * d], k_cache: &kc, v_cache: &vc, block_table: &table, context_lens: &lens };
+        emu.attention_decode(&xd, &mut o, &mut l, &cache, &batch, &p, 1, None).unwrap();
+        let got_o: Vec<f64> = o.iter().map(|x| x.to_f64()).collect();
+        let want_o: Vec<f64> = pre_o[t * hq * d..(t + 1) * hq * d].iter().map(|x| x.to_f64()).collect();
+        let got_l: Vec<f64> = l.iter().map(|&x| x as f64).collect();
+        let want_l: Vec<f64> = (0..hq).map(|h| pre_l[h * n + t] as f64).collect();
+        let rep = CheckReport::compare("decode vs prefill out", &got_o, &want_o, tol_o.times(2.0))
+            .worst(CheckReport::compare("decode vs prefill lse", &got_l, &want_l, tol_l.times(2.0)));
+        assert!(rep.passed(), "step {t}: {rep:?}");
+    }
+}
+
+/// A slot of -1 or past the pool is skipped: nothing else in the cache changes.
+#[test]
+fn emulated_append_skips_bad_slots() {
+    let cache = PagedKvCache { num_pages: 2, page_size: 4, kv_heads: 1, head_dim: 64 };
+    let k: Vec<f16> = (0..3 * 64).map(|i| f16::from_f32(i as f32)).collect();
+    let (mut kc, mut vc) = (vec![f16::ZERO; cache.len()], vec![f16::ZERO; cache.len()]);
+    Emulator::new().paged_append(&k, &k, &mut kc, &mut vc, &[5, -1, 8], 3, 64, 64, &cache).unwrap();
+    for s in 0..8 {
+        let want: Vec<f16> = if s == 5 { k[..64].to_vec() } else { vec![f16::ZERO; 64] };
+        assert_eq!(&kc[s * 64..(s + 1) * 64], &want[..], "slot {s}");
+        assert_eq!(&vc[s * 64..(s + 1) * 64], &want[..], "slot {s}");
+    }
+}
