@@ -10,6 +10,8 @@
 //! * [`alibi`]: BLOOM's slopes.
 //! * [`reference`](mod@reference): the f64 CPU twin of every kernel.
 //! * [`cuda`]: the safe launch layer over cudarc (device buffers, the caller's stream).
+//! * `emulator` (feature `emulator`): the same kernels run on the CPU by a SIMT model, through
+//!   the same validation and launch planning, for machines without a GPU.
 //!
 //! ```
 //! use rope_attn::{reference, AttentionParams, Layout, RopeSchedule, Rotary};
