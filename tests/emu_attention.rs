@@ -11,7 +11,7 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{attention_fwd_workspace_len, max_abs, AttentionBatch, CheckReport, Dtype, PrefillPath, Tolerance};
-use rope_attn::emulator::{Emulator, FwdInputs};
+use rope_attn::emulator::{Emulator, FwdInputs, GuardedBuf};
 use rope_attn::{reference, Alibi, AttentionParams, Mask, Relative};
 
 fn cu(s: &[usize]) -> Vec<i32> {
@@ -25,12 +25,14 @@ fn run<T: Dtype>(emu: &Emulator, p: &AttentionParams, seq_q: &[usize], seq_k: &[
     let (cq, ck) = (cu(seq_q), cu(seq_k));
     let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
     let batch = AttentionBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, tk);
-    let (q, _) = as_dtype::<T>(&uniform(&mut r, tq * hq * d));
-    let (k, _) = as_dtype::<T>(&uniform(&mut r, tk * hkv * d));
-    let (v, _) = as_dtype::<T>(&uniform(&mut r, tk * hkv * d));
-    let mut out = vec![T::default(); tq * hq * d];
-    let mut lse = vec![0f32; hq * tq];
-    let mut ws = vec![T::default(); attention_fwd_workspace_len(p, tk)];
+    // Every buffer guarded: a kernel access past any end stops the test (the emulator's memcheck).
+    let q = guard(&as_dtype::<T>(&uniform(&mut r, tq * hq * d)).0);
+    let k = guard(&as_dtype::<T>(&uniform(&mut r, tk * hkv * d)).0);
+    let v = guard(&as_dtype::<T>(&uniform(&mut r, tk * hkv * d)).0);
+    let mut out = GuardedBuf::filled(tq * hq * d, T::default());
+    let mut lse = GuardedBuf::filled(hq * tq, 0f32);
+    let mut ws = GuardedBuf::filled(attention_fwd_workspace_len(p, tk), T::default());
+    let (cq, ck) = (guard(&cq), guard(&ck));
     let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: None };
     let (path, rep) = emu
         .attention_fwd_checked(&x, &mut out, &mut lse, &batch, p, use_ws.then_some(&mut ws[..]))
@@ -117,17 +119,19 @@ fn emulated_key_blocks_at_their_positions_merge_to_the_whole() {
     let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, nq * h * d));
     let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, n * h * d));
     let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, n * h * d));
+    let q = guard(&q);
     let mut parts = Vec::new();
     for (a, b) in [(0usize, split), (split, n)] {
-        let (cq, ck) = ([0i32, nq as i32], [0i32, (b - a) as i32]);
-        let starts = [q0 as i32, a as i32];
-        let x = FwdInputs { q: &q, k: &k[a * h * d..b * h * d], v: &v[a * h * d..b * h * d], cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: Some(&starts) };
-        let (mut o, mut l) = (vec![bf16::ZERO; nq * h * d], vec![0f32; nq * h]);
+        let (cq, ck) = (guard(&[0i32, nq as i32]), guard(&[0i32, (b - a) as i32]));
+        let starts = guard(&[q0 as i32, a as i32]);
+        let (kb, vb) = (guard(&k[a * h * d..b * h * d]), guard(&v[a * h * d..b * h * d]));
+        let x = FwdInputs { q: &q, k: &kb, v: &vb, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: Some(&starts) };
+        let (mut o, mut l) = (GuardedBuf::filled(nq * h * d, bf16::ZERO), GuardedBuf::filled(nq * h, 0f32));
         emu.attention_fwd(&x, &mut o, &mut l, &AttentionBatch::single(&p, nq, b - a), &p, None).unwrap();
         // merge_states takes LSE [heads, tokens] and O [tokens, heads, d]: as the kernel wrote them.
         parts.push((o, l));
     }
-    let (mut out, mut lse) = (vec![bf16::ZERO; nq * h * d], vec![0f32; nq * h]);
+    let (mut out, mut lse) = (GuardedBuf::filled(nq * h * d, bf16::ZERO), GuardedBuf::filled(nq * h, 0f32));
     emu.merge_states([(&parts[0].0, &parts[0].1), (&parts[1].0, &parts[1].1)], &mut out, &mut lse, nq, h, d).unwrap();
     let q_pos: Vec<i64> = (q0 as i64..n as i64).collect();
     let k_pos: Vec<i64> = (0..n as i64).collect();

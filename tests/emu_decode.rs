@@ -10,16 +10,16 @@ use common::*;
 use half::{bf16, f16};
 use rand::seq::SliceRandom;
 use rope_attn::cuda::{decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, Tolerance};
-use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs};
+use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
 use rope_attn::{Alibi, AttentionParams, Mask, Relative};
 
 /// A paged cache filled through `paged_append` from per-sequence K/V, pages handed out in a
 /// shuffled order so the block table really indirects.
-struct Filled<T> {
-    k_cache: Vec<T>,
-    v_cache: Vec<T>,
-    table: Vec<i32>,
-    lens: Vec<i32>,
+struct Filled<T: Copy> {
+    k_cache: GuardedBuf<T>,
+    v_cache: GuardedBuf<T>,
+    table: GuardedBuf<i32>,
+    lens: GuardedBuf<i32>,
     cache: PagedKvCache,
     max_pages: usize,
 }
@@ -32,20 +32,20 @@ fn fill<T: Dtype>(emu: &Emulator, p: &AttentionParams, ctx: &[usize], page: usiz
     free.shuffle(r);
     let table: Vec<i32> = (0..ctx.len() * max_pages).map(|i| free[i]).collect();
     let cache = PagedKvCache { num_pages, page_size: page, kv_heads: hkv, head_dim: d };
-    let (mut k_cache, mut v_cache) = (vec![T::default(); cache.len()], vec![T::default(); cache.len()]);
+    let (mut k_cache, mut v_cache) = (GuardedBuf::filled(cache.len(), T::default()), GuardedBuf::filled(cache.len(), T::default()));
     for (b, &n) in ctx.iter().enumerate() {
         let (k, _) = as_dtype::<T>(&uniform(r, n * hkv * d));
         let (v, _) = as_dtype::<T>(&uniform(r, n * hkv * d));
         let slots: Vec<i32> = (0..n).map(|j| table[b * max_pages + j / page] * page as i32 + (j % page) as i32).collect();
-        emu.paged_append(&k, &v, &mut k_cache, &mut v_cache, &slots, n, hkv * d, hkv * d, &cache).unwrap();
+        emu.paged_append(&guard(&k), &guard(&v), &mut k_cache, &mut v_cache, &guard(&slots), n, hkv * d, hkv * d, &cache).unwrap();
         for (j, &s) in slots.iter().enumerate() {
             let row = hkv * d;
             let (got, want) = (&k_cache[s as usize * row..(s as usize + 1) * row], &k[j * row..(j + 1) * row]);
             assert!(got.iter().zip(want).all(|(a, b)| a.to_f64() == b.to_f64()), "append: key {j} of sequence {b}");
         }
     }
-    let lens = ctx.iter().map(|&n| n as i32).collect();
-    Filled { k_cache, v_cache, table, lens, cache, max_pages }
+    let lens: Vec<i32> = ctx.iter().map(|&n| n as i32).collect();
+    Filled { k_cache, v_cache, table: guard(&table), lens: guard(&lens), cache, max_pages }
 }
 
 fn sweep<T: Dtype>(seed: u64) -> usize {
@@ -69,11 +69,11 @@ fn sweep<T: Dtype>(seed: u64) -> usize {
             let f = fill::<T>(&emu, &p, &ctx, page, &mut r);
             let tokens = ctx.len() * queries;
             let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, *ctx.iter().max().unwrap());
-            let (q, _) = as_dtype::<T>(&uniform(&mut r, tokens * hq * d));
+            let q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * hq * d)).0);
             let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
             for splits in [1usize, 3] {
-                let (mut out, mut lse) = (vec![T::default(); tokens * hq * d], vec![0f32; tokens * hq]);
-                let mut ws = vec![0f32; decode_workspace_len(&p, &batch, splits)];
+                let (mut out, mut lse) = (GuardedBuf::filled(tokens * hq * d, T::default()), GuardedBuf::filled(tokens * hq, 0f32));
+                let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
                 emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
                     .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} queries={queries} splits={splits} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
                 cases += 1;

@@ -12,7 +12,7 @@ use common::*;
 use half::{bf16, f16};
 use rand::Rng;
 use rope_attn::cuda::{max_abs, CheckReport, Dtype, RopeShape, ScoresShape, Tolerance};
-use rope_attn::emulator::Emulator;
+use rope_attn::emulator::{Emulator, GuardedBuf};
 use rope_attn::{reference, Alibi, AttentionParams, Mask, Relative};
 
 fn rope_sweep<T: Dtype>(seed: u64) -> usize {
@@ -40,8 +40,10 @@ fn rope_sweep<T: Dtype>(seed: u64) -> usize {
                             _ => r.random_range(0..2_000_000_000),
                         })
                         .collect();
-                    let (mut q, _) = as_dtype::<T>(&uniform(&mut r, tokens * row));
-                    let (mut k, _) = as_dtype::<T>(&uniform(&mut r, tokens * krow));
+                    // Guarded: an access past any end stops the test (the emulator's memcheck).
+                    let mut q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * row)).0);
+                    let mut k = guard(&as_dtype::<T>(&uniform(&mut r, tokens * krow)).0);
+                    let positions = guard(&positions);
                     let rep = emu
                         .rope_inplace_checked(&mut q, &mut k, &positions, &shape, &rot)
                         .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} tokens={tokens} layout {layout}: {e}", T::NAME));
@@ -84,12 +86,12 @@ fn emulated_rope_into_matches_reference() {
     let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, tokens * qh * d));
     let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, tokens * kh * d));
     let positions: Vec<i32> = vec![0, 3, 1000, 70000, 1 << 24];
-    let (mut qo, mut ko) = (vec![bf16::ZERO; q.len()], vec![bf16::ZERO; k.len()]);
+    let (mut qo, mut ko) = (GuardedBuf::filled(q.len(), bf16::ZERO), GuardedBuf::filled(k.len(), bf16::ZERO));
     let shape = RopeShape::contiguous(tokens, qh, kh, d);
     let (q0, k0) = (q.clone(), k.clone());
-    Emulator::new().rope_into(&q, &k, &mut qo, &mut ko, &positions, &shape, &rot).unwrap();
+    Emulator::new().rope_into(&guard(&q), &guard(&k), &mut qo, &mut ko, &guard(&positions), &shape, &rot).unwrap();
     let p64: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-    for (input, out, heads) in [(qf, &qo, qh), (kf, &ko, kh)] {
+    for (input, out, heads) in [(qf, &qo[..], qh), (kf, &ko[..], kh)] {
         let mut want = input;
         reference::rotate(&mut want, tokens, heads, d, heads * d, &p64, &rot).unwrap();
         let got: Vec<f64> = out.iter().map(|v| v.to_f64()).collect();
@@ -123,9 +125,9 @@ fn scores_sweep<T: Dtype>(seed: u64) -> usize {
                 p.alibi = Some(Alibi { total_heads: 4 * hq, head_offset: hq });
             }
             let shape = ScoresShape::contiguous(&p, nq, nk, off);
-            let (q, _) = as_dtype::<T>(&uniform(&mut r, nq * hq * d));
-            let (k, _) = as_dtype::<T>(&uniform(&mut r, nk * hkv * d));
-            let mut out = vec![0f32; hq * nq * nk];
+            let q = guard(&as_dtype::<T>(&uniform(&mut r, nq * hq * d)).0);
+            let k = guard(&as_dtype::<T>(&uniform(&mut r, nk * hkv * d)).0);
+            let mut out = GuardedBuf::filled(hq * nq * nk, 0f32);
             emu.scores_checked(&q, &k, &mut out, &shape, &p)
                 .unwrap_or_else(|e| panic!("{} d={d} {name} case {case} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
             cases += 1;

@@ -45,6 +45,12 @@ pub fn as_dtype<T: rope_attn::cuda::Dtype>(x: &[f64]) -> (Vec<T>, Vec<f64>) {
     (t, back)
 }
 
+/// A guarded host copy for the emulator: kernel accesses past its end fault and are reported.
+#[cfg(feature = "emulator")]
+pub fn guard<T: Copy>(v: &[T]) -> rope_attn::emulator::GuardedBuf<T> {
+    rope_attn::emulator::GuardedBuf::from_slice(v)
+}
+
 /// Schedules of every rope type, for a head of `d` with rotary dim `r`.
 pub fn schedules(d: usize, r: usize) -> Vec<(&'static str, Rotary)> {
     let half = r / 2;

@@ -1,0 +1,382 @@
+//! The CUDA kernels, run on the CPU (feature `emulator`): no GPU, no driver.
+//!
+//! build.rs compiles the *same* `kernels/*.cu` sources with the host C++ compiler against
+//! `kernels/emu/simt.h`, a model of the CUDA features they use: every CUDA thread is a fiber,
+//! `__syncthreads` / `__syncwarp` are real barriers, shuffles, `ldmatrix` and `mma.sync` are
+//! computed from all 32 lanes' operands as the PTX ISA lays them out, and `cp.async` copies land
+//! late. Each call here goes through the very validation, parameter packing, grid and
+//! shared-memory sizing of the matching [`crate::cuda`] call, then runs the grid block by block.
+//!
+//! What it is for: proving the kernels' indexing, fragment layouts, masking, online softmax and
+//! barriers against the f64 reference on machines without a GPU (CI), and debugging them. It
+//! also catches what would hang or be undefined on a GPU — a barrier some threads skip, a warp
+//! collective with exited or diverged lanes, `ldmatrix` / `cp.async` outside shared memory, more
+//! shared memory than an sm_86 block has — and reports it as [`Error::Emulator`]. Between
+//! barriers the threads run in a seeded random order and each `cp.async` group lands at its
+//! commit or only at its wait (uninitialised shared memory reads as NaN), so a missing barrier
+//! or wait changes results instead of hiding. What it cannot show: speed, and hardware
+//! behaviour beyond the PTX semantics it models (the mma sums are rounded once, in f64).
+//!
+//! Pass [`GuardedBuf`]s to catch out-of-bounds accesses too (what `compute-sanitizer memcheck`
+//! does on a GPU): each ends at an inaccessible page, and an access past it stops the process
+//! with a message naming how far past which buffer.
+//!
+//! It is slow (thousands of context switches per tile): meant for test-sized problems.
+//!
+//! ```
+//! use rope_attn::emulator::Emulator;
+//! use rope_attn::cuda::RopeShape;
+//! use rope_attn::{Layout, RopeSchedule, Rotary};
+//! let (tokens, heads, d) = (3, 2, 64);
+//! let mut q = vec![half::bf16::ONE; tokens * heads * d];
+//! let mut k = q.clone();
+//! let rot = Rotary::from_schedule(&RopeSchedule::plain(10000.0, d)?, Layout::Half);
+//! let shape = RopeShape::contiguous(tokens, heads, heads, d);
+//! let report = Emulator::new().rope_inplace_checked(&mut q, &mut k, &[0, 1, 1 << 24], &shape, &rot)?;
+//! assert!(report.passed());
+//! # Ok::<(), rope_attn::Error>(())
+//! ```
+
+mod buffer;
+
+pub use buffer::GuardedBuf;
+
+use crate::attention::{AttentionParams, Relative, Rotary};
+use crate::cuda::attention::{compare_fwd, launch_fwd, FwdHost, FwdPtrs};
+use crate::cuda::checked::widen;
+use crate::cuda::decode::{compare_decode, launch_append, launch_decode, AppendRows, DecodeHost, DecodePtrs};
+use crate::cuda::launch::{Backend, Launch};
+use crate::cuda::merge::{launch_merge, MergeShape};
+use crate::cuda::params::RopeArgs;
+use crate::cuda::rope::{compare_rope, launch as launch_rope, Positions, RopePtrs};
+use crate::cuda::scores::{compare_scores, launch_scores};
+use crate::cuda::{AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedKvCache, PrefillPath, RopeShape, ScoresShape};
+use crate::error::{Error, Result};
+use cudarc::driver::DeviceRepr;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+extern "C" {
+    fn ra_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        smem_bytes: u32,
+        params: *const c_void,
+        params_size: usize,
+        seed: u64,
+    ) -> c_int;
+    fn ra_emu_last_error() -> *const c_char;
+}
+
+/// Runs kernels on the CPU. Launches are numbered, and each one's thread schedule and
+/// cp.async timing are drawn from (seed, launch number): runs are reproducible.
+#[derive(Debug)]
+pub struct Emulator {
+    seed: u64,
+    launches: AtomicU64,
+}
+
+impl Default for Emulator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Address of a host buffer as the kernels see it (0 for an empty one, like an empty device buffer).
+fn addr<T>(s: &[T]) -> u64 {
+    if s.is_empty() {
+        0
+    } else {
+        s.as_ptr() as u64
+    }
+}
+
+impl Backend for Emulator {
+    fn run<P: DeviceRepr + Copy>(&self, l: &Launch<P>) -> Result<()> {
+        let name = CString::new(l.name.as_str()).expect("kernel names have no NUL");
+        let grid = [l.grid.0, l.grid.1, l.grid.2];
+        let block = [l.threads, 1, 1];
+        let n = self.launches.fetch_add(1, Ordering::Relaxed);
+        let seed = self.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let smem = u32::try_from(l.smem).map_err(|_| Error::Emulator(format!("{}: shared memory size overflows", l.name)))?;
+        // SAFETY: `params` is a #[repr(C)] mirror of the kernel's struct (its size is checked on
+        // the C++ side too); every address in it was validated by the launcher that planned this
+        // launch against the host buffers it came from, which outlive this call.
+        let rc = unsafe {
+            ra_emu_launch(name.as_ptr(), grid.as_ptr(), block.as_ptr(), smem, &l.params as *const P as *const c_void, std::mem::size_of::<P>(), seed)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            // SAFETY: a NUL-terminated, thread-local string owned by the emulator, valid until its next launch.
+            Err(Error::Emulator(unsafe { CStr::from_ptr(ra_emu_last_error()) }.to_string_lossy().into_owned()))
+        }
+    }
+}
+
+/// Inputs of a prefill: Q, K, V and the cumulative sequence offsets.
+#[derive(Debug, Clone, Copy)]
+pub struct FwdInputs<'a, T> {
+    /// Q rows (`batch.q_row_stride` apart).
+    pub q: &'a [T],
+    /// K rows.
+    pub k: &'a [T],
+    /// V rows.
+    pub v: &'a [T],
+    /// `[batch + 1]` query offsets.
+    pub cu_seqlens_q: &'a [i32],
+    /// `[batch + 1]` key offsets.
+    pub cu_seqlens_k: &'a [i32],
+    /// `[batch, 2]` starting positions (query, key) per sequence, as `attention_fwd_at` takes; `None` = bottom-right aligned.
+    pub seq_starts: Option<&'a [i32]>,
+}
+
+/// Inputs of a decode step: Q and the paged cache with its block table and lengths.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeInputs<'a, T> {
+    /// Q rows (`batch.q_row_stride` apart).
+    pub q: &'a [T],
+    /// K pages `[num_pages, page_size, Hkv, d]`, unrotated.
+    pub k_cache: &'a [T],
+    /// V pages.
+    pub v_cache: &'a [T],
+    /// `[batch, max_pages]` page indices.
+    pub block_table: &'a [i32],
+    /// `[batch]` cached keys per sequence (the new tokens included).
+    pub context_lens: &'a [i32],
+}
+
+impl Emulator {
+    /// An emulator with the default seed.
+    pub fn new() -> Self {
+        Self::with_seed(0x5EED_0F_C0DA)
+    }
+
+    /// An emulator whose thread schedules and copy timings follow `seed`.
+    pub fn with_seed(seed: u64) -> Self {
+        Emulator { seed, launches: AtomicU64::new(0) }
+    }
+
+    /// [`crate::cuda::rope_inplace`] on host buffers.
+    pub fn rope_inplace<T: Dtype>(&self, q: &mut [T], k: &mut [T], positions: &[i32], shape: &RopeShape, rot: &Rotary) -> Result<()> {
+        shape.check(q.len(), k.len(), positions.len(), rot)?;
+        let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+        let (qp, kp) = (addr(q), addr(k));
+        let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+        launch_rope::<T, _>(self, ptrs, shape, args, Positions::Explicit(addr(positions)), false)
+    }
+
+    /// [`crate::cuda::rope_inplace_checked`] on host buffers.
+    pub fn rope_inplace_checked<T: Dtype>(&self, q: &mut [T], k: &mut [T], positions: &[i32], shape: &RopeShape, rot: &Rotary) -> Result<CheckReport> {
+        let before = [widen(q), widen(k)];
+        self.rope_inplace(q, k, positions, shape, rot)?;
+        compare_rope::<T>(&before, &[widen(q), widen(k)], positions, shape, rot)
+    }
+
+    /// [`crate::cuda::rope_into`] on host buffers: dense outputs, inputs untouched.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_into<T: Dtype>(
+        &self,
+        q: &[T],
+        k: &[T],
+        q_out: &mut [T],
+        k_out: &mut [T],
+        positions: &[i32],
+        shape: &RopeShape,
+        rot: &Rotary,
+    ) -> Result<()> {
+        shape.check(q.len(), k.len(), positions.len(), rot)?;
+        let dense = RopeShape::contiguous(shape.tokens, shape.q_heads, shape.k_heads, shape.head_dim);
+        dense.check(q_out.len(), k_out.len(), positions.len(), rot)?;
+        let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+        let ptrs = RopePtrs {
+            q_in: addr(q),
+            q_out: addr(q_out),
+            k_in: addr(k),
+            k_out: addr(k_out),
+            q_out_stride: dense.q_row_stride,
+            k_out_stride: dense.k_row_stride,
+        };
+        launch_rope::<T, _>(self, ptrs, shape, args, Positions::Explicit(addr(positions)), false)
+    }
+
+    /// [`crate::cuda::scores`] on host buffers.
+    pub fn scores<T: Dtype>(&self, q: &[T], k: &[T], out: &mut [f32], shape: &ScoresShape, p: &AttentionParams) -> Result<()> {
+        shape.check(p, q.len(), k.len(), out.len())?;
+        launch_scores::<T, _>(self, [addr(q), addr(k), addr(out)], shape, p)
+    }
+
+    /// [`crate::cuda::scores_checked`] on host buffers.
+    pub fn scores_checked<T: Dtype>(&self, q: &[T], k: &[T], out: &mut [f32], shape: &ScoresShape, p: &AttentionParams) -> Result<CheckReport> {
+        self.scores(q, k, out, shape, p)?;
+        let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+        compare_scores::<T>(&widen(q), &widen(k), &got, shape, p)
+    }
+
+    /// [`crate::cuda::attention_fwd`] (or `attention_fwd_at` with `seq_starts`) on host buffers;
+    /// `workspace` picks the pre-rotated path as on a GPU.
+    pub fn attention_fwd<T: Dtype>(
+        &self,
+        x: &FwdInputs<'_, T>,
+        out: &mut [T],
+        lse: &mut [f32],
+        batch: &AttentionBatch,
+        p: &AttentionParams,
+        workspace: Option<&mut [T]>,
+    ) -> Result<PrefillPath> {
+        let lens = FwdLens {
+            q: x.q.len(),
+            k: x.k.len(),
+            v: x.v.len(),
+            out: out.len(),
+            lse: lse.len(),
+            cu_seqlens_q: x.cu_seqlens_q.len(),
+            cu_seqlens_k: x.cu_seqlens_k.len(),
+            workspace: workspace.as_ref().map(|w| w.len()),
+        };
+        let path = batch.check::<T>(p, &lens)?;
+        if let Some(s) = x.seq_starts {
+            if s.len() < 2 * batch.batch {
+                return Err(Error::BufferTooSmall { what: "seq_starts", needed: 2 * batch.batch, got: s.len() });
+            }
+        }
+        let ptrs = FwdPtrs {
+            q: addr(x.q),
+            k: addr(x.k),
+            v: addr(x.v),
+            out: addr(out),
+            lse: addr(lse),
+            cu_q: addr(x.cu_seqlens_q),
+            cu_k: addr(x.cu_seqlens_k),
+            seq_starts: x.seq_starts.map_or(0, addr),
+            workspace: workspace.map_or(0, |w| addr(w)),
+        };
+        launch_fwd::<T, _>(self, ptrs, path, batch, p)?;
+        Ok(path)
+    }
+
+    /// [`crate::cuda::attention_fwd_checked`] on host buffers (default positions only, as there).
+    pub fn attention_fwd_checked<T: Dtype>(
+        &self,
+        x: &FwdInputs<'_, T>,
+        out: &mut [T],
+        lse: &mut [f32],
+        batch: &AttentionBatch,
+        p: &AttentionParams,
+        workspace: Option<&mut [T]>,
+    ) -> Result<(PrefillPath, CheckReport)> {
+        if x.seq_starts.is_some() {
+            return Err(Error::Shape { what: "checked prefill", expected: "default positions (seq_starts: None)".into(), got: "seq_starts".into() });
+        }
+        let path = self.attention_fwd(x, out, lse, batch, p, workspace)?;
+        let host = FwdHost {
+            q: widen(x.q),
+            k: widen(x.k),
+            v: widen(x.v),
+            out: widen(out),
+            lse: lse.iter().map(|&v| v as f64).collect(),
+            cu_q: x.cu_seqlens_q.to_vec(),
+            cu_k: x.cu_seqlens_k.to_vec(),
+        };
+        Ok((path, compare_fwd::<T>(&host, batch, p)?))
+    }
+
+    /// [`crate::cuda::attention_decode`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode<T: Dtype>(
+        &self,
+        x: &DecodeInputs<'_, T>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &DecodeBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let lens = DecodeLens {
+            q: x.q.len(),
+            k_cache: x.k_cache.len(),
+            v_cache: x.v_cache.len(),
+            block_table: x.block_table.len(),
+            context_lens: x.context_lens.len(),
+            out: out.len(),
+            lse: lse.len(),
+            workspace: workspace.as_ref().map(|w| w.len()),
+        };
+        let plan = batch.check(p, cache, &lens, splits)?;
+        let ptrs = DecodePtrs {
+            q: addr(x.q),
+            k_cache: addr(x.k_cache),
+            v_cache: addr(x.v_cache),
+            block_table: addr(x.block_table),
+            context_lens: addr(x.context_lens),
+            out: addr(out),
+            lse: addr(lse),
+            workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
+        };
+        launch_decode::<T, _>(self, ptrs, plan, cache, batch, p)
+    }
+
+    /// [`crate::cuda::attention_decode_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_checked<T: Dtype>(
+        &self,
+        x: &DecodeInputs<'_, T>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &DecodeBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+    ) -> Result<CheckReport> {
+        self.attention_decode(x, out, lse, cache, batch, p, splits, workspace)?;
+        let host = DecodeHost {
+            q: widen(x.q),
+            k_cache: widen(x.k_cache),
+            v_cache: widen(x.v_cache),
+            block_table: x.block_table.to_vec(),
+            context_lens: x.context_lens.to_vec(),
+            out: widen(out),
+            lse: lse.iter().map(|&v| v as f64).collect(),
+        };
+        compare_decode::<T>(&host, cache, batch, p)
+    }
+
+    /// [`crate::cuda::paged_append`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_append<T: Dtype>(
+        &self,
+        k: &[T],
+        v: &[T],
+        k_cache: &mut [T],
+        v_cache: &mut [T],
+        slots: &[i32],
+        tokens: usize,
+        k_row_stride: usize,
+        v_row_stride: usize,
+        cache: &PagedKvCache,
+    ) -> Result<()> {
+        let rows = AppendRows { tokens, k_row_stride, v_row_stride };
+        rows.check([k.len(), v.len(), k_cache.len(), v_cache.len(), slots.len()], cache)?;
+        launch_append::<T, _>(self, [addr(k), addr(v), addr(k_cache), addr(v_cache), addr(slots)], &rows, cache)
+    }
+
+    /// [`crate::cuda::merge_states`] on host buffers: `[(o1, lse1), (o2, lse2)]` into `(out, lse_out)`.
+    pub fn merge_states<T: Dtype>(
+        &self,
+        parts: [(&[T], &[f32]); 2],
+        out: &mut [T],
+        lse_out: &mut [f32],
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let [(o1, l1), (o2, l2)] = parts;
+        let shape = MergeShape { tokens, heads, head_dim };
+        shape.check([o1.len(), l1.len(), o2.len(), l2.len(), out.len(), lse_out.len()])?;
+        launch_merge::<T, _>(self, [addr(o1), addr(l1), addr(o2), addr(l2), addr(out), addr(lse_out)], &shape)
+    }
+}
