@@ -8,11 +8,12 @@
 
 mod common;
 
+use common::cases::*;
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{attention_fwd_workspace_len, max_abs, AttentionBatch, CheckReport, Dtype, PrefillPath, Tolerance};
 use rope_attn::emulator::{Emulator, FwdInputs, GuardedBuf};
-use rope_attn::{reference, Alibi, AttentionParams, Mask, Relative};
+use rope_attn::{reference, Alibi, AttentionParams};
 
 fn cu(s: &[usize]) -> Vec<i32> {
     std::iter::once(0).chain(s.iter().scan(0, |a, &x| { *a += x; Some(*a as i32) })).collect()
@@ -45,34 +46,11 @@ fn sweep<T: Dtype>(seed: u64) -> usize {
     let emu = Emulator::with_seed(seed);
     let mut cases = 0;
     let f32_path = std::mem::size_of::<T>() == 4;
-    for (ci, &d) in [64usize, 80, 96, 128, 256].iter().enumerate() {
-        for (si, (_name, rot)) in schedules(d, if ci % 2 == 0 { d } else { d / 2 }).into_iter().enumerate() {
-            let case = ci * 8 + si;
-            let (hq, hkv) = [(2usize, 2usize), (4, 1), (4, 2)][case % 3];
-            let mut p = AttentionParams::new(hq, hkv, d);
-            p.rope = Some(rot);
-            p.relative = [Relative::None, Relative::None, Relative::ReRope { window: 16 }, Relative::Leaky { window: 8, k: 4.0 }][case % 4];
-            p.mask = [
-                Mask { causal: true, window: None, sinks: 0 },
-                Mask { causal: true, window: Some(40), sinks: 4 },
-                Mask { causal: false, window: None, sinks: 0 },
-            ][case % 3];
-            if case % 2 == 0 {
-                p.alibi = Some(Alibi { total_heads: 2 * hq, head_offset: hq });
-            }
-            // Ragged batches: a 1-token sequence, odd sizes, one spanning two query tiles and
-            // several key tiles; more queries than keys (its first queries see no key when causal).
-            let (sq, sk): (Vec<usize>, Vec<usize>) = match case % 3 {
-                0 => (vec![1, 17, 70], vec![1, 17, 130]),
-                1 => (vec![66, 3], vec![100, 3]),
-                _ => (vec![40, 9], vec![30, 9]),
-            };
-            let rel = p.relative != Relative::None;
-            let ws = rel || f32_path || case % 2 == 1;
-            let path = run::<T>(&emu, &p, &sq, &sk, seed + case as u64, ws);
-            assert_eq!(path, if ws { PrefillPath::PreRotated } else { PrefillPath::Fused });
-            cases += 1;
-        }
+    for (case, d, _name, rot) in dims_and_schedules(|d, ci| if ci % 2 == 0 { d } else { d / 2 }) {
+        let c = prefill_case(case, d, rot, f32_path, Scale::Emulator);
+        let path = run::<T>(&emu, &c.p, &c.seq_q, &c.seq_k, seed + case as u64, c.workspace);
+        assert_eq!(path, if c.workspace { PrefillPath::PreRotated } else { PrefillPath::Fused });
+        cases += 1;
     }
     cases
 }

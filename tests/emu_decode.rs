@@ -6,12 +6,13 @@
 
 mod common;
 
+use common::cases::*;
 use common::*;
 use half::{bf16, f16};
 use rand::seq::SliceRandom;
 use rope_attn::cuda::{decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, Tolerance};
 use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
-use rope_attn::{Alibi, AttentionParams, Mask, Relative};
+use rope_attn::{Alibi, AttentionParams};
 
 /// A paged cache filled through `paged_append` from per-sequence K/V, pages handed out in a
 /// shuffled order so the block table really indirects.
@@ -52,32 +53,20 @@ fn sweep<T: Dtype>(seed: u64) -> usize {
     let emu = Emulator::with_seed(seed);
     let mut r = rng(seed);
     let mut cases = 0;
-    for (ci, &d) in [64usize, 80, 96, 128, 256].iter().enumerate() {
-        for (si, (_name, rot)) in schedules(d, d).into_iter().enumerate() {
-            let case = ci * 8 + si;
-            let (hq, hkv) = [(2usize, 2usize), (8, 2), (16, 2)][case % 3];
-            let queries = [1usize, 4, 16][case % 3];
-            let mut p = AttentionParams::new(hq, hkv, d);
-            p.rope = Some(rot);
-            p.relative = [Relative::None, Relative::ReRope { window: 32 }, Relative::Leaky { window: 16, k: 8.0 }][case % 3];
-            p.mask = [Mask { causal: true, window: None, sinks: 0 }, Mask { causal: true, window: Some(50), sinks: 4 }][case % 2];
-            if case % 2 == 1 {
-                p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
-            }
-            let page = [16usize, 7][case % 2];
-            let ctx = [queries, 100, 150 + case];
-            let f = fill::<T>(&emu, &p, &ctx, page, &mut r);
-            let tokens = ctx.len() * queries;
-            let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, *ctx.iter().max().unwrap());
-            let q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * hq * d)).0);
-            let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
-            for splits in [1usize, 3] {
-                let (mut out, mut lse) = (GuardedBuf::filled(tokens * hq * d, T::default()), GuardedBuf::filled(tokens * hq, 0f32));
-                let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
-                emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
-                    .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} queries={queries} splits={splits} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
-                cases += 1;
-            }
+    for (case, d, _name, rot) in dims_and_schedules(|d, _| d) {
+        let DecodeCase { p, queries, page, ctx } = decode_case(case, d, rot, Scale::Emulator);
+        let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
+        let f = fill::<T>(&emu, &p, &ctx, page, &mut r);
+        let tokens = ctx.len() * queries;
+        let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, *ctx.iter().max().unwrap());
+        let q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * hq * d)).0);
+        let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+        for splits in [1usize, 3] {
+            let (mut out, mut lse) = (GuardedBuf::filled(tokens * hq * d, T::default()), GuardedBuf::filled(tokens * hq, 0f32));
+            let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
+            emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
+                .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} queries={queries} splits={splits} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
+            cases += 1;
         }
     }
     cases

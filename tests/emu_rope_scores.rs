@@ -8,45 +8,30 @@
 
 mod common;
 
+use common::cases::*;
 use common::*;
 use half::{bf16, f16};
-use rand::Rng;
-use rope_attn::cuda::{max_abs, CheckReport, Dtype, RopeShape, ScoresShape, Tolerance};
+use rope_attn::cuda::{max_abs, CheckReport, Dtype, RopeShape, Tolerance};
 use rope_attn::emulator::{Emulator, GuardedBuf};
-use rope_attn::{reference, Alibi, AttentionParams, Mask, Relative};
+use rope_attn::reference;
 
 fn rope_sweep<T: Dtype>(seed: u64) -> usize {
     let emu = Emulator::with_seed(seed);
     let mut r = rng(seed);
     let mut cases = 0;
-    for &d in &[64usize, 80, 96, 128, 256] {
+    for &d in &HEAD_DIMS {
         for &frac in &[1.0, 0.5, 0.25] {
             let rot_dim = ((d as f64 * frac) as usize) & !1;
             for (name, rot) in schedules(d, rot_dim) {
-                // Packed QKV (Q and K of a token side by side, V after them) and an odd stride
-                // that forces the one-pair-per-thread kernel.
-                for &(tokens, qh, kh, layout) in &[(1usize, 4usize, 1usize, 0), (7, 8, 2, 1), (5, 2, 2, 2)] {
-                    let (row, krow) = match layout {
-                        0 => (qh * d, kh * d),
-                        1 => ((qh + 2 * kh) * d, (qh + 2 * kh) * d),
-                        _ => (qh * d + 2, kh * d + 2),
-                    };
+                for (tokens, qh, kh, row, krow) in rope_layouts(d) {
                     let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
-                    let positions: Vec<i32> = (0..tokens)
-                        .map(|t| match t % 4 {
-                            0 => t as i32,
-                            1 => (1 << 24) - 3 + t as i32,
-                            2 => (1 << 24) + 12345,
-                            _ => r.random_range(0..2_000_000_000),
-                        })
-                        .collect();
+                    let positions = guard(&rope_positions(&mut r, tokens));
                     // Guarded: an access past any end stops the test (the emulator's memcheck).
                     let mut q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * row)).0);
                     let mut k = guard(&as_dtype::<T>(&uniform(&mut r, tokens * krow)).0);
-                    let positions = guard(&positions);
                     let rep = emu
                         .rope_inplace_checked(&mut q, &mut k, &positions, &shape, &rot)
-                        .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} tokens={tokens} layout {layout}: {e}", T::NAME));
+                        .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} tokens={tokens} stride={row}: {e}", T::NAME));
                     assert!(rep.count > 0);
                     cases += 1;
                 }
@@ -105,33 +90,15 @@ fn scores_sweep<T: Dtype>(seed: u64) -> usize {
     let emu = Emulator::with_seed(seed);
     let mut r = rng(seed);
     let mut cases = 0;
-    let relatives = [Relative::None, Relative::ReRope { window: 7 }, Relative::Leaky { window: 5, k: 3.0 }];
-    for (ci, &d) in [64usize, 80, 96, 128, 256].iter().enumerate() {
-        for (si, (name, rot)) in schedules(d, d).into_iter().enumerate() {
-            // Rotate through the option space rather than taking its full product.
-            let case = ci * 8 + si;
-            let (hq, hkv) = [(2usize, 2usize), (4, 1), (8, 2)][case % 3];
-            let (nq, nk, off) = [(1usize, 1usize, 0usize), (13, 70, 57), (65, 33, 0), (70, 71, 1)][case % 4];
-            let mut p = AttentionParams::new(hq, hkv, d);
-            p.rope = Some(rot);
-            p.relative = relatives[case % 3];
-            p.mask = match case % 4 {
-                0 => Mask { causal: true, window: None, sinks: 0 },
-                1 => Mask { causal: true, window: Some(9), sinks: 2 },
-                2 => Mask { causal: false, window: None, sinks: 0 },
-                _ => Mask { causal: false, window: Some(20), sinks: 0 },
-            };
-            if case % 2 == 1 {
-                p.alibi = Some(Alibi { total_heads: 4 * hq, head_offset: hq });
-            }
-            let shape = ScoresShape::contiguous(&p, nq, nk, off);
-            let q = guard(&as_dtype::<T>(&uniform(&mut r, nq * hq * d)).0);
-            let k = guard(&as_dtype::<T>(&uniform(&mut r, nk * hkv * d)).0);
-            let mut out = GuardedBuf::filled(hq * nq * nk, 0f32);
-            emu.scores_checked(&q, &k, &mut out, &shape, &p)
-                .unwrap_or_else(|e| panic!("{} d={d} {name} case {case} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
-            cases += 1;
-        }
+    for (case, d, name, rot) in dims_and_schedules(|d, _| d) {
+        let (p, shape) = scores_case(case, d, rot, Scale::Emulator);
+        let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
+        let q = guard(&as_dtype::<T>(&uniform(&mut r, shape.nq * hq * d)).0);
+        let k = guard(&as_dtype::<T>(&uniform(&mut r, shape.nk * hkv * d)).0);
+        let mut out = GuardedBuf::filled(hq * shape.nq * shape.nk, 0f32);
+        emu.scores_checked(&q, &k, &mut out, &shape, &p)
+            .unwrap_or_else(|e| panic!("{} d={d} {name} case {case} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
+        cases += 1;
     }
     cases
 }

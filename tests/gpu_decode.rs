@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::cases::*;
 use common::*;
 use half::{bf16, f16};
 use rand::seq::SliceRandom;
@@ -10,7 +11,7 @@ use rope_attn::cuda::{
     attention_decode, attention_decode_checked, attention_fwd, decode_workspace_len, max_abs, paged_append, AttentionBatch, CheckReport,
     DecodeBatch, Dtype, PagedKvCache, Tolerance,
 };
-use rope_attn::{Alibi, AttentionParams, Mask, Relative};
+use rope_attn::{Alibi, AttentionParams};
 use std::sync::Arc;
 
 type Stream = Arc<cudarc::driver::CudaStream>;
@@ -54,34 +55,22 @@ fn fill<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, p: &AttentionPara
 fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, seed: u64) -> usize {
     let mut r = rng(seed);
     let mut cases = 0;
-    for (ci, &d) in [64usize, 80, 96, 128, 256].iter().enumerate() {
-        for (si, (_name, rot)) in schedules(d, d).into_iter().enumerate() {
-            let case = ci * 8 + si;
-            let (hq, hkv) = [(4usize, 4usize), (8, 2), (32, 4)][case % 3];
-            let queries = [1usize, 4, 16][case % 3];
-            let mut p = AttentionParams::new(hq, hkv, d);
-            p.rope = Some(rot);
-            p.relative = [Relative::None, Relative::ReRope { window: 32 }, Relative::Leaky { window: 16, k: 8.0 }][case % 3];
-            p.mask = [Mask { causal: true, window: None, sinks: 0 }, Mask { causal: true, window: Some(100), sinks: 4 }][case % 2];
-            if case % 2 == 1 {
-                p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
-            }
-            let page = [16usize, 7][case % 2];
-            let ctx = [queries, 300, 1000 + case];
-            let f = fill::<T>(gpu, stream, &p, &ctx, page, &mut r);
-            let tokens = ctx.len() * queries;
-            let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, *ctx.iter().max().unwrap());
-            let (qv, _) = as_dtype::<T>(&uniform(&mut r, tokens * hq * d));
-            let q = stream.clone_htod(&qv).unwrap();
-            for splits in [1usize, 5] {
-                let mut out = stream.alloc_zeros::<T>(tokens * hq * d).unwrap();
-                let mut lse = stream.alloc_zeros::<f32>(tokens * hq).unwrap();
-                let mut ws = stream.alloc_zeros::<f32>(decode_workspace_len(&p, &batch, splits).max(1)).unwrap();
-                let mut wsv = ws.as_view_mut();
-                attention_decode_checked(gpu, stream, &q, &f.k_cache, &f.v_cache, &f.table, &f.lens, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut wsv))
-                    .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} queries={queries} splits={splits} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
-                cases += 1;
-            }
+    for (case, d, _name, rot) in dims_and_schedules(|d, _| d) {
+        let DecodeCase { p, queries, page, ctx } = decode_case(case, d, rot, Scale::Gpu);
+        let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
+        let f = fill::<T>(gpu, stream, &p, &ctx, page, &mut r);
+        let tokens = ctx.len() * queries;
+        let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, *ctx.iter().max().unwrap());
+        let (qv, _) = as_dtype::<T>(&uniform(&mut r, tokens * hq * d));
+        let q = stream.clone_htod(&qv).unwrap();
+        for splits in [1usize, 5] {
+            let mut out = stream.alloc_zeros::<T>(tokens * hq * d).unwrap();
+            let mut lse = stream.alloc_zeros::<f32>(tokens * hq).unwrap();
+            let mut ws = stream.alloc_zeros::<f32>(decode_workspace_len(&p, &batch, splits).max(1)).unwrap();
+            let mut wsv = ws.as_view_mut();
+            attention_decode_checked(gpu, stream, &q, &f.k_cache, &f.v_cache, &f.table, &f.lens, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut wsv))
+                .unwrap_or_else(|e| panic!("{} d={d} hq={hq}/{hkv} queries={queries} splits={splits} {:?} {:?}: {e}", T::NAME, p.relative, p.mask));
+            cases += 1;
         }
     }
     cases

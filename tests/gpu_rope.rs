@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::cases::*;
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{rope_inplace_checked, rope_into, Dtype, RopeShape, Tolerance};
@@ -12,30 +13,20 @@ use rope_attn::reference;
 fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<cudarc::driver::CudaStream>, seed: u64) -> usize {
     let mut r = rng(seed);
     let mut cases = 0;
-    for &d in &[64usize, 80, 96, 128, 256] {
+    for &d in &HEAD_DIMS {
         for &frac in &[1.0, 0.5, 0.25] {
             let rot_dim = ((d as f64 * frac) as usize) & !1;
             for (name, rot) in schedules(d, rot_dim) {
-                for &(tokens, qh, kh, packed) in &[(1usize, 4usize, 1usize, false), (7, 8, 2, true), (33, 4, 4, false)] {
-                    // Packed QKV: Q and K interleaved per token with V after them.
-                    let row = if packed { (qh + 2 * kh) * d } else { qh * d };
-                    let krow = if packed { row } else { kh * d };
+                for (tokens, qh, kh, row, krow) in rope_layouts(d) {
                     let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
-                    let positions: Vec<i32> = (0..tokens)
-                        .map(|t| match t % 4 {
-                            0 => t as i32,
-                            1 => (1 << 24) - 3 + t as i32,
-                            2 => (1 << 24) + 12345,
-                            _ => r.random_range(0..2_000_000_000),
-                        })
-                        .collect();
+                    let positions = rope_positions(&mut r, tokens);
                     let (qv, _) = as_dtype::<T>(&uniform(&mut r, tokens * row));
                     let (kv, _) = as_dtype::<T>(&uniform(&mut r, tokens * krow));
                     let mut q = stream.clone_htod(&qv).unwrap();
                     let mut k = stream.clone_htod(&kv).unwrap();
                     let pos = stream.clone_htod(&positions).unwrap();
                     let rep = rope_inplace_checked(gpu, stream, &mut q, &mut k, &pos, &shape, &rot)
-                        .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} tokens={tokens}: {e}", T::NAME));
+                        .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} tokens={tokens} stride={row}: {e}", T::NAME));
                     assert!(rep.count > 0);
                     cases += 1;
                 }
@@ -45,7 +36,6 @@ fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<cudarc::d
     cases
 }
 
-use rand::Rng;
 
 #[test]
 fn rope_matches_reference_all_dtypes() {

@@ -2,6 +2,8 @@
 //! `ROPE_ATTN_REQUIRE_GPU=1`), seeded data and the schedules the sweeps iterate over.
 #![allow(dead_code)]
 
+pub mod cases;
+
 use cudarc::driver::CudaStream;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

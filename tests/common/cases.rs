@@ -1,0 +1,140 @@
+//! The sweeps' option space, in one place: the GPU suites (tests/gpu_*.rs) and the emulated ones
+//! (tests/emu_*.rs) iterate over the same cases — every head dim × every rope type, rotating
+//! through dtype-independent options (GQA ratio, masks, ALiBi, ReRoPE, sizes) rather than taking
+//! their full product. Only lengths differ: the emulator runs a CUDA thread at a time, so it gets
+//! shorter sequences (still multiples of no tile, still several tiles long).
+#![allow(dead_code)]
+
+use super::schedules;
+use rand::rngs::StdRng;
+use rand::Rng;
+use rope_attn::cuda::ScoresShape;
+use rope_attn::{Alibi, AttentionParams, Mask, Relative, Rotary};
+
+/// Who runs the sweep: a GPU takes full-length problems, the emulator shorter ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Gpu,
+    Emulator,
+}
+
+pub const HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
+
+/// Each head dim with each of the 8 rope types (`case` = 8·dim index + schedule index) and the
+/// rotary dim `rot_dim(d, dim index)` picks.
+pub fn dims_and_schedules(rot_dim: impl Fn(usize, usize) -> usize) -> Vec<(usize, usize, &'static str, Rotary)> {
+    let mut out = Vec::new();
+    for (ci, &d) in HEAD_DIMS.iter().enumerate() {
+        for (si, (name, rot)) in schedules(d, rot_dim(d, ci)).into_iter().enumerate() {
+            out.push((ci * 8 + si, d, name, rot));
+        }
+    }
+    out
+}
+
+/// Rope kernel geometries: (tokens, q heads, k heads, q row stride, k row stride) for head dim d:
+/// dense, packed QKV (Q and K of a token side by side, V after them), and an odd-by-two stride
+/// that forces the one-pair-per-thread kernel.
+pub fn rope_layouts(d: usize) -> [(usize, usize, usize, usize, usize); 3] {
+    [(1, 4, 1, 4 * d, d), (7, 8, 2, 12 * d, 12 * d), (33, 4, 4, 4 * d + 2, 4 * d + 2)]
+}
+
+/// Positions near 0, just below and above 2^24, and anywhere up to 2e9.
+pub fn rope_positions(r: &mut StdRng, tokens: usize) -> Vec<i32> {
+    (0..tokens)
+        .map(|t| match t % 4 {
+            0 => t as i32,
+            1 => (1 << 24) - 3 + t as i32,
+            2 => (1 << 24) + 12345,
+            _ => r.random_range(0..2_000_000_000),
+        })
+        .collect()
+}
+
+/// A scores case: GQA 1/4/8, single element to two-tile sizes with a decode offset, every mask,
+/// ALiBi with a tensor-parallel head offset on odd cases, ReRoPE / Leaky ReRoPE on two of three.
+pub fn scores_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> (AttentionParams, ScoresShape) {
+    let (hq, hkv) = [(4usize, 4usize), (8, 2), (8, 1)][case % 3];
+    let sizes = match scale {
+        Scale::Gpu => [(1usize, 1usize, 0usize), (13, 70, 57), (65, 65, 0), (130, 131, 1)],
+        Scale::Emulator => [(1, 1, 0), (13, 70, 57), (65, 33, 0), (70, 71, 1)],
+    };
+    let (nq, nk, off) = sizes[case % 4];
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(rot);
+    p.relative = [Relative::None, Relative::ReRope { window: 7 }, Relative::Leaky { window: 5, k: 3.0 }][case % 3];
+    p.mask = [
+        Mask { causal: true, window: None, sinks: 0 },
+        Mask { causal: true, window: Some(9), sinks: 2 },
+        Mask { causal: false, window: None, sinks: 0 },
+        Mask { causal: false, window: Some(20), sinks: 0 },
+    ][case % 4];
+    if case % 2 == 1 {
+        p.alibi = Some(Alibi { total_heads: 4 * hq, head_offset: hq });
+    }
+    let shape = ScoresShape::contiguous(&p, nq, nk, off);
+    (p, shape)
+}
+
+/// A prefill case: a ragged varlen batch and whether to pass a workspace (the pre-rotated path:
+/// required for ReRoPE and f32, chosen on odd cases otherwise).
+pub struct PrefillCase {
+    pub p: AttentionParams,
+    pub seq_q: Vec<usize>,
+    pub seq_k: Vec<usize>,
+    pub workspace: bool,
+}
+
+pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: Scale) -> PrefillCase {
+    let (hq, hkv) = [(4usize, 4usize), (8, 2), (8, 1)][case % 3];
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(rot);
+    p.relative = [Relative::None, Relative::None, Relative::ReRope { window: 16 }, Relative::Leaky { window: 8, k: 4.0 }][case % 4];
+    p.mask = [
+        Mask { causal: true, window: None, sinks: 0 },
+        Mask { causal: true, window: Some(40), sinks: 4 },
+        Mask { causal: false, window: None, sinks: 0 },
+    ][case % 3];
+    if case % 2 == 0 {
+        p.alibi = Some(Alibi { total_heads: 2 * hq, head_offset: hq });
+    }
+    // A 1-token sequence, odd sizes, one longer than several tiles; and a sequence with more
+    // queries than keys (its first queries see no key when causal: O = 0, lse = -inf).
+    let (seq_q, seq_k): (Vec<usize>, Vec<usize>) = match (case % 3, scale) {
+        (0, Scale::Gpu) => (vec![1, 17, 100, 257], vec![1, 17, 130, 257]),
+        (0, Scale::Emulator) => (vec![1, 17, 70], vec![1, 17, 130]),
+        (1, Scale::Gpu) => (vec![64, 3], vec![200, 3]),
+        (1, Scale::Emulator) => (vec![66, 3], vec![100, 3]),
+        (_, Scale::Gpu) => (vec![40, 129], vec![30, 129]),
+        (_, Scale::Emulator) => (vec![40, 9], vec![30, 9]),
+    };
+    let workspace = p.relative != Relative::None || f32_path || case % 2 == 1;
+    PrefillCase { p, seq_q, seq_k, workspace }
+}
+
+/// A decode case: 1, 4 or 16 queries per sequence (speculative decoding), GQA up to 8, ReRoPE /
+/// Leaky ReRoPE, window with sinks, ALiBi, pages of 16 or 7 tokens, contexts from the query count
+/// itself to several key tiles per split.
+pub struct DecodeCase {
+    pub p: AttentionParams,
+    pub queries: usize,
+    pub page: usize,
+    pub ctx: [usize; 3],
+}
+
+pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCase {
+    let (hq, hkv) = [(4usize, 4usize), (8, 2), (32, 4)][case % 3];
+    let queries = [1usize, 4, 16][case % 3];
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(rot);
+    p.relative = [Relative::None, Relative::ReRope { window: 32 }, Relative::Leaky { window: 16, k: 8.0 }][case % 3];
+    p.mask = [Mask { causal: true, window: None, sinks: 0 }, Mask { causal: true, window: Some(100), sinks: 4 }][case % 2];
+    if case % 2 == 1 {
+        p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+    }
+    let ctx = match scale {
+        Scale::Gpu => [queries, 300, 1000 + case],
+        Scale::Emulator => [queries, 100, 150 + case],
+    };
+    DecodeCase { p, queries, page: [16usize, 7][case % 2], ctx }
+}
