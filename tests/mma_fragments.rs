@@ -157,3 +157,52 @@ fn the_emulated_ldmatrix_is_not_trivially_right() {
     let bad = ldmatrix_x4(&ks, |lane| ((lane % 8) + ((lane / 8) % 2) * 8) * ks.ld + (lane / 16) * 8, false);
     assert_ne!(good, bad);
 }
+
+/// The m16n8k16 fragment and ldmatrix layouts used above — and by the SIMT emulator's mma.sync
+/// and ldmatrix (kernels/emu/simt.cpp), which runs the real kernels in tests/emu_*.rs — checked against an
+/// independent statement of them: CUTLASS's cute traits for `SM80_16x8x16_F16F16F16F16_TN`
+/// (mma_traits_sm80.hpp), which map (thread, value) to a column-major index of each operand:
+/// A `((4,8),(2,2,2)):((32,1),(16,8,128))` over M16×K16, B `((4,8),(2,2)):((16,1),(8,64))`
+/// over N8×K16, C `((4,8),(2,2)):((32,1),(16,8))` over M16×N8. Thread = t0 + 4·t1.
+#[test]
+fn fragment_layouts_agree_with_cutlass_cute_traits() {
+    // A cute layout evaluated at (thread, value): value coordinates are column-major in vshape.
+    fn cute(thread: usize, value: usize, tstride: [usize; 2], vshape: &[usize], vstride: &[usize]) -> usize {
+        let mut idx = (thread % 4) * tstride[0] + (thread / 4) * tstride[1];
+        let mut v = value;
+        for (n, s) in vshape.iter().zip(vstride) {
+            idx += (v % n) * s;
+            v /= n;
+        }
+        idx
+    }
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        for v in 0..8 {
+            // Ours: register v/2 (a[0..4]), half v%2 — reg 0 (g, 2t), 1 (g+8, 2t), 2 (g, 2t+8), 3 (g+8, 2t+8).
+            let idx = cute(lane, v, [32, 1], &[2, 2, 2], &[16, 8, 128]);
+            let reg = v / 2;
+            assert_eq!((idx % 16, idx / 16), (g + 8 * (reg % 2), 2 * t + 8 * (reg / 2) + v % 2), "A lane {lane} value {v}");
+        }
+        for v in 0..4 {
+            // Ours: b0 = rows k = 2t, 2t+1 and b1 = rows 2t+8, 2t+9 of column n = g.
+            let idx = cute(lane, v, [16, 1], &[2, 2], &[8, 64]);
+            assert_eq!((idx / 8, idx % 8), (2 * t + 8 * (v / 2) + v % 2, g), "B lane {lane} value {v}");
+            // Ours: c[v] at row g + 8(v/2), column 2t + v%2.
+            let idx = cute(lane, v, [32, 1], &[2, 2], &[16, 8]);
+            assert_eq!((idx % 16, idx / 16), (g + 8 * (v / 2), 2 * t + v % 2), "C lane {lane} value {v}");
+        }
+        // ldmatrix.x4: cute's SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T map (thread, value) to a bit
+        // of the 32 source rows of 128 bits (row s = the address lane s supplied).
+        for r in 0..4 {
+            for e in 0..2 {
+                // Ours: register r, half e = row l/4 of matrix r (from lane 8r + l/4), element 2(l%4) + e.
+                let bit = 32 * lane + 16 * e + 1024 * r; // DstLayout (32,(32,4)):(32,(1,1024))
+                assert_eq!((bit / 128, bit % 128 / 16), (8 * r + g, 2 * t + e), "ldmatrix lane {lane} reg {r}");
+                // .trans, ours: rows 2(l%4) + e of matrix r, element l/4.
+                let bit = 256 * t + 16 * g + 128 * e + 1024 * r; // ((4,8),(16,2,4)):((256,16),(1,128,1024))
+                assert_eq!((bit / 128, bit % 128 / 16), (8 * r + 2 * t + e, g), "ldmatrix.trans lane {lane} reg {r}");
+            }
+        }
+    }
+}

@@ -280,7 +280,9 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
     uint32_t(*s)[8] = exchange(C_LDMATRIX, words, 2);
     const int lane = me().lane, g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; ++i) {
-        // Matrix i's eight rows come from lanes 8i..8i+7; element (row, col) is a b16.
+        // Matrix i's eight rows come from lanes 8i..8i+7; element (row, col) is a b16. Lane l gets
+        // row l/4, elements 2(l%4), +1 (or, transposed, rows 2(l%4), +1 of column l/4): PTX ISA,
+        // checked against CUTLASS's cute LDSM traits in tests/mma_fragments.rs.
         auto elem = [&](int row, int col) -> uint32_t {
             const uint32_t* w = s[8 * i + row];
             const uintptr_t addr = (static_cast<uintptr_t>(w[1]) << 32) | w[0];
@@ -299,7 +301,7 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
         const uint16_t h = static_cast<uint16_t>(reg >> (16 * half));
         return static_cast<double>(type == MMA_F16 ? f16_bits_to_f32(h) : bf16_bits_to_f32(h));
     };
-    // PTX ISA, mma.m16n8k16 fragments: A(r, k) in lane (r%8)*4 + (k%8)/2, register
+    // PTX ISA, mma.m16n8k16 fragments (tests/mma_fragments.rs checks these against CUTLASS's cute traits): A(r, k) in lane (r%8)*4 + (k%8)/2, register
     // (r >= 8) + 2(k >= 8), half k%2; B(k, n) in lane 4n + (k%8)/2, register (k >= 8), half k%2;
     // this lane's D elements are rows g, g+8 and columns 2t, 2t+1.
     auto A = [&](int r, int k) { return val(s[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k % 2); };

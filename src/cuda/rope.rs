@@ -82,6 +82,17 @@ impl RopeShape {
     }
 }
 
+impl RopeShape {
+    /// Validate a `rope_into` call (lengths `[q, k, q_out, k_out, positions]`): the dense output
+    /// shape and the kernel's rotation arguments.
+    pub(crate) fn check_into(&self, [q, k, q_out, k_out, pos]: [usize; 5], rot: &Rotary) -> Result<(RopeShape, RopeArgs)> {
+        self.check(q, k, pos, rot)?;
+        let dense = RopeShape::contiguous(self.tokens, self.q_heads, self.k_heads, self.head_dim);
+        dense.check(q_out, k_out, pos, rot)?;
+        Ok((dense, RopeArgs::new(Some(rot), Relative::None, self.head_dim)?))
+    }
+}
+
 /// Raw device addresses of one rope launch.
 pub(crate) struct RopePtrs {
     pub q_in: u64,
@@ -189,10 +200,7 @@ pub fn rope_into<T: Dtype>(
     shape: &RopeShape,
     rot: &Rotary,
 ) -> Result<()> {
-    shape.check(q.len(), k.len(), positions.len(), rot)?;
-    let dense = RopeShape::contiguous(shape.tokens, shape.q_heads, shape.k_heads, shape.head_dim);
-    dense.check(q_out.len(), k_out.len(), positions.len(), rot)?;
-    let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+    let (dense, args) = shape.check_into([q.len(), k.len(), q_out.len(), k_out.len(), positions.len()], rot)?;
     let (qi, _g1) = q.device_ptr(stream);
     let (ki, _g2) = k.device_ptr(stream);
     let (qo, _g3) = q_out.device_ptr_mut(stream);

@@ -150,7 +150,7 @@ pub struct DecodeInputs<'a, T> {
 impl Emulator {
     /// An emulator with the default seed.
     pub fn new() -> Self {
-        Self::with_seed(0x5EED_0F_C0DA)
+        Self::with_seed(0x005E_ED0F_C0DA)
     }
 
     /// An emulator whose thread schedules and copy timings follow `seed`.
@@ -186,10 +186,7 @@ impl Emulator {
         shape: &RopeShape,
         rot: &Rotary,
     ) -> Result<()> {
-        shape.check(q.len(), k.len(), positions.len(), rot)?;
-        let dense = RopeShape::contiguous(shape.tokens, shape.q_heads, shape.k_heads, shape.head_dim);
-        dense.check(q_out.len(), k_out.len(), positions.len(), rot)?;
-        let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+        let (dense, args) = shape.check_into([q.len(), k.len(), q_out.len(), k_out.len(), positions.len()], rot)?;
         let ptrs = RopePtrs {
             q_in: addr(q),
             q_out: addr(q_out),
