@@ -315,6 +315,10 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
     }
 }
 
+void check_aligned(const void* p, size_t bytes) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail("misaligned %zu-byte vector access at %p", bytes, p);
+}
+
 static void land(const std::vector<Copy>& group) {
     for (const Copy& c : group) {
         if (c.src) std::memcpy(c.dst, c.src, 16);

@@ -103,6 +103,8 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);
 enum MmaType { MMA_F16 = 0, MMA_BF16 = 1 };
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaType type);
 void cp_async_16(void* smem, const void* gmem, bool valid);
+// Stops the launch (as a GPU's "misaligned address" fault would) unless p is `bytes`-aligned.
+void check_aligned(const void* p, size_t bytes);
 void cp_async_commit();
 void cp_async_wait(int newest_pending);
 
