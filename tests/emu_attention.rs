@@ -122,3 +122,41 @@ fn emulated_key_blocks_at_their_positions_merge_to_the_whole() {
         .worst(CheckReport::compare("merged lse", &got_l, &want.lse, tol_l.times(2.0)));
     assert!(rep.passed(), "{rep:?}");
 }
+
+/// Q, K and V as views into one packed QKV projection `[tokens, (Hq + 2·Hkv)·d]` and O written
+/// into a wider buffer: the row strides a server passes without copying. Both key paths.
+#[test]
+fn emulated_prefill_on_packed_qkv_views() {
+    let emu = Emulator::new();
+    let (hq, hkv, d) = (8usize, 2usize, 64usize);
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(schedules(d, d).remove(6).1);
+    p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+    let seqs = [37usize, 70];
+    let total: usize = seqs.iter().sum();
+    let row = (hq + 2 * hkv) * d;
+    let (packed, _) = as_dtype::<f16>(&uniform(&mut rng(88), total * row));
+    let packed = guard(&packed);
+    let (q, k, v) = (&packed[..], &packed[hq * d..], &packed[(hq + hkv) * d..]);
+    let o_stride = hq * d + 32;
+    let cu = guard(&cu(&seqs));
+    let batch = AttentionBatch {
+        batch: 2,
+        max_seqlen_q: 70,
+        total_q: total,
+        total_k: total,
+        q_row_stride: row,
+        k_row_stride: row,
+        v_row_stride: row,
+        o_row_stride: o_stride,
+    };
+    for use_ws in [false, true] {
+        let mut out = GuardedBuf::filled((total - 1) * o_stride + hq * d, f16::ZERO);
+        let mut lse = GuardedBuf::filled(hq * total, 0f32);
+        let mut ws = GuardedBuf::filled(attention_fwd_workspace_len(&p, total), f16::ZERO);
+        let x = FwdInputs { q, k, v, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
+        let (path, rep) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &batch, &p, use_ws.then_some(&mut ws[..])).unwrap();
+        assert_eq!(path, if use_ws { PrefillPath::PreRotated } else { PrefillPath::Fused });
+        assert!(rep.count > 0);
+    }
+}
