@@ -17,6 +17,7 @@ namespace ra {
 
 
 constexpr int DEC_WARPS = 4, DEC_RPW = 4, DEC_ROWS = DEC_WARPS * DEC_RPW, DEC_MAXC = 8;
+constexpr int DEC_SUB = 8;  // keys per rotation sub-tile (see decode_body)
 
 // Keys per tile: 32 up to head_dim 128, 16 for 256 (K, far K and V tiles stay ~50 KB in f32).
 __host__ __device__ inline int decode_tile_keys(int d) { return d <= 128 ? 32 : 16; }
@@ -38,6 +39,16 @@ __device__ void decode_body(const DecodeParams& p) {
     float* Vs = Kf + BN * LDK;
     float* Qs = Vs + BN * LDK;     // [DEC_ROWS][D], rotated to the query positions
     float* Qf = Qs + DEC_ROWS * D;  // far copies (ReRoPE)
+    // Key j0 + 8a + b's rotation is that of j0 + 8a composed with that of b. A table of b < 8,
+    // made once per block, and the BN/8 bases per tile make each key's rotation one complex
+    // product instead of an exact angle reduction and a sincos per key and pair (which would
+    // cost about as much time as streaming the key and its value), in 6-10 KB of shared memory
+    // (a table of all BN offsets would cost a block per SM at head_dim 128). Both factors come
+    // from exact angles (angle_turns), so the product is as accurate as a direct evaluation to a
+    // few f32 ulps (tests/angle_precision.rs replays it). 3·BN·(D+1) and 2·16·D floats are even
+    // counts: the tables start 8-byte aligned.
+    float2* Dcs = reinterpret_cast<float2*>(Qf + DEC_ROWS * D);  // [DEC_SUB][D/2]: (cos, sin) of b
+    float2* Bcs = Dcs + DEC_SUB * (D / 2);                       // [BN/DEC_SUB][D/2]: of j0 + 8a, times the attention factor
 
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
@@ -47,6 +58,7 @@ __device__ void decode_body(const DecodeParams& p) {
     const int k_begin = split * p.keys_per_split, k_end = imin(ctx, k_begin + p.keys_per_split);
     const bool rope = p.rope.rotary_dim > 0;
     const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
+    const int half = p.rope.rotary_dim / 2;
     const MaskArgs mask{p.causal, p.window, p.sinks};
     const int tokens = p.batch * p.queries;
 
@@ -69,7 +81,8 @@ __device__ void decode_body(const DecodeParams& p) {
     }
     __syncthreads();
     if (rope) {
-        const int half = p.rope.rotary_dim / 2;
+        // Read after the tile loop's first barrier.
+        for (int e = threadIdx.x; e < DEC_SUB * half; e += blockDim.x) Dcs[e] = cs_scaled(angle_turns(e / half, p.rope.freq[e % half]), 1.f);
         for (int e = threadIdx.x; e < DEC_ROWS * half; e += blockDim.x) {
             const int r = e / half, pr = e % half;
             int ia, ib;
@@ -121,9 +134,18 @@ __device__ void decode_body(const DecodeParams& p) {
                 Vs[key * LDK + c + x] = vx[x];
             }
         }
+        if (rope)
+            for (int e = threadIdx.x; e < (BN / DEC_SUB) * half; e += blockDim.x)
+                Bcs[e] = cs_scaled(angle_turns(j0 + DEC_SUB * (e / half), p.rope.freq[e % half]), p.rope.attention_factor);
         __syncthreads();
         if (rope) {
-            load_rotated_tile(Ks, LDK, Ks, LDK, BN, vk, D, p.rope, ROT_POS, j0);
+            for (int e = threadIdx.x; e < vk * half; e += blockDim.x) {  // keys past vk are zeros
+                const int key = e / half, pr = e % half;
+                int ia, ib;
+                pair_index(p.rope.interleaved, p.rope.rotary_dim, pr, ia, ib);
+                const float2 base = Bcs[(key / DEC_SUB) * half + pr], off = Dcs[(key % DEC_SUB) * half + pr];
+                rotate_pair(Ks[key * LDK + ia], Ks[key * LDK + ib], base.x * off.x - base.y * off.y, base.y * off.x + base.x * off.y);
+            }
             if (leaky) load_rotated_tile(Kf, LDK, Kf, LDK, BN, vk, D, p.rope, ROT_K_LEAKY, j0);
             __syncthreads();
         }

@@ -95,6 +95,14 @@ fn tile_keys(d: usize) -> usize {
 
 const DEC_ROWS: usize = 16;
 
+/// Shared memory of the decode kernel (f32): K, far K and V tiles (pitch d + 1), the rotated Q
+/// rows and their far copies, then the (cos, sin) tables of the key offsets 0..8 and of the
+/// tile's bases every 8 keys (`DEC_SUB` in the .cu): 72 KB at head_dim 128, 92 KB at 256.
+fn decode_smem_bytes(d: usize) -> usize {
+    let bn = tile_keys(d);
+    (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4 + (8 + bn / 8) * (d / 2) * 8
+}
+
 fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
     let rows = p.group_size() * b.queries;
     b.batch * p.num_kv_heads * rows.div_ceil(DEC_ROWS)
@@ -322,7 +330,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         name: format!("attention_decode_{}", T::NAME),
         grid: (splits as u32, grid_y as u32, batch.batch as u32),
         threads: 128,
-        smem: (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4,
+        smem: decode_smem_bytes(d),
         params,
     })?;
     if splits > 1 {
