@@ -17,7 +17,6 @@ namespace ra {
 
 
 constexpr int DEC_WARPS = 4, DEC_RPW = 4, DEC_ROWS = DEC_WARPS * DEC_RPW, DEC_MAXC = 8;
-constexpr int DEC_SUB = 8;  // keys per rotation sub-tile (see decode_body)
 
 // Keys per tile: 32 up to head_dim 128, 16 for 256 (K, far K and V tiles stay ~50 KB in f32).
 __host__ __device__ inline int decode_tile_keys(int d) { return d <= 128 ? 32 : 16; }
@@ -39,16 +38,11 @@ __device__ void decode_body(const DecodeParams& p) {
     float* Vs = Kf + BN * LDK;
     float* Qs = Vs + BN * LDK;     // [DEC_ROWS][D], rotated to the query positions
     float* Qf = Qs + DEC_ROWS * D;  // far copies (ReRoPE)
-    // Key j0 + 8a + b's rotation is that of j0 + 8a composed with that of b. A table of b < 8,
-    // made once per block, and the BN/8 bases per tile make each key's rotation one complex
-    // product instead of an exact angle reduction and a sincos per key and pair (which would
-    // cost about as much time as streaming the key and its value), in 6-10 KB of shared memory
-    // (a table of all BN offsets would cost a block per SM at head_dim 128). Both factors come
-    // from exact angles (angle_turns), so the product is as accurate as a direct evaluation to a
-    // few f32 ulps (tests/angle_precision.rs replays it). 3·BN·(D+1) and 2·16·D floats are even
-    // counts: the tables start 8-byte aligned.
-    float2* Dcs = reinterpret_cast<float2*>(Qf + DEC_ROWS * D);  // [DEC_SUB][D/2]: (cos, sin) of b
-    float2* Bcs = Dcs + DEC_SUB * (D / 2);                       // [BN/DEC_SUB][D/2]: of j0 + 8a, times the attention factor
+    // Keys are rotated by composition (tile.cuh, rotate_tile_composed): the offset table once
+    // per block, the bases once per tile. 3·BN·(D+1) and 2·16·D floats are even counts: the
+    // tables start 8-byte aligned.
+    float2* Dcs = reinterpret_cast<float2*>(Qf + DEC_ROWS * D);  // [ROT_SUB][D/2]: offsets
+    float2* Bcs = Dcs + ROT_SUB * (D / 2);                       // [BN/ROT_SUB][D/2]: the tile's bases
 
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
@@ -82,7 +76,7 @@ __device__ void decode_body(const DecodeParams& p) {
     __syncthreads();
     if (rope) {
         // Read after the tile loop's first barrier.
-        for (int e = threadIdx.x; e < DEC_SUB * half; e += blockDim.x) Dcs[e] = cs_scaled(angle_turns(e / half, p.rope.freq[e % half]), 1.f);
+        fill_rotation_offsets(Dcs, p.rope);
         for (int e = threadIdx.x; e < DEC_ROWS * half; e += blockDim.x) {
             const int r = e / half, pr = e % half;
             int ia, ib;
@@ -134,18 +128,10 @@ __device__ void decode_body(const DecodeParams& p) {
                 Vs[key * LDK + c + x] = vx[x];
             }
         }
-        if (rope)
-            for (int e = threadIdx.x; e < (BN / DEC_SUB) * half; e += blockDim.x)
-                Bcs[e] = cs_scaled(angle_turns(j0 + DEC_SUB * (e / half), p.rope.freq[e % half]), p.rope.attention_factor);
+        if (rope) fill_rotation_bases(Bcs, p.rope, j0, BN);
         __syncthreads();
         if (rope) {
-            for (int e = threadIdx.x; e < vk * half; e += blockDim.x) {  // keys past vk are zeros
-                const int key = e / half, pr = e % half;
-                int ia, ib;
-                pair_index(p.rope.interleaved, p.rope.rotary_dim, pr, ia, ib);
-                const float2 base = Bcs[(key / DEC_SUB) * half + pr], off = Dcs[(key % DEC_SUB) * half + pr];
-                rotate_pair(Ks[key * LDK + ia], Ks[key * LDK + ib], base.x * off.x - base.y * off.y, base.y * off.x + base.x * off.y);
-            }
+            rotate_tile_composed(Ks, LDK, vk, p.rope, Dcs, Bcs);
             if (leaky) load_rotated_tile(Kf, LDK, Kf, LDK, BN, vk, D, p.rope, ROT_K_LEAKY, j0);
             __syncthreads();
         }

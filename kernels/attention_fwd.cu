@@ -24,6 +24,12 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     T* Vs = Ks + BN * LD;
     T* Qf = Vs + BN * LD;  // far copies: only with ReRoPE
     T* Kf = Qf + BM * LD;
+    // The fused path (never with ReRoPE) rotates K tiles by composition (tile.cuh) with its
+    // tables where the far copies would be: (BM + 2·BN)·LD elements of T are a multiple of 8
+    // bytes. Not at head_dim 256, where 12 KB of tables would cost an H100 a block per SM.
+    constexpr bool COMPOSED = D <= 128;
+    float2* rot_off = reinterpret_cast<float2*>(Qf);  // [ROT_SUB][D/2]
+    float2* rot_base = rot_off + ROT_SUB * (D / 2);   // [BN/ROT_SUB][D/2]
 
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const SeqBounds sb = seq_bounds(p, b);
@@ -40,6 +46,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
 
     load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, rope ? ROT_POS : ROT_NONE, i0);
+    if (COMPOSED && p.rotate_k) fill_rotation_offsets(rot_off, p.rope);  // read after the loop's first barrier
     if (rel) load_rotated_tile(Qf, LD, qg, p.q_row_stride, BM, vq, D, p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, i0);
 
     const MaskArgs mask{p.causal, p.window, p.sinks};
@@ -71,10 +78,13 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     if (n < n_end) issue_k(n);
     while (n < n_end) {
         const int j0 = n * BN, vk = imin(BN, sb.seqlen_k - j0);
+        // Every thread finished the previous tile's rotation (a barrier ago): the bases are free.
+        if (COMPOSED && p.rotate_k) fill_rotation_bases(rot_base, p.rope, kp + j0, BN);
         cp_async_wait<0>();
         __syncthreads();  // K_n landed; every warp finished P·V of the previous tile
         if (p.rotate_k) {
-            load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);
+            if constexpr (COMPOSED) rotate_tile_composed(Ks, LD, vk, p.rope, rot_off, rot_base);
+            else load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);
             __syncthreads();
         }
         copy_tile_async<T, D, LD>(Vs, vg + (long long)j0 * p.v_row_stride, p.v_row_stride, BN, vk);

@@ -61,4 +61,44 @@ __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const S
     }
 }
 
+// ---- composed rotations: RoPE(p0 + 8a + b) = RoPE(p0 + 8a) ∘ RoPE(b) --------------------------
+// For tiles rotated once per visit (decode's K tiles, the fused prefill's K tiles): a table of
+// the offsets b < 8, made once per block, and a base per 8 rows of each tile turn every
+// element's exact angle reduction and sincos into one complex product (~8x less trigonometry).
+// Both factors come from exact angles (angle_turns), so the result is as accurate as a direct
+// evaluation to a few f32 ulps (tests/angle_precision.rs replays it).
+constexpr int ROT_SUB = 8;
+
+// off[b][pair] = (cos, sin) of offset b < ROT_SUB: once per block.
+__device__ __forceinline__ void fill_rotation_offsets(float2* off, const RopeArgs& a) {
+    const int half = a.rotary_dim / 2;
+    for (int e = threadIdx.x; e < ROT_SUB * half; e += blockDim.x) off[e] = cs_scaled(angle_turns(e / half, a.freq[e % half]), 1.f);
+}
+
+// base[s][pair] = (cos, sin) of position pos0 + 8s, times the attention factor: once per tile
+// of `rows` (a multiple of ROT_SUB).
+__device__ __forceinline__ void fill_rotation_bases(float2* base, const RopeArgs& a, int pos0, int rows) {
+    const int half = a.rotary_dim / 2;
+    for (int e = threadIdx.x; e < (rows / ROT_SUB) * half; e += blockDim.x)
+        base[e] = cs_scaled(angle_turns(pos0 + ROT_SUB * (e / half), a.freq[e % half]), a.attention_factor);
+}
+
+// Rotate rows [0, valid) of a shared-memory tile in place to positions pos0 + row (the bases'
+// pos0). Rows past `valid` are left as they are (zeros, from the loaders).
+template <typename T>
+__device__ __forceinline__ void rotate_tile_composed(T* tile, int ld, int valid, const RopeArgs& a, const float2* off,
+                                                     const float2* base) {
+    const int half = a.rotary_dim / 2;
+    for (int e = threadIdx.x; e < valid * half; e += blockDim.x) {
+        const int row = e / half, pr = e % half;
+        int ia, ib;
+        pair_index(a.interleaved, a.rotary_dim, pr, ia, ib);
+        const float2 b = base[(row / ROT_SUB) * half + pr], o = off[(row % ROT_SUB) * half + pr];
+        float x0 = to_f32(tile[row * ld + ia]), x1 = to_f32(tile[row * ld + ib]);
+        rotate_pair(x0, x1, b.x * o.x - b.y * o.y, b.y * o.x + b.x * o.y);
+        tile[row * ld + ia] = from_f32<T>(x0);
+        tile[row * ld + ib] = from_f32<T>(x1);
+    }
+}
+
 }  // namespace ra

@@ -174,10 +174,14 @@ impl AttentionBatch {
     }
 }
 
-fn smem_bytes<T: Dtype>(d: usize, rel: bool) -> (usize, usize) {
+/// Shared memory of the 16-bit prefill kernel and its query rows per block: Q, K and V tiles
+/// (pitch d + 8), plus the far copies with ReRoPE; the fused path at head_dim <= 128 keeps its
+/// composed-rotation tables (offsets 0..8 and a base per 8 keys, f32 pairs) in their place.
+fn smem_bytes<T: Dtype>(d: usize, rel: bool, fused: bool) -> (usize, usize) {
     let (bm, bn) = if d == 256 { (32, 32) } else { (64, 64) };
-    let tiles = bm + 2 * bn + if rel { bm + bn } else { 0 };
-    (tiles * (d + 8) * std::mem::size_of::<T>(), bm)
+    let tiles = (bm + 2 * bn + if rel { bm + bn } else { 0 }) * (d + 8) * std::mem::size_of::<T>();
+    let tables = if fused && d <= 128 { (8 + bn / 8) * (d / 2) * 8 } else { 0 };
+    (tiles + tables, bm)
 }
 
 fn is_16bit<T: Dtype>() -> bool {
@@ -398,7 +402,7 @@ pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: Pref
     };
     // The kernel clamps sequence offsets to total_q / total_k, which the buffers were checked to span.
     let launch = if is_16bit::<T>() {
-        let (smem, bm) = smem_bytes::<T>(d, rel);
+        let (smem, bm) = smem_bytes::<T>(d, rel, path == PrefillPath::Fused);
         let grid = (batch.max_seqlen_q.div_ceil(bm) as u32, hq as u32, batch.batch as u32);
         let name = format!("attention_fwd_d{d}_{}", T::NAME);
         Launch { module: Module::AttentionFwd, name, grid, threads: if d == 256 { 64 } else { 128 }, smem, params }

@@ -97,7 +97,7 @@ const DEC_ROWS: usize = 16;
 
 /// Shared memory of the decode kernel (f32): K, far K and V tiles (pitch d + 1), the rotated Q
 /// rows and their far copies, then the (cos, sin) tables of the key offsets 0..8 and of the
-/// tile's bases every 8 keys (`DEC_SUB` in the .cu): 72 KB at head_dim 128, 92 KB at 256.
+/// tile's bases every 8 keys (`ROT_SUB` in kernels/tile.cuh): 72 KB at head_dim 128, 92 KB at 256.
 fn decode_smem_bytes(d: usize) -> usize {
     let bn = tile_keys(d);
     (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4 + (8 + bn / 8) * (d / 2) * 8
