@@ -43,7 +43,7 @@ fn run<T: Dtype>(emu: &Emulator, p: &AttentionParams, seq_q: &[usize], seq_k: &[
 }
 
 fn sweep<T: Dtype>(seed: u64) -> usize {
-    let emu = Emulator::with_seed(seed);
+    let emu = emulator(seed);
     let mut cases = 0;
     let f32_path = std::mem::size_of::<T>() == 4;
     for (case, d, _name, rot) in dims_and_schedules(|d, ci| if ci % 2 == 0 { d } else { d / 2 }) {
@@ -73,7 +73,7 @@ fn emulated_prefill_matches_reference_f32() {
 /// No position encoding, and plain RoPE through both paths, over a few hundred keys.
 #[test]
 fn emulated_prefill_longer_sequences() {
-    let emu = Emulator::new();
+    let emu = emulator(0);
     for (i, &n) in [191usize, 256, 300].iter().enumerate() {
         let mut p = AttentionParams::new(1, 1, 128);
         if i > 0 {
@@ -87,7 +87,7 @@ fn emulated_prefill_longer_sequences() {
 /// the halves are run at their true key positions (attention_fwd_at), as ring attention does.
 #[test]
 fn emulated_key_blocks_at_their_positions_merge_to_the_whole() {
-    let emu = Emulator::new();
+    let emu = emulator(0);
     let (n, nq, split, h, d) = (150usize, 40usize, 70usize, 2usize, 64usize);
     let q0 = n - nq;
     let mut p = AttentionParams::new(h, h, d);
@@ -127,7 +127,7 @@ fn emulated_key_blocks_at_their_positions_merge_to_the_whole() {
 /// into a wider buffer: the row strides a server passes without copying. Both key paths.
 #[test]
 fn emulated_prefill_on_packed_qkv_views() {
-    let emu = Emulator::new();
+    let emu = emulator(0);
     let (hq, hkv, d) = (8usize, 2usize, 64usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(schedules(d, d).remove(6).1);

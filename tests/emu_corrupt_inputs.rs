@@ -10,12 +10,12 @@ mod common;
 use common::*;
 use half::bf16;
 use rope_attn::cuda::{attention_fwd_workspace_len, decode_workspace_len, AttentionBatch, DecodeBatch, PagedKvCache, RopeShape};
-use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
+use rope_attn::emulator::{DecodeInputs, FwdInputs, GuardedBuf};
 use rope_attn::{AttentionParams, Relative};
 
 #[test]
 fn prefill_with_corrupt_offsets_and_starts_stays_in_bounds() {
-    let emu = Emulator::new();
+    let emu = emulator(0);
     let (hq, hkv, d) = (4usize, 2usize, 64usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(schedules(d, d).remove(0).1);
@@ -48,7 +48,7 @@ fn prefill_with_corrupt_offsets_and_starts_stays_in_bounds() {
 
 #[test]
 fn decode_with_corrupt_table_and_lengths_stays_in_bounds() {
-    let emu = Emulator::new();
+    let emu = emulator(0);
     let (hq, hkv, d, page) = (8usize, 2usize, 128usize, 16usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(schedules(d, d).remove(6).1);
@@ -84,5 +84,5 @@ fn rope_at_extreme_positions_stays_in_bounds() {
     let mut q = guard(&as_dtype::<bf16>(&uniform(&mut r, 4 * 2 * d)).0);
     let mut k = guard(&as_dtype::<bf16>(&uniform(&mut r, 4 * d)).0);
     let rot = schedules(d, d / 2).remove(3).1;
-    Emulator::new().rope_inplace(&mut q, &mut k, &guard(&[i32::MIN, i32::MAX, -1, 0]), &shape, &rot).unwrap();
+    emulator(0).rope_inplace(&mut q, &mut k, &guard(&[i32::MIN, i32::MAX, -1, 0]), &shape, &rot).unwrap();
 }

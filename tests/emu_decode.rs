@@ -50,7 +50,7 @@ fn fill<T: Dtype>(emu: &Emulator, p: &AttentionParams, ctx: &[usize], page: usiz
 }
 
 fn sweep<T: Dtype>(seed: u64) -> usize {
-    let emu = Emulator::with_seed(seed);
+    let emu = emulator(seed);
     let mut r = rng(seed);
     let mut cases = 0;
     for (case, d, _name, rot) in dims_and_schedules(|d, _| d) {
@@ -91,7 +91,7 @@ fn emulated_decode_matches_reference_bf16() {
 /// sequence (llama3 RoPE + ALiBi, GQA 4).
 #[test]
 fn emulated_decode_reproduces_prefill_rows() {
-    let emu = Emulator::new();
+    let emu = emulator(0);
     let (n, hq, hkv, d, page) = (150usize, 8usize, 2usize, 128usize, 16usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(schedules(d, d).remove(6).1);
@@ -138,7 +138,7 @@ fn emulated_append_skips_bad_slots() {
     let cache = PagedKvCache { num_pages: 2, page_size: 4, kv_heads: 1, head_dim: 64 };
     let k: Vec<f16> = (0..3 * 64).map(|i| f16::from_f32(i as f32)).collect();
     let (mut kc, mut vc) = (vec![f16::ZERO; cache.len()], vec![f16::ZERO; cache.len()]);
-    Emulator::new().paged_append(&k, &k, &mut kc, &mut vc, &[5, -1, 8], 3, 64, 64, &cache).unwrap();
+    emulator(0).paged_append(&k, &k, &mut kc, &mut vc, &[5, -1, 8], 3, 64, 64, &cache).unwrap();
     for s in 0..8 {
         let want: Vec<f16> = if s == 5 { k[..64].to_vec() } else { vec![f16::ZERO; 64] };
         assert_eq!(&kc[s * 64..(s + 1) * 64], &want[..], "slot {s}");

@@ -12,11 +12,11 @@ use common::cases::*;
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{max_abs, CheckReport, Dtype, RopeShape, Tolerance};
-use rope_attn::emulator::{Emulator, GuardedBuf};
+use rope_attn::emulator::GuardedBuf;
 use rope_attn::reference;
 
 fn rope_sweep<T: Dtype>(seed: u64) -> usize {
-    let emu = Emulator::with_seed(seed);
+    let emu = emulator(seed);
     let mut r = rng(seed);
     let mut cases = 0;
     for &d in &HEAD_DIMS {
@@ -58,7 +58,7 @@ fn emulated_rope_f32_is_exact_at_large_positions() {
     let x: Vec<f32> = uniform(&mut rng(9), tokens * d).iter().map(|&v| v as f32).collect();
     let (mut q, mut k) = (x.clone(), x);
     let shape = RopeShape::contiguous(tokens, 1, 1, d);
-    let rep = Emulator::new().rope_inplace_checked(&mut q, &mut k, &positions, &shape, &rot).unwrap();
+    let rep = emulator(0).rope_inplace_checked(&mut q, &mut k, &positions, &shape, &rot).unwrap();
     assert!(rep.max_abs <= 1e-5, "max abs error {} at positions up to 2^31", rep.max_abs);
 }
 
@@ -74,7 +74,7 @@ fn emulated_rope_into_matches_reference() {
     let (mut qo, mut ko) = (GuardedBuf::filled(q.len(), bf16::ZERO), GuardedBuf::filled(k.len(), bf16::ZERO));
     let shape = RopeShape::contiguous(tokens, qh, kh, d);
     let (q0, k0) = (q.clone(), k.clone());
-    Emulator::new().rope_into(&guard(&q), &guard(&k), &mut qo, &mut ko, &guard(&positions), &shape, &rot).unwrap();
+    emulator(0).rope_into(&guard(&q), &guard(&k), &mut qo, &mut ko, &guard(&positions), &shape, &rot).unwrap();
     let p64: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
     for (input, out, heads) in [(qf, &qo[..], qh), (kf, &ko[..], kh)] {
         let mut want = input;
@@ -87,7 +87,7 @@ fn emulated_rope_into_matches_reference() {
 }
 
 fn scores_sweep<T: Dtype>(seed: u64) -> usize {
-    let emu = Emulator::with_seed(seed);
+    let emu = emulator(seed);
     let mut r = rng(seed);
     let mut cases = 0;
     for (case, d, name, rot) in dims_and_schedules(|d, _| d) {

@@ -286,7 +286,6 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     if tokens == 0 {
         return Ok(());
     }
-    let bn = tile_keys(d);
     let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(DEC_ROWS);
     let DecodePtrs { q: qp, k_cache: kp, v_cache: vp, block_table: bp, context_lens: cp, out: op, lse: lp, workspace: wp } = ptrs;
     if kp % 16 != 0 || vp % 16 != 0 {

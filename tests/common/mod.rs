@@ -47,6 +47,14 @@ pub fn as_dtype<T: rope_attn::cuda::Dtype>(x: &[f64]) -> (Vec<T>, Vec<f64>) {
     (t, back)
 }
 
+/// The emulator's schedule seed for a sweep: `base`, mixed with `ROPE_ATTN_EMU_SEED` when set
+/// (to fuzz thread interleavings and copy timings beyond the fixed CI seeds).
+#[cfg(feature = "emulator")]
+pub fn emulator(base: u64) -> rope_attn::emulator::Emulator {
+    let extra = std::env::var("ROPE_ATTN_EMU_SEED").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    rope_attn::emulator::Emulator::with_seed(base ^ extra.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
 /// A guarded host copy for the emulator: kernel accesses past its end fault and are reported.
 #[cfg(feature = "emulator")]
 pub fn guard<T: Copy>(v: &[T]) -> rope_attn::emulator::GuardedBuf<T> {
