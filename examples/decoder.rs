@@ -2,18 +2,20 @@
 //! N decode steps over a paged KV cache of *unrotated* keys, with the positions and RoPE schedule
 //! of a real `config.json` (dynamic NTK recomputed at every length, as it should be).
 //!
-//! On a GPU: bf16 projections uploaded, fused prefill (`attention_fwd`), `paged_append` of each new
-//! token's K/V, paged `attention_decode`, and checked mode confirming every step against the f64
-//! CPU reference. Without one: the same block on the CPU reference path.
+//! The kernels' path: bf16 projections, fused prefill (`attention_fwd`), `paged_append` of each
+//! new token's K/V, paged `attention_decode`, with checked mode confirming every step against the
+//! f64 CPU reference. It runs on a GPU when one is present; otherwise, built with
+//! `--features emulator`, the same kernels run in the SIMT emulator on the CPU; otherwise (or
+//! with `--cpu`) the block runs on the f64 CPU reference alone.
 //!
 //! ```text
-//! cargo run --release --example decoder -- examples/configs/llama-3.1-8b.json [--prompt 128] [--steps 32] [--cpu]
+//! cargo run --release --features emulator --example decoder -- examples/configs/llama-3.1-8b.json [--prompt 128] [--steps 32] [--cpu]
 //! ```
 
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rope_attn::cuda::{self, AttentionBatch, DecodeBatch, Gpu, PagedKvCache};
+use rope_attn::cuda::{self, AttentionBatch, CheckReport, DecodeBatch, Gpu, PagedKvCache};
 use rope_attn::{reference, AttentionParams, Layout, RopeConfig, Rotary};
 use std::io::Write;
 use std::time::Instant;
@@ -128,19 +130,16 @@ fn run(a: &Args) -> Result<(), String> {
         "{}: hidden {}, {} query heads / {} KV heads, head_dim {}, rope {} (rotary {}, attention factor {:.4})",
         a.config, m.hidden, m.hq, m.hkv, m.d, s0.rope_type, s0.rotary_dim, s0.attention_factor
     );
-    let gpu = if a.force_cpu {
-        None
-    } else {
+    let mut kernels: Option<Box<dyn Kernels>> = None;
+    if !a.force_cpu {
         match cuda::device_status() {
-            Ok(_) => Some(Gpu::new(0).map_err(|e| e.to_string())?),
-            Err(why) => {
-                println!("no GPU ({why}): running the CPU reference path");
-                None
+            Ok(_) => {
+                let g = Gpu::new(0).map_err(|e| e.to_string())?;
+                println!("running the kernels on {} with checked mode against the f64 CPU reference", g.describe());
+                kernels = Some(Box::new(OnGpu::new(g)));
             }
+            Err(why) => kernels = emulated_or_reference(&why),
         }
-    };
-    if let Some(g) = &gpu {
-        println!("running on {} with checked mode against the f64 CPU reference", g.describe());
     }
     let mut r = StdRng::seed_from_u64(2024);
     let scale = 1.0 / (m.hidden as f32).sqrt();
@@ -158,8 +157,8 @@ fn run(a: &Args) -> Result<(), String> {
         Ok(p)
     };
     let t0 = Instant::now();
-    let outputs = match &gpu {
-        Some(g) => run_gpu(g, a, &m, &w, &prompt, &params_at)?,
+    let outputs = match kernels {
+        Some(k) => run_kernels(k, a, &m, &w, &prompt, &params_at)?,
         None => run_cpu(a, &m, &w, &prompt, &params_at)?,
     };
     let norm = |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
@@ -218,60 +217,170 @@ fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsA
     Ok(next_input(m, w, &x_last, &attn))
 }
 
-fn run_gpu(g: &Gpu, a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsAt) -> Result<Vec<f32>, String> {
-    let e = |e: rope_attn::Error| e.to_string();
-    let d = |e: cudarc::driver::DriverError| e.to_string();
-    let stream = g.context().default_stream();
-    let up = |x: &[f32]| stream.clone_htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).map_err(d);
-    let (hq, hkv, dd) = (m.hq, m.hkv, m.d);
-    let (q, k, v) = qkv(m, w, prompt);
-    let (qd, kd, vd) = (up(&q)?, up(&k)?, up(&v)?);
-    let p = params_at(a.prompt)?;
-    let mut out = stream.alloc_zeros::<bf16>(a.prompt * hq * dd).map_err(d)?;
-    let mut lse = stream.alloc_zeros::<f32>(a.prompt * hq).map_err(d)?;
-    let cu = stream.clone_htod(&[0i32, a.prompt as i32]).map_err(d)?;
-    let batch = AttentionBatch::single(&p, a.prompt, a.prompt);
-    let (path, rep) = cuda::attention_fwd_checked(g, &stream, &qd, &kd, &vd, &mut out, &mut lse, &cu, &cu, &batch, &p, None).map_err(e)?;
-    println!("prefill {} tokens ({path:?} path): max abs error vs reference {:.2e} (tolerance {:.1e})", a.prompt, rep.max_abs, rep.tolerance.abs);
+/// What the block needs from the kernels, wherever they run: bf16 inputs (as f32 values already
+/// rounded to bf16), every call in checked mode.
+trait Kernels {
+    /// Prefill attention of the whole prompt; returns O `[n, Hq·d]` and the check against the reference.
+    fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
+    /// Create the paged cache (pages of 16, handed out back to front so the table really indirects).
+    fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String>;
+    /// Append K/V rows `[n, Hkv·d]` at `slots`.
+    fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32]) -> Result<(), String>;
+    /// One decode step of query `[Hq·d]` over the first `len` cached keys; O and the check.
+    fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
+    /// Where the kernels run, for the log.
+    fn name(&self) -> &'static str;
+}
 
-    // The paged cache: pages of 16 tokens handed out back to front, so the block table really indirects.
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsAt) -> Result<Vec<f32>, String> {
+    let (q, k, v) = qkv(m, w, prompt);
+    let (out, rep) = kern.prefill(&q, &k, &v, a.prompt, &params_at(a.prompt)?)?;
+    println!("prefill {} tokens: max abs error vs reference {:.2e} (tolerance {:.1e})", a.prompt, rep.max_abs, rep.tolerance.abs);
     let page = 16;
-    let total = a.prompt + a.steps;
-    let max_pages = total.div_ceil(page);
-    let cache = PagedKvCache { num_pages: max_pages, page_size: page, kv_heads: hkv, head_dim: dd };
+    let max_pages = (a.prompt + a.steps).div_ceil(page);
     let table: Vec<i32> = (0..max_pages as i32).rev().collect();
     let slot = |t: usize| table[t / page] * page as i32 + (t % page) as i32;
-    let table_d = stream.clone_htod(&table).map_err(d)?;
-    let mut kc = stream.alloc_zeros::<bf16>(cache.len()).map_err(d)?;
-    let mut vc = stream.alloc_zeros::<bf16>(cache.len()).map_err(d)?;
-    let slots = stream.clone_htod(&(0..a.prompt).map(slot).collect::<Vec<_>>()).map_err(d)?;
-    cuda::paged_append(g, &stream, &kd, &vd, &mut kc, &mut vc, &slots, a.prompt, hkv * dd, hkv * dd, &cache).map_err(e)?;
+    kern.new_cache(PagedKvCache { num_pages: max_pages, page_size: page, kv_heads: m.hkv, head_dim: m.d }, &table)?;
+    kern.append(&k, &v, &(0..a.prompt).map(slot).collect::<Vec<_>>())?;
 
-    let row = hq * dd;
-    let mut attn: Vec<f32> = stream.clone_dtoh(&out).map_err(d)?[(a.prompt - 1) * row..].iter().map(|x| x.to_f32()).collect();
+    let row = m.hq * m.d;
+    let mut attn = out[(a.prompt - 1) * row..].to_vec();
     let mut x_last = prompt[(a.prompt - 1) * m.hidden..].to_vec();
     let mut worst = 0f64;
     for step in 0..a.steps {
         let len = a.prompt + step + 1;
         let x = next_input(m, w, &x_last, &attn);
         let (qn, kn, vn) = qkv(m, w, &x);
-        let (qd, kd, vd) = (up(&qn)?, up(&kn)?, up(&vn)?);
-        let s = stream.clone_htod(&[slot(len - 1)]).map_err(d)?;
-        cuda::paged_append(g, &stream, &kd, &vd, &mut kc, &mut vc, &s, 1, hkv * dd, hkv * dd, &cache).map_err(e)?;
-        let p = params_at(len)?;
-        let lens = stream.clone_htod(&[len as i32]).map_err(d)?;
-        let batch = DecodeBatch::contiguous(&p, 1, 1, max_pages, len);
-        let mut o = stream.alloc_zeros::<bf16>(row).map_err(d)?;
-        let mut l = stream.alloc_zeros::<f32>(hq).map_err(d)?;
-        let rep = cuda::attention_decode_checked(g, &stream, &qd, &kc, &vc, &table_d, &lens, &mut o, &mut l, &cache, &batch, &p, 1, None)
-            .map_err(e)?;
+        kern.append(&kn, &vn, &[slot(len - 1)])?;
+        let (o, rep) = kern.decode(&qn, len, &params_at(len)?)?;
         worst = worst.max(rep.max_abs);
-        attn = stream.clone_dtoh(&o).map_err(d)?.iter().map(|x| x.to_f32()).collect();
+        attn = o;
         x_last = x;
-        progress(step + 1, a.steps, "decode steps (GPU, checked)");
+        progress(step + 1, a.steps, &format!("decode steps ({}, checked)", kern.name()));
     }
     println!("{} decode steps checked against the CPU reference: max abs error {worst:.2e}", a.steps);
     Ok(next_input(m, w, &x_last, &attn))
+}
+
+struct OnGpu {
+    gpu: Gpu,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    cache: Option<(PagedKvCache, cudarc::driver::CudaSlice<bf16>, cudarc::driver::CudaSlice<bf16>, cudarc::driver::CudaSlice<i32>)>,
+}
+
+impl OnGpu {
+    fn new(gpu: Gpu) -> Self {
+        let stream = gpu.context().default_stream();
+        OnGpu { gpu, stream, cache: None }
+    }
+    fn up<T: cudarc::driver::DeviceRepr>(&self, x: &[T]) -> Result<cudarc::driver::CudaSlice<T>, String> {
+        self.stream.clone_htod(x).map_err(|e| e.to_string())
+    }
+    fn down(&self, x: &cudarc::driver::CudaSlice<bf16>) -> Result<Vec<f32>, String> {
+        Ok(self.stream.clone_dtoh(x).map_err(|e| e.to_string())?.iter().map(|v| v.to_f32()).collect())
+    }
+}
+
+impl Kernels for OnGpu {
+    fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+        let (qd, kd, vd) = (self.up(&to_bf16(q))?, self.up(&to_bf16(k))?, self.up(&to_bf16(v))?);
+        let mut out = self.up(&vec![bf16::ZERO; q.len()])?;
+        let mut lse = self.up(&vec![0f32; n * p.num_q_heads])?;
+        let cu = self.up(&[0i32, n as i32])?;
+        let batch = AttentionBatch::single(p, n, n);
+        let (_, rep) = cuda::attention_fwd_checked(&self.gpu, &self.stream, &qd, &kd, &vd, &mut out, &mut lse, &cu, &cu, &batch, p, None)
+            .map_err(|e| e.to_string())?;
+        Ok((self.down(&out)?, rep))
+    }
+    fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String> {
+        self.cache = Some((cache, self.up(&vec![bf16::ZERO; cache.len()])?, self.up(&vec![bf16::ZERO; cache.len()])?, self.up(table)?));
+        Ok(())
+    }
+    fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32]) -> Result<(), String> {
+        let (kd, vd, sd) = (self.up(&to_bf16(k))?, self.up(&to_bf16(v))?, self.up(slots)?);
+        let (cache, kc, vc, _) = self.cache.as_mut().ok_or("no cache")?;
+        let row = cache.kv_heads * cache.head_dim;
+        cuda::paged_append(&self.gpu, &self.stream, &kd, &vd, kc, vc, &sd, slots.len(), row, row, cache).map_err(|e| e.to_string())
+    }
+    fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+        let qd = self.up(&to_bf16(q))?;
+        let lens = self.up(&[len as i32])?;
+        let mut o = self.up(&vec![bf16::ZERO; q.len()])?;
+        let mut l = self.up(&vec![0f32; p.num_q_heads])?;
+        let (cache, kc, vc, table) = self.cache.as_ref().ok_or("no cache")?;
+        let batch = DecodeBatch::contiguous(p, 1, 1, cache.num_pages, len);
+        let rep = cuda::attention_decode_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &mut o, &mut l, cache, &batch, p, 1, None)
+            .map_err(|e| e.to_string())?;
+        Ok((self.down(&o)?, rep))
+    }
+    fn name(&self) -> &'static str {
+        "GPU"
+    }
+}
+
+#[cfg(feature = "emulator")]
+fn emulated_or_reference(why: &str) -> Option<Box<dyn Kernels>> {
+    println!("no GPU ({why}): running the kernels in the SIMT emulator, with checked mode against the f64 CPU reference");
+    Some(Box::new(emulated::Emulated::default()))
+}
+
+#[cfg(not(feature = "emulator"))]
+fn emulated_or_reference(why: &str) -> Option<Box<dyn Kernels>> {
+    println!("no GPU ({why}): running the f64 CPU reference path (build with --features emulator to run the kernels on the CPU)");
+    None
+}
+
+#[cfg(feature = "emulator")]
+mod emulated {
+    use super::*;
+    use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs};
+
+    #[derive(Default)]
+    pub struct Emulated {
+        emu: Emulator,
+        cache: Option<(PagedKvCache, Vec<bf16>, Vec<bf16>, Vec<i32>)>,
+    }
+
+    fn f32s(x: &[bf16]) -> Vec<f32> {
+        x.iter().map(|v| v.to_f32()).collect()
+    }
+
+    impl Kernels for Emulated {
+        fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+            let (q, k, v) = (to_bf16(q), to_bf16(k), to_bf16(v));
+            let (mut out, mut lse) = (vec![bf16::ZERO; q.len()], vec![0f32; n * p.num_q_heads]);
+            let cu = [0i32, n as i32];
+            let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
+            let (_, rep) = self.emu.attention_fwd_checked(&x, &mut out, &mut lse, &AttentionBatch::single(p, n, n), p, None).map_err(|e| e.to_string())?;
+            Ok((f32s(&out), rep))
+        }
+        fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String> {
+            self.cache = Some((cache, vec![bf16::ZERO; cache.len()], vec![bf16::ZERO; cache.len()], table.to_vec()));
+            Ok(())
+        }
+        fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32]) -> Result<(), String> {
+            let (cache, kc, vc, _) = self.cache.as_mut().ok_or("no cache")?;
+            let row = cache.kv_heads * cache.head_dim;
+            self.emu.paged_append(&to_bf16(k), &to_bf16(v), kc, vc, slots, slots.len(), row, row, cache).map_err(|e| e.to_string())
+        }
+        fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+            let q = to_bf16(q);
+            let (cache, kc, vc, table) = self.cache.as_ref().ok_or("no cache")?;
+            let lens = [len as i32];
+            let x = DecodeInputs { q: &q, k_cache: kc, v_cache: vc, block_table: table, context_lens: &lens };
+            let (mut o, mut l) = (vec![bf16::ZERO; q.len()], vec![0f32; p.num_q_heads]);
+            let batch = DecodeBatch::contiguous(p, 1, 1, cache.num_pages, len);
+            let rep = self.emu.attention_decode_checked(&x, &mut o, &mut l, cache, &batch, p, 1, None).map_err(|e| e.to_string())?;
+            Ok((f32s(&o), rep))
+        }
+        fn name(&self) -> &'static str {
+            "SIMT emulator"
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +394,30 @@ mod tests {
             let a = Args { config: config.into(), layer_type: None, prompt: 12, steps: 3, force_cpu: true };
             run(&a).unwrap_or_else(|e| panic!("{config}: {e}"));
         }
+    }
+
+    /// The kernels' path end to end in the SIMT emulator, every step checked against the reference.
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn decoder_runs_the_kernels_in_the_emulator() {
+        let a = Args { config: "examples/configs/qwen2.5-7b-instruct-yarn.json".into(), layer_type: None, prompt: 20, steps: 3, force_cpu: false };
+        let m = load_model(&a).unwrap();
+        let mut r = StdRng::seed_from_u64(1);
+        let w = Weights {
+            wq: bf16_round(&random(&mut r, m.hidden * m.hq * m.d, 0.02)),
+            wk: bf16_round(&random(&mut r, m.hidden * m.hkv * m.d, 0.02)),
+            wv: bf16_round(&random(&mut r, m.hidden * m.hkv * m.d, 0.02)),
+            wo: bf16_round(&random(&mut r, m.hq * m.d * m.hidden, 0.02)),
+        };
+        let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
+        let params_at = |len: usize| -> Result<AttentionParams, String> {
+            let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
+            p.rope = Some(Rotary::from_schedule(&m.rope.schedule(Some(len)).map_err(|e| e.to_string())?, Layout::Half));
+            Ok(p)
+        };
+        let out = run_kernels(Box::new(emulated::Emulated::default()), &a, &m, &w, &prompt, &params_at).unwrap();
+        assert_eq!(out.len(), m.hidden);
+        assert!(out.iter().all(|x| x.is_finite()));
     }
 
     #[test]
