@@ -46,7 +46,7 @@ fn sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
     let mut cases = 0;
     let f32_path = std::mem::size_of::<T>() == 4;
-    for (case, d, _name, rot) in dims_and_schedules(|d, ci| if ci % 2 == 0 { d } else { d / 2 }) {
+    for (case, d, _name, rot) in dims_and_schedules(full_or_half) {
         let c = prefill_case(case, d, rot, f32_path, Scale::Emulator);
         let path = run::<T>(&emu, &c.p, &c.seq_q, &c.seq_k, seed + case as u64, c.workspace);
         assert_eq!(path, if c.workspace { PrefillPath::PreRotated } else { PrefillPath::Fused });

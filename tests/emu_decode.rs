@@ -53,7 +53,7 @@ fn sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
     let mut r = rng(seed);
     let mut cases = 0;
-    for (case, d, _name, rot) in dims_and_schedules(|d, _| d) {
+    for (case, d, _name, rot) in dims_and_schedules(full_or_half) {
         let DecodeCase { p, queries, page, ctx } = decode_case(case, d, rot, Scale::Emulator);
         let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
         let f = fill::<T>(&emu, &p, &ctx, page, &mut r);

@@ -90,7 +90,7 @@ fn scores_sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
     let mut r = rng(seed);
     let mut cases = 0;
-    for (case, d, name, rot) in dims_and_schedules(|d, _| d) {
+    for (case, d, name, rot) in dims_and_schedules(full_or_half) {
         let (p, shape) = scores_case(case, d, rot, Scale::Emulator);
         let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
         let q = guard(&as_dtype::<T>(&uniform(&mut r, shape.nq * hq * d)).0);

@@ -47,7 +47,7 @@ fn run<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, p: &AttentionParam
 fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, seed: u64) -> usize {
     let mut cases = 0;
     let f32_path = std::mem::size_of::<T>() == 4;
-    for (case, d, _name, rot) in dims_and_schedules(|d, ci| if ci % 2 == 0 { d } else { d / 2 }) {
+    for (case, d, _name, rot) in dims_and_schedules(full_or_half) {
         let c = prefill_case(case, d, rot, f32_path, Scale::Gpu);
         let path = run::<T>(gpu, stream, &c.p, &c.seq_q, &c.seq_k, seed + case as u64, c.workspace);
         assert_eq!(path, if c.workspace { PrefillPath::PreRotated } else { PrefillPath::Fused });

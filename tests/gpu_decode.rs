@@ -55,7 +55,7 @@ fn fill<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, p: &AttentionPara
 fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, seed: u64) -> usize {
     let mut r = rng(seed);
     let mut cases = 0;
-    for (case, d, _name, rot) in dims_and_schedules(|d, _| d) {
+    for (case, d, _name, rot) in dims_and_schedules(full_or_half) {
         let DecodeCase { p, queries, page, ctx } = decode_case(case, d, rot, Scale::Gpu);
         let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
         let f = fill::<T>(gpu, stream, &p, &ctx, page, &mut r);

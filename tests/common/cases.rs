@@ -20,6 +20,15 @@ pub enum Scale {
 
 pub const HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
 
+/// Full rotary on even head-dim indices, half of it (partial rotary, pass-through components) on odd ones.
+pub fn full_or_half(d: usize, dim_index: usize) -> usize {
+    if dim_index % 2 == 0 {
+        d
+    } else {
+        d / 2
+    }
+}
+
 /// Each head dim with each of the 8 rope types (`case` = 8·dim index + schedule index) and the
 /// rotary dim `rot_dim(d, dim index)` picks.
 pub fn dims_and_schedules(rot_dim: impl Fn(usize, usize) -> usize) -> Vec<(usize, usize, &'static str, Rotary)> {
