@@ -56,7 +56,7 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Vec {
 
 // The emulator checks the alignment a GPU enforces ("misaligned address" there).
 #ifdef RA_EMULATE
-#define RA_CHECK_ALIGNED(P, BYTES) ::ra_emu::check_aligned(P, BYTES)
+#define RA_CHECK_ALIGNED(P, BYTES) (::ra_emu::check_aligned(P, BYTES), ::ra_emu::tls_counters.global_bytes += (BYTES))
 #else
 #define RA_CHECK_ALIGNED(P, BYTES)
 #endif

@@ -160,3 +160,29 @@ fn emulated_prefill_on_packed_qkv_views() {
         assert!(rep.count > 0);
     }
 }
+
+/// A chunked prefill (64 new queries against 1024 cached keys) on the fused path: K tiles are
+/// rotated by composition (kernels/tile.cuh), so the trigonometry per key and rotation pair stays
+/// far below the one sincos a direct rotation costs — counted by the emulator.
+#[test]
+fn emulated_fused_prefill_does_little_trigonometry_per_key() {
+    let (nq, nk, d) = (64usize, 1024usize, 128usize);
+    let mut p = AttentionParams::new(1, 1, d);
+    p.rope = Some(schedules(d, d).remove(6).1);
+    let emu = emulator(10);
+    let mut r = rng(10);
+    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, nq * d)).0);
+    let k = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
+    let v = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
+    let (cq, ck) = (guard(&[0i32, nq as i32]), guard(&[0i32, nk as i32]));
+    let (mut out, mut lse) = (GuardedBuf::filled(nq * d, bf16::ZERO), GuardedBuf::filled(nq, 0f32));
+    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: None };
+    let (path, _) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &AttentionBatch::single(&p, nq, nk), &p, None).unwrap();
+    assert_eq!(path, PrefillPath::Fused);
+    let w = emu.take_work();
+    let pairs = (nk * d / 2) as f64;
+    println!("fused prefill {nq}x{nk}: {w:?}, {:.3} sincos per key and pair", w.trig as f64 / pairs);
+    assert!((w.trig as f64) < pairs / 4.0, "{} sincos for {pairs} key-pairs", w.trig);
+    // QKᵀ and PV on tensor cores: (64/16 row tiles) x (1024/8 key tiles) x (128/16) k-steps, and as many for PV.
+    assert_eq!(w.mma as usize, 2 * (nq / 16) * (nk / 8) * (d / 16));
+}

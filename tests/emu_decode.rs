@@ -145,3 +145,29 @@ fn emulated_append_skips_bad_slots() {
         assert_eq!(&vc[s * 64..(s + 1) * 64], &want[..], "slot {s}");
     }
 }
+
+/// Decode rotates cached keys by composition (kernels/tile.cuh): the trigonometry per key and
+/// rotation pair must stay far below the one sincos a direct rotation costs — counted by the
+/// emulator, since no GPU timing is available to show it. Also pins the bytes streamed: each
+/// cached K and V element once, plus Q.
+#[test]
+fn emulated_decode_does_little_trigonometry_per_key() {
+    let (hq, hkv, d, page, ctx) = (4usize, 1usize, 128usize, 16usize, 1024usize);
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(schedules(d, d).remove(6).1);
+    let emu = emulator(9);
+    let mut r = rng(9);
+    let f = fill::<bf16>(&emu, &p, &[ctx], page, &mut r);
+    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, hq * d)).0);
+    let batch = DecodeBatch::contiguous(&p, 1, 1, f.max_pages, ctx);
+    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    let (mut out, mut lse) = (GuardedBuf::filled(hq * d, bf16::ZERO), GuardedBuf::filled(hq, 0f32));
+    emu.take_work();
+    emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, 1, None).unwrap();
+    let w = emu.take_work();
+    let pairs = (ctx * d / 2) as f64;
+    println!("decode of {ctx} keys: {w:?}, {:.3} sincos per key and pair", w.trig as f64 / pairs);
+    assert!((w.trig as f64) < pairs / 6.0, "{} sincos for {pairs} key-pairs", w.trig);
+    let kv_bytes = 2 * ctx * hkv * d * 2;
+    assert!(w.global_bytes as usize >= kv_bytes && (w.global_bytes as usize) < kv_bytes + kv_bytes / 8, "{w:?}");
+}

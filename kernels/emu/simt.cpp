@@ -18,6 +18,7 @@
 namespace ra_emu {
 
 thread_local ThreadState* tls_thread = nullptr;
+thread_local Counters tls_counters = {0, 0, 0};
 thread_local BlockState* tls_block = nullptr;
 
 // ---- the kernel registry -------------------------------------------------------------------
@@ -65,6 +66,7 @@ float f16_bits_to_f32(uint16_t h) {
 }  // namespace ra_emu
 
 void sincospif(float x, float* s, float* c) {
+    ++ra_emu::tls_counters.trig;
     const double r = static_cast<double>(x) - 2.0 * nearbyint(static_cast<double>(x) / 2.0);  // exact, in [-1, 1]
     *s = static_cast<float>(sin(M_PI * r));
     *c = static_cast<float>(cos(M_PI * r));
@@ -296,6 +298,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
 
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaType type) {
     const uint32_t words[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    if (me().lane == 0) ++tls_counters.mma;
     uint32_t(*s)[8] = exchange(C_MMA, words, 6);
     auto val = [&](uint32_t reg, int half) {
         const uint16_t h = static_cast<uint16_t>(reg >> (16 * half));
@@ -330,6 +333,7 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
     if (!in_smem(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16 != 0)
         fail("cp.async destination %p is not 16-byte aligned inside dynamic shared memory", smem);
     if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async source %p is not 16-byte aligned", gmem);
+    if (valid) tls_counters.global_bytes += 16;
     me().open.push_back(Copy{smem, valid ? gmem : nullptr});
 }
 
@@ -450,10 +454,12 @@ static const uint32_t MAX_SMEM = 99 * 1024;
 
 // Run kernel `name` over the whole grid, one block at a time. 0 on success; otherwise
 // ra_emu_last_error() says why (nothing is left running).
+// `counters` ([trig, mma, global bytes]) accumulates the work the launch did.
 extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t smem_bytes,
-                             const void* params, size_t params_size, uint64_t seed) {
+                             const void* params, size_t params_size, uint64_t seed, uint64_t* counters) {
     using namespace ra_emu;
     tls_error.clear();
+    tls_counters = Counters{0, 0, 0};
     auto it = registry().find(name);
     if (it == registry().end()) {
         tls_error = std::string("no kernel named ") + name;
@@ -510,6 +516,9 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
     tls_block = prev_block;
     tls_thread = prev_thread;
     munmap(stacks, stride * threads);
+    counters[0] += tls_counters.trig;
+    counters[1] += tls_counters.mma;
+    counters[2] += tls_counters.global_bytes;
     if (!ok) {
         tls_error = std::string(name) + ": " + L.error;
         return 1;

@@ -108,6 +108,14 @@ void check_aligned(const void* p, size_t bytes);
 void cp_async_commit();
 void cp_async_wait(int newest_pending);
 
+// Work done by a launch, counted as the kernels run (per OS thread; ra_emu_launch reports it).
+struct Counters {
+    uint64_t trig;          // sincospif evaluations
+    uint64_t mma;           // mma.sync instructions (per warp)
+    uint64_t global_bytes;  // bytes moved by vector loads/stores and cp.async from global memory
+};
+extern thread_local Counters tls_counters;
+
 // Kernels register themselves (RA_KERNEL in common.cuh) under their extern "C" names.
 using Entry = void (*)(const void* params);
 struct Registrar {

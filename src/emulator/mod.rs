@@ -17,6 +17,9 @@
 //! or wait changes results instead of hiding. What it cannot show: speed, and hardware
 //! behaviour beyond the PTX semantics it models (the mma sums are rounded once, in f64).
 //!
+//! [`Emulator::take_work`] reports the work the kernels did ([`Work`]: trigonometry, tensor-core
+//! instructions, global bytes): not time, but a way to compare kernel variants and pin costs.
+//!
 //! Pass [`GuardedBuf`]s to catch out-of-bounds accesses too (what `compute-sanitizer memcheck`
 //! does on a GPU): each ends at an inaccessible page, and an access past it stops the process
 //! with a message naming how far past which buffer.
@@ -65,6 +68,7 @@ extern "C" {
         params: *const c_void,
         params_size: usize,
         seed: u64,
+        counters: *mut u64,
     ) -> c_int;
     fn ra_emu_last_error() -> *const c_char;
 }
@@ -75,6 +79,21 @@ extern "C" {
 pub struct Emulator {
     seed: u64,
     launches: AtomicU64,
+    work: [AtomicU64; 4], // launches, trig, mma, global bytes since the last take_work
+}
+
+/// What the kernels did, counted as they ran in the emulator: a machine-independent measure of
+/// work (not of time) for comparing kernel variants and pinning down their cost in tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    /// Kernel launches.
+    pub launches: u64,
+    /// `sincospif` evaluations (the trigonometry RoPE costs).
+    pub trig: u64,
+    /// `mma.sync` instructions, per warp.
+    pub mma: u64,
+    /// Bytes moved between global memory and the kernels by vector accesses and `cp.async`.
+    pub global_bytes: u64,
 }
 
 impl Default for Emulator {
@@ -103,9 +122,23 @@ impl Backend for Emulator {
         // SAFETY: `params` is a #[repr(C)] mirror of the kernel's struct (its size is checked on
         // the C++ side too); every address in it was validated by the launcher that planned this
         // launch against the host buffers it came from, which outlive this call.
+        let mut counts = [0u64; 3];
         let rc = unsafe {
-            ra_emu_launch(name.as_ptr(), grid.as_ptr(), block.as_ptr(), smem, &l.params as *const P as *const c_void, std::mem::size_of::<P>(), seed)
+            ra_emu_launch(
+                name.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                smem,
+                &l.params as *const P as *const c_void,
+                std::mem::size_of::<P>(),
+                seed,
+                counts.as_mut_ptr(),
+            )
         };
+        self.work[0].fetch_add(1, Ordering::Relaxed);
+        for (total, c) in self.work[1..].iter().zip(counts) {
+            total.fetch_add(c, Ordering::Relaxed);
+        }
         if rc == 0 {
             Ok(())
         } else {
@@ -155,7 +188,18 @@ impl Emulator {
 
     /// An emulator whose thread schedules and copy timings follow `seed`.
     pub fn with_seed(seed: u64) -> Self {
-        Emulator { seed, launches: AtomicU64::new(0) }
+        Emulator { seed, launches: AtomicU64::new(0), work: Default::default() }
+    }
+
+    /// The work of every launch so far, and a reset of the count.
+    pub fn take_work(&self) -> Work {
+        let [launches, trig, mma, bytes] = &self.work;
+        Work {
+            launches: launches.swap(0, Ordering::Relaxed),
+            trig: trig.swap(0, Ordering::Relaxed),
+            mma: mma.swap(0, Ordering::Relaxed),
+            global_bytes: bytes.swap(0, Ordering::Relaxed),
+        }
     }
 
     /// [`crate::cuda::rope_inplace`] on host buffers.
