@@ -206,7 +206,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 constexpr int ROW_WARPS = 4, ROW_MAXC = 8;  // head_dim <= 256
 
 __device__ void attention_fwd_rows(const AttnParams& p) {
-    __shared__ float qrow[ROW_WARPS][2][256];
+    RA_STATIC_SMEM(float, qrow, [ROW_WARPS][2][256]);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int m = blockIdx.x * ROW_WARPS + warp, h = blockIdx.y, b = blockIdx.z;
     const SeqBounds sb = seq_bounds(p, b);

@@ -18,9 +18,16 @@
     static ::ra_emu::Registrar NAME##_emu_registrar(#NAME, &NAME##_emu_entry, sizeof(PARAMS), (THREADS)); \
     extern "C" void NAME(const PARAMS p)
 #define RA_DYNAMIC_SMEM(TYPE, NAME) TYPE* NAME = static_cast<TYPE*>(::ra_emu::dynamic_smem())
+// A static shared array: per block, NaN-filled at its start like dynamic shared memory. DIMS is
+// the bracketed extent list, e.g. [4][256].
+#define RA_STATIC_SMEM(TYPE, NAME, DIMS)                                                              \
+    static thread_local char NAME##_smem_key;                                                         \
+    using NAME##_smem_t = TYPE DIMS;                                                                  \
+    NAME##_smem_t& NAME = *static_cast<NAME##_smem_t*>(::ra_emu::static_smem(&NAME##_smem_key, sizeof(NAME##_smem_t)))
 #else
 #define RA_KERNEL(THREADS, NAME, PARAMS) extern "C" __global__ void __launch_bounds__(THREADS) NAME(const PARAMS p)
 #define RA_DYNAMIC_SMEM(TYPE, NAME) extern __shared__ __align__(16) TYPE NAME[]
+#define RA_STATIC_SMEM(TYPE, NAME, DIMS) __shared__ TYPE NAME DIMS
 #endif
 
 namespace ra {

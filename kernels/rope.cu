@@ -23,7 +23,7 @@ __device__ __forceinline__ int token_position(const RopeParams& p, int t) {
 
 template <typename T, bool INTERLEAVED, int P>
 __device__ void rope_body(const RopeParams& p) {
-    __shared__ float2 cs[RA_MAX_PAIRS];
+    RA_STATIC_SMEM(float2, cs, [RA_MAX_PAIRS]);
     const int t = blockIdx.x;
     const int half = p.rope.rotary_dim / 2;
     const int pos = token_position(p, t);

@@ -177,10 +177,16 @@ struct WarpSlots {
     uint32_t w[2][32][8];
 };
 
+struct StaticSmem {
+    const void* key;
+    std::vector<unsigned char> bytes;
+};
+
 struct Launch : BlockState {
     std::vector<Fiber> fibers;
     std::vector<WarpSlots> warps;
     std::vector<unsigned char> smem;
+    std::vector<StaticSmem> static_smem;  // allocated on first use in the launch
     Context sched;
     Entry entry = nullptr;
     const void* params = nullptr;
@@ -230,6 +236,13 @@ extern "C" void ra_emu_fiber_main() {
 namespace ra_emu {
 
 void* dynamic_smem() { return tls_launch->smem.data(); }
+
+void* static_smem(const void* key, size_t bytes) {
+    for (StaticSmem& s : tls_launch->static_smem)
+        if (s.key == key) return s.bytes.data();
+    tls_launch->static_smem.push_back(StaticSmem{key, std::vector<unsigned char>(bytes, 0xff)});  // first block: NaN
+    return tls_launch->static_smem.back().bytes.data();
+}
 
 void syncthreads() {
     me().state = WAIT_BLOCK;
@@ -409,6 +422,7 @@ static bool run_block(Launch& L, char* stacks, size_t stack_size, size_t stride)
         context_init(f.ctx, stacks + i * stride + (stride - stack_size), stack_size);
     }
     std::memset(L.smem.data(), 0xff, L.smem.size());  // uninitialised shared memory reads as NaN
+    for (StaticSmem& st : L.static_smem) std::memset(st.bytes.data(), 0xff, st.bytes.size());
     std::vector<std::pair<unsigned, WarpStatus>> movable;
     std::vector<unsigned> lanes;
     for (;;) {

@@ -22,9 +22,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// Static shared arrays: one per OS thread (a block's fibers share it; concurrent launches on
-// other threads, e.g. parallel tests, do not).
-#define __shared__ static thread_local
+// (Kernels declare shared memory through RA_DYNAMIC_SMEM / RA_STATIC_SMEM, common.cuh.)
 
 struct uint3 {
     unsigned x, y, z;
@@ -95,6 +93,9 @@ struct BlockState {
 extern thread_local ThreadState* tls_thread;
 extern thread_local BlockState* tls_block;
 void* dynamic_smem();
+// The block's copy of the static shared array identified by `key` (its bytes NaN-filled when the
+// block starts): one per launch, so concurrent launches on other threads never share it.
+void* static_smem(const void* key, size_t bytes);
 void syncthreads();
 void syncwarp(unsigned mask);
 float shfl(unsigned mask, float v, int src_lane_or_xor, bool is_xor);
