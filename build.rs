@@ -233,8 +233,16 @@ fn build_emulator(sources: &[PathBuf], kernels: &Path, out_dir: &Path) -> Result
     let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
     let dir = out_dir.join("emu");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // The kernels (as C++) and the emulator's runtime, kernels/emu/*.cpp.
     let mut units: Vec<(PathBuf, bool)> = sources.iter().map(|s| (s.clone(), true)).collect();
-    units.push((kernels.join("emu/simt.cpp"), false));
+    let mut runtime: Vec<PathBuf> = fs::read_dir(kernels.join("emu"))
+        .map_err(|e| format!("kernels/emu: {e}"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
+        .collect();
+    runtime.sort();
+    units.extend(runtime.into_iter().map(|p| (p, false)));
     // Strict aliasing off: the kernels pun 16-bit pairs and vectors through casts, as CUDA allows.
     let flags = ["-std=c++17", "-O2", "-fPIC", "-fno-strict-aliasing", "-fno-exceptions", "-Wall", "-Wno-unknown-pragmas"];
     let objects: Vec<Result<PathBuf, String>> = std::thread::scope(|s| {

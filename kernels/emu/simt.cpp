@@ -1,9 +1,9 @@
 // The SIMT emulator's runtime (see simt.h): fibers for CUDA threads, a block scheduler with
 // barrier and collective checking, the warp collectives computed from all lanes' operands, and
-// the launch entry point the Rust side calls (src/emulator/).
+// the launch entry point the Rust side calls (src/emulator/). Number formats: numerics.cpp;
+// guarded buffers: guarded.cpp.
 #include "simt.h"
 
-#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -34,45 +34,6 @@ static std::map<std::string, KernelInfo>& registry() {
 Registrar::Registrar(const char* name, Entry entry, size_t params_size, int max_threads) {
     registry()[name] = KernelInfo{entry, params_size, max_threads};
 }
-
-// ---- f16 conversions (round to nearest even, subnormals, overflow to inf) ------------------
-uint16_t f32_to_f16_bits(float f) {
-    const uint32_t x = f32_bits(f);
-    const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-    const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return sign | 0x7e00u;   // NaN
-    if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to inf
-    if (ax < 0x38800000u) {                         // below 2^-14: a subnormal half (or zero)
-        // |f| * 2^24 is exact and < 1024; rintf rounds half to even. 1024 encodes 2^-14 itself.
-        return sign | static_cast<uint16_t>(rintf(bits_f32(ax) * 16777216.0f));
-    }
-    uint32_t h = ((((ax >> 23) - 127 + 15) << 10) | ((ax & 0x7fffffu) >> 13));
-    const uint32_t rem = ax & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry moves into the exponent, as it should
-    return sign | static_cast<uint16_t>(h);
-}
-
-float f16_bits_to_f32(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-    if (exp == 0) {
-        const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24, exact
-        return sign ? -v : v;
-    }
-    if (exp == 31) return bits_f32(sign | 0x7f800000u | (mant << 13));
-    return bits_f32(sign | ((exp - 15 + 127) << 23) | (mant << 13));
-}
-
-}  // namespace ra_emu
-
-void sincospif(float x, float* s, float* c) {
-    ++ra_emu::tls_counters.trig;
-    const double r = static_cast<double>(x) - 2.0 * nearbyint(static_cast<double>(x) / 2.0);  // exact, in [-1, 1]
-    *s = static_cast<float>(sin(M_PI * r));
-    *c = static_cast<float>(cos(M_PI * r));
-}
-
-namespace ra_emu {
 
 // ---- fibers ---------------------------------------------------------------------------------
 // A context switch saves the callee-saved registers on the old stack and resumes the new one.
@@ -541,104 +502,3 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
 }
 
 extern "C" const char* ra_emu_last_error() { return ra_emu::tls_error.c_str(); }
-
-// ---- guarded buffers: out-of-bounds accesses fault, and the fault names the buffer ----------
-// The emulator's memcheck: a buffer's last byte sits within 15 bytes (16-byte alignment) of a
-// PROT_NONE page, so a kernel reading or writing past its end faults at once; the handler says
-// how far past which buffer, then lets the fault kill the process as it would have anyway.
-namespace {
-struct Guarded {
-    char* base;        // mapping start (a guard page)
-    size_t map_len;
-    const char* data;  // first byte handed out
-    size_t bytes;
-};
-constexpr int MAX_GUARDED = 8192;
-Guarded g_guarded[MAX_GUARDED];  // read lock-free by the signal handler; entries with base == null are free
-std::mutex g_guarded_lock;
-struct sigaction g_prev_segv;
-std::once_flag g_handler_once;
-
-void put_str(const char* s) { ssize_t r = write(2, s, strlen(s)); (void)r; }
-void put_num(unsigned long long v) {
-    char buf[24];
-    int i = 23;
-    buf[i] = 0;
-    do {
-        buf[--i] = static_cast<char>('0' + v % 10);
-        v /= 10;
-    } while (v);
-    put_str(buf + i);
-}
-
-void on_segv(int sig, siginfo_t* info, void* ctx) {
-    const char* a = static_cast<const char*>(info->si_addr);
-    for (const Guarded& g : g_guarded) {
-        if (g.base == nullptr || a < g.base || a >= g.base + g.map_len) continue;
-        put_str("\nrope-attn SIMT emulator: out-of-bounds access by a kernel: ");
-        if (a >= g.data + g.bytes) {
-            put_num(static_cast<unsigned long long>(a - (g.data + g.bytes)));
-            put_str(" bytes past the end of a ");
-        } else {
-            put_num(static_cast<unsigned long long>(g.data - a));
-            put_str(" bytes before the start of a ");
-        }
-        put_num(g.bytes);
-        put_str("-byte buffer\n");
-        break;
-    }
-    // Hand the fault on (Rust's stack-overflow handler, or the default action: terminate).
-    if (g_prev_segv.sa_flags & SA_SIGINFO) {
-        if (g_prev_segv.sa_sigaction) return g_prev_segv.sa_sigaction(sig, info, ctx);
-    } else if (g_prev_segv.sa_handler != SIG_IGN && g_prev_segv.sa_handler != SIG_DFL && g_prev_segv.sa_handler) {
-        return g_prev_segv.sa_handler(sig);
-    }
-    signal(SIGSEGV, SIG_DFL);  // returning re-executes the access, which now terminates
-}
-
-void install_handler() {
-    struct sigaction sa;
-    std::memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, &g_prev_segv);
-}
-}  // namespace
-
-// `bytes` (> 0) of zeroed memory, 16-byte aligned, ending within 15 bytes of an inaccessible page
-// (and with one before the first page). Null if the mapping fails or too many are live.
-extern "C" void* ra_emu_guarded_alloc(size_t bytes) {
-    if (bytes == 0) return nullptr;
-    std::call_once(g_handler_once, install_handler);
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    const size_t span = (bytes + 15) & ~size_t(15), pages = (span + page - 1) / page, map_len = (pages + 2) * page;
-    char* base = static_cast<char*>(mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-    if (base == MAP_FAILED) return nullptr;
-    mprotect(base, page, PROT_NONE);
-    mprotect(base + (pages + 1) * page, page, PROT_NONE);
-    char* data = base + (pages + 1) * page - span;
-    std::lock_guard<std::mutex> lock(g_guarded_lock);
-    for (Guarded& g : g_guarded)
-        if (g.base == nullptr) {
-            g.map_len = map_len;
-            g.data = data;
-            g.bytes = bytes;
-            __atomic_store_n(&g.base, base, __ATOMIC_RELEASE);
-            return data;
-        }
-    munmap(base, map_len);
-    return nullptr;
-}
-
-extern "C" void ra_emu_guarded_free(void* data) {
-    if (data == nullptr) return;
-    std::lock_guard<std::mutex> lock(g_guarded_lock);
-    for (Guarded& g : g_guarded)
-        if (g.base != nullptr && g.data == data) {
-            char* base = g.base;
-            __atomic_store_n(&g.base, static_cast<char*>(nullptr), __ATOMIC_RELEASE);
-            munmap(base, g.map_len);
-            return;
-        }
-}
