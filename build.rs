@@ -230,7 +230,10 @@ fn main() {
 /// The kernels register themselves from static constructors, so it links whole-archive.
 fn build_emulator(sources: &[PathBuf], kernels: &Path, out_dir: &Path) -> Result<(), String> {
     println!("cargo:rerun-if-env-changed=CXX");
-    let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let cxx = env::var("CXX").ok().or_else(|| {
+        ["c++", "g++", "clang++"].into_iter().map(String::from).find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+    });
+    let cxx = cxx.ok_or("no C++ compiler found (set CXX, or install g++)")?;
     let dir = out_dir.join("emu");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // The kernels (as C++) and the emulator's runtime, kernels/emu/*.cpp.

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Plant real kernel bugs, one at a time, and check that the emulated test suites catch each.
+
+The SIMT emulator (feature `emulator`) is only worth its CI time if a broken kernel fails it:
+a dropped barrier or cp.async wait, a wrong fragment address, a mask off by one, an
+out-of-bounds read, a missing clamp of device-side offsets. Each mutation below is applied to
+the kernel source, the named test is run, and the mutation must make it fail; the file is then
+restored. Exit status 1 if any mutation survives.
+
+    python3 scripts/mutation-check.py            # all (each rebuilds the kernels: ~1 min apiece)
+    python3 scripts/mutation-check.py decode     # those whose name contains "decode"
+"""
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# (name, file, text to replace, replacement, test target, test name filter)
+MUTATIONS = [
+    ("prefill: no cp.async wait before V is read", "kernels/attention_fwd.cu",
+     "        cp_async_wait<0>();\n        __syncthreads();  // V_n landed", "        __syncthreads();  // V_n landed",
+     "emu_attention", "emulated_prefill_matches_reference_f16"),
+    ("prefill: no barrier before P·V", "kernels/attention_fwd.cu",
+     "        __syncthreads();  // V_n landed", "        // V_n landed",
+     "emu_attention", "emulated_prefill_matches_reference_f16"),
+    ("prefill: no barrier before QKᵀ", "kernels/attention_fwd.cu",
+     "        __syncthreads();  // K_n landed", "        // K_n landed",
+     "emu_attention", "emulated_prefill_matches_reference_f16"),
+    ("prefill: no barrier after the in-smem K rotation", "kernels/attention_fwd.cu",
+     "            else load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);\n            __syncthreads();",
+     "            else load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);",
+     "emu_attention", "emulated_prefill_matches_reference_f16"),
+    ("prefill: Q ldmatrix misses its column half", "kernels/attention_fwd.cu",
+     "* LD + kk + (lane / 16) * 8;", "* LD + kk;",
+     "emu_attention", "emulated_prefill_matches_reference_bf16"),
+    ("prefill: row max skips a lane pair", "kernels/attention_fwd.cu",
+     "            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));", "",
+     "emu_attention", "emulated_prefill_matches_reference_f16"),
+    ("prefill f32: no __syncwarp before the Q rotation", "kernels/attention_fwd.cu",
+     "        __syncwarp();\n        for (int pr", "        for (int pr",
+     "emu_attention", "emulated_prefill_matches_reference_f32"),
+    ("composed rotation: wrong offset row", "kernels/tile.cuh",
+     "o = off[(row % ROT_SUB) * half + pr];", "o = off[((row + 1) % ROT_SUB) * half + pr];",
+     "emu_attention", "emulated_prefill_matches_reference_bf16"),
+    ("mask: causal off by one", "kernels/mask.cuh",
+     "if (m.causal && j > i) return false;", "if (m.causal && j > i + 1) return false;",
+     "emu_attention", "emulated_prefill_matches_reference_f16"),
+    ("tile loader reads one row too many", "kernels/attention.cuh",
+     "const bool ok = row < valid;", "const bool ok = row < valid + 1;",
+     "emu_attention", "emulated_prefill_matches_reference_f16"),
+    ("cu_seqlens not clamped", "kernels/attention.cuh",
+     "    s.q_start = imin(imax(p.cu_seqlens_q[b], 0), p.total_q);\n    s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;",
+     "    s.q_start = p.cu_seqlens_q[b];\n    s.seqlen_q = p.cu_seqlens_q[b + 1] - s.q_start;",
+     "emu_corrupt_inputs", "prefill"),
+    ("scores: no barrier between the near and far passes", "kernels/scores.cu",
+     "if (pass == 1) __syncthreads();", "",
+     "emu_rope_scores", "emulated_scores"),
+    ("scores: no barrier after loading the tiles", "kernels/scores.cu",
+     "        load_rotated_tile(Ks, ld, k, p.k_row_stride, BM, vk, D, p.rope, kmode, n0);\n        __syncthreads();",
+     "        load_rotated_tile(Ks, ld, k, p.k_row_stride, BM, vk, D, p.rope, kmode, n0);",
+     "emu_rope_scores", "emulated_scores"),
+    ("rope: no barrier after the cos/sin table", "kernels/rope.cu",
+     "    __syncthreads();", "",
+     "emu_rope_scores", "emulated_rope_matches"),
+    ("decode: no barrier after loading Q", "kernels/attention_decode.cu",
+     "        Qs[e] = x;\n        if (rel) Qf[e] = x;\n    }\n    __syncthreads();", "        Qs[e] = x;\n        if (rel) Qf[e] = x;\n    }",
+     "emu_decode", "emulated_decode_matches_reference_f16"),
+    ("decode: no barrier before reusing the tiles", "kernels/attention_decode.cu",
+     "        __syncthreads();  // the previous tile is consumed", "        // the previous tile is consumed",
+     "emu_decode", "emulated_decode_matches_reference_f16"),
+    ("decode: composed rotation with a wrong sign", "kernels/tile.cuh",
+     "b.x * o.x - b.y * o.y", "b.x * o.x + b.y * o.y",
+     "emu_decode", "emulated_decode_matches_reference_f32"),
+    ("decode: block-table entries not clamped", "kernels/attention_decode.cu",
+     "    page = imin(imax(page, 0), p.num_pages - 1);", "",
+     "emu_corrupt_inputs", "decode"),
+    ("split-K combine ignores the last split", "kernels/merge.cu",
+     "for (int s = 0; s < p.splits; ++s) {", "for (int s = 0; s < p.splits - 1; ++s) {",
+     "emu_decode", "emulated_decode_matches_reference_bf16"),
+]
+
+
+def caught(target: str, name: str) -> bool:
+    """Run one emulated test; True when it fails (the mutation was caught)."""
+    cmd = ["cargo", "test", "--release", "--features", "emulator", "--test", target, name]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    built = "Running" in run.stderr or "test result" in run.stdout
+    if not built:
+        raise SystemExit(f"the mutated kernels did not build or run:\n{run.stderr[-3000:]}")
+    return run.returncode != 0
+
+
+def main() -> int:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    survivors = []
+    for name, rel, old, new, target, test in MUTATIONS:
+        if only not in name:
+            continue
+        path = ROOT / rel
+        source = path.read_text()
+        if old not in source:
+            raise SystemExit(f"{name}: the text to mutate is no longer in {rel}; update this script")
+        try:
+            path.write_text(source.replace(old, new, 1))
+            ok = caught(target, test)
+        finally:
+            path.write_text(source)
+        print(f"{'caught  ' if ok else 'SURVIVED'}  {name}  ({target} {test})", flush=True)
+        if not ok:
+            survivors.append(name)
+    if survivors:
+        print(f"{len(survivors)} mutation(s) survived: {survivors}")
+        return 1
+    print("every mutation was caught")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
