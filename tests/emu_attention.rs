@@ -13,7 +13,7 @@ use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{attention_fwd_workspace_len, max_abs, AttentionBatch, CheckReport, Dtype, PrefillPath, Tolerance};
 use rope_attn::emulator::{Emulator, FwdInputs, GuardedBuf};
-use rope_attn::{reference, Alibi, AttentionParams};
+use rope_attn::{reference, Alibi, AttentionParams, Relative};
 
 fn cu(s: &[usize]) -> Vec<i32> {
     std::iter::once(0).chain(s.iter().scan(0, |a, &x| { *a += x; Some(*a as i32) })).collect()
@@ -185,4 +185,52 @@ fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     assert!((w.trig as f64) < pairs / 4.0, "{} sincos for {pairs} key-pairs", w.trig);
     // QKᵀ and PV on tensor cores: (64/16 row tiles) x (1024/8 key tiles) x (128/16) k-steps, and as many for PV.
     assert_eq!(w.mma as usize, 2 * (nq / 16) * (nk / 8) * (d / 16));
+}
+
+/// attention_fwd_at on every key path — fused, pre-rotated, ReRoPE and Leaky ReRoPE (which
+/// pre-rotate keys at the positions seq_starts gives, through the rope kernel) — for a varlen
+/// batch of chunks far along their sequences, against the reference at the same positions.
+#[test]
+fn emulated_prefill_at_explicit_positions_all_paths() {
+    let (hq, hkv, d) = (4usize, 2usize, 64usize);
+    let (seq_q, seq_k) = ([30usize, 5], [50usize, 70]);
+    let starts = [1000i32, 980, 100_000, 99_940]; // (first query, first key) per sequence
+    let mut r = rng(12);
+    let (tq, tk) = (35usize, 120usize);
+    let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, tq * hq * d));
+    let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, tk * hkv * d));
+    let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, tk * hkv * d));
+    let (qg, kg, vg) = (guard(&q), guard(&k), guard(&v));
+    let (cq, ck, sg) = (guard(&cu(&seq_q)), guard(&cu(&seq_k)), guard(&starts));
+    for (relative, ws) in [
+        (Relative::None, false),
+        (Relative::None, true),
+        (Relative::ReRope { window: 12 }, true),
+        (Relative::Leaky { window: 6, k: 3.0 }, true),
+    ] {
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(schedules(d, d).remove(3).1); // dynamic NTK
+        p.relative = relative;
+        p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+        let batch = AttentionBatch::contiguous(&p, 2, 30, tq, tk);
+        let (mut out, mut lse) = (GuardedBuf::filled(tq * hq * d, bf16::ZERO), GuardedBuf::filled(hq * tq, 0f32));
+        let mut w = GuardedBuf::filled(attention_fwd_workspace_len(&p, tk), bf16::ZERO);
+        let x = FwdInputs { q: &qg, k: &kg, v: &vg, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: Some(&sg) };
+        let path = emulator(12).attention_fwd(&x, &mut out, &mut lse, &batch, &p, ws.then_some(&mut w[..])).unwrap();
+        assert_eq!(path, if ws { PrefillPath::PreRotated } else { PrefillPath::Fused });
+        let (tol_o, tol_l) = Tolerance::attention::<bf16>(&p, max_abs(&qf), max_abs(&kf), max_abs(&vf));
+        let (mut q0, mut k0) = (0usize, 0usize);
+        for b in 0..2 {
+            let (nq, nk) = (seq_q[b], seq_k[b]);
+            let q_pos: Vec<i64> = (0..nq as i64).map(|m| starts[2 * b] as i64 + m).collect();
+            let k_pos: Vec<i64> = (0..nk as i64).map(|j| starts[2 * b + 1] as i64 + j).collect();
+            let want = reference::attention(&qf[q0 * hq * d..(q0 + nq) * hq * d], &kf[k0 * hkv * d..(k0 + nk) * hkv * d], &vf[k0 * hkv * d..(k0 + nk) * hkv * d], &q_pos, &k_pos, &p).unwrap();
+            let got_o: Vec<f64> = out[q0 * hq * d..(q0 + nq) * hq * d].iter().map(|x| x.to_f64()).collect();
+            let got_l: Vec<f64> = (0..hq).flat_map(|h| (0..nq).map(move |m| (h, m))).map(|(h, m)| lse[h * tq + q0 + m] as f64).collect();
+            let rep = CheckReport::compare("out", &got_o, &want.out, tol_o).worst(CheckReport::compare("lse", &got_l, &want.lse, tol_l));
+            assert!(rep.passed(), "{relative:?} workspace {ws} sequence {b}: {rep:?}");
+            q0 += nq;
+            k0 += nk;
+        }
+    }
 }
