@@ -171,3 +171,48 @@ fn emulated_decode_does_little_trigonometry_per_key() {
     let kv_bytes = 2 * ctx * hkv * d * 2;
     assert!(w.global_bytes as usize >= kv_bytes && (w.global_bytes as usize) < kv_bytes + kv_bytes / 8, "{w:?}");
 }
+
+/// A sliding window without sinks over a long context, split five ways: the early splits see no
+/// key at all and write lse = -inf partials, which the combine step must weigh zero. Also a
+/// packed-QKV query view and a wider output stride.
+#[test]
+fn emulated_decode_with_fully_masked_splits_and_strided_rows() {
+    let (hq, hkv, d, page, ctx) = (4usize, 2usize, 64usize, 16usize, 300usize);
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(schedules(d, d).remove(0).1);
+    p.mask = rope_attn::Mask { causal: true, window: Some(20), sinks: 0 };
+    let emu = emulator(13);
+    let mut r = rng(13);
+    let f = fill::<f16>(&emu, &p, &[ctx, 7], page, &mut r);
+    let (q_stride, o_stride) = ((hq + 2 * hkv) * d, hq * d + 16);
+    let mut batch = DecodeBatch::contiguous(&p, 2, 2, f.max_pages, ctx);
+    batch.q_row_stride = q_stride;
+    batch.o_row_stride = o_stride;
+    let q = guard(&as_dtype::<f16>(&uniform(&mut r, 3 * q_stride + hq * d)).0);
+    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    for splits in [1usize, 5] {
+        let (mut out, mut lse) = (GuardedBuf::filled(3 * o_stride + hq * d, f16::ZERO), GuardedBuf::filled(4 * hq, 0f32));
+        let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
+        let rep = emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws)).unwrap();
+        assert!(rep.count > 0);
+    }
+}
+
+/// merge with a side that saw no key (O = 0, lse = -inf) returns the other side unchanged; two
+/// such sides give O = 0, lse = -inf.
+#[test]
+fn emulated_merge_with_empty_sides() {
+    let (tokens, heads, d) = (3usize, 2usize, 64usize);
+    let mut r = rng(14);
+    let (o1, _) = as_dtype::<bf16>(&uniform(&mut r, tokens * heads * d));
+    let l1: Vec<f32> = (0..tokens * heads).map(|i| 0.5 + i as f32).collect();
+    let (empty_o, empty_l) = (vec![bf16::ZERO; o1.len()], vec![f32::NEG_INFINITY; l1.len()]);
+    let emu = emulator(14);
+    let (mut out, mut lse) = (GuardedBuf::filled(o1.len(), bf16::ZERO), GuardedBuf::filled(l1.len(), 0f32));
+    emu.merge_states([(&guard(&empty_o), &guard(&empty_l)), (&guard(&o1), &guard(&l1))], &mut out, &mut lse, tokens, heads, d).unwrap();
+    assert!(out.iter().zip(&o1).all(|(a, b)| a.to_f64() == b.to_f64()));
+    assert_eq!(&lse[..], &l1[..]);
+    emu.merge_states([(&guard(&empty_o), &guard(&empty_l)), (&guard(&empty_o), &guard(&empty_l))], &mut out, &mut lse, tokens, heads, d).unwrap();
+    assert!(out.iter().all(|x| x.to_f64() == 0.0));
+    assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
+}
