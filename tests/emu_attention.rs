@@ -70,14 +70,18 @@ fn emulated_prefill_matches_reference_f32() {
     assert_eq!(sweep::<f32>(300), 40);
 }
 
-/// No position encoding, and plain RoPE through both paths, over a few hundred keys.
+/// No position encoding, and plain RoPE through both paths, over a few hundred keys; then 4096
+/// tokens (64 query tiles, many rescalings of the online softmax) with RoPE and ALiBi, fused.
 #[test]
 fn emulated_prefill_longer_sequences() {
     let emu = emulator(0);
-    for (i, &n) in [191usize, 256, 300].iter().enumerate() {
+    for (i, &n) in [191usize, 256, 300, 4096].iter().enumerate() {
         let mut p = AttentionParams::new(1, 1, 128);
         if i > 0 {
             p.rope = Some(schedules(128, 128).remove(6).1);
+        }
+        if i == 3 {
+            p.alibi = Some(Alibi { total_heads: 4, head_offset: 3 });
         }
         run::<bf16>(&emu, &p, &[n], &[n], 7 + i as u64, i == 2);
     }
