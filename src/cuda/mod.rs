@@ -23,7 +23,7 @@
 pub(crate) mod attention;
 pub(crate) mod checked;
 pub(crate) mod decode;
-mod device;
+pub(crate) mod device;
 mod dtype;
 pub(crate) mod launch;
 pub(crate) mod merge;

@@ -421,3 +421,78 @@ impl Emulator {
         launch_merge::<T, _>(self, [addr(o1), addr(l1), addr(o2), addr(l2), addr(out), addr(lse_out)], &shape)
     }
 }
+
+/// The emulator itself, through kernels/emu/selftest.cpp: its tensor-core arithmetic against a
+/// plain product, and the misuse it must refuse.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::device::Module;
+    use half::f16;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct SelftestParams {
+        a: u64,
+        b: u64,
+        d: u64,
+        mode: i32,
+        pad: i32,
+    }
+    // SAFETY: mirrors RaEmuSelftestParams (the emulator checks the size).
+    unsafe impl DeviceRepr for SelftestParams {}
+
+    fn selftest<P: DeviceRepr + Copy>(params: P, threads: u32, smem: usize) -> Result<()> {
+        Emulator::new().run(&Launch { module: Module::Rope, name: "ra_emu_selftest".into(), grid: (1, 1, 1), threads, smem, params })
+    }
+
+    fn inputs() -> (Vec<f16>, Vec<f16>) {
+        let a = (0..256).map(|i| f16::from_f32(((i * 37 % 23) as f32 - 11.0) / 8.0)).collect();
+        let b = (0..128).map(|i| f16::from_f32(((i * 53 % 19) as f32 - 9.0) / 4.0)).collect();
+        (a, b)
+    }
+
+    fn run_mode(mode: i32) -> (Result<()>, Vec<f32>) {
+        let (a, b) = inputs();
+        let mut d = vec![f32::NAN; 128];
+        let params = SelftestParams { a: addr(&a), b: addr(&b), d: d.as_mut_ptr() as u64, mode, pad: 0 };
+        (selftest(params, 32, 384 * 2), d)
+    }
+
+    #[test]
+    fn ldmatrix_and_mma_compute_a_matrix_product() {
+        let (a, b) = inputs();
+        let (r, d) = run_mode(0);
+        r.unwrap();
+        for m in 0..16 {
+            for n in 0..8 {
+                let want: f64 = (0..16).map(|k| a[m * 16 + k].to_f64() * b[k * 8 + n].to_f64()).sum();
+                assert_eq!(d[m * 8 + n] as f64, want, "D[{m}][{n}]");
+            }
+        }
+    }
+
+    fn err(r: Result<()>) -> String {
+        match r {
+            Err(Error::Emulator(e)) => e,
+            other => panic!("expected an emulator error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn misuse_is_refused() {
+        assert!(err(run_mode(1).0).contains("lanes have exited"));
+        assert!(err(run_mode(2).0).contains("wait at different collectives"));
+        assert!(err(run_mode(3).0).contains("16-byte aligned"));
+    }
+
+    #[test]
+    fn bad_launches_are_refused() {
+        let p = SelftestParams { a: 0, b: 0, d: 0, mode: 0, pad: 0 };
+        assert!(err(selftest(p, 64, 0)).contains("64 threads (bound 32)"));
+        assert!(err(selftest(p, 32, 100 * 1024)).contains("99 KiB"));
+        assert!(err(selftest([0u64; 2], 32, 0)).contains("parameter struct of 16 bytes"));
+        let l = Launch { module: Module::Rope, name: "no_such_kernel".into(), grid: (1, 1, 1), threads: 32, smem: 0, params: p };
+        assert!(err(Emulator::new().run(&l)).contains("no kernel named no_such_kernel"));
+    }
+}
