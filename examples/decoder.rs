@@ -266,10 +266,13 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
     Ok(next_input(m, w, &x_last, &attn))
 }
 
+/// The paged cache on the device: geometry, K pages, V pages, block table.
+type DeviceCache = (PagedKvCache, cudarc::driver::CudaSlice<bf16>, cudarc::driver::CudaSlice<bf16>, cudarc::driver::CudaSlice<i32>);
+
 struct OnGpu {
     gpu: Gpu,
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
-    cache: Option<(PagedKvCache, cudarc::driver::CudaSlice<bf16>, cudarc::driver::CudaSlice<bf16>, cudarc::driver::CudaSlice<i32>)>,
+    cache: Option<DeviceCache>,
 }
 
 impl OnGpu {
@@ -339,10 +342,13 @@ mod emulated {
     use super::*;
     use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs};
 
+    /// The paged cache in host memory: geometry, K pages, V pages, block table.
+    type HostCache = (PagedKvCache, Vec<bf16>, Vec<bf16>, Vec<i32>);
+
     #[derive(Default)]
     pub struct Emulated {
         emu: Emulator,
-        cache: Option<(PagedKvCache, Vec<bf16>, Vec<bf16>, Vec<i32>)>,
+        cache: Option<HostCache>,
     }
 
     fn f32s(x: &[bf16]) -> Vec<f32> {
