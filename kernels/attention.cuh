@@ -23,24 +23,45 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     SeqBounds s;
     s.q_start = imin(imax(p.cu_seqlens_q[b], 0), p.total_q);
     s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;
-    s.k_start = imin(imax(p.cu_seqlens_k[b], 0), p.total_k);
-    s.seqlen_k = imin(imax(p.cu_seqlens_k[b + 1], s.k_start), p.total_k) - s.k_start;
+    if (p.block_table) {  // paged keys: the context length, clamped to the sequence's pages
+        s.k_start = 0;
+        s.seqlen_k = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
+    } else {
+        s.k_start = imin(imax(p.cu_seqlens_k[b], 0), p.total_k);
+        s.seqlen_k = imin(imax(p.cu_seqlens_k[b + 1], s.k_start), p.total_k) - s.k_start;
+    }
     s.q_pos0 = p.seq_starts ? p.seq_starts[2 * b] : s.seqlen_k - s.seqlen_q;
     s.k_pos0 = p.seq_starts ? p.seq_starts[2 * b + 1] : 0;
     return s;
 }
 
-// rows x D tile into shared memory (row pitch LD) with 16-byte cp.async; rows >= valid are
-// zero-filled without touching global memory.
-template <typename T, int D, int LD>
-__device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stride, int rows, int valid) {
+// rows x D tile into shared memory (row pitch LD) with 16-byte cp.async, row r read from
+// row_ptr(r); rows >= valid are zero-filled without touching global memory.
+template <typename T, int D, int LD, typename RowPtr>
+__device__ __forceinline__ void copy_rows_async(T* s, int rows, int valid, RowPtr row_ptr) {
     constexpr int CH = D * sizeof(T) / 16;  // 16-byte chunks per row
     constexpr int PER = 16 / sizeof(T);
     for (int c = threadIdx.x; c < rows * CH; c += blockDim.x) {
         const int row = c / CH, col = (c % CH) * PER;
         const bool ok = row < valid;
-        cp_async_16(s + row * LD + col, g + (ok ? row : 0) * stride + col, ok);
+        cp_async_16(s + row * LD + col, row_ptr(ok ? row : 0) + col, ok);
     }
+}
+
+// The same from rows `stride` elements apart.
+template <typename T, int D, int LD>
+__device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stride, int rows, int valid) {
+    copy_rows_async<T, D, LD>(s, rows, valid, [&](int r) { return g + r * stride; });
+}
+
+// Head kvh of key j of sequence b in a paged cache [num_pages, page_size, kv_heads, D]; block-table
+// entries are clamped into the pool.
+template <typename T>
+__device__ __forceinline__ const T* paged_key(const T* cache, const int* table, int b, int j, int kvh, int page_size,
+                                              int max_pages, int num_pages, int kv_heads, int D) {
+    int page = table[(long long)b * max_pages + j / page_size];
+    page = imin(imax(page, 0), num_pages - 1);
+    return cache + (((long long)page * page_size + j % page_size) * kv_heads + kvh) * D;
 }
 
 // Score of query position i and key position j, in log2 units, before masking: the near or

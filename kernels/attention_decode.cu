@@ -24,9 +24,7 @@ __host__ __device__ inline int decode_tile_keys(int d) { return d <= 128 ? 32 : 
 // Address of key j's head kvh in a paged cache; block-table entries are clamped into the pool.
 template <typename T>
 __device__ __forceinline__ const T* paged_row(const DecodeParams& p, const T* cache, int b, int j, int kvh) {
-    int page = p.block_table[(long long)b * p.max_pages + j / p.page_size];
-    page = imin(imax(page, 0), p.num_pages - 1);
-    return cache + (((long long)page * p.page_size + j % p.page_size) * p.kv_heads + kvh) * p.head_dim;
+    return paged_key(cache, p.block_table, b, j, kvh, p.page_size, p.max_pages, p.num_pages, p.kv_heads, p.head_dim);
 }
 
 template <typename T>

@@ -24,12 +24,6 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     T* Vs = Ks + BN * LD;
     T* Qf = Vs + BN * LD;  // far copies: only with ReRoPE
     T* Kf = Qf + BM * LD;
-    // The fused path (never with ReRoPE) rotates K tiles by composition (tile.cuh) with its
-    // tables where the far copies would be: (BM + 2·BN)·LD elements of T are a multiple of 8
-    // bytes. Not at head_dim 256, where 12 KB of tables would cost an H100 a block per SM.
-    constexpr bool COMPOSED = D <= 128;
-    float2* rot_off = reinterpret_cast<float2*>(Qf);  // [ROT_SUB][D/2]
-    float2* rot_base = rot_off + ROT_SUB * (D / 2);   // [BN/ROT_SUB][D/2]
 
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const SeqBounds sb = seq_bounds(p, b);
@@ -44,6 +38,22 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const int i0 = sb.q_pos0 + m0;     // position of the tile's first query
     const bool rope = p.rope.rotary_dim > 0;
     const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
+    // The fused path rotates K tiles by composition (tile.cuh), its tables after the tiles in use:
+    // (BM + 2·BN)·LD or (2·BM + 3·BN)·LD elements of T, multiples of 8 bytes. Not at head_dim
+    // 256, where 12 KB of tables would cost an H100 a block per SM.
+    constexpr bool COMPOSED = D <= 128;
+    float2* rot_off = reinterpret_cast<float2*>(rel ? Kf + BN * LD : Qf);  // [ROT_SUB][D/2]
+    float2* rot_base = rot_off + ROT_SUB * (D / 2);                       // [BN/ROT_SUB][D/2]
+    // Key j's rows: contiguous from kg / vg / fg, or (paged) through the block table, where the
+    // far copy is the raw key, rotated in shared memory like the near one.
+    const bool paged = p.block_table != nullptr;
+    auto paged_at = [&](const void* cache, int j) {
+        return paged_key(static_cast<const T*>(cache), p.block_table, b, j, kvh, p.page_size, p.max_pages, p.num_pages,
+                         p.kv_heads, D);
+    };
+    auto krow = [&](int j) { return paged ? paged_at(p.k, j) : kg + (long long)j * p.k_row_stride; };
+    auto vrow = [&](int j) { return paged ? paged_at(p.v, j) : vg + (long long)j * p.v_row_stride; };
+    auto frow = [&](int j) { return paged ? paged_at(p.k, j) : fg + (long long)j * p.kf_row_stride; };
 
     load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, rope ? ROT_POS : ROT_NONE, i0);
     if (COMPOSED && p.rotate_k) fill_rotation_offsets(rot_off, p.rope);  // read after the loop's first barrier
@@ -60,8 +70,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     };
     auto issue_k = [&](int n) {
         const int valid = imin(BN, sb.seqlen_k - n * BN);
-        copy_tile_async<T, D, LD>(Ks, kg + (long long)n * BN * p.k_row_stride, p.k_row_stride, BN, valid);
-        if (rel) copy_tile_async<T, D, LD>(Kf, fg + (long long)n * BN * p.kf_row_stride, p.kf_row_stride, BN, valid);
+        copy_rows_async<T, D, LD>(Ks, BN, valid, [&](int r) { return krow(n * BN + r); });
+        if (rel) copy_rows_async<T, D, LD>(Kf, BN, valid, [&](int r) { return frow(n * BN + r); });
         cp_async_commit();
     };
 
@@ -85,9 +95,11 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
         if (p.rotate_k) {
             if constexpr (COMPOSED) rotate_tile_composed(Ks, LD, vk, p.rope, rot_off, rot_base);
             else load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);
+            // ReRoPE's far keys stay raw; Leaky's are rotated to j / k.
+            if (leaky) load_rotated_tile(Kf, LD, Kf, LD, BN, vk, D, p.rope, ROT_K_LEAKY, kp + j0);
             __syncthreads();
         }
-        copy_tile_async<T, D, LD>(Vs, vg + (long long)j0 * p.v_row_stride, p.v_row_stride, BN, vk);
+        copy_rows_async<T, D, LD>(Vs, BN, vk, [&](int r) { return vrow(j0 + r); });
         cp_async_commit();
 
         // S = Q Kᵀ (and the far product), 16 rows x BN keys per warp.

@@ -55,6 +55,11 @@ struct AttnParams {
     int rotate_k;       // rotate each K tile in shared memory as it arrives
     float scale_log2;   // scale * log2(e)
     float scale;
+    // Paged keys (block_table != null): sequence b's keys are the first context_lens[b] slots of
+    // its pages in k / v ([num_pages, page_size, kv_heads, head_dim]), its queries the last ones.
+    const int* block_table;   // [batch, max_pages]
+    const int* context_lens;  // [batch]
+    int page_size, max_pages, num_pages, pad_;
 };
 
 // Mirrored by `DecodeParams` in src/cuda/params.rs.

@@ -89,6 +89,11 @@ int main() {
     FIELD(AttnParams, rotate_k);
     FIELD(AttnParams, scale_log2);
     FIELD(AttnParams, scale);
+    FIELD(AttnParams, block_table);
+    FIELD(AttnParams, context_lens);
+    FIELD(AttnParams, page_size);
+    FIELD(AttnParams, max_pages);
+    FIELD(AttnParams, num_pages);
     SIZE(DecodeParams);
     FIELD(DecodeParams, rope);
     FIELD(DecodeParams, q);

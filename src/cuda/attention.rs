@@ -399,6 +399,12 @@ pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: Pref
         rotate_k: (path == PrefillPath::Fused) as i32,
         scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
         scale: c.scale,
+        block_table: 0,
+        context_lens: 0,
+        page_size: 0,
+        max_pages: 0,
+        num_pages: 0,
+        pad_: 0,
     };
     // The kernel clamps sequence offsets to total_q / total_k, which the buffers were checked to span.
     let launch = if is_16bit::<T>() {
