@@ -177,14 +177,14 @@ impl AttentionBatch {
 /// Shared memory of the 16-bit prefill kernel and its query rows per block: Q, K and V tiles
 /// (pitch d + 8), plus the far copies with ReRoPE; the fused path at head_dim <= 128 keeps its
 /// composed-rotation tables (offsets 0..8 and a base per 8 keys, f32 pairs) in their place.
-fn smem_bytes<T: Dtype>(d: usize, rel: bool, fused: bool) -> (usize, usize) {
+pub(crate) fn smem_bytes<T: Dtype>(d: usize, rel: bool, fused: bool) -> (usize, usize) {
     let (bm, bn) = if d == 256 { (32, 32) } else { (64, 64) };
     let tiles = (bm + 2 * bn + if rel { bm + bn } else { 0 }) * (d + 8) * std::mem::size_of::<T>();
     let tables = if fused && d <= 128 { (8 + bn / 8) * (d / 2) * 8 } else { 0 };
     (tiles + tables, bm)
 }
 
-fn is_16bit<T: Dtype>() -> bool {
+pub(crate) fn is_16bit<T: Dtype>() -> bool {
     std::mem::size_of::<T>() == 2
 }
 

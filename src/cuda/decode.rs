@@ -37,7 +37,7 @@ impl PagedKvCache {
         self.len() == 0
     }
 
-    fn validate(&self, p: &AttentionParams) -> Result<()> {
+    pub(crate) fn validate(&self, p: &AttentionParams) -> Result<()> {
         if self.kv_heads != p.num_kv_heads || self.head_dim != p.head_dim {
             return Err(Error::Shape {
                 what: "paged cache",

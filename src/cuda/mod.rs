@@ -27,6 +27,7 @@ pub(crate) mod device;
 mod dtype;
 pub(crate) mod launch;
 pub(crate) mod merge;
+pub(crate) mod paged_prefill;
 pub(crate) mod params;
 pub(crate) mod rope;
 pub(crate) mod scores;
@@ -43,6 +44,7 @@ pub use decode::{
 pub use device::{device_status, Gpu};
 pub use dtype::Dtype;
 pub use merge::merge_states;
+pub use paged_prefill::{attention_fwd_paged, attention_fwd_paged_checked, PagedFwdLens, PagedPrefillBatch};
 pub use rope::{rope_inplace, rope_inplace_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM};
 pub use scores::{scores, scores_checked, ScoresShape};
 

@@ -50,10 +50,13 @@ use crate::cuda::checked::widen;
 use crate::cuda::decode::{compare_decode, launch_append, launch_decode, AppendRows, DecodeHost, DecodePtrs};
 use crate::cuda::launch::{Backend, Launch};
 use crate::cuda::merge::{launch_merge, MergeShape};
+use crate::cuda::paged_prefill::{compare_fwd_paged, launch_fwd_paged, PagedFwdHost, PagedFwdPtrs};
 use crate::cuda::params::RopeArgs;
 use crate::cuda::rope::{compare_rope, launch as launch_rope, Positions, RopePtrs};
 use crate::cuda::scores::{compare_scores, launch_scores};
-use crate::cuda::{AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedKvCache, PrefillPath, RopeShape, ScoresShape};
+use crate::cuda::{
+    AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PrefillPath, RopeShape, ScoresShape,
+};
 use crate::error::{Error, Result};
 use cudarc::driver::DeviceRepr;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -163,6 +166,23 @@ pub struct FwdInputs<'a, T> {
     pub cu_seqlens_k: &'a [i32],
     /// `[batch, 2]` starting positions (query, key) per sequence, as `attention_fwd_at` takes; `None` = bottom-right aligned.
     pub seq_starts: Option<&'a [i32]>,
+}
+
+/// Inputs of a paged prefill: new queries and the paged cache they attend to.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedFwdInputs<'a, T> {
+    /// Q rows (`batch.q_row_stride` apart).
+    pub q: &'a [T],
+    /// `[batch + 1]` query offsets.
+    pub cu_seqlens_q: &'a [i32],
+    /// K pages `[num_pages, page_size, Hkv, d]`, unrotated.
+    pub k_cache: &'a [T],
+    /// V pages.
+    pub v_cache: &'a [T],
+    /// `[batch, max_pages]` page indices.
+    pub block_table: &'a [i32],
+    /// `[batch]` cached keys per sequence (the new tokens included).
+    pub context_lens: &'a [i32],
 }
 
 /// Inputs of a decode step: Q and the paged cache with its block table and lengths.
@@ -321,6 +341,64 @@ impl Emulator {
             cu_k: x.cu_seqlens_k.to_vec(),
         };
         Ok((path, compare_fwd::<T>(&host, batch, p)?))
+    }
+
+    /// [`crate::cuda::attention_fwd_paged`] on host buffers.
+    pub fn attention_fwd_paged<T: Dtype>(
+        &self,
+        x: &PagedFwdInputs<'_, T>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &PagedPrefillBatch,
+        p: &AttentionParams,
+    ) -> Result<()> {
+        let lens = PagedFwdLens {
+            q: x.q.len(),
+            k_cache: x.k_cache.len(),
+            v_cache: x.v_cache.len(),
+            block_table: x.block_table.len(),
+            context_lens: x.context_lens.len(),
+            cu_seqlens_q: x.cu_seqlens_q.len(),
+            out: out.len(),
+            lse: lse.len(),
+        };
+        batch.check::<T>(p, cache, &lens)?;
+        let ptrs = PagedFwdPtrs {
+            q: addr(x.q),
+            k_cache: addr(x.k_cache),
+            v_cache: addr(x.v_cache),
+            block_table: addr(x.block_table),
+            context_lens: addr(x.context_lens),
+            cu_q: addr(x.cu_seqlens_q),
+            out: addr(out),
+            lse: addr(lse),
+        };
+        launch_fwd_paged::<T, _>(self, ptrs, cache, batch, p)
+    }
+
+    /// [`crate::cuda::attention_fwd_paged_checked`] on host buffers.
+    pub fn attention_fwd_paged_checked<T: Dtype>(
+        &self,
+        x: &PagedFwdInputs<'_, T>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &PagedPrefillBatch,
+        p: &AttentionParams,
+    ) -> Result<CheckReport> {
+        self.attention_fwd_paged(x, out, lse, cache, batch, p)?;
+        let host = PagedFwdHost {
+            q: widen(x.q),
+            k_cache: widen(x.k_cache),
+            v_cache: widen(x.v_cache),
+            block_table: x.block_table.to_vec(),
+            context_lens: x.context_lens.to_vec(),
+            cu_q: x.cu_seqlens_q.to_vec(),
+            out: widen(out),
+            lse: lse.iter().map(|&v| v as f64).collect(),
+        };
+        compare_fwd_paged::<T>(&host, cache, batch, p)
     }
 
     /// [`crate::cuda::attention_decode`] on host buffers.

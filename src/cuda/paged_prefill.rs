@@ -1,0 +1,304 @@
+//! Launcher for paged prefill (kernels/attention_fwd.cu in paged mode): a varlen batch of new
+//! query tokens against keys and values read straight from a paged KV cache through the block
+//! table — chunked prefill and prefix reuse without gathering the cache into contiguous buffers.
+//! Keys stay unrotated in the cache and are rotated tile by tile in shared memory (by
+//! composition), ReRoPE's far copies included; f16 and bf16.
+
+use super::attention::{is_16bit, smem_bytes};
+use super::checked::{max_abs, widen, CheckReport, Tolerance};
+use super::decode::PagedKvCache;
+use super::device::{Gpu, Module};
+use super::dtype::Dtype;
+use super::launch::{Backend, Launch, OnStream};
+use super::params::{to_i32, AttnParams};
+use super::scores::{check_rows, common, gather_rows};
+use crate::attention::{AttentionParams, Relative};
+use crate::error::{Error, Result};
+use crate::reference;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use std::sync::Arc;
+
+/// A paged prefill's batch: sequence b's new queries are rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]`
+/// of Q, and are the *last* of its `context_lens[b]` cached tokens (append them to the cache
+/// first, as for decode): query m sits at position `context_lens[b] - seqlen_q + m`, key j at j.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedPrefillBatch {
+    /// Sequences.
+    pub batch: usize,
+    /// Longest query run (sizes the grid).
+    pub max_seqlen_q: usize,
+    /// Query rows in all (`cu_seqlens_q[batch]`).
+    pub total_q: usize,
+    /// Columns of the block table (`[batch, max_pages]`, i32 page indices).
+    pub max_pages: usize,
+    /// Elements between query rows (>= Hq·d).
+    pub q_row_stride: usize,
+    /// Elements between output rows (>= Hq·d).
+    pub o_row_stride: usize,
+}
+
+impl PagedPrefillBatch {
+    /// Dense Q and O.
+    pub fn contiguous(p: &AttentionParams, batch: usize, max_seqlen_q: usize, total_q: usize, max_pages: usize) -> Self {
+        let row = p.num_q_heads * p.head_dim;
+        PagedPrefillBatch { batch, max_seqlen_q, total_q, max_pages, q_row_stride: row, o_row_stride: row }
+    }
+}
+
+/// Buffer lengths (elements) of a paged prefill, for [`PagedPrefillBatch::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedFwdLens {
+    /// Q elements.
+    pub q: usize,
+    /// K cache elements.
+    pub k_cache: usize,
+    /// V cache elements.
+    pub v_cache: usize,
+    /// Block-table entries.
+    pub block_table: usize,
+    /// `context_lens` entries.
+    pub context_lens: usize,
+    /// `cu_seqlens_q` entries.
+    pub cu_seqlens_q: usize,
+    /// Output elements.
+    pub out: usize,
+    /// LSE elements (f32).
+    pub lse: usize,
+}
+
+impl PagedPrefillBatch {
+    /// Validate a paged prefill for element type `T` (no device needed).
+    pub fn check<T: Dtype>(&self, p: &AttentionParams, cache: &PagedKvCache, lens: &PagedFwdLens) -> Result<()> {
+        common(p)?;
+        cache.validate(p)?;
+        if !is_16bit::<T>() {
+            return Err(Error::DtypeMismatch { expected: "f16 or bf16 (paged prefill runs on tensor cores)", got: T::NAME });
+        }
+        let (d, hq) = (p.head_dim, p.num_q_heads);
+        check_rows("q", lens.q, self.total_q, self.q_row_stride, hq, d)?;
+        check_rows("out", lens.out, self.total_q, self.o_row_stride, hq, d)?;
+        for (what, got, needed) in [
+            ("k_cache", lens.k_cache, cache.len()),
+            ("v_cache", lens.v_cache, cache.len()),
+            ("block_table", lens.block_table, self.batch * self.max_pages),
+            ("context_lens", lens.context_lens, self.batch),
+            ("cu_seqlens_q", lens.cu_seqlens_q, self.batch + 1),
+            ("lse", lens.lse, hq * self.total_q),
+        ] {
+            if got < needed {
+                return Err(Error::BufferTooSmall { what, needed, got });
+            }
+        }
+        if self.max_seqlen_q > self.total_q {
+            return Err(Error::Shape { what: "max_seqlen_q", expected: format!("<= total_q {}", self.total_q), got: self.max_seqlen_q.to_string() });
+        }
+        if self.batch > 65535 || hq > 65535 {
+            return Err(Error::Shape { what: "grid", expected: "batch and num_q_heads <= 65535".into(), got: format!("{} x {hq}", self.batch) });
+        }
+        if self.o_row_stride % 2 != 0 {
+            return Err(Error::Stride { what: "out", stride: self.o_row_stride, min: 2 });
+        }
+        for (what, v) in [("total_q", self.total_q), ("max_seqlen_q", self.max_seqlen_q), ("batch * max_pages", self.batch * self.max_pages)] {
+            to_i32(what, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Addresses of a paged prefill's buffers.
+pub(crate) struct PagedFwdPtrs {
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub block_table: u64,
+    pub context_lens: u64,
+    pub cu_q: u64,
+    pub out: u64,
+    pub lse: u64,
+}
+
+/// Plan and run a paged prefill that [`PagedPrefillBatch::check`] accepted.
+pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
+    be: &B,
+    x: PagedFwdPtrs,
+    cache: &PagedKvCache,
+    batch: &PagedPrefillBatch,
+    p: &AttentionParams,
+) -> Result<()> {
+    let c = common(p)?;
+    if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
+        return Ok(());
+    }
+    if x.k_cache % 16 != 0 || x.v_cache % 16 != 0 || x.out % 4 != 0 {
+        let got = format!("{:#x} {:#x} {:#x}", x.k_cache, x.v_cache, x.out);
+        return Err(Error::Shape { what: "k/v cache and out pointers", expected: "16-byte aligned caches, 4-byte aligned out".into(), got });
+    }
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let params = AttnParams {
+        rope: c.rope,
+        q: x.q,
+        k: x.k_cache,
+        v: x.v_cache,
+        k_far: x.k_cache,
+        out: x.out,
+        lse: x.lse,
+        cu_seqlens_q: x.cu_q,
+        cu_seqlens_k: 0,
+        seq_starts: 0,
+        q_row_stride: batch.q_row_stride as i64,
+        k_row_stride: 0,
+        v_row_stride: 0,
+        o_row_stride: batch.o_row_stride as i64,
+        kf_row_stride: 0,
+        batch: batch.batch as i32,
+        max_seqlen_q: batch.max_seqlen_q as i32,
+        total_q: batch.total_q as i32,
+        total_k: 0,
+        q_heads: hq as i32,
+        kv_heads: hkv as i32,
+        head_dim: d as i32,
+        causal: c.causal,
+        window: c.window,
+        sinks: c.sinks,
+        alibi_total_heads: c.alibi_total_heads,
+        alibi_head_offset: c.alibi_head_offset,
+        rotate_k: p.rope.is_some() as i32,
+        scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
+        scale: c.scale,
+        block_table: x.block_table,
+        context_lens: x.context_lens,
+        page_size: cache.page_size as i32,
+        max_pages: batch.max_pages as i32,
+        num_pages: cache.num_pages as i32,
+        pad_: 0,
+    };
+    // The kernel clamps context lengths and block-table entries into the pool, and query
+    // offsets to total_q, which the buffers were checked to span.
+    let (smem, bm) = smem_bytes::<T>(d, p.relative != Relative::None && p.rope.is_some(), p.rope.is_some());
+    let grid = (batch.max_seqlen_q.div_ceil(bm) as u32, hq as u32, batch.batch as u32);
+    let name = format!("attention_fwd_d{d}_{}", T::NAME);
+    be.run(&Launch { module: Module::AttentionFwd, name, grid, threads: if d == 256 { 64 } else { 128 }, smem, params })
+}
+
+/// Paged prefill: O `[total_q, Hq, d]` and natural-log LSE `[Hq, total_q]` of new query tokens
+/// against the unrotated keys of a paged cache (see [`PagedPrefillBatch`] for positions).
+/// RoPE / ReRoPE / ALiBi / masks as `p` says; f16 and bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_paged<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cache: &PagedKvCache,
+    batch: &PagedPrefillBatch,
+    p: &AttentionParams,
+) -> Result<()> {
+    let be = OnStream::new(gpu, stream)?;
+    let lens = PagedFwdLens {
+        q: q.len(),
+        k_cache: k_cache.len(),
+        v_cache: v_cache.len(),
+        block_table: block_table.len(),
+        context_lens: context_lens.len(),
+        cu_seqlens_q: cu_seqlens_q.len(),
+        out: out.len(),
+        lse: lse.len(),
+    };
+    batch.check::<T>(p, cache, &lens)?;
+    let (q, _g1) = q.device_ptr(stream);
+    let (k_cache, _g2) = k_cache.device_ptr(stream);
+    let (v_cache, _g3) = v_cache.device_ptr(stream);
+    let (block_table, _g4) = block_table.device_ptr(stream);
+    let (context_lens, _g5) = context_lens.device_ptr(stream);
+    let (cu_q, _g6) = cu_seqlens_q.device_ptr(stream);
+    let (out, _g7) = out.device_ptr_mut(stream);
+    let (lse, _g8) = lse.device_ptr_mut(stream);
+    launch_fwd_paged::<T, _>(&be, PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse }, cache, batch, p)
+}
+
+/// Host copies of a paged prefill's inputs and results, widened, for checked mode.
+pub(crate) struct PagedFwdHost {
+    pub q: Vec<f64>,
+    pub k_cache: Vec<f64>,
+    pub v_cache: Vec<f64>,
+    pub block_table: Vec<i32>,
+    pub context_lens: Vec<i32>,
+    pub cu_q: Vec<i32>,
+    pub out: Vec<f64>,
+    pub lse: Vec<f64>,
+}
+
+/// [`attention_fwd_paged`], then compare O and LSE with [`reference::attention`] over the keys
+/// gathered through the block table. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_paged_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    out: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    lse: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    cache: &PagedKvCache,
+    batch: &PagedPrefillBatch,
+    p: &AttentionParams,
+) -> Result<CheckReport> {
+    attention_fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, cache, batch, p)?;
+    let host = PagedFwdHost {
+        q: widen(&stream.clone_dtoh(q)?),
+        k_cache: widen(&stream.clone_dtoh(k_cache)?),
+        v_cache: widen(&stream.clone_dtoh(v_cache)?),
+        block_table: stream.clone_dtoh(block_table)?,
+        context_lens: stream.clone_dtoh(context_lens)?,
+        cu_q: stream.clone_dtoh(cu_seqlens_q)?,
+        out: widen(&stream.clone_dtoh(out)?),
+        lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
+    };
+    compare_fwd_paged::<T>(&host, cache, batch, p)
+}
+
+/// Checked mode's comparison of a paged prefill (shared with the emulator): per sequence, the
+/// reference over the keys gathered through the block table, queries at the last positions.
+pub(crate) fn compare_fwd_paged<T: Dtype>(h: &PagedFwdHost, cache: &PagedKvCache, batch: &PagedPrefillBatch, p: &AttentionParams) -> Result<CheckReport> {
+    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let (tq, row) = (batch.total_q, hkv * d);
+    let qh = gather_rows(&h.q, tq, batch.q_row_stride, hq * d);
+    let oh = gather_rows(&h.out, tq, batch.o_row_stride, hq * d);
+    let (mut want_o, mut want_l) = (vec![0.0; tq * hq * d], vec![f64::NEG_INFINITY; hq * tq]);
+    for b in 0..batch.batch {
+        let q0 = (h.cu_q[b].max(0) as usize).min(tq);
+        let nq = (h.cu_q[b + 1].max(0) as usize).clamp(q0, tq) - q0;
+        let ctx = (h.context_lens[b].max(0) as usize).min(batch.max_pages * cache.page_size);
+        let gather = |buf: &[f64]| -> Vec<f64> {
+            (0..ctx)
+                .flat_map(|j| {
+                    let page = h.block_table[b * batch.max_pages + j / cache.page_size].clamp(0, cache.num_pages as i32 - 1) as usize;
+                    let slot = page * cache.page_size + j % cache.page_size;
+                    buf[slot * row..(slot + 1) * row].iter().copied()
+                })
+                .collect()
+        };
+        let q_pos: Vec<i64> = (0..nq as i64).map(|m| ctx as i64 - nq as i64 + m).collect();
+        let k_pos: Vec<i64> = (0..ctx as i64).collect();
+        let r = reference::attention(&qh[q0 * hq * d..(q0 + nq) * hq * d], &gather(&h.k_cache), &gather(&h.v_cache), &q_pos, &k_pos, p)?;
+        want_o[q0 * hq * d..(q0 + nq) * hq * d].copy_from_slice(&r.out);
+        for hh in 0..hq {
+            for m in 0..nq {
+                want_l[hh * tq + q0 + m] = r.lse[hh * nq + m];
+            }
+        }
+    }
+    let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&h.k_cache), max_abs(&h.v_cache));
+    let ro = CheckReport::compare("paged prefill out", &oh, &want_o, tol_o);
+    let rl = CheckReport::compare("paged prefill lse", &h.lse[..hq * tq], &want_l, tol_l);
+    ro.worst(rl).ensure()
+}
