@@ -11,6 +11,7 @@ restored. Exit status 1 if any mutation survives.
     python3 scripts/mutation-check.py decode     # those whose name contains "decode"
 """
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -28,8 +29,8 @@ MUTATIONS = [
      "        __syncthreads();  // K_n landed", "        // K_n landed",
      "emu_attention", "emulated_prefill_matches_reference_f16"),
     ("prefill: no barrier after the in-smem K rotation", "kernels/attention_fwd.cu",
-     "            else load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);\n            __syncthreads();",
-     "            else load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);",
+     "ROT_K_LEAKY, kp + j0);\n            __syncthreads();",
+     "ROT_K_LEAKY, kp + j0);",
      "emu_attention", "emulated_prefill_matches_reference_f16"),
     ("prefill: Q ldmatrix misses its column half", "kernels/attention_fwd.cu",
      "* LD + kk + (lane / 16) * 8;", "* LD + kk;",
@@ -72,8 +73,8 @@ MUTATIONS = [
     ("decode: composed rotation with a wrong sign", "kernels/tile.cuh",
      "b.x * o.x - b.y * o.y", "b.x * o.x + b.y * o.y",
      "emu_decode", "emulated_decode_matches_reference_f32"),
-    ("decode: block-table entries not clamped", "kernels/attention_decode.cu",
-     "    page = imin(imax(page, 0), p.num_pages - 1);", "",
+    ("block-table entries not clamped", "kernels/attention.cuh",
+     "    page = imin(imax(page, 0), num_pages - 1);", "",
      "emu_corrupt_inputs", "decode"),
     ("paged prefill: Leaky far keys not rotated in shared memory", "kernels/attention_fwd.cu",
      "            if (leaky) load_rotated_tile(Kf, LD, Kf, LD, BN, vk, D, p.rope, ROT_K_LEAKY, kp + j0);", "",
@@ -101,6 +102,8 @@ def caught(target: str, name: str) -> bool:
 
 
 def main() -> int:
+    # A kill or Ctrl-C mid-mutation must still restore the kernel source (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     survivors = []
     for name, rel, old, new, target, test in MUTATIONS:
