@@ -15,7 +15,7 @@ use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, AttnParams};
 use super::rope::{launch as launch_rope, Positions, RopePtrs, RopeShape};
-use super::scores::{check_rows, common, gather_rows};
+use super::scores::{check_rows, common, gather_rows, Common};
 use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
 use crate::reference;
@@ -182,6 +182,50 @@ pub(crate) fn smem_bytes<T: Dtype>(d: usize, rel: bool, fused: bool) -> (usize, 
     let tiles = (bm + 2 * bn + if rel { bm + bn } else { 0 }) * (d + 8) * std::mem::size_of::<T>();
     let tables = if fused && d <= 128 { (8 + bn / 8) * (d / 2) * 8 } else { 0 };
     (tiles + tables, bm)
+}
+
+/// The parameter fields every prefill launch (contiguous or paged) fills the same way: the
+/// position encoding, masks and scale, the batch geometry and heads; addresses, strides and the
+/// paging fields zero, for the launcher to set.
+pub(crate) fn attn_params_base(c: Common, p: &AttentionParams, batch: usize, max_seqlen_q: usize, total_q: usize) -> AttnParams {
+    AttnParams {
+        rope: c.rope,
+        q: 0,
+        k: 0,
+        v: 0,
+        k_far: 0,
+        out: 0,
+        lse: 0,
+        cu_seqlens_q: 0,
+        cu_seqlens_k: 0,
+        seq_starts: 0,
+        q_row_stride: 0,
+        k_row_stride: 0,
+        v_row_stride: 0,
+        o_row_stride: 0,
+        kf_row_stride: 0,
+        batch: batch as i32,
+        max_seqlen_q: max_seqlen_q as i32,
+        total_q: total_q as i32,
+        total_k: 0,
+        q_heads: p.num_q_heads as i32,
+        kv_heads: p.num_kv_heads as i32,
+        head_dim: p.head_dim as i32,
+        causal: c.causal,
+        window: c.window,
+        sinks: c.sinks,
+        alibi_total_heads: c.alibi_total_heads,
+        alibi_head_offset: c.alibi_head_offset,
+        rotate_k: 0,
+        scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
+        scale: c.scale,
+        block_table: 0,
+        context_lens: 0,
+        page_size: 0,
+        max_pages: 0,
+        num_pages: 0,
+        pad_: 0,
+    }
 }
 
 pub(crate) fn is_16bit<T: Dtype>() -> bool {
@@ -369,7 +413,6 @@ pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: Pref
     }
 
     let params = AttnParams {
-        rope: c.rope,
         q: qp,
         k: k_near,
         v: vp,
@@ -384,27 +427,9 @@ pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: Pref
         v_row_stride: batch.v_row_stride as i64,
         o_row_stride: batch.o_row_stride as i64,
         kf_row_stride: kf_stride as i64,
-        batch: batch.batch as i32,
-        max_seqlen_q: batch.max_seqlen_q as i32,
-        total_q: batch.total_q as i32,
         total_k: batch.total_k as i32,
-        q_heads: hq as i32,
-        kv_heads: hkv as i32,
-        head_dim: d as i32,
-        causal: c.causal,
-        window: c.window,
-        sinks: c.sinks,
-        alibi_total_heads: c.alibi_total_heads,
-        alibi_head_offset: c.alibi_head_offset,
         rotate_k: (path == PrefillPath::Fused) as i32,
-        scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
-        scale: c.scale,
-        block_table: 0,
-        context_lens: 0,
-        page_size: 0,
-        max_pages: 0,
-        num_pages: 0,
-        pad_: 0,
+        ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
     };
     // The kernel clamps sequence offsets to total_q / total_k, which the buffers were checked to span.
     let launch = if is_16bit::<T>() {

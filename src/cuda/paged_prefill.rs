@@ -4,7 +4,7 @@
 //! Keys stay unrotated in the cache and are rotated tile by tile in shared memory (by
 //! composition), ReRoPE's far copies included; f16 and bf16.
 
-use super::attention::{is_16bit, smem_bytes};
+use super::attention::{attn_params_base, is_16bit, smem_bytes};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::decode::PagedKvCache;
 use super::device::{Gpu, Module};
@@ -133,9 +133,8 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         let got = format!("{:#x} {:#x} {:#x}", x.k_cache, x.v_cache, x.out);
         return Err(Error::Shape { what: "k/v cache and out pointers", expected: "16-byte aligned caches, 4-byte aligned out".into(), got });
     }
-    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let (d, hq) = (p.head_dim, p.num_q_heads);
     let params = AttnParams {
-        rope: c.rope,
         q: x.q,
         k: x.k_cache,
         v: x.v_cache,
@@ -143,34 +142,15 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         out: x.out,
         lse: x.lse,
         cu_seqlens_q: x.cu_q,
-        cu_seqlens_k: 0,
-        seq_starts: 0,
         q_row_stride: batch.q_row_stride as i64,
-        k_row_stride: 0,
-        v_row_stride: 0,
         o_row_stride: batch.o_row_stride as i64,
-        kf_row_stride: 0,
-        batch: batch.batch as i32,
-        max_seqlen_q: batch.max_seqlen_q as i32,
-        total_q: batch.total_q as i32,
-        total_k: 0,
-        q_heads: hq as i32,
-        kv_heads: hkv as i32,
-        head_dim: d as i32,
-        causal: c.causal,
-        window: c.window,
-        sinks: c.sinks,
-        alibi_total_heads: c.alibi_total_heads,
-        alibi_head_offset: c.alibi_head_offset,
         rotate_k: p.rope.is_some() as i32,
-        scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
-        scale: c.scale,
         block_table: x.block_table,
         context_lens: x.context_lens,
         page_size: cache.page_size as i32,
         max_pages: batch.max_pages as i32,
         num_pages: cache.num_pages as i32,
-        pad_: 0,
+        ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
     };
     // The kernel clamps context lengths and block-table entries into the pool, and query
     // offsets to total_q, which the buffers were checked to span.
