@@ -8,8 +8,8 @@
 // collective at a time in a seeded random order (so they drift apart between barriers as on a
 // GPU), lanes run in random order, each cp.async group lands either when committed or only at
 // its wait, and shared memory starts as NaN: a missing barrier or wait changes results. Misuse
-// that would hang or be undefined on a GPU (a barrier some threads skip, a collective with
-// exited or diverged lanes) stops the launch with an error instead.
+// that would hang or be undefined on a GPU (lanes split between a barrier and a collective, a
+// collective with exited or diverged lanes) stops the launch with an error instead.
 #pragma once
 #include <math.h>
 #include <cstddef>

@@ -9,8 +9,8 @@
 //!
 //! What it is for: proving the kernels' indexing, fragment layouts, masking, online softmax and
 //! barriers against the f64 reference on machines without a GPU (CI), and debugging them. It
-//! also catches what would hang or be undefined on a GPU — a barrier some threads skip, a warp
-//! collective with exited or diverged lanes, `ldmatrix` / `cp.async` outside shared memory, more
+//! also catches what would hang or be undefined on a GPU — lanes of a warp split between a
+//! barrier and a collective, a warp collective with exited or diverged lanes, `ldmatrix` / `cp.async` outside shared memory, more
 //! shared memory than an sm_86 block has — and reports it as [`Error::Emulator`]. Between
 //! barriers the threads run in a seeded random order and each `cp.async` group lands at its
 //! commit or only at its wait (uninitialised shared memory reads as NaN), so a missing barrier
