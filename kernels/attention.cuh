@@ -48,12 +48,6 @@ __device__ __forceinline__ void copy_rows_async(T* s, int rows, int valid, RowPt
     }
 }
 
-// The same from rows `stride` elements apart.
-template <typename T, int D, int LD>
-__device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stride, int rows, int valid) {
-    copy_rows_async<T, D, LD>(s, rows, valid, [&](int r) { return g + r * stride; });
-}
-
 // Head kvh of key j of sequence b in a paged cache [num_pages, page_size, kv_heads, D]; block-table
 // entries are clamped into the pool.
 template <typename T>

@@ -61,16 +61,17 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Vec {
     T v[N];
 };
 
-// The emulator checks the alignment a GPU enforces ("misaligned address" there).
+// A vector access of BYTES at P: the emulator checks the alignment a GPU enforces
+// ("misaligned address" there) and counts the bytes moved; on the GPU, nothing.
 #ifdef RA_EMULATE
-#define RA_CHECK_ALIGNED(P, BYTES) (::ra_emu::check_aligned(P, BYTES), ::ra_emu::tls_counters.global_bytes += (BYTES))
+#define RA_VECTOR_ACCESS(P, BYTES) (::ra_emu::check_aligned(P, BYTES), ::ra_emu::tls_counters.global_bytes += (BYTES))
 #else
-#define RA_CHECK_ALIGNED(P, BYTES)
+#define RA_VECTOR_ACCESS(P, BYTES)
 #endif
 
 template <typename T, int N>
 __device__ __forceinline__ void load_f32(const T* p, float (&out)[N]) {
-    RA_CHECK_ALIGNED(p, sizeof(Vec<T, N>));
+    RA_VECTOR_ACCESS(p, sizeof(Vec<T, N>));
     Vec<T, N> v = *reinterpret_cast<const Vec<T, N>*>(p);
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = to_f32(v.v[i]);
@@ -81,7 +82,7 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[N]) {
     Vec<T, N> v;
 #pragma unroll
     for (int i = 0; i < N; ++i) v.v[i] = from_f32<T>(in[i]);
-    RA_CHECK_ALIGNED(p, sizeof(Vec<T, N>));
+    RA_VECTOR_ACCESS(p, sizeof(Vec<T, N>));
     *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 

@@ -174,14 +174,26 @@ impl AttentionBatch {
     }
 }
 
-/// Shared memory of the 16-bit prefill kernel and its query rows per block: Q, K and V tiles
-/// (pitch d + 8), plus the far copies with ReRoPE; the fused path at head_dim <= 128 keeps its
-/// composed-rotation tables (offsets 0..8 and a base per 8 keys, f32 pairs) in their place.
-pub(crate) fn smem_bytes<T: Dtype>(d: usize, rel: bool, fused: bool) -> (usize, usize) {
+/// Bytes of the composed-rotation tables a kernel keeps for tiles of `keys` rows at head_dim `d`:
+/// the offsets 0..8 and a base every 8 keys, f32 pairs per rotation pair (`ROT_SUB` in
+/// kernels/tile.cuh).
+pub(crate) fn rotation_table_bytes(keys: usize, d: usize) -> usize {
+    (8 + keys / 8) * (d / 2) * 8
+}
+
+/// The launch of the 16-bit (tensor-core) prefill kernel for `params`, contiguous or paged: one
+/// block per query tile, head and sequence; shared memory for the Q, K and V tiles (pitch d + 8),
+/// the far copies with ReRoPE, and on the fused path at head_dim <= 128 the composed-rotation
+/// tables after them.
+pub(crate) fn mma_fwd_launch<T: Dtype>(params: AttnParams, p: &AttentionParams, fused: bool) -> Launch<AttnParams> {
+    let d = p.head_dim;
     let (bm, bn) = if d == 256 { (32, 32) } else { (64, 64) };
+    let rel = p.rope.is_some() && p.relative != Relative::None;
     let tiles = (bm + 2 * bn + if rel { bm + bn } else { 0 }) * (d + 8) * std::mem::size_of::<T>();
-    let tables = if fused && d <= 128 { (8 + bn / 8) * (d / 2) * 8 } else { 0 };
-    (tiles + tables, bm)
+    let smem = tiles + if fused && d <= 128 { rotation_table_bytes(bn, d) } else { 0 };
+    let grid = ((params.max_seqlen_q as usize).div_ceil(bm) as u32, params.q_heads as u32, params.batch as u32);
+    let name = format!("attention_fwd_d{d}_{}", T::NAME);
+    Launch { module: Module::AttentionFwd, name, grid, threads: if d == 256 { 64 } else { 128 }, smem, params }
 }
 
 /// The parameter fields every prefill launch (contiguous or paged) fills the same way: the
@@ -378,7 +390,6 @@ pub(crate) struct FwdPtrs {
 pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: PrefillPath, batch: &AttentionBatch, p: &AttentionParams) -> Result<()> {
     let c = common(p)?;
     let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    let rel = p.relative != Relative::None;
     if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
         return Ok(());
     }
@@ -433,10 +444,7 @@ pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: Pref
     };
     // The kernel clamps sequence offsets to total_q / total_k, which the buffers were checked to span.
     let launch = if is_16bit::<T>() {
-        let (smem, bm) = smem_bytes::<T>(d, rel, path == PrefillPath::Fused);
-        let grid = (batch.max_seqlen_q.div_ceil(bm) as u32, hq as u32, batch.batch as u32);
-        let name = format!("attention_fwd_d{d}_{}", T::NAME);
-        Launch { module: Module::AttentionFwd, name, grid, threads: if d == 256 { 64 } else { 128 }, smem, params }
+        mma_fwd_launch::<T>(params, p, path == PrefillPath::Fused)
     } else {
         let grid = (batch.max_seqlen_q.div_ceil(4) as u32, hq as u32, batch.batch as u32);
         Launch { module: Module::AttentionFwd, name: "attention_fwd_rows_f32".into(), grid, threads: 128, smem: 0, params }

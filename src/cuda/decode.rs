@@ -1,5 +1,6 @@
 //! Launchers for kernels/attention_decode.cu (paged decode, split-K) and the paged-cache append.
 
+use super::attention::rotation_table_bytes;
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
@@ -97,10 +98,10 @@ const DEC_ROWS: usize = 16;
 
 /// Shared memory of the decode kernel (f32): K, far K and V tiles (pitch d + 1), the rotated Q
 /// rows and their far copies, then the (cos, sin) tables of the key offsets 0..8 and of the
-/// tile's bases every 8 keys (`ROT_SUB` in kernels/tile.cuh): 72 KB at head_dim 128, 92 KB at 256.
+/// tile's bases every 8 keys: 72 KB at head_dim 128, 92 KB at 256.
 fn decode_smem_bytes(d: usize) -> usize {
     let bn = tile_keys(d);
-    (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4 + (8 + bn / 8) * (d / 2) * 8
+    (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4 + rotation_table_bytes(bn, d)
 }
 
 fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
@@ -469,29 +470,43 @@ pub(crate) struct DecodeHost {
     pub lse: Vec<f64>,
 }
 
+/// Sequence b's context as the kernels see it — `context_lens[b]` clamped into its pages — and its
+/// keys and values `[ctx, Hkv·d]` gathered from host copies of the paged caches through its
+/// block-table row (entries clamped into the pool, as the kernels clamp them).
+pub(crate) fn gather_paged(
+    k_cache: &[f64],
+    v_cache: &[f64],
+    block_table: &[i32],
+    context_lens: &[i32],
+    b: usize,
+    max_pages: usize,
+    cache: &PagedKvCache,
+) -> (usize, Vec<f64>, Vec<f64>) {
+    let ctx = (context_lens[b].max(0) as usize).min(max_pages * cache.page_size);
+    let row = cache.kv_heads * cache.head_dim;
+    let gather = |buf: &[f64]| -> Vec<f64> {
+        (0..ctx)
+            .flat_map(|j| {
+                let page = block_table[b * max_pages + j / cache.page_size].clamp(0, cache.num_pages as i32 - 1) as usize;
+                let slot = page * cache.page_size + j % cache.page_size;
+                buf[slot * row..(slot + 1) * row].iter().copied()
+            })
+            .collect()
+    };
+    (ctx, gather(k_cache), gather(v_cache))
+}
+
 /// Checked mode's comparison of a decode with [`reference::attention`] over the keys gathered
 /// through the block table (shared with the emulator).
 pub(crate) fn compare_decode<T: Dtype>(h: &DecodeHost, cache: &PagedKvCache, batch: &DecodeBatch, p: &AttentionParams) -> Result<CheckReport> {
-    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let (d, hq) = (p.head_dim, p.num_q_heads);
     let tokens = batch.tokens();
     let qh = gather_rows(&h.q, tokens, batch.q_row_stride, hq * d);
     let oh = gather_rows(&h.out, tokens, batch.o_row_stride, hq * d);
     let lh = &h.lse[..hq * tokens];
-    let (kc, vc, table, lens) = (&h.k_cache, &h.v_cache, &h.block_table, &h.context_lens);
-    let row = hkv * d;
     let (mut want_o, mut want_l) = (vec![0.0; oh.len()], vec![f64::NEG_INFINITY; hq * tokens]);
     for b in 0..batch.batch {
-        let ctx = (lens[b].max(0) as usize).min(batch.max_pages * cache.page_size);
-        let gather = |cache_buf: &[f64]| -> Vec<f64> {
-            (0..ctx)
-                .flat_map(|j| {
-                    let page = table[b * batch.max_pages + j / cache.page_size].clamp(0, cache.num_pages as i32 - 1) as usize;
-                    let slot = page * cache.page_size + j % cache.page_size;
-                    cache_buf[slot * row..(slot + 1) * row].iter().copied()
-                })
-                .collect()
-        };
-        let (kk, vv) = (gather(kc), gather(vc));
+        let (ctx, kk, vv) = gather_paged(&h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, b, batch.max_pages, cache);
         let q_pos: Vec<i64> = (0..batch.queries).map(|qi| ctx as i64 - batch.queries as i64 + qi as i64).collect();
         let k_pos: Vec<i64> = (0..ctx as i64).collect();
         let qs = &qh[b * batch.queries * hq * d..(b + 1) * batch.queries * hq * d];
@@ -503,7 +518,7 @@ pub(crate) fn compare_decode<T: Dtype>(h: &DecodeHost, cache: &PagedKvCache, bat
             }
         }
     }
-    let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(kc), max_abs(vc));
+    let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&h.k_cache), max_abs(&h.v_cache));
     let ro = CheckReport::compare("decode out", &oh, &want_o, tol_o);
     let rl = CheckReport::compare("decode lse", lh, &want_l, tol_l);
     ro.worst(rl).ensure()

@@ -4,15 +4,15 @@
 //! Keys stay unrotated in the cache and are rotated tile by tile in shared memory (by
 //! composition), ReRoPE's far copies included; f16 and bf16.
 
-use super::attention::{attn_params_base, is_16bit, smem_bytes};
+use super::attention::{attn_params_base, is_16bit, mma_fwd_launch};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
-use super::decode::PagedKvCache;
-use super::device::{Gpu, Module};
+use super::decode::{gather_paged, PagedKvCache};
+use super::device::Gpu;
 use super::dtype::Dtype;
-use super::launch::{Backend, Launch, OnStream};
+use super::launch::{Backend, OnStream};
 use super::params::{to_i32, AttnParams};
 use super::scores::{check_rows, common, gather_rows};
-use crate::attention::{AttentionParams, Relative};
+use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::reference;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
@@ -133,7 +133,6 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         let got = format!("{:#x} {:#x} {:#x}", x.k_cache, x.v_cache, x.out);
         return Err(Error::Shape { what: "k/v cache and out pointers", expected: "16-byte aligned caches, 4-byte aligned out".into(), got });
     }
-    let (d, hq) = (p.head_dim, p.num_q_heads);
     let params = AttnParams {
         q: x.q,
         k: x.k_cache,
@@ -154,10 +153,7 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
     };
     // The kernel clamps context lengths and block-table entries into the pool, and query
     // offsets to total_q, which the buffers were checked to span.
-    let (smem, bm) = smem_bytes::<T>(d, p.relative != Relative::None && p.rope.is_some(), p.rope.is_some());
-    let grid = (batch.max_seqlen_q.div_ceil(bm) as u32, hq as u32, batch.batch as u32);
-    let name = format!("attention_fwd_d{d}_{}", T::NAME);
-    be.run(&Launch { module: Module::AttentionFwd, name, grid, threads: if d == 256 { 64 } else { 128 }, smem, params })
+    be.run(&mma_fwd_launch::<T>(params, p, p.rope.is_some()))
 }
 
 /// Paged prefill: O `[total_q, Hq, d]` and natural-log LSE `[Hq, total_q]` of new query tokens
@@ -249,27 +245,17 @@ pub fn attention_fwd_paged_checked<T: Dtype>(
 /// Checked mode's comparison of a paged prefill (shared with the emulator): per sequence, the
 /// reference over the keys gathered through the block table, queries at the last positions.
 pub(crate) fn compare_fwd_paged<T: Dtype>(h: &PagedFwdHost, cache: &PagedKvCache, batch: &PagedPrefillBatch, p: &AttentionParams) -> Result<CheckReport> {
-    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    let (tq, row) = (batch.total_q, hkv * d);
+    let (d, hq, tq) = (p.head_dim, p.num_q_heads, batch.total_q);
     let qh = gather_rows(&h.q, tq, batch.q_row_stride, hq * d);
     let oh = gather_rows(&h.out, tq, batch.o_row_stride, hq * d);
     let (mut want_o, mut want_l) = (vec![0.0; tq * hq * d], vec![f64::NEG_INFINITY; hq * tq]);
     for b in 0..batch.batch {
         let q0 = (h.cu_q[b].max(0) as usize).min(tq);
         let nq = (h.cu_q[b + 1].max(0) as usize).clamp(q0, tq) - q0;
-        let ctx = (h.context_lens[b].max(0) as usize).min(batch.max_pages * cache.page_size);
-        let gather = |buf: &[f64]| -> Vec<f64> {
-            (0..ctx)
-                .flat_map(|j| {
-                    let page = h.block_table[b * batch.max_pages + j / cache.page_size].clamp(0, cache.num_pages as i32 - 1) as usize;
-                    let slot = page * cache.page_size + j % cache.page_size;
-                    buf[slot * row..(slot + 1) * row].iter().copied()
-                })
-                .collect()
-        };
+        let (ctx, kk, vv) = gather_paged(&h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, b, batch.max_pages, cache);
         let q_pos: Vec<i64> = (0..nq as i64).map(|m| ctx as i64 - nq as i64 + m).collect();
         let k_pos: Vec<i64> = (0..ctx as i64).collect();
-        let r = reference::attention(&qh[q0 * hq * d..(q0 + nq) * hq * d], &gather(&h.k_cache), &gather(&h.v_cache), &q_pos, &k_pos, p)?;
+        let r = reference::attention(&qh[q0 * hq * d..(q0 + nq) * hq * d], &kk, &vv, &q_pos, &k_pos, p)?;
         want_o[q0 * hq * d..(q0 + nq) * hq * d].copy_from_slice(&r.out);
         for hh in 0..hq {
             for m in 0..nq {
