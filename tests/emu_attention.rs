@@ -15,15 +15,11 @@ use rope_attn::cuda::{attention_fwd_workspace_len, max_abs, AttentionBatch, Chec
 use rope_attn::emulator::{Emulator, FwdInputs, GuardedBuf};
 use rope_attn::{reference, Alibi, AttentionParams, Relative};
 
-fn cu(s: &[usize]) -> Vec<i32> {
-    std::iter::once(0).chain(s.iter().scan(0, |a, &x| { *a += x; Some(*a as i32) })).collect()
-}
-
 /// One varlen problem through the emulated prefill in checked mode; returns the path taken.
 fn run<T: Dtype>(emu: &Emulator, p: &AttentionParams, seq_q: &[usize], seq_k: &[usize], seed: u64, use_ws: bool) -> PrefillPath {
     let mut r = rng(seed);
     let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    let (cq, ck) = (cu(seq_q), cu(seq_k));
+    let (cq, ck) = (cu_seqlens(seq_q), cu_seqlens(seq_k));
     let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
     let batch = AttentionBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, tk);
     // Every buffer guarded: a kernel access past any end stops the test (the emulator's memcheck).
@@ -143,7 +139,7 @@ fn emulated_prefill_on_packed_qkv_views() {
     let packed = guard(&packed);
     let (q, k, v) = (&packed[..], &packed[hq * d..], &packed[(hq + hkv) * d..]);
     let o_stride = hq * d + 32;
-    let cu = guard(&cu(&seqs));
+    let cu = guard(&cu_seqlens(&seqs));
     let batch = AttentionBatch {
         batch: 2,
         max_seqlen_q: 70,
@@ -205,7 +201,7 @@ fn emulated_prefill_at_explicit_positions_all_paths() {
     let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, tk * hkv * d));
     let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, tk * hkv * d));
     let (qg, kg, vg) = (guard(&q), guard(&k), guard(&v));
-    let (cq, ck, sg) = (guard(&cu(&seq_q)), guard(&cu(&seq_k)), guard(&starts));
+    let (cq, ck, sg) = (guard(&cu_seqlens(&seq_q)), guard(&cu_seqlens(&seq_k)), guard(&starts));
     for (relative, ws) in [
         (Relative::None, false),
         (Relative::None, true),

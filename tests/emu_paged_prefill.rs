@@ -16,10 +16,6 @@ use rope_attn::cuda::{AttentionBatch, Dtype, PagedPrefillBatch};
 use rope_attn::emulator::{FwdInputs, GuardedBuf, PagedFwdInputs};
 use rope_attn::{AttentionParams, Error};
 
-fn cu(s: &[usize]) -> Vec<i32> {
-    std::iter::once(0).chain(s.iter().scan(0, |a, &x| { *a += x; Some(*a as i32) })).collect()
-}
-
 fn run<T: Dtype>(case: usize, p: &AttentionParams, seq_q: &[usize], ctx: &[usize], page: usize) {
     let emu = emulator(500 + case as u64);
     let mut r = rng(500 + case as u64);
@@ -28,7 +24,7 @@ fn run<T: Dtype>(case: usize, p: &AttentionParams, seq_q: &[usize], ctx: &[usize
     let (hq, d) = (p.num_q_heads, p.head_dim);
     let batch = PagedPrefillBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, f.max_pages);
     let q = guard(&as_dtype::<T>(&uniform(&mut r, tq * hq * d)).0);
-    let cq = guard(&cu(seq_q));
+    let cq = guard(&cu_seqlens(seq_q));
     let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cq, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
     let (mut out, mut lse) = (GuardedBuf::filled(tq * hq * d, T::default()), GuardedBuf::filled(hq * tq, 0f32));
     let rep = emu
@@ -68,7 +64,7 @@ fn emulated_paged_prefill_equals_contiguous_prefill() {
     let f = fill::<bf16>(&emu, &p, &seqs, page, &mut r);
     let tq: usize = seqs.iter().sum();
     let q = guard(&as_dtype::<bf16>(&uniform(&mut r, tq * hq * d)).0);
-    let cq = guard(&cu(&seqs));
+    let cq = guard(&cu_seqlens(&seqs));
     // The same keys, contiguous: gathered from the cache.
     let row = hkv * d;
     let gather = |buf: &[bf16]| -> Vec<bf16> {

@@ -22,8 +22,7 @@ type Stream = Arc<cudarc::driver::CudaStream>;
 fn run<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, p: &AttentionParams, seq_q: &[usize], seq_k: &[usize], seed: u64, use_ws: bool) -> PrefillPath {
     let mut r = rng(seed);
     let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    let cu = |s: &[usize]| -> Vec<i32> { std::iter::once(0).chain(s.iter().scan(0, |a, &x| { *a += x; Some(*a as i32) })).collect() };
-    let (cq, ck) = (cu(seq_q), cu(seq_k));
+    let (cq, ck) = (cu_seqlens(seq_q), cu_seqlens(seq_k));
     let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
     let batch = AttentionBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, tk);
     let (qv, _) = as_dtype::<T>(&uniform(&mut r, tq * hq * d));

@@ -26,7 +26,7 @@ fn run<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, case: usize, p: &A
     let (vc, _) = as_dtype::<T>(&uniform(&mut r, cache.len()));
     let tq: usize = seq_q.iter().sum();
     let (q, _) = as_dtype::<T>(&uniform(&mut r, tq * hq * d));
-    let cu: Vec<i32> = std::iter::once(0).chain(seq_q.iter().scan(0, |a, &x| { *a += x as i32; Some(*a) })).collect();
+    let cu = cu_seqlens(seq_q);
     let lens: Vec<i32> = ctx.iter().map(|&c| c as i32).collect();
     let up = |x: &[T]| stream.clone_htod(x).unwrap();
     let (qd, kd, vd) = (up(&q), up(&kc), up(&vc));

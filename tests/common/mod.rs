@@ -41,6 +41,11 @@ pub fn uniform(rng: &mut StdRng, n: usize) -> Vec<f64> {
     (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
+/// Cumulative offsets `[0, l0, l0 + l1, ...]` of a varlen batch (`cu_seqlens`).
+pub fn cu_seqlens(lengths: &[usize]) -> Vec<i32> {
+    std::iter::once(0).chain(lengths.iter().scan(0, |a, &x| { *a += x as i32; Some(*a) })).collect()
+}
+
 /// Round through the device dtype so that the reference sees exactly what the GPU sees.
 pub fn as_dtype<T: rope_attn::cuda::Dtype>(x: &[f64]) -> (Vec<T>, Vec<f64>) {
     let t: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
