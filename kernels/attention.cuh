@@ -35,13 +35,16 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     return s;
 }
 
-// rows x D tile into shared memory (row pitch LD) with 16-byte cp.async, row r read from
-// row_ptr(r); rows >= valid are zero-filled without touching global memory.
-template <typename T, int D, int LD, typename RowPtr>
-__device__ __forceinline__ void copy_rows_async(T* s, int rows, int valid, RowPtr row_ptr) {
+// ROWS x D tile into shared memory (row pitch LD) with 16-byte cp.async by the block's THREADS
+// threads, row r read from row_ptr(r); rows >= valid are zero-filled without touching global
+// memory. Not unrolled: the wide prefill issues K copies while O and P fill the registers, and
+// unrolled copies keep a precomputed address per iteration (ptxas then spills).
+template <typename T, int D, int LD, int ROWS, int THREADS, typename RowPtr>
+__device__ __forceinline__ void copy_rows_async(T* s, int valid, RowPtr row_ptr) {
     constexpr int CH = D * sizeof(T) / 16;  // 16-byte chunks per row
     constexpr int PER = 16 / sizeof(T);
-    for (int c = threadIdx.x; c < rows * CH; c += blockDim.x) {
+#pragma unroll 1
+    for (int c = threadIdx.x; c < ROWS * CH; c += THREADS) {
         const int row = c / CH, col = (c % CH) * PER;
         const bool ok = row < valid;
         cp_async_16(s + row * LD + col, row_ptr(ok ? row : 0) + col, ok);

@@ -5,7 +5,7 @@
 // sliding-window masks with sinks, GQA, variable-length batches, ReRoPE by the two-rotation
 // trick (a second, far copy of the Q tile and the K tile; per element the distance picks one).
 //
-// 16-bit path: WARPS warps x 16 query rows, BN keys per tile, tensor cores (mma.sync m16n8k16,
+// 16-bit path: WARPS warps x 16 query rows (x MB row blocks), BN keys per tile, tensor cores (mma.sync m16n8k16,
 // ldmatrix), K/V through shared memory with cp.async (V of tile n and K of tile n+1 are in
 // flight while the tensor cores work), online softmax in f32 in the log2 domain.
 // f32 path: one warp per query row, FMA; correct everywhere, not fast.
@@ -13,11 +13,17 @@
 
 namespace ra {
 
-// O (and the row state) for the tensor-core path. Thread (g, t) of warp w holds query rows
-// 16w + g and 16w + g + 8 (in-tile), the mma accumulator layout.
-template <typename T, int D, int WARPS, int BN>
+// O (and the row state) for the tensor-core path. The block's BM = MB·WARPS·16 query rows are
+// MB row blocks of WARPS·16; thread (g, t) of warp w holds rows 16w + g and 16w + g + 8 of each
+// (the mma accumulator layout).
+// FULL kernels take every option: keys rotated in the kernel (fused path), ReRoPE's far copies,
+// paged K/V. The others (MB = 2, FlashAttention-2's 128-row tile) take keys ready in memory
+// (pre-rotated, or no RoPE): every K and V fragment a warp loads from shared memory then feeds
+// two mmas, half the shared-memory traffic per flop, which is what limits mma.sync on A100/H100.
+// O and S double in registers, so the options' state has to go: FULL = false compiles it out.
+template <typename T, int D, int WARPS, int BN, int MB, bool FULL>
 __device__ void attention_fwd_mma(const AttnParams& p) {
-    constexpr int BM = WARPS * 16, LD = D + 8, NT = BN / 8, DT = D / 8;
+    constexpr int BM = MB * WARPS * 16, LD = D + 8, NT = BN / 8, DT = D / 8;
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
     T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + BM * LD;
@@ -37,7 +43,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const int kp = sb.k_pos0;          // position of the sequence's key 0
     const int i0 = sb.q_pos0 + m0;     // position of the tile's first query
     const bool rope = p.rope.rotary_dim > 0;
-    const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
+    // The launcher sends ReRoPE only to FULL kernels; a constant false drops the far code here.
+    const bool rel = FULL && rope && p.rope.relative != REL_NONE, leaky = rel && p.rope.relative == REL_LEAKY;
     // The fused path rotates K tiles by composition (tile.cuh), its tables after the tiles in use:
     // (BM + 2·BN)·LD or (2·BM + 3·BN)·LD elements of T, multiples of 8 bytes. Not at head_dim
     // 256, where 12 KB of tables would cost an H100 a block per SM.
@@ -46,7 +53,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     float2* rot_base = rot_off + ROT_SUB * (D / 2);                       // [BN/ROT_SUB][D/2]
     // Key j's rows: contiguous from kg / vg / fg, or (paged) through the block table, where the
     // far copy is the raw key, rotated in shared memory like the near one.
-    const bool paged = p.block_table != nullptr;
+    const bool paged = FULL && p.block_table != nullptr;  // the launcher sends paged calls to FULL kernels
     auto paged_at = [&](const void* cache, int j) {
         return paged_key(static_cast<const T*>(cache), p.block_table, b, j, kvh, p.page_size, p.max_pages, p.num_pages,
                          p.kv_heads, D);
@@ -56,7 +63,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     auto frow = [&](int j) { return paged ? paged_at(p.k, j) : fg + (long long)j * p.kf_row_stride; };
 
     load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, rope ? ROT_POS : ROT_NONE, i0);
-    if (COMPOSED && p.rotate_k) fill_rotation_offsets(rot_off, p.rope);  // read after the loop's first barrier
+    if (COMPOSED && FULL && p.rotate_k) fill_rotation_offsets(rot_off, p.rope);  // read after the loop's first barrier
     if (rel) load_rotated_tile(Qf, LD, qg, p.q_row_stride, BM, vq, D, p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, i0);
 
     const MaskArgs mask{p.causal, p.window, p.sinks};
@@ -70,147 +77,191 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     };
     auto issue_k = [&](int n) {
         const int valid = imin(BN, sb.seqlen_k - n * BN);
-        copy_rows_async<T, D, LD>(Ks, BN, valid, [&](int r) { return krow(n * BN + r); });
-        if (rel) copy_rows_async<T, D, LD>(Kf, BN, valid, [&](int r) { return frow(n * BN + r); });
+        copy_rows_async<T, D, LD, BN, WARPS * 32>(Ks, valid, [&](int r) { return krow(n * BN + r); });
+        if (rel) copy_rows_async<T, D, LD, BN, WARPS * 32>(Kf, valid, [&](int r) { return frow(n * BN + r); });
         cp_async_commit();
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float slope = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) : 0.f;
-    float o[DT][4];
+    float o[MB][DT][4];
 #pragma unroll
-    for (int d = 0; d < DT; ++d)
+    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) o[d][c] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+        for (int d = 0; d < DT; ++d)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) o[mb][d][c] = 0.f;
+    float row_max[MB][2], row_sum[MB][2];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) row_max[mb][rr] = -INFINITY, row_sum[mb][rr] = 0.f;
 
     int n = next_tile(0);
     if (n < n_end) issue_k(n);
     while (n < n_end) {
         const int j0 = n * BN, vk = imin(BN, sb.seqlen_k - j0);
         // Every thread finished the previous tile's rotation (a barrier ago): the bases are free.
-        if (COMPOSED && p.rotate_k) fill_rotation_bases(rot_base, p.rope, kp + j0, BN);
+        if (COMPOSED && FULL && p.rotate_k) fill_rotation_bases(rot_base, p.rope, kp + j0, BN);
         cp_async_wait<0>();
         __syncthreads();  // K_n landed; every warp finished P·V of the previous tile
-        if (p.rotate_k) {
+        if (FULL && p.rotate_k) {
             if constexpr (COMPOSED) rotate_tile_composed(Ks, LD, vk, p.rope, rot_off, rot_base);
             else load_rotated_tile(Ks, LD, Ks, LD, BN, vk, D, p.rope, ROT_POS, kp + j0);
             // ReRoPE's far keys stay raw; Leaky's are rotated to j / k.
             if (leaky) load_rotated_tile(Kf, LD, Kf, LD, BN, vk, D, p.rope, ROT_K_LEAKY, kp + j0);
             __syncthreads();
         }
-        copy_rows_async<T, D, LD>(Vs, BN, vk, [&](int r) { return vrow(j0 + r); });
+        copy_rows_async<T, D, LD, BN, WARPS * 32>(Vs, vk, [&](int r) { return vrow(j0 + r); });
         cp_async_commit();
 
-        // S = Q Kᵀ (and the far product), 16 rows x BN keys per warp.
-        float s[NT][4], sf[NT][4];
+        // S = Q Kᵀ (and the far product), 16 rows x BN keys per warp and row block; each K
+        // fragment is loaded once for the MB row blocks.
+        float s[MB][NT][4], sf[MB][FULL ? NT : 1][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) s[nt][c] = sf[nt][c] = 0.f;
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) s[mb][nt][c] = 0.f;
+        if constexpr (FULL) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) sf[mb][nt][c] = 0.f;
+        }
 #pragma unroll
         for (int kk = 0; kk < D; kk += 16) {
-            uint32_t a[4], af[4];
-            const int arow = (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + kk + (lane / 16) * 8;
-            ldmatrix_x4(a, Qs + arow);
-            if (rel) ldmatrix_x4(af, Qf + arow);
+            uint32_t a[MB][4], af[MB][4];
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                const int arow = ((mb * WARPS + warp) * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + kk + (lane / 16) * 8;
+                ldmatrix_x4(a[mb], Qs + arow);
+                if constexpr (FULL)
+                    if (rel) ldmatrix_x4(af[mb], Qf + arow);
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 uint32_t bk[4];
                 const int brow = (np * 16 + (lane % 8) + (lane / 16) * 8) * LD + kk + ((lane / 8) % 2) * 8;
                 ldmatrix_x4(bk, Ks + brow);
-                mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
-                mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
-                if (rel) {
-                    ldmatrix_x4(bk, Kf + brow);
-                    mma_16816<T>(sf[2 * np], af, bk[0], bk[1]);
-                    mma_16816<T>(sf[2 * np + 1], af, bk[2], bk[3]);
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    mma_16816<T>(s[mb][2 * np], a[mb], bk[0], bk[1]);
+                    mma_16816<T>(s[mb][2 * np + 1], a[mb], bk[2], bk[3]);
                 }
+                if constexpr (FULL)
+                    if (rel) {
+                        ldmatrix_x4(bk, Kf + brow);
+#pragma unroll
+                        for (int mb = 0; mb < MB; ++mb) {
+                            mma_16816<T>(sf[mb][2 * np], af[mb], bk[0], bk[1]);
+                            mma_16816<T>(sf[mb][2 * np + 1], af[mb], bk[2], bk[3]);
+                        }
+                    }
             }
         }
 
-        // Scale, bias, mask; online softmax (rows g and g+8 of the warp; 4 lanes share a row).
+        // Scale, bias, mask; online softmax (rows g and g+8 of each row block; 4 lanes share a row).
         const bool full = vk == BN && tile_fully_visible(mask, i0, i0 + vq, kp + j0, kp + j0 + BN);
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int i = i0 + warp * 16 + g + rr * 8;
-            float mx = -INFINITY;
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            for (int rr = 0; rr < 2; ++rr) {
+                const int i = i0 + (mb * WARPS + warp) * 16 + g + rr * 8;
+                float mx = -INFINITY;
 #pragma unroll
-                for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
-                    const int key = nt * 8 + 2 * t + (c & 1), j = kp + j0 + key;
-                    float x = score_log2(p.rope, p.scale_log2, s[nt][c], sf[nt][c], i, j, slope);
-                    if (!full && (key >= vk || !visible(mask, i, j))) x = -INFINITY;
-                    s[nt][c] = x;
-                    mx = fmaxf(mx, x);
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
+                        const int j = kp + j0 + nt * 8 + 2 * t + (c & 1);
+                        float x;
+                        if constexpr (FULL) x = score_log2(p.rope, p.scale_log2, s[mb][nt][c], sf[mb][nt][c], i, j, slope);
+                        else x = s[mb][nt][c] * p.scale_log2 + alibi_bias(slope, i, j) * LOG2E;
+                        if (!full && (j >= kp + j0 + vk || !visible(mask, i, j))) x = -INFINITY;
+                        s[mb][nt][c] = x;
+                        mx = fmaxf(mx, x);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_max[mb][rr], mx);
+                const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
+                const float alpha = exp2f(row_max[mb][rr] - m_use);
+                row_max[mb][rr] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
+                        s[mb][nt][c] = exp2f(s[mb][nt][c] - m_use);
+                        sum += s[mb][nt][c];
+                    }
+                row_sum[mb][rr] = row_sum[mb][rr] * alpha + sum;  // per-lane partial; the quad is summed at the end
+#pragma unroll
+                for (int d = 0; d < DT; ++d) {
+                    o[mb][d][2 * rr] *= alpha;
+                    o[mb][d][2 * rr + 1] *= alpha;
                 }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(row_max[rr], mx);
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
-            const float alpha = exp2f(row_max[rr] - m_use);
-            row_max[rr] = m_new;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
-                    s[nt][c] = exp2f(s[nt][c] - m_use);
-                    sum += s[nt][c];
-                }
-            row_sum[rr] = row_sum[rr] * alpha + sum;  // per-lane partial; the quad is summed at the end
-#pragma unroll
-            for (int d = 0; d < DT; ++d) {
-                o[d][2 * rr] *= alpha;
-                o[d][2 * rr + 1] *= alpha;
             }
-        }
+
+        // P to 16 bits in the A-operand layout now, while the f32 scores die: half the registers
+        // through the copy issue and P·V below.
+        uint32_t pa[MB][BN / 16][4];
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                pa[mb][kk][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
+                pa[mb][kk][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
+                pa[mb][kk][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
+                pa[mb][kk][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
+            }
 
         cp_async_wait<0>();
         __syncthreads();  // V_n landed; every warp finished reading K_n
         const int next = next_tile(n + 1);
         if (next < n_end) issue_k(next);  // overlaps with P·V below
 
-        // O += P V: P goes from accumulator to A-operand layout without leaving registers.
+        // O += P V without P leaving registers; each V fragment is loaded once for the MB row blocks.
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            uint32_t a[4];
-            a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
             for (int np = 0; np < D / 16; ++np) {
                 uint32_t bv[4];
                 ldmatrix_x4_trans(bv, Vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + np * 16 + (lane / 16) * 8);
-                mma_16816<T>(o[2 * np], a, bv[0], bv[1]);
-                mma_16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    mma_16816<T>(o[mb][2 * np], pa[mb][kk], bv[0], bv[1]);
+                    mma_16816<T>(o[mb][2 * np + 1], pa[mb][kk], bv[2], bv[3]);
+                }
             }
-        }
         n = next;
     }
 
     // Normalise and write O and the LSE.
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        float l = row_sum[rr];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int row = m0 + warp * 16 + g + rr * 8;
-        if (row >= sb.seqlen_q) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        T* orow = static_cast<T*>(p.out) + (long long)(sb.q_start + row) * p.o_row_stride + (long long)h * D;
+    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            const float v2[2] = {o[d][2 * rr] * inv, o[d][2 * rr + 1] * inv};
-            store_f32<T, 2>(orow + d * 8 + 2 * t, v2);
+        for (int rr = 0; rr < 2; ++rr) {
+            float l = row_sum[mb][rr];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int row = m0 + (mb * WARPS + warp) * 16 + g + rr * 8;
+            if (row >= sb.seqlen_q) continue;
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            T* orow = static_cast<T*>(p.out) + (long long)(sb.q_start + row) * p.o_row_stride + (long long)h * D;
+#pragma unroll
+            for (int d = 0; d < DT; ++d) {
+                const float v2[2] = {o[mb][d][2 * rr] * inv, o[mb][d][2 * rr + 1] * inv};
+                store_f32<T, 2>(orow + d * 8 + 2 * t, v2);
+            }
+            if (t == 0) {
+                const float m_use = row_max[mb][rr] == -INFINITY ? 0.f : row_max[mb][rr];
+                p.lse[(long long)h * p.total_q + sb.q_start + row] = l > 0.f ? (m_use + log2f(l)) * LN2 : -INFINITY;
+            }
         }
-        if (t == 0) {
-            const float m_use = row_max[rr] == -INFINITY ? 0.f : row_max[rr];
-            p.lse[(long long)h * p.total_q + sb.q_start + row] = l > 0.f ? (m_use + log2f(l)) * LN2 : -INFINITY;
-        }
-    }
 }
 
 // f32: one warp per query row; lane c owns components c, c + 32, ... K arrives pre-rotated
@@ -299,12 +350,31 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
 
 }  // namespace ra
 
-// attention_fwd_d<D>_<dtype>: 4 warps x 64 keys per tile; head_dim 256 takes 2 warps x 32 keys
-// so that Q, K, V and the ReRoPE far copies fit the 99 KB of an sm_86/89 block.
-#define RA_FWD(T, NAME, D, WARPS, BN)                                                             \
-    RA_KERNEL(WARPS * 32, attention_fwd_d##D##_##NAME, ra::AttnParams) { ra::attention_fwd_mma<T, D, WARPS, BN>(p); }
-#define RA_FWD_ALL_D(T, NAME) \
-    RA_FWD(T, NAME, 64, 4, 64) RA_FWD(T, NAME, 80, 4, 64) RA_FWD(T, NAME, 96, 4, 64) RA_FWD(T, NAME, 128, 4, 64) RA_FWD(T, NAME, 256, 2, 32)
+// Two kernels per head dim and dtype (src/cuda/attention.rs, fwd_kernel, picks):
+// - attention_fwd_d<D>_<dtype> (FULL): 4 warps x 64 keys per tile, 64 query rows; head_dim 256
+//   takes 2 warps x 32 keys so that Q, K, V and the far copies fit the 99 KB of an sm_86/89 block.
+// - attention_fwd_wide_d<D>_<dtype>: 128 query rows x 64 keys up to head_dim 128, 64 x 64 at 256
+//   (Q, K and V at pitch 264: exactly the 99 KB). On sm_80 head_dim 128 takes 48-key tiles: at 64,
+//   ptxas's sm_80 allocation spills 20 bytes (sm_90's does not). The launcher sizes shared memory
+//   for 64 keys either way.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define RA_WIDE_BN_D128 48
+#elif defined(__CUDA_ARCH__)
+#define RA_WIDE_BN_D128 64
+#else
+#define RA_WIDE_BN_D128 48  // the emulator runs the odd tile; 64 is the narrow kernels' tile
+#endif
+#define RA_FWD(T, NAME, KNAME, D, WARPS, BN, MB, FULL)                          \
+    RA_KERNEL(WARPS * 32, attention_fwd_##KNAME##D##_##NAME, ra::AttnParams) { \
+        ra::attention_fwd_mma<T, D, WARPS, BN, MB, FULL>(p);                     \
+    }
+#define RA_FWD_ALL_D(T, NAME)                                                                            \
+    RA_FWD(T, NAME, d, 64, 4, 64, 1, true) RA_FWD(T, NAME, d, 80, 4, 64, 1, true)                      \
+    RA_FWD(T, NAME, d, 96, 4, 64, 1, true) RA_FWD(T, NAME, d, 128, 4, 64, 1, true)                     \
+    RA_FWD(T, NAME, d, 256, 2, 32, 1, true)                                                              \
+    RA_FWD(T, NAME, wide_d, 64, 4, 64, 2, false) RA_FWD(T, NAME, wide_d, 80, 4, 64, 2, false)          \
+    RA_FWD(T, NAME, wide_d, 96, 4, 64, 2, false) RA_FWD(T, NAME, wide_d, 128, 4, RA_WIDE_BN_D128, 2, false) \
+    RA_FWD(T, NAME, wide_d, 256, 4, 64, 1, false)
 RA_FWD_ALL_D(__half, f16)
 RA_FWD_ALL_D(__nv_bfloat16, bf16)
 

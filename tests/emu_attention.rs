@@ -13,7 +13,7 @@ use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{attention_fwd_workspace_len, max_abs, AttentionBatch, CheckReport, Dtype, PrefillPath, Tolerance};
 use rope_attn::emulator::{Emulator, FwdInputs, GuardedBuf};
-use rope_attn::{reference, Alibi, AttentionParams, Relative};
+use rope_attn::{reference, Alibi, AttentionParams, Mask, Relative};
 
 /// One varlen problem through the emulated prefill in checked mode; returns the path taken.
 fn run<T: Dtype>(emu: &Emulator, p: &AttentionParams, seq_q: &[usize], seq_k: &[usize], seed: u64, use_ws: bool) -> PrefillPath {
@@ -185,6 +185,69 @@ fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     assert!((w.trig as f64) < pairs / 4.0, "{} sincos for {pairs} key-pairs", w.trig);
     // QKᵀ and PV on tensor cores: (64/16 row tiles) x (1024/8 key tiles) x (128/16) k-steps, and as many for PV.
     assert_eq!(w.mma as usize, 2 * (nq / 16) * (nk / 8) * (d / 16));
+}
+
+/// Prefill with keys ready in memory (pre-rotated, or no RoPE) and more queries than a narrow
+/// tile takes the wide kernel (128 query rows, 64 at head_dim 256): every head dim and both
+/// 16-bit dtypes, GQA, each mask, ALiBi, sequences that are multiples of no tile, a 1-token one,
+/// and causal rows that see no key.
+#[test]
+fn emulated_wide_tiles_every_head_dim() {
+    let emu = emulator(20);
+    for (i, &d) in rope_attn::cuda::SUPPORTED_HEAD_DIMS.iter().enumerate() {
+        let mut p = AttentionParams::new(4, 2, d);
+        p.mask = [
+            Mask { causal: true, window: None, sinks: 0 },
+            Mask { causal: true, window: Some(50), sinks: 3 },
+            Mask { causal: false, window: None, sinks: 0 },
+        ][i % 3];
+        p.alibi = (i % 2 == 0).then_some(Alibi { total_heads: 8, head_offset: 4 });
+        // No RoPE (the plain path) on odd head dims, the pre-rotated path on the others.
+        p.rope = (i % 2 == 0).then(|| schedules(d, d).remove(i % 8).1);
+        let want = if p.rope.is_some() { PrefillPath::PreRotated } else { PrefillPath::Plain };
+        let (seq_q, seq_k) = ([130usize, 1, 257], [100usize, 5, 300]);
+        assert_eq!(run::<bf16>(&emu, &p, &seq_q, &seq_k, 20 + i as u64, true), want, "d={d}");
+        assert_eq!(run::<f16>(&emu, &p, &seq_q, &seq_k, 30 + i as u64, true), want, "d={d}");
+    }
+}
+
+/// What the wide tile buys, counted: the same problem through the narrow kernel (fused path)
+/// and the wide one (pre-rotated) does the same mma.sync work, while every K and V fragment
+/// loaded from shared memory feeds two row blocks. The ldmatrix bytes follow each kernel's
+/// tiling exactly: per warp and key tile, MB·d/16 Q loads and (BN/16)·(d/16) for K and for V,
+/// 512 bytes each. Tiles (query rows, keys, warps, row blocks per warp), from
+/// kernels/attention_fwd.cu: narrow 64/64/4/1 (256: 32/32/2/1); wide 128/64/4/2 (the emulator
+/// runs sm_80's 48-key tile at head_dim 128; 256: 64/64/4/1).
+#[test]
+fn emulated_wide_tiles_halve_fragment_traffic() {
+    let (nq, nk) = (256usize, 768usize); // multiples of every tile here
+    let ldsm = |(bm, bn, warps, mb): (usize, usize, usize, usize), d: usize| {
+        512 * (nq / bm) * (nk / bn) * warps * (mb * d / 16 + 2 * (bn / 16) * (d / 16))
+    };
+    for d in [64usize, 128, 256] {
+        let (narrow, wide) = match d {
+            256 => ((32, 32, 2, 1), (64, 64, 4, 1)),
+            128 => ((64, 64, 4, 1), (128, 48, 4, 2)),
+            _ => ((64, 64, 4, 1), (128, 64, 4, 2)),
+        };
+        let mut p = AttentionParams::new(1, 1, d);
+        p.mask = Mask { causal: false, window: None, sinks: 0 };
+        p.rope = Some(schedules(d, d).remove(6).1);
+        let emu = emulator(21);
+        let mut works = Vec::new();
+        for (use_ws, want) in [(false, PrefillPath::Fused), (true, PrefillPath::PreRotated)] {
+            assert_eq!(run::<bf16>(&emu, &p, &[nq], &[nk], 40 + d as u64, use_ws), want);
+            works.push(emu.take_work());
+        }
+        let (w_narrow, w_wide) = (works[0], works[1]);
+        println!("d={d}: narrow {w_narrow:?}\n      wide {w_wide:?}");
+        let mmas = 2 * (nq / 16) * (nk / 8) * (d / 16);
+        assert_eq!(w_narrow.mma as usize, mmas, "d={d}");
+        assert_eq!(w_wide.mma as usize, mmas, "d={d}");
+        assert_eq!(w_narrow.ldmatrix_bytes as usize, ldsm(narrow, d), "d={d}");
+        // The pre-rotated call also launches the rope kernel, which uses no ldmatrix.
+        assert_eq!(w_wide.ldmatrix_bytes as usize, ldsm(wide, d), "d={d}");
+    }
 }
 
 /// attention_fwd_at on every key path — fused, pre-rotated, ReRoPE and Leaky ReRoPE (which

@@ -18,7 +18,7 @@
 namespace ra_emu {
 
 thread_local ThreadState* tls_thread = nullptr;
-thread_local Counters tls_counters = {0, 0, 0};
+thread_local Counters tls_counters = {0, 0, 0, 0};
 thread_local BlockState* tls_block = nullptr;
 
 // ---- the kernel registry -------------------------------------------------------------------
@@ -255,6 +255,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
     words[1] = static_cast<uint32_t>(a >> 32);
     uint32_t(*s)[8] = exchange(C_LDMATRIX, words, 2);
     const int lane = me().lane, g = lane / 4, t = lane % 4;
+    if (lane == 0) tls_counters.ldmatrix_bytes += 4 * 8 * 16;  // four 8x8 matrices of b16
     for (int i = 0; i < 4; ++i) {
         // Matrix i's eight rows come from lanes 8i..8i+7; element (row, col) is a b16. Lane l gets
         // row l/4, elements 2(l%4), +1 (or, transposed, rows 2(l%4), +1 of column l/4): PTX ISA,
@@ -429,12 +430,12 @@ static const uint32_t MAX_SMEM = 99 * 1024;
 
 // Run kernel `name` over the whole grid, one block at a time. 0 on success; otherwise
 // ra_emu_last_error() says why (nothing is left running).
-// `counters` ([trig, mma, global bytes]) accumulates the work the launch did.
+// `counters` ([trig, mma, global bytes, ldmatrix bytes]) accumulates the work the launch did.
 extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t smem_bytes,
                              const void* params, size_t params_size, uint64_t seed, uint64_t* counters) {
     using namespace ra_emu;
     tls_error.clear();
-    tls_counters = Counters{0, 0, 0};
+    tls_counters = Counters{0, 0, 0, 0};
     auto it = registry().find(name);
     if (it == registry().end()) {
         tls_error = std::string("no kernel named ") + name;
@@ -494,6 +495,7 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
     counters[0] += tls_counters.trig;
     counters[1] += tls_counters.mma;
     counters[2] += tls_counters.global_bytes;
+    counters[3] += tls_counters.ldmatrix_bytes;
     if (!ok) {
         tls_error = std::string(name) + ": " + L.error;
         return 1;

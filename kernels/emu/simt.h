@@ -114,6 +114,7 @@ struct Counters {
     uint64_t trig;          // sincospif evaluations
     uint64_t mma;           // mma.sync instructions (per warp)
     uint64_t global_bytes;  // bytes moved by vector loads/stores and cp.async from global memory
+    uint64_t ldmatrix_bytes;  // shared-memory bytes ldmatrix fed to the tensor cores (512 per x4)
 };
 extern thread_local Counters tls_counters;
 

@@ -83,12 +83,22 @@ pub fn attention_fwd_workspace_len(p: &AttentionParams, total_k: usize) -> usize
 
 /// Whether to pass a workspace (of [`attention_fwd_workspace_len`]) to [`attention_fwd`] for
 /// element type `T`: always when the pre-rotated path is required (ReRoPE / Leaky ReRoPE, f32),
-/// never without RoPE, and otherwise when pre-rotating K is expected to beat the fused path:
-/// every query block re-rotates each K tile it visits in the fused path, so once a sequence spans
-/// more than a couple of query blocks (64 rows each) the one-pass rotation is cheaper (the
-/// threshold is unmeasured until BENCHMARKS.md has figures).
+/// never without RoPE, and otherwise once the queries of a sequence fill more than one narrow
+/// query tile (64 rows; 32 at head_dim 256). Past that point the fused path re-rotates each K
+/// tile once per query block, while pre-rotated keys cost one pass over K and let the kernel run
+/// its wide tile (128 query rows, half the shared-memory traffic per mma), which needs keys ready
+/// in memory. The threshold is argued from work counts, unmeasured until BENCHMARKS.md has figures.
 pub fn prefill_prefers_workspace<T: Dtype>(p: &AttentionParams, batch: &AttentionBatch) -> bool {
-    p.rope.is_some() && (pre_rotation_required::<T>(p) || batch.max_seqlen_q > 128)
+    p.rope.is_some() && (pre_rotation_required::<T>(p) || batch.max_seqlen_q > narrow_tile_rows(p.head_dim))
+}
+
+/// Query rows of the narrow prefill kernel (the one that takes every option).
+pub(crate) fn narrow_tile_rows(d: usize) -> usize {
+    if d == 256 {
+        32
+    } else {
+        64
+    }
 }
 
 /// ReRoPE needs the second (far) copy of the keys, and the f32 kernel has no fused path.
@@ -185,15 +195,27 @@ pub(crate) fn rotation_table_bytes(keys: usize, d: usize) -> usize {
 /// block per query tile, head and sequence; shared memory for the Q, K and V tiles (pitch d + 8),
 /// the far copies with ReRoPE, and on the fused path at head_dim <= 128 the composed-rotation
 /// tables after them.
+///
+/// Two kernels per head dim (kernels/attention_fwd.cu): the *wide* one (128 query rows, 64 at
+/// head_dim 256) for keys ready in memory, contiguous, without ReRoPE, when the queries fill more
+/// than one narrow tile; otherwise the narrow one, which takes every option.
 pub(crate) fn mma_fwd_launch<T: Dtype>(params: AttnParams, p: &AttentionParams, fused: bool) -> Launch<AttnParams> {
     let d = p.head_dim;
-    let (bm, bn) = if d == 256 { (32, 32) } else { (64, 64) };
     let rel = p.rope.is_some() && p.relative != Relative::None;
+    let wide = !fused && !rel && params.block_table == 0 && params.max_seqlen_q as usize > narrow_tile_rows(d);
+    // (query rows, keys, threads) per block; the wide head_dim-128 kernel's 48-key tiles on sm_80
+    // fit in the 64 sized here.
+    let (bm, bn, threads) = match (wide, d == 256) {
+        (true, true) => (64, 64, 128),
+        (true, false) => (128, 64, 128),
+        (false, true) => (32, 32, 64),
+        (false, false) => (64, 64, 128),
+    };
     let tiles = (bm + 2 * bn + if rel { bm + bn } else { 0 }) * (d + 8) * std::mem::size_of::<T>();
     let smem = tiles + if fused && d <= 128 { rotation_table_bytes(bn, d) } else { 0 };
     let grid = ((params.max_seqlen_q as usize).div_ceil(bm) as u32, params.q_heads as u32, params.batch as u32);
-    let name = format!("attention_fwd_d{d}_{}", T::NAME);
-    Launch { module: Module::AttentionFwd, name, grid, threads: if d == 256 { 64 } else { 128 }, smem, params }
+    let name = format!("attention_fwd_{}d{d}_{}", if wide { "wide_" } else { "" }, T::NAME);
+    Launch { module: Module::AttentionFwd, name, grid, threads, smem, params }
 }
 
 /// The parameter fields every prefill launch (contiguous or paged) fills the same way: the

@@ -82,7 +82,7 @@ extern "C" {
 pub struct Emulator {
     seed: u64,
     launches: AtomicU64,
-    work: [AtomicU64; 4], // launches, trig, mma, global bytes since the last take_work
+    work: [AtomicU64; 5], // launches, trig, mma, global bytes, ldmatrix bytes since the last take_work
 }
 
 /// What the kernels did, counted as they ran in the emulator: a machine-independent measure of
@@ -97,6 +97,9 @@ pub struct Work {
     pub mma: u64,
     /// Bytes moved between global memory and the kernels by vector accesses and `cp.async`.
     pub global_bytes: u64,
+    /// Shared-memory bytes `ldmatrix` fed to the tensor cores: per mma, the traffic that limits
+    /// `mma.sync` kernels on A100/H100 (what the prefill's 128-row tiles halve for K and V).
+    pub ldmatrix_bytes: u64,
 }
 
 impl Default for Emulator {
@@ -125,7 +128,7 @@ impl Backend for Emulator {
         // SAFETY: `params` is a #[repr(C)] mirror of the kernel's struct (its size is checked on
         // the C++ side too); every address in it was validated by the launcher that planned this
         // launch against the host buffers it came from, which outlive this call.
-        let mut counts = [0u64; 3];
+        let mut counts = [0u64; 4];
         let rc = unsafe {
             ra_emu_launch(
                 name.as_ptr(),
@@ -213,12 +216,13 @@ impl Emulator {
 
     /// The work of every launch so far, and a reset of the count.
     pub fn take_work(&self) -> Work {
-        let [launches, trig, mma, bytes] = &self.work;
+        let [launches, trig, mma, bytes, ldsm] = &self.work;
         Work {
             launches: launches.swap(0, Ordering::Relaxed),
             trig: trig.swap(0, Ordering::Relaxed),
             mma: mma.swap(0, Ordering::Relaxed),
             global_bytes: bytes.swap(0, Ordering::Relaxed),
+            ldmatrix_bytes: ldsm.swap(0, Ordering::Relaxed),
         }
     }
 
