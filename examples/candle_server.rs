@@ -1,6 +1,6 @@
 //! rope-attn from a candle server: one attention layer of Llama 3.1 8B (its real `config.json`:
 //! llama3 RoPE scaling, 32 query heads over 8 KV heads, d = 128) stepping a batch of requests
-//! through prefill and decode on a paged KV cache, all on candle `Tensor`s.
+//! through prefill, decode and a chunked prefill on a paged KV cache, all on candle `Tensor`s.
 //!
 //! CPU tensors run the f64 reference; built with `--features candle-cuda` and run on a machine
 //! with a GPU, the same calls run the kernels on the tensors' device and candle's stream.
@@ -48,6 +48,15 @@ impl Layer {
         Ok(out)
     }
 
+    /// A chunk of new tokens per request (a follow-up turn, or a long prompt split in chunks):
+    /// appended, then attended over each request's whole context straight from its pages.
+    fn chunk(&self, qkv: &Tensor, seqlens: &[usize], slots: &Tensor, table: &Tensor, lens: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = self.split(qkv)?;
+        ra::paged_append(&k, &v, &self.k_cache, &self.v_cache, slots)?;
+        let (out, _lse) = ra::attention_prefill_paged(&q, &self.k_cache, &self.v_cache, table, lens, seqlens, &self.p)?;
+        Ok(out)
+    }
+
     /// One decode step: one new token per request, appended, then attended over its pages.
     fn decode(&self, qkv: &Tensor, slots: &Tensor, table: &Tensor, lens: &Tensor, max_context: usize) -> Result<Tensor> {
         let (q, k, v) = self.split(qkv)?;
@@ -87,5 +96,17 @@ fn main() -> Result<()> {
         let norm = out.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
         println!("decode step {step}: contexts {lens:?}, output {:?}, |out| = {norm:.3}", out.dims());
     }
+    // A follow-up turn of 5 tokens for request 0 and 2 for request 1, as one chunked prefill.
+    let chunk = [5usize, 2];
+    let mut chunk_slots = Vec::new();
+    for (r, &n) in chunk.iter().enumerate() {
+        let pages = [[3u32, 9], [5, 6]][r];
+        chunk_slots.extend((lens[r]..lens[r] + n).map(|j| slot(pages[j / 16], j % 16)));
+        lens[r] += n;
+    }
+    let qkv = Tensor::randn(0f32, 1.0, (7, width), &dev)?.to_dtype(DType::BF16)?;
+    let ctx = Tensor::new(&[lens[0] as u32, lens[1] as u32], &dev)?;
+    let out = layer.chunk(&qkv, &chunk, &Tensor::new(chunk_slots.as_slice(), &dev)?, &table, &ctx)?;
+    println!("chunked prefill {chunk:?}: contexts {lens:?}, output {:?}", out.dims());
     Ok(())
 }

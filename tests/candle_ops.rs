@@ -2,8 +2,9 @@
 //! `rope` (half), `rope_i` (interleaved) and `rope_thd`; attention against softmax(QKᵀ·scale +
 //! mask)·V written with plain candle ops (matmul, softmax_last_dim, log_sum_exp), for GQA,
 //! causal, sliding window with sinks, ALiBi and ReRoPE, prefill and paged decode; the in-place
-//! and paged-cache paths; typed errors. GPU tests compare CUDA tensors with the CPU path
-//! (feature `candle-cuda`; they skip loudly without a GPU, fail under ROPE_ATTN_REQUIRE_GPU=1).
+//! and paged-cache paths, chunked prefill over a paged cache; typed errors. GPU tests compare
+//! CUDA tensors with the CPU path (feature `candle-cuda`; they skip loudly without a GPU, fail
+//! under ROPE_ATTN_REQUIRE_GPU=1).
 //!
 //! Tolerances: every input is f32 in [-1, 1). Our CPU path is f64 rounded once to f32
 //! (error <= 2^-24 relative). candle computes in f32: a rotated component is x0·c - x1·s with
@@ -603,6 +604,54 @@ mod gpu {
             let (odc, ldc) = ra::attention_decode(&qd, &kcc, &vcc, &table, &lens, 24, &p).unwrap();
             assert_close(&format!("{dt:?} decode out"), &odg.to_device(&Device::Cpu).unwrap(), &odc, tol);
             assert_close(&format!("{dt:?} decode lse"), &ldg.to_device(&Device::Cpu).unwrap(), &ldc, tol);
+            // Chunked prefill of the last 7 tokens over the same cache (f16 and bf16 only).
+            if dt != DType::F32 {
+                let qp = qc.narrow(0, t - 7, 7).unwrap();
+                let tg = table.to_device(&gpu).unwrap();
+                let (opg, lpg) = ra::attention_prefill_paged(&qp.to_device(&gpu).unwrap(), &kcg, &vcg, &tg, &lens.to_device(&gpu).unwrap(), &[7], &p).unwrap();
+                let (opc, lpc) = ra::attention_prefill_paged(&qp, &kcc, &vcc, &table, &lens, &[7], &p).unwrap();
+                assert_close(&format!("{dt:?} paged prefill out"), &opg.to_device(&Device::Cpu).unwrap(), &opc, tol);
+                assert_close(&format!("{dt:?} paged prefill lse"), &lpg.to_device(&Device::Cpu).unwrap(), &lpc, tol);
+            }
         }
     }
+}
+
+/// Chunked prefill over a paged cache: each sequence's last tokens attend to its whole context
+/// read through the block table, bit-identical to attention_prefill on the contiguous keys (both
+/// are the reference, rounded once to bf16). The paged op takes f16 and bf16 only, as the kernel.
+#[test]
+fn paged_prefill_equals_prefill_on_the_gathered_keys() {
+    let mut r = rng(25);
+    let (hq, hkv, d) = (8, 2, 64);
+    let (ctx, chunk) = ([11usize, 6, 3], [4usize, 6, 1]); // a chunk deep in its context, a fresh prompt, one token
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(rotary(d, d, Layout::Half, RopeScaling::Default));
+    p.alibi = Some(Alibi { total_heads: 8, head_offset: 0 });
+    p.mask = Mask { causal: true, window: Some(5), sinks: 1 };
+    let kv: Vec<(Tensor, Tensor)> = ctx.iter().map(|&n| (uniform(&mut r, &[n, hkv, d], &Device::Cpu), uniform(&mut r, &[n, hkv, d], &Device::Cpu))).collect();
+    let total: usize = chunk.iter().sum();
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let q = bf(&uniform(&mut r, &[total, hq, d], &Device::Cpu));
+    let c = paged(&kv, (hkv, d), 4, 16, 3, false);
+    let (kc, vc) = (bf(&c.k_cache), bf(&c.v_cache));
+    let lens = Tensor::new(&[11u32, 6, 3], &Device::Cpu).unwrap();
+    let (out, lse) = ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk, &p).unwrap();
+    assert_eq!((out.dims(), lse.dims(), out.dtype()), (&[total, hq, d][..], &[hq, total][..], DType::BF16));
+    let mut q0 = 0;
+    for (b, (k, v)) in kv.iter().enumerate() {
+        let qb = q.narrow(0, q0, chunk[b]).unwrap();
+        let (po, pl) = ra::attention_prefill(&qb, &bf(k), &bf(v), &p, &[chunk[b]], &[ctx[b]]).unwrap();
+        assert_eq!(max_diff(&po, &out.narrow(0, q0, chunk[b]).unwrap()), 0.0, "seq {b}");
+        assert_eq!(max_diff(&pl, &lse.narrow(1, q0, chunk[b]).unwrap()), 0.0, "seq {b}");
+        q0 += chunk[b];
+    }
+    // f32 is refused (the kernel runs on tensor cores); lengths must match the table and q.
+    let qf = q.to_dtype(DType::F32).unwrap();
+    expect!(ra::attention_prefill_paged(&qf, &c.k_cache, &c.v_cache, &c.table, &lens, &chunk, &p), Err(Error::DtypeMismatch { got: "f32", .. }));
+    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk[..2], &p), "seqlens_q");
+    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &[4, 6, 2], &p), "seqlens_q");
+    // A chunk longer than its context: an error on the CPU (the kernel would clamp).
+    let short = Tensor::new(&[11u32, 6, 0], &Device::Cpu).unwrap();
+    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &short, &chunk, &p), "context_lens");
 }

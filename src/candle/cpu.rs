@@ -3,7 +3,7 @@
 
 use super::{candle_error, from_f64, to_f64, ErrSlot, Rows};
 use crate::attention::{AttentionParams, Rotary};
-use crate::cuda::{DecodeBatch, Dtype, PagedKvCache};
+use crate::cuda::{Dtype, PagedKvCache};
 use crate::error::{Error, Result};
 use crate::reference;
 use candle_core::backend::BackendStorage;
@@ -89,22 +89,27 @@ pub(super) fn attention_prefill(
     Ok((from_f64(out, &[tq, hq, d], q.dtype(), q.device())?, lse))
 }
 
-/// Paged decode: keys gathered through the block table, then the reference per sequence.
-/// Unlike the kernel (which clamps), out-of-range table entries and lengths are errors here.
+/// Paged attention (decode, and prefill over a paged cache): per sequence b, the queries
+/// `cu_q[b]..cu_q[b + 1]` of `q` sit at the last positions of its `lens[b]` cached tokens; keys
+/// are gathered through the block table, then the reference. Unlike the kernels (which clamp),
+/// out-of-range table entries and lengths are errors here; `max_context` bounds the lengths.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn attention_decode(
+pub(super) fn attention_paged(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     table: &[i64],
     lens: &[i64],
-    batch: &DecodeBatch,
+    cu_q: &[usize],
+    max_pages: usize,
+    max_context: usize,
     cache: &PagedKvCache,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
     let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
-    let (nq, tokens) = (batch.queries, batch.batch * batch.queries);
-    for &ctx in lens {
+    let tokens = cu_q[cu_q.len() - 1];
+    for (b, &ctx) in lens.iter().enumerate() {
+        let nq = cu_q[b + 1] - cu_q[b];
         if ctx < nq as i64 {
             return Err(Error::Shape {
                 what: "context_lens",
@@ -112,19 +117,19 @@ pub(super) fn attention_decode(
                 got: ctx.to_string(),
             });
         }
-        if ctx > batch.max_context as i64 {
-            return Err(Error::Position { what: "context_lens", value: ctx, limit: batch.max_context as i64 });
+        if ctx > max_context as i64 {
+            return Err(Error::Position { what: "context_lens", value: ctx, limit: max_context as i64 });
         }
     }
     let (qh, kc, vc) = (to_f64(q)?, to_f64(k_cache)?, to_f64(v_cache)?);
     let row = hkv * d;
     let mut out = vec![0.0; tokens * hq * d];
     let mut lse = vec![f32::NEG_INFINITY; hq * tokens];
-    for b in 0..batch.batch {
-        let ctx = lens[b] as usize;
+    for b in 0..lens.len() {
+        let (ctx, q0, nq) = (lens[b] as usize, cu_q[b], cu_q[b + 1] - cu_q[b]);
         let mut slots = Vec::with_capacity(ctx);
         for j in 0..ctx {
-            let page = table[b * batch.max_pages + j / cache.page_size];
+            let page = table[b * max_pages + j / cache.page_size];
             if !(0..cache.num_pages as i64).contains(&page) {
                 return Err(Error::Position { what: "block_table entry", value: page, limit: cache.num_pages as i64 - 1 });
             }
@@ -132,14 +137,14 @@ pub(super) fn attention_decode(
         }
         let gather = |c: &[f64]| -> Vec<f64> { slots.iter().flat_map(|&s| c[s * row..(s + 1) * row].iter().copied()).collect() };
         let (kk, vv) = (gather(&kc), gather(&vc));
-        let q_pos: Vec<i64> = (0..nq).map(|qi| (ctx - nq + qi) as i64).collect();
+        let q_pos: Vec<i64> = (0..nq).map(|m| (ctx - nq + m) as i64).collect();
         let k_pos: Vec<i64> = (0..ctx as i64).collect();
-        let span = b * nq * hq * d..(b + 1) * nq * hq * d;
+        let span = q0 * hq * d..(q0 + nq) * hq * d;
         let r = reference::attention(&qh[span.clone()], &kk, &vv, &q_pos, &k_pos, p)?;
         out[span].copy_from_slice(&r.out);
         for h in 0..hq {
-            for qi in 0..nq {
-                lse[h * tokens + b * nq + qi] = r.lse[h * nq + qi] as f32;
+            for m in 0..nq {
+                lse[h * tokens + q0 + m] = r.lse[h * nq + m] as f32;
             }
         }
     }

@@ -10,7 +10,7 @@
 
 use super::{candle_error, same_storage, with_dtype, Elem, ErrSlot, RopeCall, Rows};
 use crate::attention::{AttentionParams, Rotary};
-use crate::cuda::{self as rc, AttentionBatch, DecodeBatch, Gpu, PagedKvCache, RopeShape};
+use crate::cuda::{self as rc, AttentionBatch, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch, RopeShape};
 use crate::error::{Error, Result};
 use candle_core::op::BackpropOp;
 use candle_core::cuda_backend::CudaStorageSlice;
@@ -267,10 +267,26 @@ pub(super) fn attention_prefill(
     Ok((out, new_tensor(lse, &[hq, tq])))
 }
 
-/// Paged decode over (q, k_cache, v_cache); block table and lengths come in as device views.
-struct Decode<'a> {
+/// Which paged kernel a [`Paged`] op runs.
+enum PagedKind<'a> {
+    Decode(&'a DecodeBatch),
+    /// Chunked prefill, with the query offsets on the host.
+    Prefill(&'a PagedPrefillBatch, &'a [usize]),
+}
+
+impl PagedKind<'_> {
+    fn tokens(&self) -> usize {
+        match self {
+            PagedKind::Decode(b) => b.batch * b.queries,
+            PagedKind::Prefill(b, _) => b.total_q,
+        }
+    }
+}
+
+/// Paged attention over (q, k_cache, v_cache); block table and lengths come in as device views.
+struct Paged<'a> {
     p: &'a AttentionParams,
-    batch: &'a DecodeBatch,
+    kind: PagedKind<'a>,
     cache: &'a PagedKvCache,
     table: CudaView<'a, i32>,
     lens: CudaView<'a, i32>,
@@ -279,34 +295,45 @@ struct Decode<'a> {
     err: ErrSlot,
 }
 
-impl Decode<'_> {
+impl Paged<'_> {
     #[allow(clippy::too_many_arguments)]
     fn run<T: Elem>(&self, q: &CudaStorage, ql: &CLayout, kc: &CudaStorage, kcl: &CLayout, vc: &CudaStorage, vcl: &CLayout) -> Result<CudaStorage> {
-        let (p, b, n) = (self.p, self.batch, self.cache.len());
+        let (p, n, tokens) = (self.p, self.cache.len(), self.kind.tokens());
         let dev = &q.device;
         let (stream, gpu) = (dev.cuda_stream(), gpu_for(dev));
         let qv = slice::<T>(q)?.slice(ql.start_offset()..);
         let kv = slice::<T>(kc)?.slice(kcl.start_offset()..kcl.start_offset() + n);
         let vv = slice::<T>(vc)?.slice(vcl.start_offset()..vcl.start_offset() + n);
-        let tokens = b.batch * b.queries;
         let mut out = stream.alloc_zeros::<T>(tokens * p.num_q_heads * p.head_dim)?;
         let mut lse = stream.alloc_zeros::<f32>(p.num_q_heads * tokens)?;
-        let sms = stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        let splits = rc::decode_splits(p, b, sms.max(1) as usize);
-        let mut ws = match splits > 1 {
-            true => Some(stream.alloc_zeros::<f32>(rc::decode_workspace_len(p, b, splits))?),
-            false => None,
-        };
-        let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
-        rc::attention_decode(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut())?;
+        match self.kind {
+            PagedKind::Decode(b) => {
+                let sms = stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+                let splits = rc::decode_splits(p, b, sms.max(1) as usize);
+                let mut ws = match splits > 1 {
+                    true => Some(stream.alloc_zeros::<f32>(rc::decode_workspace_len(p, b, splits))?),
+                    false => None,
+                };
+                let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
+                rc::attention_decode(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut())?;
+            }
+            PagedKind::Prefill(b, cu_q) => {
+                // Totals fit i32: PagedPrefillBatch::check said so.
+                let cq = stream.clone_htod(&cu_q.iter().map(|&x| x as i32).collect::<Vec<i32>>())?;
+                rc::attention_fwd_paged(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &mut out, &mut lse, self.cache, b, p)?;
+            }
+        }
         *self.lse.borrow_mut() = Some(CudaStorage::wrap_cuda_slice(lse, dev.clone()));
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
 
-impl CustomOp3 for Decode<'_> {
+impl CustomOp3 for Paged<'_> {
     fn name(&self) -> &'static str {
-        "rope-attn attention_decode"
+        match self.kind {
+            PagedKind::Decode(_) => "rope-attn attention_decode",
+            PagedKind::Prefill(..) => "rope-attn attention_prefill_paged",
+        }
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &CLayout, _: &CpuStorage, _: &CLayout, _: &CpuStorage, _: &CLayout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -323,9 +350,39 @@ impl CustomOp3 for Decode<'_> {
         vcl: &CLayout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let out = with_dtype!(self.dtype, T => self.run::<T>(q, ql, kc, kcl, vc, vcl)).map_err(|e| self.err.keep(e))?;
-        let tokens = self.batch.batch * self.batch.queries;
-        Ok((out, Shape::from((tokens, self.p.num_q_heads, self.p.head_dim))))
+        Ok((out, Shape::from((self.kind.tokens(), self.p.num_q_heads, self.p.head_dim))))
     }
+}
+
+/// Run a paged op: the block table and lengths as i32 device views (one read guard per storage:
+/// the two may be views of one metadata tensor), then the kernel on candle's stream.
+#[allow(clippy::too_many_arguments)]
+fn run_paged(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    context_lens: &Tensor,
+    kind: PagedKind<'_>,
+    (batch, max_pages): (usize, usize),
+    cache: &PagedKvCache,
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor)> {
+    let (table, lens) = (int32_tensor(block_table)?, int32_tensor(context_lens)?);
+    let shared = same_storage(&table, &lens);
+    let (tg, tl) = table.storage_and_layout();
+    let lens_guard = if shared { None } else { Some(lens.storage_and_layout()) };
+    let (ls, ll) = match &lens_guard {
+        Some((g, l)) => (cuda_storage(g, "context_lens")?, *l),
+        None => (cuda_storage(&tg, "context_lens")?, lens.layout()),
+    };
+    let tv = i32_view(cuda_storage(&tg, "block_table")?, tl, batch * max_pages, "block_table")?;
+    let lv = i32_view(ls, ll, batch, "context_lens")?;
+    let tokens = kind.tokens();
+    let op = Paged { p, kind, cache, table: tv, lens: lv, dtype: q.dtype(), lse: RefCell::new(None), err: ErrSlot::default() };
+    let out = q.apply_op3_no_bwd(k_cache, v_cache, &op).map_err(|e| op.err.or(e))?;
+    let lse = op.lse.take().ok_or_else(|| Error::Cuda(format!("{}: the kernel left no LSE", op.name())))?;
+    Ok((out, new_tensor(lse, &[p.num_q_heads, tokens])))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -339,21 +396,28 @@ pub(super) fn attention_decode(
     cache: &PagedKvCache,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
-    let (table, lens) = (int32_tensor(block_table)?, int32_tensor(context_lens)?);
-    // One read guard per storage: the two may be views of one metadata tensor.
-    let shared = same_storage(&table, &lens);
-    let (tg, tl) = table.storage_and_layout();
-    let lens_guard = if shared { None } else { Some(lens.storage_and_layout()) };
-    let (ls, ll) = match &lens_guard {
-        Some((g, l)) => (cuda_storage(g, "context_lens")?, *l),
-        None => (cuda_storage(&tg, "context_lens")?, lens.layout()),
-    };
-    let tv = i32_view(cuda_storage(&tg, "block_table")?, tl, batch.batch * batch.max_pages, "block_table")?;
-    let lv = i32_view(ls, ll, batch.batch, "context_lens")?;
-    let op = Decode { p, batch, cache, table: tv, lens: lv, dtype: q.dtype(), lse: RefCell::new(None), err: ErrSlot::default() };
-    let out = q.apply_op3_no_bwd(k_cache, v_cache, &op).map_err(|e| op.err.or(e))?;
-    let lse = op.lse.take().ok_or_else(|| Error::Cuda("attention_decode: the kernel left no LSE".into()))?;
-    Ok((out, new_tensor(lse, &[p.num_q_heads, batch.batch * batch.queries])))
+    let dims = (batch.batch, batch.max_pages);
+    run_paged(q, k_cache, v_cache, block_table, context_lens, PagedKind::Decode(batch), dims, cache, p)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_prefill_paged(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    context_lens: &Tensor,
+    batch: &PagedPrefillBatch,
+    cache: &PagedKvCache,
+    cu_q: &[usize],
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor)> {
+    if batch.total_q == 0 {
+        let out = Tensor::zeros((0, p.num_q_heads, p.head_dim), q.dtype(), q.device()).map_err(candle_error)?;
+        return Ok((out, Tensor::zeros((p.num_q_heads, 0), DType::F32, q.device()).map_err(candle_error)?));
+    }
+    let dims = (batch.batch, batch.max_pages);
+    run_paged(q, k_cache, v_cache, block_table, context_lens, PagedKind::Prefill(batch, cu_q), dims, cache, p)
 }
 
 /// What every append launch needs besides the two caches.

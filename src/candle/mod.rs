@@ -1,5 +1,6 @@
 //! The ops on candle [`Tensor`]s (feature `candle`): RoPE in place or out of place, fused
-//! attention prefill (causal, GQA, sliding window and sinks, ALiBi, ReRoPE) and paged decode.
+//! attention prefill (causal, GQA, sliding window and sinks, ALiBi, ReRoPE), paged decode and
+//! chunked prefill over a paged cache.
 //!
 //! CUDA tensors (feature `candle-cuda`) run our kernels on the tensor's own device and on the
 //! stream candle uses for it, so they order with candle's own ops and nothing syncs the host.
@@ -64,7 +65,9 @@ mod cpu;
 mod gpu;
 
 use crate::attention::{AttentionParams, Rotary};
-use crate::cuda::{attention_fwd_workspace_len, AttentionBatch, DecodeBatch, DecodeLens, FwdLens, PagedKvCache, RopeShape};
+use crate::cuda::{
+    attention_fwd_workspace_len, AttentionBatch, DecodeBatch, DecodeLens, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, RopeShape,
+};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -427,6 +430,40 @@ fn caches(k_cache: &Tensor, v_cache: &Tensor) -> Result<PagedKvCache> {
     Ok(cache)
 }
 
+/// The operands every paged call shares, validated: Q's rows, the caches, and the block table's
+/// `[batch, max_pages]`.
+struct PagedOperands {
+    q: Rows,
+    cache: PagedKvCache,
+    batch: usize,
+    max_pages: usize,
+}
+
+fn paged_operands(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    context_lens: &Tensor,
+    p: &AttentionParams,
+) -> Result<PagedOperands> {
+    p.validate()?;
+    float_dtype("q", q)?;
+    let qr = rows("q", q)?;
+    heads_match("q", &qr, p.num_q_heads, p)?;
+    let cache = caches(k_cache, v_cache)?;
+    same_dtype(q, k_cache)?;
+    for (what, t) in [("k_cache", k_cache), ("block_table", block_table), ("context_lens", context_lens)] {
+        same_device(q, what, t)?;
+    }
+    let &[batch, max_pages] = block_table.dims() else {
+        return Err(Error::Shape { what: "block_table", expected: "[batch, max_pages]".into(), got: dims_str(block_table) });
+    };
+    int_tensor("block_table", block_table, &[batch, max_pages])?;
+    int_tensor("context_lens", context_lens, &[batch])?;
+    Ok(PagedOperands { q: qr, cache, batch, max_pages })
+}
+
 /// Validated operands of a decode call.
 struct DecodeCall {
     batch: DecodeBatch,
@@ -442,20 +479,7 @@ fn decode_call(
     max_context: usize,
     p: &AttentionParams,
 ) -> Result<DecodeCall> {
-    p.validate()?;
-    float_dtype("q", q)?;
-    let qr = rows("q", q)?;
-    heads_match("q", &qr, p.num_q_heads, p)?;
-    let cache = caches(k_cache, v_cache)?;
-    same_dtype(q, k_cache)?;
-    for (what, t) in [("k_cache", k_cache), ("block_table", block_table), ("context_lens", context_lens)] {
-        same_device(q, what, t)?;
-    }
-    let &[b, max_pages] = block_table.dims() else {
-        return Err(Error::Shape { what: "block_table", expected: "[batch, max_pages]".into(), got: dims_str(block_table) });
-    };
-    int_tensor("block_table", block_table, &[b, max_pages])?;
-    int_tensor("context_lens", context_lens, &[b])?;
+    let PagedOperands { q: qr, cache, batch: b, max_pages } = paged_operands(q, k_cache, v_cache, block_table, context_lens, p)?;
     if b == 0 || qr.rows % b != 0 {
         return Err(Error::Shape {
             what: "q",
@@ -503,12 +527,92 @@ pub fn attention_decode(
     let call = decode_call(q, k_cache, v_cache, block_table, context_lens, max_context, p)?;
     match on(q)? {
         On::Cpu => {
-            let table = host_ints(block_table)?;
-            let lens = host_ints(context_lens)?;
-            cpu::attention_decode(q, k_cache, v_cache, &table, &lens, &call.batch, &call.cache, p)
+            let b = &call.batch;
+            let cu_q: Vec<usize> = (0..=b.batch).map(|i| i * b.queries).collect();
+            let (table, lens) = (host_ints(block_table)?, host_ints(context_lens)?);
+            cpu::attention_paged(q, k_cache, v_cache, &table, &lens, &cu_q, b.max_pages, b.max_context, &call.cache, p)
         }
         #[cfg(feature = "candle-cuda")]
         On::Cuda => gpu::attention_decode(q, k_cache, v_cache, block_table, context_lens, &call.batch, &call.cache, p),
+    }
+}
+
+/// Validated operands of a paged prefill call.
+#[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+struct PagedPrefillCall {
+    batch: PagedPrefillBatch,
+    cache: PagedKvCache,
+    cu_q: Vec<usize>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn paged_prefill_call(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    context_lens: &Tensor,
+    seqlens_q: &[usize],
+    p: &AttentionParams,
+) -> Result<PagedPrefillCall> {
+    let PagedOperands { q: qr, cache, batch: b, max_pages } = paged_operands(q, k_cache, v_cache, block_table, context_lens, p)?;
+    if seqlens_q.len() != b {
+        return Err(Error::Shape {
+            what: "seqlens_q",
+            expected: format!("{b} sequences (the block table's rows)"),
+            got: seqlens_q.len().to_string(),
+        });
+    }
+    let cu_q = prefix_sums(seqlens_q);
+    if cu_q[b] != qr.rows {
+        return Err(Error::Shape { what: "seqlens_q", expected: format!("lengths summing to {} (q's tokens)", qr.rows), got: cu_q[b].to_string() });
+    }
+    let batch = PagedPrefillBatch {
+        batch: b,
+        max_seqlen_q: seqlens_q.iter().copied().max().unwrap_or(0),
+        total_q: qr.rows,
+        max_pages,
+        q_row_stride: qr.stride,
+        o_row_stride: p.num_q_heads * p.head_dim,
+    };
+    let lens = PagedFwdLens {
+        q: qr.span(),
+        k_cache: cache.len(),
+        v_cache: cache.len(),
+        block_table: b * max_pages,
+        context_lens: b,
+        cu_seqlens_q: b + 1,
+        out: qr.rows * p.num_q_heads * p.head_dim,
+        lse: p.num_q_heads * qr.rows,
+    };
+    with_dtype!(q.dtype(), T => batch.check::<T>(p, &cache, &lens))?;
+    Ok(PagedPrefillCall { batch, cache, cu_q })
+}
+
+/// Chunked prefill over a paged cache: sequence b's `seqlens_q[b]` new query rows (packed in
+/// `q` `[total_q, Hq, d]`, their K/V already appended with [`paged_append`]) are the last of
+/// its `context_lens[b]` cached tokens, and attend to all of them read through the block table:
+/// no gather into contiguous buffers. Query m sits at position `context_lens[b] - seqlens_q[b] + m`.
+/// F16 and BF16 (the kernel runs on tensor cores; CPU tensors are held to the same rule).
+/// Returns the output `[total_q, Hq, d]` and log-sum-exp `[Hq, total_q]` (F32).
+pub fn attention_prefill_paged(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    context_lens: &Tensor,
+    seqlens_q: &[usize],
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor)> {
+    let call = paged_prefill_call(q, k_cache, v_cache, block_table, context_lens, seqlens_q, p)?;
+    match on(q)? {
+        On::Cpu => {
+            let (b, c) = (&call.batch, &call.cache);
+            let (table, lens) = (host_ints(block_table)?, host_ints(context_lens)?);
+            cpu::attention_paged(q, k_cache, v_cache, &table, &lens, &call.cu_q, b.max_pages, b.max_pages * c.page_size, c, p)
+        }
+        #[cfg(feature = "candle-cuda")]
+        On::Cuda => gpu::attention_prefill_paged(q, k_cache, v_cache, block_table, context_lens, &call.batch, &call.cache, &call.cu_q, p),
     }
 }
 
