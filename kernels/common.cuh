@@ -62,9 +62,10 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Vec {
 };
 
 // A vector access of BYTES at P: the emulator checks the alignment a GPU enforces
-// ("misaligned address" there) and counts the bytes moved; on the GPU, nothing.
+// ("misaligned address" there) and counts the bytes moved to or from global memory; on the
+// GPU, nothing.
 #ifdef RA_EMULATE
-#define RA_VECTOR_ACCESS(P, BYTES) (::ra_emu::check_aligned(P, BYTES), ::ra_emu::tls_counters.global_bytes += (BYTES))
+#define RA_VECTOR_ACCESS(P, BYTES) ::ra_emu::vector_access(P, BYTES)
 #else
 #define RA_VECTOR_ACCESS(P, BYTES)
 #endif

@@ -83,6 +83,13 @@ __device__ __forceinline__ void fill_rotation_bases(float2* base, const RopeArgs
         base[e] = cs_scaled(angle_turns(pos0 + ROT_SUB * (e / half), a.freq[e % half]), a.attention_factor);
 }
 
+// (cos, sin) of row `row` (position pos0 + row of the bases' tile) and rotation pair `pr`:
+// base ∘ offset, one complex product.
+__device__ __forceinline__ float2 composed_cs(const float2* off, const float2* base, int row, int pr, int half) {
+    const float2 b = base[(row / ROT_SUB) * half + pr], o = off[(row % ROT_SUB) * half + pr];
+    return make_float2(b.x * o.x - b.y * o.y, b.y * o.x + b.x * o.y);
+}
+
 // Rotate rows [0, valid) of a shared-memory tile in place to positions pos0 + row (the bases'
 // pos0). Rows past `valid` are left as they are (zeros, from the loaders).
 template <typename T>
@@ -93,9 +100,9 @@ __device__ __forceinline__ void rotate_tile_composed(T* tile, int ld, int valid,
         const int row = e / half, pr = e % half;
         int ia, ib;
         pair_index(a.interleaved, a.rotary_dim, pr, ia, ib);
-        const float2 b = base[(row / ROT_SUB) * half + pr], o = off[(row % ROT_SUB) * half + pr];
+        const float2 cs = composed_cs(off, base, row, pr, half);
         float x0 = to_f32(tile[row * ld + ia]), x1 = to_f32(tile[row * ld + ib]);
-        rotate_pair(x0, x1, b.x * o.x - b.y * o.y, b.y * o.x + b.x * o.y);
+        rotate_pair(x0, x1, cs.x, cs.y);
         tile[row * ld + ia] = from_f32<T>(x0);
         tile[row * ld + ib] = from_f32<T>(x1);
     }

@@ -297,6 +297,11 @@ void check_aligned(const void* p, size_t bytes) {
     if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail("misaligned %zu-byte vector access at %p", bytes, p);
 }
 
+void vector_access(const void* p, size_t bytes) {
+    check_aligned(p, bytes);
+    if (!in_smem(p, bytes)) tls_counters.global_bytes += bytes;
+}
+
 static void land(const std::vector<Copy>& group) {
     for (const Copy& c : group) {
         if (c.src) std::memcpy(c.dst, c.src, 16);

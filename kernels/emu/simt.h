@@ -31,6 +31,9 @@ struct alignas(8) float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 
 // ---- 16-bit floating point storage types (bit-exact round-to-nearest-even conversions) -----
 struct __half {
@@ -106,6 +109,8 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
 void cp_async_16(void* smem, const void* gmem, bool valid);
 // Stops the launch (as a GPU's "misaligned address" fault would) unless p is `bytes`-aligned.
 void check_aligned(const void* p, size_t bytes);
+// A vector load or store: check_aligned, and count the bytes unless they are in shared memory.
+void vector_access(const void* p, size_t bytes);
 void cp_async_commit();
 void cp_async_wait(int newest_pending);
 

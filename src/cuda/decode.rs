@@ -7,7 +7,7 @@ use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, AppendParams, DecodeParams, SplitsParams};
 use super::scores::{check_rows, common, gather_rows};
-use crate::attention::AttentionParams;
+use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
 use crate::reference;
 use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
@@ -85,23 +85,29 @@ impl DecodeBatch {
     }
 }
 
-/// Keys per tile of the decode kernel (`decode_tile_keys` in the .cu).
-fn tile_keys(d: usize) -> usize {
-    if d <= 128 {
-        32
-    } else {
-        16
+/// Keys per tile of the decode kernel (`decode_tile_keys` in the .cu) for elements of `elem` bytes.
+fn tile_keys(d: usize, elem: usize) -> usize {
+    match (d <= 128, elem) {
+        (true, _) => 32,
+        (false, 2) => 16,
+        (false, _) => 8,
     }
 }
 
+/// Split boundaries fall on multiples of this: of every tile size.
+const SPLIT_ALIGN: usize = 32;
+
 const DEC_ROWS: usize = 16;
 
-/// Shared memory of the decode kernel (f32): K, far K and V tiles (pitch d + 1), the rotated Q
-/// rows and their far copies, then the (cos, sin) tables of the key offsets 0..8 and of the
-/// tile's bases every 8 keys: 72 KB at head_dim 128, 92 KB at 256.
-fn decode_smem_bytes(d: usize) -> usize {
-    let bn = tile_keys(d);
-    (3 * bn * (d + 1) + 2 * DEC_ROWS * d) * 4 + rotation_table_bytes(bn, d)
+/// Shared memory of the decode kernel (layout in kernels/attention_decode.cu): the staged K and V
+/// tiles as cached (`elem`-byte elements), Q transposed and the rotated K tile in f32 (pitch
+/// d + 1), a second such pair for ReRoPE's far copies (`rel`), then the (cos, sin) tables of the
+/// key offsets 0..8 and of the tile's bases every 8 keys. 16-bit: 46.5 KB at head_dim 128
+/// (71 KB with ReRoPE), 58.5 KB at 256 (91 KB).
+fn decode_smem_bytes(d: usize, elem: usize, rel: bool) -> usize {
+    let bn = tile_keys(d, elem);
+    let q_and_k = (DEC_ROWS * d + bn * (d + 1)) * 4;
+    2 * bn * d * elem + q_and_k * if rel { 2 } else { 1 } + rotation_table_bytes(bn, d)
 }
 
 fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
@@ -195,8 +201,7 @@ impl DecodeBatch {
         if grid_y > 65535 || self.batch > 65535 {
             return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", self.batch) });
         }
-        let bn = tile_keys(d);
-        let keys_per_split = self.max_context.div_ceil(splits).div_ceil(bn).max(1) * bn;
+        let keys_per_split = self.max_context.div_ceil(splits).div_ceil(SPLIT_ALIGN).max(1) * SPLIT_ALIGN;
         let splits = self.max_context.div_ceil(keys_per_split).max(1);
         let needed = decode_workspace_len(p, self, splits);
         match lens.workspace {
@@ -330,7 +335,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         name: format!("attention_decode_{}", T::NAME),
         grid: (splits as u32, grid_y as u32, batch.batch as u32),
         threads: 128,
-        smem: decode_smem_bytes(d),
+        smem: decode_smem_bytes(d, std::mem::size_of::<T>(), p.rope.is_some() && p.relative != Relative::None),
         params,
     })?;
     if splits > 1 {
