@@ -356,13 +356,15 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
 // - attention_fwd_wide_d<D>_<dtype>: 128 query rows x 64 keys up to head_dim 128, 64 x 64 at 256
 //   (Q, K and V at pitch 264: exactly the 99 KB). On sm_80 head_dim 128 takes 48-key tiles: at 64,
 //   ptxas's sm_80 allocation spills 20 bytes (sm_90's does not). The launcher sizes shared memory
-//   for 64 keys either way.
+//   for 64 keys either way. The emulator runs both tilings: 48 keys for f16, 64 for bf16.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define RA_WIDE_BN_D128 48
+#define RA_WIDE_BN_D128(NAME) 48
 #elif defined(__CUDA_ARCH__)
-#define RA_WIDE_BN_D128 64
+#define RA_WIDE_BN_D128(NAME) 64
 #else
-#define RA_WIDE_BN_D128 48  // the emulator runs the odd tile; 64 is the narrow kernels' tile
+#define RA_WIDE_BN_D128_f16 48
+#define RA_WIDE_BN_D128_bf16 64
+#define RA_WIDE_BN_D128(NAME) RA_WIDE_BN_D128_##NAME
 #endif
 #define RA_FWD(T, NAME, KNAME, D, WARPS, BN, MB, FULL)                          \
     RA_KERNEL(WARPS * 32, attention_fwd_##KNAME##D##_##NAME, ra::AttnParams) { \
@@ -373,7 +375,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
     RA_FWD(T, NAME, d, 96, 4, 64, 1, true) RA_FWD(T, NAME, d, 128, 4, 64, 1, true)                     \
     RA_FWD(T, NAME, d, 256, 2, 32, 1, true)                                                              \
     RA_FWD(T, NAME, wide_d, 64, 4, 64, 2, false) RA_FWD(T, NAME, wide_d, 80, 4, 64, 2, false)          \
-    RA_FWD(T, NAME, wide_d, 96, 4, 64, 2, false) RA_FWD(T, NAME, wide_d, 128, 4, RA_WIDE_BN_D128, 2, false) \
+    RA_FWD(T, NAME, wide_d, 96, 4, 64, 2, false) RA_FWD(T, NAME, wide_d, 128, 4, RA_WIDE_BN_D128(NAME), 2, false) \
     RA_FWD(T, NAME, wide_d, 256, 4, 64, 1, false)
 RA_FWD_ALL_D(__half, f16)
 RA_FWD_ALL_D(__nv_bfloat16, bf16)

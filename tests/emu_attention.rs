@@ -216,37 +216,39 @@ fn emulated_wide_tiles_every_head_dim() {
 /// loaded from shared memory feeds two row blocks. The ldmatrix bytes follow each kernel's
 /// tiling exactly: per warp and key tile, MB·d/16 Q loads and (BN/16)·(d/16) for K and for V,
 /// 512 bytes each. Tiles (query rows, keys, warps, row blocks per warp), from
-/// kernels/attention_fwd.cu: narrow 64/64/4/1 (256: 32/32/2/1); wide 128/64/4/2 (the emulator
-/// runs sm_80's 48-key tile at head_dim 128; 256: 64/64/4/1).
+/// kernels/attention_fwd.cu: narrow 64/64/4/1 (256: 32/32/2/1); wide 128/64/4/2 (256: 64/64/4/1;
+/// at head_dim 128 sm_80 takes 48 keys, which the emulator runs for f16, and 64 for bf16).
 #[test]
 fn emulated_wide_tiles_halve_fragment_traffic() {
     let (nq, nk) = (256usize, 768usize); // multiples of every tile here
     let ldsm = |(bm, bn, warps, mb): (usize, usize, usize, usize), d: usize| {
         512 * (nq / bm) * (nk / bn) * warps * (mb * d / 16 + 2 * (bn / 16) * (d / 16))
     };
-    for d in [64usize, 128, 256] {
-        let (narrow, wide) = match d {
-            256 => ((32, 32, 2, 1), (64, 64, 4, 1)),
-            128 => ((64, 64, 4, 1), (128, 48, 4, 2)),
-            _ => ((64, 64, 4, 1), (128, 64, 4, 2)),
-        };
+    fn works<T: Dtype>(d: usize) -> [rope_attn::emulator::Work; 2] {
+        let (nq, nk) = (256usize, 768usize);
         let mut p = AttentionParams::new(1, 1, d);
         p.mask = Mask { causal: false, window: None, sinks: 0 };
         p.rope = Some(schedules(d, d).remove(6).1);
         let emu = emulator(21);
-        let mut works = Vec::new();
-        for (use_ws, want) in [(false, PrefillPath::Fused), (true, PrefillPath::PreRotated)] {
-            assert_eq!(run::<bf16>(&emu, &p, &[nq], &[nk], 40 + d as u64, use_ws), want);
-            works.push(emu.take_work());
-        }
-        let (w_narrow, w_wide) = (works[0], works[1]);
-        println!("d={d}: narrow {w_narrow:?}\n      wide {w_wide:?}");
+        [(false, PrefillPath::Fused), (true, PrefillPath::PreRotated)].map(|(use_ws, want)| {
+            assert_eq!(run::<T>(&emu, &p, &[nq], &[nk], 40 + d as u64, use_ws), want);
+            emu.take_work()
+        })
+    }
+    let narrow = (64, 64, 4, 1);
+    for (d, dtype, [w_narrow, w_wide], narrow, wide) in [
+        (64, "bf16", works::<bf16>(64), narrow, (128, 64, 4, 2)),
+        (128, "bf16", works::<bf16>(128), narrow, (128, 64, 4, 2)),
+        (128, "f16", works::<f16>(128), narrow, (128, 48, 4, 2)),
+        (256, "bf16", works::<bf16>(256), (32, 32, 2, 1), (64, 64, 4, 1)),
+    ] {
+        println!("d={d} {dtype}: narrow {w_narrow:?}\n      wide {w_wide:?}");
         let mmas = 2 * (nq / 16) * (nk / 8) * (d / 16);
         assert_eq!(w_narrow.mma as usize, mmas, "d={d}");
         assert_eq!(w_wide.mma as usize, mmas, "d={d}");
-        assert_eq!(w_narrow.ldmatrix_bytes as usize, ldsm(narrow, d), "d={d}");
+        assert_eq!(w_narrow.ldmatrix_bytes as usize, ldsm(narrow, d), "d={d} {dtype}");
         // The pre-rotated call also launches the rope kernel, which uses no ldmatrix.
-        assert_eq!(w_wide.ldmatrix_bytes as usize, ldsm(wide, d), "d={d}");
+        assert_eq!(w_wide.ldmatrix_bytes as usize, ldsm(wide, d), "d={d} {dtype}");
     }
 }
 
