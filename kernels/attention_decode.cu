@@ -32,6 +32,17 @@ __device__ __forceinline__ const T* paged_row(const DecodeParams& p, const T* ca
     return paged_key(cache, p.block_table, b, j, kvh, p.page_size, p.max_pages, p.num_pages, p.kv_heads, p.head_dim);
 }
 
+// acc[x] += q[x] · k for a warp's 4 rows: q is one component of 4 consecutive rows of the
+// transposed Q tile (one 16-byte shared-memory load).
+__device__ __forceinline__ void fma_rows4(float (&acc)[DEC_RPW], const float* q, float k) {
+    RA_VECTOR_ACCESS(q, 16);
+    const float4 v = *reinterpret_cast<const float4*>(q);
+    acc[0] = fmaf(v.x, k, acc[0]);
+    acc[1] = fmaf(v.y, k, acc[1]);
+    acc[2] = fmaf(v.z, k, acc[2]);
+    acc[3] = fmaf(v.w, k, acc[3]);
+}
+
 template <typename T>
 __device__ void decode_body(const DecodeParams& p) {
     const int D = p.head_dim, BN = decode_tile_keys(D, sizeof(T)), LDK = D + 1;
@@ -173,24 +184,9 @@ __device__ void decode_body(const DecodeParams& p) {
             float dn[DEC_RPW] = {0.f, 0.f, 0.f, 0.f}, df[DEC_RPW] = {0.f, 0.f, 0.f, 0.f};
             const int kr = lane < vk ? lane : 0;  // lanes past the tile (BN < 32) read a real row, masked below
             for (int c = 0; c < D; ++c) {
-                const float k = Ks[kr * LDK + c];
-                const float* qp = Qt + c * DEC_ROWS + warp * DEC_RPW;
-                RA_VECTOR_ACCESS(qp, 16);
-                const float4 q = *reinterpret_cast<const float4*>(qp);
-                dn[0] = fmaf(q.x, k, dn[0]);
-                dn[1] = fmaf(q.y, k, dn[1]);
-                dn[2] = fmaf(q.z, k, dn[2]);
-                dn[3] = fmaf(q.w, k, dn[3]);
-                if (rel) {
-                    const float kf = Kf[kr * LDK + c];
-                    const float* qfp = Qft + c * DEC_ROWS + warp * DEC_RPW;
-                    RA_VECTOR_ACCESS(qfp, 16);
-                    const float4 qf = *reinterpret_cast<const float4*>(qfp);
-                    df[0] = fmaf(qf.x, kf, df[0]);
-                    df[1] = fmaf(qf.y, kf, df[1]);
-                    df[2] = fmaf(qf.z, kf, df[2]);
-                    df[3] = fmaf(qf.w, kf, df[3]);
-                }
+                const int qc = c * DEC_ROWS + warp * DEC_RPW;
+                fma_rows4(dn, Qt + qc, Ks[kr * LDK + c]);
+                if (rel) fma_rows4(df, Qft + qc, Kf[kr * LDK + c]);
             }
 #pragma unroll
             for (int x = 0; x < DEC_RPW; ++x) {
