@@ -20,7 +20,7 @@ for line in sys.stdin:
 cargo build --release --bin rope-attn --example decoder
 cp target/release/rope-attn target/release/examples/decoder .devbin/
 cp -r examples/configs .devbin/configs
-# Each binary embeds the ~9 MB of fatbins; stripping symbols keeps the lot under the 64 MiB a
-# device call may carry.
+# Each binary embeds the fatbins (~3 MB, compressed); stripping symbols keeps the lot well under
+# the 64 MiB a device call may carry.
 strip .devbin/tests/* .devbin/rope-attn .devbin/decoder 2>/dev/null || true
 du -sh .devbin
