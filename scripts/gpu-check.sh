@@ -37,10 +37,12 @@ else
     echo "compute-sanitizer not found: sanitizer runs skipped" | tee "$LOG/sanitizer.txt"
 fi
 if [ -x .devbin/decoder ]; then
-    (cd .devbin && ./decoder configs/llama-3.1-8b.json --prompt 512 --steps 64) 2>&1 | tee "$LOG/decoder.txt" || status=1
+    (cd .devbin && ./decoder configs/llama-3.1-8b.json --prompt 512 --steps 64 &&
+        ./decoder configs/llama-3.1-8b.json --prompt 512 --steps 8 --chunk 128) 2>&1 | tee "$LOG/decoder.txt" || status=1
     .devbin/rope-attn bench --csv "$LOG/bench.csv" 2>&1 | tee "$LOG/bench.txt" || status=1
 else
-    cargo run --release --example decoder -- examples/configs/llama-3.1-8b.json --prompt 512 --steps 64 2>&1 | tee "$LOG/decoder.txt" || status=1
+    (cargo run --release --example decoder -- examples/configs/llama-3.1-8b.json --prompt 512 --steps 64 &&
+        cargo run --release --example decoder -- examples/configs/llama-3.1-8b.json --prompt 512 --steps 8 --chunk 128) 2>&1 | tee "$LOG/decoder.txt" || status=1
     cargo run --release --bin rope-attn -- bench --csv "$LOG/bench.csv" 2>&1 | tee "$LOG/bench.txt" || status=1
 fi
 exit $status
