@@ -68,7 +68,13 @@ __device__ void decode_body(const DecodeParams& p) {
     const int row_blocks = (rows_total + DEC_ROWS - 1) / DEC_ROWS;
     const int kvh = blockIdx.y / row_blocks, r0 = (blockIdx.y % row_blocks) * DEC_ROWS;
     const int ctx = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
-    const int k_begin = split * p.keys_per_split, k_end = imin(ctx, k_begin + p.keys_per_split);
+    // With a sliding window the splits share out the keys some query can see, [lo, ctx) (the
+    // host sized keys_per_split for window + queries - 1 of them), not the whole context: a
+    // 32k context under a 4k window keeps every split busy. Sinks before lo belong to split 0,
+    // whose tile loop skips the hidden keys between them and lo.
+    const int lo = p.window > 0 ? imax(0, ctx - p.queries - p.window + 1) : 0;
+    const int k_begin = split == 0 && p.sinks > 0 ? 0 : lo + split * p.keys_per_split;
+    const int k_end = imin(ctx, lo + (split + 1) * p.keys_per_split);
     const int half = p.rope.rotary_dim / 2;
     const MaskArgs mask{p.causal, p.window, p.sinks};
     const int tokens = p.batch * p.queries;

@@ -162,15 +162,16 @@ fn emulated_decode_reads_only_the_tiles_a_window_shows() {
     }
 }
 
-/// A sliding window without sinks over a long context, split five ways: the early splits see no
-/// key at all and write lse = -inf partials, which the combine step must weigh zero. Also a
-/// packed-QKV query view and a wider output stride.
+/// A sliding window without sinks over a long context, split (five asked, four needed: the
+/// splits share out the window's 101 keys, not the context): the short sequence's later splits
+/// see no key at all and write lse = -inf partials, which the combine step must weigh zero.
+/// Also a packed-QKV query view and a wider output stride.
 #[test]
 fn emulated_decode_with_fully_masked_splits_and_strided_rows() {
     let (hq, hkv, d, page, ctx) = (4usize, 2usize, 64usize, 16usize, 300usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(schedules(d, d).remove(0).1);
-    p.mask = rope_attn::Mask { causal: true, window: Some(20), sinks: 0 };
+    p.mask = rope_attn::Mask { causal: true, window: Some(100), sinks: 0 };
     let emu = emulator(13);
     let mut r = rng(13);
     let f = fill::<f16>(&emu, &p, &[ctx, 7], page, &mut r);

@@ -175,4 +175,15 @@ fn decode_plans_and_errors() {
     let tiny = DecodeBatch { max_context: 40, ..b };
     let plan = tiny.check(&p, &cache, &lens(Some(need)), 8).unwrap();
     assert_eq!(plan.splits, 2);
+    // Under a sliding window the splits share out the keys the window shows (window + queries - 1),
+    // not the context: 8 splits of 4000 keys, but of a 1000-key window 8 x 128.
+    let mut pw = p.clone();
+    pw.mask.window = Some(1000);
+    let windowed = b.check(&pw, &cache, &lens(Some(need)), 8).unwrap();
+    assert_eq!((windowed.splits, windowed.keys_per_split), (8, 128));
+    // decode_splits sizes from the same span: one sequence x 8 KV heads = 8 blocks per split on
+    // 132 SMs wants 33 splits; the window's 1000 keys allow 4 of >= 256.
+    let one_seq = DecodeBatch::contiguous(&p, 1, 1, 256, 4000);
+    assert_eq!(rope_attn::cuda::decode_splits(&p, &one_seq, 132), 16);
+    assert_eq!(rope_attn::cuda::decode_splits(&pw, &one_seq, 132), 4);
 }

@@ -115,12 +115,22 @@ fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
     b.batch * p.num_kv_heads * rows.div_ceil(DEC_ROWS)
 }
 
+/// The keys the splits share out: the whole context, or under a sliding window W the last
+/// W + queries - 1 (what the earliest query can see; the kernel starts its splits there, sinks
+/// aside).
+fn split_span(p: &AttentionParams, b: &DecodeBatch) -> usize {
+    match p.mask.window {
+        Some(w) => b.max_context.min(w + b.queries - 1),
+        None => b.max_context,
+    }
+}
+
 /// How many key splits a decode call should use on a GPU with `sm_count` SMs: enough blocks to
-/// fill the machine twice over, each split at least 256 keys.
+/// fill the machine twice over, each split at least 256 keys (of those a sliding window shows).
 pub fn decode_splits(p: &AttentionParams, b: &DecodeBatch, sm_count: usize) -> usize {
     let blocks = blocks_per_split(p, b).max(1);
     let want = (2 * sm_count).div_ceil(blocks);
-    want.clamp(1, b.max_context.div_ceil(256).max(1))
+    want.clamp(1, split_span(p, b).div_ceil(256).max(1))
 }
 
 /// f32 workspace elements for `splits` partial results (0 for one split).
@@ -201,8 +211,9 @@ impl DecodeBatch {
         if grid_y > 65535 || self.batch > 65535 {
             return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", self.batch) });
         }
-        let keys_per_split = self.max_context.div_ceil(splits).div_ceil(SPLIT_ALIGN).max(1) * SPLIT_ALIGN;
-        let splits = self.max_context.div_ceil(keys_per_split).max(1);
+        let span = split_span(p, self);
+        let keys_per_split = span.div_ceil(splits).div_ceil(SPLIT_ALIGN).max(1) * SPLIT_ALIGN;
+        let splits = span.div_ceil(keys_per_split).max(1);
         let needed = decode_workspace_len(p, self, splits);
         match lens.workspace {
             _ if splits == 1 => {}
