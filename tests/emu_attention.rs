@@ -258,10 +258,11 @@ fn emulated_wide_tiles_halve_fragment_traffic() {
 #[test]
 fn emulated_prefill_at_explicit_positions_all_paths() {
     let (hq, hkv, d) = (4usize, 2usize, 64usize);
-    let (seq_q, seq_k) = ([30usize, 5], [50usize, 70]);
+    // 70 queries: more than a narrow tile, so the pre-rotated path runs the wide kernel.
+    let (seq_q, seq_k) = ([70usize, 5], [90usize, 70]);
     let starts = [1000i32, 980, 100_000, 99_940]; // (first query, first key) per sequence
     let mut r = rng(12);
-    let (tq, tk) = (35usize, 120usize);
+    let (tq, tk) = (75usize, 160usize);
     let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, tq * hq * d));
     let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, tk * hkv * d));
     let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, tk * hkv * d));
@@ -277,7 +278,7 @@ fn emulated_prefill_at_explicit_positions_all_paths() {
         p.rope = Some(schedules(d, d).remove(3).1); // dynamic NTK
         p.relative = relative;
         p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
-        let batch = AttentionBatch::contiguous(&p, 2, 30, tq, tk);
+        let batch = AttentionBatch::contiguous(&p, 2, 70, tq, tk);
         let (mut out, mut lse) = (GuardedBuf::filled(tq * hq * d, bf16::ZERO), GuardedBuf::filled(hq * tq, 0f32));
         let mut w = GuardedBuf::filled(attention_fwd_workspace_len(&p, tk), bf16::ZERO);
         let x = FwdInputs { q: &qg, k: &kg, v: &vg, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: Some(&sg) };
