@@ -35,7 +35,7 @@ impl Rotary {
 
     /// Validate against a head dimension.
     pub fn validate(&self, head_dim: usize) -> Result<()> {
-        if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 || self.rotary_dim > head_dim {
+        if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > head_dim {
             return Err(Error::RotaryDim { rotary_dim: self.rotary_dim, head_dim });
         }
         if self.inv_freq.len() != self.rotary_dim / 2 {
@@ -155,7 +155,7 @@ impl AttentionParams {
         if self.head_dim == 0 {
             return Err(Error::Shape { what: "head_dim", expected: "> 0".into(), got: "0".into() });
         }
-        if self.num_kv_heads == 0 || self.num_q_heads == 0 || self.num_q_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || self.num_q_heads == 0 || !self.num_q_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::GqaRatio { num_q_heads: self.num_q_heads, num_kv_heads: self.num_kv_heads });
         }
         if let Some(s) = self.scale {

@@ -35,7 +35,7 @@ fn tile_fully_visible(m: MaskArgs, i0: i64, i1: i64, j0: i64, j1: i64) -> bool {
     if m.causal && j1 - 1 > i0 {
         return false;
     }
-    !(m.window > 0 && (i1 - 1) - j0 >= m.window && j1 - 1 >= m.sinks)
+    !(m.window > 0 && (i1 - 1) - j0 >= m.window && j1 > m.sinks)
 }
 
 /// The kernel's tile walk for one query block: the tiles it visits and which it treats as full.

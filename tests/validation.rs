@@ -157,7 +157,7 @@ fn decode_plans_and_errors() {
     let need = rope_attn::cuda::decode_workspace_len(&p, &b, 8);
     let eight = b.check(&p, &cache, &lens(Some(need)), 8).unwrap();
     assert_eq!(eight.splits, 8);
-    assert!(eight.keys_per_split * 8 >= 4000 && eight.keys_per_split % 32 == 0);
+    assert!(eight.keys_per_split * 8 >= 4000 && eight.keys_per_split.is_multiple_of(32));
     assert!(matches!(b.check(&p, &cache, &lens(None), 8), Err(Error::BufferTooSmall { what: "decode workspace", .. })));
     assert!(matches!(b.check(&p, &cache, &lens(None), 0), Err(Error::Parameter { name: "splits", .. })));
     for queries in [0, 17] {

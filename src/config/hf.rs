@@ -177,10 +177,10 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
     let rotary_dim = (head_dim as f64 * prf) as usize;
     let mpe = usize_of(&root, "max_position_embeddings")?;
     let original_max = || -> Result<usize> {
-        Ok(usize_of(&root, "original_max_position_embeddings")?
+        usize_of(&root, "original_max_position_embeddings")?
             .or(usize_of(p, "original_max_position_embeddings")?)
             .or(mpe)
-            .ok_or(Error::MissingKey("original_max_position_embeddings"))?)
+            .ok_or(Error::MissingKey("original_max_position_embeddings"))
     };
     // Derived factor (DeepSeek / Phi-3 style): max_position_embeddings / original.
     let implicit_factor = |orig: usize| -> Result<f64> {

@@ -174,7 +174,7 @@ impl RopeConfig {
                 reason: format!("{} is larger than {MAX_HEAD_DIM}", self.head_dim),
             });
         }
-        if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim {
+        if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
             return Err(Error::RotaryDim { rotary_dim: self.rotary_dim, head_dim: self.head_dim });
         }
         schedules::validate(self)

@@ -167,7 +167,7 @@ impl AttentionBatch {
                     return Err(Error::Stride { what, stride, min: chunk });
                 }
             }
-            if self.o_row_stride % 2 != 0 {
+            if !self.o_row_stride.is_multiple_of(2) {
                 return Err(Error::Stride { what: "out", stride: self.o_row_stride, min: 2 });
             }
         }

@@ -95,7 +95,7 @@ impl PagedPrefillBatch {
         if self.batch > 65535 || hq > 65535 {
             return Err(Error::Shape { what: "grid", expected: "batch and num_q_heads <= 65535".into(), got: format!("{} x {hq}", self.batch) });
         }
-        if self.o_row_stride % 2 != 0 {
+        if !self.o_row_stride.is_multiple_of(2) {
             return Err(Error::Stride { what: "out", stride: self.o_row_stride, min: 2 });
         }
         for (what, v) in [("total_q", self.total_q), ("max_seqlen_q", self.max_seqlen_q), ("batch * max_pages", self.batch * self.max_pages)] {
@@ -129,7 +129,7 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
     if batch.batch == 0 || batch.total_q == 0 || batch.max_seqlen_q == 0 {
         return Ok(());
     }
-    if x.k_cache % 16 != 0 || x.v_cache % 16 != 0 || x.out % 4 != 0 {
+    if !x.k_cache.is_multiple_of(16) || !x.v_cache.is_multiple_of(16) || !x.out.is_multiple_of(4) {
         let got = format!("{:#x} {:#x} {:#x}", x.k_cache, x.v_cache, x.out);
         return Err(Error::Shape { what: "k/v cache and out pointers", expected: "16-byte aligned caches, 4-byte aligned out".into(), got });
     }

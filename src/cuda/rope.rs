@@ -54,7 +54,7 @@ impl RopeShape {
         if rot.rotary_dim > ROPE_MAX_HEAD_DIM {
             return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim: self.head_dim });
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Shape { what: "head_dim", expected: "even".into(), got: self.head_dim.to_string() });
         }
         for (what, heads, stride, len) in

@@ -22,7 +22,7 @@ pub const HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
 
 /// Full rotary on even head-dim indices, half of it (partial rotary, pass-through components) on odd ones.
 pub fn full_or_half(d: usize, dim_index: usize) -> usize {
-    if dim_index % 2 == 0 {
+    if dim_index.is_multiple_of(2) {
         d
     } else {
         d / 2
@@ -104,7 +104,7 @@ pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: S
         Mask { causal: true, window: Some(40), sinks: 4 },
         Mask { causal: false, window: None, sinks: 0 },
     ][case % 3];
-    if case % 2 == 0 {
+    if case.is_multiple_of(2) {
         p.alibi = Some(Alibi { total_heads: 2 * hq, head_offset: hq });
     }
     // A 1-token sequence, odd sizes, one longer than several tiles; and a sequence with more
