@@ -340,7 +340,11 @@ impl Kernels for OnGpu {
         let mut l = self.up(&vec![0f32; n * p.num_q_heads])?;
         let (cache, kc, vc, table) = self.cache.as_ref().ok_or("no cache")?;
         let batch = PagedPrefillBatch::contiguous(p, 1, n, n, cache.num_pages);
-        let rep = cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p)
+        let sms = self.gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| e.to_string())?;
+        let splits = cuda::paged_prefill_splits(p, &batch, cache, sms.max(1) as usize);
+        let mut ws = self.up(&vec![0f32; cuda::paged_prefill_workspace_len(p, &batch, splits).max(1)])?;
+        let mut ws = ws.as_view_mut();
+        let rep = cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws))
             .map_err(|e| e.to_string())?;
         Ok((self.down(&o)?, rep))
     }
@@ -419,7 +423,10 @@ mod emulated {
             let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cu, k_cache: kc, v_cache: vc, block_table: table, context_lens: &lens };
             let (mut o, mut l) = (vec![bf16::ZERO; q.len()], vec![0f32; n * p.num_q_heads]);
             let batch = PagedPrefillBatch::contiguous(p, 1, n, n, cache.num_pages);
-            let rep = self.emu.attention_fwd_paged_checked(&x, &mut o, &mut l, cache, &batch, p).map_err(|e| e.to_string())?;
+            // Split keys as a 132-SM GPU would (the emulator runs them all the same).
+            let splits = cuda::paged_prefill_splits(p, &batch, cache, 132);
+            let mut ws = vec![0f32; cuda::paged_prefill_workspace_len(p, &batch, splits)];
+            let rep = self.emu.attention_fwd_paged_checked(&x, &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws[..])).map_err(|e| e.to_string())?;
             Ok((f32s(&o), rep))
         }
         fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String> {

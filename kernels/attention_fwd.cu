@@ -31,7 +31,9 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     T* Qf = Vs + BN * LD;  // far copies: only with ReRoPE
     T* Kf = Qf + BM * LD;
 
-    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    // Split keys (FULL kernels): block x is query tile x / splits, key split x % splits.
+    const int splits = FULL ? p.splits : 1, split = blockIdx.x % splits;
+    const int m0 = (blockIdx.x / splits) * BM, h = blockIdx.y, b = blockIdx.z;
     const SeqBounds sb = seq_bounds(p, b);
     if (m0 >= sb.seqlen_q) return;
     const int kvh = h / (p.q_heads / p.kv_heads);
@@ -70,7 +72,10 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const int n_tiles = (sb.seqlen_k + BN - 1) / BN;
     // Causal: no key after the last query of the tile.
     const int last_key = i0 + vq - 1 - kp;  // causal: the last key index any row of the tile sees
-    const int n_end = p.causal ? (last_key < 0 ? 0 : imin(n_tiles, last_key / BN + 1)) : n_tiles;
+    const int n_causal = p.causal ? (last_key < 0 ? 0 : imin(n_tiles, last_key / BN + 1)) : n_tiles;
+    // This split's tiles (keys_per_split is a multiple of every narrow tile's BN).
+    const int n_begin = splits > 1 ? split * (p.keys_per_split / BN) : 0;
+    const int n_end = splits > 1 ? imin(n_causal, (split + 1) * (p.keys_per_split / BN)) : n_causal;
     auto next_tile = [&](int n) {
         while (n < n_end && !tile_visible(mask, i0, i0 + vq, kp + n * BN, kp + imin(n * BN + BN, sb.seqlen_k))) ++n;
         return n;
@@ -97,7 +102,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) row_max[mb][rr] = -INFINITY, row_sum[mb][rr] = 0.f;
 
-    int n = next_tile(0);
+    int n = next_tile(n_begin);
     if (n < n_end) issue_k(n);
     while (n < n_end) {
         const int j0 = n * BN, vk = imin(BN, sb.seqlen_k - j0);
@@ -251,16 +256,26 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             const int row = m0 + (mb * WARPS + warp) * 16 + g + rr * 8;
             if (row >= sb.seqlen_q) continue;
             const float inv = l > 0.f ? 1.f / l : 0.f;
-            T* orow = static_cast<T*>(p.out) + (long long)(sb.q_start + row) * p.o_row_stride + (long long)h * D;
+            const float m_use = row_max[mb][rr] == -INFINITY ? 0.f : row_max[mb][rr];
+            const float lse = l > 0.f ? (m_use + log2f(l)) * LN2 : -INFINITY;
+            const long long tok = sb.q_start + row;
+            if (splits > 1) {  // f32 partial of this split, for the combine
+                float* prow = p.part_out + (((long long)split * p.total_q + tok) * p.q_heads + h) * D;
+#pragma unroll
+                for (int d = 0; d < DT; ++d) {  // scalar stores: the workspace need only be 4-byte aligned
+                    prow[d * 8 + 2 * t] = o[mb][d][2 * rr] * inv;
+                    prow[d * 8 + 2 * t + 1] = o[mb][d][2 * rr + 1] * inv;
+                }
+                if (t == 0) p.part_lse[((long long)split * p.q_heads + h) * p.total_q + tok] = lse;
+                continue;
+            }
+            T* orow = static_cast<T*>(p.out) + tok * p.o_row_stride + (long long)h * D;
 #pragma unroll
             for (int d = 0; d < DT; ++d) {
                 const float v2[2] = {o[mb][d][2 * rr] * inv, o[mb][d][2 * rr + 1] * inv};
                 store_f32<T, 2>(orow + d * 8 + 2 * t, v2);
             }
-            if (t == 0) {
-                const float m_use = row_max[mb][rr] == -INFINITY ? 0.f : row_max[mb][rr];
-                p.lse[(long long)h * p.total_q + sb.q_start + row] = l > 0.f ? (m_use + log2f(l)) * LN2 : -INFINITY;
-            }
+            if (t == 0) p.lse[(long long)h * p.total_q + tok] = lse;
         }
 }
 

@@ -59,7 +59,13 @@ struct AttnParams {
     // its pages in k / v ([num_pages, page_size, kv_heads, head_dim]), its queries the last ones.
     const int* block_table;   // [batch, max_pages]
     const int* context_lens;  // [batch]
-    int page_size, max_pages, num_pages, pad_;
+    int page_size, max_pages, num_pages;
+    // Split keys (splits > 1, narrow kernels only): block x = query tile * splits + split takes
+    // keys [split, split + 1) * keys_per_split and writes f32 partials for merge.cu's combine:
+    // part_out [splits, total_q, q_heads, head_dim] (normalised), part_lse [splits, q_heads, total_q].
+    int splits, keys_per_split, pad_;
+    float* part_out;
+    float* part_lse;
 };
 
 // Mirrored by `DecodeParams` in src/cuda/params.rs.

@@ -94,6 +94,10 @@ int main() {
     FIELD(AttnParams, page_size);
     FIELD(AttnParams, max_pages);
     FIELD(AttnParams, num_pages);
+    FIELD(AttnParams, splits);
+    FIELD(AttnParams, keys_per_split);
+    FIELD(AttnParams, part_out);
+    FIELD(AttnParams, part_lse);
     SIZE(DecodeParams);
     FIELD(DecodeParams, rope);
     FIELD(DecodeParams, q);

@@ -283,6 +283,12 @@ impl PagedKind<'_> {
     }
 }
 
+/// The stream's device's SM count (sizes key splits).
+fn sm_count(stream: &Arc<cudarc::driver::CudaStream>) -> Result<usize> {
+    let sms = stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    Ok(sms.max(1) as usize)
+}
+
 /// Paged attention over (q, k_cache, v_cache); block table and lengths come in as device views.
 struct Paged<'a> {
     p: &'a AttentionParams,
@@ -308,8 +314,7 @@ impl Paged<'_> {
         let mut lse = stream.alloc_zeros::<f32>(p.num_q_heads * tokens)?;
         match self.kind {
             PagedKind::Decode(b) => {
-                let sms = stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-                let splits = rc::decode_splits(p, b, sms.max(1) as usize);
+                let splits = rc::decode_splits(p, b, sm_count(&stream)?);
                 let mut ws = match splits > 1 {
                     true => Some(stream.alloc_zeros::<f32>(rc::decode_workspace_len(p, b, splits))?),
                     false => None,
@@ -320,7 +325,13 @@ impl Paged<'_> {
             PagedKind::Prefill(b, cu_q) => {
                 // Totals fit i32: PagedPrefillBatch::check said so.
                 let cq = stream.clone_htod(&cu_q.iter().map(|&x| x as i32).collect::<Vec<i32>>())?;
-                rc::attention_fwd_paged(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &mut out, &mut lse, self.cache, b, p)?;
+                let splits = rc::paged_prefill_splits(p, b, self.cache, sm_count(&stream)?);
+                let mut ws = match splits > 1 {
+                    true => Some(stream.alloc_zeros::<f32>(rc::paged_prefill_workspace_len(p, b, splits))?),
+                    false => None,
+                };
+                let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
+                rc::attention_fwd_paged(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut())?;
             }
         }
         *self.lse.borrow_mut() = Some(CudaStorage::wrap_cuda_slice(lse, dev.clone()));

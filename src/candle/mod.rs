@@ -584,8 +584,10 @@ fn paged_prefill_call(
         cu_seqlens_q: b + 1,
         out: qr.rows * p.num_q_heads * p.head_dim,
         lse: p.num_q_heads * qr.rows,
+        workspace: None,
     };
-    with_dtype!(q.dtype(), T => batch.check::<T>(p, &cache, &lens))?;
+    // One split here; the CUDA path plans its splits (and their workspace) for the device.
+    with_dtype!(q.dtype(), T => batch.check::<T>(p, &cache, &lens, 1))?;
     Ok(PagedPrefillCall { batch, cache, cu_q })
 }
 

@@ -202,7 +202,7 @@ pub(crate) fn rotation_table_bytes(keys: usize, d: usize) -> usize {
 pub(crate) fn mma_fwd_launch<T: Dtype>(params: AttnParams, p: &AttentionParams, fused: bool) -> Launch<AttnParams> {
     let d = p.head_dim;
     let rel = p.rope.is_some() && p.relative != Relative::None;
-    let wide = !fused && !rel && params.block_table == 0 && params.max_seqlen_q as usize > narrow_tile_rows(d);
+    let wide = !fused && !rel && params.block_table == 0 && params.splits <= 1 && params.max_seqlen_q as usize > narrow_tile_rows(d);
     // (query rows, keys, threads) per block; the wide head_dim-128 kernel's 48-key tiles on sm_80
     // fit in the 64 sized here.
     let (bm, bn, threads) = match (wide, d == 256) {
@@ -213,7 +213,9 @@ pub(crate) fn mma_fwd_launch<T: Dtype>(params: AttnParams, p: &AttentionParams, 
     };
     let tiles = (bm + 2 * bn + if rel { bm + bn } else { 0 }) * (d + 8) * std::mem::size_of::<T>();
     let smem = tiles + if fused && d <= 128 { rotation_table_bytes(bn, d) } else { 0 };
-    let grid = ((params.max_seqlen_q as usize).div_ceil(bm) as u32, params.q_heads as u32, params.batch as u32);
+    // Split keys (narrow kernels, paged prefill): `splits` blocks per query tile.
+    let q_tiles = (params.max_seqlen_q as usize).div_ceil(bm) * params.splits.max(1) as usize;
+    let grid = (q_tiles as u32, params.q_heads as u32, params.batch as u32);
     let name = format!("attention_fwd_{}d{d}_{}", if wide { "wide_" } else { "" }, T::NAME);
     Launch { module: Module::AttentionFwd, name, grid, threads, smem, params }
 }
@@ -258,7 +260,11 @@ pub(crate) fn attn_params_base(c: Common, p: &AttentionParams, batch: usize, max
         page_size: 0,
         max_pages: 0,
         num_pages: 0,
+        splits: 1,
+        keys_per_split: 0,
         pad_: 0,
+        part_out: 0,
+        part_lse: 0,
     }
 }
 

@@ -350,7 +350,8 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         params,
     })?;
     if splits > 1 {
-        let params = SplitsParams {
+        // The partials were sized by decode_workspace_len.
+        launch_combine::<T, _>(be, SplitsParams {
             part_out,
             part_lse,
             out: op,
@@ -360,12 +361,18 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
             tokens: tokens as i32,
             heads: hq as i32,
             head_dim: d as i32,
-        };
-        // The partials were sized by decode_workspace_len.
-        let name = format!("combine_splits_{}", T::NAME);
-        be.run(&Launch { module: Module::Merge, name, grid: (tokens as u32, hq as u32, 1), threads: 128, smem: 0, params })?;
+        })?;
     }
     Ok(())
+}
+
+/// The split-K combine (kernels/merge.cu): f32 partials `[splits, tokens, heads, d]` with their
+/// LSEs `[splits, heads, tokens]` into O (rows `o_row_stride` apart) and LSE `[heads, tokens]`.
+/// Decode's and the split prefill's last step.
+pub(crate) fn launch_combine<T: Dtype, B: Backend>(be: &B, params: SplitsParams) -> Result<()> {
+    let name = format!("combine_splits_{}", T::NAME);
+    let grid = (params.tokens as u32, params.heads as u32, 1);
+    be.run(&Launch { module: Module::Merge, name, grid, threads: 128, smem: 0, params })
 }
 
 /// Append new unrotated K/V rows `[tokens, Hkv, d]` into the paged cache at `slots[t]`

@@ -4,18 +4,18 @@
 //! Keys stay unrotated in the cache and are rotated tile by tile in shared memory (by
 //! composition), ReRoPE's far copies included; f16 and bf16.
 
-use super::attention::{attn_params_base, is_16bit, mma_fwd_launch};
+use super::attention::{attn_params_base, is_16bit, mma_fwd_launch, narrow_tile_rows};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
-use super::decode::{gather_paged, PagedKvCache};
+use super::decode::{gather_paged, launch_combine, PagedKvCache};
 use super::device::Gpu;
 use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
-use super::params::{to_i32, AttnParams};
+use super::params::{to_i32, AttnParams, SplitsParams};
 use super::scores::{check_rows, common, gather_rows};
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::reference;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// A paged prefill's batch: sequence b's new queries are rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]`
@@ -64,11 +64,51 @@ pub struct PagedFwdLens {
     pub out: usize,
     /// LSE elements (f32).
     pub lse: usize,
+    /// f32 workspace elements (split keys), if one is passed.
+    pub workspace: Option<usize>,
+}
+
+/// How a paged prefill will run: key splits and keys per split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedPrefillPlan {
+    /// Key splits actually used (fewer than asked when the block table is short).
+    pub splits: usize,
+    /// Keys per split (a multiple of 64, every narrow tile's width).
+    pub keys_per_split: usize,
+}
+
+/// Split boundaries fall on multiples of this.
+const SPLIT_ALIGN: usize = 64;
+
+/// The keys splits share out: a sequence's context is at most its block-table row
+/// (`max_pages · page_size`, what the kernel clamps it to).
+fn split_span(batch: &PagedPrefillBatch, cache: &PagedKvCache) -> usize {
+    batch.max_pages * cache.page_size
+}
+
+/// How many key splits a paged prefill should use on a GPU with `sm_count` SMs: enough blocks
+/// to fill the machine twice over, each split at least 512 keys. Splitting pays when few query
+/// tiles meet long contexts (small chunks, speculative verification beyond 16 tokens); for
+/// long chunks this is 1.
+pub fn paged_prefill_splits(p: &AttentionParams, batch: &PagedPrefillBatch, cache: &PagedKvCache, sm_count: usize) -> usize {
+    let blocks = (batch.max_seqlen_q.div_ceil(narrow_tile_rows(p.head_dim)) * p.num_q_heads * batch.batch).max(1);
+    (2 * sm_count).div_ceil(blocks).clamp(1, split_span(batch, cache).div_ceil(512).max(1))
+}
+
+/// f32 workspace elements of a paged prefill in `splits` key splits (0 for one split): the
+/// partial outputs and their LSEs.
+pub fn paged_prefill_workspace_len(p: &AttentionParams, batch: &PagedPrefillBatch, splits: usize) -> usize {
+    if splits <= 1 {
+        0
+    } else {
+        splits * batch.total_q * p.num_q_heads * (p.head_dim + 1)
+    }
 }
 
 impl PagedPrefillBatch {
-    /// Validate a paged prefill for element type `T` (no device needed).
-    pub fn check<T: Dtype>(&self, p: &AttentionParams, cache: &PagedKvCache, lens: &PagedFwdLens) -> Result<()> {
+    /// Validate a paged prefill for element type `T` in (up to) `splits` key splits (no device
+    /// needed), and plan the splits.
+    pub fn check<T: Dtype>(&self, p: &AttentionParams, cache: &PagedKvCache, lens: &PagedFwdLens, splits: usize) -> Result<PagedPrefillPlan> {
         common(p)?;
         cache.validate(p)?;
         if !is_16bit::<T>() {
@@ -101,7 +141,24 @@ impl PagedPrefillBatch {
         for (what, v) in [("total_q", self.total_q), ("max_seqlen_q", self.max_seqlen_q), ("batch * max_pages", self.batch * self.max_pages)] {
             to_i32(what, v)?;
         }
-        Ok(())
+        if splits == 0 {
+            return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
+        }
+        let span = split_span(self, cache);
+        let keys_per_split = span.div_ceil(splits).div_ceil(SPLIT_ALIGN).max(1) * SPLIT_ALIGN;
+        let splits = span.div_ceil(keys_per_split).max(1);
+        let q_tiles = self.max_seqlen_q.div_ceil(narrow_tile_rows(d)).max(1);
+        to_i32("keys_per_split", keys_per_split)?;
+        if q_tiles * splits > i32::MAX as usize {
+            return Err(Error::Shape { what: "grid", expected: "query tiles x splits < 2^31".into(), got: format!("{q_tiles} x {splits}") });
+        }
+        let needed = paged_prefill_workspace_len(p, self, splits);
+        match lens.workspace {
+            _ if splits == 1 => {}
+            Some(ws) if ws >= needed => {}
+            ws => return Err(Error::BufferTooSmall { what: "paged prefill workspace", needed, got: ws.unwrap_or(0) }),
+        }
+        Ok(PagedPrefillPlan { splits, keys_per_split })
     }
 }
 
@@ -115,12 +172,16 @@ pub(crate) struct PagedFwdPtrs {
     pub cu_q: u64,
     pub out: u64,
     pub lse: u64,
+    /// f32 workspace (split keys only).
+    pub workspace: u64,
 }
 
-/// Plan and run a paged prefill that [`PagedPrefillBatch::check`] accepted.
+/// Run a paged prefill that [`PagedPrefillBatch::check`] accepted (it returned `plan`): the
+/// narrow prefill kernel in paged mode, then with split keys the combine.
 pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
     be: &B,
     x: PagedFwdPtrs,
+    plan: PagedPrefillPlan,
     cache: &PagedKvCache,
     batch: &PagedPrefillBatch,
     p: &AttentionParams,
@@ -149,16 +210,37 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         page_size: cache.page_size as i32,
         max_pages: batch.max_pages as i32,
         num_pages: cache.num_pages as i32,
+        splits: plan.splits as i32,
+        keys_per_split: plan.keys_per_split as i32,
+        part_out: if plan.splits > 1 { x.workspace } else { 0 },
+        part_lse: if plan.splits > 1 { x.workspace + (plan.splits * batch.total_q * p.num_q_heads * p.head_dim * 4) as u64 } else { 0 },
         ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
     };
     // The kernel clamps context lengths and block-table entries into the pool, and query
     // offsets to total_q, which the buffers were checked to span.
-    be.run(&mma_fwd_launch::<T>(params, p, p.rope.is_some()))
+    be.run(&mma_fwd_launch::<T>(params, p, p.rope.is_some()))?;
+    if plan.splits > 1 {
+        // The partials were sized by paged_prefill_workspace_len.
+        launch_combine::<T, _>(be, SplitsParams {
+            part_out: params.part_out,
+            part_lse: params.part_lse,
+            out: x.out,
+            lse: x.lse,
+            o_row_stride: batch.o_row_stride as i64,
+            splits: plan.splits as i32,
+            tokens: batch.total_q as i32,
+            heads: p.num_q_heads as i32,
+            head_dim: p.head_dim as i32,
+        })?;
+    }
+    Ok(())
 }
 
 /// Paged prefill: O `[total_q, Hq, d]` and natural-log LSE `[Hq, total_q]` of new query tokens
 /// against the unrotated keys of a paged cache (see [`PagedPrefillBatch`] for positions).
-/// RoPE / ReRoPE / ALiBi / masks as `p` says; f16 and bf16.
+/// RoPE / ReRoPE / ALiBi / masks as `p` says; f16 and bf16. `splits > 1` splits every
+/// sequence's keys (as decode does; [`paged_prefill_splits`] picks a count for a GPU) and needs
+/// an f32 workspace of [`paged_prefill_workspace_len`]; the combine kernel then merges.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_paged<T: Dtype>(
     gpu: &Gpu,
@@ -174,6 +256,8 @@ pub fn attention_fwd_paged<T: Dtype>(
     cache: &PagedKvCache,
     batch: &PagedPrefillBatch,
     p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     let be = OnStream::new(gpu, stream)?;
     let lens = PagedFwdLens {
@@ -185,8 +269,9 @@ pub fn attention_fwd_paged<T: Dtype>(
         cu_seqlens_q: cu_seqlens_q.len(),
         out: out.len(),
         lse: lse.len(),
+        workspace: workspace.as_ref().map(|w| w.len()),
     };
-    batch.check::<T>(p, cache, &lens)?;
+    let plan = batch.check::<T>(p, cache, &lens, splits)?;
     let (q, _g1) = q.device_ptr(stream);
     let (k_cache, _g2) = k_cache.device_ptr(stream);
     let (v_cache, _g3) = v_cache.device_ptr(stream);
@@ -195,7 +280,15 @@ pub fn attention_fwd_paged<T: Dtype>(
     let (cu_q, _g6) = cu_seqlens_q.device_ptr(stream);
     let (out, _g7) = out.device_ptr_mut(stream);
     let (lse, _g8) = lse.device_ptr_mut(stream);
-    launch_fwd_paged::<T, _>(&be, PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse }, cache, batch, p)
+    let (workspace, _g9) = match workspace {
+        Some(ws) if plan.splits > 1 => {
+            let (wp, g) = ws.device_ptr_mut(stream);
+            (wp, Some(g))
+        }
+        _ => (0, None),
+    };
+    let ptrs = PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse, workspace };
+    launch_fwd_paged::<T, _>(&be, ptrs, plan, cache, batch, p)
 }
 
 /// Host copies of a paged prefill's inputs and results, widened, for checked mode.
@@ -227,8 +320,10 @@ pub fn attention_fwd_paged_checked<T: Dtype>(
     cache: &PagedKvCache,
     batch: &PagedPrefillBatch,
     p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<CheckReport> {
-    attention_fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, cache, batch, p)?;
+    attention_fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, cache, batch, p, splits, workspace)?;
     let host = PagedFwdHost {
         q: widen(&stream.clone_dtoh(q)?),
         k_cache: widen(&stream.clone_dtoh(k_cache)?),

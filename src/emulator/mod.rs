@@ -348,6 +348,7 @@ impl Emulator {
     }
 
     /// [`crate::cuda::attention_fwd_paged`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_fwd_paged<T: Dtype>(
         &self,
         x: &PagedFwdInputs<'_, T>,
@@ -356,6 +357,8 @@ impl Emulator {
         cache: &PagedKvCache,
         batch: &PagedPrefillBatch,
         p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
     ) -> Result<()> {
         let lens = PagedFwdLens {
             q: x.q.len(),
@@ -366,8 +369,9 @@ impl Emulator {
             cu_seqlens_q: x.cu_seqlens_q.len(),
             out: out.len(),
             lse: lse.len(),
+            workspace: workspace.as_ref().map(|w| w.len()),
         };
-        batch.check::<T>(p, cache, &lens)?;
+        let plan = batch.check::<T>(p, cache, &lens, splits)?;
         let ptrs = PagedFwdPtrs {
             q: addr(x.q),
             k_cache: addr(x.k_cache),
@@ -377,11 +381,13 @@ impl Emulator {
             cu_q: addr(x.cu_seqlens_q),
             out: addr(out),
             lse: addr(lse),
+            workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
         };
-        launch_fwd_paged::<T, _>(self, ptrs, cache, batch, p)
+        launch_fwd_paged::<T, _>(self, ptrs, plan, cache, batch, p)
     }
 
     /// [`crate::cuda::attention_fwd_paged_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_fwd_paged_checked<T: Dtype>(
         &self,
         x: &PagedFwdInputs<'_, T>,
@@ -390,8 +396,10 @@ impl Emulator {
         cache: &PagedKvCache,
         batch: &PagedPrefillBatch,
         p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
     ) -> Result<CheckReport> {
-        self.attention_fwd_paged(x, out, lse, cache, batch, p)?;
+        self.attention_fwd_paged(x, out, lse, cache, batch, p, splits, workspace)?;
         let host = PagedFwdHost {
             q: widen(x.q),
             k_cache: widen(x.k_cache),
