@@ -308,7 +308,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     if kp % 16 != 0 || vp % 16 != 0 {
         return Err(Error::Shape { what: "k/v cache pointers", expected: "16-byte aligned".into(), got: format!("{kp:#x} {vp:#x}") });
     }
-    let (part_out, part_lse) = if splits > 1 { (wp, wp + (splits * tokens * hq * d * 4) as u64) } else { (0, 0) };
+    let (part_out, part_lse) = partials(wp, splits, tokens, hq, d);
     let params = DecodeParams {
         rope: c.rope,
         q: qp,
@@ -349,30 +349,52 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         smem: decode_smem_bytes(d, std::mem::size_of::<T>(), p.rope.is_some() && p.relative != Relative::None),
         params,
     })?;
-    if splits > 1 {
-        // The partials were sized by decode_workspace_len.
-        launch_combine::<T, _>(be, SplitsParams {
-            part_out,
-            part_lse,
-            out: op,
-            lse: lp,
-            o_row_stride: batch.o_row_stride as i64,
-            splits: splits as i32,
-            tokens: tokens as i32,
-            heads: hq as i32,
-            head_dim: d as i32,
-        })?;
-    }
-    Ok(())
+    // The partials were sized by decode_workspace_len.
+    launch_combine::<T, _>(be, wp, op, lp, batch.o_row_stride, splits, tokens, hq, d)
 }
 
-/// The split-K combine (kernels/merge.cu): f32 partials `[splits, tokens, heads, d]` with their
-/// LSEs `[splits, heads, tokens]` into O (rows `o_row_stride` apart) and LSE `[heads, tokens]`.
-/// Decode's and the split prefill's last step.
-pub(crate) fn launch_combine<T: Dtype, B: Backend>(be: &B, params: SplitsParams) -> Result<()> {
-    let name = format!("combine_splits_{}", T::NAME);
-    let grid = (params.tokens as u32, params.heads as u32, 1);
-    be.run(&Launch { module: Module::Merge, name, grid, threads: 128, smem: 0, params })
+/// Where split partials live in an f32 workspace at `ws`: O `[splits, tokens, heads, d]`, then
+/// LSE `[splits, heads, tokens]`; (0, 0) for one split.
+pub(crate) fn partials(ws: u64, splits: usize, tokens: usize, heads: usize, d: usize) -> (u64, u64) {
+    if splits > 1 {
+        (ws, ws + (splits * tokens * heads * d * 4) as u64)
+    } else {
+        (0, 0)
+    }
+}
+
+/// The split-K combine (kernels/merge.cu) when there is more than one split: the partials in
+/// the workspace at `ws` (laid out as [`partials`] says) into O (rows `o_row_stride` apart) and
+/// LSE `[heads, tokens]`. Decode's and the split paged prefill's last step.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_combine<T: Dtype, B: Backend>(
+    be: &B,
+    ws: u64,
+    out: u64,
+    lse: u64,
+    o_row_stride: usize,
+    splits: usize,
+    tokens: usize,
+    heads: usize,
+    d: usize,
+) -> Result<()> {
+    if splits <= 1 {
+        return Ok(());
+    }
+    let (part_out, part_lse) = partials(ws, splits, tokens, heads, d);
+    let params = SplitsParams {
+        part_out,
+        part_lse,
+        out,
+        lse,
+        o_row_stride: o_row_stride as i64,
+        splits: splits as i32,
+        tokens: tokens as i32,
+        heads: heads as i32,
+        head_dim: d as i32,
+    };
+    let grid = (tokens as u32, heads as u32, 1);
+    be.run(&Launch { module: Module::Merge, name: format!("combine_splits_{}", T::NAME), grid, threads: 128, smem: 0, params })
 }
 
 /// Append new unrotated K/V rows `[tokens, Hkv, d]` into the paged cache at `slots[t]`

@@ -6,11 +6,11 @@
 
 use super::attention::{attn_params_base, is_16bit, mma_fwd_launch, narrow_tile_rows};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
-use super::decode::{gather_paged, launch_combine, PagedKvCache};
+use super::decode::{gather_paged, launch_combine, partials, PagedKvCache};
 use super::device::Gpu;
 use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
-use super::params::{to_i32, AttnParams, SplitsParams};
+use super::params::{to_i32, AttnParams};
 use super::scores::{check_rows, common, gather_rows};
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
@@ -194,6 +194,7 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         let got = format!("{:#x} {:#x} {:#x}", x.k_cache, x.v_cache, x.out);
         return Err(Error::Shape { what: "k/v cache and out pointers", expected: "16-byte aligned caches, 4-byte aligned out".into(), got });
     }
+    let (part_out, part_lse) = partials(x.workspace, plan.splits, batch.total_q, p.num_q_heads, p.head_dim);
     let params = AttnParams {
         q: x.q,
         k: x.k_cache,
@@ -212,28 +213,15 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         num_pages: cache.num_pages as i32,
         splits: plan.splits as i32,
         keys_per_split: plan.keys_per_split as i32,
-        part_out: if plan.splits > 1 { x.workspace } else { 0 },
-        part_lse: if plan.splits > 1 { x.workspace + (plan.splits * batch.total_q * p.num_q_heads * p.head_dim * 4) as u64 } else { 0 },
+        part_out,
+        part_lse,
         ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
     };
     // The kernel clamps context lengths and block-table entries into the pool, and query
     // offsets to total_q, which the buffers were checked to span.
     be.run(&mma_fwd_launch::<T>(params, p, p.rope.is_some()))?;
-    if plan.splits > 1 {
-        // The partials were sized by paged_prefill_workspace_len.
-        launch_combine::<T, _>(be, SplitsParams {
-            part_out: params.part_out,
-            part_lse: params.part_lse,
-            out: x.out,
-            lse: x.lse,
-            o_row_stride: batch.o_row_stride as i64,
-            splits: plan.splits as i32,
-            tokens: batch.total_q as i32,
-            heads: p.num_q_heads as i32,
-            head_dim: p.head_dim as i32,
-        })?;
-    }
-    Ok(())
+    // The partials were sized by paged_prefill_workspace_len.
+    launch_combine::<T, _>(be, x.workspace, x.out, x.lse, batch.o_row_stride, plan.splits, batch.total_q, p.num_q_heads, p.head_dim)
 }
 
 /// Paged prefill: O `[total_q, Hq, d]` and natural-log LSE `[Hq, total_q]` of new query tokens
