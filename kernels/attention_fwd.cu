@@ -17,7 +17,7 @@ namespace ra {
 // MB row blocks of WARPS·16; thread (g, t) of warp w holds rows 16w + g and 16w + g + 8 of each
 // (the mma accumulator layout).
 // FULL kernels take every option: keys rotated in the kernel (fused path), ReRoPE's far copies,
-// paged K/V. The others (MB = 2, FlashAttention-2's 128-row tile) take keys ready in memory
+// paged K/V, split keys. The others (MB = 2, FlashAttention-2's 128-row tile) take keys ready in memory
 // (pre-rotated, or no RoPE): every K and V fragment a warp loads from shared memory then feeds
 // two mmas, half the shared-memory traffic per flop, which is what limits mma.sync on A100/H100.
 // O and S double in registers, so the options' state has to go: FULL = false compiles it out.
@@ -365,9 +365,10 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
 
 }  // namespace ra
 
-// Two kernels per head dim and dtype (src/cuda/attention.rs, fwd_kernel, picks):
-// - attention_fwd_d<D>_<dtype> (FULL): 4 warps x 64 keys per tile, 64 query rows; head_dim 256
-//   takes 2 warps x 32 keys so that Q, K, V and the far copies fit the 99 KB of an sm_86/89 block.
+// Two kernels per head dim and dtype (mma_fwd_launch in src/cuda/attention.rs picks):
+// - attention_fwd_d<D>_<dtype> (FULL: in-kernel K rotation, ReRoPE far copies, paged K/V, key
+//   splits): 4 warps x 64 keys per tile, 64 query rows; head_dim 256 takes 2 warps x 32 keys so
+//   that Q, K, V and the far copies fit the 99 KB of an sm_86/89 block.
 // - attention_fwd_wide_d<D>_<dtype>: 128 query rows x 64 keys up to head_dim 128, 64 x 64 at 256
 //   (Q, K and V at pitch 264: exactly the 99 KB). On sm_80 head_dim 128 takes 48-key tiles: at 64,
 //   ptxas's sm_80 allocation spills 20 bytes (sm_90's does not). The launcher sizes shared memory
