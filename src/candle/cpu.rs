@@ -3,6 +3,7 @@
 
 use super::{candle_error, from_f64, to_f64, ErrSlot, Rows};
 use crate::attention::{AttentionParams, Rotary};
+use crate::cuda::decode::paged_reference;
 use crate::cuda::{Dtype, PagedKvCache};
 use crate::error::{Error, Result};
 use crate::reference;
@@ -106,7 +107,7 @@ pub(super) fn attention_paged(
     cache: &PagedKvCache,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
-    let (d, hq, hkv) = (p.head_dim, p.num_q_heads, p.num_kv_heads);
+    let (d, hq) = (p.head_dim, p.num_q_heads);
     let tokens = cu_q[cu_q.len() - 1];
     for (b, &ctx) in lens.iter().enumerate() {
         let nq = cu_q[b + 1] - cu_q[b];
@@ -117,38 +118,25 @@ pub(super) fn attention_paged(
                 got: ctx.to_string(),
             });
         }
-        if ctx > max_context as i64 {
-            return Err(Error::Position { what: "context_lens", value: ctx, limit: max_context as i64 });
+        if ctx > max_context as i64 || i32::try_from(ctx).is_err() {
+            return Err(Error::Position { what: "context_lens", value: ctx, limit: max_context.min(i32::MAX as usize) as i64 });
         }
     }
-    let (qh, kc, vc) = (to_f64(q)?, to_f64(k_cache)?, to_f64(v_cache)?);
-    let row = hkv * d;
-    let mut out = vec![0.0; tokens * hq * d];
-    let mut lse = vec![f32::NEG_INFINITY; hq * tokens];
-    for b in 0..lens.len() {
-        let (ctx, q0, nq) = (lens[b] as usize, cu_q[b], cu_q[b + 1] - cu_q[b]);
-        let mut slots = Vec::with_capacity(ctx);
-        for j in 0..ctx {
-            let page = table[b * max_pages + j / cache.page_size];
-            if !(0..cache.num_pages as i64).contains(&page) {
-                return Err(Error::Position { what: "block_table entry", value: page, limit: cache.num_pages as i64 - 1 });
-            }
-            slots.push(page as usize * cache.page_size + j % cache.page_size);
-        }
-        let gather = |c: &[f64]| -> Vec<f64> { slots.iter().flat_map(|&s| c[s * row..(s + 1) * row].iter().copied()).collect() };
-        let (kk, vv) = (gather(&kc), gather(&vc));
-        let q_pos: Vec<i64> = (0..nq).map(|m| (ctx - nq + m) as i64).collect();
-        let k_pos: Vec<i64> = (0..ctx as i64).collect();
-        let span = q0 * hq * d..(q0 + nq) * hq * d;
-        let r = reference::attention(&qh[span.clone()], &kk, &vv, &q_pos, &k_pos, p)?;
-        out[span].copy_from_slice(&r.out);
-        for h in 0..hq {
-            for m in 0..nq {
-                lse[h * tokens + q0 + m] = r.lse[h * nq + m] as f32;
+    for (b, &ctx) in lens.iter().enumerate() {
+        for page in &table[b * max_pages..b * max_pages + (ctx as usize).div_ceil(cache.page_size)] {
+            if !(0..cache.num_pages as i64).contains(page) {
+                return Err(Error::Position { what: "block_table entry", value: *page, limit: cache.num_pages as i64 - 1 });
             }
         }
     }
-    let lse = Tensor::from_vec(lse, (hq, tokens), q.device()).map_err(candle_error)?;
+    // Validated: the kernels' clamps inside paged_reference change nothing. Table entries past
+    // a sequence's context are never read (their i32 value does not matter).
+    let table: Vec<i32> = table.iter().map(|&e| e.clamp(i32::MIN as i64, i32::MAX as i64) as i32).collect();
+    let lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let runs: Vec<(usize, usize)> = cu_q.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
+    let (kc, vc) = (to_f64(k_cache)?, to_f64(v_cache)?);
+    let (out, lse) = paged_reference(&to_f64(q)?, &kc, &vc, &table, &lens, &runs, max_pages, cache, p)?;
+    let lse = Tensor::from_vec(lse.iter().map(|&x| x as f32).collect::<Vec<f32>>(), (hq, tokens), q.device()).map_err(candle_error)?;
     Ok((from_f64(out, &[tokens, hq, d], q.dtype(), q.device())?, lse))
 }
 

@@ -515,10 +515,9 @@ pub(crate) struct DecodeHost {
     pub lse: Vec<f64>,
 }
 
-/// Sequence b's context as the kernels see it — `context_lens[b]` clamped into its pages — and its
-/// keys and values `[ctx, Hkv·d]` gathered from host copies of the paged caches through its
-/// block-table row (entries clamped into the pool, as the kernels clamp them).
-pub(crate) fn gather_paged(
+/// Keys and values of sequence b, gathered through its block-table row (entries clamped into the
+/// pool, the length to the row's span, as the kernels clamp them): (context, K, V).
+fn gather_paged(
     k_cache: &[f64],
     v_cache: &[f64],
     block_table: &[i32],
@@ -541,30 +540,52 @@ pub(crate) fn gather_paged(
     (ctx, gather(k_cache), gather(v_cache))
 }
 
-/// Checked mode's comparison of a decode with [`reference::attention`] over the keys gathered
-/// through the block table (shared with the emulator).
+/// The f64 reference of paged attention: sequence b's query rows `runs[b] = (first, count)` of
+/// `q` (dense `[tokens, Hq, d]`) are the last of its `context_lens[b]` cached tokens, and attend
+/// to all of them, gathered through the block table (clamped as the kernels clamp). Returns O
+/// `[tokens, Hq, d]` and the natural-log LSE `[Hq, tokens]`; rows no run covers stay 0 and -inf.
+/// Decode's and paged prefill's checked mode, and candle's CPU path, are this.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn paged_reference(
+    q: &[f64],
+    k_cache: &[f64],
+    v_cache: &[f64],
+    block_table: &[i32],
+    context_lens: &[i32],
+    runs: &[(usize, usize)],
+    max_pages: usize,
+    cache: &PagedKvCache,
+    p: &AttentionParams,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (hq, d) = (p.num_q_heads, p.head_dim);
+    let tokens = q.len() / (hq * d);
+    let (mut out, mut lse) = (vec![0.0; tokens * hq * d], vec![f64::NEG_INFINITY; hq * tokens]);
+    for (b, &(q0, nq)) in runs.iter().enumerate() {
+        let (ctx, kk, vv) = gather_paged(k_cache, v_cache, block_table, context_lens, b, max_pages, cache);
+        let q_pos: Vec<i64> = (0..nq as i64).map(|m| ctx as i64 - nq as i64 + m).collect();
+        let k_pos: Vec<i64> = (0..ctx as i64).collect();
+        let rows = q0 * hq * d..(q0 + nq) * hq * d;
+        let r = reference::attention(&q[rows.clone()], &kk, &vv, &q_pos, &k_pos, p)?;
+        out[rows].copy_from_slice(&r.out);
+        for h in 0..hq {
+            for m in 0..nq {
+                lse[h * tokens + q0 + m] = r.lse[h * nq + m];
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
+/// Checked mode's comparison of a decode with [`paged_reference`] (shared with the emulator).
 pub(crate) fn compare_decode<T: Dtype>(h: &DecodeHost, cache: &PagedKvCache, batch: &DecodeBatch, p: &AttentionParams) -> Result<CheckReport> {
     let (d, hq) = (p.head_dim, p.num_q_heads);
     let tokens = batch.tokens();
     let qh = gather_rows(&h.q, tokens, batch.q_row_stride, hq * d);
     let oh = gather_rows(&h.out, tokens, batch.o_row_stride, hq * d);
-    let lh = &h.lse[..hq * tokens];
-    let (mut want_o, mut want_l) = (vec![0.0; oh.len()], vec![f64::NEG_INFINITY; hq * tokens]);
-    for b in 0..batch.batch {
-        let (ctx, kk, vv) = gather_paged(&h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, b, batch.max_pages, cache);
-        let q_pos: Vec<i64> = (0..batch.queries).map(|qi| ctx as i64 - batch.queries as i64 + qi as i64).collect();
-        let k_pos: Vec<i64> = (0..ctx as i64).collect();
-        let qs = &qh[b * batch.queries * hq * d..(b + 1) * batch.queries * hq * d];
-        let r = reference::attention(qs, &kk, &vv, &q_pos, &k_pos, p)?;
-        want_o[b * batch.queries * hq * d..(b + 1) * batch.queries * hq * d].copy_from_slice(&r.out);
-        for h in 0..hq {
-            for qi in 0..batch.queries {
-                want_l[h * tokens + b * batch.queries + qi] = r.lse[h * batch.queries + qi];
-            }
-        }
-    }
+    let runs: Vec<(usize, usize)> = (0..batch.batch).map(|b| (b * batch.queries, batch.queries)).collect();
+    let (want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&h.k_cache), max_abs(&h.v_cache));
     let ro = CheckReport::compare("decode out", &oh, &want_o, tol_o);
-    let rl = CheckReport::compare("decode lse", lh, &want_l, tol_l);
+    let rl = CheckReport::compare("decode lse", &h.lse[..hq * tokens], &want_l, tol_l);
     ro.worst(rl).ensure()
 }

@@ -6,7 +6,7 @@
 
 use super::attention::{attn_params_base, is_16bit, mma_fwd_launch, narrow_tile_rows};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
-use super::decode::{gather_paged, launch_combine, partials, PagedKvCache};
+use super::decode::{launch_combine, paged_reference, partials, PagedKvCache};
 use super::device::Gpu;
 use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
@@ -14,7 +14,6 @@ use super::params::{to_i32, AttnParams};
 use super::scores::{check_rows, common, gather_rows};
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
-use crate::reference;
 use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
@@ -291,7 +290,7 @@ pub(crate) struct PagedFwdHost {
     pub lse: Vec<f64>,
 }
 
-/// [`attention_fwd_paged`], then compare O and LSE with [`reference::attention`] over the keys
+/// [`attention_fwd_paged`], then compare O and LSE with [`crate::reference::attention`] over the keys
 /// gathered through the block table. Synchronizes the stream.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_paged_checked<T: Dtype>(
@@ -325,27 +324,19 @@ pub fn attention_fwd_paged_checked<T: Dtype>(
     compare_fwd_paged::<T>(&host, cache, batch, p)
 }
 
-/// Checked mode's comparison of a paged prefill (shared with the emulator): per sequence, the
-/// reference over the keys gathered through the block table, queries at the last positions.
+/// Checked mode's comparison of a paged prefill with [`paged_reference`] (shared with the
+/// emulator), query offsets clamped as the kernel clamps them.
 pub(crate) fn compare_fwd_paged<T: Dtype>(h: &PagedFwdHost, cache: &PagedKvCache, batch: &PagedPrefillBatch, p: &AttentionParams) -> Result<CheckReport> {
     let (d, hq, tq) = (p.head_dim, p.num_q_heads, batch.total_q);
     let qh = gather_rows(&h.q, tq, batch.q_row_stride, hq * d);
     let oh = gather_rows(&h.out, tq, batch.o_row_stride, hq * d);
-    let (mut want_o, mut want_l) = (vec![0.0; tq * hq * d], vec![f64::NEG_INFINITY; hq * tq]);
-    for b in 0..batch.batch {
-        let q0 = (h.cu_q[b].max(0) as usize).min(tq);
-        let nq = (h.cu_q[b + 1].max(0) as usize).clamp(q0, tq) - q0;
-        let (ctx, kk, vv) = gather_paged(&h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, b, batch.max_pages, cache);
-        let q_pos: Vec<i64> = (0..nq as i64).map(|m| ctx as i64 - nq as i64 + m).collect();
-        let k_pos: Vec<i64> = (0..ctx as i64).collect();
-        let r = reference::attention(&qh[q0 * hq * d..(q0 + nq) * hq * d], &kk, &vv, &q_pos, &k_pos, p)?;
-        want_o[q0 * hq * d..(q0 + nq) * hq * d].copy_from_slice(&r.out);
-        for hh in 0..hq {
-            for m in 0..nq {
-                want_l[hh * tq + q0 + m] = r.lse[hh * nq + m];
-            }
-        }
-    }
+    let runs: Vec<(usize, usize)> = (0..batch.batch)
+        .map(|b| {
+            let q0 = (h.cu_q[b].max(0) as usize).min(tq);
+            (q0, (h.cu_q[b + 1].max(0) as usize).clamp(q0, tq) - q0)
+        })
+        .collect();
+    let (want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh), max_abs(&h.k_cache), max_abs(&h.v_cache));
     let ro = CheckReport::compare("paged prefill out", &oh, &want_o, tol_o);
     let rl = CheckReport::compare("paged prefill lse", &h.lse[..hq * tq], &want_l, tol_l);
