@@ -10,7 +10,7 @@ use super::scores::{check_rows, common, gather_rows};
 use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
 use crate::reference;
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
 use std::sync::Arc;
 
 /// Geometry of a paged KV cache: K and V each `[num_pages, page_size, Hkv, d]`, unrotated keys.
@@ -263,13 +263,7 @@ pub fn attention_decode<T: Dtype>(
     let (context_lens, _g5) = context_lens.device_ptr(stream);
     let (out, _g6) = out.device_ptr_mut(stream);
     let (lse, _g7) = lse.device_ptr_mut(stream);
-    let (workspace, _g8) = match workspace {
-        Some(ws) if plan.splits > 1 => {
-            let (wp, g) = ws.device_ptr_mut(stream);
-            (wp, Some(g))
-        }
-        _ => (0, None),
-    };
+    let (workspace, _g8) = split_workspace(workspace, plan.splits, stream);
     let ptrs = DecodePtrs { q, k_cache, v_cache, block_table, context_lens, out, lse, workspace };
     launch_decode::<T, _>(&be, ptrs, plan, cache, batch, p)
 }
@@ -351,6 +345,22 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     })?;
     // The partials were sized by decode_workspace_len.
     launch_combine::<T, _>(be, wp, op, lp, batch.o_row_stride, splits, tokens, hq, d)
+}
+
+/// The device address of a split-K workspace (0 when one split needs none), and the guard that
+/// orders its use on `stream`. Decode's and the split paged prefill's.
+pub(crate) fn split_workspace<'a>(
+    workspace: Option<&'a mut CudaViewMut<'_, f32>>,
+    splits: usize,
+    stream: &'a Arc<CudaStream>,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match workspace {
+        Some(ws) if splits > 1 => {
+            let (wp, g) = ws.device_ptr_mut(stream);
+            (wp, Some(g))
+        }
+        _ => (0, None),
+    }
 }
 
 /// Where split partials live in an f32 workspace at `ws`: O `[splits, tokens, heads, d]`, then

@@ -6,7 +6,7 @@
 
 use super::attention::{attn_params_base, is_16bit, mma_fwd_launch, narrow_tile_rows};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
-use super::decode::{launch_combine, paged_reference, partials, PagedKvCache};
+use super::decode::{launch_combine, paged_reference, partials, split_workspace, PagedKvCache};
 use super::device::Gpu;
 use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
@@ -267,13 +267,7 @@ pub fn attention_fwd_paged<T: Dtype>(
     let (cu_q, _g6) = cu_seqlens_q.device_ptr(stream);
     let (out, _g7) = out.device_ptr_mut(stream);
     let (lse, _g8) = lse.device_ptr_mut(stream);
-    let (workspace, _g9) = match workspace {
-        Some(ws) if plan.splits > 1 => {
-            let (wp, g) = ws.device_ptr_mut(stream);
-            (wp, Some(g))
-        }
-        _ => (0, None),
-    };
+    let (workspace, _g9) = split_workspace(workspace, plan.splits, stream);
     let ptrs = PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse, workspace };
     launch_fwd_paged::<T, _>(&be, ptrs, plan, cache, batch, p)
 }
