@@ -326,10 +326,12 @@ impl Kernels for OnGpu {
         let mut lse = self.up(&vec![0f32; n * p.num_q_heads])?;
         let cu = self.up(&[0i32, n as i32])?;
         let batch = AttentionBatch::single(p, n, n);
-        let mut ws = self.up(&vec![bf16::ZERO; cuda::attention_fwd_workspace_len(p, n).max(1)])?;
-        let mut ws = ws.as_view_mut();
-        let ws = cuda::prefill_prefers_workspace::<bf16>(p, &batch).then_some(&mut ws);
-        let (_, rep) = cuda::attention_fwd_checked(&self.gpu, &self.stream, &qd, &kd, &vd, &mut out, &mut lse, &cu, &cu, &batch, p, ws)
+        let mut ws = match cuda::prefill_prefers_workspace::<bf16>(p, &batch) {
+            true => Some(self.stream.alloc_zeros::<bf16>(cuda::attention_fwd_workspace_len(p, n)).map_err(|e| e.to_string())?),
+            false => None,
+        };
+        let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
+        let (_, rep) = cuda::attention_fwd_checked(&self.gpu, &self.stream, &qd, &kd, &vd, &mut out, &mut lse, &cu, &cu, &batch, p, wsv.as_mut())
             .map_err(|e| e.to_string())?;
         Ok((self.down(&out)?, rep))
     }
@@ -342,9 +344,12 @@ impl Kernels for OnGpu {
         let batch = PagedPrefillBatch::contiguous(p, 1, n, n, cache.num_pages);
         let sms = self.gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| e.to_string())?;
         let splits = cuda::paged_prefill_splits(p, &batch, cache, sms.max(1) as usize);
-        let mut ws = self.up(&vec![0f32; cuda::paged_prefill_workspace_len(p, &batch, splits).max(1)])?;
-        let mut ws = ws.as_view_mut();
-        let rep = cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws))
+        let mut ws = match splits > 1 {
+            true => Some(self.stream.alloc_zeros::<f32>(cuda::paged_prefill_workspace_len(p, &batch, splits)).map_err(|e| e.to_string())?),
+            false => None,
+        };
+        let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
+        let rep = cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p, splits, wsv.as_mut())
             .map_err(|e| e.to_string())?;
         Ok((self.down(&o)?, rep))
     }
@@ -411,8 +416,9 @@ mod emulated {
             let cu = [0i32, n as i32];
             let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
             let batch = AttentionBatch::single(p, n, n);
-            let mut ws = vec![bf16::ZERO; cuda::attention_fwd_workspace_len(p, n)];
-            let ws = cuda::prefill_prefers_workspace::<bf16>(p, &batch).then_some(&mut ws[..]);
+            let prefer = cuda::prefill_prefers_workspace::<bf16>(p, &batch);
+            let mut ws = if prefer { vec![bf16::ZERO; cuda::attention_fwd_workspace_len(p, n)] } else { Vec::new() };
+            let ws = prefer.then_some(&mut ws[..]);
             let (_, rep) = self.emu.attention_fwd_checked(&x, &mut out, &mut lse, &batch, p, ws).map_err(|e| e.to_string())?;
             Ok((f32s(&out), rep))
         }
