@@ -7,75 +7,161 @@
 // Sequence b has context_lens[b] cached keys, the last `queries` of them the new tokens
 // (1..=16, speculative decoding): query qi sits at position context_len - queries + qi.
 //
-// A block takes one split of the keys, one KV head and up to 16 (query head, query) rows of
-// its GQA group, so each K/V tile is read once for the whole group. Tiles stream through
-// shared memory with cp.async, one tile ahead: K of tile n+1 lands while tile n is scored and
-// accumulated, V of tile n+1 while tile n+1's keys are rotated and scored. Each K tile is
-// rotated once, into f32, as it leaves its staging buffer; each warp scores its 4 rows
-// against it (lane = key, the 4 rows in registers, so a key element is read once per warp)
-// and accumulates O from the staged V (lane = a pair of components, each V pair read once per
-// warp for its 4 rows). Tiles no row can see (sliding window) are skipped, never read.
-// Splits > 1 write f32 partials that merge.cu combines.
+// Decode is a stream over the cache: a few flops per byte, so the kernel's job is to keep the
+// memory system busy with as few instructions and barriers per key as possible. A block takes
+// one split of the keys, one KV head and DEC_ROWS (query head, query) rows of its GQA group;
+// its warps do NOT share tiles: each warp streams its own tiles of the split (warp w takes
+// tiles w, w + 4, ...) through its own double-buffered shared memory with cp.async, so the
+// loop has no block barrier, only __syncwarp, and every warp has a tile in flight while it
+// works on the one before. Within a warp, G lanes share a key (FlashInfer's layout): each lane
+// owns D / 2G rotation pairs of the head, rotates its pieces of the key, dots them with the
+// rows' rotated queries (kept in registers) and G lanes add up the score by shuffles; the same
+// lane accumulates those components of O from V, so P·V needs no shuffles at all. The warps'
+// (m, l, O) are merged once at the end. Splits > 1 write f32 partials that merge.cu combines.
+//
+// Rotation by composition (tile.cuh's idea, per tile): e^{iθ(j0 + t)} = e^{iθ j0} · e^{iθ t},
+// the first exact per tile and pair (shared by the warp), the second from an exact table of
+// the tile's offsets made once per block. The attention factor is folded into Q (it scales
+// both rotated sides, so the product carries its square).
 #include "attention.cuh"
 
 namespace ra {
 
-constexpr int DEC_WARPS = 4, DEC_RPW = 4, DEC_ROWS = DEC_WARPS * DEC_RPW, DEC_MAXP = 4;  // pairs per lane: d <= 256
+constexpr int DEC_WARPS = 4, DEC_ROWS = 4;
 
-// Keys per tile: 32 up to head_dim 128, 16 at 256 (8 in f32, whose staged tiles are twice as
-// large: with ReRoPE's far copies 16 would pass the 99 KB of an sm_86/89 block).
-__host__ __device__ inline int decode_tile_keys(int d, int elem_bytes) { return d <= 128 ? 32 : elem_bytes == 2 ? 16 : 8; }
-
-// Address of key j's head kvh in a paged cache; block-table entries are clamped into the pool.
-template <typename T>
-__device__ __forceinline__ const T* paged_row(const DecodeParams& p, const T* cache, int b, int j, int kvh) {
-    return paged_key(cache, p.block_table, b, j, kvh, p.page_size, p.max_pages, p.num_pages, p.kv_heads, p.head_dim);
+// Keys per warp tile: a warp's K and V tiles, double-buffered, take 16 KB (head_dim rounded
+// up to a power of two), so a block of four warps stages 64 KB.
+__host__ __device__ constexpr int decode_tile_keys(int d, int elem_bytes) {
+    return 4096 / ((d <= 64 ? 64 : d <= 128 ? 128 : 256) * elem_bytes);
 }
 
-// acc[x] += q[x] · k for a warp's 4 rows: q is one component of 4 consecutive rows of the
-// transposed Q tile (one 16-byte shared-memory load).
-__device__ __forceinline__ void fma_rows4(float (&acc)[DEC_RPW], const float* q, float k) {
-    RA_VECTOR_ACCESS(q, 16);
-    const float4 v = *reinterpret_cast<const float4*>(q);
-    acc[0] = fmaf(v.x, k, acc[0]);
-    acc[1] = fmaf(v.y, k, acc[1]);
-    acc[2] = fmaf(v.z, k, acc[2]);
-    acc[3] = fmaf(v.w, k, acc[3]);
+// How a warp's lanes share a key: G lanes per key, SLOTS keys at once, PPL pairs per lane.
+template <int D> struct DecLanes {
+    static constexpr int G = D > 128 ? 16 : 8;
+    static constexpr int SLOTS = 32 / G;
+    static constexpr int PPL = D / 2 / G;
+};
+
+// Components (ia, ib) of pair P of a head: the rotary pairs by layout, then the pass-through
+// components (partial rotary) in two halves. With no RoPE, (P, P + D/2).
+__device__ __forceinline__ void head_pair(int P, int rd, int interleaved, int D, int& ia, int& ib) {
+    const int half = rd / 2;
+    if (P < half) {
+        pair_index(interleaved, rd, P, ia, ib);
+    } else {
+        ia = half + P;
+        ib = ia + (D - rd) / 2;
+    }
 }
 
-template <typename T>
+// Where a lane's pairs sit in a row: two runs of PPL (rotate_half with every pair rotated, or
+// no RoPE), one run of 2 PPL interleaved (interleaved, every pair rotated), or anywhere
+// (partial rotary: head_pair per pair, scalar loads).
+enum PairLoad { LOAD_HALF = 0, LOAD_INTERLEAVED = 1, LOAD_ANY = 2 };
+
+// N consecutive elements to f32 with the widest aligned vectors N elements allow (the run
+// starts at a multiple of N elements of a 16-byte-aligned row).
+template <typename T, int N>
+__device__ __forceinline__ void load_run(const T* src, float (&out)[N]) {
+    constexpr int BYTES = N * static_cast<int>(sizeof(T));
+    constexpr int VB = BYTES % 16 == 0 ? 16 : BYTES % 8 == 0 ? 8 : BYTES % 4 == 0 ? 4 : static_cast<int>(sizeof(T));
+    constexpr int V = VB / static_cast<int>(sizeof(T));
+#pragma unroll
+    for (int i = 0; i < N / V; ++i) {
+        float t[V];
+        load_f32<T, V>(src + i * V, t);
+#pragma unroll
+        for (int u = 0; u < V; ++u) out[i * V + u] = t[u];
+    }
+}
+
+// The lane's pairs (g * PPL + k) of a staged row: x0 = first components, x1 = second.
+template <typename T, int D>
+__device__ __forceinline__ void load_pairs(const T* row, int how, int g, const RopeArgs& a,
+                                           float (&x0)[DecLanes<D>::PPL], float (&x1)[DecLanes<D>::PPL]) {
+    constexpr int PPL = DecLanes<D>::PPL;
+    if (how == LOAD_HALF) {
+        load_run<T, PPL>(row + g * PPL, x0);
+        load_run<T, PPL>(row + D / 2 + g * PPL, x1);
+    } else if (how == LOAD_INTERLEAVED) {
+        float t[2 * PPL];
+        load_run<T, 2 * PPL>(row + 2 * g * PPL, t);
+#pragma unroll
+        for (int k = 0; k < PPL; ++k) x0[k] = t[2 * k], x1[k] = t[2 * k + 1];
+    } else {
+#pragma unroll
+        for (int k = 0; k < PPL; ++k) {
+            int ia, ib;
+            head_pair(g * PPL + k, a.rotary_dim, a.interleaved, D, ia, ib);
+            x0[k] = to_f32(row[ia]);
+            x1[k] = to_f32(row[ib]);
+        }
+    }
+}
+
+// PPL consecutive (cos, sin) entries (16-byte loads when PPL is even: the entries start at an
+// even index of a 16-byte-aligned table).
+template <int PPL>
+__device__ __forceinline__ void load_cs(const float2* src, float2 (&out)[PPL]) {
+    if constexpr (PPL % 2 == 0) {
+#pragma unroll
+        for (int k = 0; k < PPL; k += 2) {
+            RA_VECTOR_ACCESS(src + k, 16);
+            const float4 v = *reinterpret_cast<const float4*>(src + k);
+            out[k] = make_float2(v.x, v.y);
+            out[k + 1] = make_float2(v.z, v.w);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < PPL; ++k) out[k] = src[k];
+    }
+}
+
+__device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.y * b.x + a.x * b.y); }
+
+template <typename T, int D>
 __device__ void decode_body(const DecodeParams& p) {
-    const int D = p.head_dim, BN = decode_tile_keys(D, sizeof(T)), LDK = D + 1;
-    const bool rope = p.rope.rotary_dim > 0;
-    const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
-    // Shared memory (src/cuda/decode.rs, decode_smem_bytes, sizes it): the staged K and V tiles
-    // as cached (T, pitch D, 16-byte rows), Q transposed [D][16] in f32 so a warp's 4 rows of one
-    // component are one 16-byte load, the rotated K tile in f32 (pitch D + 1: lane = key reads
-    // conflict-free), then with ReRoPE the far Q and K; last the composed-rotation tables
-    // (tile.cuh). Every piece is a multiple of 16 bytes.
+    constexpr int G = DecLanes<D>::G, SLOTS = DecLanes<D>::SLOTS, PPL = DecLanes<D>::PPL, H2 = D / 2;
+    constexpr int BT = decode_tile_keys(D, sizeof(T)), UPT = BT / SLOTS, R = DEC_ROWS;
+    static_assert(R == 4 && BT % SLOTS == 0 && 32 % BT == 0, "tiles hold whole slots and divide the split alignment");
+    const RopeArgs& ra = p.rope;
+    const bool rope = ra.rotary_dim > 0;
+    const bool rel = rope && ra.relative != REL_NONE, leaky = rope && ra.relative == REL_LEAKY;
+    const int half = ra.rotary_dim / 2;
+    const float af = ra.attention_factor;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, slot = lane / G, g = lane % G;
+    const int how = (ra.rotary_dim == 0 || (ra.rotary_dim == D && !ra.interleaved)) ? LOAD_HALF
+                    : ra.rotary_dim == D                                          ? LOAD_INTERLEAVED
+                                                                                  : LOAD_ANY;
+
+    // Shared memory (src/cuda/decode.rs, decode_smem_bytes, sizes it): per warp its staged K
+    // and V tiles [2][BT][D] each (as cached); Q rotated [R][D/2] (pairs) and with ReRoPE its far
+    // copy; the offsets' (cos, sin) [BT][D/2] (and Leaky's); per warp the tile's bases [D/2]
+    // (and Leaky's), its tile's scores [BT][R] and cache slots [BT]. Every piece is a multiple of 16 bytes.
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
-    T* Kst = reinterpret_cast<T*>(smem_raw);
-    T* Vst = Kst + BN * D;
-    float* Qt = reinterpret_cast<float*>(Vst + BN * D);
-    float* Ks = Qt + D * DEC_ROWS;
-    float* Qft = Ks + BN * LDK;
-    float* Kf = Qft + D * DEC_ROWS;
-    float2* Dcs = reinterpret_cast<float2*>(rel ? Kf + BN * LDK : Qft);  // [ROT_SUB][D/2]: offsets
-    float2* Bcs = Dcs + ROT_SUB * (D / 2);                               // [BN/ROT_SUB][D/2]: the tile's bases
+    T* Kst = reinterpret_cast<T*>(smem_raw) + warp * 4 * BT * D;
+    T* Vst = Kst + 2 * BT * D;
+    float2* Qn = reinterpret_cast<float2*>(smem_raw + DEC_WARPS * 4 * BT * D * sizeof(T));
+    float2* Qf = Qn + R * H2;
+    float2* Off = Qf + (rel ? R * H2 : 0);
+    float2* Offl = Off + BT * H2;
+    float2* Base = Offl + (leaky ? BT * H2 : 0) + warp * H2 * (leaky ? 2 : 1);
+    float2* Basel = Base + H2;
+    float* Sc = reinterpret_cast<float*>(Offl + (leaky ? BT * H2 : 0) + DEC_WARPS * H2 * (leaky ? 2 : 1)) + warp * BT * R;
+    int* Slots = reinterpret_cast<int*>(Sc - warp * BT * R + DEC_WARPS * BT * R) + warp * BT;
 
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
-    const int row_blocks = (rows_total + DEC_ROWS - 1) / DEC_ROWS;
-    const int kvh = blockIdx.y / row_blocks, r0 = (blockIdx.y % row_blocks) * DEC_ROWS;
+    const int row_blocks = (rows_total + R - 1) / R;
+    const int kvh = blockIdx.y / row_blocks, r0 = (blockIdx.y % row_blocks) * R;
     const int ctx = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
     // With a sliding window the splits share out the keys some query can see, [lo, ctx) (the
     // host sized keys_per_split for window + queries - 1 of them), not the whole context: a
     // 32k context under a 4k window keeps every split busy. Sinks before lo belong to split 0,
-    // whose tile loop skips the hidden keys between them and lo.
+    // whose warps jump over the hidden keys between them and lo.
     const int lo = p.window > 0 ? imax(0, ctx - p.queries - p.window + 1) : 0;
     const int k_begin = split == 0 && p.sinks > 0 ? 0 : lo + split * p.keys_per_split;
     const int k_end = imin(ctx, lo + (split + 1) * p.keys_per_split);
-    const int half = p.rope.rotary_dim / 2;
     const MaskArgs mask{p.causal, p.window, p.sinks};
     const int tokens = p.batch * p.queries;
 
@@ -83,197 +169,288 @@ __device__ void decode_body(const DecodeParams& p) {
     auto row_head = [&](int r) { return kvh * group + (r0 + r) / p.queries; };
     auto row_query = [&](int r) { return (r0 + r) % p.queries; };
     auto row_pos = [&](int r) { return ctx - p.queries + row_query(r); };
-    const int rows = imin(DEC_ROWS, rows_total - r0);
+    const int rows = imin(R, rows_total - r0);
 
-    // The next tile at or after key j that some query of the sequence sees (whole-tile skipping).
-    auto next_tile = [&](int j) {
-        while (j < k_end && !tile_visible(mask, ctx - p.queries, ctx, j, imin(j + BN, k_end))) j += BN;
-        return j;
-    };
+    // Q rotated to the rows' positions (rotary pairs times af²: keys are rotated without it),
+    // the far copy for ReRoPE (to w, times af²; Leaky: to w + (i - w)/k); the offset tables.
+    for (int e = threadIdx.x; e < R * H2; e += blockDim.x) {
+        const int r = e / H2, P = e % H2;
+        float x0 = 0.f, x1 = 0.f, f0 = 0.f, f1 = 0.f;
+        if (r < rows) {
+            const T* qrow = static_cast<const T*>(p.q) + (long long)(b * p.queries + row_query(r)) * p.q_row_stride +
+                            (long long)row_head(r) * D;
+            int ia, ib;
+            head_pair(P, ra.rotary_dim, ra.interleaved, D, ia, ib);
+            x0 = f0 = to_f32(qrow[ia]);
+            x1 = f1 = to_f32(qrow[ib]);
+            if (P < half) {
+                const float2 cs = mode_cs(ra, ROT_POS, row_pos(r), P);
+                rotate_pair(x0, x1, cs.x * af, cs.y * af);
+                if (rel) {
+                    const float2 cf = mode_cs(ra, leaky ? ROT_Q_LEAKY : ROT_Q_RE, row_pos(r), P);
+                    const float sf = leaky ? af : 1.f;  // ROT_Q_RE already carries af²
+                    rotate_pair(f0, f1, cf.x * sf, cf.y * sf);
+                }
+            }
+        }
+        Qn[e] = make_float2(x0, x1);
+        if (rel) Qf[e] = make_float2(f0, f1);
+    }
+    for (int e = threadIdx.x; e < BT * half; e += blockDim.x) {
+        const int t = e / half, P = e % half;
+        Off[t * H2 + P] = cs_scaled(angle_turns(t, ra.freq[P]), 1.f);
+        if (leaky) Offl[t * H2 + P] = cs_scaled(angle_turns(t, ra.freq_leak[P]), 1.f);
+    }
+    __syncthreads();  // the only barrier before the end: the warps now run independently
+
+    float slope[R];
+#pragma unroll
+    for (int x = 0; x < R; ++x)
+        slope[x] = (p.alibi_total_heads > 0 && x < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + row_head(x)) : 0.f;
+
     const T* kc = static_cast<const T*>(p.k_cache);
     const T* vc = static_cast<const T*>(p.v_cache);
-    // Stage BN cache rows from key j0 (rows past k_end zero-filled, no global read) as one group.
-    auto stage = [&](T* dst, const T* cache, int j0) {
-        constexpr int VEC = 16 / sizeof(T);
-        const int chunks = D / VEC, vk = imin(BN, k_end - j0);
-        for (int e = threadIdx.x; e < BN * chunks; e += blockDim.x) {
-            const int key = e / chunks, c = (e % chunks) * VEC;
+    // The warp's next tile at or after its tile n that some query sees (whole-tile skipping;
+    // keys hidden by the window between the sinks and lo are jumped over in one step).
+    auto next_visible = [&](int n) {
+        for (;; n += DEC_WARPS) {
+            const int j0 = k_begin + n * BT;
+            if (j0 >= k_end || tile_visible(mask, ctx - p.queries, ctx, j0, imin(j0 + BT, k_end))) return n;
+            if (p.window > 0 && j0 >= p.sinks && j0 + BT <= lo) {
+                const int need = (lo - k_begin - BT) / BT + 1;  // first tile that reaches lo
+                if (need > n) n += ((need - n + DEC_WARPS - 1) / DEC_WARPS - 1) * DEC_WARPS;
+            }
+        }
+    };
+    // Stage tile n's K and V into buffer buf as one cp.async group; keys past k_end are
+    // zero-filled without a read. Each key's cache slot is looked up once (by one lane).
+    auto issue = [&](int n, int buf) {
+        const int j0 = k_begin + n * BT, vk = imin(BT, k_end - j0);
+        __syncwarp();  // every lane is done with the previous tile's slots
+        if (lane < BT) {
+            int slot_id = 0;
+            if (lane < vk) {
+                const int j = j0 + lane;
+                int page = p.block_table[(long long)b * p.max_pages + j / p.page_size];
+                page = imin(imax(page, 0), p.num_pages - 1);
+                slot_id = page * p.page_size + j % p.page_size;
+            }
+            Slots[lane] = slot_id;
+        }
+        __syncwarp();
+        constexpr int VEC = 16 / sizeof(T), CH = D / VEC;
+        static_assert((BT * CH) % 32 == 0, "whole 16-byte copies per lane");
+#pragma unroll
+        for (int it = 0; it < BT * CH / 32; ++it) {
+            const int c = lane + 32 * it, key = c / CH, col = (c % CH) * VEC;
             const bool ok = key < vk;
-            cp_async_16(dst + key * D + c, paged_row(p, cache, b, j0 + (ok ? key : 0), kvh) + c, ok);
+            const long long off = ((long long)Slots[key] * p.kv_heads + kvh) * D + col;
+            cp_async_16(Kst + buf * BT * D + key * D + col, kc + off, ok);
+            cp_async_16(Vst + buf * BT * D + key * D + col, vc + off, ok);
         }
         cp_async_commit();
     };
 
-    int j0 = next_tile(k_begin);
-    if (j0 < k_end) {
-        stage(Kst, kc, j0);
-        stage(Vst, vc, j0);
-    }
-    // Q (and its far copy), rotated to the rows' positions, while the first tile lands.
-    for (int e = threadIdx.x; e < DEC_ROWS * D; e += blockDim.x) {
-        const int r = e / D, c = e % D;
-        float x = 0.f;
-        if (r < rows) {
-            const T* qrow = static_cast<const T*>(p.q) + (long long)(b * p.queries + row_query(r)) * p.q_row_stride +
-                            (long long)row_head(r) * D;
-            x = to_f32(qrow[c]);
-        }
-        Qt[c * DEC_ROWS + r] = x;
-        if (rel) Qft[c * DEC_ROWS + r] = x;
-    }
-    if (rope) fill_rotation_offsets(Dcs, p.rope);  // read after the tile loop's first barrier
-    __syncthreads();
-    if (rope) {
-        for (int e = threadIdx.x; e < DEC_ROWS * half; e += blockDim.x) {
-            const int r = e / half, pr = e % half;
-            int ia, ib;
-            pair_index(p.rope.interleaved, p.rope.rotary_dim, pr, ia, ib);
-            float2 cs = mode_cs(p.rope, ROT_POS, row_pos(r), pr);
-            rotate_pair(Qt[ia * DEC_ROWS + r], Qt[ib * DEC_ROWS + r], cs.x, cs.y);
-            if (rel) {
-                cs = mode_cs(p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, row_pos(r), pr);
-                rotate_pair(Qft[ia * DEC_ROWS + r], Qft[ib * DEC_ROWS + r], cs.x, cs.y);
-            }
-        }
+    float m[R], l[R], o0[R][PPL], o1[R][PPL];
+#pragma unroll
+    for (int x = 0; x < R; ++x) {
+        m[x] = -INFINITY;
+        l[x] = 0.f;
+#pragma unroll
+        for (int k = 0; k < PPL; ++k) o0[x][k] = o1[x][k] = 0.f;
     }
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const bool warp_has_rows = warp * DEC_RPW < rows;  // warp-uniform
-    float slope[DEC_RPW], mx[DEC_RPW], sum[DEC_RPW], o[DEC_RPW][2 * DEC_MAXP];
-#pragma unroll
-    for (int x = 0; x < DEC_RPW; ++x) {
-        const int r = warp * DEC_RPW + x;
-        slope[x] = (p.alibi_total_heads > 0 && r < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + row_head(r)) : 0.f;
-        mx[x] = -INFINITY;
-        sum[x] = 0.f;
-#pragma unroll
-        for (int y = 0; y < 2 * DEC_MAXP; ++y) o[x][y] = 0.f;
-    }
-
-    while (j0 < k_end) {
-        const int vk = imin(BN, k_end - j0);
-        // Every thread is past the previous tile's rotation (a barrier ago): the bases are free.
-        if (rope) fill_rotation_bases(Bcs, p.rope, j0, BN);
-        cp_async_wait<1>();  // K_n landed (V_n, the newest group, may still be in flight)
-        __syncthreads();     // ... for every thread; the previous tile's scores are done with Ks
-        // Staged K -> f32, rotated to the keys' positions (by composition); the far copy raw
-        // (ReRoPE) or rotated to j / k (Leaky). Rows past vk are zeros from the copy.
-        for (int e = threadIdx.x; e < BN * (D / 2); e += blockDim.x) {
-            const int row = e / (D / 2), pr = e % (D / 2);
-            int ia, ib;
-            if (pr < half) pair_index(p.rope.interleaved, p.rope.rotary_dim, pr, ia, ib);
-            else ia = half + pr, ib = ia + (D - 2 * half) / 2;  // pass-through: D - rotary_dim components, in two halves
-            float x0 = to_f32(Kst[row * D + ia]), x1 = to_f32(Kst[row * D + ib]);
-            float f0 = x0, f1 = x1;
-            if (pr < half && row < vk) {
-                const float2 cs = composed_cs(Dcs, Bcs, row, pr, half);
-                rotate_pair(x0, x1, cs.x, cs.y);
-                if (leaky) {
-                    const float2 cf = mode_cs(p.rope, ROT_K_LEAKY, j0 + row, pr);
-                    rotate_pair(f0, f1, cf.x, cf.y);
-                }
-            }
-            Ks[row * LDK + ia] = x0;
-            Ks[row * LDK + ib] = x1;
-            if (rel) {
-                Kf[row * LDK + ia] = f0;
-                Kf[row * LDK + ib] = f1;
+    int n = next_visible(warp), buf = 0;
+    if (k_begin + n * BT < k_end) issue(n, 0);
+    while (k_begin + n * BT < k_end) {
+        const int j0 = k_begin + n * BT, vk = imin(BT, k_end - j0);
+        const int nn = next_visible(n + DEC_WARPS);
+        const bool more = k_begin + nn * BT < k_end;
+        if (more) issue(nn, buf ^ 1);  // the other buffer: free since the last iteration's end
+        // The tile's bases, exact, shared by the warp (while its copies land).
+        if (rope) {
+            for (int P = lane; P < half; P += 32) {
+                Base[P] = cs_scaled(angle_turns(j0, ra.freq[P]), 1.f);
+                if (leaky) Basel[P] = cs_scaled(angle_turns(j0, ra.freq_leak[P]), 1.f);
             }
         }
-        __syncthreads();  // Ks ready; K staging free
-        const int next = next_tile(j0 + BN);
-        if (next < k_end) stage(Kst, kc, next);  // lands while this tile is scored and accumulated
-
-        // Scores: lane = key, the warp's 4 rows at once.
-        float s[DEC_RPW], w[DEC_RPW];
-        if (warp_has_rows) {
-            float dn[DEC_RPW] = {0.f, 0.f, 0.f, 0.f}, df[DEC_RPW] = {0.f, 0.f, 0.f, 0.f};
-            const int kr = lane < vk ? lane : 0;  // lanes past the tile (BN < 32) read a real row, masked below
-            for (int c = 0; c < D; ++c) {
-                const int qc = c * DEC_ROWS + warp * DEC_RPW;
-                fma_rows4(dn, Qt + qc, Ks[kr * LDK + c]);
-                if (rel) fma_rows4(df, Qft + qc, Kf[kr * LDK + c]);
-            }
-#pragma unroll
-            for (int x = 0; x < DEC_RPW; ++x) {
-                const int r = warp * DEC_RPW + x, i = row_pos(r), j = j0 + lane;
-                const bool seen = r < rows && lane < vk && visible(mask, i, j);
-                s[x] = seen ? score_log2(p.rope, p.scale_log2, dn[x], df[x], i, j, slope[x]) : -INFINITY;
-            }
-            // Online softmax per row (log2 domain).
-#pragma unroll
-            for (int x = 0; x < DEC_RPW; ++x) {
-                float tmax = s[x];
-#pragma unroll
-                for (int off = 16; off > 0; off /= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, off));
-                const float m_new = fmaxf(mx[x], tmax);
-                const float m_use = m_new == -INFINITY ? 0.f : m_new;
-                const float alpha = exp2f(mx[x] - m_use);
-                w[x] = exp2f(s[x] - m_use);
-                float tsum = w[x];
-#pragma unroll
-                for (int off = 16; off > 0; off /= 2) tsum += __shfl_xor_sync(0xffffffffu, tsum, off);
-                sum[x] = sum[x] * alpha + tsum;
-                mx[x] = m_new;
-#pragma unroll
-                for (int y = 0; y < 2 * DEC_MAXP; ++y) o[x][y] *= alpha;
-            }
-        }
-
-        // V_n landed: the newest group is K_{n+1} when one was staged.
-        if (next < k_end) cp_async_wait<1>();
+        if (more) cp_async_wait<1>();  // this lane's copies of tile n landed ...
         else cp_async_wait<0>();
-        __syncthreads();
-        if (warp_has_rows) {
-            // O += P V: lane holds component pairs 2·lane + 64y; each staged V pair is read
-            // once and feeds the warp's 4 rows.
-            for (int key = 0; key < vk; ++key) {
-                float wk[DEC_RPW];
+        __syncwarp();  // ... and every lane's; the bases are written
+        float2 bs[PPL], bl[PPL];
+        if (rope) load_cs<PPL>(Base + g * PPL, bs);
+        if (leaky) load_cs<PPL>(Basel + g * PPL, bl);
+        const T* Kt = Kst + buf * BT * D;
+        const T* Vt = Vst + buf * BT * D;
+
+        // Scores: lane slot + SLOTS·u of the tile, its G lanes' partial dots summed by shuffles.
+        // Each key's masked scores go to the warp's score tile [BT][R] (one lane of the G writes),
+        // so the loops below need no per-key register arrays (those pushed ptxas into spills).
+#pragma unroll 2
+        for (int u = 0; u < UPT; ++u) {
+            const int t = slot + SLOTS * u;
+            float k0[PPL], k1[PPL];
+            load_pairs<T, D>(Kt + t * D, how, g, ra, k0, k1);
+            float dn[R], df[R];
 #pragma unroll
-                for (int x = 0; x < DEC_RPW; ++x) wk[x] = __shfl_sync(0xffffffffu, w[x], key);
+            for (int x = 0; x < R; ++x) dn[x] = df[x] = 0.f;
+            if (rel) {  // far: raw keys (ReRoPE) or rotated to j / k (Leaky)
+                float2 of[PPL];
+                if (leaky) load_cs<PPL>(Offl + t * H2 + g * PPL, of);
 #pragma unroll
-                for (int y = 0; y < DEC_MAXP; ++y) {
-                    const int c = 2 * lane + 64 * y;
-                    if (c < D) {
-                        float v2[2];
-                        load_f32<T, 2>(Vst + key * D + c, v2);
+                for (int k = 0; k < PPL; ++k) {
+                    const int P = g * PPL + k;
+                    float f0 = k0[k], f1 = k1[k];
+                    if (leaky && P < half) {
+                        const float2 c = cmul(bl[k], of[k]);
+                        rotate_pair(f0, f1, c.x, c.y);
+                    }
 #pragma unroll
-                        for (int x = 0; x < DEC_RPW; ++x) {
-                            o[x][2 * y] = fmaf(wk[x], v2[0], o[x][2 * y]);
-                            o[x][2 * y + 1] = fmaf(wk[x], v2[1], o[x][2 * y + 1]);
-                        }
+                    for (int x = 0; x < R; ++x) {
+                        const float2 q = Qf[x * H2 + P];
+                        df[x] = fmaf(q.x, f0, fmaf(q.y, f1, df[x]));
                     }
                 }
             }
+            float2 of[PPL];
+            if (rope) load_cs<PPL>(Off + t * H2 + g * PPL, of);
+#pragma unroll
+            for (int k = 0; k < PPL; ++k) {
+                if (rope && g * PPL + k < half) {
+                    const float2 c = cmul(bs[k], of[k]);
+                    rotate_pair(k0[k], k1[k], c.x, c.y);
+                }
+            }
+            // The rows' queries come from shared memory (broadcast within a slot): in registers
+            // they would push the kernel past 255 registers.
+#pragma unroll
+            for (int x = 0; x < R; ++x) {
+                float2 q[PPL];
+                load_cs<PPL>(Qn + x * H2 + g * PPL, q);
+#pragma unroll
+                for (int k = 0; k < PPL; ++k) dn[x] = fmaf(q[k].x, k0[k], fmaf(q[k].y, k1[k], dn[x]));
+            }
+#pragma unroll
+            for (int x = 0; x < R; ++x) {
+#pragma unroll
+                for (int off = 1; off < G; off *= 2) {
+                    dn[x] += __shfl_xor_sync(0xffffffffu, dn[x], off);
+                    if (rel) df[x] += __shfl_xor_sync(0xffffffffu, df[x], off);
+                }
+                const int i = row_pos(x), j = j0 + t;
+                const bool seen = x < rows && t < vk && visible(mask, i, j);
+                dn[x] = seen ? score_log2(ra, p.scale_log2, dn[x], df[x], i, j, slope[x]) : -INFINITY;
+            }
+            if (g == 0) *reinterpret_cast<float4*>(Sc + t * R) = make_float4(dn[0], dn[1], dn[2], dn[3]);
         }
-        __syncthreads();  // V staging free
-        if (next < k_end) stage(Vst, vc, next);  // lands while tile n+1's keys are rotated and scored
-        j0 = next;
-    }
+        __syncwarp();  // the score tile is complete
 
-    // Write this split's result: final (one split) or f32 partial for merge.cu.
+        // Online softmax per row (log2 domain): the max over the warp's tile, so rescaling is
+        // warp-uniform; l and O stay per slot (each slot sums its own keys) until the end.
+        float4 tmax = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
 #pragma unroll
-    for (int x = 0; x < DEC_RPW; ++x) {
-        const int r = warp * DEC_RPW + x;
-        if (r >= rows) continue;
-        const int h = row_head(r), tok = b * p.queries + row_query(r);
-        const float inv = sum[x] > 0.f ? 1.f / sum[x] : 0.f;
-        const float m_use = mx[x] == -INFINITY ? 0.f : mx[x];
-        const float lse = sum[x] > 0.f ? (m_use + log2f(sum[x])) * LN2 : -INFINITY;
-        // Scalar stores: the output may be any view (odd row strides, 2-byte aligned).
-        T* orow = static_cast<T*>(p.out) + (long long)tok * p.o_row_stride + (long long)h * D;
-        float* prow = p.part_out + (((long long)split * tokens + tok) * p.q_heads + h) * D;
+        for (int u = 0; u < UPT; ++u) {
+            const float4 v = *reinterpret_cast<const float4*>(Sc + (slot + SLOTS * u) * R);
+            tmax = make_float4(fmaxf(tmax.x, v.x), fmaxf(tmax.y, v.y), fmaxf(tmax.z, v.z), fmaxf(tmax.w, v.w));
+        }
+        float m_use[R];
 #pragma unroll
-        for (int y = 0; y < DEC_MAXP; ++y) {
-            const int c = 2 * lane + 64 * y;
-            if (c >= D) continue;
+        for (int x = 0; x < R; ++x) {
+            float tm = x == 0 ? tmax.x : x == 1 ? tmax.y : x == 2 ? tmax.z : tmax.w;
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                if (p.splits == 1) orow[c + u] = from_f32<T>(o[x][2 * y + u] * inv);
-                else prow[c + u] = o[x][2 * y + u] * inv;
+            for (int off = G; off < 32; off *= 2) tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, off));
+            const float m_new = fmaxf(m[x], tm);
+            m_use[x] = m_new == -INFINITY ? 0.f : m_new;
+            const float alpha = exp2f(m[x] - m_use[x]);
+            m[x] = m_new;
+            l[x] *= alpha;
+#pragma unroll
+            for (int k = 0; k < PPL; ++k) o0[x][k] *= alpha, o1[x][k] *= alpha;
+        }
+
+        // O += P V: the lane's components of its slot's keys.
+#pragma unroll 2
+        for (int u = 0; u < UPT; ++u) {
+            const int t = slot + SLOTS * u;
+            const float4 v = *reinterpret_cast<const float4*>(Sc + t * R);
+            float pr[R] = {v.x, v.y, v.z, v.w};
+            float v0[PPL], v1[PPL];
+            load_pairs<T, D>(Vt + t * D, how, g, ra, v0, v1);
+#pragma unroll
+            for (int x = 0; x < R; ++x) {
+                pr[x] = exp2f(pr[x] - m_use[x]);
+                l[x] += pr[x];
+#pragma unroll
+                for (int k = 0; k < PPL; ++k) {
+                    o0[x][k] = fmaf(pr[x], v0[k], o0[x][k]);
+                    o1[x][k] = fmaf(pr[x], v1[k], o1[x][k]);
+                }
             }
         }
-        if (lane == 0) {
+        __syncwarp();  // every lane is done with buffer buf and the bases before they are refilled
+        n = nn;
+        buf ^= 1;
+    }
+
+    // Sum the slots (each saw its own keys, under the same warp-uniform max) ...
+#pragma unroll
+    for (int x = 0; x < R; ++x) {
+#pragma unroll
+        for (int off = G; off < 32; off *= 2) {
+            l[x] += __shfl_xor_sync(0xffffffffu, l[x], off);
+#pragma unroll
+            for (int k = 0; k < PPL; ++k) {
+                o0[x][k] += __shfl_xor_sync(0xffffffffu, o0[x][k], off);
+                o1[x][k] += __shfl_xor_sync(0xffffffffu, o1[x][k], off);
+            }
+        }
+    }
+    // ... then the warps, through shared memory (the staging buffers, now free).
+    __syncthreads();
+    float* Wo = reinterpret_cast<float*>(smem_raw);  // [DEC_WARPS][R][D]
+    float* Wm = Wo + DEC_WARPS * R * D;             // [DEC_WARPS][R]
+    float* Wl = Wm + DEC_WARPS * R;
+    if (slot == 0) {
+#pragma unroll
+        for (int x = 0; x < R; ++x) {
+#pragma unroll
+            for (int k = 0; k < PPL; ++k) {
+                int ia, ib;
+                head_pair(g * PPL + k, ra.rotary_dim, ra.interleaved, D, ia, ib);
+                Wo[(warp * R + x) * D + ia] = o0[x][k];
+                Wo[(warp * R + x) * D + ib] = o1[x][k];
+            }
+            if (lane == 0) {
+                Wm[warp * R + x] = m[x];
+                Wl[warp * R + x] = l[x];
+            }
+        }
+    }
+    __syncthreads();
+
+    // Write this split's result: final (one split) or f32 partial for merge.cu.
+    for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
+        const int x = e / D, c = e % D;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, Wm[w * R + x]);
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        float sum = 0.f, acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) {
+            const float f = exp2f(Wm[w * R + x] - m_use);
+            sum += Wl[w * R + x] * f;
+            acc += Wo[(w * R + x) * D + c] * f;
+        }
+        const float val = sum > 0.f ? acc / sum : 0.f;
+        const int h = row_head(x), tok = b * p.queries + row_query(x);
+        if (p.splits == 1) {
+            static_cast<T*>(p.out)[(long long)tok * p.o_row_stride + (long long)h * D + c] = from_f32<T>(val);
+        } else {
+            p.part_out[(((long long)split * tokens + tok) * p.q_heads + h) * D + c] = val;
+        }
+        if (c == 0) {
+            const float lse = sum > 0.f ? (m_use + log2f(sum)) * LN2 : -INFINITY;
             if (p.splits == 1) p.lse[(long long)h * tokens + tok] = lse;
             else p.part_lse[((long long)split * p.q_heads + h) * tokens + tok] = lse;
         }
@@ -299,9 +476,15 @@ __device__ void append_body(const AppendParams& p) {
 
 }  // namespace ra
 
-#define RA_DECODE(T, NAME)                                                                                    \
-    RA_KERNEL(ra::DEC_WARPS * 32, attention_decode_##NAME, ra::DecodeParams) { \
-        ra::decode_body<T>(p);                                                                                \
-    }                                                                                                         \
+// One decode kernel per head dim (the lane layout depends on it) and dtype:
+// attention_decode_d{64,80,96,128,256}_{f32,f16,bf16}.
+#define RA_DECODE_D(T, NAME, D) \
+    RA_KERNEL(ra::DEC_WARPS * 32, attention_decode_d##D##_##NAME, ra::DecodeParams) { ra::decode_body<T, D>(p); }
+#define RA_DECODE(T, NAME)                                                          \
+    RA_DECODE_D(T, NAME, 64)                                                        \
+    RA_DECODE_D(T, NAME, 80)                                                        \
+    RA_DECODE_D(T, NAME, 96)                                                        \
+    RA_DECODE_D(T, NAME, 128)                                                       \
+    RA_DECODE_D(T, NAME, 256)                                                       \
     RA_KERNEL(128, paged_append_##NAME, ra::AppendParams) { ra::append_body<T>(p); }
 RA_FOR_EACH_DTYPE(RA_DECODE)

@@ -34,6 +34,7 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct alignas(16) float4 {
     float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 // ---- 16-bit floating point storage types (bit-exact round-to-nearest-even conversions) -----
 struct __half {

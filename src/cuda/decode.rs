@@ -1,6 +1,5 @@
 //! Launchers for kernels/attention_decode.cu (paged decode, split-K) and the paged-cache append.
 
-use super::attention::rotation_table_bytes;
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
@@ -85,29 +84,35 @@ impl DecodeBatch {
     }
 }
 
-/// Keys per tile of the decode kernel (`decode_tile_keys` in the .cu) for elements of `elem` bytes.
+/// Keys per warp tile of the decode kernel (`decode_tile_keys` in the .cu) for elements of
+/// `elem` bytes: a warp's K and V tiles, double-buffered, take 16 KB.
 fn tile_keys(d: usize, elem: usize) -> usize {
-    match (d <= 128, elem) {
-        (true, _) => 32,
-        (false, 2) => 16,
-        (false, _) => 8,
-    }
+    let d2 = if d <= 64 { 64 } else if d <= 128 { 128 } else { 256 };
+    4096 / (d2 * elem)
 }
 
 /// Split boundaries fall on multiples of this: of every tile size.
 const SPLIT_ALIGN: usize = 32;
 
-const DEC_ROWS: usize = 16;
+/// (query head, query) rows per block, and warps per block (each streams its own key tiles).
+const DEC_ROWS: usize = 4;
+const DEC_WARPS: usize = 4;
 
-/// Shared memory of the decode kernel (layout in kernels/attention_decode.cu): the staged K and V
-/// tiles as cached (`elem`-byte elements), Q transposed and the rotated K tile in f32 (pitch
-/// d + 1), a second such pair for ReRoPE's far copies (`rel`), then the (cos, sin) tables of the
-/// key offsets 0..8 and of the tile's bases every 8 keys. 16-bit: 46.5 KB at head_dim 128
-/// (71 KB with ReRoPE), 58.5 KB at 256 (91 KB).
-fn decode_smem_bytes(d: usize, elem: usize, rel: bool) -> usize {
-    let bn = tile_keys(d, elem);
-    let q_and_k = (DEC_ROWS * d + bn * (d + 1)) * 4;
-    2 * bn * d * elem + q_and_k * if rel { 2 } else { 1 } + rotation_table_bytes(bn, d)
+/// Shared memory of the decode kernel (layout in kernels/attention_decode.cu): per warp its K
+/// and V tiles double-buffered (`elem`-byte elements), Q rotated [rows][d/2] pairs in f32 and
+/// its far copy with ReRoPE (`rel`), the (cos, sin) table of a tile's key offsets [tile][d/2]
+/// (twice with Leaky ReRoPE, `leaky`), per warp the tile's bases [d/2] (twice with Leaky) and
+/// its tile's scores and cache slots. 16-bit at head_dim 128: 77.3 KB (86 KB Leaky); at most 97 KB
+/// (head_dim 256, 16-bit, Leaky): under the 99 KB an sm_86/89 block may have.
+fn decode_smem_bytes(d: usize, elem: usize, rel: bool, leaky: bool) -> usize {
+    let bt = tile_keys(d, elem);
+    let pairs = d / 2 * 8;
+    let tables = if leaky { 2 } else { 1 };
+    DEC_WARPS * 4 * bt * d * elem
+        + DEC_ROWS * pairs * if rel { 2 } else { 1 }
+        + bt * pairs * tables
+        + DEC_WARPS * pairs * tables
+        + DEC_WARPS * bt * (DEC_ROWS + 1) * 4
 }
 
 fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
@@ -337,10 +342,15 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     // lengths and block-table entries into the pool.
     be.run(&Launch {
         module: Module::AttentionDecode,
-        name: format!("attention_decode_{}", T::NAME),
+        name: format!("attention_decode_d{d}_{}", T::NAME),
         grid: (splits as u32, grid_y as u32, batch.batch as u32),
         threads: 128,
-        smem: decode_smem_bytes(d, std::mem::size_of::<T>(), p.rope.is_some() && p.relative != Relative::None),
+        smem: decode_smem_bytes(
+            d,
+            std::mem::size_of::<T>(),
+            p.rope.is_some() && p.relative != Relative::None,
+            p.rope.is_some() && matches!(p.relative, Relative::Leaky { .. }),
+        ),
         params,
     })?;
     // The partials were sized by decode_workspace_len.
