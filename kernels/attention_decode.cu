@@ -277,16 +277,13 @@ __device__ void decode_body(const DecodeParams& p) {
         if (more) cp_async_wait<1>();  // this lane's copies of tile n landed ...
         else cp_async_wait<0>();
         __syncwarp();  // ... and every lane's; the bases are written
-        float2 bs[PPL], bl[PPL];
-        if (rope) load_cs<PPL>(Base + g * PPL, bs);
-        if (leaky) load_cs<PPL>(Basel + g * PPL, bl);
         const T* Kt = Kst + buf * BT * D;
         const T* Vt = Vst + buf * BT * D;
 
         // Scores: lane slot + SLOTS·u of the tile, its G lanes' partial dots summed by shuffles.
         // Each key's masked scores go to the warp's score tile [BT][R] (one lane of the G writes),
         // so the loops below need no per-key register arrays (those pushed ptxas into spills).
-#pragma unroll 2
+#pragma unroll 1
         for (int u = 0; u < UPT; ++u) {
             const int t = slot + SLOTS * u;
             float k0[PPL], k1[PPL];
@@ -295,25 +292,31 @@ __device__ void decode_body(const DecodeParams& p) {
 #pragma unroll
             for (int x = 0; x < R; ++x) dn[x] = df[x] = 0.f;
             if (rel) {  // far: raw keys (ReRoPE) or rotated to j / k (Leaky)
-                float2 of[PPL];
-                if (leaky) load_cs<PPL>(Offl + t * H2 + g * PPL, of);
+                float f0[PPL], f1[PPL];
 #pragma unroll
-                for (int k = 0; k < PPL; ++k) {
-                    const int P = g * PPL + k;
-                    float f0 = k0[k], f1 = k1[k];
-                    if (leaky && P < half) {
-                        const float2 c = cmul(bl[k], of[k]);
-                        rotate_pair(f0, f1, c.x, c.y);
-                    }
+                for (int k = 0; k < PPL; ++k) f0[k] = k0[k], f1[k] = k1[k];
+                if (leaky) {
+                    float2 of[PPL], bl[PPL];  // reloaded per key: registers are the scarce resource here
+                    load_cs<PPL>(Offl + t * H2 + g * PPL, of);
+                    load_cs<PPL>(Basel + g * PPL, bl);
 #pragma unroll
-                    for (int x = 0; x < R; ++x) {
-                        const float2 q = Qf[x * H2 + P];
-                        df[x] = fmaf(q.x, f0, fmaf(q.y, f1, df[x]));
+                    for (int k = 0; k < PPL; ++k) {
+                        if (g * PPL + k < half) {
+                            const float2 c = cmul(bl[k], of[k]);
+                            rotate_pair(f0[k], f1[k], c.x, c.y);
+                        }
                     }
                 }
+#pragma unroll
+                for (int x = 0; x < R; ++x) {
+                    float2 q[PPL];
+                    load_cs<PPL>(Qf + x * H2 + g * PPL, q);
+#pragma unroll
+                    for (int k = 0; k < PPL; ++k) df[x] = fmaf(q[k].x, f0[k], fmaf(q[k].y, f1[k], df[x]));
+                }
             }
-            float2 of[PPL];
-            if (rope) load_cs<PPL>(Off + t * H2 + g * PPL, of);
+            float2 of[PPL], bs[PPL];
+            if (rope) load_cs<PPL>(Off + t * H2 + g * PPL, of), load_cs<PPL>(Base + g * PPL, bs);
 #pragma unroll
             for (int k = 0; k < PPL; ++k) {
                 if (rope && g * PPL + k < half) {
@@ -369,7 +372,7 @@ __device__ void decode_body(const DecodeParams& p) {
         }
 
         // O += P V: the lane's components of its slot's keys.
-#pragma unroll 2
+#pragma unroll 1
         for (int u = 0; u < UPT; ++u) {
             const int t = slot + SLOTS * u;
             const float4 v = *reinterpret_cast<const float4*>(Sc + t * R);
@@ -479,7 +482,7 @@ __device__ void append_body(const AppendParams& p) {
 // One decode kernel per head dim (the lane layout depends on it) and dtype:
 // attention_decode_d{64,80,96,128,256}_{f32,f16,bf16}.
 #define RA_DECODE_D(T, NAME, D) \
-    RA_KERNEL(ra::DEC_WARPS * 32, attention_decode_d##D##_##NAME, ra::DecodeParams) { ra::decode_body<T, D>(p); }
+    RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 1, attention_decode_d##D##_##NAME, ra::DecodeParams) { ra::decode_body<T, D>(p); }
 #define RA_DECODE(T, NAME)                                                          \
     RA_DECODE_D(T, NAME, 64)                                                        \
     RA_DECODE_D(T, NAME, 80)                                                        \

@@ -17,6 +17,7 @@
     static void NAME##_emu_entry(const void* a) { NAME(*static_cast<const PARAMS*>(a)); }                   \
     static ::ra_emu::Registrar NAME##_emu_registrar(#NAME, &NAME##_emu_entry, sizeof(PARAMS), (THREADS)); \
     extern "C" void NAME(const PARAMS p)
+#define RA_KERNEL_MIN_BLOCKS(THREADS, MIN_BLOCKS, NAME, PARAMS) RA_KERNEL(THREADS, NAME, PARAMS)
 #define RA_DYNAMIC_SMEM(TYPE, NAME) TYPE* NAME = static_cast<TYPE*>(::ra_emu::dynamic_smem())
 // A static shared array: per block, NaN-filled at its start like dynamic shared memory. DIMS is
 // the bracketed extent list, e.g. [4][256].
@@ -26,6 +27,10 @@
     NAME##_smem_t& NAME = *static_cast<NAME##_smem_t*>(::ra_emu::static_smem(&NAME##_smem_key, sizeof(NAME##_smem_t)))
 #else
 #define RA_KERNEL(THREADS, NAME, PARAMS) extern "C" __global__ void __launch_bounds__(THREADS) NAME(const PARAMS p)
+// With an explicit minimum of resident blocks: (.., 1) lets ptxas use every register, where its
+// own occupancy heuristic would cap some kernels lower and spill.
+#define RA_KERNEL_MIN_BLOCKS(THREADS, MIN_BLOCKS, NAME, PARAMS) \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(const PARAMS p)
 #define RA_DYNAMIC_SMEM(TYPE, NAME) extern __shared__ __align__(16) TYPE NAME[]
 #define RA_STATIC_SMEM(TYPE, NAME, DIMS) __shared__ TYPE NAME DIMS
 #endif

@@ -37,8 +37,11 @@ fn every_launched_kernel_is_compiled_for_sm80_and_sm90() {
                 expected.push(format!("rope_{layout}_v{v}_{dt}"));
             }
         }
-        for k in ["scores", "attention_decode", "paged_append", "merge", "combine_splits"] {
+        for k in ["scores", "paged_append", "merge", "combine_splits"] {
             expected.push(format!("{k}_{dt}"));
+        }
+        for d in rope_attn::cuda::SUPPORTED_HEAD_DIMS {
+            expected.push(format!("attention_decode_d{d}_{dt}"));
         }
     }
     for dt in ["f16", "bf16"] {
