@@ -203,10 +203,14 @@ __device__ void decode_body(const DecodeParams& p) {
     }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
+    // Per row: ALiBi slope and position, once (row_pos divides by the query count).
     float slope[R];
+    int ipos[R];
 #pragma unroll
-    for (int x = 0; x < R; ++x)
+    for (int x = 0; x < R; ++x) {
         slope[x] = (p.alibi_total_heads > 0 && x < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + row_head(x)) : 0.f;
+        ipos[x] = row_pos(x);
+    }
 
     const T* kc = static_cast<const T*>(p.k_cache);
     const T* vc = static_cast<const T*>(p.v_cache);
@@ -340,7 +344,7 @@ __device__ void decode_body(const DecodeParams& p) {
                     dn[x] += __shfl_xor_sync(0xffffffffu, dn[x], off);
                     if (rel) df[x] += __shfl_xor_sync(0xffffffffu, df[x], off);
                 }
-                const int i = row_pos(x), j = j0 + t;
+                const int i = ipos[x], j = j0 + t;
                 const bool seen = x < rows && t < vk && visible(mask, i, j);
                 dn[x] = seen ? score_log2(ra, p.scale_log2, dn[x], df[x], i, j, slope[x]) : -INFINITY;
             }
