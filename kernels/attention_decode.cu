@@ -281,13 +281,17 @@ __device__ void decode_body(const DecodeParams& p) {
         if (more) cp_async_wait<1>();  // this lane's copies of tile n landed ...
         else cp_async_wait<0>();
         __syncwarp();  // ... and every lane's; the bases are written
+        // Whole tile seen by every row, no ALiBi, no ReRoPE (the common decode step): scores
+        // need no per-key mask or bias.
+        const bool plain = !rel && p.alibi_total_heads == 0 && vk == BT &&
+                           tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
         const T* Kt = Kst + buf * BT * D;
         const T* Vt = Vst + buf * BT * D;
 
         // Scores: lane slot + SLOTS·u of the tile, its G lanes' partial dots summed by shuffles.
         // Each key's masked scores go to the warp's score tile [BT][R] (one lane of the G writes),
         // so the loops below need no per-key register arrays (those pushed ptxas into spills).
-#pragma unroll 1
+#pragma unroll 2
         for (int u = 0; u < UPT; ++u) {
             const int t = slot + SLOTS * u;
             float k0[PPL], k1[PPL];
@@ -344,9 +348,13 @@ __device__ void decode_body(const DecodeParams& p) {
                     dn[x] += __shfl_xor_sync(0xffffffffu, dn[x], off);
                     if (rel) df[x] += __shfl_xor_sync(0xffffffffu, df[x], off);
                 }
-                const int i = ipos[x], j = j0 + t;
-                const bool seen = x < rows && t < vk && visible(mask, i, j);
-                dn[x] = seen ? score_log2(ra, p.scale_log2, dn[x], df[x], i, j, slope[x]) : -INFINITY;
+                if (plain) {
+                    dn[x] = x < rows ? dn[x] * p.scale_log2 : -INFINITY;
+                } else {
+                    const int i = ipos[x], j = j0 + t;
+                    const bool seen = x < rows && t < vk && visible(mask, i, j);
+                    dn[x] = seen ? score_log2(ra, p.scale_log2, dn[x], df[x], i, j, slope[x]) : -INFINITY;
+                }
             }
             if (g == 0) *reinterpret_cast<float4*>(Sc + t * R) = make_float4(dn[0], dn[1], dn[2], dn[3]);
         }
@@ -376,7 +384,7 @@ __device__ void decode_body(const DecodeParams& p) {
         }
 
         // O += P V: the lane's components of its slot's keys.
-#pragma unroll 1
+#pragma unroll 2
         for (int u = 0; u < UPT; ++u) {
             const int t = slot + SLOTS * u;
             const float4 v = *reinterpret_cast<const float4*>(Sc + t * R);
