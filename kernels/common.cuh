@@ -27,8 +27,8 @@
     NAME##_smem_t& NAME = *static_cast<NAME##_smem_t*>(::ra_emu::static_smem(&NAME##_smem_key, sizeof(NAME##_smem_t)))
 #else
 #define RA_KERNEL(THREADS, NAME, PARAMS) extern "C" __global__ void __launch_bounds__(THREADS) NAME(const PARAMS p)
-// With an explicit minimum of resident blocks: (.., 1) lets ptxas use every register, where its
-// own occupancy heuristic would cap some kernels lower and spill.
+// With an explicit minimum of resident blocks: ptxas then budgets registers for exactly that
+// occupancy (its own heuristic otherwise picks a cap, and it spilled there).
 #define RA_KERNEL_MIN_BLOCKS(THREADS, MIN_BLOCKS, NAME, PARAMS) \
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(const PARAMS p)
 #define RA_DYNAMIC_SMEM(TYPE, NAME) extern __shared__ __align__(16) TYPE NAME[]

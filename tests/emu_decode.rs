@@ -139,7 +139,9 @@ fn emulated_decode_does_little_trigonometry_per_key() {
 
 /// A sliding window with sinks over a long context: decode reads only the key tiles some query
 /// sees (the sinks' tile and the window's), not the whole cache. 1024 keys, window 100, 4
-/// sinks, one query at 1023: keys 0..4 and 924..1024, i.e. tiles 0 and 28..=31 of 32 keys.
+/// sinks, one query at 1023: keys 0..4 and 924..1024, i.e. tiles 0 and 57..=63 of 16 keys (the
+/// decode tile at head_dim 64, 16-bit): 128 keys, split or not (the splits' tiles start at the
+/// window, the sinks' split reads its last tile only up to its end).
 #[test]
 fn emulated_decode_reads_only_the_tiles_a_window_shows() {
     let (hq, hkv, d, page, ctx) = (8usize, 2usize, 64usize, 16usize, 1024usize);
@@ -158,7 +160,7 @@ fn emulated_decode_reads_only_the_tiles_a_window_shows() {
         emu.take_work();
         emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws)).unwrap();
         let w = emu.take_work();
-        assert_eq!(w.global_bytes as usize, 5 * 32 * hkv * d * 2 * 2, "splits {splits}: {w:?}");
+        assert_eq!(w.global_bytes as usize, 128 * hkv * d * 2 * 2, "splits {splits}: {w:?}");
     }
 }
 

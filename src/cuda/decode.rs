@@ -85,10 +85,10 @@ impl DecodeBatch {
 }
 
 /// Keys per warp tile of the decode kernel (`decode_tile_keys` in the .cu) for elements of
-/// `elem` bytes: a warp's K and V tiles, double-buffered, take 16 KB.
+/// `elem` bytes: a warp's K and V tiles, double-buffered, take 8 KB.
 fn tile_keys(d: usize, elem: usize) -> usize {
     let d2 = if d <= 64 { 64 } else if d <= 128 { 128 } else { 256 };
-    4096 / (d2 * elem)
+    2048 / (d2 * elem)
 }
 
 /// Split boundaries fall on multiples of this: of every tile size.
@@ -102,8 +102,8 @@ const DEC_WARPS: usize = 4;
 /// and V tiles double-buffered (`elem`-byte elements), Q rotated [rows][d/2] pairs in f32 and
 /// its far copy with ReRoPE (`rel`), the (cos, sin) table of a tile's key offsets [tile][d/2]
 /// (twice with Leaky ReRoPE, `leaky`), per warp the tile's bases [d/2] (twice with Leaky) and
-/// its tile's scores and cache slots. 16-bit at head_dim 128: 77.3 KB (86 KB Leaky); at most 97 KB
-/// (head_dim 256, 16-bit, Leaky): under the 99 KB an sm_86/89 block may have.
+/// its tile's scores and cache slots. 16-bit at head_dim 128: 40.6 KB (48.6 KB Leaky); at most
+/// 56.3 KB (head_dim 256, 16-bit, Leaky), so three blocks fit an SM on every 8.x and 9.0 card.
 fn decode_smem_bytes(d: usize, elem: usize, rel: bool, leaky: bool) -> usize {
     let bt = tile_keys(d, elem);
     let pairs = d / 2 * 8;
@@ -131,11 +131,12 @@ fn split_span(p: &AttentionParams, b: &DecodeBatch) -> usize {
 }
 
 /// How many key splits a decode call should use on a GPU with `sm_count` SMs, each split at
-/// least 256 keys (of those a sliding window shows). The kernel keeps two blocks per SM
-/// resident (its shared memory and registers allow no more), so the blocks run in rounds of
-/// 2·SMs; the time is about rounds × keys per split, and the count that minimises it wins,
-/// the fewest splits on a tie (less partial output to combine). Measured on an H100: 3 splits
-/// of a 16-sequence batch (384 blocks, a second round one-half full) ran slower than 2 would.
+/// least 256 keys (of those a sliding window shows). The blocks run in rounds (the kernel's
+/// registers allow three resident per SM; the model counts two, the setting it was measured
+/// with); the time is about rounds × keys per split, and the count that minimises it wins,
+/// the fewest splits on a tie (less partial output to combine). Measured on an H100 (16
+/// sequences, 8k keys): 2 splits 0.75 ms where the previous rule's 3 (a second round
+/// half-full) took 1.03 ms.
 pub fn decode_splits(p: &AttentionParams, b: &DecodeBatch, sm_count: usize) -> usize {
     let blocks = blocks_per_split(p, b).max(1);
     let span = split_span(p, b).max(1);
