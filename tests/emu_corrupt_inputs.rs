@@ -9,8 +9,11 @@ mod common;
 
 use common::*;
 use half::bf16;
-use rope_attn::cuda::{attention_fwd_workspace_len, decode_workspace_len, AttentionBatch, DecodeBatch, PagedKvCache, RopeShape};
-use rope_attn::emulator::{DecodeInputs, FwdInputs, GuardedBuf};
+use rope_attn::cuda::{
+    attention_fwd_workspace_len, decode_workspace_len, paged_prefill_workspace_len, AttentionBatch, DecodeBatch, PagedKvCache,
+    PagedPrefillBatch, RopeShape,
+};
+use rope_attn::emulator::{DecodeInputs, FwdInputs, GuardedBuf, PagedFwdInputs};
 use rope_attn::{AttentionParams, Relative};
 
 #[test]
@@ -74,6 +77,35 @@ fn decode_with_corrupt_table_and_lengths_stays_in_bounds() {
     let (mut kc2, mut vc2) = (guard(&kc), guard(&vc));
     let rows = guard(&as_dtype::<bf16>(&uniform(&mut r, 4 * hkv * d)).0);
     emu.paged_append(&rows, &rows, &mut kc2, &mut vc2, &guard(&[i32::MAX, -1, 80, i32::MIN]), 4, hkv * d, hkv * d, &cache).unwrap();
+}
+
+/// Paged prefill reads the same device-side block table and context lengths as decode, through
+/// its own loader (the tensor-core prefill kernel): corrupt entries must stay inside the pool.
+#[test]
+fn paged_prefill_with_corrupt_table_and_lengths_stays_in_bounds() {
+    let emu = emulator(0);
+    let (hq, hkv, d, page) = (8usize, 2usize, 64usize, 16usize);
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(schedules(d, d).remove(2).1);
+    let cache = PagedKvCache { num_pages: 5, page_size: page, kv_heads: hkv, head_dim: d };
+    let mut r = rng(7);
+    let kc = guard(&as_dtype::<bf16>(&uniform(&mut r, cache.len())).0);
+    let vc = guard(&as_dtype::<bf16>(&uniform(&mut r, cache.len())).0);
+    let (batch_n, seq_q, max_pages) = (3usize, 5usize, 4usize);
+    let total_q = batch_n * seq_q;
+    let batch = PagedPrefillBatch::contiguous(&p, batch_n, seq_q, total_q, max_pages);
+    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, total_q * hq * d)).0);
+    let cu = guard(&cu_seqlens(&[seq_q; 3]));
+    let table = guard(&[0, 999, -3, i32::MAX, 4, 1, 2, 3, i32::MIN, -1, 5, 6]);
+    for lens in [[i32::MAX, -5, 0], [64, 65, 1], [1, i32::MIN, 1000]] {
+        let lens = guard(&lens);
+        let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cu, k_cache: &kc, v_cache: &vc, block_table: &table, context_lens: &lens };
+        for splits in [1usize, 2] {
+            let (mut out, mut lse) = (GuardedBuf::filled(total_q * hq * d, bf16::ZERO), GuardedBuf::filled(total_q * hq, 0f32));
+            let mut ws = GuardedBuf::filled(paged_prefill_workspace_len(&p, &batch, splits), 0f32);
+            emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, splits, Some(&mut ws)).unwrap();
+        }
+    }
 }
 
 #[test]
