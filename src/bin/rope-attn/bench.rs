@@ -29,7 +29,8 @@ On a GPU (device 0), in one run:
            on the flash backend (and cuDNN), flash_attn / FA3 when importable, and torch rotary +
            flash SDPA (benches/torch_sdpa.py; torch and flash_attn compute no PE)
   decode   paged cache (page 16, shuffled block table), context 1k/8k/32k/128k, batch 1/16/64:
-           GB/s of K+V read, against a device-to-device copy measured in the same run
+           GB/s of K+V read, against a device-to-device copy measured in the same run, and the
+           same kernel and cache without RoPE (what a pre-rotated cache would cost)
   rope     the rope kernel in place against a device-to-device copy of the same bytes
 Before timing, the kernels are checked against the f64 CPU reference and the fused, pre-rotated
 and unfused outputs against each other. Timing: CUDA events after warm-up, median of rounds,

@@ -282,7 +282,7 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
     for (i, c) in plan.decode.iter().enumerate() {
         eprintln!("[decode {}/{}] {c}", i + 1, plan.decode.len());
         match by_dtype!(c.dtype, decode_case(&cx, c, copy_gbps, 7000 + i as u64)) {
-            Ok(r) => rows.push(r),
+            Ok(r) => rows.extend(r),
             Err(e) => {
                 eprintln!("  {e}");
                 rows.push(error_row("decode", &c.id(), &e.to_string()));
@@ -480,7 +480,10 @@ fn torch_rows(plan: &Plan, t: &TorchRun, auto_ms: &HashMap<String, f64>, peak: O
     rows
 }
 
-fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) -> Res<Row> {
+/// One decode case, twice over the same cache: with RoPE applied to the cached keys in the
+/// kernel (the product), and with no PE (what a pre-rotated cache would cost: the kernel's
+/// ceiling without the rotation).
+fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) -> Res<Vec<Row>> {
     let (b, ctx, hq, hkv, d) = (c.batch, c.context, c.q_heads, c.kv_heads, c.head_dim);
     let mut sets = dev::input_sets(Decode::<T>::kv_bytes(b, ctx, hkv, d), cx.l2);
     if cx.fits(Decode::<T>::device_bytes(b, ctx, hq, hkv, d, PAGE_SIZE, sets)).is_err() {
@@ -490,31 +493,38 @@ fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) ->
     let mut dc = Decode::<T>::new(&cx.stream, b, ctx, hq, hkv, d, PAGE_SIZE, sets, cx.sms, seed)?;
     let timer = Timer::new(&cx.stream)?;
     let (gpu, stream) = (cx.gpu, &cx.stream);
-    let st = timer.measure(&cx.settings, &mut |i| dc.run(gpu, stream, i))?;
-    let finite = dc.output_finite(stream)?;
-    let gbps = c.kv_bytes() / (st.median_ms * 1e-3) / 1e9;
-    Ok(Row {
-        section: "decode",
-        case: c.id(),
-        implementation: "ours_paged_decode".into(),
-        pe: "rope",
-        dtype: c.dtype.name().into(),
-        head_dim: d,
-        batch: b,
-        seq: ctx,
-        q_heads: hq,
-        kv_heads: hkv,
-        causal: Some(true),
-        path: format!("splits={}", dc.splits),
-        ms_median: st.median_ms,
-        ms_min: st.min_ms,
-        tflops: Some(c.flops() / (st.median_ms * 1e-3) / 1e12),
-        gbps: Some(gbps),
-        pct_peak: cx.peak.map(|p| 100.0 * gbps / p.gbps),
-        ratio: Some(gbps / copy_gbps),
-        ratio_of: "GB/s(K+V read) / GB/s(dtod copy, read+write)",
-        note: format!("{} input sets{}", dc.sets(), if finite { "" } else { "; NON-FINITE OUTPUT" }),
-    })
+    let mut rows = Vec::with_capacity(2);
+    for (implementation, pe) in [("ours_paged_decode", "rope"), ("ours_paged_decode_nope", "none")] {
+        if pe == "none" {
+            dc.p.rope = None;
+        }
+        let st = timer.measure(&cx.settings, &mut |i| dc.run(gpu, stream, i))?;
+        let finite = dc.output_finite(stream)?;
+        let gbps = c.kv_bytes() / (st.median_ms * 1e-3) / 1e9;
+        rows.push(Row {
+            section: "decode",
+            case: c.id(),
+            implementation: implementation.into(),
+            pe,
+            dtype: c.dtype.name().into(),
+            head_dim: d,
+            batch: b,
+            seq: ctx,
+            q_heads: hq,
+            kv_heads: hkv,
+            causal: Some(true),
+            path: format!("splits={}", dc.splits),
+            ms_median: st.median_ms,
+            ms_min: st.min_ms,
+            tflops: Some(c.flops() / (st.median_ms * 1e-3) / 1e12),
+            gbps: Some(gbps),
+            pct_peak: cx.peak.map(|p| 100.0 * gbps / p.gbps),
+            ratio: Some(gbps / copy_gbps),
+            ratio_of: "GB/s(K+V read) / GB/s(dtod copy, read+write)",
+            note: format!("{} input sets{}", dc.sets(), if finite { "" } else { "; NON-FINITE OUTPUT" }),
+        });
+    }
+    Ok(rows)
 }
 
 fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
@@ -624,19 +634,15 @@ fn prefill_table(plan: &Plan, rows: &[Row], peak: Option<Peak>) -> String {
 fn decode_table(rows: &[Row], copy_gbps: f64) -> String {
     let body: Vec<Vec<String>> = rows
         .iter()
-        .filter(|r| r.section == "decode")
+        .filter(|r| r.section == "decode" && r.implementation != "ours_paged_decode_nope")
         .map(|r| {
             if r.implementation == "error" {
-                return vec![
-                    r.case.clone(),
-                    "—".into(),
-                    "—".into(),
-                    "—".into(),
-                    "—".into(),
-                    "—".into(),
-                    r.note.clone(),
-                ];
+                let mut v = vec![r.case.clone()];
+                v.extend(std::iter::repeat_n("—".to_string(), 7));
+                v.push(r.note.clone());
+                return v;
             }
+            let nope = find(rows, "decode", &r.case, "ours_paged_decode_nope");
             vec![
                 r.case.clone(),
                 r.path.clone(),
@@ -644,13 +650,15 @@ fn decode_table(rows: &[Row], copy_gbps: f64) -> String {
                 num(r.gbps, 0),
                 num(r.pct_peak, 1),
                 times(r.ratio),
+                num(nope.and_then(|n| n.gbps), 0),
+                times(nope.map(|n| n.ms_median / r.ms_median)),
                 r.note.clone(),
             ]
         })
         .collect();
     format!(
-        "\nDECODE (paged, page {PAGE_SIZE}, 1 query/sequence, RoPE, GQA 32/8) — GB/s = K+V bytes read / time; ×copy = GB/s / {copy_gbps:.0} GB/s dtod copy\n{}",
-        table(&["decode", "splits", "ms", "GB/s", "%peak", "×copy", "note"], &body)
+        "\nDECODE (paged, page {PAGE_SIZE}, 1 query/sequence, RoPE, GQA 32/8) — GB/s = K+V bytes read / time; ×copy = GB/s / {copy_gbps:.0} GB/s dtod copy;\nno-PE = the same kernel and cache without RoPE (a pre-rotated cache); rope cost = t(no-PE)/t(RoPE), < 1 means RoPE costs time\n{}",
+        table(&["decode", "splits", "ms", "GB/s", "%peak", "×copy", "no-PE GB/s", "rope cost", "note"], &body)
     )
 }
 
