@@ -10,7 +10,7 @@ use common::cases::*;
 use common::paged::*;
 use common::*;
 use half::{bf16, f16};
-use rope_attn::cuda::{decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, Tolerance};
+use rope_attn::cuda::{decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, RopeShape, Tolerance};
 use rope_attn::emulator::{DecodeInputs, FwdInputs, GuardedBuf};
 use rope_attn::{Alibi, AttentionParams};
 
@@ -208,4 +208,90 @@ fn emulated_merge_with_empty_sides() {
     emu.merge_states([(&guard(&empty_o), &guard(&empty_l)), (&guard(&empty_o), &guard(&empty_l))], &mut out, &mut lse, tokens, heads, d).unwrap();
     assert!(out.iter().all(|x| x.to_f64() == 0.0));
     assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
+}
+
+/// Decode with no position encoding (the kernel's path for a cache of pre-rotated keys, or a
+/// model without RoPE): every head dim, both 16-bit dtypes, GQA, a query run, ALiBi, a window
+/// with sinks, split and not, against the f64 reference.
+#[test]
+fn emulated_decode_without_rope_matches_reference() {
+    let emu = emulator(21);
+    let mut r = rng(21);
+    for (i, &d) in rope_attn::cuda::SUPPORTED_HEAD_DIMS.iter().enumerate() {
+        let mut p = AttentionParams::new(8, 2, d);
+        p.rope = None;
+        if i % 2 == 1 {
+            p.alibi = Some(Alibi { total_heads: 8, head_offset: 0 });
+            p.mask = rope_attn::Mask { causal: true, window: Some(40), sinks: 3 };
+        }
+        let queries = [1usize, 3][i % 2];
+        let ctx = [queries, 90 + 7 * i];
+        let run = |splits: usize, r: &mut rand::rngs::StdRng| -> Result<CheckReport, rope_attn::Error> {
+            macro_rules! go {
+                ($t:ty) => {{
+                    let f = fill::<$t>(&emu, &p, &ctx, 16, r);
+                    let tokens = ctx.len() * queries;
+                    let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, ctx[1]);
+                    let q = guard(&as_dtype::<$t>(&uniform(r, tokens * 8 * d)).0);
+                    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+                    let (mut out, mut lse) = (GuardedBuf::filled(tokens * 8 * d, <$t>::default()), GuardedBuf::filled(tokens * 8, 0f32));
+                    let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
+                    emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
+                }};
+            }
+            if i % 2 == 0 { go!(f16) } else { go!(bf16) }
+        };
+        for splits in [1usize, 2] {
+            let rep = run(splits, &mut r).unwrap_or_else(|e| panic!("d={d} splits={splits}: {e}"));
+            assert!(rep.passed(), "d={d} splits={splits}: {rep:?}");
+        }
+    }
+}
+
+/// A server may rotate keys once, before appending them (a pre-rotated cache), and decode with
+/// no PE; or keep the cache unrotated and let decode rotate. Both give the same attention, up to
+/// the extra rounding of rotated Q and K to bf16: YaRN (attention factor != 1, which the decode
+/// kernel folds into Q as its square) and an interleaved schedule.
+#[test]
+fn emulated_decode_over_a_prerotated_cache_equals_in_kernel_rope() {
+    let emu = emulator(22);
+    let mut r = rng(22);
+    let (hq, hkv, ctx, queries, page) = (8usize, 2usize, 140usize, 2usize, 16usize);
+    for (d, which) in [(128usize, 5usize), (64, 4)] {
+        let rot = schedules(d, d).remove(which).1;
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(rot.clone());
+        let mut plain = p.clone();
+        plain.rope = None;
+        let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, ctx * hkv * d));
+        let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, ctx * hkv * d));
+        let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, queries * hq * d));
+        let max_pages = ctx.div_ceil(page);
+        let cache = PagedKvCache { num_pages: max_pages, page_size: page, kv_heads: hkv, head_dim: d };
+        let table: Vec<i32> = (0..max_pages as i32).rev().collect();
+        let slots: Vec<i32> = (0..ctx).map(|j| table[j / page] * page as i32 + (j % page) as i32).collect();
+        let batch = DecodeBatch::contiguous(&p, 1, queries, max_pages, ctx);
+        let lens = [ctx as i32];
+        let decode = |q: &[bf16], k: &[bf16], p: &AttentionParams| {
+            let (mut kc, mut vc) = (vec![bf16::ZERO; cache.len()], vec![bf16::ZERO; cache.len()]);
+            emu.paged_append(k, &v, &mut kc, &mut vc, &slots, ctx, hkv * d, hkv * d, &cache).unwrap();
+            let (mut o, mut l) = (vec![bf16::ZERO; queries * hq * d], vec![0f32; queries * hq]);
+            let x = DecodeInputs { q, k_cache: &kc, v_cache: &vc, block_table: &table, context_lens: &lens };
+            emu.attention_decode(&x, &mut o, &mut l, &cache, &batch, p, 1, None).unwrap();
+            (o.iter().map(|x| x.to_f64()).collect::<Vec<f64>>(), l.iter().map(|&x| x as f64).collect::<Vec<f64>>())
+        };
+        let (o_fused, l_fused) = decode(&q, &k, &p);
+        // Rotate the keys at 0..ctx and the queries at their positions with the rope kernel
+        // (each as the "Q" operand of a rope call with no K).
+        let (mut k_rot, mut q_rot) = (k.clone(), q.clone());
+        let key_pos: Vec<i32> = (0..ctx as i32).collect();
+        let q_pos: Vec<i32> = ((ctx - queries) as i32..ctx as i32).collect();
+        emu.rope_inplace(&mut k_rot, &mut [], &key_pos, &RopeShape::contiguous(ctx, hkv, 0, d), &rot).unwrap();
+        emu.rope_inplace(&mut q_rot, &mut [], &q_pos, &RopeShape::contiguous(queries, hq, 0, d), &rot).unwrap();
+        let (o_pre, l_pre) = decode(&q_rot, &k_rot, &plain);
+        let (tol_o, tol_l) = Tolerance::attention::<bf16>(&p, max_abs(&qf), max_abs(&kf), max_abs(&vf));
+        let rep = CheckReport::compare("pre-rotated vs in-kernel out", &o_pre, &o_fused, tol_o.times(2.0))
+            .worst(CheckReport::compare("pre-rotated vs in-kernel lse", &l_pre, &l_fused, tol_l.times(2.0)));
+        assert!(rep.passed(), "d={d}: {rep:?}");
+    }
 }
