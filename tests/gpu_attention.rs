@@ -47,7 +47,7 @@ fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, seed: u64) -> us
     let mut cases = 0;
     let f32_path = std::mem::size_of::<T>() == 4;
     for (case, d, _name, rot) in dims_and_schedules(full_or_half) {
-        let c = prefill_case(case, d, rot, f32_path, Scale::Gpu);
+        let c = prefill_case(case, d, rot, f32_path, gpu_scale());
         let path = run::<T>(gpu, stream, &c.p, &c.seq_q, &c.seq_k, seed + case as u64, c.workspace);
         assert_eq!(path, if c.workspace { PrefillPath::PreRotated } else { PrefillPath::Fused });
         cases += 1;

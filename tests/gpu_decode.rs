@@ -56,7 +56,7 @@ fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, seed: u64) -> us
     let mut r = rng(seed);
     let mut cases = 0;
     for (case, d, _name, rot) in dims_and_schedules(full_or_half) {
-        let DecodeCase { p, queries, page, ctx } = decode_case(case, d, rot, Scale::Gpu);
+        let DecodeCase { p, queries, page, ctx } = decode_case(case, d, rot, gpu_scale());
         let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
         let f = fill::<T>(gpu, stream, &p, &ctx, page, &mut r);
         let tokens = ctx.len() * queries;

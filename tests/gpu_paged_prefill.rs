@@ -46,8 +46,12 @@ fn run<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, case: usize, p: &A
 fn paged_prefill_matches_reference() {
     let Some((gpu, stream)) = gpu_or_skip("paged_prefill_matches_reference") else { return };
     for (case, d, _name, rot) in dims_and_schedules(full_or_half) {
-        let p = prefill_case(case, d, rot, false, Scale::Gpu).p;
-        let (seq_q, ctx) = ([1usize, 64, 257], [1usize, 2000 + case, 257]);
+        let scale = gpu_scale();
+        let p = prefill_case(case, d, rot, false, scale).p;
+        let (seq_q, ctx) = match scale {
+            Scale::Gpu => ([1usize, 64, 257], [1usize, 2000 + case, 257]),
+            Scale::Emulator => ([1usize, 16, 57], [1usize, 200 + case, 57]),
+        };
         let page = [16usize, 7][case % 2];
         // Split keys on odd cases (up to 4 splits of the ~2000-key table rows).
         let splits = [1usize, 4][case % 2];

@@ -15,7 +15,7 @@ fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<cudarc::d
     let mut r = rng(seed);
     let mut cases = 0;
     for (case, d, name, rot) in dims_and_schedules(full_or_half) {
-        let (p, shape) = scores_case(case, d, rot, Scale::Gpu);
+        let (p, shape) = scores_case(case, d, rot, gpu_scale());
         let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
         let (qv, _) = as_dtype::<T>(&uniform(&mut r, shape.nq * hq * d));
         let (kv, _) = as_dtype::<T>(&uniform(&mut r, shape.nk * hkv * d));

@@ -18,6 +18,17 @@ pub enum Scale {
     Emulator,
 }
 
+/// The scale of a GPU sweep: full length, or the emulator's shorter problems when
+/// `ROPE_ATTN_SANITIZER=1` (compute-sanitizer's racecheck runs the kernels orders of magnitude
+/// slower; the same cases at short lengths still cover every code path).
+pub fn gpu_scale() -> Scale {
+    if std::env::var("ROPE_ATTN_SANITIZER").as_deref() == Ok("1") {
+        Scale::Emulator
+    } else {
+        Scale::Gpu
+    }
+}
+
 pub const HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
 
 /// Full rotary on even head-dim indices, half of it (partial rotary, pass-through components) on odd ones.

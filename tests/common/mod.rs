@@ -26,7 +26,7 @@ pub fn gpu_or_skip(test: &str) -> Option<(Gpu, Arc<CudaStream>)> {
             if std::env::var("ROPE_ATTN_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("{test}: ROPE_ATTN_REQUIRE_GPU=1 but no GPU is usable: {why}");
             }
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({why}); the kernels are unproven until this runs on one");
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({why}); this machine cannot check the kernels (last GPU run: H100, 2026-11-25, BENCHMARKS.md)");
             None
         }
     }
