@@ -51,14 +51,19 @@ __device__ __forceinline__ void copy_rows_async(T* s, int valid, RowPtr row_ptr)
     }
 }
 
-// Head kvh of key j of sequence b in a paged cache [num_pages, page_size, kv_heads, D]; block-table
-// entries are clamped into the pool.
+// Cache slot (page * page_size + offset) of key j of sequence b; block-table entries are clamped
+// into the pool, so a corrupt table can never address outside it.
+__device__ __forceinline__ long long paged_slot(const int* table, int b, int j, int page_size, int max_pages, int num_pages) {
+    int page = table[(long long)b * max_pages + j / page_size];
+    page = imin(imax(page, 0), num_pages - 1);
+    return (long long)page * page_size + j % page_size;
+}
+
+// Head kvh of key j of sequence b in a paged cache [num_pages, page_size, kv_heads, D].
 template <typename T>
 __device__ __forceinline__ const T* paged_key(const T* cache, const int* table, int b, int j, int kvh, int page_size,
                                               int max_pages, int num_pages, int kv_heads, int D) {
-    int page = table[(long long)b * max_pages + j / page_size];
-    page = imin(imax(page, 0), num_pages - 1);
-    return cache + (((long long)page * page_size + j % page_size) * kv_heads + kvh) * D;
+    return cache + (paged_slot(table, b, j, page_size, max_pages, num_pages) * kv_heads + kvh) * D;
 }
 
 // Score of query position i and key position j, in log2 units, before masking: the near or

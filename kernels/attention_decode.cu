@@ -150,10 +150,12 @@ __device__ void decode_body(const DecodeParams& p) {
     float2* Qf = Qn + R * H2;
     float2* Off = Qf + (rel ? R * H2 : 0);
     float2* Offl = Off + BT * H2;
-    float2* Base = Offl + (leaky ? BT * H2 : 0) + warp * H2 * (leaky ? 2 : 1);
+    float2* Bases = Offl + (leaky ? BT * H2 : 0);  // [DEC_WARPS][D/2] (x2 with Leaky)
+    float2* Base = Bases + warp * H2 * (leaky ? 2 : 1);
     float2* Basel = Base + H2;
-    float* Sc = reinterpret_cast<float*>(Offl + (leaky ? BT * H2 : 0) + DEC_WARPS * H2 * (leaky ? 2 : 1)) + warp * BT * R;
-    int* Slots = reinterpret_cast<int*>(Sc - warp * BT * R + DEC_WARPS * BT * R) + warp * BT;
+    float* Scores = reinterpret_cast<float*>(Bases + DEC_WARPS * H2 * (leaky ? 2 : 1));  // [DEC_WARPS][BT][R]
+    float* Sc = Scores + warp * BT * R;
+    int* Slots = reinterpret_cast<int*>(Scores + DEC_WARPS * BT * R) + warp * BT;
 
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
@@ -236,16 +238,9 @@ __device__ void decode_body(const DecodeParams& p) {
     auto issue = [&](int n, int buf) {
         const int j0 = k_begin + n * BT, vk = imin(BT, k_end - j0);
         __syncwarp();  // every lane is done with the previous tile's slots
-        if (lane < BT) {
-            int slot_id = 0;
-            if (lane < vk) {
-                const int j = j0 + lane;
-                int page = p.block_table[(long long)b * p.max_pages + j / p.page_size];
-                page = imin(imax(page, 0), p.num_pages - 1);
-                slot_id = page * p.page_size + j % p.page_size;
-            }
-            Slots[lane] = slot_id;
-        }
+        // (Slots fit an int: the host checks num_pages * page_size does.)
+        if (lane < BT)
+            Slots[lane] = lane < vk ? static_cast<int>(paged_slot(p.block_table, b, j0 + lane, p.page_size, p.max_pages, p.num_pages)) : 0;
         __syncwarp();
         constexpr int VEC = 16 / sizeof(T), CH = D / VEC;
 #pragma unroll
