@@ -144,11 +144,18 @@ pub fn decode_splits(p: &AttentionParams, b: &DecodeBatch, sm_count: usize) -> u
     let max_splits = span.div_ceil(256).max(1);
     (1..=max_splits)
         .min_by_key(|&s| {
-            let kps = span.div_ceil(s).div_ceil(SPLIT_ALIGN) * SPLIT_ALIGN;
-            let actual = span.div_ceil(kps);
+            let (actual, kps) = split_plan(span, s, SPLIT_ALIGN);
             (blocks * actual).div_ceil(slots) * kps
         })
         .unwrap_or(1)
+}
+
+/// The key splits a call really gets when it asks for `splits` over `span` keys, and the keys
+/// per split (a multiple of `align`, the kernel's tile): a short span takes fewer splits than
+/// asked. Decode's and the paged prefill's plans.
+pub(crate) fn split_plan(span: usize, splits: usize, align: usize) -> (usize, usize) {
+    let keys_per_split = span.div_ceil(splits).div_ceil(align).max(1) * align;
+    (span.div_ceil(keys_per_split).max(1), keys_per_split)
 }
 
 /// f32 workspace elements for `splits` partial results (0 for one split).
@@ -229,9 +236,7 @@ impl DecodeBatch {
         if grid_y > 65535 || self.batch > 65535 {
             return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", self.batch) });
         }
-        let span = split_span(p, self);
-        let keys_per_split = span.div_ceil(splits).div_ceil(SPLIT_ALIGN).max(1) * SPLIT_ALIGN;
-        let splits = span.div_ceil(keys_per_split).max(1);
+        let (splits, keys_per_split) = split_plan(split_span(p, self), splits, SPLIT_ALIGN);
         let needed = decode_workspace_len(p, self, splits);
         match lens.workspace {
             _ if splits == 1 => {}
@@ -357,7 +362,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         module: Module::AttentionDecode,
         name: format!("attention_decode_d{d}_{}", T::NAME),
         grid: (splits as u32, grid_y as u32, batch.batch as u32),
-        threads: 128,
+        threads: (DEC_WARPS * 32) as u32,
         smem: decode_smem_bytes(
             d,
             std::mem::size_of::<T>(),

@@ -6,7 +6,7 @@
 
 use super::attention::{attn_params_base, is_16bit, mma_fwd_launch, narrow_tile_rows};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
-use super::decode::{launch_combine, paged_reference, partials, split_workspace, PagedKvCache};
+use super::decode::{launch_combine, paged_reference, partials, split_plan, split_workspace, PagedKvCache};
 use super::device::Gpu;
 use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
@@ -143,9 +143,7 @@ impl PagedPrefillBatch {
         if splits == 0 {
             return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
         }
-        let span = split_span(self, cache);
-        let keys_per_split = span.div_ceil(splits).div_ceil(SPLIT_ALIGN).max(1) * SPLIT_ALIGN;
-        let splits = span.div_ceil(keys_per_split).max(1);
+        let (splits, keys_per_split) = split_plan(split_span(self, cache), splits, SPLIT_ALIGN);
         let q_tiles = self.max_seqlen_q.div_ceil(narrow_tile_rows(d)).max(1);
         to_i32("keys_per_split", keys_per_split)?;
         if q_tiles * splits > i32::MAX as usize {
