@@ -67,12 +67,12 @@ __device__ __forceinline__ const T* paged_key(const T* cache, const int* table, 
 }
 
 // Score of query position i and key position j, in log2 units, before masking: the near or
-// far dot product (ReRoPE), scaled, plus the ALiBi bias (slope 0 = none).
+// far dot product (ReRoPE), scaled, plus the ALiBi bias (slope_log2 = slope·log2(e); 0 = none).
 __device__ __forceinline__ float score_log2(const RopeArgs& r, float scale_log2, float near, float far, int i, int j,
-                                            float slope) {
+                                            float slope_log2) {
     const bool use_far = r.relative != REL_NONE && r.rotary_dim > 0 && i - j >= r.window;
     float s = (use_far ? far : near) * scale_log2;
-    if (slope != 0.f) s += alibi_bias(slope, i, j) * LOG2E;
+    if (slope_log2 != 0.f) s += alibi_bias(slope_log2, i, j);
     return s;
 }
 

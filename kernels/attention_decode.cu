@@ -210,12 +210,12 @@ __device__ void decode_body(const DecodeParams& p) {
     }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
-    // Per row: ALiBi slope and position, once (row_pos divides by the query count).
+    // Per row: ALiBi slope (log2 units) and position, once (row_pos divides by the query count).
     float slope[R];
     int ipos[R];
 #pragma unroll
     for (int x = 0; x < R; ++x) {
-        slope[x] = (p.alibi_total_heads > 0 && x < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + row_head(x)) : 0.f;
+        slope[x] = (p.alibi_total_heads > 0 && x < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + row_head(x)) * LOG2E : 0.f;
         ipos[x] = row_pos(x);
     }
 

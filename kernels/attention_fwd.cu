@@ -13,6 +13,36 @@
 
 namespace ra {
 
+// How a tile's scores become probabilities (attention_fwd_mma picks per tile, block-uniform):
+// every option with per-element masks, or one of the two branch-free forms that cover almost
+// every tile of a long prefill (fully visible, no ReRoPE).
+enum SoftmaxKind {
+    SM_GENERIC = 0,  // masks, ReRoPE's near/far choice, ALiBi's |i - j|: per element
+    SM_PLAIN = 1,    // no bias, scale > 0: max of the raw scores, the scale folded into the exponent
+    SM_LINEAR = 2,   // ALiBi on one side of the diagonal: the bias is linear in j, two FFMAs
+};
+template <int K> struct Kind {
+    static constexpr int value = K;
+};
+
+// Rows of 16-byte chunks of a contiguous tile (row r at g + r * stride), zero-filling rows >=
+// valid: each thread keeps one source pointer and steps it (no per-chunk index arithmetic).
+// Needs THREADS to be a multiple of the chunks per row (head_dim 64, 128 and 256 at 16 bits).
+template <typename T, int D, int LD, int ROWS, int THREADS>
+__device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stride, int valid) {
+    constexpr int CH = D * sizeof(T) / 16, PER = 16 / sizeof(T), STEP = THREADS / CH;
+    static_assert(THREADS % CH == 0 && ROWS % STEP == 0, "whole rows per pass");
+    const int r0 = threadIdx.x / CH, col = (threadIdx.x % CH) * PER;
+    const T* src = g + r0 * stride + col;
+    T* dst = s + r0 * LD + col;
+#pragma unroll 2
+    for (int r = r0; r < ROWS; r += STEP) {
+        cp_async_16(dst, r < valid ? src : g, r < valid);
+        src += STEP * stride;
+        dst += STEP * LD;
+    }
+}
+
 // O (and the row state) for the tensor-core path. The block's BM = MB·WARPS·16 query rows are
 // MB row blocks of WARPS·16; thread (g, t) of warp w holds rows 16w + g and 16w + g + 8 of each
 // (the mma accumulator layout).
@@ -21,9 +51,17 @@ namespace ra {
 // (pre-rotated, or no RoPE): every K and V fragment a warp loads from shared memory then feeds
 // two mmas, half the shared-memory traffic per flop, which is what limits mma.sync on A100/H100.
 // O and S double in registers, so the options' state has to go: FULL = false compiles it out.
+//
+// Order of work. Query tiles run last first (blockIdx.x 0 takes the last tile): under a causal
+// mask the last tiles see the most keys, and starting the heaviest blocks first keeps the tail
+// of the grid short. Key tiles run from the diagonal backwards: the keys nearest the query
+// (under ALiBi, and usually in trained models) carry the largest scores, so the running max
+// is found in the first tile and later tiles rarely rescale O (a warp skips the rescale when
+// no row's max grew).
 template <typename T, int D, int WARPS, int BN, int MB, bool FULL>
 __device__ void attention_fwd_mma(const AttnParams& p) {
     constexpr int BM = MB * WARPS * 16, LD = D + 8, NT = BN / 8, DT = D / 8;
+    constexpr int THREADS = WARPS * 32;
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
     T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + BM * LD;
@@ -31,9 +69,10 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     T* Qf = Vs + BN * LD;  // far copies: only with ReRoPE
     T* Kf = Qf + BM * LD;
 
-    // Split keys (FULL kernels): block x is query tile x / splits, key split x % splits.
+    // Split keys (FULL kernels): block x is query tile (reversed) x / splits, key split x % splits.
     const int splits = FULL ? p.splits : 1, split = blockIdx.x % splits;
-    const int m0 = (blockIdx.x / splits) * BM, h = blockIdx.y, b = blockIdx.z;
+    const int q_tiles = gridDim.x / splits;
+    const int m0 = (q_tiles - 1 - blockIdx.x / splits) * BM, h = blockIdx.y, b = blockIdx.z;
     const SeqBounds sb = seq_bounds(p, b);
     if (m0 >= sb.seqlen_q) return;
     const int kvh = h / (p.q_heads / p.kv_heads);
@@ -60,9 +99,24 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
         return paged_key(static_cast<const T*>(cache), p.block_table, b, j, kvh, p.page_size, p.max_pages, p.num_pages,
                          p.kv_heads, D);
     };
-    auto krow = [&](int j) { return paged ? paged_at(p.k, j) : kg + (long long)j * p.k_row_stride; };
-    auto vrow = [&](int j) { return paged ? paged_at(p.v, j) : vg + (long long)j * p.v_row_stride; };
     auto frow = [&](int j) { return paged ? paged_at(p.k, j) : fg + (long long)j * p.kf_row_stride; };
+    // A K or V tile of contiguous rows: one stepped pointer per thread where the chunks per row
+    // divide the block (16-bit head_dim 64, 128, 256), else the per-chunk loader.
+    constexpr bool STEPPED = THREADS % (D * sizeof(T) / 16) == 0;
+    // The sequence's K and V row bases come from shared memory at each copy: O and S take the
+    // wide kernel's registers, and ptxas would otherwise spill one of these (written before the
+    // barrier below).
+    RA_STATIC_SMEM(const T*, row_base, [2]);
+    if (threadIdx.x == 0) row_base[0] = kg, row_base[1] = vg;
+    auto copy_tile = [&](T* s, const void* cache, const T* base, long long stride, int j0, int valid) {
+        if (paged) {
+            copy_rows_async<T, D, LD, BN, THREADS>(s, valid, [&](int r) { return paged_at(cache, j0 + r); });
+        } else if constexpr (STEPPED) {
+            copy_tile_async<T, D, LD, BN, THREADS>(s, base + (long long)j0 * stride, stride, valid);
+        } else {
+            copy_rows_async<T, D, LD, BN, THREADS>(s, valid, [&](int r) { return base + (long long)(j0 + r) * stride; });
+        }
+    };
 
     load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, rope ? ROT_POS : ROT_NONE, i0);
     if (COMPOSED && FULL && p.rotate_k) fill_rotation_offsets(rot_off, p.rope);  // read after the loop's first barrier
@@ -76,19 +130,21 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     // This split's tiles (keys_per_split is a multiple of every narrow tile's BN).
     const int n_begin = splits > 1 ? split * (p.keys_per_split / BN) : 0;
     const int n_end = splits > 1 ? imin(n_causal, (split + 1) * (p.keys_per_split / BN)) : n_causal;
-    auto next_tile = [&](int n) {
-        while (n < n_end && !tile_visible(mask, i0, i0 + vq, kp + n * BN, kp + imin(n * BN + BN, sb.seqlen_k))) ++n;
+    // The last tile at or before n that some row sees (n_begin - 1: none left).
+    auto prev_tile = [&](int n) {
+        while (n >= n_begin && !tile_visible(mask, i0, i0 + vq, kp + n * BN, kp + imin(n * BN + BN, sb.seqlen_k))) --n;
         return n;
     };
     auto issue_k = [&](int n) {
         const int valid = imin(BN, sb.seqlen_k - n * BN);
-        copy_rows_async<T, D, LD, BN, WARPS * 32>(Ks, valid, [&](int r) { return krow(n * BN + r); });
-        if (rel) copy_rows_async<T, D, LD, BN, WARPS * 32>(Kf, valid, [&](int r) { return frow(n * BN + r); });
+        copy_tile(Ks, p.k, row_base[0], p.k_row_stride, n * BN, valid);
+        if (rel) copy_rows_async<T, D, LD, BN, THREADS>(Kf, valid, [&](int r) { return frow(n * BN + r); });
         cp_async_commit();
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const float slope = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) : 0.f;
+    // ALiBi slope in log2 units (the scores' unit); 0 = none.
+    const float slope_log2 = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) * LOG2E : 0.f;
     float o[MB][DT][4];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
@@ -102,9 +158,10 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) row_max[mb][rr] = -INFINITY, row_sum[mb][rr] = 0.f;
 
-    int n = next_tile(n_begin);
-    if (n < n_end) issue_k(n);
-    while (n < n_end) {
+    int n = prev_tile(n_end - 1);
+    __syncthreads();  // row_base is written
+    if (n >= n_begin) issue_k(n);
+    while (n >= n_begin) {
         const int j0 = n * BN, vk = imin(BN, sb.seqlen_k - j0);
         // Every thread finished the previous tile's rotation (a barrier ago): the bases are free.
         if (COMPOSED && FULL && p.rotate_k) fill_rotation_bases(rot_base, p.rope, kp + j0, BN);
@@ -117,7 +174,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             if (leaky) load_rotated_tile(Kf, LD, Kf, LD, BN, vk, D, p.rope, ROT_K_LEAKY, kp + j0);
             __syncthreads();
         }
-        copy_rows_async<T, D, LD, BN, WARPS * 32>(Vs, vk, [&](int r) { return vrow(j0 + r); });
+        copy_tile(Vs, p.v, row_base[1], p.v_row_stride, j0, vk);
         cp_async_commit();
 
         // S = Q Kᵀ (and the far product), 16 rows x BN keys per warp and row block; each K
@@ -169,47 +226,80 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             }
         }
 
-        // Scale, bias, mask; online softmax (rows g and g+8 of each row block; 4 lanes share a row).
+        // Online softmax (rows g and g+8 of each row block; 4 lanes share a row), log2 domain.
+        // First every row's new max, then (only if some row of the warp grew) the rescale of O,
+        // then the exponentials.
         const bool full = vk == BN && tile_fully_visible(mask, i0, i0 + vq, kp + j0, kp + j0 + BN);
+        // ALiBi's -slope·|i - j| is slope·(j - i) below the diagonal (every key at or before
+        // every row) and -slope·(j - i) above it: linear in j, so two FFMAs per score.
+        const bool below = kp + j0 + BN - 1 <= i0, above = kp + j0 >= i0 + vq - 1;
+        const float sigma = below ? slope_log2 : -slope_log2;
+        auto softmax = [&](auto kind_c) {
+            constexpr int KIND = decltype(kind_c)::value;
+            bool grew = false;
+            float alpha[MB][2];
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
+            for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
-                const int i = i0 + (mb * WARPS + warp) * 16 + g + rr * 8;
-                float mx = -INFINITY;
+                for (int rr = 0; rr < 2; ++rr) {
+                    const int i = i0 + (mb * WARPS + warp) * 16 + g + rr * 8;
+                    // SM_LINEAR: bias(j) = sigma·(j - i) = sigma·(j0 + 2t - i) + sigma·(8nt + e), exact offsets.
+                    const float bias0 = KIND == SM_LINEAR ? sigma * static_cast<float>(kp + j0 + 2 * t - i) : 0.f;
+                    float mx = -INFINITY;
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
+                    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                    for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
-                        const int j = kp + j0 + nt * 8 + 2 * t + (c & 1);
-                        float x;
-                        if constexpr (FULL) x = score_log2(p.rope, p.scale_log2, s[mb][nt][c], sf[mb][nt][c], i, j, slope);
-                        else x = s[mb][nt][c] * p.scale_log2 + alibi_bias(slope, i, j) * LOG2E;
-                        if (!full && (j >= kp + j0 + vk || !visible(mask, i, j))) x = -INFINITY;
-                        s[mb][nt][c] = x;
-                        mx = fmaxf(mx, x);
+                        for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
+                            float x = s[mb][nt][c];
+                            if constexpr (KIND == SM_LINEAR) {
+                                x = fmaf(x, p.scale_log2, fmaf(sigma, static_cast<float>(nt * 8 + (c & 1)), bias0));
+                            } else if constexpr (KIND == SM_GENERIC) {
+                                const int j = kp + j0 + nt * 8 + 2 * t + (c & 1);
+                                if constexpr (FULL) x = score_log2(p.rope, p.scale_log2, x, sf[mb][nt][c], i, j, slope_log2);
+                                else x = x * p.scale_log2 + alibi_bias(slope_log2, i, j);
+                                if (!full && (j >= kp + j0 + vk || !visible(mask, i, j))) x = -INFINITY;
+                            }
+                            s[mb][nt][c] = x;
+                            mx = fmaxf(mx, x);
+                        }
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    if constexpr (KIND == SM_PLAIN) mx *= p.scale_log2;  // scale > 0: the max commutes with it
+                    const float m_old = row_max[mb][rr], m_new = fmaxf(m_old, mx);
+                    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep ex2 finite
+                    alpha[mb][rr] = ex2(m_old - m_use);                   // 1 when the max did not grow
+                    grew |= m_new != m_old;
+                    row_max[mb][rr] = m_new;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
+                            const float x = s[mb][nt][c];
+                            s[mb][nt][c] = KIND == SM_PLAIN ? ex2(fmaf(x, p.scale_log2, -m_use)) : ex2(x - m_use);
+                            sum += s[mb][nt][c];
+                        }
+                    row_sum[mb][rr] = row_sum[mb][rr] * alpha[mb][rr] + sum;  // per-lane partial; the quad is summed at the end
+                    if constexpr (KIND == SM_GENERIC) {  // rare tiles: rescale row by row (fewer live registers)
+#pragma unroll
+                        for (int d = 0; d < DT; ++d) o[mb][d][2 * rr] *= alpha[mb][rr], o[mb][d][2 * rr + 1] *= alpha[mb][rr];
                     }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(row_max[mb][rr], mx);
-                const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
-                const float alpha = exp2f(row_max[mb][rr] - m_use);
-                row_max[mb][rr] = m_new;
-                float sum = 0.f;
+                }
+            // O is rescaled only when some row of the warp found a larger max (rare after the first tile).
+            if constexpr (KIND != SM_GENERIC) {
+                if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
+                    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                    for (int c = 2 * rr; c < 2 * rr + 2; ++c) {
-                        s[mb][nt][c] = exp2f(s[mb][nt][c] - m_use);
-                        sum += s[mb][nt][c];
-                    }
-                row_sum[mb][rr] = row_sum[mb][rr] * alpha + sum;  // per-lane partial; the quad is summed at the end
+                        for (int d = 0; d < DT; ++d)
 #pragma unroll
-                for (int d = 0; d < DT; ++d) {
-                    o[mb][d][2 * rr] *= alpha;
-                    o[mb][d][2 * rr + 1] *= alpha;
+                            for (int c = 0; c < 4; ++c) o[mb][d][c] *= alpha[mb][c / 2];
                 }
             }
+        };
+        if (full && !rel && slope_log2 == 0.f && p.scale_log2 > 0.f) softmax(Kind<SM_PLAIN>{});
+        else if (full && !rel && slope_log2 != 0.f && (below || above)) softmax(Kind<SM_LINEAR>{});
+        else softmax(Kind<SM_GENERIC>{});
 
         // P to 16 bits in the A-operand layout now, while the f32 scores die: half the registers
         // through the copy issue and P·V below.
@@ -226,8 +316,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 
         cp_async_wait<0>();
         __syncthreads();  // V_n landed; every warp finished reading K_n
-        const int next = next_tile(n + 1);
-        if (next < n_end) issue_k(next);  // overlaps with P·V below
+        const int next = prev_tile(n - 1);
+        if (next >= n_begin) issue_k(next);  // overlaps with P·V below
 
         // O += P V without P leaving registers; each V fragment is loaded once for the MB row blocks.
 #pragma unroll
@@ -320,7 +410,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
         o[x] = 0.f;
     }
     const MaskArgs mask{p.causal, p.window, p.sinks};
-    const float slope = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) : 0.f;
+    const float slope_log2 = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) * LOG2E : 0.f;
     const float* kg = static_cast<const float*>(p.k) + (long long)sb.k_start * p.k_row_stride + (long long)kvh * D;
     const float* fg = static_cast<const float*>(p.k_far) + (long long)sb.k_start * p.kf_row_stride + (long long)kvh * D;
     const float* vg = static_cast<const float*>(p.v) + (long long)sb.k_start * p.v_row_stride + (long long)kvh * D;
@@ -342,7 +432,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
             dn += __shfl_xor_sync(0xffffffffu, dn, off);
             df += __shfl_xor_sync(0xffffffffu, df, off);
         }
-        const float s = score_log2(p.rope, p.scale_log2, dn, df, i, sb.k_pos0 + j, slope);
+        const float s = score_log2(p.rope, p.scale_log2, dn, df, i, sb.k_pos0 + j, slope_log2);
         const float m_new = fmaxf(mx, s);
         const float alpha = exp2f(mx - m_new), w = exp2f(s - m_new);
         sum = sum * alpha + w;

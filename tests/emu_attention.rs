@@ -300,3 +300,38 @@ fn emulated_prefill_at_explicit_positions_all_paths() {
         }
     }
 }
+
+/// The softmax forms the prefill picks per key tile (kernels/attention_fwd.cu, SoftmaxKind):
+/// fully visible tiles without ALiBi fold the scale into the exponent (scale > 0 only), fully
+/// visible tiles on one side of the diagonal take ALiBi as a bias linear in j (slope·(j - i)
+/// below it, -slope·(j - i) above it), and every other tile masks per element. Non-causal
+/// sequences long enough for tiles above, below and across the diagonal, for the wide kernel
+/// (pre-rotated) and the narrow one (fused), with ALiBi and without, and the scales the folded
+/// form must not take (negative, zero; at -6 its max would overflow); and causal ones under a window with sinks, where the
+/// visible tiles run from the diagonal backwards past hidden ones to the sinks.
+#[test]
+fn emulated_prefill_softmax_forms() {
+    let emu = emulator(30);
+    let (seq_q, seq_k) = ([200usize, 33], [300usize, 70]);
+    for (i, (causal, window, alibi, scale)) in [
+        (false, None, true, None),
+        (false, None, false, None),
+        (false, None, false, Some(-0.1)),
+        (false, None, false, Some(0.0)),
+        (false, None, true, Some(-0.2)),
+        (false, None, false, Some(-6.0)),
+        (true, Some(120), true, None),
+        (true, Some(90), false, None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut p = AttentionParams::new(4, 2, 64);
+        p.mask = Mask { causal, window, sinks: if window.is_some() { 5 } else { 0 } };
+        p.alibi = alibi.then_some(Alibi { total_heads: 8, head_offset: 2 });
+        p.scale = scale;
+        p.rope = Some(schedules(64, 64).remove(i % 8).1);
+        assert_eq!(run::<bf16>(&emu, &p, &seq_q, &seq_k, 50 + i as u64, true), PrefillPath::PreRotated, "case {i}");
+        assert_eq!(run::<f16>(&emu, &p, &seq_q, &seq_k, 60 + i as u64, false), PrefillPath::Fused, "case {i}");
+    }
+}

@@ -112,9 +112,9 @@ static void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &
 #endif
 
 enum State { RUN, WAIT_BLOCK, WAIT_WARP, DONE };
-enum Collective { C_NONE, C_SYNCWARP, C_SHFL, C_LDMATRIX, C_MMA };
+enum Collective { C_NONE, C_SYNCWARP, C_SHFL, C_LDMATRIX, C_MMA, C_VOTE };
 static const char* collective_name(int c) {
-    static const char* n[] = {"none", "__syncwarp", "a shuffle", "ldmatrix", "mma.sync"};
+    static const char* n[] = {"none", "__syncwarp", "a shuffle", "ldmatrix", "mma.sync", "a vote"};
     return n[c];
 }
 
@@ -238,6 +238,15 @@ float shfl(unsigned mask, float v, int arg, bool is_xor) {
     uint32_t(*s)[8] = exchange(C_SHFL, &w, 1);
     const int src = is_xor ? (me().lane ^ arg) & 31 : arg & 31;
     return bits_f32(s[src][0]);
+}
+
+int vote_any(unsigned mask, int pred) {
+    check_full_mask(mask, "a vote");
+    const uint32_t w = pred != 0;
+    uint32_t(*s)[8] = exchange(C_VOTE, &w, 1);
+    for (int l = 0; l < 32; ++l)
+        if (s[l][0]) return 1;
+    return 0;
 }
 
 static bool in_smem(const void* p, size_t bytes) {
