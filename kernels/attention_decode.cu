@@ -1,5 +1,6 @@
-// Decode attention over a paged KV cache, split along the keys (flash-decoding), and the
-// kernel that appends new K/V into the cache.
+// Decode attention over a paged KV cache on CUDA cores (f32; the 16-bit kernels, on tensor
+// cores, are in attention_decode_mma.cu), split along the keys (flash-decoding), and the kernel
+// that appends new K/V into the cache.
 //
 // The cache holds *unrotated* keys: [num_pages, page_size, Hkv, D] for K and for V, pages
 // picked per sequence through a caller-owned block table. Keys are rotated on the fly at
@@ -7,23 +8,22 @@
 // Sequence b has context_lens[b] cached keys, the last `queries` of them the new tokens
 // (1..=16, speculative decoding): query qi sits at position context_len - queries + qi.
 //
-// Decode is a stream over the cache: a few flops per byte, so the kernel's job is to keep the
-// memory system busy with as few instructions and barriers per key as possible. A block takes
-// one split of the keys, one KV head and DEC_ROWS (query head, query) rows of its GQA group;
-// its warps do NOT share tiles: each warp streams its own tiles of the split (warp w takes
-// tiles w, w + 4, ...) through its own double-buffered shared memory with cp.async, so the
-// loop has no block barrier, only __syncwarp, and every warp has a tile in flight while it
-// works on the one before. Within a warp, G lanes share a key (FlashInfer's layout): each lane
-// owns D / 2G rotation pairs of the head, rotates its pieces of the key, dots them with the
-// rows' rotated queries (shared memory, broadcast) and G lanes add up the score by shuffles; the same
-// lane accumulates those components of O from V, so P·V needs no shuffles at all. The warps'
-// (m, l, O) are merged once at the end. Splits > 1 write f32 partials that merge.cu combines.
+// A block takes one split of the keys, one KV head and DEC_ROWS (query head, query) rows of
+// its GQA group; its warps do NOT share tiles: each warp streams its own tiles of the split
+// (warp w takes tiles w, w + 4, ...) through its own double-buffered shared memory with
+// cp.async, so the loop has no block barrier, only __syncwarp, and every warp has a tile in
+// flight while it works on the one before. Within a warp, G lanes share a key (FlashInfer's
+// layout): each lane owns D / 2G rotation pairs of the head, rotates its pieces of the key,
+// dots them with the rows' rotated queries (shared memory, broadcast) and G lanes add up the
+// score by shuffles; the same lane accumulates those components of O from V, so P·V needs no
+// shuffles at all. The warps' (m, l, O) are merged once at the end (decode.cuh). Splits > 1
+// write f32 partials that merge.cu combines.
 //
 // Rotation by composition (tile.cuh's idea, per tile): e^{iθ(j0 + t)} = e^{iθ j0} · e^{iθ t},
 // the first exact per tile and pair (shared by the warp), the second from an exact table of
 // the tile's offsets made once per block. The attention factor is folded into Q (it scales
 // both rotated sides, so the product carries its square).
-#include "attention.cuh"
+#include "decode.cuh"
 
 namespace ra {
 
@@ -46,18 +46,6 @@ template <int D> struct DecLanes {
     static constexpr int SLOTS = 32 / G;
     static constexpr int PPL = D / 2 / G;
 };
-
-// Components (ia, ib) of pair P of a head: the rotary pairs by layout, then the pass-through
-// components (partial rotary) in two halves. With no RoPE, (P, P + D/2).
-__device__ __forceinline__ void head_pair(int P, int rd, int interleaved, int D, int& ia, int& ib) {
-    const int half = rd / 2;
-    if (P < half) {
-        pair_index(interleaved, rd, P, ia, ib);
-    } else {
-        ia = half + P;
-        ib = ia + (D - rd) / 2;
-    }
-}
 
 // Where a lane's pairs sit in a row: two runs of PPL (rotate_half with every pair rotated, or
 // no RoPE), one run of 2 PPL interleaved (interleaved, every pair rotated), or anywhere
@@ -122,8 +110,6 @@ __device__ __forceinline__ void load_cs(const float2* src, float2 (&out)[PPL]) {
     }
 }
 
-__device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.y * b.x + a.x * b.y); }
-
 template <typename T, int D>
 __device__ void decode_body(const DecodeParams& p) {
     constexpr int G = DecLanes<D>::G, SLOTS = DecLanes<D>::SLOTS, PPL = DecLanes<D>::PPL, H2 = D / 2;
@@ -161,16 +147,9 @@ __device__ void decode_body(const DecodeParams& p) {
     const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
     const int row_blocks = (rows_total + R - 1) / R;
     const int kvh = blockIdx.y / row_blocks, r0 = (blockIdx.y % row_blocks) * R;
-    const int ctx = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
-    // With a sliding window the splits share out the keys some query can see, [lo, ctx) (the
-    // host sized keys_per_split for window + queries - 1 of them), not the whole context: a
-    // 32k context under a 4k window keeps every split busy. Sinks before lo belong to split 0,
-    // whose warps jump over the hidden keys between them and lo.
-    const int lo = p.window > 0 ? imax(0, ctx - p.queries - p.window + 1) : 0;
-    const int k_begin = split == 0 && p.sinks > 0 ? 0 : lo + split * p.keys_per_split;
-    const int k_end = imin(ctx, lo + (split + 1) * p.keys_per_split);
+    const DecodeSpan span = decode_span(p, b, split);
+    const int ctx = span.ctx, k_begin = span.k_begin, k_end = span.k_end;
     const MaskArgs mask{p.causal, p.window, p.sinks};
-    const int tokens = p.batch * p.queries;
 
     // Row r of this block: query head kvh * group + (r0 + r) / queries, query (r0 + r) % queries.
     auto row_head = [&](int r) { return kvh * group + (r0 + r) / p.queries; };
@@ -219,40 +198,11 @@ __device__ void decode_body(const DecodeParams& p) {
         ipos[x] = row_pos(x);
     }
 
-    const T* kc = static_cast<const T*>(p.k_cache);
-    const T* vc = static_cast<const T*>(p.v_cache);
-    // The warp's next tile at or after its tile n that some query sees (whole-tile skipping;
-    // keys hidden by the window between the sinks and lo are jumped over in one step).
-    auto next_visible = [&](int n) {
-        for (;; n += DEC_WARPS) {
-            const int j0 = k_begin + n * BT;
-            if (j0 >= k_end || tile_visible(mask, ctx - p.queries, ctx, j0, imin(j0 + BT, k_end))) return n;
-            if (p.window > 0 && j0 >= p.sinks && j0 + BT <= lo) {
-                const int need = (lo - k_begin - BT) / BT + 1;  // first tile that reaches lo
-                if (need > n) n += ((need - n + DEC_WARPS - 1) / DEC_WARPS - 1) * DEC_WARPS;
-            }
-        }
-    };
-    // Stage tile n's K and V into buffer buf as one cp.async group; keys past k_end are
-    // zero-filled without a read. Each key's cache slot is looked up once (by one lane).
+    auto next_visible = [&](int n) { return next_visible_tile<BT>(p, span, mask, n, DEC_WARPS); };
+    // Stage tile n's K and V into buffer buf as one cp.async group.
     auto issue = [&](int n, int buf) {
-        const int j0 = k_begin + n * BT, vk = imin(BT, k_end - j0);
-        __syncwarp();  // every lane is done with the previous tile's slots
-        // (Slots fit an int: the host checks num_pages * page_size does.)
-        if (lane < BT)
-            Slots[lane] = lane < vk ? static_cast<int>(paged_slot(p.block_table, b, j0 + lane, p.page_size, p.max_pages, p.num_pages)) : 0;
-        __syncwarp();
-        constexpr int VEC = 16 / sizeof(T), CH = D / VEC;
-#pragma unroll
-        for (int it = 0; it < (BT * CH + 31) / 32; ++it) {
-            const int c = lane + 32 * it, key = c / CH, col = (c % CH) * VEC;
-            if ((BT * CH) % 32 != 0 && c >= BT * CH) break;
-            const bool ok = key < vk;
-            const long long off = ((long long)Slots[key] * p.kv_heads + kvh) * D + col;
-            cp_async_16(Kst + buf * BT * D + key * D + col, kc + off, ok);
-            cp_async_16(Vst + buf * BT * D + key * D + col, vc + off, ok);
-        }
-        cp_async_commit();
+        const int j0 = k_begin + n * BT;
+        stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, b, kvh, j0, imin(BT, k_end - j0), lane);
     };
 
     float m[R], l[R], o0[R][PPL], o1[R][PPL];
@@ -442,34 +392,7 @@ __device__ void decode_body(const DecodeParams& p) {
         }
     }
     __syncthreads();
-
-    // Write this split's result: final (one split) or f32 partial for merge.cu.
-    for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
-        const int x = e / D, c = e % D;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, Wm[w * R + x]);
-        const float m_use = mx == -INFINITY ? 0.f : mx;
-        float sum = 0.f, acc = 0.f;
-#pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) {
-            const float f = exp2f(Wm[w * R + x] - m_use);
-            sum += Wl[w * R + x] * f;
-            acc += Wo[(w * R + x) * D + c] * f;
-        }
-        const float val = sum > 0.f ? acc / sum : 0.f;
-        const int h = row_head(x), tok = b * p.queries + row_query(x);
-        if (p.splits == 1) {
-            static_cast<T*>(p.out)[(long long)tok * p.o_row_stride + (long long)h * D + c] = from_f32<T>(val);
-        } else {
-            p.part_out[(((long long)split * tokens + tok) * p.q_heads + h) * D + c] = val;
-        }
-        if (c == 0) {
-            const float lse = sum > 0.f ? (m_use + log2f(sum)) * LN2 : -INFINITY;
-            if (p.splits == 1) p.lse[(long long)h * tokens + tok] = lse;
-            else p.part_lse[((long long)split * p.q_heads + h) * tokens + tok] = lse;
-        }
-    }
+    store_decode_rows<T, D, R>(p, Wo, Wm, Wl, DEC_WARPS, rows, b, split, row_head, row_query);
 }
 
 
@@ -491,15 +414,15 @@ __device__ void append_body(const AppendParams& p) {
 
 }  // namespace ra
 
-// One decode kernel per head dim (the lane layout depends on it) and dtype:
-// attention_decode_d{64,80,96,128,256}_{f32,f16,bf16}.
-#define RA_DECODE_D(T, NAME, D) \
-    RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 3, attention_decode_d##D##_##NAME, ra::DecodeParams) { ra::decode_body<T, D>(p); }
-#define RA_DECODE(T, NAME)                                                          \
-    RA_DECODE_D(T, NAME, 64)                                                        \
-    RA_DECODE_D(T, NAME, 80)                                                        \
-    RA_DECODE_D(T, NAME, 96)                                                        \
-    RA_DECODE_D(T, NAME, 128)                                                       \
-    RA_DECODE_D(T, NAME, 256)                                                       \
+// One f32 decode kernel per head dim (the lane layout depends on it):
+// attention_decode_d{64,80,96,128,256}_f32; the paged append for every dtype.
+#define RA_DECODE_D(D) \
+    RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 3, attention_decode_d##D##_f32, ra::DecodeParams) { ra::decode_body<float, D>(p); }
+RA_DECODE_D(64)
+RA_DECODE_D(80)
+RA_DECODE_D(96)
+RA_DECODE_D(128)
+RA_DECODE_D(256)
+#define RA_APPEND(T, NAME) \
     RA_KERNEL(128, paged_append_##NAME, ra::AppendParams) { ra::append_body<T>(p); }
-RA_FOR_EACH_DTYPE(RA_DECODE)
+RA_FOR_EACH_DTYPE(RA_APPEND)

@@ -6,7 +6,7 @@ use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, AppendParams, DecodeParams, SplitsParams};
 use super::scores::{check_rows, common, gather_rows};
-use crate::attention::{AttentionParams, Relative};
+use crate::attention::{AttentionParams, Layout, Relative};
 use crate::error::{Error, Result};
 use crate::reference;
 use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
@@ -84,40 +84,79 @@ impl DecodeBatch {
     }
 }
 
-/// Keys per warp tile of the decode kernel (`decode_tile_keys` in the .cu) for elements of
-/// `elem` bytes: a warp's K and V tiles, double-buffered, take 8 KB.
-fn tile_keys(d: usize, elem: usize) -> usize {
+/// Keys per warp tile of the f32 decode kernel (`decode_tile_keys` in attention_decode.cu): a
+/// warp's K and V tiles, double-buffered, take 8 KB.
+fn tile_keys_f32(d: usize) -> usize {
     let d2 = if d <= 64 { 64 } else if d <= 128 { 128 } else { 256 };
-    2048 / (d2 * elem)
+    2048 / (d2 * 4)
 }
 
-/// Split boundaries fall on multiples of this: of every tile size.
+/// Split boundaries fall on multiples of this: of every tile size (`SPLIT_ALIGN_KEYS` in
+/// kernels/decode.cuh).
 const SPLIT_ALIGN: usize = 32;
 
-/// (query head, query) rows per block, and warps per block (each streams its own key tiles).
-const DEC_ROWS: usize = 4;
+/// Warps per decode block (each streams its own key tiles), in both kernels.
 const DEC_WARPS: usize = 4;
 
-/// Shared memory of the decode kernel (layout in kernels/attention_decode.cu): per warp its K
-/// and V tiles double-buffered (`elem`-byte elements), Q rotated [rows][d/2] pairs in f32 and
-/// its far copy with ReRoPE (`rel`), the (cos, sin) table of a tile's key offsets [tile][d/2]
-/// (twice with Leaky ReRoPE, `leaky`), per warp the tile's bases [d/2] (twice with Leaky) and
-/// its tile's scores and cache slots. 16-bit at head_dim 128: 40.6 KB (48.6 KB Leaky); at most
-/// 56.3 KB (head_dim 256, 16-bit, Leaky), so three blocks fit an SM on every 8.x and 9.0 card.
-fn decode_smem_bytes(d: usize, elem: usize, rel: bool, leaky: bool) -> usize {
-    let bt = tile_keys(d, elem);
-    let pairs = d / 2 * 8;
-    let tables = if leaky { 2 } else { 1 };
-    DEC_WARPS * 4 * bt * d * elem
-        + DEC_ROWS * pairs * if rel { 2 } else { 1 }
-        + bt * pairs * tables
-        + DEC_WARPS * pairs * tables
-        + DEC_WARPS * bt * (DEC_ROWS + 1) * 4
+/// (query head, query) rows per decode block: 16 on the tensor-core kernel (the mma's M),
+/// 4 on the f32 one.
+fn rows_per_block(elem: usize) -> usize {
+    if elem == 4 {
+        4
+    } else {
+        16
+    }
 }
 
+/// Keys per warp tile of the tensor-core decode kernel (`DMMA_TILE`).
+const MMA_TILE: usize = 16;
+
+/// Shared memory a decode block may take on every supported card: 99 KB, the opt-in limit of
+/// sm_86 / sm_89 (A100: 163 KB, H100: 227 KB).
+const SMEM_BUDGET: usize = 99 * 1024;
+
+/// Shared memory of the f32 decode kernel (layout in kernels/attention_decode.cu): per warp its
+/// K and V tiles double-buffered, Q rotated [rows][d/2] pairs in f32 and its far copy with
+/// ReRoPE (`rel`), the (cos, sin) table of a tile's key offsets [tile][d/2] (twice with Leaky
+/// ReRoPE, `leaky`), per warp the tile's bases [d/2] (twice with Leaky) and its tile's scores
+/// and cache slots: at most 56.3 KB.
+fn decode_f32_smem_bytes(d: usize, rel: bool, leaky: bool) -> usize {
+    let (bt, rows, pairs) = (tile_keys_f32(d), rows_per_block(4), d / 2 * 8);
+    let tables = if leaky { 2 } else { 1 };
+    DEC_WARPS * 4 * bt * d * 4
+        + rows * pairs * if rel { 2 } else { 1 }
+        + bt * pairs * tables
+        + DEC_WARPS * pairs * tables
+        + DEC_WARPS * bt * (rows + 1) * 4
+}
+
+/// Warps per block and shared memory of the tensor-core decode kernel (layout in
+/// kernels/attention_decode_mma.cu): per warp K and V tiles [2][16][d + 8], Q [16][d + 8] (twice
+/// with ReRoPE), the offsets [9][d/2] (twice with Leaky), per warp the bases [2][d/2] (twice
+/// with Leaky) and 16 slots, per warp a rotated tile when the keys rotate in shared memory
+/// (`smem_rot`: partial rotary in the rotate_half layout, interleaved at head_dim 256), and with
+/// ReRoPE per warp 1 KB of far scores. Four warps unless that passes [`SMEM_BUDGET`], then two,
+/// then one: head_dim 128 takes 81 KB (two blocks per SM on an A100 or H100), 256 two warps.
+fn decode_mma_layout(d: usize, elem: usize, rel: bool, leaky: bool, smem_rot: bool) -> (usize, usize) {
+    let tile = MMA_TILE * (d + 8) * elem;
+    let (pairs, tables) = (d / 2 * 8, if leaky { 2 } else { 1 });
+    let bytes = |w: usize| {
+        w * 4 * tile
+            + rows_per_block(elem) * (d + 8) * elem * if rel { 2 } else { 1 }
+            + 9 * pairs * tables
+            + w * 2 * pairs * tables
+            + w * MMA_TILE * 4
+            + if smem_rot { w * tile } else { 0 }
+            + if rel { w * 32 * 8 * 4 } else { 0 }
+    };
+    let warps = [DEC_WARPS, 2, 1].into_iter().find(|&w| bytes(w) <= SMEM_BUDGET).unwrap_or(1);
+    (warps, bytes(warps))
+}
+
+/// Blocks of one key split of the 16-bit (tensor-core) kernel, the one servers run.
 fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
     let rows = p.group_size() * b.queries;
-    b.batch * p.num_kv_heads * rows.div_ceil(DEC_ROWS)
+    b.batch * p.num_kv_heads * rows.div_ceil(rows_per_block(2))
 }
 
 /// The keys the splits share out: the whole context, or under a sliding window W the last
@@ -131,7 +170,8 @@ fn split_span(p: &AttentionParams, b: &DecodeBatch) -> usize {
 }
 
 /// How many key splits a decode call should use on a GPU with `sm_count` SMs, each split at
-/// least 256 keys (of those a sliding window shows). The blocks run in rounds (the kernel's
+/// least 256 keys (of those a sliding window shows), counting the blocks of the 16-bit kernel
+/// (16 rows per block; the f32 kernel's 4-row blocks are then planned as if fewer). The blocks run in rounds (the kernel's
 /// registers allow three resident per SM; the model counts two, the setting it was measured
 /// with); the time is about rounds × keys per split, and the count that minimises it wins,
 /// the fewest splits on a tie (less partial output to combine). Measured on an H100 (16
@@ -232,7 +272,8 @@ impl DecodeBatch {
         if splits == 0 {
             return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
         }
-        let grid_y = p.num_kv_heads * (p.group_size() * self.queries).div_ceil(DEC_ROWS);
+        // (The f32 kernel's 4-row blocks make the larger grid.)
+        let grid_y = p.num_kv_heads * (p.group_size() * self.queries).div_ceil(rows_per_block(4));
         if grid_y > 65535 || self.batch > 65535 {
             return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", self.batch) });
         }
@@ -320,7 +361,8 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     if tokens == 0 {
         return Ok(());
     }
-    let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(DEC_ROWS);
+    let elem = std::mem::size_of::<T>();
+    let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(rows_per_block(elem));
     let DecodePtrs { q: qp, k_cache: kp, v_cache: vp, block_table: bp, context_lens: cp, out: op, lse: lp, workspace: wp } = ptrs;
     if kp % 16 != 0 || vp % 16 != 0 {
         return Err(Error::Shape { what: "k/v cache pointers", expected: "16-byte aligned".into(), got: format!("{kp:#x} {vp:#x}") });
@@ -358,17 +400,22 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     };
     // Buffers were checked against the cache geometry and batch; the kernel clamps context
     // lengths and block-table entries into the pool.
+    let rel = p.rope.is_some() && p.relative != Relative::None;
+    let leaky = p.rope.is_some() && matches!(p.relative, Relative::Leaky { .. });
+    // The 16-bit kernel rotates keys in shared memory where its registers cannot (its KR_SMEM).
+    let smem_rot = p.rope.as_ref().is_some_and(|r| match r.layout {
+        Layout::Half => r.rotary_dim < d,
+        Layout::Interleaved => d > 128,
+    });
+    let (warps, smem) =
+        if elem == 4 { (DEC_WARPS, decode_f32_smem_bytes(d, rel, leaky)) } else { decode_mma_layout(d, elem, rel, leaky, smem_rot) };
     be.run(&Launch {
-        module: Module::AttentionDecode,
+        // The same kernel names in two modules: f32 on CUDA cores, 16-bit on tensor cores.
+        module: if elem == 4 { Module::AttentionDecode } else { Module::AttentionDecodeMma },
         name: format!("attention_decode_d{d}_{}", T::NAME),
         grid: (splits as u32, grid_y as u32, batch.batch as u32),
-        threads: (DEC_WARPS * 32) as u32,
-        smem: decode_smem_bytes(
-            d,
-            std::mem::size_of::<T>(),
-            p.rope.is_some() && p.relative != Relative::None,
-            p.rope.is_some() && matches!(p.relative, Relative::Leaky { .. }),
-        ),
+        threads: (warps * 32) as u32,
+        smem,
         params,
     })?;
     // The partials were sized by decode_workspace_len.

@@ -17,6 +17,7 @@ pub(crate) enum Module {
     Scores,
     AttentionFwd,
     AttentionDecode,
+    AttentionDecodeMma,
     Merge,
 }
 
@@ -27,6 +28,7 @@ impl Module {
             Module::Scores => fatbins::SCORES,
             Module::AttentionFwd => fatbins::ATTENTION_FWD,
             Module::AttentionDecode => fatbins::ATTENTION_DECODE,
+            Module::AttentionDecodeMma => fatbins::ATTENTION_DECODE_MMA,
             Module::Merge => fatbins::MERGE,
         }
     }

@@ -1,0 +1,123 @@
+// Pieces both decode kernels share (attention_decode.cu: CUDA cores, f32; attention_decode_mma.cu:
+// tensor cores, f16/bf16): which keys a split covers, the warp's walk over its tiles, staging a
+// tile of the paged cache, and the end, where the warps' softmax states merge into the result.
+#pragma once
+#include "attention.cuh"
+
+namespace ra {
+
+// Key splits start on multiples of this (SPLIT_ALIGN in src/cuda/decode.rs): of every decode tile.
+constexpr int SPLIT_ALIGN_KEYS = 32;
+
+// Components (ia, ib) of pair P of a head: the rotary pairs by layout, then the pass-through
+// components (partial rotary) in two halves. With no RoPE, (P, P + D/2).
+__device__ __forceinline__ void head_pair(int P, int rd, int interleaved, int D, int& ia, int& ib) {
+    const int half = rd / 2;
+    if (P < half) {
+        pair_index(interleaved, rd, P, ia, ib);
+    } else {
+        ia = half + P;
+        ib = ia + (D - rd) / 2;
+    }
+}
+
+// a · b, complex: rotations by composition.
+__device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.y * b.x + a.x * b.y); }
+
+// The keys of one decode block. ctx: the sequence's context (clamped to its pages). With a
+// sliding window the splits share out the keys some query can see, [lo, ctx) (the host sized
+// keys_per_split for window + queries - 1 of them), not the whole context: a 32k context under
+// a 4k window keeps every split busy. Sinks before lo belong to split 0, whose warps jump over
+// the hidden keys between them and lo.
+struct DecodeSpan {
+    int ctx, lo, k_begin, k_end;
+};
+__device__ __forceinline__ DecodeSpan decode_span(const DecodeParams& p, int b, int split) {
+    DecodeSpan s;
+    s.ctx = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
+    s.lo = p.window > 0 ? imax(0, s.ctx - p.queries - p.window + 1) : 0;
+    s.k_begin = split == 0 && p.sinks > 0 ? 0 : s.lo + split * p.keys_per_split;
+    s.k_end = imin(s.ctx, s.lo + (split + 1) * p.keys_per_split);
+    return s;
+}
+
+// The warp's next tile at or after its tile n that some query sees (tiles of BT keys from
+// k_begin; warp w of `warps` takes tiles w, w + warps, ...): whole-tile skipping, and the keys
+// hidden by the window between the sinks and lo jumped over in one step. A tile at or past
+// k_end: none left.
+template <int BT>
+__device__ __forceinline__ int next_visible_tile(const DecodeParams& p, const DecodeSpan& s, const MaskArgs& mask, int n,
+                                                 int warps) {
+    for (;; n += warps) {
+        const int j0 = s.k_begin + n * BT;
+        if (j0 >= s.k_end || tile_visible(mask, s.ctx - p.queries, s.ctx, j0, imin(j0 + BT, s.k_end))) return n;
+        if (p.window > 0 && j0 >= p.sinks && j0 + BT <= s.lo) {
+            const int need = (s.lo - s.k_begin - BT) / BT + 1;  // first tile that reaches lo
+            if (need > n) n += ((need - n + warps - 1) / warps - 1) * warps;
+        }
+    }
+}
+
+// Stage keys j0 .. j0 + BT of sequence b (vk of them valid) of KV head kvh, K and V, into a
+// warp's buffers (row pitch LD elements) as one cp.async group; keys past vk are zero-filled
+// without a read. Each key's cache slot is looked up once, by one lane (BT <= 32), into the
+// warp's `slots`. Called by a whole warp.
+template <typename T, int D, int LD, int BT>
+__device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, const DecodeParams& p, int b, int kvh,
+                                              int j0, int vk, int lane) {
+    static_assert(BT <= 32, "one lane per key looks up the slots");
+    __syncwarp();  // every lane is done with the previous tile's slots
+    // (Slots fit an int: the host checks num_pages * page_size does.)
+    if (lane < BT)
+        slots[lane] = lane < vk ? static_cast<int>(paged_slot(p.block_table, b, j0 + lane, p.page_size, p.max_pages, p.num_pages)) : 0;
+    __syncwarp();
+    const T* kc = static_cast<const T*>(p.k_cache);
+    const T* vc = static_cast<const T*>(p.v_cache);
+    constexpr int VEC = 16 / sizeof(T), CH = D / VEC;
+#pragma unroll
+    for (int it = 0; it < (BT * CH + 31) / 32; ++it) {
+        const int c = lane + 32 * it, key = c / CH, col = (c % CH) * VEC;
+        if ((BT * CH) % 32 != 0 && c >= BT * CH) break;
+        const bool ok = key < vk;
+        const long long off = ((long long)slots[key] * p.kv_heads + kvh) * D + col;
+        cp_async_16(k_dst + key * LD + col, kc + off, ok);
+        cp_async_16(v_dst + key * LD + col, vc + off, ok);
+    }
+    cp_async_commit();
+}
+
+// The end of a decode block: each of its `warps` warps has written its (m, l, O) for the block's
+// R rows to Wo [warps][R][D], Wm and Wl [warps][R] (log2 domain, O unnormalised, m = -inf where it saw no
+// key); merge them and write this split's result, final (one split) or an f32 partial for
+// merge.cu's combine. Row x (< rows) is query head row_head(x), query row_query(x) of sequence b.
+template <typename T, int D, int R, typename RowHead, typename RowQuery>
+__device__ __forceinline__ void store_decode_rows(const DecodeParams& p, const float* Wo, const float* Wm, const float* Wl,
+                                                  int warps, int rows, int b, int split, RowHead row_head, RowQuery row_query) {
+    const int tokens = p.batch * p.queries;
+    for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
+        const int x = e / D, c = e % D;
+        float mx = -INFINITY;
+        for (int w = 0; w < warps; ++w) mx = fmaxf(mx, Wm[w * R + x]);
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        float sum = 0.f, acc = 0.f;
+        for (int w = 0; w < warps; ++w) {
+            const float f = exp2f(Wm[w * R + x] - m_use);
+            sum += Wl[w * R + x] * f;
+            acc += Wo[(w * R + x) * D + c] * f;
+        }
+        const float val = sum > 0.f ? acc / sum : 0.f;
+        const int h = row_head(x), tok = b * p.queries + row_query(x);
+        if (p.splits == 1) {
+            static_cast<T*>(p.out)[(long long)tok * p.o_row_stride + (long long)h * D + c] = from_f32<T>(val);
+        } else {
+            p.part_out[(((long long)split * tokens + tok) * p.q_heads + h) * D + c] = val;
+        }
+        if (c == 0) {
+            const float lse = sum > 0.f ? (m_use + log2f(sum)) * LN2 : -INFINITY;
+            if (p.splits == 1) p.lse[(long long)h * tokens + tok] = lse;
+            else p.part_lse[((long long)split * p.q_heads + h) * tokens + tok] = lse;
+        }
+    }
+}
+
+}  // namespace ra
