@@ -73,15 +73,31 @@ __device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, co
     __syncwarp();
     const T* kc = static_cast<const T*>(p.k_cache);
     const T* vc = static_cast<const T*>(p.v_cache);
-    constexpr int VEC = 16 / sizeof(T), CH = D / VEC;
+    constexpr int VEC = 16 / sizeof(T), CH = D / VEC;  // 16-byte chunks per key
+    if constexpr (32 % CH == 0 && BT % (32 / CH) == 0) {
+        // Whole keys per pass: a lane keeps its column and steps over keys, so each chunk costs
+        // a slot read, one multiply-add and the two copies.
+        constexpr int KPP = 32 / CH;
+        const int k0 = lane / CH, col = (lane % CH) * VEC;
+        const long long head = (long long)kvh * D + col, row = (long long)p.kv_heads * D;
 #pragma unroll
-    for (int it = 0; it < (BT * CH + 31) / 32; ++it) {
-        const int c = lane + 32 * it, key = c / CH, col = (c % CH) * VEC;
-        if ((BT * CH) % 32 != 0 && c >= BT * CH) break;
-        const bool ok = key < vk;
-        const long long off = ((long long)slots[key] * p.kv_heads + kvh) * D + col;
-        cp_async_16(k_dst + key * LD + col, kc + off, ok);
-        cp_async_16(v_dst + key * LD + col, vc + off, ok);
+        for (int it = 0; it < BT / KPP; ++it) {
+            const int key = k0 + it * KPP;
+            const bool ok = key < vk;
+            const long long off = slots[key] * row + head;
+            cp_async_16(k_dst + key * LD + col, kc + off, ok);
+            cp_async_16(v_dst + key * LD + col, vc + off, ok);
+        }
+    } else {
+#pragma unroll
+        for (int it = 0; it < (BT * CH + 31) / 32; ++it) {
+            const int c = lane + 32 * it, key = c / CH, col = (c % CH) * VEC;
+            if ((BT * CH) % 32 != 0 && c >= BT * CH) break;
+            const bool ok = key < vk;
+            const long long off = ((long long)slots[key] * p.kv_heads + kvh) * D + col;
+            cp_async_16(k_dst + key * LD + col, kc + off, ok);
+            cp_async_16(v_dst + key * LD + col, vc + off, ok);
+        }
     }
     cp_async_commit();
 }
