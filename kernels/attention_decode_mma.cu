@@ -151,12 +151,17 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     static_assert(SPLIT_ALIGN_KEYS % BT == 0, "splits start on tiles");
     const RopeArgs& ra = p.rope;
     const bool rope = ra.rotary_dim > 0;
+#ifdef RA_PROBE_DECODE  // static analysis only (scripts/sass-loops.py -D): one rotation mode, no ReRoPE
+    const bool rel = false, leaky = false;
+    const int mode = RA_PROBE_DECODE;
+#else
     const bool rel = rope && ra.relative != REL_NONE, leaky = rope && ra.relative == REL_LEAKY;
-    const int half = ra.rotary_dim / 2;
-    const float af = ra.attention_factor;
     const int mode = !rope ? KR_NONE
                      : ra.interleaved ? (DecFrag<D>::REG_INTER ? KR_INTER : KR_SMEM)
                      : ra.rotary_dim == D ? KR_HALF : KR_SMEM;
+#endif
+    const int half = ra.rotary_dim / 2;
+    const float af = ra.attention_factor;
     const int W = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
     // Shared memory (decode_mma_layout in src/cuda/decode.rs sizes it; every piece a multiple of
@@ -395,8 +400,12 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         };
         const bool plain = !rel && p.alibi_total_heads == 0 && vk == BT &&
                            tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
+#ifdef RA_PROBE_DECODE
+        softmax(DecKind<1>{});
+#else
         if (plain) softmax(DecKind<1>{});
         else softmax(DecKind<0>{});
+#endif
 
         // O += P·V: P as the A operand (16 rows x 16 keys), V by ldmatrix.trans.
         const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),

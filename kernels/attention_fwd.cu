@@ -297,9 +297,13 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                 }
             }
         };
+#ifdef RA_PROBE_SOFTMAX  // static analysis only (scripts/sass-loops.py -D): one form, to count its loop
+        softmax(Kind<RA_PROBE_SOFTMAX>{});
+#else
         if (full && !rel && slope_log2 == 0.f && p.scale_log2 > 0.f) softmax(Kind<SM_PLAIN>{});
         else if (full && !rel && slope_log2 != 0.f && (below || above)) softmax(Kind<SM_LINEAR>{});
         else softmax(Kind<SM_GENERIC>{});
+#endif
 
         // P to 16 bits in the A-operand layout now, while the f32 scores die: half the registers
         // through the copy issue and P·V below.
