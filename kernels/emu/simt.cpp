@@ -143,10 +143,34 @@ struct StaticSmem {
     std::vector<unsigned char> bytes;
 };
 
+// Dynamic shared memory in a guarded buffer (guarded.cpp): a kernel that addresses past the end
+// of what its launcher sized faults at once, naming the overrun, as it would corrupt on a GPU.
+extern "C" void* ra_emu_guarded_alloc(size_t bytes);
+extern "C" void ra_emu_guarded_free(void* data);
+struct SharedBytes {
+    unsigned char* p = nullptr;
+    size_t n = 0;
+    SharedBytes() = default;
+    SharedBytes(const SharedBytes&) = delete;
+    SharedBytes& operator=(const SharedBytes&) = delete;
+    ~SharedBytes() {
+        if (p) ra_emu_guarded_free(p);
+    }
+    bool allocate(size_t bytes) {
+        n = bytes;
+        if (bytes == 0) return true;
+        p = static_cast<unsigned char*>(ra_emu_guarded_alloc(bytes));
+        return p != nullptr;
+    }
+    unsigned char* data() const { return p; }
+    size_t size() const { return n; }
+    bool empty() const { return n == 0; }
+};
+
 struct Launch : BlockState {
     std::vector<Fiber> fibers;
     std::vector<WarpSlots> warps;
-    std::vector<unsigned char> smem;
+    SharedBytes smem;
     std::vector<StaticSmem> static_smem;  // allocated on first use in the launch
     Context sched;
     Entry entry = nullptr;
@@ -251,7 +275,7 @@ int vote_any(unsigned mask, int pred) {
 
 static bool in_smem(const void* p, size_t bytes) {
     const unsigned char* c = static_cast<const unsigned char*>(p);
-    const std::vector<unsigned char>& s = tls_launch->smem;
+    const SharedBytes& s = tls_launch->smem;
     return !s.empty() && c >= s.data() && c + bytes <= s.data() + s.size();
 }
 
@@ -397,7 +421,7 @@ static bool run_block(Launch& L, char* stacks, size_t stack_size, size_t stride)
         f.groups.clear();
         context_init(f.ctx, stacks + i * stride + (stride - stack_size), stack_size);
     }
-    std::memset(L.smem.data(), 0xff, L.smem.size());  // uninitialised shared memory reads as NaN
+    if (!L.smem.empty()) std::memset(L.smem.data(), 0xff, L.smem.size());  // uninitialised shared memory reads as NaN
     for (StaticSmem& st : L.static_smem) std::memset(st.bytes.data(), 0xff, st.bytes.size());
     std::vector<std::pair<unsigned, WarpStatus>> movable;
     std::vector<unsigned> lanes;
@@ -478,7 +502,10 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
     L.bdim = uint3{block[0], block[1], block[2]};
     L.fibers.resize(threads);
     L.warps.resize((threads + 31) / 32);
-    L.smem.resize(smem_bytes);
+    if (!L.smem.allocate(smem_bytes)) {
+        tls_error = "could not map shared memory";
+        return 1;
+    }
     L.entry = k.entry;
     L.params = params;
     // Fiber stacks with a guard page below each: an overflow faults instead of corrupting.
