@@ -119,7 +119,6 @@ __device__ void decode_body(const DecodeParams& p) {
     const bool rope = ra.rotary_dim > 0;
     const bool rel = rope && ra.relative != REL_NONE, leaky = rope && ra.relative == REL_LEAKY;
     const int half = ra.rotary_dim / 2;
-    const float af = ra.attention_factor;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, slot = lane / G, g = lane % G;
     const int how = (ra.rotary_dim == 0 || (ra.rotary_dim == D && !ra.interleaved)) ? LOAD_HALF
                     : ra.rotary_dim == D                                          ? LOAD_INTERLEAVED
@@ -144,43 +143,19 @@ __device__ void decode_body(const DecodeParams& p) {
     int* Slots = reinterpret_cast<int*>(Scores + DEC_WARPS * BT * R) + warp * BT;
 
     const int split = blockIdx.x, b = blockIdx.z;
-    const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
-    const int row_blocks = (rows_total + R - 1) / R;
-    const int kvh = blockIdx.y / row_blocks, r0 = (blockIdx.y % row_blocks) * R;
     const DecodeSpan span = decode_span(p, b, split);
     const int ctx = span.ctx, k_begin = span.k_begin, k_end = span.k_end;
     const MaskArgs mask{p.causal, p.window, p.sinks};
+    const DecodeRows rw = decode_rows<R>(p, ctx);
+    const int kvh = rw.kvh, rows = rw.rows;
 
-    // Row r of this block: query head kvh * group + (r0 + r) / queries, query (r0 + r) % queries.
-    auto row_head = [&](int r) { return kvh * group + (r0 + r) / p.queries; };
-    auto row_query = [&](int r) { return (r0 + r) % p.queries; };
-    auto row_pos = [&](int r) { return ctx - p.queries + row_query(r); };
-    const int rows = imin(R, rows_total - r0);
-
-    // Q rotated to the rows' positions (rotary pairs times af²: keys are rotated without it),
-    // the far copy for ReRoPE (to w, times af²; Leaky: to w + (i - w)/k); the offset tables.
+    // Q rotated to the rows' positions and its far copy for ReRoPE (decode.cuh); the offset tables.
     for (int e = threadIdx.x; e < R * H2; e += blockDim.x) {
-        const int r = e / H2, P = e % H2;
-        float x0 = 0.f, x1 = 0.f, f0 = 0.f, f1 = 0.f;
-        if (r < rows) {
-            const T* qrow = static_cast<const T*>(p.q) + (long long)(b * p.queries + row_query(r)) * p.q_row_stride +
-                            (long long)row_head(r) * D;
-            int ia, ib;
-            head_pair(P, ra.rotary_dim, ra.interleaved, D, ia, ib);
-            x0 = f0 = to_f32(qrow[ia]);
-            x1 = f1 = to_f32(qrow[ib]);
-            if (P < half) {
-                const float2 cs = mode_cs(ra, ROT_POS, row_pos(r), P);
-                rotate_pair(x0, x1, cs.x * af, cs.y * af);
-                if (rel) {
-                    const float2 cf = mode_cs(ra, leaky ? ROT_Q_LEAKY : ROT_Q_RE, row_pos(r), P);
-                    const float sf = leaky ? af : 1.f;  // ROT_Q_RE already carries af²
-                    rotate_pair(f0, f1, cf.x * sf, cf.y * sf);
-                }
-            }
-        }
-        Qn[e] = make_float2(x0, x1);
-        if (rel) Qf[e] = make_float2(f0, f1);
+        int ia, ib;
+        float2 x, f;
+        rotated_query_pair<T, D>(p, rw, b, e / H2, e % H2, rel, leaky, ia, ib, x, f);
+        Qn[e] = x;
+        if (rel) Qf[e] = f;
     }
     for (int e = threadIdx.x; e < BT * half; e += blockDim.x) {
         const int t = e / half, P = e % half;
@@ -189,13 +164,13 @@ __device__ void decode_body(const DecodeParams& p) {
     }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
-    // Per row: ALiBi slope (log2 units) and position, once (row_pos divides by the query count).
+    // Per row: ALiBi slope (log2 units) and position, once (a row's position divides by the query count).
     float slope[R];
     int ipos[R];
 #pragma unroll
     for (int x = 0; x < R; ++x) {
-        slope[x] = (p.alibi_total_heads > 0 && x < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + row_head(x)) * LOG2E : 0.f;
-        ipos[x] = row_pos(x);
+        slope[x] = (p.alibi_total_heads > 0 && x < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + rw.head(x)) * LOG2E : 0.f;
+        ipos[x] = rw.pos(x);
     }
 
     auto next_visible = [&](int n) { return next_visible_tile<BT>(p, span, mask, n, DEC_WARPS); };
@@ -392,7 +367,7 @@ __device__ void decode_body(const DecodeParams& p) {
         }
     }
     __syncthreads();
-    store_decode_rows<T, D, R>(p, Wo, Wm, Wl, DEC_WARPS, rows, b, split, row_head, row_query);
+    store_decode_rows<T, D, R>(p, Wo, Wm, Wl, DEC_WARPS, rw, b, split);
 }
 
 

@@ -161,7 +161,6 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                      : ra.rotary_dim == D ? KR_HALF : KR_SMEM;
 #endif
     const int half = ra.rotary_dim / 2;
-    const float af = ra.attention_factor;
     const int W = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
     // Shared memory (decode_mma_layout in src/cuda/decode.rs sizes it; every piece a multiple of
@@ -188,46 +187,24 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                    2 * threadIdx.x;
 
     const int split = blockIdx.x, b = blockIdx.z;
-    const int group = p.q_heads / p.kv_heads, rows_total = group * p.queries;
-    const int row_blocks = (rows_total + R - 1) / R;
-    const int kvh = blockIdx.y / row_blocks, r0 = (blockIdx.y % row_blocks) * R;
     const DecodeSpan span = decode_span(p, b, split);
     const int ctx = span.ctx, k_begin = span.k_begin, k_end = span.k_end;
     const MaskArgs mask{p.causal, p.window, p.sinks};
+    const DecodeRows rw = decode_rows<R>(p, ctx);
+    const int kvh = rw.kvh, rows = rw.rows;
 
-    // Row r of this block: query head kvh * group + (r0 + r) / queries, query (r0 + r) % queries.
-    auto row_head = [&](int r) { return kvh * group + (r0 + r) / p.queries; };
-    auto row_query = [&](int r) { return (r0 + r) % p.queries; };
-    auto row_pos = [&](int r) { return ctx - p.queries + row_query(r); };
-    const int rows = imin(R, rows_total - r0);
-
-    // Q rotated to the rows' positions (rotary pairs times af²), the far copy for ReRoPE (to w,
-    // times af²; Leaky: to w + (i - w)/k, times af²), rounded once to T; rows past `rows` zero.
+    // Q rotated to the rows' positions and its far copy for ReRoPE (decode.cuh), rounded once to
+    // T; rows past `rows` zero. The offset tables.
     for (int e = threadIdx.x; e < R * H2; e += blockDim.x) {
-        const int r = e / H2, P = e % H2;
+        const int r = e / H2;
         int ia, ib;
-        head_pair(P, ra.rotary_dim, ra.interleaved, D, ia, ib);
-        float x0 = 0.f, x1 = 0.f, f0 = 0.f, f1 = 0.f;
-        if (r < rows) {
-            const T* qrow = static_cast<const T*>(p.q) + (long long)(b * p.queries + row_query(r)) * p.q_row_stride +
-                            (long long)row_head(r) * D;
-            x0 = f0 = to_f32(qrow[ia]);
-            x1 = f1 = to_f32(qrow[ib]);
-            if (P < half) {
-                const float2 cs = mode_cs(ra, ROT_POS, row_pos(r), P);
-                rotate_pair(x0, x1, cs.x * af, cs.y * af);
-                if (rel) {
-                    const float2 cf = mode_cs(ra, leaky ? ROT_Q_LEAKY : ROT_Q_RE, row_pos(r), P);
-                    const float sf = leaky ? af : 1.f;  // ROT_Q_RE already carries af²
-                    rotate_pair(f0, f1, cf.x * sf, cf.y * sf);
-                }
-            }
-        }
-        Qs[r * LD + ia] = from_f32<T>(x0);
-        Qs[r * LD + ib] = from_f32<T>(x1);
+        float2 x, f;
+        rotated_query_pair<T, D>(p, rw, b, r, e % H2, rel, leaky, ia, ib, x, f);
+        Qs[r * LD + ia] = from_f32<T>(x.x);
+        Qs[r * LD + ib] = from_f32<T>(x.y);
         if (rel) {
-            Qf[r * LD + ia] = from_f32<T>(f0);
-            Qf[r * LD + ib] = from_f32<T>(f1);
+            Qf[r * LD + ia] = from_f32<T>(f.x);
+            Qf[r * LD + ib] = from_f32<T>(f.y);
         }
     }
     for (int e = threadIdx.x; e < 9 * half; e += blockDim.x) {  // offsets 0..7, and 8
@@ -243,8 +220,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const int r = g + 8 * rr;
-        ipos[rr] = row_pos(r);
-        slope[rr] = (p.alibi_total_heads > 0 && r < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + row_head(r)) * LOG2E : 0.f;
+        ipos[rr] = rw.pos(r);
+        slope[rr] = (p.alibi_total_heads > 0 && r < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + rw.head(r)) * LOG2E : 0.f;
     }
 
     auto next_visible = [&](int n) { return next_visible_tile<BT>(p, span, mask, n, W); };
@@ -445,7 +422,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         }
     }
     __syncthreads();
-    store_decode_rows<T, D, R>(p, Wo, Wm, Wl, W, rows, b, split, row_head, row_query);
+    store_decode_rows<T, D, R>(p, Wo, Wm, Wl, W, rw, b, split);
 }
 
 }  // namespace ra

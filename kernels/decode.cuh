@@ -41,6 +41,53 @@ __device__ __forceinline__ DecodeSpan decode_span(const DecodeParams& p, int b, 
     return s;
 }
 
+// A decode block's (query head, query) rows: R of them from r0 in its KV head's GQA group
+// (blockIdx.y = KV head · row blocks + row block). Row r is query head kvh·group + (r0 + r) /
+// queries, query (r0 + r) % queries, at position ctx - queries + query.
+struct DecodeRows {
+    int group, kvh, r0, rows, queries, ctx;
+    __device__ __forceinline__ int head(int r) const { return kvh * group + (r0 + r) / queries; }
+    __device__ __forceinline__ int query(int r) const { return (r0 + r) % queries; }
+    __device__ __forceinline__ int pos(int r) const { return ctx - queries + query(r); }
+};
+template <int R>
+__device__ __forceinline__ DecodeRows decode_rows(const DecodeParams& p, int ctx) {
+    DecodeRows w;
+    w.group = p.q_heads / p.kv_heads;
+    const int rows_total = w.group * p.queries, row_blocks = (rows_total + R - 1) / R;
+    w.kvh = blockIdx.y / row_blocks;
+    w.r0 = (blockIdx.y % row_blocks) * R;
+    w.rows = imin(R, rows_total - w.r0);
+    w.queries = p.queries;
+    w.ctx = ctx;
+    return w;
+}
+
+// Pair P of row r's query (components ia, ib: head_pair's numbering) of sequence b, in f32:
+// x rotated to the row's position times af² (keys are rotated without the attention factor,
+// which scales both sides), f the far copy for ReRoPE (to w, times af²; Leaky: to w + (i - w)/k,
+// times af²). Rows past rw.rows are zero.
+template <typename T, int D>
+__device__ __forceinline__ void rotated_query_pair(const DecodeParams& p, const DecodeRows& rw, int b, int r, int P, bool rel,
+                                                   bool leaky, int& ia, int& ib, float2& x, float2& f) {
+    const RopeArgs& ra = p.rope;
+    head_pair(P, ra.rotary_dim, ra.interleaved, D, ia, ib);
+    x = f = make_float2(0.f, 0.f);
+    if (r >= rw.rows) return;
+    const T* qrow = static_cast<const T*>(p.q) + (long long)(b * p.queries + rw.query(r)) * p.q_row_stride + (long long)rw.head(r) * D;
+    x = f = make_float2(to_f32(qrow[ia]), to_f32(qrow[ib]));
+    if (P < ra.rotary_dim / 2) {
+        const float af = ra.attention_factor;
+        const float2 cs = mode_cs(ra, ROT_POS, rw.pos(r), P);
+        rotate_pair(x.x, x.y, cs.x * af, cs.y * af);
+        if (rel) {
+            const float2 cf = mode_cs(ra, leaky ? ROT_Q_LEAKY : ROT_Q_RE, rw.pos(r), P);
+            const float sf = leaky ? af : 1.f;  // ROT_Q_RE already carries af²
+            rotate_pair(f.x, f.y, cf.x * sf, cf.y * sf);
+        }
+    }
+}
+
 // The warp's next tile at or after its tile n that some query sees (tiles of BT keys from
 // k_begin; warp w of `warps` takes tiles w, w + warps, ...): whole-tile skipping, and the keys
 // hidden by the window between the sinks and lo jumped over in one step. A tile at or past
@@ -74,10 +121,10 @@ __device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, co
     const T* kc = static_cast<const T*>(p.k_cache);
     const T* vc = static_cast<const T*>(p.v_cache);
     constexpr int VEC = 16 / sizeof(T), CH = D / VEC;  // 16-byte chunks per key
-    if constexpr (32 % CH == 0 && BT % (32 / CH) == 0) {
+    constexpr int KPP = CH <= 32 ? 32 / CH : 0;  // whole keys per pass of the warp, if it covers some
+    if constexpr (KPP > 0 && 32 % CH == 0 && BT % (KPP > 0 ? KPP : 1) == 0) {
         // Whole keys per pass: a lane keeps its column and steps over keys, so each chunk costs
         // a slot read, one multiply-add and the two copies.
-        constexpr int KPP = 32 / CH;
         const int k0 = lane / CH, col = (lane % CH) * VEC;
         const long long head = (long long)kvh * D + col, row = (long long)p.kv_heads * D;
 #pragma unroll
@@ -105,12 +152,12 @@ __device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, co
 // The end of a decode block: each of its `warps` warps has written its (m, l, O) for the block's
 // R rows to Wo [warps][R][D], Wm and Wl [warps][R] (log2 domain, O unnormalised, m = -inf where it saw no
 // key); merge them and write this split's result, final (one split) or an f32 partial for
-// merge.cu's combine. Row x (< rows) is query head row_head(x), query row_query(x) of sequence b.
-template <typename T, int D, int R, typename RowHead, typename RowQuery>
+// merge.cu's combine, for the block's rows rw of sequence b.
+template <typename T, int D, int R>
 __device__ __forceinline__ void store_decode_rows(const DecodeParams& p, const float* Wo, const float* Wm, const float* Wl,
-                                                  int warps, int rows, int b, int split, RowHead row_head, RowQuery row_query) {
+                                                  int warps, const DecodeRows& rw, int b, int split) {
     const int tokens = p.batch * p.queries;
-    for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
+    for (int e = threadIdx.x; e < rw.rows * D; e += blockDim.x) {
         const int x = e / D, c = e % D;
         float mx = -INFINITY;
         for (int w = 0; w < warps; ++w) mx = fmaxf(mx, Wm[w * R + x]);
@@ -122,7 +169,7 @@ __device__ __forceinline__ void store_decode_rows(const DecodeParams& p, const f
             acc += Wo[(w * R + x) * D + c] * f;
         }
         const float val = sum > 0.f ? acc / sum : 0.f;
-        const int h = row_head(x), tok = b * p.queries + row_query(x);
+        const int h = rw.head(x), tok = b * p.queries + rw.query(x);
         if (p.splits == 1) {
             static_cast<T*>(p.out)[(long long)tok * p.o_row_stride + (long long)h * D + c] = from_f32<T>(val);
         } else {

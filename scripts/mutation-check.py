@@ -117,7 +117,7 @@ MUTATIONS = [
      "emu_decode", "emulated_decode_matches_reference_f32"),
     ("decode f32: unmasked fast path on a partly hidden tile", "kernels/attention_decode.cu",
      "tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT)", "tile_visible(mask, ctx - p.queries, ctx, j0, j0 + BT)",
-     "emu_decode", "emulated_decode_matches_reference_f32"),
+     "emu_decode", "emulated_decode_unmasked_tiles_next_to_masked_ones"),
     # Both decode kernels (decode.cuh).
     ("decode: composed rotation with a wrong sign", "kernels/decode.cuh",
      "a.x * b.x - a.y * b.y", "a.x * b.x + a.y * b.y",
@@ -185,7 +185,7 @@ MUTATIONS = [
      "emu_decode", "emulated_decode_matches_reference_f16"),
     ("decode mma: unmasked fast path on a partly hidden tile", "kernels/attention_decode_mma.cu",
      "tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT)", "tile_visible(mask, ctx - p.queries, ctx, j0, j0 + BT)",
-     "emu_decode", "emulated_decode"),
+     "emu_decode", "emulated_decode_unmasked_tiles_next_to_masked_ones"),
     ("decode mma: launcher leaves out the far scores' shared memory", "src/cuda/decode.rs",
      "            + if rel { w * 32 * 8 * 4 } else { 0 }\n", "\n",
      "emu_decode", "emulated_decode_matches_reference_bf16"),
