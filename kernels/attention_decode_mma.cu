@@ -68,6 +68,10 @@ template <int K> struct DecKind {
 template <int D> struct DecFrag {
     static constexpr int NTP = D > 128 ? 1 : 2;
     static constexpr bool REG_INTER = D <= 128;
+    // Row pitch of the offset table (float2). Unpadded: a quarter-warp's 16-byte loads of rows g
+    // and g + 1 then share banks (two wavefronts where one would do, 8 loads per tile), but 64
+    // bytes of padding per row would cost an A100 its second block per SM at head_dim 128.
+    static constexpr int OP = D / 2;
 };
 
 // Rotate B fragments of NTP n-tiles (from n-tile nt0) of a 16-key tile in registers (mode
@@ -89,7 +93,7 @@ __device__ __forceinline__ void rotate_fragments(uint32_t (&kf)[D / 16][2 * NTP]
                 if (b >= H2) continue;
                 const int ks2 = (b + H2) / 16, h2 = ((b + H2) % 16) / 8;
                 const int pr = b + 2 * t;  // this thread's pairs pr, pr + 1
-                const float4 of = load_cs2(off + g * H2 + pr);
+                const float4 of = load_cs2(off + g * DecFrag<D>::OP + pr);
 #pragma unroll
                 for (int n = 0; n < NTP; ++n) {
                     const float4 bs = load_cs2(base + (nt0 + n) * H2 + pr);
@@ -109,7 +113,7 @@ __device__ __forceinline__ void rotate_fragments(uint32_t (&kf)[D / 16][2 * NTP]
             for (int h = 0; h < 2; ++h) {
                 const int pr = 8 * ks + 4 * h + t;  // components 2pr, 2pr + 1: one register
                 if (pr >= half) continue;            // pass-through (partial rotary)
-                const float2 of = off[g * H2 + pr];
+                const float2 of = off[g * DecFrag<D>::OP + pr];
 #pragma unroll
                 for (int n = 0; n < NTP; ++n) {
                     const float2 c = cmul(base[(nt0 + n) * H2 + pr], of);
@@ -132,7 +136,7 @@ __device__ __forceinline__ void rotate_tile_warp(T* dst, const T* src, const Rop
         const int row = e / half, pr = e % half;
         int ia, ib;
         pair_index(a.interleaved, a.rotary_dim, pr, ia, ib);
-        const float2 c = cmul(base[(row / 8) * H2 + pr], off[(row % 8) * H2 + pr]);
+        const float2 c = cmul(base[(row / 8) * H2 + pr], off[(row % 8) * DecFrag<D>::OP + pr]);
         float x0 = to_f32(src[row * LD + ia]), x1 = to_f32(src[row * LD + ib]);
         rotate_pair(x0, x1, c.x, c.y);
         dst[row * LD + ia] = from_f32<T>(x0);
@@ -147,7 +151,7 @@ __device__ __forceinline__ void rotate_tile_warp(T* dst, const T* src, const Rop
 
 template <typename T, int D>
 __device__ void decode_mma_body(const DecodeParams& p) {
-    constexpr int R = DMMA_ROWS, BT = DMMA_TILE, LD = D + 8, H2 = D / 2, KS = D / 16, DT = D / 8;
+    constexpr int R = DMMA_ROWS, BT = DMMA_TILE, LD = D + 8, H2 = D / 2, KS = D / 16, DT = D / 8, OP = DecFrag<D>::OP;
     static_assert(SPLIT_ALIGN_KEYS % BT == 0, "splits start on tiles");
     const RopeArgs& ra = p.rope;
     const bool rope = ra.rotary_dim > 0;
@@ -165,7 +169,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
 
     // Shared memory (decode_mma_layout in src/cuda/decode.rs sizes it; every piece a multiple of
     // 16 bytes): per warp its K and V tiles [2][BT][LD] each; Q rotated [R][LD] and with ReRoPE
-    // its far copy; the offsets' (cos, sin) [8][D/2] and e^{8iθ} [D/2] (and Leaky's); per warp
+    // its far copy; the offsets' (cos, sin) [8][OP] and e^{8iθ} [OP] (and Leaky's); per warp
     // the tile's bases at keys 0 and 8 [2][D/2] (and Leaky's) and its cache slots [BT]; with
     // KR_SMEM per warp a rotated tile [BT][LD]; with ReRoPE per lane its 8 far scores.
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
@@ -174,8 +178,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     T* Qs = reinterpret_cast<T*>(smem_raw) + W * 4 * BT * LD;
     T* Qf = Qs + R * LD;
     float2* Off = reinterpret_cast<float2*>(Qf + (rel ? R * LD : 0));
-    float2* Offl = Off + 9 * H2;
-    float2* Bases = Offl + (leaky ? 9 * H2 : 0);  // [W][2][D/2] (x2 with Leaky)
+    float2* Offl = Off + 9 * OP;
+    float2* Bases = Offl + (leaky ? 9 * OP : 0);  // [W][2][D/2] (x2 with Leaky)
     float2* Base = Bases + warp * 2 * H2 * (leaky ? 2 : 1);
     float2* Basel = Base + 2 * H2;
     int* AllSlots = reinterpret_cast<int*>(Bases + W * 2 * H2 * (leaky ? 2 : 1));
@@ -209,8 +213,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     }
     for (int e = threadIdx.x; e < 9 * half; e += blockDim.x) {  // offsets 0..7, and 8
         const int u = e / half, P = e % half;
-        Off[u * H2 + P] = cs_scaled(angle_turns(u, ra.freq[P]), 1.f);
-        if (leaky) Offl[u * H2 + P] = cs_scaled(angle_turns(u, ra.freq_leak[P]), 1.f);
+        Off[u * OP + P] = cs_scaled(angle_turns(u, ra.freq[P]), 1.f);
+        if (leaky) Offl[u * OP + P] = cs_scaled(angle_turns(u, ra.freq_leak[P]), 1.f);
     }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
@@ -279,11 +283,11 @@ __device__ void decode_mma_body(const DecodeParams& p) {
             for (int P = lane; P < half; P += 32) {
                 const float2 b0 = cs_scaled(angle_turns(j0, ra.freq[P]), 1.f);
                 Base[P] = b0;
-                Base[H2 + P] = cmul(b0, Off[8 * H2 + P]);
+                Base[H2 + P] = cmul(b0, Off[8 * OP + P]);
                 if (leaky) {
                     const float2 l0 = cs_scaled(angle_turns(j0, ra.freq_leak[P]), 1.f);
                     Basel[P] = l0;
-                    Basel[H2 + P] = cmul(l0, Offl[8 * H2 + P]);
+                    Basel[H2 + P] = cmul(l0, Offl[8 * OP + P]);
                 }
             }
         }

@@ -674,3 +674,32 @@ pub(crate) fn compare_decode<T: Dtype>(h: &DecodeHost, cache: &PagedKvCache, bat
     let rl = CheckReport::compare("decode lse", &h.lse[..hq * tokens], &want_l, tol_l);
     ro.worst(rl).ensure()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tensor-core decode configuration fits the shared memory of every supported card,
+    /// its warps' merge fits in the staging buffers it reuses, and the common one (head_dim
+    /// 128, no ReRoPE) keeps two blocks per SM even on an A100 (164 KB per SM, 1 KB reserved
+    /// per block), which the kernel's 212 registers allow.
+    #[test]
+    fn tensor_core_decode_layouts_fit() {
+        for &d in crate::cuda::SUPPORTED_HEAD_DIMS {
+            for (rel, leaky) in [(false, false), (true, false), (true, true)] {
+                for smem_rot in [false, true] {
+                    let (w, bytes) = decode_mma_layout(d, 2, rel, leaky, smem_rot);
+                    assert!(bytes <= SMEM_BUDGET && (1..=DEC_WARPS).contains(&w), "d={d} rel={rel} leaky={leaky}: {w} warps, {bytes} B");
+                    let staging = w * 4 * MMA_TILE * (d + 8) * 2;
+                    let merge = w * rows_per_block(2) * (d + 2) * 4;
+                    assert!(merge <= staging, "d={d}: the merge needs {merge} B of {staging}");
+                }
+            }
+        }
+        let (w, bytes) = decode_mma_layout(128, 2, false, false, false);
+        assert_eq!(w, DEC_WARPS);
+        assert!(2 * (bytes + 1024) <= 164 * 1024, "{bytes} B");
+        // The f32 kernel stays as sized before: at most 56.3 KB.
+        assert!(decode_f32_smem_bytes(256, true, true) <= 57_700);
+    }
+}
