@@ -171,12 +171,12 @@ fn split_span(p: &AttentionParams, b: &DecodeBatch) -> usize {
 
 /// How many key splits a decode call should use on a GPU with `sm_count` SMs, each split at
 /// least 256 keys (of those a sliding window shows), counting the blocks of the 16-bit kernel
-/// (16 rows per block; the f32 kernel's 4-row blocks are then planned as if fewer). The blocks run in rounds (the kernel's
-/// registers allow three resident per SM; the model counts two, the setting it was measured
-/// with); the time is about rounds × keys per split, and the count that minimises it wins,
-/// the fewest splits on a tie (less partial output to combine). Measured on an H100 (16
-/// sequences, 8k keys): 2 splits 0.75 ms where the previous rule's 3 (a second round
-/// half-full) took 1.03 ms.
+/// (16 rows per block; the f32 kernel's 4-row blocks are then planned as if fewer). The blocks
+/// run in rounds of two per SM (what the tensor-core kernel's registers and shared memory allow
+/// at head_dim 128); the time is about rounds × keys per split, and the count that minimises it
+/// wins, the fewest splits on a tie (less partial output to combine). Measured on an H100 with
+/// the CUDA-core kernel (16 sequences, 8k keys): 2 splits 0.75 ms where the previous rule's 3 (a
+/// second round half-full) took 1.03 ms; not yet re-measured with the tensor-core kernel.
 pub fn decode_splits(p: &AttentionParams, b: &DecodeBatch, sm_count: usize) -> usize {
     let blocks = blocks_per_split(p, b).max(1);
     let span = split_span(p, b).max(1);
