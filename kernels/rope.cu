@@ -79,10 +79,19 @@ __device__ void rope_body(const RopeParams& p) {
 
 }  // namespace ra
 
-// rope_<layout>_v<P>_<dtype>: P = 2 when every row start is aligned for vector access, else 1.
+// rope_<layout>_v<P>_<dtype>: P pairs per thread. P = 1: any even alignment; 2: every row start
+// 4-element aligned; the widest (P = 16 bytes / element for rotate_half, half that for
+// interleaved pairs: 16-byte loads and stores either way) when every row start is 16-byte
+// aligned and the rotary half a multiple of P (the launcher picks, src/cuda/rope.rs).
 #define RA_ROPE(T, NAME)                                                                                    \
     RA_KERNEL(128, rope_half_v1_##NAME, ra::RopeParams) { ra::rope_body<T, false, 1>(p); } \
     RA_KERNEL(128, rope_half_v2_##NAME, ra::RopeParams) { ra::rope_body<T, false, 2>(p); } \
     RA_KERNEL(128, rope_inter_v1_##NAME, ra::RopeParams) { ra::rope_body<T, true, 1>(p); } \
     RA_KERNEL(128, rope_inter_v2_##NAME, ra::RopeParams) { ra::rope_body<T, true, 2>(p); }
 RA_FOR_EACH_DTYPE(RA_ROPE)
+#define RA_ROPE_WIDE(T, NAME)                                                                           \
+    RA_KERNEL(128, rope_half_v8_##NAME, ra::RopeParams) { ra::rope_body<T, false, 8>(p); } \
+    RA_KERNEL(128, rope_inter_v4_##NAME, ra::RopeParams) { ra::rope_body<T, true, 4>(p); }
+RA_ROPE_WIDE(__half, f16)
+RA_ROPE_WIDE(__nv_bfloat16, bf16)
+RA_KERNEL(128, rope_half_v4_f32, ra::RopeParams) { ra::rope_body<float, false, 4>(p); }

@@ -92,6 +92,10 @@ MUTATIONS = [
      "    __syncthreads();", "",
      "emu_rope_scores", "emulated_rope_matches"),
     # The f32 decode kernel (CUDA cores, attention_decode.cu): only the f32 sweep runs it.
+    ("rope: the 16-byte rotate_half kernel pairs components as interleaved", "kernels/rope.cu",
+     "rope_half_v8_##NAME, ra::RopeParams) { ra::rope_body<T, false, 8>(p); }",
+     "rope_half_v8_##NAME, ra::RopeParams) { ra::rope_body<T, true, 4>(p); }",
+     "emu_rope_scores", "emulated_rope_matches"),
     ("decode f32: no barrier after loading Q and the offset table", "kernels/attention_decode.cu",
      "    __syncthreads();  // the only barrier before the end: the warps now run independently\n", "",
      "emu_decode", "emulated_decode_matches_reference_f32"),

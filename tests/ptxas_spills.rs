@@ -37,6 +37,11 @@ fn every_launched_kernel_is_compiled_for_sm80_and_sm90() {
                 expected.push(format!("rope_{layout}_v{v}_{dt}"));
             }
         }
+        // The 16-byte variants (f32 interleaved: its v2 already is one).
+        expected.push(format!("rope_half_v{}_{dt}", if dt == "f32" { 4 } else { 8 }));
+        if dt != "f32" {
+            expected.push(format!("rope_inter_v4_{dt}"));
+        }
         for k in ["scores", "paged_append", "merge", "combine_splits"] {
             expected.push(format!("{k}_{dt}"));
         }

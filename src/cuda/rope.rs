@@ -129,14 +129,29 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     if [ptrs.q_in, ptrs.q_out, ptrs.k_in, ptrs.k_out].iter().any(|p| p % (2 * elem) != 0) {
         return Err(Error::Shape { what: "q/k pointers", expected: format!("{}-byte aligned", 2 * elem), got: "an odd element offset".into() });
     }
-    // Two pairs per thread (vector loads) when every row start is 4-element aligned.
-    let v2 = [ptrs.q_in, ptrs.q_out, ptrs.k_in, ptrs.k_out].iter().all(|p| p % (4 * elem) == 0)
-        && [shape.q_row_stride, shape.k_row_stride, ptrs.q_out_stride, ptrs.k_out_stride, shape.head_dim]
-            .iter()
-            .all(|s| s % 4 == 0)
-        && args.rotary_dim % 4 == 0;
-    let layout = if args.interleaved != 0 { "inter" } else { "half" };
-    let name = format!("rope_{layout}_v{}_{}", if v2 { 2 } else { 1 }, T::NAME);
+    // Pairs per thread (kernels/rope.cu): as many as 16-byte accesses carry when every row
+    // start is 16-byte aligned and the rotary half divides into them (rotate_half: 16 / elem
+    // pairs, one access per half; interleaved: half that, both components in one access), else
+    // two when row starts are 4-element aligned, else one. Fewer, wider accesses: fewer
+    // instructions per byte for a kernel that only moves memory.
+    let aligned = |n: u64| {
+        [ptrs.q_in, ptrs.q_out, ptrs.k_in, ptrs.k_out].iter().all(|p| p % (n * elem) == 0)
+            && [shape.q_row_stride, shape.k_row_stride, ptrs.q_out_stride, ptrs.k_out_stride, shape.head_dim]
+                .iter()
+                .all(|s| s % n as usize == 0)
+    };
+    let interleaved = args.interleaved != 0;
+    let half = args.rotary_dim as u64 / 2;
+    let wide = if interleaved { 8 / elem } else { 16 / elem };
+    let pairs = if wide > 2 && aligned(16 / elem) && half % wide == 0 {
+        wide
+    } else if aligned(4) && half % 2 == 0 {
+        2
+    } else {
+        1
+    };
+    let layout = if interleaved { "inter" } else { "half" };
+    let name = format!("rope_{layout}_v{pairs}_{}", T::NAME);
     let (pos_ptr, cu, batch, starts, stride) = match positions {
         Positions::Explicit(p) => (p, 0, 0, 0, 0),
         Positions::FromCuSeqlens { cu_seqlens, batch, starts, stride } => (0, cu_seqlens, batch, starts, stride),
