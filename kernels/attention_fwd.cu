@@ -118,7 +118,20 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
         }
     };
 
-    load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, rope ? ROT_POS : ROT_NONE, i0);
+    // Q rotated by composition too (tile.cuh): exact offsets and a base per 8 rows in the K/V
+    // buffers, free until the first K tile is staged (after the barrier before the loop). A
+    // 128-row tile then costs 24 exact sincos per pair instead of 128.
+    static_assert((ROT_SUB + BM / ROT_SUB) * (D / 2) * sizeof(float2) <= 2 * BN * LD * sizeof(T), "Q tables fit in Ks, Vs");
+    float2* q_off = reinterpret_cast<float2*>(Ks);
+    float2* q_base = q_off + ROT_SUB * (D / 2);
+    if (rope) {
+        fill_rotation_offsets(q_off, p.rope);
+        fill_rotation_bases(q_base, p.rope, i0, BM);
+        __syncthreads();
+        load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_POS, i0, q_off, q_base);
+    } else {
+        load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_NONE, i0);
+    }
     if (COMPOSED && FULL && p.rotate_k) fill_rotation_offsets(rot_off, p.rope);  // read after the loop's first barrier
     if (rel) load_rotated_tile(Qf, LD, qg, p.q_row_stride, BM, vq, D, p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, i0);
 

@@ -26,13 +26,18 @@ __device__ __forceinline__ float2 mode_cs(const RopeArgs& a, int mode, int pos, 
     }
 }
 
+__device__ __forceinline__ float2 composed_cs(const float2* off, const float2* base, int row, int pr, int half);
+
 // rows x D tile: src row r at src + r * src_stride (global or shared), dst row r at
 // dst + r * dst_ld (shared). Rows >= valid_rows are zero-filled. Row r sits at position pos0 + r.
-// Every thread of the block must call it (it does not synchronize by itself).
+// With tables (ROT_POS only: `off` and `base` filled by fill_rotation_offsets / _bases for
+// pos0) each angle is composed from them instead of evaluated (one complex product instead of
+// an exact reduction and a sincos). Every thread of the block must call it (it does not
+// synchronize by itself).
 template <typename SrcT, typename DstT>
 __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const SrcT* src, long long src_stride,
                                                   int rows, int valid_rows, int D, const RopeArgs& a, int mode,
-                                                  int pos0) {
+                                                  int pos0, const float2* off = nullptr, const float2* base = nullptr) {
     const int r = (mode == ROT_NONE) ? 0 : a.rotary_dim;
     const int half = r / 2;
     const bool in_place = static_cast<const void*>(src) == static_cast<const void*>(dst);
@@ -45,7 +50,7 @@ __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const S
         if (row < valid_rows) {
             x0 = to_f32(src[row * src_stride + ia]);
             x1 = to_f32(src[row * src_stride + ib]);
-            const float2 cs = mode_cs(a, mode, pos0 + row, p);
+            const float2 cs = off ? composed_cs(off, base, row, p, half) : mode_cs(a, mode, pos0 + row, p);
             rotate_pair(x0, x1, cs.x, cs.y);
         }
         dst[row * dst_ld + ia] = from_f32<DstT>(x0);

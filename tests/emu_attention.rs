@@ -161,9 +161,9 @@ fn emulated_prefill_on_packed_qkv_views() {
     }
 }
 
-/// A chunked prefill (64 new queries against 1024 cached keys) on the fused path: K tiles are
-/// rotated by composition (kernels/tile.cuh), so the trigonometry per key and rotation pair stays
-/// far below the one sincos a direct rotation costs — counted by the emulator.
+/// A chunked prefill (64 new queries against 1024 cached keys) on the fused path: K tiles and the
+/// Q tile are rotated by composition (kernels/tile.cuh), so the trigonometry per key and rotation
+/// pair stays far below the one sincos a direct rotation costs — counted by the emulator.
 #[test]
 fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     let (nq, nk, d) = (64usize, 1024usize, 128usize);
@@ -183,6 +183,10 @@ fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     let pairs = (nk * d / 2) as f64;
     println!("fused prefill {nq}x{nk}: {w:?}, {:.3} sincos per key and pair", w.trig as f64 / pairs);
     assert!((w.trig as f64) < pairs / 4.0, "{} sincos for {pairs} key-pairs", w.trig);
+    // Exactly: the K offsets (8 per pair) once, a K base per 8 keys, and Q composed the same way
+    // (8 offsets and a base per 8 of the tile's 64 rows): no angle evaluated per element.
+    let half = d / 2;
+    assert_eq!(w.trig as usize, 8 * half + (nk / 8) * half + (8 + nq / 8) * half);
     // QKᵀ and PV on tensor cores: (64/16 row tiles) x (1024/8 key tiles) x (128/16) k-steps, and as many for PV.
     assert_eq!(w.mma as usize, 2 * (nq / 16) * (nk / 8) * (d / 16));
 }
