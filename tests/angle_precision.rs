@@ -121,3 +121,38 @@ fn composed_key_rotations_are_as_exact_as_direct_ones() {
     assert!(worst_composed < 4e-6, "composed rotation error {worst_composed:e}");
     assert!(worst_composed < 3.0 * worst_direct.max(1e-7), "composed {worst_composed:e} vs direct {worst_direct:e}");
 }
+
+/// The tensor-core decode (kernels/attention_decode_mma.cu) composes one factor more for the
+/// second 8 keys of its 16-key tiles: key j0 + 8 + b takes (cos, sin) of j0 times those of 8
+/// (the tile's second base), times those of b, each factor from an exact reduction. Replayed as
+/// above: still within a few f32 ulps of the true rotation, as close as a direct evaluation.
+#[test]
+fn three_factor_key_rotations_are_as_exact_as_direct_ones() {
+    let cs = |t: f32| -> (f32, f32) {
+        let a = t as f64 * std::f64::consts::TAU;
+        (a.cos() as f32, a.sin() as f32)
+    };
+    let mul = |(ac, as_): (f32, f32), (bc, bs): (f32, f32)| (ac * bc - as_ * bs, as_ * bc + ac * bs);
+    let freqs: Vec<f64> = (0..64).map(|i| 500000f64.powf(-(2 * i) as f64 / 128.0)).chain([1.0, 0.3]).collect();
+    let tiles: Vec<i32> = vec![0, 16, 4080, (1 << 24) - 16, 1 << 24, 123_456_784, i32::MAX - 31];
+    let (mut worst_composed, mut worst_direct) = (0f64, 0f64);
+    for &f in &freqs {
+        let (hi, lo, turns) = split(f);
+        for &j0 in &tiles {
+            let base0 = cs(angle_turns(j0, hi, lo));
+            let base8 = mul(base0, cs(angle_turns(8, hi, lo)));
+            for u in 0..16 {
+                let (c, s) = mul(if u < 8 { base0 } else { base8 }, cs(angle_turns(u % 8, hi, lo)));
+                let j = (j0 + u) as i64;
+                let truth = exact_turns(j, turns) * std::f64::consts::TAU;
+                let err = |c: f32, s: f32| (c as f64 - truth.cos()).abs().max((s as f64 - truth.sin()).abs());
+                worst_composed = worst_composed.max(err(c, s));
+                let (dc, ds) = cs(angle_turns(j as i32, hi, lo));
+                worst_direct = worst_direct.max(err(dc, ds));
+            }
+        }
+    }
+    println!("worst three-factor error {worst_composed:e}, direct {worst_direct:e}");
+    assert!(worst_composed < 4e-6, "composed rotation error {worst_composed:e}");
+    assert!(worst_composed < 3.0 * worst_direct.max(1e-7), "composed {worst_composed:e} vs direct {worst_direct:e}");
+}
