@@ -51,12 +51,17 @@ __device__ __forceinline__ void copy_rows_async(T* s, int valid, RowPtr row_ptr)
     }
 }
 
-// Cache slot (page * page_size + offset) of key j of sequence b; block-table entries are clamped
-// into the pool, so a corrupt table can never address outside it.
-__device__ __forceinline__ long long paged_slot(const int* table, int b, int j, int page_size, int max_pages, int num_pages) {
-    int page = table[(long long)b * max_pages + j / page_size];
+// Page pi of sequence b's block table, clamped into the pool, so a corrupt table can never
+// address outside it.
+__device__ __forceinline__ int paged_page(const int* table, int b, int pi, int max_pages, int num_pages) {
+    int page = table[(long long)b * max_pages + pi];
     page = imin(imax(page, 0), num_pages - 1);
-    return (long long)page * page_size + j % page_size;
+    return page;
+}
+
+// Cache slot (page * page_size + offset) of key j of sequence b.
+__device__ __forceinline__ long long paged_slot(const int* table, int b, int j, int page_size, int max_pages, int num_pages) {
+    return (long long)paged_page(table, b, j / page_size, max_pages, num_pages) * page_size + j % page_size;
 }
 
 // Head kvh of key j of sequence b in a paged cache [num_pages, page_size, kv_heads, D].

@@ -43,6 +43,28 @@ __device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stri
     }
 }
 
+// The same from a paged cache ([pages, page_size, kv_heads, D], keys j0 .. of sequence b through
+// its block table): one division for the thread's first key, then its page and offset advance
+// by STEP keys at a time, and one table read per row.
+template <typename T, int D, int LD, int ROWS, int THREADS>
+__device__ __forceinline__ void copy_paged_tile_async(T* s, const T* cache, const AttnParams& p, int b, int kvh, int j0,
+                                                      int valid) {
+    constexpr int CH = D * sizeof(T) / 16, PER = 16 / sizeof(T), STEP = THREADS / CH;
+    static_assert(THREADS % CH == 0 && ROWS % STEP == 0, "whole rows per pass");
+    const int r0 = threadIdx.x / CH, col = (threadIdx.x % CH) * PER;
+    int pi = (j0 + r0) / p.page_size, off = (j0 + r0) % p.page_size;
+    T* dst = s + r0 * LD + col;
+#pragma unroll 1
+    for (int r = r0; r < ROWS; r += STEP) {
+        const bool ok = r < valid;  // then pi < max_pages: the host checked the context fits the pages
+        const T* src = cache;
+        if (ok) src = cache + (((long long)paged_page(p.block_table, b, pi, p.max_pages, p.num_pages) * p.page_size + off) * p.kv_heads + kvh) * D + col;
+        cp_async_16(dst, src, ok);
+        dst += STEP * LD;
+        for (off += STEP; off >= p.page_size; off -= p.page_size) ++pi;
+    }
+}
+
 // O (and the row state) for the tensor-core path. The block's BM = MB·WARPS·16 query rows are
 // MB row blocks of WARPS·16; thread (g, t) of warp w holds rows 16w + g and 16w + g + 8 of each
 // (the mma accumulator layout).
@@ -100,8 +122,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                          p.kv_heads, D);
     };
     auto frow = [&](int j) { return paged ? paged_at(p.k, j) : fg + (long long)j * p.kf_row_stride; };
-    // A K or V tile of contiguous rows: one stepped pointer per thread where the chunks per row
-    // divide the block (16-bit head_dim 64, 128, 256), else the per-chunk loader.
+    // A K or V tile: one stepped pointer (contiguous) or page walk (paged) per thread where the
+    // chunks per row divide the block (16-bit head_dim 64, 128, 256), else the per-chunk loader.
     constexpr bool STEPPED = THREADS % (D * sizeof(T) / 16) == 0;
     // The sequence's K and V row bases come from shared memory at each copy: O and S take the
     // wide kernel's registers, and ptxas would otherwise spill one of these (written before the
@@ -109,10 +131,11 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     RA_STATIC_SMEM(const T*, row_base, [2]);
     if (threadIdx.x == 0) row_base[0] = kg, row_base[1] = vg;
     auto copy_tile = [&](T* s, const void* cache, const T* base, long long stride, int j0, int valid) {
-        if (paged) {
+        if constexpr (STEPPED) {
+            if (paged) copy_paged_tile_async<T, D, LD, BN, THREADS>(s, static_cast<const T*>(cache), p, b, kvh, j0, valid);
+            else copy_tile_async<T, D, LD, BN, THREADS>(s, base + (long long)j0 * stride, stride, valid);
+        } else if (paged) {
             copy_rows_async<T, D, LD, BN, THREADS>(s, valid, [&](int r) { return paged_at(cache, j0 + r); });
-        } else if constexpr (STEPPED) {
-            copy_tile_async<T, D, LD, BN, THREADS>(s, base + (long long)j0 * stride, stride, valid);
         } else {
             copy_rows_async<T, D, LD, BN, THREADS>(s, valid, [&](int r) { return base + (long long)(j0 + r) * stride; });
         }
