@@ -143,9 +143,9 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     let interleaved = args.interleaved != 0;
     let half = args.rotary_dim as u64 / 2;
     let wide = if interleaved { 8 / elem } else { 16 / elem };
-    let pairs = if wide > 2 && aligned(16 / elem) && half % wide == 0 {
+    let pairs = if wide > 2 && aligned(16 / elem) && half.is_multiple_of(wide) {
         wide
-    } else if aligned(4) && half % 2 == 0 {
+    } else if aligned(4) && half.is_multiple_of(2) {
         2
     } else {
         1
