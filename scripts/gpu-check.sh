@@ -2,7 +2,8 @@
 # On a GPU machine: the whole test suite with a missing GPU counted as a failure, then
 # compute-sanitizer (memcheck, racecheck) over the GPU tests, then the decoder example and the
 # benches. Uses prebuilt binaries from .devbin/ (scripts/stage-gpu-binaries.sh) when cargo is
-# absent. Writes logs to ${OUT:-gpu-logs}/.
+# absent. Writes logs to ${OUT:-gpu-logs}/. For a short device budget: SANITIZE="memcheck" (the
+# tools to run; "" for none) and BENCH_ARGS="--quick" (passed to `rope-attn bench`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-gpu-logs}
@@ -27,7 +28,7 @@ else
 fi
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
 if [ -n "$SAN" ]; then
-    for tool in memcheck racecheck; do
+    for tool in ${SANITIZE-memcheck racecheck}; do
         while read -r bin; do
             echo "== $tool $(basename "$bin")"
             # ROPE_ATTN_SANITIZER=1: the sweeps at the emulator's lengths (same cases, every code
@@ -41,10 +42,10 @@ fi
 if [ -x .devbin/decoder ]; then
     (cd .devbin && ./decoder configs/llama-3.1-8b.json --prompt 512 --steps 64 &&
         ./decoder configs/llama-3.1-8b.json --prompt 512 --steps 8 --chunk 128) 2>&1 | tee "$LOG/decoder.txt" || status=1
-    .devbin/rope-attn bench --csv "$LOG/bench.csv" 2>&1 | tee "$LOG/bench.txt" || status=1
+    .devbin/rope-attn bench ${BENCH_ARGS:-} --csv "$LOG/bench.csv" 2>&1 | tee "$LOG/bench.txt" || status=1
 else
     (cargo run --release --example decoder -- examples/configs/llama-3.1-8b.json --prompt 512 --steps 64 &&
         cargo run --release --example decoder -- examples/configs/llama-3.1-8b.json --prompt 512 --steps 8 --chunk 128) 2>&1 | tee "$LOG/decoder.txt" || status=1
-    cargo run --release --bin rope-attn -- bench --csv "$LOG/bench.csv" 2>&1 | tee "$LOG/bench.txt" || status=1
+    cargo run --release --bin rope-attn -- bench ${BENCH_ARGS:-} --csv "$LOG/bench.csv" 2>&1 | tee "$LOG/bench.txt" || status=1
 fi
 exit $status
