@@ -85,74 +85,63 @@ fn naive_f32_angles_would_fail_this_test() {
     assert!(wrap(angle_turns(m, hi, lo) as f64 - exact_turns(m as i64, f / std::f64::consts::TAU)).abs() < 2.5e-7);
 }
 
-/// The decode kernel rotates key j0 + 8a + b by the product of two rotations, (cos, sin) of
-/// j0 + 8a and of b, each from an exact reduction (kernels/attention_decode.cu). Replayed in f32
-/// with correctly rounded cos/sin (the device's sincospif is within an ulp or two of that): the
-/// composed rotation stays as close to the true one as a direct evaluation — under 4e-6 absolute
-/// per component, against the 1e-5 SPEC's precision requirement allows for unit-scale inputs.
-#[test]
-fn composed_key_rotations_are_as_exact_as_direct_ones() {
-    let cs = |t: f32| -> (f32, f32) {
-        let a = t as f64 * std::f64::consts::TAU;
-        (a.cos() as f32, a.sin() as f32)
-    };
-    let freqs: Vec<f64> = (0..64).map(|i| 10000f64.powf(-(2 * i) as f64 / 128.0)).chain([1.0, 0.3]).collect();
-    let bases: Vec<i32> = vec![0, 32, 4064, (1 << 24) - 32, 1 << 24, 100_000_000, i32::MAX - 64];
+/// (cos, sin) of t turns in f32, correctly rounded (the device's sincospif is within an ulp or
+/// two of that), and the complex product the kernels compose rotations with.
+fn cs(t: f32) -> (f32, f32) {
+    let a = t as f64 * std::f64::consts::TAU;
+    (a.cos() as f32, a.sin() as f32)
+}
+fn mul((ac, as_): (f32, f32), (bc, bs): (f32, f32)) -> (f32, f32) {
+    (ac * bc - as_ * bs, as_ * bc + ac * bs)
+}
+
+/// Replays a composed rotation, `composed(hi, lo, j0, u)` for key j0 + u (u < keys) at every
+/// head_dim-128 frequency of base `theta` and every start, against the true rotation: under 4e-6
+/// absolute per component (SPEC's precision requirement allows 1e-5 for unit-scale inputs), and
+/// within 3x of what a direct evaluation of the same angles errs.
+fn assert_composition_exact(theta: f64, starts: &[i32], keys: i32, composed: impl Fn(f32, f32, i32, i32) -> (f32, f32), what: &str) {
+    let freqs: Vec<f64> = (0..64).map(|i| theta.powf(-(2 * i) as f64 / 128.0)).chain([1.0, 0.3]).collect();
     let (mut worst_composed, mut worst_direct) = (0f64, 0f64);
     for &f in &freqs {
         let (hi, lo, turns) = split(f);
-        for &j0 in &bases {
-            for a in 0..4 {
-                let (bc, bs) = cs(angle_turns(j0 + 8 * a, hi, lo));
-                for b in 0..8 {
-                    let (oc, os) = cs(angle_turns(b, hi, lo));
-                    let (c, s) = (bc * oc - bs * os, bs * oc + bc * os);
-                    let j = (j0 + 8 * a + b) as i64;
-                    let truth = exact_turns(j, turns) * std::f64::consts::TAU;
-                    let err = |c: f32, s: f32| (c as f64 - truth.cos()).abs().max((s as f64 - truth.sin()).abs());
-                    worst_composed = worst_composed.max(err(c, s));
-                    let (dc, ds) = cs(angle_turns(j as i32, hi, lo));
-                    worst_direct = worst_direct.max(err(dc, ds));
-                }
+        for &j0 in starts {
+            for u in 0..keys {
+                let j = (j0 + u) as i64;
+                let truth = exact_turns(j, turns) * std::f64::consts::TAU;
+                let err = |(c, s): (f32, f32)| (c as f64 - truth.cos()).abs().max((s as f64 - truth.sin()).abs());
+                worst_composed = worst_composed.max(err(composed(hi, lo, j0, u)));
+                worst_direct = worst_direct.max(err(cs(angle_turns(j as i32, hi, lo))));
             }
         }
     }
-    println!("worst composed error {worst_composed:e}, direct {worst_direct:e}");
-    assert!(worst_composed < 4e-6, "composed rotation error {worst_composed:e}");
-    assert!(worst_composed < 3.0 * worst_direct.max(1e-7), "composed {worst_composed:e} vs direct {worst_direct:e}");
+    println!("{what}: worst composed error {worst_composed:e}, direct {worst_direct:e}");
+    assert!(worst_composed < 4e-6, "{what}: composed rotation error {worst_composed:e}");
+    assert!(worst_composed < 3.0 * worst_direct.max(1e-7), "{what}: composed {worst_composed:e} vs direct {worst_direct:e}");
+}
+
+/// The f32 decode kernel and the prefill rotate key (or row) j0 + 8a + b by the product of two
+/// rotations, (cos, sin) of j0 + 8a and of b, each from an exact reduction (kernels/tile.cuh).
+#[test]
+fn composed_key_rotations_are_as_exact_as_direct_ones() {
+    let starts = [0, 32, 4064, (1 << 24) - 32, 1 << 24, 100_000_000, i32::MAX - 64];
+    assert_composition_exact(10000.0, &starts, 32, |hi, lo, j0, u| mul(cs(angle_turns(j0 + 8 * (u / 8), hi, lo)), cs(angle_turns(u % 8, hi, lo))), "two factors");
 }
 
 /// The tensor-core decode (kernels/attention_decode_mma.cu) composes one factor more for the
 /// second 8 keys of its 16-key tiles: key j0 + 8 + b takes (cos, sin) of j0 times those of 8
-/// (the tile's second base), times those of b, each factor from an exact reduction. Replayed as
-/// above: still within a few f32 ulps of the true rotation, as close as a direct evaluation.
+/// (the tile's second base), times those of b, each factor from an exact reduction.
 #[test]
 fn three_factor_key_rotations_are_as_exact_as_direct_ones() {
-    let cs = |t: f32| -> (f32, f32) {
-        let a = t as f64 * std::f64::consts::TAU;
-        (a.cos() as f32, a.sin() as f32)
-    };
-    let mul = |(ac, as_): (f32, f32), (bc, bs): (f32, f32)| (ac * bc - as_ * bs, as_ * bc + ac * bs);
-    let freqs: Vec<f64> = (0..64).map(|i| 500000f64.powf(-(2 * i) as f64 / 128.0)).chain([1.0, 0.3]).collect();
-    let tiles: Vec<i32> = vec![0, 16, 4080, (1 << 24) - 16, 1 << 24, 123_456_784, i32::MAX - 31];
-    let (mut worst_composed, mut worst_direct) = (0f64, 0f64);
-    for &f in &freqs {
-        let (hi, lo, turns) = split(f);
-        for &j0 in &tiles {
+    let tiles = [0, 16, 4080, (1 << 24) - 16, 1 << 24, 123_456_784, i32::MAX - 31];
+    assert_composition_exact(
+        500000.0,
+        &tiles,
+        16,
+        |hi, lo, j0, u| {
             let base0 = cs(angle_turns(j0, hi, lo));
-            let base8 = mul(base0, cs(angle_turns(8, hi, lo)));
-            for u in 0..16 {
-                let (c, s) = mul(if u < 8 { base0 } else { base8 }, cs(angle_turns(u % 8, hi, lo)));
-                let j = (j0 + u) as i64;
-                let truth = exact_turns(j, turns) * std::f64::consts::TAU;
-                let err = |c: f32, s: f32| (c as f64 - truth.cos()).abs().max((s as f64 - truth.sin()).abs());
-                worst_composed = worst_composed.max(err(c, s));
-                let (dc, ds) = cs(angle_turns(j as i32, hi, lo));
-                worst_direct = worst_direct.max(err(dc, ds));
-            }
-        }
-    }
-    println!("worst three-factor error {worst_composed:e}, direct {worst_direct:e}");
-    assert!(worst_composed < 4e-6, "composed rotation error {worst_composed:e}");
-    assert!(worst_composed < 3.0 * worst_direct.max(1e-7), "composed {worst_composed:e} vs direct {worst_direct:e}");
+            let base = if u < 8 { base0 } else { mul(base0, cs(angle_turns(8, hi, lo))) };
+            mul(base, cs(angle_turns(u % 8, hi, lo)))
+        },
+        "three factors",
+    );
 }
