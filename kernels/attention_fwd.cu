@@ -20,6 +20,8 @@ enum SoftmaxKind {
     SM_GENERIC = 0,  // masks, ReRoPE's near/far choice, ALiBi's |i - j|: per element
     SM_PLAIN = 1,    // no bias, scale > 0: max of the raw scores, the scale folded into the exponent
     SM_LINEAR = 2,   // ALiBi on one side of the diagonal: the bias is linear in j, two FFMAs
+    SM_EDGE = 3,     // the causal diagonal or the last, partial tile: SM_LINEAR's bias (0 without
+                     // ALiBi) and one compare per score against the row's last visible key
 };
 template <int K> struct Kind {
     static constexpr int value = K;
@@ -267,9 +269,14 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
         // then the exponentials.
         const bool full = vk == BN && tile_fully_visible(mask, i0, i0 + vq, kp + j0, kp + j0 + BN);
         // ALiBi's -slope·|i - j| is slope·(j - i) below the diagonal (every key at or before
-        // every row) and -slope·(j - i) above it: linear in j, so two FFMAs per score.
+        // every row; under a causal mask, every key a row sees) and -slope·(j - i) above it:
+        // linear in j, so two FFMAs per score.
         const bool below = kp + j0 + BN - 1 <= i0, above = kp + j0 >= i0 + vq - 1;
-        const float sigma = below ? slope_log2 : -slope_log2;
+        const float sigma = below || p.causal ? slope_log2 : -slope_log2;
+        // SM_EDGE covers a tile whose only masks are the causal one and the end of the keys:
+        // row i sees the tile's keys u <= edge(i) (the window, if any, hides none of them).
+        const bool edge_ok = !rel && tile_window_free(mask, i0 + vq, kp + j0, kp + j0 + BN) &&
+                             (slope_log2 == 0.f || p.causal || below || above);
         auto softmax = [&](auto kind_c) {
             constexpr int KIND = decltype(kind_c)::value;
             bool grew = false;
@@ -280,7 +287,10 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                 for (int rr = 0; rr < 2; ++rr) {
                     const int i = i0 + (mb * WARPS + warp) * 16 + g + rr * 8;
                     // SM_LINEAR: bias(j) = sigma·(j - i) = sigma·(j0 + 2t - i) + sigma·(8nt + e), exact offsets.
-                    const float bias0 = KIND == SM_LINEAR ? sigma * static_cast<float>(kp + j0 + 2 * t - i) : 0.f;
+                    const float bias0 = KIND == SM_LINEAR || KIND == SM_EDGE ? sigma * static_cast<float>(kp + j0 + 2 * t - i) : 0.f;
+                    // SM_EDGE: the last key u = 8nt + 2t + e this row sees, less 2t (so that the
+                    // compare takes the constant 8nt + e).
+                    const int edge = KIND == SM_EDGE ? imin(vk - 1, p.causal ? i - kp - j0 : BN) - 2 * t : 0;
                     float mx = -INFINITY;
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
@@ -289,6 +299,9 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                             float x = s[mb][nt][c];
                             if constexpr (KIND == SM_LINEAR) {
                                 x = fmaf(x, p.scale_log2, fmaf(sigma, static_cast<float>(nt * 8 + (c & 1)), bias0));
+                            } else if constexpr (KIND == SM_EDGE) {
+                                x = nt * 8 + (c & 1) <= edge ? fmaf(x, p.scale_log2, fmaf(sigma, static_cast<float>(nt * 8 + (c & 1)), bias0))
+                                                             : -INFINITY;
                             } else if constexpr (KIND == SM_GENERIC) {
                                 const int j = kp + j0 + nt * 8 + 2 * t + (c & 1);
                                 if constexpr (FULL) x = score_log2(p.rope, p.scale_log2, x, sf[mb][nt][c], i, j, slope_log2);
@@ -338,6 +351,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 #else
         if (full && !rel && slope_log2 == 0.f && p.scale_log2 > 0.f) softmax(Kind<SM_PLAIN>{});
         else if (full && !rel && slope_log2 != 0.f && (below || above)) softmax(Kind<SM_LINEAR>{});
+        else if (edge_ok) softmax(Kind<SM_EDGE>{});
         else softmax(Kind<SM_GENERIC>{});
 #endif
 

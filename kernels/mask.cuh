@@ -32,4 +32,10 @@ __device__ __forceinline__ bool tile_fully_visible(const MaskArgs& m, int i0, in
     return true;
 }
 
+// Whether the window hides no key in [j0, j1) from any query before i1 that the causal mask
+// (if any) lets see it: the farthest such pair is within the window, or every key is a sink.
+__device__ __forceinline__ bool tile_window_free(const MaskArgs& m, int i1, int j0, int j1) {
+    return m.window <= 0 || (i1 - 1) - j0 < m.window || j1 - 1 < m.sinks;
+}
+
 }  // namespace ra

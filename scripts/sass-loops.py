@@ -11,8 +11,8 @@ at when a change makes a kernel slower.
     scripts/sass-loops.py kernels/attention_fwd.cu attention_fwd_wide_d128_bf16 [--arch sm_90] [--min 150] [-D NAME=V]
 
 -D passes a macro to nvcc. Two are honoured by the kernels, to count one path of a loop whose
-paths are picked at run time: RA_PROBE_SOFTMAX=0|1|2 (attention_fwd.cu: generic, plain, linear
-ALiBi softmax for every tile) and RA_PROBE_DECODE=0|1|2 (attention_decode_mma.cu: keys not
+paths are picked at run time: RA_PROBE_SOFTMAX=0|1|2|3 (attention_fwd.cu: generic, plain, linear
+ALiBi, edge (causal diagonal or last tile) softmax for every tile) and RA_PROBE_DECODE=0|1|2 (attention_decode_mma.cu: keys not
 rotated, rotate_half or interleaved in registers; no ReRoPE; every tile unmasked).
 
 Needs cuobjdump and nvdisasm, which nvcc's PyPI set does not include; any CUDA 13 version
