@@ -173,11 +173,10 @@ __device__ void decode_body(const DecodeParams& p) {
         ipos[x] = rw.pos(x);
     }
 
-    auto next_visible = [&](int n) { return next_visible_tile<BT>(p, span, mask, n, DEC_WARPS); };
+    DecodeWalk<BT> walk{p, span, mask, b, DEC_WARPS, lane};
     // Stage tile n's K and V into buffer buf as one cp.async group.
     auto issue = [&](int n, int buf) {
-        const int j0 = k_begin + n * BT;
-        stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, b, kvh, j0, imin(BT, k_end - j0), lane);
+        stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot, lane);
     };
 
     float m[R], l[R], o0[R][PPL], o1[R][PPL];
@@ -189,13 +188,15 @@ __device__ void decode_body(const DecodeParams& p) {
         for (int k = 0; k < PPL; ++k) o0[x][k] = o1[x][k] = 0.f;
     }
 
-    int n = next_visible(warp), buf = 0;
-    if (k_begin + n * BT < k_end) issue(n, 0);
-    while (k_begin + n * BT < k_end) {
-        const int j0 = k_begin + n * BT, vk = imin(BT, k_end - j0);
-        const int nn = next_visible(n + DEC_WARPS);
-        const bool more = k_begin + nn * BT < k_end;
-        if (more) issue(nn, buf ^ 1);  // the other buffer: free since the last iteration's end
+    int buf = 0;
+    walk.start(warp);
+    if (walk.has(walk.cur)) issue(walk.cur, 0);
+    walk.first_staged();
+    while (walk.has(walk.cur)) {
+        const int j0 = k_begin + walk.cur * BT, vk = imin(BT, k_end - j0);
+        const bool more = walk.has(walk.next);
+        if (more) issue(walk.next, buf ^ 1);  // the other buffer: free since the last iteration's end
+        walk.look_ahead();                   // the block-table reads of the tile after: used next iteration
         // The tile's bases, exact, shared by the warp (while its copies land).
         if (rope) {
             for (int P = lane; P < half; P += 32) {
@@ -328,7 +329,7 @@ __device__ void decode_body(const DecodeParams& p) {
             }
         }
         __syncwarp();  // every lane is done with buffer buf and the bases before they are refilled
-        n = nn;
+        walk.advance();
         buf ^= 1;
     }
 

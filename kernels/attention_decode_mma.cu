@@ -228,10 +228,9 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         slope[rr] = (p.alibi_total_heads > 0 && r < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + rw.head(r)) * LOG2E : 0.f;
     }
 
-    auto next_visible = [&](int n) { return next_visible_tile<BT>(p, span, mask, n, W); };
+    DecodeWalk<BT> walk{p, span, mask, b, W, lane};
     auto issue = [&](int n, int buf) {
-        const int j0 = k_begin + n * BT;
-        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, b, kvh, j0, imin(BT, k_end - j0), lane);
+        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot, lane);
     };
     // acc += Q·Kᵀ over the tile at kt (16 keys), its fragments rotated by `rot` first; NTP
     // n-tiles of fragments at a time.
@@ -270,13 +269,15 @@ __device__ void decode_mma_body(const DecodeParams& p) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) o[d][c] = 0.f;
 
-    int n = next_visible(warp), buf = 0;
-    if (k_begin + n * BT < k_end) issue(n, 0);
-    while (k_begin + n * BT < k_end) {
-        const int j0 = k_begin + n * BT, vk = imin(BT, k_end - j0);
-        const int nn = next_visible(n + W);
-        const bool more = k_begin + nn * BT < k_end;
-        if (more) issue(nn, buf ^ 1);  // the other buffer: free since the last iteration's end
+    int buf = 0;
+    walk.start(warp);
+    if (walk.has(walk.cur)) issue(walk.cur, 0);
+    walk.first_staged();
+    while (walk.has(walk.cur)) {
+        const int j0 = k_begin + walk.cur * BT, vk = imin(BT, k_end - j0);
+        const bool more = walk.has(walk.next);
+        if (more) issue(walk.next, buf ^ 1);  // the other buffer: free since the last iteration's end
+        walk.look_ahead();                   // the block-table reads of the tile after: used next iteration
         // The tile's bases, shared by the warp (while its copies land): exact at key 0, times
         // the exact e^{8iθ} at key 8.
         if (rope) {
@@ -399,7 +400,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
             mma_16816<T>(o[2 * np + 1], pa, bv[2], bv[3]);
         }
         __syncwarp();  // every lane is done with buffer buf, Krot and the bases before they are refilled
-        n = nn;
+        walk.advance();
         buf ^= 1;
     }
 
