@@ -51,12 +51,12 @@ __device__ __forceinline__ void copy_rows_async(T* s, int valid, RowPtr row_ptr)
     }
 }
 
-// Page pi of sequence b's block table, clamped into the pool, so a corrupt table can never
-// address outside it.
+// A block-table entry clamped into the pool, so a corrupt table can never address outside it.
+__device__ __forceinline__ int clamp_page(int page, int num_pages) { return imin(imax(page, 0), num_pages - 1); }
+
+// Page pi of sequence b's block table, clamped.
 __device__ __forceinline__ int paged_page(const int* table, int b, int pi, int max_pages, int num_pages) {
-    int page = table[(long long)b * max_pages + pi];
-    page = imin(imax(page, 0), num_pages - 1);
-    return page;
+    return clamp_page(table[(long long)b * max_pages + pi], num_pages);
 }
 
 // Cache slot (page * page_size + offset) of key j of sequence b.

@@ -176,7 +176,7 @@ __device__ void decode_body(const DecodeParams& p) {
     DecodeWalk<BT> walk{p, span, mask, b, DEC_WARPS, lane};
     // Stage tile n's K and V into buffer buf as one cp.async group.
     auto issue = [&](int n, int buf) {
-        stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot, lane);
+        stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot(n), lane);
     };
 
     float m[R], l[R], o0[R][PPL], o1[R][PPL];

@@ -230,7 +230,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
 
     DecodeWalk<BT> walk{p, span, mask, b, W, lane};
     auto issue = [&](int n, int buf) {
-        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot, lane);
+        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot(n), lane);
     };
     // acc += Q·Kᵀ over the tile at kt (16 keys), its fragments rotated by `rot` first; NTP
     // n-tiles of fragments at a time.

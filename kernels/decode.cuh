@@ -105,47 +105,58 @@ __device__ __forceinline__ int next_visible_tile(const DecodeParams& p, const De
     }
 }
 
-// The cache slot of key lane of the warp's tile n (lane < BT; 0 for the other lanes and keys
-// past the span). The kernels read it a tile before they stage the tile (DecodeWalk): a warp
-// issues in order, and a block-table read at the stage itself would stall it for the read's
-// whole latency before its copies could go out.
+// The block-table entry of key lane of the warp's tile n (lane < BT; 0 for the other lanes and
+// keys past the span), as read: the kernels read it a tile before they stage the tile
+// (DecodeWalk) and clamp it only then (tile_slot). A warp issues in order, and a read whose
+// value is used at once (at the stage, or by the clamp right after it) stalls the warp for the
+// read's whole latency before its copies can go out.
 template <int BT>
-__device__ __forceinline__ int tile_slot(const DecodeParams& p, const DecodeSpan& s, int b, int n, int lane) {
+__device__ __forceinline__ int tile_page_entry(const DecodeParams& p, const DecodeSpan& s, int b, int n, int lane) {
     static_assert(BT <= 32, "one lane per key looks up the slots");
     const int j = s.k_begin + n * BT + lane;
-    // (Slots fit an int: the host checks num_pages * page_size does.)
-    return lane < BT && j < s.k_end ? static_cast<int>(paged_slot(p.block_table, b, j, p.page_size, p.max_pages, p.num_pages)) : 0;
+    return lane < BT && j < s.k_end ? p.block_table[(long long)b * p.max_pages + j / p.page_size] : 0;
+}
+
+// The cache slot (page * page_size + offset) of key lane of tile n from its entry, the page
+// clamped into the pool; 0 where tile_page_entry gave none. (Slots fit an int: the host checks
+// num_pages * page_size does.)
+template <int BT>
+__device__ __forceinline__ int tile_slot(const DecodeParams& p, const DecodeSpan& s, int n, int lane, int entry) {
+    const int j = s.k_begin + n * BT + lane;
+    return lane < BT && j < s.k_end ? clamp_page(entry, p.num_pages) * p.page_size + j % p.page_size : 0;
 }
 
 // A warp's walk over its visible tiles: `cur` is computed while the K/V copies of `next` are in
-// flight and the block-table reads of the tile after it (`slot`: tile_slot's value for this
-// lane) are outstanding. The kernels' loop:
-//     w.start(warp); if (w.has(w.cur)) stage(w.cur, w.slot); w.first_staged();
-//     while (w.has(w.cur)) { if (w.has(w.next)) stage(w.next, w.slot); w.look_ahead(); ...; w.advance(); }
+// flight and the block-table reads of the tile after it (`entry`: tile_page_entry's value for
+// this lane) are outstanding. The kernels' loop:
+//     w.start(warp); if (w.has(w.cur)) stage(w.cur, w.slot(w.cur)); w.first_staged();
+//     while (w.has(w.cur)) { if (w.has(w.next)) stage(w.next, w.slot(w.next)); w.look_ahead(); ...; w.advance(); }
 template <int BT>
 struct DecodeWalk {
     const DecodeParams& p;
     const DecodeSpan& s;
     const MaskArgs& mask;
     int b, warps, lane;
-    int cur = 0, next = 0, after = 0, slot = 0;
+    int cur = 0, next = 0, after = 0, entry = 0;
 
     __device__ __forceinline__ bool has(int n) const { return s.k_begin + n * BT < s.k_end; }
     __device__ __forceinline__ int visible_from(int n) const { return next_visible_tile<BT>(p, s, mask, n, warps); }
-    // The first tile and its slots (read at once: nothing to hide them behind yet).
+    // This lane's cache slot in tile n, whose entry was read last.
+    __device__ __forceinline__ int slot(int n) const { return tile_slot<BT>(p, s, n, lane, entry); }
+    // The first tile and its entries (waited for at once: nothing to hide them behind yet).
     __device__ __forceinline__ void start(int warp) {
         cur = visible_from(warp);
-        slot = tile_slot<BT>(p, s, b, cur, lane);
+        entry = tile_page_entry<BT>(p, s, b, cur, lane);
     }
-    // After the first tile's stage: the second tile and its slots.
+    // After the first tile's stage: the second tile and its entries.
     __device__ __forceinline__ void first_staged() {
         next = has(cur) ? visible_from(cur + warps) : cur;
-        if (has(next)) slot = tile_slot<BT>(p, s, b, next, lane);
+        if (has(next)) entry = tile_page_entry<BT>(p, s, b, next, lane);
     }
-    // After `next` was staged: the tile after it, and its slots, used an iteration from now.
+    // After `next` was staged: the tile after it, and its entries, used an iteration from now.
     __device__ __forceinline__ void look_ahead() {
         after = has(next) ? visible_from(next + warps) : next;
-        if (has(after)) slot = tile_slot<BT>(p, s, b, after, lane);
+        if (has(after)) entry = tile_page_entry<BT>(p, s, b, after, lane);
     }
     __device__ __forceinline__ void advance() {
         cur = next;
@@ -155,8 +166,7 @@ struct DecodeWalk {
 
 // Stage keys j0 .. j0 + BT of sequence b (vk of them valid) of KV head kvh, K and V, into a
 // warp's buffers (row pitch LD elements) as one cp.async group; keys past vk are zero-filled
-// without a read. Lane l < BT brings key l's cache slot (tile_slot, read earlier) for the
-// warp's `slots`. Called by a whole warp.
+// without a read. Lane l < BT brings key l's cache slot (tile_slot) for the warp's `slots`. Called by a whole warp.
 template <typename T, int D, int LD, int BT>
 __device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, const DecodeParams& p, int kvh, int vk,
                                               int slot, int lane) {
