@@ -46,24 +46,42 @@ __device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stri
 }
 
 // The same from a paged cache ([pages, page_size, kv_heads, D], keys j0 .. of sequence b through
-// its block table): one division for the thread's first key, then its page and offset advance
-// by STEP keys at a time, and one table read per row.
+// its block table). A thread's rows r0 + k·STEP: one division for the first, then page and
+// offset advance by STEP keys at a time. The table is read for a group of rows before any of
+// their copies needs it, so the reads' latencies overlap instead of adding up in front of every
+// copy (a warp issues in order); the entries are clamped into the pool (clamp_page) at the copy.
 template <typename T, int D, int LD, int ROWS, int THREADS>
 __device__ __forceinline__ void copy_paged_tile_async(T* s, const T* cache, const AttnParams& p, int b, int kvh, int j0,
                                                       int valid) {
-    constexpr int CH = D * sizeof(T) / 16, PER = 16 / sizeof(T), STEP = THREADS / CH;
-    static_assert(THREADS % CH == 0 && ROWS % STEP == 0, "whole rows per pass");
+    constexpr int CH = D * sizeof(T) / 16, PER = 16 / sizeof(T), STEP = THREADS / CH, N = ROWS / STEP;
+    // Rows per group: at most 4 table entries and offsets in registers (8 cost the head_dim-128
+    // kernel a spill on sm_80), and a divisor of N.
+    constexpr int G = N % 4 == 0 ? 4 : N % 3 == 0 ? 3 : N % 2 == 0 ? 2 : 1;
+    static_assert(THREADS % CH == 0 && ROWS % STEP == 0 && N % G == 0, "whole rows per pass, whole groups");
     const int r0 = threadIdx.x / CH, col = (threadIdx.x % CH) * PER;
+    const int* table = p.block_table + (long long)b * p.max_pages;
+    const int dp = STEP / p.page_size, dq = STEP % p.page_size;  // STEP keys: dp pages and dq keys
     int pi = (j0 + r0) / p.page_size, off = (j0 + r0) % p.page_size;
     T* dst = s + r0 * LD + col;
 #pragma unroll 1
-    for (int r = r0; r < ROWS; r += STEP) {
-        const bool ok = r < valid;  // then pi < max_pages: the host checked the context fits the pages
-        const T* src = cache;
-        if (ok) src = cache + (((long long)paged_page(p.block_table, b, pi, p.max_pages, p.num_pages) * p.page_size + off) * p.kv_heads + kvh) * D + col;
-        cp_async_16(dst, src, ok);
-        dst += STEP * LD;
-        for (off += STEP; off >= p.page_size; off -= p.page_size) ++pi;
+    for (int k0 = 0; k0 < N; k0 += G) {
+        int entry[G], offs[G];
+#pragma unroll
+        for (int k = 0; k < G; ++k) {
+            // Rows below `valid` have pi < max_pages: the host checked the context fits the pages.
+            entry[k] = r0 + (k0 + k) * STEP < valid ? table[pi] : 0;
+            offs[k] = off;
+            off += dq, pi += dp;
+            if (off >= p.page_size) off -= p.page_size, ++pi;
+        }
+#pragma unroll
+        for (int k = 0; k < G; ++k) {
+            const bool ok = r0 + (k0 + k) * STEP < valid;
+            const T* src = cache;
+            if (ok) src = cache + (((long long)clamp_page(entry[k], p.num_pages) * p.page_size + offs[k]) * p.kv_heads + kvh) * D + col;
+            cp_async_16(dst, src, ok);
+            dst += STEP * LD;
+        }
     }
 }
 
