@@ -175,8 +175,8 @@ __device__ void decode_body(const DecodeParams& p) {
 
     DecodeWalk<BT> walk{p, span, mask, b, DEC_WARPS, lane};
     // Stage tile n's K and V into buffer buf as one cp.async group.
-    auto issue = [&](int n, int buf) {
-        stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot(n), lane);
+    auto stage = [&](int n, int buf, int slot) {
+        stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, kvh, walk.keys(n), slot, lane);
     };
 
     float m[R], l[R], o0[R][PPL], o1[R][PPL];
@@ -189,14 +189,10 @@ __device__ void decode_body(const DecodeParams& p) {
     }
 
     int buf = 0;
-    walk.start(warp);
-    if (walk.has(walk.cur)) issue(walk.cur, 0);
-    walk.first_staged();
+    walk.begin(warp, stage);
     while (walk.has(walk.cur)) {
-        const int j0 = k_begin + walk.cur * BT, vk = imin(BT, k_end - j0);
-        const bool more = walk.has(walk.next);
-        if (more) issue(walk.next, buf ^ 1);  // the other buffer: free since the last iteration's end
-        walk.look_ahead();                   // the block-table reads of the tile after: used next iteration
+        const int j0 = k_begin + walk.cur * BT, vk = walk.keys(walk.cur);
+        const bool more = walk.stage_next(buf ^ 1, stage);  // the next tile's copies, the one after's table reads
         // The tile's bases, exact, shared by the warp (while its copies land).
         if (rope) {
             for (int P = lane; P < half; P += 32) {

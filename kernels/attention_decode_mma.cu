@@ -229,8 +229,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     }
 
     DecodeWalk<BT> walk{p, span, mask, b, W, lane};
-    auto issue = [&](int n, int buf) {
-        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, kvh, imin(BT, k_end - (k_begin + n * BT)), walk.slot(n), lane);
+    auto stage = [&](int n, int buf, int slot) {
+        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, kvh, walk.keys(n), slot, lane);
     };
     // acc += Q·Kᵀ over the tile at kt (16 keys), its fragments rotated by `rot` first; NTP
     // n-tiles of fragments at a time.
@@ -270,14 +270,10 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         for (int c = 0; c < 4; ++c) o[d][c] = 0.f;
 
     int buf = 0;
-    walk.start(warp);
-    if (walk.has(walk.cur)) issue(walk.cur, 0);
-    walk.first_staged();
+    walk.begin(warp, stage);
     while (walk.has(walk.cur)) {
-        const int j0 = k_begin + walk.cur * BT, vk = imin(BT, k_end - j0);
-        const bool more = walk.has(walk.next);
-        if (more) issue(walk.next, buf ^ 1);  // the other buffer: free since the last iteration's end
-        walk.look_ahead();                   // the block-table reads of the tile after: used next iteration
+        const int j0 = k_begin + walk.cur * BT, vk = walk.keys(walk.cur);
+        const bool more = walk.stage_next(buf ^ 1, stage);  // the next tile's copies, the one after's table reads
         // The tile's bases, shared by the warp (while its copies land): exact at key 0, times
         // the exact e^{8iθ} at key 8.
         if (rope) {

@@ -128,9 +128,10 @@ __device__ __forceinline__ int tile_slot(const DecodeParams& p, const DecodeSpan
 
 // A warp's walk over its visible tiles: `cur` is computed while the K/V copies of `next` are in
 // flight and the block-table reads of the tile after it (`entry`: tile_page_entry's value for
-// this lane) are outstanding. The kernels' loop:
-//     w.start(warp); if (w.has(w.cur)) stage(w.cur, w.slot(w.cur)); w.first_staged();
-//     while (w.has(w.cur)) { if (w.has(w.next)) stage(w.next, w.slot(w.next)); w.look_ahead(); ...; w.advance(); }
+// this lane) are outstanding. `stage(n, buf, slot)` stages tile n into buffer buf, this lane
+// bringing its cache slot. The kernels' loop:
+//     w.begin(warp, stage);
+//     while (w.has(w.cur)) { const bool more = w.stage_next(buf ^ 1, stage); ...; w.advance(); buf ^= 1; }
 template <int BT>
 struct DecodeWalk {
     const DecodeParams& p;
@@ -141,22 +142,28 @@ struct DecodeWalk {
 
     __device__ __forceinline__ bool has(int n) const { return s.k_begin + n * BT < s.k_end; }
     __device__ __forceinline__ int visible_from(int n) const { return next_visible_tile<BT>(p, s, mask, n, warps); }
-    // This lane's cache slot in tile n, whose entry was read last.
-    __device__ __forceinline__ int slot(int n) const { return tile_slot<BT>(p, s, n, lane, entry); }
-    // The first tile and its entries (waited for at once: nothing to hide them behind yet).
-    __device__ __forceinline__ void start(int warp) {
+    // The keys of tile n the span holds (1 .. BT).
+    __device__ __forceinline__ int keys(int n) const { return imin(BT, s.k_end - (s.k_begin + n * BT)); }
+    // The first tile staged into buffer 0 (its entries waited for at once: nothing to hide them
+    // behind yet); the second found, and its entries read.
+    template <typename Stage>
+    __device__ __forceinline__ void begin(int warp, Stage&& stage) {
         cur = visible_from(warp);
         entry = tile_page_entry<BT>(p, s, b, cur, lane);
-    }
-    // After the first tile's stage: the second tile and its entries.
-    __device__ __forceinline__ void first_staged() {
+        if (has(cur)) stage(cur, 0, tile_slot<BT>(p, s, cur, lane, entry));
         next = has(cur) ? visible_from(cur + warps) : cur;
         if (has(next)) entry = tile_page_entry<BT>(p, s, b, next, lane);
     }
-    // After `next` was staged: the tile after it, and its entries, used an iteration from now.
-    __device__ __forceinline__ void look_ahead() {
-        after = has(next) ? visible_from(next + warps) : next;
+    // At the top of an iteration: `next` staged into buffer buf (free since the last iteration's
+    // end), then the tile after it found and its entries read, for the next iteration. Whether
+    // there was a `next`.
+    template <typename Stage>
+    __device__ __forceinline__ bool stage_next(int buf, Stage&& stage) {
+        const bool more = has(next);
+        if (more) stage(next, buf, tile_slot<BT>(p, s, next, lane, entry));
+        after = more ? visible_from(next + warps) : next;
         if (has(after)) entry = tile_page_entry<BT>(p, s, b, after, lane);
+        return more;
     }
     __device__ __forceinline__ void advance() {
         cur = next;
