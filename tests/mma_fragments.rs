@@ -55,9 +55,9 @@ fn mma(d: &mut [[f64; 4]; 32], a: &[[[f64; 2]; 4]; 32], b: &[[[f64; 2]; 2]; 32])
     }
     for (l, dl) in d.iter_mut().enumerate() {
         let (g, t) = (l / 4, l % 4);
-        for c in 0..4 {
+        for (c, x) in dl.iter_mut().enumerate() {
             let (row, col) = (g + 8 * (c / 2), 2 * t + c % 2);
-            dl[c] += (0..16).map(|k| am[row][k] * bm[k][col]).sum::<f64>();
+            *x += (0..16).map(|k| am[row][k] * bm[k][col]).sum::<f64>();
         }
     }
 }

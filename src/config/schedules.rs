@@ -146,7 +146,10 @@ pub(super) fn compute(cfg: &RopeConfig, seq_len: Option<usize>) -> (Vec<f64>, f6
                 .map(|f| {
                     let wavelen = 2.0 * PI / f;
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                    if !(wavelen < high_wavelen) && !(wavelen > low_wavelen) {
+                    // transformers' `~(wavelen < high) & ~(wavelen > low)`, negations kept as written.
+                    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    if medium {
                         let s = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - s) * scaled / factor + s * scaled
                     } else {
