@@ -682,7 +682,7 @@ mod tests {
     /// Every tensor-core decode configuration fits the shared memory of every supported card,
     /// its warps' merge fits in the staging buffers it reuses, and the common one (head_dim
     /// 128, no ReRoPE) keeps two blocks per SM even on an A100 (164 KB per SM, 1 KB reserved
-    /// per block), which the kernel's 212 registers allow.
+    /// per block), which its registers allow (at most 255: the kernel is built for two blocks of 128 threads).
     #[test]
     fn tensor_core_decode_layouts_fit() {
         for &d in crate::cuda::SUPPORTED_HEAD_DIMS {
