@@ -322,10 +322,13 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         }
 
         // Online softmax on the accumulators (log2 domain; 4 lanes share a row). A whole tile
-        // seen by every row, no ALiBi, no ReRoPE (the common decode step) takes no per-key mask.
+        // seen by every row without ReRoPE (the common decode step) takes no per-key mask: with
+        // no ALiBi the plain form; with ALiBi, when every key is at or before every row, the
+        // bias slope·(j - i) is linear in j (the linear form). Anything else masks per key.
         auto softmax = [&](auto kind_c) {
-            constexpr bool PLAIN = decltype(kind_c)::value == 1;
-            if (!PLAIN && rel) {
+            constexpr int KIND = decltype(kind_c)::value;
+            constexpr bool PLAIN = KIND == 1, LINEAR = KIND == 2;
+            if (KIND == 0 && rel) {
                 const float4 f0 = Sfar[0], f1 = Sfar[1];
                 sf[0][0] = f0.x, sf[0][1] = f0.y, sf[0][2] = f0.z, sf[0][3] = f0.w;
                 sf[1][0] = f1.x, sf[1][1] = f1.y, sf[1][2] = f1.z, sf[1][3] = f1.w;
@@ -343,6 +346,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                         float x;
                         if constexpr (PLAIN) {
                             x = s[nt][c] * p.scale_log2;
+                        } else if constexpr (LINEAR) {
+                            x = fmaf(s[nt][c], p.scale_log2, slope[rr] * static_cast<float>(j0 + u - ipos[rr]));
                         } else {
                             const int i = ipos[rr], j = j0 + u;
                             x = u < vk && visible(mask, i, j) ? score_log2(ra, p.scale_log2, s[nt][c], sf[nt][c], i, j, slope[rr])
@@ -376,12 +381,12 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                     for (int c = 0; c < 4; ++c) o[d][c] *= alpha[c / 2];
             }
         };
-        const bool plain = !rel && p.alibi_total_heads == 0 && vk == BT &&
-                           tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
+        const bool whole = !rel && vk == BT && tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
 #ifdef RA_PROBE_DECODE
         softmax(DecKind<1>{});
 #else
-        if (plain) softmax(DecKind<1>{});
+        if (whole && p.alibi_total_heads == 0) softmax(DecKind<1>{});
+        else if (whole && j0 + BT - 1 <= ctx - p.queries) softmax(DecKind<2>{});  // keys at or before the first query
         else softmax(DecKind<0>{});
 #endif
 

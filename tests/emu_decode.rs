@@ -296,23 +296,29 @@ fn emulated_decode_over_a_prerotated_cache_equals_in_kernel_rope() {
     }
 }
 
-/// Masks without ALiBi or ReRoPE, where both decode kernels take their unmasked path for the
-/// tiles every query sees and must mask the rest key by key: a window with sinks and a run of
-/// queries, and a causal run of 16 speculative tokens whose last tiles are full but partly in
-/// every query's future. Both dtypes' kernels (f32 on CUDA cores, bf16 on tensor cores), split
-/// and not, against the f64 reference.
+/// Masks without ReRoPE, where both decode kernels take their unmasked path for the tiles every
+/// query sees and must mask the rest key by key: a window with sinks and a run of queries, and a
+/// causal run of 16 speculative tokens whose last tiles are full but partly in every query's
+/// future; then ALiBi, whose bias the tensor-core kernel takes as linear in j on tiles at or
+/// before every query: causal, and non-causal, where full tiles past the first query are seen
+/// by every row but not linear. Both dtypes' kernels (f32 on CUDA cores, bf16 on tensor
+/// cores), split and not, against the f64 reference.
 #[test]
 fn emulated_decode_unmasked_tiles_next_to_masked_ones() {
     fn run<T: Dtype>(seed: u64) {
         let emu = emulator(seed);
         let mut r = rng(seed);
-        for (queries, mask, ctx) in [
-            (3usize, rope_attn::Mask { causal: true, window: Some(50), sinks: 2 }, [200usize, 131]),
-            (16, rope_attn::Mask { causal: true, window: None, sinks: 0 }, [128, 64]),
+        let causal = rope_attn::Mask { causal: true, window: None, sinks: 0 };
+        for (queries, mask, ctx, alibi) in [
+            (3usize, rope_attn::Mask { causal: true, window: Some(50), sinks: 2 }, [200usize, 131], false),
+            (16, causal, [128, 64], false),
+            (16, causal, [128, 64], true),
+            (16, rope_attn::Mask { causal: false, ..causal }, [128, 64], true),
         ] {
             let mut p = AttentionParams::new(8, 2, 128);
             p.rope = Some(schedules(128, 128).remove(6).1);
             p.mask = mask;
+            p.alibi = alibi.then_some(Alibi { total_heads: 16, head_offset: 4 });
             let f = fill::<T>(&emu, &p, &ctx, 16, &mut r);
             let tokens = ctx.len() * queries;
             let batch = DecodeBatch::contiguous(&p, ctx.len(), queries, f.max_pages, ctx[0]);
@@ -323,8 +329,8 @@ fn emulated_decode_unmasked_tiles_next_to_masked_ones() {
                 let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
                 let rep = emu
                     .attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
-                    .unwrap_or_else(|e| panic!("{} queries={queries} {mask:?} splits={splits}: {e}", T::NAME));
-                assert!(rep.passed(), "{} queries={queries} {mask:?} splits={splits}: {rep:?}", T::NAME);
+                    .unwrap_or_else(|e| panic!("{} queries={queries} {mask:?} alibi={alibi} splits={splits}: {e}", T::NAME));
+                assert!(rep.passed(), "{} queries={queries} {mask:?} alibi={alibi} splits={splits}: {rep:?}", T::NAME);
             }
         }
     }
