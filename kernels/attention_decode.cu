@@ -173,7 +173,7 @@ __device__ void decode_body(const DecodeParams& p) {
         ipos[x] = rw.pos(x);
     }
 
-    DecodeWalk<BT> walk{p, span, mask, b, DEC_WARPS, lane};
+    DecodeWalk<BT, false> walk{p, span, mask, b, DEC_WARPS, lane};
     // Stage tile n's K and V into buffer buf as one cp.async group.
     auto stage = [&](int n, int buf, int slot) {
         stage_kv_tile<T, D, D, BT>(Kst + buf * BT * D, Vst + buf * BT * D, Slots, p, kvh, walk.keys(n), slot, lane);

@@ -105,43 +105,59 @@ __device__ __forceinline__ int next_visible_tile(const DecodeParams& p, const De
     }
 }
 
-// The block-table entry of key lane of the warp's tile n (lane < BT; 0 for the other lanes and
-// keys past the span), as read: the kernels read it a tile before they stage the tile
-// (DecodeWalk) and clamp it only then (tile_slot). A warp issues in order, and a read whose
-// value is used at once (at the stage, or by the clamp right after it) stalls the warp for the
+// Key lane of the warp's tile n in the paged cache, as far as the block table says before the
+// clamp: its page's entry as read and its offset in the page (off = -1: no key, for lanes past
+// BT and keys past the span). The kernels read it a tile before they stage the tile
+// (DecodeWalk) and clamp it only then (page_slot): a warp issues in order, and a read whose
+// value is used at once (at the stage, or by a clamp right after it) stalls the warp for the
 // read's whole latency before its copies can go out.
+struct PageRef {
+    int entry, off;
+};
 template <int BT>
-__device__ __forceinline__ int tile_page_entry(const DecodeParams& p, const DecodeSpan& s, int b, int n, int lane) {
+__device__ __forceinline__ PageRef tile_page_ref(const DecodeParams& p, const DecodeSpan& s, int b, int n, int lane) {
     static_assert(BT <= 32, "one lane per key looks up the slots");
     const int j = s.k_begin + n * BT + lane;
-    return lane < BT && j < s.k_end ? p.block_table[(long long)b * p.max_pages + j / p.page_size] : 0;
+    PageRef r{0, -1};
+    if (lane < BT && j < s.k_end) {
+        const int pi = j / p.page_size;
+        r.off = j - pi * p.page_size;
+        r.entry = p.block_table[(long long)b * p.max_pages + pi];
+    }
+    return r;
 }
 
-// The cache slot (page * page_size + offset) of key lane of tile n from its entry, the page
-// clamped into the pool; 0 where tile_page_entry gave none. (Slots fit an int: the host checks
-// num_pages * page_size does.)
-template <int BT>
-__device__ __forceinline__ int tile_slot(const DecodeParams& p, const DecodeSpan& s, int n, int lane, int entry) {
-    const int j = s.k_begin + n * BT + lane;
-    return lane < BT && j < s.k_end ? clamp_page(entry, p.num_pages) * p.page_size + j % p.page_size : 0;
+// The cache slot (page * page_size + offset) of a key, its page clamped into the pool; 0 for no
+// key. (Slots fit an int: the host checks num_pages * page_size does.)
+__device__ __forceinline__ int page_slot(const DecodeParams& p, PageRef r) {
+    return r.off >= 0 ? clamp_page(r.entry, p.num_pages) * p.page_size + r.off : 0;
 }
 
 // A warp's walk over its visible tiles: `cur` is computed while the K/V copies of `next` are in
-// flight and the block-table reads of the tile after it (`entry`: tile_page_entry's value for
+// flight and the block-table reads of the tile after it (`ref`: tile_page_ref's value for
 // this lane) are outstanding. `stage(n, buf, slot)` stages tile n into buffer buf, this lane
 // bringing its cache slot. The kernels' loop:
 //     w.begin(warp, stage);
 //     while (w.has(w.cur)) { const bool more = w.stage_next(buf ^ 1, stage); ...; w.advance(); buf ^= 1; }
-template <int BT>
+// KEEP_OFF = false drops the offsets from the look-ahead (one register; the f32 kernel, at three
+// blocks per SM, has none to spare) and divides again at the stage.
+template <int BT, bool KEEP_OFF = true>
 struct DecodeWalk {
     const DecodeParams& p;
     const DecodeSpan& s;
     const MaskArgs& mask;
     int b, warps, lane;
-    int cur = 0, next = 0, after = 0, entry = 0;
+    int cur = 0, next = 0, after = 0;
+    PageRef ref{0, -1};
 
     __device__ __forceinline__ bool has(int n) const { return s.k_begin + n * BT < s.k_end; }
     __device__ __forceinline__ int visible_from(int n) const { return next_visible_tile<BT>(p, s, mask, n, warps); }
+    // This lane's cache slot in tile n, whose reference was read last.
+    __device__ __forceinline__ int slot(int n) const {
+        if constexpr (KEEP_OFF) return page_slot(p, ref);
+        const int j = s.k_begin + n * BT + lane;
+        return lane < BT && j < s.k_end ? clamp_page(ref.entry, p.num_pages) * p.page_size + j % p.page_size : 0;
+    }
     // The keys of tile n the span holds (1 .. BT).
     __device__ __forceinline__ int keys(int n) const { return imin(BT, s.k_end - (s.k_begin + n * BT)); }
     // The first tile staged into buffer 0 (its entries waited for at once: nothing to hide them
@@ -149,10 +165,10 @@ struct DecodeWalk {
     template <typename Stage>
     __device__ __forceinline__ void begin(int warp, Stage&& stage) {
         cur = visible_from(warp);
-        entry = tile_page_entry<BT>(p, s, b, cur, lane);
-        if (has(cur)) stage(cur, 0, tile_slot<BT>(p, s, cur, lane, entry));
+        ref = tile_page_ref<BT>(p, s, b, cur, lane);
+        if (has(cur)) stage(cur, 0, slot(cur));
         next = has(cur) ? visible_from(cur + warps) : cur;
-        if (has(next)) entry = tile_page_entry<BT>(p, s, b, next, lane);
+        if (has(next)) ref = tile_page_ref<BT>(p, s, b, next, lane);
     }
     // At the top of an iteration: `next` staged into buffer buf (free since the last iteration's
     // end), then the tile after it found and its entries read, for the next iteration. Whether
@@ -160,9 +176,9 @@ struct DecodeWalk {
     template <typename Stage>
     __device__ __forceinline__ bool stage_next(int buf, Stage&& stage) {
         const bool more = has(next);
-        if (more) stage(next, buf, tile_slot<BT>(p, s, next, lane, entry));
+        if (more) stage(next, buf, slot(next));
         after = more ? visible_from(next + warps) : next;
-        if (has(after)) entry = tile_page_entry<BT>(p, s, b, after, lane);
+        if (has(after)) ref = tile_page_ref<BT>(p, s, b, after, lane);
         return more;
     }
     __device__ __forceinline__ void advance() {
@@ -173,7 +189,7 @@ struct DecodeWalk {
 
 // Stage keys j0 .. j0 + BT of sequence b (vk of them valid) of KV head kvh, K and V, into a
 // warp's buffers (row pitch LD elements) as one cp.async group; keys past vk are zero-filled
-// without a read. Lane l < BT brings key l's cache slot (tile_slot) for the warp's `slots`. Called by a whole warp.
+// without a read. Lane l < BT brings key l's cache slot (page_slot) for the warp's `slots`. Called by a whole warp.
 template <typename T, int D, int LD, int BT>
 __device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, const DecodeParams& p, int kvh, int vk,
                                               int slot, int lane) {
