@@ -156,7 +156,7 @@ struct DecodeWalk {
     __device__ __forceinline__ int slot(int n) const {
         if constexpr (KEEP_OFF) return page_slot(p, ref);
         const int j = s.k_begin + n * BT + lane;
-        return lane < BT && j < s.k_end ? clamp_page(ref.entry, p.num_pages) * p.page_size + j % p.page_size : 0;
+        return page_slot(p, PageRef{ref.entry, lane < BT && j < s.k_end ? j % p.page_size : -1});
     }
     // The keys of tile n the span holds (1 .. BT).
     __device__ __forceinline__ int keys(int n) const { return imin(BT, s.k_end - (s.k_begin + n * BT)); }

@@ -160,7 +160,7 @@ MUTATIONS = [
      "    if (lane < BT && j < s.k_end) {\n        const int pi", "    if (lane < BT - 1 && j < s.k_end) {\n        const int pi",
      "emu_decode", "emulated_decode_matches_reference_bf16"),
     ("decode f32: the stage's own division takes the next key's offset", "kernels/decode.cuh",
-     "clamp_page(ref.entry, p.num_pages) * p.page_size + j % p.page_size : 0;", "clamp_page(ref.entry, p.num_pages) * p.page_size + (j + 1) % p.page_size : 0;",
+     "j < s.k_end ? j % p.page_size : -1});", "j < s.k_end ? (j + 1) % p.page_size : -1});",
      "emu_decode", "emulated_decode_matches_reference_f32"),
     ("decode: the second tile staged with the first tile's slots", "kernels/decode.cuh",
      "        next = has(cur) ? visible_from(cur + warps) : cur;\n        if (has(next)) ref = tile_page_ref<BT>(p, s, b, next, lane);",
