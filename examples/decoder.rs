@@ -349,7 +349,13 @@ impl Kernels for OnGpu {
             false => None,
         };
         let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
-        let rep = cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p, splits, wsv.as_mut())
+        // Long chunks gather the context's keys (rotated once) and values, then take the wide kernel.
+        let mut gather = match cuda::paged_prefill_prefers_gather(p, &batch) {
+            true => Some(self.stream.alloc_zeros::<bf16>(cuda::paged_prefill_gather_len(p, &batch, cache)).map_err(|e| e.to_string())?),
+            false => None,
+        };
+        let mut gv = gather.as_mut().map(|w| w.as_view_mut());
+        let rep = cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p, splits, wsv.as_mut(), gv.as_mut())
             .map_err(|e| e.to_string())?;
         Ok((self.down(&o)?, rep))
     }
@@ -432,7 +438,10 @@ mod emulated {
             // Split keys as a 132-SM GPU would (the emulator runs them all the same).
             let splits = cuda::paged_prefill_splits(p, &batch, cache, 132);
             let mut ws = vec![0f32; cuda::paged_prefill_workspace_len(p, &batch, splits)];
-            let rep = self.emu.attention_fwd_paged_checked(&x, &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws[..])).map_err(|e| e.to_string())?;
+            let prefer = cuda::paged_prefill_prefers_gather(p, &batch);
+            let mut gather = if prefer { vec![bf16::ZERO; cuda::paged_prefill_gather_len(p, &batch, cache)] } else { Vec::new() };
+            let g = prefer.then_some(&mut gather[..]);
+            let rep = self.emu.attention_fwd_paged_checked(&x, &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws[..]), g).map_err(|e| e.to_string())?;
             Ok((f32s(&o), rep))
         }
         fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String> {

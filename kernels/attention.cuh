@@ -4,6 +4,7 @@
 #include "alibi.cuh"
 #include "mask.cuh"
 #include "tile.cuh"
+#include "paged.cuh"
 #include "params.cuh"
 
 namespace ra {
@@ -23,9 +24,12 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     SeqBounds s;
     s.q_start = imin(imax(p.cu_seqlens_q[b], 0), p.total_q);
     s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;
-    if (p.block_table) {  // paged keys: the context length, clamped to the sequence's pages
-        s.k_start = 0;
-        s.seqlen_k = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
+    if (p.context_lens) {  // paged keys: the context length, clamped to the sequence's pages
+        // Read through the block table, or (no table) gathered from it by the rope kernel into
+        // rows b * max_pages * page_size + j (the paged prefill's gathered path).
+        const int cap = p.max_pages * p.page_size;
+        s.k_start = p.block_table ? 0 : b * cap;
+        s.seqlen_k = imin(imax(p.context_lens[b], 0), cap);
     } else {
         s.k_start = imin(imax(p.cu_seqlens_k[b], 0), p.total_k);
         s.seqlen_k = imin(imax(p.cu_seqlens_k[b + 1], s.k_start), p.total_k) - s.k_start;
@@ -49,26 +53,6 @@ __device__ __forceinline__ void copy_rows_async(T* s, int valid, RowPtr row_ptr)
         const bool ok = row < valid;
         cp_async_16(s + row * LD + col, row_ptr(ok ? row : 0) + col, ok);
     }
-}
-
-// A block-table entry clamped into the pool, so a corrupt table can never address outside it.
-__device__ __forceinline__ int clamp_page(int page, int num_pages) { return imin(imax(page, 0), num_pages - 1); }
-
-// Page pi of sequence b's block table, clamped.
-__device__ __forceinline__ int paged_page(const int* table, int b, int pi, int max_pages, int num_pages) {
-    return clamp_page(table[(long long)b * max_pages + pi], num_pages);
-}
-
-// Cache slot (page * page_size + offset) of key j of sequence b.
-__device__ __forceinline__ long long paged_slot(const int* table, int b, int j, int page_size, int max_pages, int num_pages) {
-    return (long long)paged_page(table, b, j / page_size, max_pages, num_pages) * page_size + j % page_size;
-}
-
-// Head kvh of key j of sequence b in a paged cache [num_pages, page_size, kv_heads, D].
-template <typename T>
-__device__ __forceinline__ const T* paged_key(const T* cache, const int* table, int b, int j, int kvh, int page_size,
-                                              int max_pages, int num_pages, int kv_heads, int D) {
-    return cache + (paged_slot(table, b, j, page_size, max_pages, num_pages) * kv_heads + kvh) * D;
 }
 
 // Score of query position i and key position j, in log2 units, before masking: the near or

@@ -19,6 +19,15 @@ struct RopeParams {
     long long q_in_stride, q_out_stride, k_in_stride, k_out_stride;  // elements per token
     int tokens, q_heads, k_heads, head_dim, batch, starts_stride;
     int use_leak_freq;  // rotate with freq_leak (Leaky ReRoPE's keys at j/k)
+    // Gather (block_table set; no Q): key j of sequence b is read from a paged cache
+    // [num_pages, page_size, k_heads, head_dim] through the block table and written, rotated to
+    // position j, to row b * max_pages * page_size + j of k_out; its V row (same strides as K)
+    // is copied from v_in to the same row of v_out. Keys at or past context_lens[b] are skipped.
+    const int* block_table;   // [batch, max_pages]
+    const int* context_lens;  // [batch]
+    const void* v_in;
+    void* v_out;
+    int page_size, max_pages, num_pages;
 };
 
 // Mirrored by `ScoresParams` in src/cuda/params.rs.

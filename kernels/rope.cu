@@ -1,11 +1,14 @@
 // The standalone rotation kernel: rotates Q and K (in place, or out of place into a workspace)
-// in one launch. Tensors are [tokens, heads, head_dim] with a row stride between tokens, so
-// the Q and K parts of a packed QKV projection are rotated where they lie.
+// in one launch. Tensors are [tokens, heads, head_dim] with a row stride between tokens, so the
+// Q and K parts of a packed QKV projection are rotated where they lie. The same kernel gathers
+// a paged cache's keys (rotated) and values into contiguous rows, for the paged prefill's
+// gathered path (src/cuda/paged_prefill.rs).
 //
 // One block per token: the block computes the token's cos/sin once per pair (shared by all
 // heads), then each thread rotates P consecutive pairs of one head with vector loads. The
 // kernel is memory-bound; pass-through components are not touched when rotating in place.
 #include "rope.cuh"
+#include "paged.cuh"
 #include "params.cuh"
 
 namespace ra {
@@ -21,12 +24,38 @@ __device__ __forceinline__ int token_position(const RopeParams& p, int t) {
     return t - p.cu_seqlens[lo] + (p.seq_starts ? p.seq_starts[lo * p.starts_stride] : 0);
 }
 
+// Elements [from, D) of each of `heads` heads of a row, moved unchanged (the pass-through
+// components of partial rotary, or a whole V row): 16-byte accesses when the rows start on
+// 16-byte boundaries (`vec`; D is then a multiple of the chunk) and `from` falls on a chunk,
+// else one element at a time.
+template <typename T>
+__device__ __forceinline__ void copy_heads(const T* src, T* dst, int heads, int D, int from, bool vec) {
+    constexpr int PER = 16 / sizeof(T);
+    if (vec && from % PER == 0) {
+        const int ch = (D - from) / PER;
+        for (int w = threadIdx.x; w < heads * ch; w += blockDim.x) {
+            const int e = (w / ch) * D + from + (w % ch) * PER;
+            RA_VECTOR_ACCESS(src + e, 16);
+            RA_VECTOR_ACCESS(dst + e, 16);
+            *reinterpret_cast<Vec<T, PER>*>(dst + e) = *reinterpret_cast<const Vec<T, PER>*>(src + e);
+        }
+    } else {
+        const int rest = D - from;
+        for (int w = threadIdx.x; w < heads * rest; w += blockDim.x) {
+            const int e = (w / rest) * D + from + w % rest;
+            dst[e] = src[e];
+        }
+    }
+}
+
+// One token: Q row src_row of q_in and K row src_row of k_in, rotated to `pos`, to row dst_row
+// of q_out and k_out. VEC: the launcher picked the 16-byte variant, so every row starts on a
+// 16-byte boundary.
 template <typename T, bool INTERLEAVED, int P>
-__device__ void rope_body(const RopeParams& p) {
+__device__ void rope_token(const RopeParams& p, long long src_row, long long dst_row, int pos) {
+    constexpr bool VEC = (INTERLEAVED ? 2 * P : P) * sizeof(T) == 16;
     RA_STATIC_SMEM(float2, cs, [RA_MAX_PAIRS]);
-    const int t = blockIdx.x;
     const int half = p.rope.rotary_dim / 2;
-    const int pos = token_position(p, t);
     const float2* freq = p.use_leak_freq ? p.rope.freq_leak : p.rope.freq;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         cs[i] = cs_scaled(angle_turns(pos, freq[i]), p.rope.attention_factor);
@@ -40,8 +69,8 @@ __device__ void rope_body(const RopeParams& p) {
         const int h = w / groups, i0 = (w % groups) * P;
         const bool is_q = h < p.q_heads;
         const int hh = is_q ? h : h - p.q_heads;
-        const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + t * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
-        T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + t * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
+        const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + src_row * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
+        T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + dst_row * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
         float x0[P], x1[P];
         if (INTERLEAVED) {
             float x[2 * P];
@@ -62,18 +91,37 @@ __device__ void rope_body(const RopeParams& p) {
     }
 
     // Out of place: carry the pass-through components (rotary_dim..head_dim) along.
-    const int rest = D - p.rope.rotary_dim;
-    const bool q_moves = p.q_out != p.q_in, k_moves = p.k_out != p.k_in;
-    if (rest > 0 && (q_moves || k_moves)) {
-        for (int w = threadIdx.x; w < heads * rest; w += blockDim.x) {
-            const int h = w / rest, c = p.rope.rotary_dim + w % rest;
-            const bool is_q = h < p.q_heads;
-            if (is_q ? !q_moves : !k_moves) continue;
-            const int hh = is_q ? h : h - p.q_heads;
-            const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + t * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
-            T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + t * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
-            dst[c] = src[c];
+    if (p.rope.rotary_dim < D) {
+        const bool vec = VEC || p.block_table != nullptr;
+        if (p.q_heads > 0 && p.q_out != p.q_in) {
+            copy_heads(static_cast<const T*>(p.q_in) + src_row * p.q_in_stride, static_cast<T*>(p.q_out) + dst_row * p.q_out_stride,
+                       p.q_heads, D, p.rope.rotary_dim, vec);
         }
+        if (p.k_heads > 0 && p.k_out != p.k_in) {
+            copy_heads(static_cast<const T*>(p.k_in) + src_row * p.k_in_stride, static_cast<T*>(p.k_out) + dst_row * p.k_out_stride,
+                       p.k_heads, D, p.rope.rotary_dim, vec);
+        }
+    }
+}
+
+// Block t rotates token t. Gather (block_table set): block (x, b) takes keys x, x + gridDim.x,
+// ... of sequence b, K rotated out of the paged cache and V copied beside it (RopeParams).
+template <typename T, bool INTERLEAVED, int P>
+__device__ void rope_body(const RopeParams& p) {
+    if (p.block_table == nullptr) {
+        const int t = blockIdx.x;
+        rope_token<T, INTERLEAVED, P>(p, t, t, token_position(p, t));
+        return;
+    }
+    const int b = blockIdx.y, cap = p.max_pages * p.page_size;
+    const int ctx = imin(imax(p.context_lens[b], 0), cap);  // as the attention kernels clamp it
+    for (int j = blockIdx.x; j < ctx; j += gridDim.x) {
+        const long long slot = paged_slot(p.block_table, b, j, p.page_size, p.max_pages, p.num_pages);
+        const long long row = (long long)b * cap + j;
+        rope_token<T, INTERLEAVED, P>(p, slot, row, j);
+        copy_heads(static_cast<const T*>(p.v_in) + slot * p.k_in_stride, static_cast<T*>(p.v_out) + row * p.k_out_stride,
+                   p.k_heads, p.head_dim, 0, true);
+        __syncthreads();  // every thread is done with this key's angles before the next key's
     }
 }
 

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use half::bf16;
 use rope_attn::cuda::{
-    attention_fwd_workspace_len, decode_workspace_len, paged_prefill_workspace_len, AttentionBatch, DecodeBatch, PagedKvCache,
+    attention_fwd_workspace_len, decode_workspace_len, paged_prefill_gather_len, paged_prefill_workspace_len, AttentionBatch, DecodeBatch, PagedKvCache,
     PagedPrefillBatch, RopeShape,
 };
 use rope_attn::emulator::{DecodeInputs, FwdInputs, GuardedBuf, PagedFwdInputs};
@@ -103,8 +103,13 @@ fn paged_prefill_with_corrupt_table_and_lengths_stays_in_bounds() {
         for splits in [1usize, 2] {
             let (mut out, mut lse) = (GuardedBuf::filled(total_q * hq * d, bf16::ZERO), GuardedBuf::filled(total_q * hq, 0f32));
             let mut ws = GuardedBuf::filled(paged_prefill_workspace_len(&p, &batch, splits), 0f32);
-            emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, splits, Some(&mut ws)).unwrap();
+            emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, splits, Some(&mut ws), None).unwrap();
         }
+        // Gathered: the rope kernel's gather reads the same table and lengths.
+        let (mut out, mut lse) = (GuardedBuf::filled(total_q * hq * d, bf16::ZERO), GuardedBuf::filled(total_q * hq, 0f32));
+        let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &batch, &cache), bf16::ZERO);
+        let path = emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, 1, None, Some(&mut gws[..])).unwrap();
+        assert_eq!(path, rope_attn::cuda::PagedPrefillPath::Gathered);
     }
 }
 

@@ -12,11 +12,16 @@ use common::cases::*;
 use common::paged::*;
 use common::*;
 use half::{bf16, f16};
-use rope_attn::cuda::{paged_prefill_splits, paged_prefill_workspace_len, AttentionBatch, Dtype, PagedPrefillBatch};
+use rope_attn::cuda::{
+    attention_fwd_workspace_len, paged_prefill_gather_len, paged_prefill_prefers_gather, paged_prefill_splits, paged_prefill_workspace_len,
+    AttentionBatch, Dtype, PagedPrefillBatch, PagedPrefillPath, PrefillPath,
+};
 use rope_attn::emulator::{FwdInputs, GuardedBuf, PagedFwdInputs};
 use rope_attn::{AttentionParams, Error};
 
-fn run<T: Dtype>(case: usize, p: &AttentionParams, seq_q: &[usize], ctx: &[usize], page: usize, splits: usize) {
+/// One paged prefill, checked against the reference: fused, or (`gather`) through the gather
+/// workspace, which runs gathered unless the case has ReRoPE.
+fn run<T: Dtype>(case: usize, p: &AttentionParams, seq_q: &[usize], ctx: &[usize], page: usize, splits: usize, gather: bool) {
     let emu = emulator(500 + case as u64);
     let mut r = rng(500 + case as u64);
     let f = fill::<T>(&emu, p, ctx, page, &mut r);
@@ -28,9 +33,12 @@ fn run<T: Dtype>(case: usize, p: &AttentionParams, seq_q: &[usize], ctx: &[usize
     let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cq, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
     let (mut out, mut lse) = (GuardedBuf::filled(tq * hq * d, T::default()), GuardedBuf::filled(hq * tq, 0f32));
     let mut ws = GuardedBuf::filled(paged_prefill_workspace_len(p, &batch, splits), 0f32);
+    let mut gws = GuardedBuf::filled(if gather { paged_prefill_gather_len(p, &batch, &f.cache) } else { 0 }, T::default());
     let rep = emu
-        .attention_fwd_paged_checked(&x, &mut out, &mut lse, &f.cache, &batch, p, splits, Some(&mut ws))
-        .unwrap_or_else(|e| panic!("case {case} {} d={d} {:?} {:?} q={seq_q:?} ctx={ctx:?} splits {splits}: {e}", T::NAME, p.relative, p.mask));
+        .attention_fwd_paged_checked(&x, &mut out, &mut lse, &f.cache, &batch, p, splits, Some(&mut ws), gather.then_some(&mut gws[..]))
+        .unwrap_or_else(|e| {
+            panic!("case {case} {} d={d} {:?} {:?} q={seq_q:?} ctx={ctx:?} splits {splits} gather {gather}: {e}", T::NAME, p.relative, p.mask)
+        });
     assert!(rep.count > 0);
 }
 
@@ -42,12 +50,15 @@ fn emulated_paged_prefill_matches_reference() {
         // A fresh 1-token prompt, a chunk deep into its context, a fresh multi-tile prompt.
         let (seq_q, ctx) = ([1usize, 17, 70], [1usize, 17 + 40 + case, 70]);
         let page = [16usize, 7][case % 2];
-        // Every third case splits the keys (two 64-key splits of the ~100-key table rows).
+        // Every third case splits the keys (two 64-key splits of the ~100-key table rows); every
+        // case runs fused and through the gather workspace (the wide kernel: 70 queries).
         let splits = if case % 3 == 2 { 2 } else { 1 };
-        if case % 2 == 0 {
-            run::<f16>(case, &p, &seq_q, &ctx, page, splits);
-        } else {
-            run::<bf16>(case, &p, &seq_q, &ctx, page, splits);
+        for gather in [false, true] {
+            if case % 2 == 0 {
+                run::<f16>(case, &p, &seq_q, &ctx, page, splits, gather);
+            } else {
+                run::<bf16>(case, &p, &seq_q, &ctx, page, splits, gather);
+            }
         }
         cases += 1;
     }
@@ -73,8 +84,10 @@ fn emulated_paged_prefill_with_split_keys() {
         p.mask = mask;
         p.relative = relative;
         for splits in [1usize, 3, 5] {
-            run::<bf16>(900 + i, &p, &[5, 20], &[790, 30], 16, splits);
+            run::<bf16>(900 + i, &p, &[5, 20], &[790, 30], 16, splits, false);
         }
+        // Gathered (one split; the narrow kernel over the gathered keys: 20 queries).
+        run::<bf16>(900 + i, &p, &[5, 20], &[790, 30], 16, 3, true);
     }
 }
 
@@ -107,12 +120,27 @@ fn emulated_paged_prefill_equals_contiguous_prefill() {
     let (k, v) = (guard(&gather(&f.k_cache)), guard(&gather(&f.v_cache)));
     let (mut o1, mut l1) = (GuardedBuf::filled(tq * hq * d, bf16::ZERO), GuardedBuf::filled(hq * tq, 0f32));
     let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cq, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
-    emu.attention_fwd_paged(&x, &mut o1, &mut l1, &f.cache, &PagedPrefillBatch::contiguous(&p, 2, 100, tq, f.max_pages), &p, 1, None).unwrap();
+    let batch = PagedPrefillBatch::contiguous(&p, 2, 100, tq, f.max_pages);
+    let path = emu.attention_fwd_paged(&x, &mut o1, &mut l1, &f.cache, &batch, &p, 1, None, None).unwrap();
+    assert_eq!(path, PagedPrefillPath::Fused);
     let (mut o2, mut l2) = (GuardedBuf::filled(tq * hq * d, bf16::ZERO), GuardedBuf::filled(hq * tq, 0f32));
-    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &cq, seq_starts: None };
-    emu.attention_fwd(&x, &mut o2, &mut l2, &AttentionBatch::contiguous(&p, 2, 100, tq, tq), &p, None).unwrap();
-    assert!(o1.iter().zip(o2.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "outputs differ");
-    assert!(l1.iter().zip(l2.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "LSEs differ");
+    let xc = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &cq, seq_starts: None };
+    let cbatch = AttentionBatch::contiguous(&p, 2, 100, tq, tq);
+    emu.attention_fwd(&xc, &mut o2, &mut l2, &cbatch, &p, None).unwrap();
+    let same = |o1: &[bf16], o2: &[bf16], l1: &[f32], l2: &[f32], what: &str| {
+        assert!(o1.iter().zip(o2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: outputs differ");
+        assert!(l1.iter().zip(l2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: LSEs differ");
+    };
+    same(&o1, &o2, &l1, &l2, "fused");
+    // Gathered: the rope kernel's gather is its pre-rotation of the same keys, and the same
+    // (wide) kernel then runs, so the result is the contiguous pre-rotated prefill's.
+    let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &batch, &f.cache), bf16::ZERO);
+    let path = emu.attention_fwd_paged(&x, &mut o1, &mut l1, &f.cache, &batch, &p, 1, None, Some(&mut gws[..])).unwrap();
+    assert_eq!(path, PagedPrefillPath::Gathered);
+    let mut cws = GuardedBuf::filled(attention_fwd_workspace_len(&p, tq), bf16::ZERO);
+    let cpath = emu.attention_fwd(&xc, &mut o2, &mut l2, &cbatch, &p, Some(&mut cws[..])).unwrap();
+    assert_eq!(cpath, PrefillPath::PreRotated);
+    same(&o1, &o2, &l1, &l2, "gathered");
 }
 
 /// f32 has no tensor-core path: refused with a typed error before any launch.
@@ -131,6 +159,7 @@ fn paged_prefill_refuses_f32() {
         out: 128,
         lse: 2,
         workspace: None,
+        gather: None,
     };
     assert!(matches!(batch.check::<f32>(&p, &cache, &lens, 1), Err(Error::DtypeMismatch { .. })));
     assert!(batch.check::<f16>(&p, &cache, &lens, 1).is_ok());
@@ -156,6 +185,7 @@ fn paged_prefill_split_plans() {
         out: 32 * 32 * 128,
         lse: 32 * 32,
         workspace: ws,
+        gather: None,
     };
     let need = paged_prefill_workspace_len(&p, &batch, 8);
     assert_eq!(need, 8 * 32 * 32 * 129);
@@ -169,4 +199,56 @@ fn paged_prefill_split_plans() {
     assert_eq!(paged_prefill_splits(&p, &batch, &cache, 132), 9);
     let long = PagedPrefillBatch::contiguous(&p, 1, 4096, 4096, 2048);
     assert_eq!(paged_prefill_splits(&p, &long, &cache, 132), 1);
+}
+
+/// The gather workspace: its length (K and V of every table slot), too short refused, the
+/// gathered path in one split whatever splits asked for, ReRoPE fused with or without it, and
+/// the advice (long chunks without ReRoPE).
+#[test]
+fn paged_prefill_gather_plans() {
+    let mut p = AttentionParams::new(32, 8, 128);
+    let cache = rope_attn::cuda::PagedKvCache { num_pages: 4096, page_size: 16, kv_heads: 8, head_dim: 128 };
+    let batch = PagedPrefillBatch::contiguous(&p, 2, 512, 600, 256); // up to 4096 keys a sequence
+    let need = paged_prefill_gather_len(&p, &batch, &cache);
+    assert_eq!(need, 2 * 2 * 4096 * 8 * 128);
+    let split_ws = paged_prefill_workspace_len(&p, &batch, 4);
+    let lens = |gather: Option<usize>| rope_attn::cuda::PagedFwdLens {
+        q: 600 * 32 * 128,
+        k_cache: cache.len(),
+        v_cache: cache.len(),
+        block_table: 2 * 256,
+        context_lens: 2,
+        cu_seqlens_q: 3,
+        out: 600 * 32 * 128,
+        lse: 32 * 600,
+        workspace: Some(split_ws),
+        gather,
+    };
+    let plan = batch.check::<bf16>(&p, &cache, &lens(Some(need)), 4).unwrap();
+    assert_eq!((plan.path, plan.splits), (PagedPrefillPath::Gathered, 1));
+    assert!(matches!(
+        batch.check::<bf16>(&p, &cache, &lens(Some(need - 1)), 1),
+        Err(Error::BufferTooSmall { what: "paged prefill gather workspace", .. })
+    ));
+    assert_eq!(batch.check::<bf16>(&p, &cache, &lens(None), 4).unwrap().path, PagedPrefillPath::Fused);
+    assert!(paged_prefill_prefers_gather(&p, &batch));
+    assert!(!paged_prefill_prefers_gather(&p, &PagedPrefillBatch::contiguous(&p, 2, 64, 100, 256)));
+    p.rope = Some(schedules(128, 128).remove(6).1);
+    p.relative = rope_attn::Relative::ReRope { window: 512 };
+    assert!(!paged_prefill_prefers_gather(&p, &batch));
+    assert_eq!(batch.check::<bf16>(&p, &cache, &lens(Some(need)), 4).unwrap().path, PagedPrefillPath::Fused);
+}
+
+/// Many sequences: the gather shares its blocks out (16 a sequence at 128 sequences), so each
+/// block strides over several keys, rewriting its angles between them. Partial rotary (the
+/// pass-through components copied beside the rotated ones), mixed lengths, a sliding window.
+#[test]
+fn emulated_paged_prefill_gathers_many_sequences() {
+    let mut p = AttentionParams::new(4, 2, 64);
+    p.rope = Some(schedules(64, 32).remove(6).1);
+    p.mask = rope_attn::Mask { causal: true, window: Some(40), sinks: 2 };
+    let n = 128;
+    let seq_q: Vec<usize> = (0..n).map(|b| 1 + b % 3).collect();
+    let ctx: Vec<usize> = (0..n).map(|b| seq_q[b] + 30 + (b * 37) % 70).collect();
+    run::<bf16>(950, &p, &seq_q, &ctx, 16, 1, true);
 }

@@ -39,6 +39,13 @@ int main() {
     FIELD(RopeParams, batch);
     FIELD(RopeParams, starts_stride);
     FIELD(RopeParams, use_leak_freq);
+    FIELD(RopeParams, block_table);
+    FIELD(RopeParams, context_lens);
+    FIELD(RopeParams, v_in);
+    FIELD(RopeParams, v_out);
+    FIELD(RopeParams, page_size);
+    FIELD(RopeParams, max_pages);
+    FIELD(RopeParams, num_pages);
     SIZE(ScoresParams);
     FIELD(ScoresParams, rope);
     FIELD(ScoresParams, q);

@@ -331,7 +331,13 @@ impl Paged<'_> {
                     false => None,
                 };
                 let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
-                rc::attention_fwd_paged(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut())?;
+                // Long chunks: gather the context's K (rotated) and V once, then the wide kernel.
+                let mut gather = match rc::paged_prefill_prefers_gather(p, b) {
+                    true => Some(stream.alloc_zeros::<T>(rc::paged_prefill_gather_len(p, b, self.cache))?),
+                    false => None,
+                };
+                let mut gv = gather.as_mut().map(|w| w.as_view_mut());
+                rc::attention_fwd_paged(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut(), gv.as_mut())?;
             }
         }
         *self.lse.borrow_mut() = Some(CudaStorage::wrap_cuda_slice(lse, dev.clone()));

@@ -585,6 +585,7 @@ fn paged_prefill_call(
         out: qr.rows * p.num_q_heads * p.head_dim,
         lse: p.num_q_heads * qr.rows,
         workspace: None,
+        gather: None,
     };
     // One split here; the CUDA path plans its splits (and their workspace) for the device.
     with_dtype!(q.dtype(), T => batch.check::<T>(p, &cache, &lens, 1))?;

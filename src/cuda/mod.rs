@@ -45,8 +45,8 @@ pub use device::{device_status, Gpu};
 pub use dtype::Dtype;
 pub use merge::merge_states;
 pub use paged_prefill::{
-    attention_fwd_paged, attention_fwd_paged_checked, paged_prefill_splits, paged_prefill_workspace_len, PagedFwdLens, PagedPrefillBatch,
-    PagedPrefillPlan,
+    attention_fwd_paged, attention_fwd_paged_checked, paged_prefill_gather_len, paged_prefill_prefers_gather, paged_prefill_splits,
+    paged_prefill_workspace_len, PagedFwdLens, PagedPrefillBatch, PagedPrefillPath, PagedPrefillPlan,
 };
 pub use rope::{rope_inplace, rope_inplace_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM};
 pub use scores::{scores, scores_checked, ScoresShape};

@@ -1,8 +1,14 @@
 //! Launcher for paged prefill (kernels/attention_fwd.cu in paged mode): a varlen batch of new
 //! query tokens against keys and values read straight from a paged KV cache through the block
 //! table — chunked prefill and prefix reuse without gathering the cache into contiguous buffers.
-//! Keys stay unrotated in the cache and are rotated tile by tile in shared memory (by
-//! composition), ReRoPE's far copies included; f16 and bf16.
+//! Keys stay unrotated in the cache. Two ways to run (f16 and bf16):
+//! * **fused**: the narrow prefill kernel reads K and V through the block table and rotates each
+//!   K tile in shared memory (by composition), ReRoPE's far copies included;
+//! * **gathered** (a `gather` workspace passed): the rope kernel first gathers every sequence's
+//!   keys (rotated, once) and values out of the cache into the workspace, then the prefill
+//!   kernel runs on contiguous keys, which lets a long chunk take the wide tile (128 query rows,
+//!   half the shared-memory traffic per mma) and rotate no K tile per query block. Not with
+//!   ReRoPE (the wide kernel has no far product): that always runs fused.
 
 use super::attention::{attn_params_base, is_16bit, mma_fwd_launch, narrow_tile_rows};
 use super::checked::{max_abs, widen, CheckReport, Tolerance};
@@ -12,7 +18,8 @@ use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
 use super::params::{to_i32, AttnParams};
 use super::scores::{check_rows, common, gather_rows};
-use crate::attention::AttentionParams;
+use super::rope::{launch as launch_rope, PagedGather, Positions, RopePtrs, RopeShape};
+use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
@@ -65,6 +72,17 @@ pub struct PagedFwdLens {
     pub lse: usize,
     /// f32 workspace elements (split keys), if one is passed.
     pub workspace: Option<usize>,
+    /// Gather workspace elements (of T), if one is passed.
+    pub gather: Option<usize>,
+}
+
+/// Which way a paged prefill runs (returned so callers and benchmarks can see the choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagedPrefillPath {
+    /// K and V read through the block table by the prefill kernel, K tiles rotated in it.
+    Fused,
+    /// K (rotated) and V gathered into the workspace first, then the prefill on contiguous keys.
+    Gathered,
 }
 
 /// How a paged prefill will run: key splits and keys per split.
@@ -74,6 +92,8 @@ pub struct PagedPrefillPlan {
     pub splits: usize,
     /// Keys per split (a multiple of 64, every narrow tile's width).
     pub keys_per_split: usize,
+    /// Fused or gathered (gathered runs one split).
+    pub path: PagedPrefillPath,
 }
 
 /// Split boundaries fall on multiples of this.
@@ -102,6 +122,24 @@ pub fn paged_prefill_workspace_len(p: &AttentionParams, batch: &PagedPrefillBatc
     } else {
         splits * batch.total_q * p.num_q_heads * (p.head_dim + 1)
     }
+}
+
+/// Elements (of T) of a gather workspace for this batch: K and V of every block-table slot,
+/// `2 · batch · max_pages · page_size · Hkv · d` (sequence b's keys from row
+/// `b · max_pages · page_size`; a table sized for far longer contexts than the batch holds costs
+/// memory, not time).
+pub fn paged_prefill_gather_len(p: &AttentionParams, batch: &PagedPrefillBatch, cache: &PagedKvCache) -> usize {
+    2 * batch.batch * split_span(batch, cache) * p.num_kv_heads * p.head_dim
+}
+
+/// Whether to pass a gather workspace ([`paged_prefill_gather_len`]) to [`attention_fwd_paged`]:
+/// without ReRoPE, once a sequence's new queries fill more than one narrow query tile (64
+/// rows; 32 at head_dim 256), the point past which the contiguous prefill pre-rotates too
+/// ([`super::prefill_prefers_workspace`]). The gather is one pass over the context's K and V;
+/// the fused path re-reads and re-rotates every K tile once per query tile and head. Argued
+/// from work counts, unmeasured until BENCHMARKS.md has figures.
+pub fn paged_prefill_prefers_gather(p: &AttentionParams, batch: &PagedPrefillBatch) -> bool {
+    p.relative == Relative::None && batch.max_seqlen_q > narrow_tile_rows(p.head_dim)
 }
 
 impl PagedPrefillBatch {
@@ -143,6 +181,15 @@ impl PagedPrefillBatch {
         if splits == 0 {
             return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
         }
+        if let (Some(got), Relative::None) = (lens.gather, p.relative) {
+            let needed = paged_prefill_gather_len(p, self, cache);
+            if got < needed {
+                return Err(Error::BufferTooSmall { what: "paged prefill gather workspace", needed, got });
+            }
+            // Sequence b's gathered keys start at row b * max_pages * page_size (an i32 in the kernels).
+            to_i32("batch * max_pages * page_size", self.batch * split_span(self, cache))?;
+            return Ok(PagedPrefillPlan { splits: 1, keys_per_split: split_span(self, cache), path: PagedPrefillPath::Gathered });
+        }
         let (splits, keys_per_split) = split_plan(split_span(self, cache), splits, SPLIT_ALIGN);
         let q_tiles = self.max_seqlen_q.div_ceil(narrow_tile_rows(d)).max(1);
         to_i32("keys_per_split", keys_per_split)?;
@@ -155,7 +202,7 @@ impl PagedPrefillBatch {
             Some(ws) if ws >= needed => {}
             ws => return Err(Error::BufferTooSmall { what: "paged prefill workspace", needed, got: ws.unwrap_or(0) }),
         }
-        Ok(PagedPrefillPlan { splits, keys_per_split })
+        Ok(PagedPrefillPlan { splits, keys_per_split, path: PagedPrefillPath::Fused })
     }
 }
 
@@ -171,6 +218,8 @@ pub(crate) struct PagedFwdPtrs {
     pub lse: u64,
     /// f32 workspace (split keys only).
     pub workspace: u64,
+    /// Gather workspace (gathered path only).
+    pub gather: u64,
 }
 
 /// Run a paged prefill that [`PagedPrefillBatch::check`] accepted (it returned `plan`): the
@@ -190,6 +239,9 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
     if !x.k_cache.is_multiple_of(16) || !x.v_cache.is_multiple_of(16) || !x.out.is_multiple_of(4) {
         let got = format!("{:#x} {:#x} {:#x}", x.k_cache, x.v_cache, x.out);
         return Err(Error::Shape { what: "k/v cache and out pointers", expected: "16-byte aligned caches, 4-byte aligned out".into(), got });
+    }
+    if plan.path == PagedPrefillPath::Gathered {
+        return launch_gathered::<T, B>(be, x, cache, batch, p);
     }
     let (part_out, part_lse) = partials(x.workspace, plan.splits, batch.total_q, p.num_q_heads, p.head_dim);
     let params = AttnParams {
@@ -221,11 +273,62 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
     launch_combine::<T, _>(be, x.workspace, x.out, x.lse, batch.o_row_stride, plan.splits, batch.total_q, p.num_q_heads, p.head_dim)
 }
 
+/// The gathered path: the rope kernel gathers K (rotated to its position) and V of every
+/// sequence out of the cache into the workspace, then the prefill kernel runs over them as
+/// contiguous keys with context_lens as their lengths (kernels/attention.cuh, seq_bounds): the
+/// wide kernel when the queries fill its tile.
+fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedKvCache, batch: &PagedPrefillBatch, p: &AttentionParams) -> Result<()> {
+    let c = common(p)?;
+    let (d, hkv) = (p.head_dim, p.num_kv_heads);
+    if !x.gather.is_multiple_of(16) {
+        return Err(Error::Shape { what: "gather workspace pointer", expected: "16-byte aligned".into(), got: format!("{:#x}", x.gather) });
+    }
+    let rows = split_span(batch, cache);
+    let v_ws = x.gather + (batch.batch * rows * hkv * d * std::mem::size_of::<T>()) as u64;
+    let shape = RopeShape { tokens: rows, q_heads: 0, k_heads: hkv, head_dim: d, q_row_stride: 0, k_row_stride: hkv * d };
+    let ptrs = RopePtrs { q_in: 0, q_out: 0, k_in: x.k_cache, k_out: x.gather, q_out_stride: 0, k_out_stride: hkv * d };
+    let g = PagedGather {
+        block_table: x.block_table,
+        context_lens: x.context_lens,
+        v_in: x.v_cache,
+        v_out: v_ws,
+        batch: batch.batch,
+        page_size: cache.page_size,
+        max_pages: batch.max_pages,
+        num_pages: cache.num_pages,
+    };
+    launch_rope::<T, B>(be, ptrs, &shape, c.rope, Positions::Paged(g), false)?;
+    let params = AttnParams {
+        q: x.q,
+        k: x.gather,
+        v: v_ws,
+        k_far: x.gather,
+        out: x.out,
+        lse: x.lse,
+        cu_seqlens_q: x.cu_q,
+        q_row_stride: batch.q_row_stride as i64,
+        k_row_stride: (hkv * d) as i64,
+        v_row_stride: (hkv * d) as i64,
+        o_row_stride: batch.o_row_stride as i64,
+        kf_row_stride: (hkv * d) as i64,
+        context_lens: x.context_lens,
+        page_size: cache.page_size as i32,
+        max_pages: batch.max_pages as i32,
+        num_pages: cache.num_pages as i32,
+        splits: 1,
+        ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
+    };
+    be.run(&mma_fwd_launch::<T>(params, p, false))
+}
+
 /// Paged prefill: O `[total_q, Hq, d]` and natural-log LSE `[Hq, total_q]` of new query tokens
 /// against the unrotated keys of a paged cache (see [`PagedPrefillBatch`] for positions).
 /// RoPE / ReRoPE / ALiBi / masks as `p` says; f16 and bf16. `splits > 1` splits every
 /// sequence's keys (as decode does; [`paged_prefill_splits`] picks a count for a GPU) and needs
 /// an f32 workspace of [`paged_prefill_workspace_len`]; the combine kernel then merges.
+/// `gather` (of [`paged_prefill_gather_len`], when [`paged_prefill_prefers_gather`] says so)
+/// selects the gathered path (module docs), in one split; with ReRoPE it is not used. Returns
+/// the path taken.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_paged<T: Dtype>(
     gpu: &Gpu,
@@ -243,7 +346,8 @@ pub fn attention_fwd_paged<T: Dtype>(
     p: &AttentionParams,
     splits: usize,
     workspace: Option<&mut CudaViewMut<'_, f32>>,
-) -> Result<()> {
+    gather: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<PagedPrefillPath> {
     let be = OnStream::new(gpu, stream)?;
     let lens = PagedFwdLens {
         q: q.len(),
@@ -255,6 +359,7 @@ pub fn attention_fwd_paged<T: Dtype>(
         out: out.len(),
         lse: lse.len(),
         workspace: workspace.as_ref().map(|w| w.len()),
+        gather: gather.as_ref().map(|w| w.len()),
     };
     let plan = batch.check::<T>(p, cache, &lens, splits)?;
     let (q, _g1) = q.device_ptr(stream);
@@ -266,8 +371,16 @@ pub fn attention_fwd_paged<T: Dtype>(
     let (out, _g7) = out.device_ptr_mut(stream);
     let (lse, _g8) = lse.device_ptr_mut(stream);
     let (workspace, _g9) = split_workspace(workspace, plan.splits, stream);
-    let ptrs = PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse, workspace };
-    launch_fwd_paged::<T, _>(&be, ptrs, plan, cache, batch, p)
+    let (gather, _g10) = match gather {
+        Some(w) if plan.path == PagedPrefillPath::Gathered => {
+            let (gp, g) = w.device_ptr_mut(stream);
+            (gp, Some(g))
+        }
+        _ => (0, None),
+    };
+    let ptrs = PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse, workspace, gather };
+    launch_fwd_paged::<T, _>(&be, ptrs, plan, cache, batch, p)?;
+    Ok(plan.path)
 }
 
 /// Host copies of a paged prefill's inputs and results, widened, for checked mode.
@@ -301,8 +414,9 @@ pub fn attention_fwd_paged_checked<T: Dtype>(
     p: &AttentionParams,
     splits: usize,
     workspace: Option<&mut CudaViewMut<'_, f32>>,
+    gather: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<CheckReport> {
-    attention_fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, cache, batch, p, splits, workspace)?;
+    attention_fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, cache, batch, p, splits, workspace, gather)?;
     let host = PagedFwdHost {
         q: widen(&stream.clone_dtoh(q)?),
         k_cache: widen(&stream.clone_dtoh(k_cache)?),

@@ -109,7 +109,31 @@ pub(crate) enum Positions {
     Explicit(u64),
     /// Token t of sequence b sits at `t - cu_seqlens[b] + starts[b * stride]` (starts 0 = none).
     FromCuSeqlens { cu_seqlens: u64, batch: usize, starts: u64, stride: usize },
+    /// Gather from a paged cache (`k_in` / `v_in` are the K and V caches, no Q): key j of
+    /// sequence b, at position j, to row `b * max_pages * page_size + j` of `k_out` / `v_out`.
+    Paged(PagedGather),
 }
+
+/// A gather's paged source (kernels/rope.cu, RopeParams): the block table and context lengths,
+/// the V cache beside the K cache, and where the gathered values go.
+#[derive(Clone, Copy)]
+pub(crate) struct PagedGather {
+    pub block_table: u64,
+    pub context_lens: u64,
+    pub v_in: u64,
+    pub v_out: u64,
+    pub batch: usize,
+    pub page_size: usize,
+    pub max_pages: usize,
+    pub num_pages: usize,
+}
+
+/// Blocks of a gather, shared out over the sequences (at least 16 each, at most one per key):
+/// each block strides over its sequence's keys, so a block table sized for long contexts
+/// launches no idle block per unused slot, while the grid is still about one full wave of
+/// 128-thread blocks on a large GPU (an H100 holds ~2100), however few the sequences.
+const GATHER_BLOCKS: usize = 2048;
+const GATHER_MIN_PER_SEQ: usize = 16;
 
 /// The one launch path every rope call goes through (validated by the caller).
 pub(crate) fn launch<T: Dtype, B: Backend>(
@@ -155,6 +179,11 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     let (pos_ptr, cu, batch, starts, stride) = match positions {
         Positions::Explicit(p) => (p, 0, 0, 0, 0),
         Positions::FromCuSeqlens { cu_seqlens, batch, starts, stride } => (0, cu_seqlens, batch, starts, stride),
+        Positions::Paged(g) => (0, 0, g.batch, 0, 0),
+    };
+    let gather = match positions {
+        Positions::Paged(g) => g,
+        _ => PagedGather { block_table: 0, context_lens: 0, v_in: 0, v_out: 0, batch: 0, page_size: 0, max_pages: 0, num_pages: 0 },
     };
     let params = RopeParams {
         rope: args,
@@ -176,9 +205,21 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
         batch: to_i32("batch", batch)?,
         starts_stride: stride as i32,
         use_leak_freq: use_leak_freq as i32,
+        block_table: gather.block_table,
+        context_lens: gather.context_lens,
+        v_in: gather.v_in,
+        v_out: gather.v_out,
+        page_size: to_i32("page_size", gather.page_size)?,
+        max_pages: to_i32("max_pages", gather.max_pages)?,
+        num_pages: to_i32("num_pages", gather.num_pages)?,
+    };
+    // A gather's shape.tokens is its rows per sequence (max_pages * page_size).
+    let grid = match gather.block_table {
+        0 => (shape.tokens as u32, 1, 1),
+        _ => (shape.tokens.min((GATHER_BLOCKS / gather.batch.max(1)).max(GATHER_MIN_PER_SEQ)) as u32, gather.batch as u32, 1),
     };
     // Every pointer was checked by the caller to cover the rows the kernel touches.
-    be.run(&Launch { module: Module::Rope, name, grid: (shape.tokens as u32, 1, 1), threads: 128, smem: 0, params })
+    be.run(&Launch { module: Module::Rope, name, grid, threads: 128, smem: 0, params })
 }
 
 /// Rotate Q `[tokens, q_heads, head_dim]` and K `[tokens, k_heads, head_dim]` in place, token

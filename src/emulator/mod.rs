@@ -55,7 +55,7 @@ use crate::cuda::params::RopeArgs;
 use crate::cuda::rope::{compare_rope, launch as launch_rope, Positions, RopePtrs};
 use crate::cuda::scores::{compare_scores, launch_scores};
 use crate::cuda::{
-    AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PrefillPath, RopeShape, ScoresShape,
+    AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, PrefillPath, RopeShape, ScoresShape,
 };
 use crate::error::{Error, Result};
 use cudarc::driver::DeviceRepr;
@@ -359,7 +359,8 @@ impl Emulator {
         p: &AttentionParams,
         splits: usize,
         workspace: Option<&mut [f32]>,
-    ) -> Result<()> {
+        gather: Option<&mut [T]>,
+    ) -> Result<PagedPrefillPath> {
         let lens = PagedFwdLens {
             q: x.q.len(),
             k_cache: x.k_cache.len(),
@@ -370,6 +371,7 @@ impl Emulator {
             out: out.len(),
             lse: lse.len(),
             workspace: workspace.as_ref().map(|w| w.len()),
+            gather: gather.as_ref().map(|w| w.len()),
         };
         let plan = batch.check::<T>(p, cache, &lens, splits)?;
         let ptrs = PagedFwdPtrs {
@@ -382,8 +384,10 @@ impl Emulator {
             out: addr(out),
             lse: addr(lse),
             workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
+            gather: if plan.path == PagedPrefillPath::Gathered { gather.map_or(0, |w| addr(w)) } else { 0 },
         };
-        launch_fwd_paged::<T, _>(self, ptrs, plan, cache, batch, p)
+        launch_fwd_paged::<T, _>(self, ptrs, plan, cache, batch, p)?;
+        Ok(plan.path)
     }
 
     /// [`crate::cuda::attention_fwd_paged_checked`] on host buffers.
@@ -398,8 +402,9 @@ impl Emulator {
         p: &AttentionParams,
         splits: usize,
         workspace: Option<&mut [f32]>,
+        gather: Option<&mut [T]>,
     ) -> Result<CheckReport> {
-        self.attention_fwd_paged(x, out, lse, cache, batch, p, splits, workspace)?;
+        self.attention_fwd_paged(x, out, lse, cache, batch, p, splits, workspace, gather)?;
         let host = PagedFwdHost {
             q: widen(x.q),
             k_cache: widen(x.k_cache),
