@@ -31,6 +31,10 @@ On a GPU (device 0), in one run:
   decode   paged cache (page 16, shuffled block table), context 1k/8k/32k/128k, batch 1/16/64:
            GB/s of K+V read, against a device-to-device copy measured in the same run, and the
            same kernel and cache without RoPE (what a pre-rotated cache would cost)
+  chunked  paged prefill (a chunk of new queries at the end of a cached context: 2k at 8k and
+           32k, 512 at 32k, 4×1k at 8k), RoPE + ALiBi, causal: fused (keys read through the
+           block table and rotated per tile) against gathered (K rotated once and V gathered
+           into a workspace, then the prefill kernel on contiguous keys)
   rope     the rope kernel in place against a device-to-device copy of the same bytes
 Before timing, the kernels are checked against the f64 CPU reference and the fused, pre-rotated
 and unfused outputs against each other. Timing: CUDA events after warm-up, median of rounds,
@@ -46,7 +50,7 @@ OPTIONS:
     --torch             run the torch baselines and fail if they cannot run
     --no-torch          skip them (default: run them when `python3 -c 'import torch'` works)
     --python EXE        the interpreter for benches/torch_sdpa.py (default: $ROPE_ATTN_PYTHON or python3)
-    --only SECTIONS     comma-separated subset of prefill,decode,rope
+    --only SECTIONS     comma-separated subset of prefill,decode,chunked,rope
     --peak-tflops X     the card's peak dense 16-bit TFLOP/s, when it is not in the built-in table
     --peak-gbps X       the card's peak memory GB/s, likewise
     --cpu               CPU mode even when a GPU is present

@@ -122,6 +122,38 @@ impl fmt::Display for DecodeCase {
     }
 }
 
+/// A chunked prefill over a paged cache: `batch` sequences, each `chunk` new queries that are
+/// the last of its `context` cached tokens (causal), read through a shuffled block table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkCase {
+    pub dtype: DType,
+    pub head_dim: usize,
+    pub batch: usize,
+    pub chunk: usize,
+    pub context: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+}
+
+impl ChunkCase {
+    /// `4·b·h·d` per visible (query, key) pair: query m of the chunk sees `context - chunk + m + 1` keys.
+    pub fn flops(&self) -> f64 {
+        let (c, l) = (self.chunk as f64, self.context as f64);
+        let pairs = c * (l - c) + c * (c + 1.0) / 2.0;
+        4.0 * self.batch as f64 * self.q_heads as f64 * self.head_dim as f64 * pairs
+    }
+
+    pub fn id(&self) -> String {
+        format!("{}-d{}-b{}-chunk{}-ctx{}", self.dtype.name(), self.head_dim, self.batch, self.chunk, self.context)
+    }
+}
+
+impl fmt::Display for ChunkCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} d{} b{} chunk {} at ctx {}", self.dtype.name(), self.head_dim, self.batch, short(self.chunk), short(self.context))
+    }
+}
+
 /// The rope kernel alone on Q `[tokens, 32, d]` and K `[tokens, 8, d]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RopeCase {
@@ -163,11 +195,12 @@ pub fn short(n: usize) -> String {
 pub struct Plan {
     pub prefill: Vec<PrefillCase>,
     pub decode: Vec<DecodeCase>,
+    pub chunked: Vec<ChunkCase>,
     pub rope: Vec<RopeCase>,
 }
 
 /// Sections a run may be limited to (`--only`).
-pub const SECTIONS: &[&str] = &["prefill", "decode", "rope"];
+pub const SECTIONS: &[&str] = &["prefill", "decode", "chunked", "rope"];
 
 /// The full plan (the issue's shapes), or the `--quick` subset.
 pub fn plan(quick: bool) -> Plan {
@@ -209,6 +242,17 @@ pub fn plan(quick: bool) -> Plan {
             }
         }
     }
+    // (batch, chunk, context): a long chunk deep into a long context, a short one, a batch.
+    let chunks: &[(usize, usize, usize)] =
+        if quick { &[(1, 2048, 8192), (1, 2048, 32768)] } else { &[(1, 2048, 8192), (1, 2048, 32768), (1, 512, 32768), (4, 1024, 8192)] };
+    let mut chunked = Vec::new();
+    for &dtype in dtypes {
+        for &head_dim in dims {
+            for &(batch, chunk, context) in chunks {
+                chunked.push(ChunkCase { dtype, head_dim, batch, chunk, context, q_heads: Q_HEADS, kv_heads: KV_HEADS });
+            }
+        }
+    }
     let tokens: &[usize] = if quick { &[8192, 131072] } else { &[512, 2048, 8192, 32768, 131072] };
     let mut rope = Vec::new();
     for &dtype in dtypes {
@@ -218,7 +262,7 @@ pub fn plan(quick: bool) -> Plan {
             }
         }
     }
-    Plan { prefill, decode, rope }
+    Plan { prefill, decode, chunked, rope }
 }
 
 impl Plan {
@@ -230,6 +274,9 @@ impl Plan {
         }
         if !keep("decode") {
             self.decode.clear();
+        }
+        if !keep("chunked") {
+            self.chunked.clear();
         }
         if !keep("rope") {
             self.rope.clear();
@@ -263,6 +310,20 @@ impl Plan {
                 self.decode.len(),
                 summarize(self.decode.iter().map(|c| {
                     (c.dtype.name().to_string(), format!("d{}", c.head_dim), format!("ctx {}", short(c.context)), format!("b{}", c.batch))
+                })),
+                Q_HEADS,
+                KV_HEADS,
+            );
+        }
+        if !self.chunked.is_empty() {
+            s += &format!(
+                "  chunked  {} cases: {}\n\
+                 \x20          paged prefill of a chunk of new queries at the end of a cached context (page {PAGE_SIZE}, shuffled\n\
+                 \x20          table), RoPE + ALiBi, causal, GQA {}/{}: fused (keys rotated per tile in the kernel) against\n\
+                 \x20          gathered (K rotated once and V gathered into a workspace, then the prefill on contiguous keys)\n",
+                self.chunked.len(),
+                summarize(self.chunked.iter().map(|c| {
+                    (c.dtype.name().to_string(), format!("d{}", c.head_dim), format!("b{} chunk {}", c.batch, short(c.chunk)), format!("ctx {}", short(c.context)))
                 })),
                 Q_HEADS,
                 KV_HEADS,
@@ -315,6 +376,7 @@ mod tests {
         assert!(p.prefill.iter().all(|c| c.q_heads == 32 && c.kv_heads == 8));
         assert!(p.prefill.iter().any(|c| c.batch == 16 && c.seqlen == 2048 && !c.causal));
         assert!(p.decode.iter().any(|c| c.batch == 64 && c.context == 131072));
+        assert_eq!(p.chunked.len(), 2 * 2 * 4);
         let q = plan(true);
         assert!(q.prefill.len() < p.prefill.len() && !q.prefill.is_empty());
         let only = plan(true).only(&["rope".to_string()]);
@@ -340,6 +402,9 @@ mod tests {
         assert_eq!(c.to_string(), "bf16 d128 1x2k full");
         let d = DecodeCase { dtype: DType::F16, head_dim: 128, batch: 16, context: 8192, q_heads: 32, kv_heads: 8 };
         assert_eq!(d.kv_bytes(), 2.0 * 16.0 * 8192.0 * 8.0 * 128.0 * 2.0);
+        // A chunk of 2 at the end of 5 keys sees 4 + 5 keys.
+        let k = ChunkCase { dtype: DType::Bf16, head_dim: 64, batch: 3, chunk: 2, context: 5, q_heads: 32, kv_heads: 8 };
+        assert_eq!(k.flops(), 4.0 * 3.0 * 32.0 * 64.0 * 9.0);
         let r = RopeCase { dtype: DType::Bf16, head_dim: 64, tokens: 512, q_heads: 32, kv_heads: 8 };
         assert_eq!(r.bytes(), 2.0 * 512.0 * 40.0 * 64.0 * 2.0);
         assert_eq!(

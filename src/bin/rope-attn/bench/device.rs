@@ -561,6 +561,106 @@ impl<T: Dtype> Decode<T> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Chunked prefill over a paged cache
+
+/// A paged prefill: `batch` sequences, each `chunk` new queries at the end of `context` cached
+/// tokens (pages handed out in a random order); RoPE (Llama 3.1) + ALiBi, causal. One input set
+/// (the cache of a long context is far larger than L2). Both paths run on the same buffers.
+pub struct PagedPrefill<T: Dtype> {
+    /// The attention parameters.
+    pub p: AttentionParams,
+    /// The batch geometry.
+    pub batch: cuda::PagedPrefillBatch,
+    /// The cache geometry.
+    pub cache: PagedKvCache,
+    /// Key splits of the fused path (the gathered path runs one).
+    pub splits: usize,
+    k_cache: CudaSlice<T>,
+    v_cache: CudaSlice<T>,
+    table: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+    cu_q: CudaSlice<i32>,
+    q: CudaSlice<T>,
+    out: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+    ws: CudaSlice<f32>,
+    gather: CudaSlice<T>,
+}
+
+impl<T: Dtype> PagedPrefill<T> {
+    /// Device bytes: the cache, Q and O, the gather workspace (K and V again), the split partials.
+    pub fn device_bytes(batch: usize, chunk: usize, context: usize, hq: usize, hkv: usize, d: usize) -> usize {
+        let e = std::mem::size_of::<T>();
+        let kv = 2 * batch * context.div_ceil(PAGE) * PAGE * hkv * d * e;
+        2 * kv + 2 * batch * chunk * hq * d * e + 16 * batch * chunk * hq * (d + 1) * 4
+    }
+
+    /// Allocate, fill and plan the fused path's splits for `sm_count` SMs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(stream: &Arc<CudaStream>, batch: usize, chunk: usize, context: usize, hq: usize, hkv: usize, d: usize, sm_count: usize, seed: u64) -> Res<Self> {
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(llama31_rotary(d)?);
+        p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
+        let max_pages = context.div_ceil(PAGE);
+        let cache = PagedKvCache { num_pages: batch * max_pages, page_size: PAGE, kv_heads: hkv, head_dim: d };
+        let mut pages: Vec<i32> = (0..cache.num_pages as i32).collect();
+        SplitMix(seed).shuffle(&mut pages);
+        let pb = cuda::PagedPrefillBatch::contiguous(&p, batch, chunk, batch * chunk, max_pages);
+        let splits = cuda::paged_prefill_splits(&p, &pb, &cache, sm_count);
+        let cu: Vec<i32> = (0..=batch).map(|b| (b * chunk) as i32).collect();
+        Ok(PagedPrefill {
+            k_cache: random_device_tiled::<T>(stream, cache.len(), seed + 1)?,
+            v_cache: random_device_tiled::<T>(stream, cache.len(), seed + 2)?,
+            table: stream.clone_htod(&pages)?,
+            lens: stream.clone_htod(&vec![context as i32; batch])?,
+            cu_q: stream.clone_htod(&cu)?,
+            q: random_device::<T>(stream, batch * chunk * hq * d, seed + 3)?,
+            out: stream.alloc_zeros::<T>(batch * chunk * hq * d)?,
+            lse: stream.alloc_zeros::<f32>(batch * chunk * hq)?,
+            ws: stream.alloc_zeros::<f32>(cuda::paged_prefill_workspace_len(&p, &pb, splits).max(1))?,
+            gather: stream.alloc_zeros::<T>(cuda::paged_prefill_gather_len(&p, &pb, &cache))?,
+            p,
+            batch: pb,
+            cache,
+            splits,
+        })
+    }
+
+    /// One paged prefill, fused or gathered; the path it took.
+    pub fn run(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>, gathered: bool) -> Res<cuda::PagedPrefillPath> {
+        let mut ws = self.ws.as_view_mut();
+        let mut g = self.gather.as_view_mut();
+        let splits = if gathered { 1 } else { self.splits };
+        Ok(cuda::attention_fwd_paged(
+            gpu,
+            stream,
+            &self.q,
+            &self.k_cache,
+            &self.v_cache,
+            &self.table,
+            &self.lens,
+            &self.cu_q,
+            &mut self.out,
+            &mut self.lse,
+            &self.cache,
+            &self.batch,
+            &self.p,
+            splits,
+            Some(&mut ws),
+            gathered.then_some(&mut g),
+        )?)
+    }
+
+    /// The last output, widened.
+    pub fn output(&self, stream: &Arc<CudaStream>) -> Res<Vec<f64>> {
+        widen(stream, &self.out)
+    }
+}
+
+/// Tokens per page of the chunked-prefill cache (as decode's).
+const PAGE: usize = 16;
+
+// ---------------------------------------------------------------------------------------------
 // Rope alone, and the copy of the same bytes
 
 /// The rope kernel in place on Q `[tokens, hq, d]` and K `[tokens, hkv, d]`, and a

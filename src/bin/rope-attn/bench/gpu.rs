@@ -1,8 +1,8 @@
 //! The GPU comparison run: ceilings, a correctness check against the CPU reference, then every
 //! case of the plan with its baselines measured in the same run.
 
-use super::cases::{DType, DecodeCase, Plan, PrefillCase, RopeCase, PAGE_SIZE};
-use super::device::{self as dev, Decode, Prefill, PrefillVariant, Res, RopeCopy, Settings, Timer};
+use super::cases::{ChunkCase, DType, DecodeCase, Plan, PrefillCase, RopeCase, PAGE_SIZE};
+use super::device::{self as dev, Decode, PagedPrefill, Prefill, PrefillVariant, Res, RopeCopy, Settings, Timer};
 use super::peaks::{self, Peak};
 use super::report::{num, table, times, Row};
 use super::torch::{self, TorchRun};
@@ -293,6 +293,26 @@ pub fn run(plan: &Plan, opts: &Opts) -> Result<Outcome, String> {
         summary += &decode_table(&rows, copy_gbps);
     }
 
+    // Chunked prefill over the paged cache: fused against gathered.
+    for (i, c) in plan.chunked.iter().enumerate() {
+        eprintln!("[chunked {}/{}] {c}", i + 1, plan.chunked.len());
+        match by_dtype!(c.dtype, chunked_case(&cx, c, 8000 + i as u64)) {
+            Ok(r) => {
+                if r.iter().any(|r| r.note.contains("MISMATCH")) {
+                    failures.push(format!("chunked {c}: fused and gathered outputs disagree"));
+                }
+                rows.extend(r)
+            }
+            Err(e) => {
+                eprintln!("  {e}");
+                rows.push(error_row("chunked", &c.id(), &e.to_string()));
+            }
+        }
+    }
+    if !plan.chunked.is_empty() {
+        summary += &chunked_table(&rows, peak);
+    }
+
     // Rope against the copy of the same bytes.
     for (i, c) in plan.rope.iter().enumerate() {
         eprintln!("[rope {}/{}] {c}", i + 1, plan.rope.len());
@@ -525,6 +545,89 @@ fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) ->
         });
     }
     Ok(rows)
+}
+
+/// One chunked prefill, both ways over the same cache: fused (the split count
+/// paged_prefill_splits picks) and gathered; their outputs compared normwise.
+fn chunked_case<T: Dtype>(cx: &Ctx, c: &ChunkCase, seed: u64) -> Res<Vec<Row>> {
+    let (b, n, ctx, hq, hkv, d) = (c.batch, c.chunk, c.context, c.q_heads, c.kv_heads, c.head_dim);
+    cx.fits(PagedPrefill::<T>::device_bytes(b, n, ctx, hq, hkv, d))?;
+    let mut pp = PagedPrefill::<T>::new(&cx.stream, b, n, ctx, hq, hkv, d, cx.sms, seed)?;
+    let timer = Timer::new(&cx.stream)?;
+    let (gpu, stream) = (cx.gpu, &cx.stream);
+    let mut rows = Vec::with_capacity(2);
+    let mut outputs = Vec::with_capacity(2);
+    for (implementation, gathered) in [("ours_paged_fused", false), ("ours_paged_gathered", true)] {
+        let mut path = None;
+        let st = timer.measure(&cx.settings, &mut |_| {
+            path = Some(pp.run(gpu, stream, gathered)?);
+            Ok(())
+        })?;
+        outputs.push(pp.output(stream)?);
+        let tf = c.flops() / (st.median_ms * 1e-3) / 1e12;
+        rows.push(Row {
+            section: "chunked",
+            case: c.id(),
+            implementation: implementation.into(),
+            pe: "rope+alibi",
+            dtype: c.dtype.name().into(),
+            head_dim: d,
+            batch: b,
+            seq: n,
+            q_heads: hq,
+            kv_heads: hkv,
+            causal: Some(true),
+            path: match path {
+                Some(cuda::PagedPrefillPath::Gathered) => "gathered".into(),
+                _ => format!("fused, splits={}", pp.splits),
+            },
+            ms_median: st.median_ms,
+            ms_min: st.min_ms,
+            tflops: Some(tf),
+            pct_peak: cx.peak.map(|p| 100.0 * tf / p.tflops),
+            note: format!("context {ctx}"),
+            ..Row::default()
+        });
+    }
+    let diff = dev::rel_diff(&outputs[1], &outputs[0]);
+    let fused_ms = rows[0].ms_median;
+    let g = &mut rows[1];
+    g.ratio = Some(fused_ms / g.ms_median);
+    g.ratio_of = "t(fused)/t(gathered)";
+    g.note = format!("context {ctx}; vs fused {diff:.1e} normwise{}", if diff < 2e-2 { "" } else { " MISMATCH" });
+    Ok(rows)
+}
+
+fn chunked_table(rows: &[Row], peak: Option<Peak>) -> String {
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .filter(|r| r.section == "chunked" && r.implementation != "ours_paged_fused")
+        .map(|r| {
+            if r.implementation == "error" {
+                let mut v = vec![r.case.clone()];
+                v.extend(std::iter::repeat_n("—".to_string(), 6));
+                v.push(r.note.clone());
+                return v;
+            }
+            let fused = find(rows, "chunked", &r.case, "ours_paged_fused");
+            vec![
+                r.case.clone(),
+                fused.map_or("—".into(), |f| format!("{:.3} ({})", f.ms_median, f.path)),
+                num(fused.and_then(|f| f.tflops), 1),
+                format!("{:.3}", r.ms_median),
+                num(r.tflops, 1),
+                num(r.pct_peak, 1),
+                times(r.ratio),
+                r.note.clone(),
+            ]
+        })
+        .collect();
+    format!(
+        "\nCHUNKED PREFILL (paged, page {PAGE_SIZE}, RoPE + ALiBi, causal, GQA 32/8) — TFLOP/s = 4·b·h·d·(visible query-key pairs) / time;\n\
+         %peak of {}; gathered/fused = t(fused)/t(gathered) (> 1: gathering first is faster)\n{}",
+        peak.map_or("an unknown peak".to_string(), |p| format!("{} {:.0} TFLOP/s", p.card, p.tflops)),
+        table(&["chunked", "fused ms", "fused TFLOP/s", "gathered ms", "gathered TFLOP/s", "%peak", "gathered/fused", "note"], &body)
+    )
 }
 
 fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
