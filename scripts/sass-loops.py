@@ -13,7 +13,13 @@ at when a change makes a kernel slower.
 -D passes a macro to nvcc. Two are honoured by the kernels, to count one path of a loop whose
 paths are picked at run time: RA_PROBE_SOFTMAX=0|1|2|3 (attention_fwd.cu: generic, plain, linear
 ALiBi, edge (causal diagonal or last tile) softmax for every tile) and RA_PROBE_DECODE=0|1|2 (attention_decode_mma.cu: keys not
-rotated, rotate_half or interleaved in registers; no ReRoPE; every tile unmasked).
+rotated, rotate_half or interleaved in registers; no ReRoPE; every tile unmasked), and
+RA_PROBE_COPY=1 (attention_fwd.cu: every K/V tile copied on the whole-tile path, so that the
+loop holds one copy path, fully unrolled).
+
+A loop that contains a smaller loop is counted with the inner one once: a rolled copy loop that
+runs four times issues three more bodies than the count shows (the reason the prefill's
+whole-tile copies are unrolled).
 
 Needs cuobjdump and nvdisasm, which nvcc's PyPI set does not include; any CUDA 13 version
 disassembles 13.0 cubins:

@@ -594,8 +594,10 @@ fn paged_prefill_call(
 
 /// Chunked prefill over a paged cache: sequence b's `seqlens_q[b]` new query rows (packed in
 /// `q` `[total_q, Hq, d]`, their K/V already appended with [`paged_append`]) are the last of
-/// its `context_lens[b]` cached tokens, and attend to all of them read through the block table:
-/// no gather into contiguous buffers. Query m sits at position `context_lens[b] - seqlens_q[b] + m`.
+/// its `context_lens[b]` cached tokens, and attend to all of them through the block table (on
+/// CUDA, chunks longer than one query tile gather the context's keys, rotated once, and values
+/// into a workspace first: `cuda::attention_fwd_paged`'s gathered path). Query m sits at
+/// position `context_lens[b] - seqlens_q[b] + m`.
 /// F16 and BF16 (the kernel runs on tensor cores; CPU tensors are held to the same rule).
 /// Returns the output `[total_q, Hq, d]` and log-sum-exp `[Hq, total_q]` (F32).
 pub fn attention_prefill_paged(
