@@ -26,8 +26,8 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;
     if (p.context_lens) {  // paged keys: the context length, clamped to the sequence's pages
         // Read through the block table, or (no table) gathered from it by the rope kernel into
-        // rows b * max_pages * page_size + j (the paged prefill's gathered path).
-        const int cap = p.max_pages * p.page_size;
+        // rows b * gather_rows + j (the paged prefill's gathered path).
+        const int cap = p.block_table ? p.max_pages * p.page_size : p.gather_rows;
         s.k_start = p.block_table ? 0 : b * cap;
         s.seqlen_k = imin(imax(p.context_lens[b], 0), cap);
     } else {

@@ -21,13 +21,14 @@ struct RopeParams {
     int use_leak_freq;  // rotate with freq_leak (Leaky ReRoPE's keys at j/k)
     // Gather (block_table set; no Q): key j of sequence b is read from a paged cache
     // [num_pages, page_size, k_heads, head_dim] through the block table and written, rotated to
-    // position j, to row b * max_pages * page_size + j of k_out; its V row (same strides as K)
-    // is copied from v_in to the same row of v_out. Keys at or past context_lens[b] are skipped.
+    // position j, to row b * gather_rows + j of k_out; its V row (same strides as K) is copied
+    // from v_in to the same row of v_out. Keys at or past context_lens[b] or gather_rows
+    // (<= max_pages * page_size) are skipped.
     const int* block_table;   // [batch, max_pages]
     const int* context_lens;  // [batch]
     const void* v_in;
     void* v_out;
-    int page_size, max_pages, num_pages;
+    int page_size, max_pages, num_pages, gather_rows;
 };
 
 // Mirrored by `ScoresParams` in src/cuda/params.rs.
@@ -66,13 +67,15 @@ struct AttnParams {
     float scale;
     // Paged keys (block_table != null): sequence b's keys are the first context_lens[b] slots of
     // its pages in k / v ([num_pages, page_size, kv_heads, head_dim]), its queries the last ones.
+    // Gathered (context_lens set, no table): its first context_lens[b] rows from row
+    // b * gather_rows of k / v (the rope kernel's gather), at most gather_rows of them.
     const int* block_table;   // [batch, max_pages]
     const int* context_lens;  // [batch]
     int page_size, max_pages, num_pages;
     // Split keys (splits > 1, narrow kernels only): block x = query tile * splits + split takes
     // keys [split, split + 1) * keys_per_split and writes f32 partials for merge.cu's combine:
     // part_out [splits, total_q, q_heads, head_dim] (normalised), part_lse [splits, q_heads, total_q].
-    int splits, keys_per_split, pad_;
+    int splits, keys_per_split, gather_rows;
     float* part_out;
     float* part_lse;
 };

@@ -113,11 +113,11 @@ __device__ void rope_body(const RopeParams& p) {
         rope_token<T, INTERLEAVED, P>(p, t, t, token_position(p, t));
         return;
     }
-    const int b = blockIdx.y, cap = p.max_pages * p.page_size;
-    const int ctx = imin(imax(p.context_lens[b], 0), cap);  // as the attention kernels clamp it
+    const int b = blockIdx.y;
+    const int ctx = imin(imax(p.context_lens[b], 0), p.gather_rows);  // as the attention kernels clamp it
     for (int j = blockIdx.x; j < ctx; j += gridDim.x) {
         const long long slot = paged_slot(p.block_table, b, j, p.page_size, p.max_pages, p.num_pages);
-        const long long row = (long long)b * cap + j;
+        const long long row = (long long)b * p.gather_rows + j;
         rope_token<T, INTERLEAVED, P>(p, slot, row, j);
         copy_heads(static_cast<const T*>(p.v_in) + slot * p.k_in_stride, static_cast<T*>(p.v_out) + row * p.k_out_stride,
                    p.k_heads, p.head_dim, 0, true);

@@ -106,10 +106,15 @@ fn paged_prefill_with_corrupt_table_and_lengths_stays_in_bounds() {
             emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, splits, Some(&mut ws), None).unwrap();
         }
         // Gathered: the rope kernel's gather reads the same table and lengths.
-        let (mut out, mut lse) = (GuardedBuf::filled(total_q * hq * d, bf16::ZERO), GuardedBuf::filled(total_q * hq, 0f32));
-        let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &batch, &cache), bf16::ZERO);
-        let path = emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, 1, None, Some(&mut gws[..])).unwrap();
-        assert_eq!(path, rope_attn::cuda::PagedPrefillPath::Gathered);
+        // Gathered too, with the workspace sized for the table's rows and for a host bound the
+        // lengths break (20 keys a sequence).
+        for max_context in [None, Some(20)] {
+            let batch = PagedPrefillBatch { max_context, ..batch };
+            let (mut out, mut lse) = (GuardedBuf::filled(total_q * hq * d, bf16::ZERO), GuardedBuf::filled(total_q * hq, 0f32));
+            let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &batch, &cache), bf16::ZERO);
+            let path = emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, 1, None, Some(&mut gws[..])).unwrap();
+            assert_eq!(path, rope_attn::cuda::PagedPrefillPath::Gathered);
+        }
     }
 }
 

@@ -27,7 +27,11 @@ fn run<T: Dtype>(case: usize, p: &AttentionParams, seq_q: &[usize], ctx: &[usize
     let f = fill::<T>(&emu, p, ctx, page, &mut r);
     let tq: usize = seq_q.iter().sum();
     let (hq, d) = (p.num_q_heads, p.head_dim);
-    let batch = PagedPrefillBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, f.max_pages);
+    let mut batch = PagedPrefillBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, f.max_pages);
+    if gather {
+        // The workspace sized for the longest context, not the table's rows (a multiple of the page).
+        batch.max_context = ctx.iter().max().copied();
+    }
     let q = guard(&as_dtype::<T>(&uniform(&mut r, tq * hq * d)).0);
     let cq = guard(&cu_seqlens(seq_q));
     let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cq, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
@@ -231,6 +235,11 @@ fn paged_prefill_gather_plans() {
         Err(Error::BufferTooSmall { what: "paged prefill gather workspace", .. })
     ));
     assert_eq!(batch.check::<bf16>(&p, &cache, &lens(None), 4).unwrap().path, PagedPrefillPath::Fused);
+    // A host bound on the contexts sizes it instead of the table's rows (never more than those).
+    let bounded = PagedPrefillBatch { max_context: Some(1000), ..batch };
+    assert_eq!(paged_prefill_gather_len(&p, &bounded, &cache), 2 * 2 * 1000 * 8 * 128);
+    assert_eq!(paged_prefill_gather_len(&p, &PagedPrefillBatch { max_context: Some(1 << 20), ..batch }, &cache), need);
+    assert!(bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 2 * 1000 * 8 * 128)), 1).is_ok());
     assert!(paged_prefill_prefers_gather(&p, &batch));
     assert!(!paged_prefill_prefers_gather(&p, &PagedPrefillBatch::contiguous(&p, 2, 64, 100, 256)));
     p.rope = Some(schedules(128, 128).remove(6).1);

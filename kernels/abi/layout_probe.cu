@@ -46,6 +46,7 @@ int main() {
     FIELD(RopeParams, page_size);
     FIELD(RopeParams, max_pages);
     FIELD(RopeParams, num_pages);
+    FIELD(RopeParams, gather_rows);
     SIZE(ScoresParams);
     FIELD(ScoresParams, rope);
     FIELD(ScoresParams, q);
@@ -103,6 +104,7 @@ int main() {
     FIELD(AttnParams, num_pages);
     FIELD(AttnParams, splits);
     FIELD(AttnParams, keys_per_split);
+    FIELD(AttnParams, gather_rows);
     FIELD(AttnParams, part_out);
     FIELD(AttnParams, part_lse);
     SIZE(DecodeParams);

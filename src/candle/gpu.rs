@@ -331,9 +331,11 @@ impl Paged<'_> {
                     false => None,
                 };
                 let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
-                // Long chunks: gather the context's K (rotated) and V once, then the wide kernel.
-                let mut gather = match rc::paged_prefill_prefers_gather(p, b) {
-                    true => Some(stream.alloc_zeros::<T>(rc::paged_prefill_gather_len(p, b, self.cache))?),
+                // Long chunks: gather the context's K (rotated) and V once, then the wide kernel;
+                // not when the workspace (every table slot) would outgrow the cache pool itself.
+                let gather_len = rc::paged_prefill_gather_len(p, b, self.cache);
+                let mut gather = match rc::paged_prefill_prefers_gather(p, b) && gather_len <= 2 * n {
+                    true => Some(stream.alloc_zeros::<T>(gather_len)?),
                     false => None,
                 };
                 let mut gv = gather.as_mut().map(|w| w.as_view_mut());

@@ -262,7 +262,7 @@ pub(crate) fn attn_params_base(c: Common, p: &AttentionParams, batch: usize, max
         num_pages: 0,
         splits: 1,
         keys_per_split: 0,
-        pad_: 0,
+        gather_rows: 0,
         part_out: 0,
         part_lse: 0,
     }

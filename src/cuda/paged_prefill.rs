@@ -37,6 +37,11 @@ pub struct PagedPrefillBatch {
     pub total_q: usize,
     /// Columns of the block table (`[batch, max_pages]`, i32 page indices).
     pub max_pages: usize,
+    /// An upper bound on every `context_lens[b]`, known on the host, for the gathered path: it
+    /// sizes the gather workspace (`paged_prefill_gather_len`), and a sequence's keys past it
+    /// are not gathered. `None`: the table's rows, `max_pages · page_size` (a server whose
+    /// block table is as wide as the model's longest context should give the batch's longest).
+    pub max_context: Option<usize>,
     /// Elements between query rows (>= Hq·d).
     pub q_row_stride: usize,
     /// Elements between output rows (>= Hq·d).
@@ -47,7 +52,7 @@ impl PagedPrefillBatch {
     /// Dense Q and O.
     pub fn contiguous(p: &AttentionParams, batch: usize, max_seqlen_q: usize, total_q: usize, max_pages: usize) -> Self {
         let row = p.num_q_heads * p.head_dim;
-        PagedPrefillBatch { batch, max_seqlen_q, total_q, max_pages, q_row_stride: row, o_row_stride: row }
+        PagedPrefillBatch { batch, max_seqlen_q, total_q, max_pages, max_context: None, q_row_stride: row, o_row_stride: row }
     }
 }
 
@@ -124,12 +129,16 @@ pub fn paged_prefill_workspace_len(p: &AttentionParams, batch: &PagedPrefillBatc
     }
 }
 
-/// Elements (of T) of a gather workspace for this batch: K and V of every block-table slot,
-/// `2 · batch · max_pages · page_size · Hkv · d` (sequence b's keys from row
-/// `b · max_pages · page_size`; a table sized for far longer contexts than the batch holds costs
-/// memory, not time).
+/// Keys per sequence the gather workspace holds (sequence b's from row `b ·` this): the batch's
+/// `max_context`, at most the table's rows.
+fn keys_gathered(batch: &PagedPrefillBatch, cache: &PagedKvCache) -> usize {
+    batch.max_context.map_or(split_span(batch, cache), |m| m.min(split_span(batch, cache)))
+}
+
+/// Elements (of T) of a gather workspace for this batch: K and V of `max_context` keys per
+/// sequence (the table's rows when it is `None`), `2 · batch · max_context · Hkv · d`.
 pub fn paged_prefill_gather_len(p: &AttentionParams, batch: &PagedPrefillBatch, cache: &PagedKvCache) -> usize {
-    2 * batch.batch * split_span(batch, cache) * p.num_kv_heads * p.head_dim
+    2 * batch.batch * keys_gathered(batch, cache) * p.num_kv_heads * p.head_dim
 }
 
 /// Whether to pass a gather workspace ([`paged_prefill_gather_len`]) to [`attention_fwd_paged`]:
@@ -186,9 +195,9 @@ impl PagedPrefillBatch {
             if got < needed {
                 return Err(Error::BufferTooSmall { what: "paged prefill gather workspace", needed, got });
             }
-            // Sequence b's gathered keys start at row b * max_pages * page_size (an i32 in the kernels).
-            to_i32("batch * max_pages * page_size", self.batch * split_span(self, cache))?;
-            return Ok(PagedPrefillPlan { splits: 1, keys_per_split: split_span(self, cache), path: PagedPrefillPath::Gathered });
+            // Sequence b's gathered keys start at row b * keys_gathered (an i32 in the kernels).
+            to_i32("batch * max_context", self.batch * keys_gathered(self, cache))?;
+            return Ok(PagedPrefillPlan { splits: 1, keys_per_split: keys_gathered(self, cache), path: PagedPrefillPath::Gathered });
         }
         let (splits, keys_per_split) = split_plan(split_span(self, cache), splits, SPLIT_ALIGN);
         let q_tiles = self.max_seqlen_q.div_ceil(narrow_tile_rows(d)).max(1);
@@ -283,7 +292,8 @@ fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedK
     if !x.gather.is_multiple_of(16) {
         return Err(Error::Shape { what: "gather workspace pointer", expected: "16-byte aligned".into(), got: format!("{:#x}", x.gather) });
     }
-    let rows = split_span(batch, cache);
+    // (max_context 0: no keys gathered, and the prefill writes O = 0, LSE = -inf.)
+    let rows = keys_gathered(batch, cache);
     let v_ws = x.gather + (batch.batch * rows * hkv * d * std::mem::size_of::<T>()) as u64;
     let shape = RopeShape { tokens: rows, q_heads: 0, k_heads: hkv, head_dim: d, q_row_stride: 0, k_row_stride: hkv * d };
     let ptrs = RopePtrs { q_in: 0, q_out: 0, k_in: x.k_cache, k_out: x.gather, q_out_stride: 0, k_out_stride: hkv * d };
@@ -296,6 +306,7 @@ fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedK
         page_size: cache.page_size,
         max_pages: batch.max_pages,
         num_pages: cache.num_pages,
+        rows,
     };
     launch_rope::<T, B>(be, ptrs, &shape, c.rope, Positions::Paged(g), false)?;
     let params = AttnParams {
@@ -316,6 +327,7 @@ fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedK
         max_pages: batch.max_pages as i32,
         num_pages: cache.num_pages as i32,
         splits: 1,
+        gather_rows: rows as i32,
         ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
     };
     be.run(&mma_fwd_launch::<T>(params, p, false))

@@ -110,7 +110,7 @@ pub(crate) enum Positions {
     /// Token t of sequence b sits at `t - cu_seqlens[b] + starts[b * stride]` (starts 0 = none).
     FromCuSeqlens { cu_seqlens: u64, batch: usize, starts: u64, stride: usize },
     /// Gather from a paged cache (`k_in` / `v_in` are the K and V caches, no Q): key j of
-    /// sequence b, at position j, to row `b * max_pages * page_size + j` of `k_out` / `v_out`.
+    /// sequence b, at position j, to row `b * rows + j` of `k_out` / `v_out` (j < rows).
     Paged(PagedGather),
 }
 
@@ -126,6 +126,8 @@ pub(crate) struct PagedGather {
     pub page_size: usize,
     pub max_pages: usize,
     pub num_pages: usize,
+    /// Rows per sequence in the output (sequence b's keys from row `b · rows`).
+    pub rows: usize,
 }
 
 /// Blocks of a gather, shared out over the sequences (at least 16 each, at most one per key):
@@ -183,7 +185,7 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     };
     let gather = match positions {
         Positions::Paged(g) => g,
-        _ => PagedGather { block_table: 0, context_lens: 0, v_in: 0, v_out: 0, batch: 0, page_size: 0, max_pages: 0, num_pages: 0 },
+        _ => PagedGather { block_table: 0, context_lens: 0, v_in: 0, v_out: 0, batch: 0, page_size: 0, max_pages: 0, num_pages: 0, rows: 0 },
     };
     let params = RopeParams {
         rope: args,
@@ -212,8 +214,9 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
         page_size: to_i32("page_size", gather.page_size)?,
         max_pages: to_i32("max_pages", gather.max_pages)?,
         num_pages: to_i32("num_pages", gather.num_pages)?,
+        gather_rows: to_i32("gather rows", gather.rows)?,
     };
-    // A gather's shape.tokens is its rows per sequence (max_pages * page_size).
+    // A gather's shape.tokens is its rows per sequence.
     let grid = match gather.block_table {
         0 => (shape.tokens as u32, 1, 1),
         _ => (shape.tokens.min((GATHER_BLOCKS / gather.batch.max(1)).max(GATHER_MIN_PER_SEQ)) as u32, gather.batch as u32, 1),
