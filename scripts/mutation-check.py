@@ -82,7 +82,7 @@ MUTATIONS = [
      "emu_attention", "emulated_prefill_matches_reference_bf16"),
     ("prefill fast: a partial tile copied as a whole one", "kernels/attention_fwd.cu",
      "if (RA_PROBE_COPY || valid >= ROWS) {", "if (RA_PROBE_COPY || valid >= ROWS - STEP) {",
-     "emu_attention", "emulated_prefill_matches_reference_bf16"),
+     "emu_attention", "emulated_prefill_last_partial_tile_reads_nothing_past_the_end"),
     ("prefill fast: a partial tile's last rows not zero-filled", "kernels/attention_fwd.cu",
      "            const bool ok = r0 + k * STEP < valid;\n            cp_async_16(dst + k * STEP * LD, ok ? src : g, ok);",
      "            const bool ok = r0 + k * STEP < valid;\n            if (ok) cp_async_16(dst + k * STEP * LD, src, ok);",

@@ -339,3 +339,25 @@ fn emulated_prefill_softmax_forms() {
         assert_eq!(run::<f16>(&emu, &p, &seq_q, &seq_k, 60 + i as u64, false), PrefillPath::Fused, "case {i}");
     }
 }
+
+/// A batch's last key tile can fall short of a whole tile by fewer rows than one copy pass
+/// covers (61 of 64 keys, 47 of 48): its copy must still stop at the last key, not run the
+/// whole-tile copy over rows past the buffer's end (every buffer ends at its last row, guarded).
+/// Narrow and wide tiles, fused and pre-rotated keys.
+#[test]
+fn emulated_prefill_last_partial_tile_reads_nothing_past_the_end() {
+    let emu = emulator(31);
+    let mut p = AttentionParams::new(4, 2, 128);
+    p.rope = Some(schedules(128, 128).remove(0).1);
+    // bf16: wide 64-key tiles (61 = 64 - 3), narrow (61); f16: narrow (61), wide 48-key tiles (95 = 48 + 47).
+    for (seq, bf16_too, f16_too) in [(vec![70usize, 61], true, false), (vec![61], true, true), (vec![70, 95], false, true)] {
+        for use_ws in [false, true] {
+            if bf16_too {
+                run::<bf16>(&emu, &p, &seq, &seq, 31, use_ws);
+            }
+            if f16_too {
+                run::<f16>(&emu, &p, &seq, &seq, 31, use_ws);
+            }
+        }
+    }
+}
