@@ -250,7 +250,8 @@ fn paged_prefill_gather_plans() {
 
 /// Many sequences: the gather shares its blocks out (16 a sequence at 128 sequences), so each
 /// block strides over several keys, rewriting its angles between them. Partial rotary (the
-/// pass-through components copied beside the rotated ones), mixed lengths, a sliding window.
+/// pass-through components copied beside the rotated ones), mixed lengths, a sliding window;
+/// then without RoPE.
 #[test]
 fn emulated_paged_prefill_gathers_many_sequences() {
     let mut p = AttentionParams::new(4, 2, 64);
@@ -260,4 +261,9 @@ fn emulated_paged_prefill_gathers_many_sequences() {
     let seq_q: Vec<usize> = (0..n).map(|b| 1 + b % 3).collect();
     let ctx: Vec<usize> = (0..n).map(|b| seq_q[b] + 30 + (b * 37) % 70).collect();
     run::<bf16>(950, &p, &seq_q, &ctx, 16, 1, true);
+    // No RoPE (ALiBi instead): the gather only copies, K whole as pass-through components.
+    p.rope = None;
+    p.alibi = Some(rope_attn::Alibi { total_heads: 4, head_offset: 0 });
+    run::<f16>(951, &p, &seq_q[..40], &ctx[..40], 16, 1, true);
+    run::<f16>(951, &p, &seq_q[..40], &ctx[..40], 16, 1, false);
 }
