@@ -598,30 +598,37 @@ fn chunked_case<T: Dtype>(cx: &Ctx, c: &ChunkCase, seed: u64) -> Res<Vec<Row>> {
     Ok(rows)
 }
 
-fn chunked_table(rows: &[Row], peak: Option<Peak>) -> String {
-    let body: Vec<Vec<String>> = rows
-        .iter()
-        .filter(|r| r.section == "chunked" && r.implementation != "ours_paged_fused")
+/// The table body of one section: `row(r)` for each measurement but the `partner` rows (shown
+/// beside their case's), and for a failed case its error across the table's `cols` columns.
+fn section_body(rows: &[Row], section: &str, partner: &str, cols: usize, row: impl Fn(&Row) -> Vec<String>) -> Vec<Vec<String>> {
+    rows.iter()
+        .filter(|r| r.section == section && r.implementation != partner)
         .map(|r| {
             if r.implementation == "error" {
                 let mut v = vec![r.case.clone()];
-                v.extend(std::iter::repeat_n("—".to_string(), 6));
+                v.extend(std::iter::repeat_n("—".to_string(), cols - 2));
                 v.push(r.note.clone());
                 return v;
             }
-            let fused = find(rows, "chunked", &r.case, "ours_paged_fused");
-            vec![
-                r.case.clone(),
-                fused.map_or("—".into(), |f| format!("{:.3} ({})", f.ms_median, f.path)),
-                num(fused.and_then(|f| f.tflops), 1),
-                format!("{:.3}", r.ms_median),
-                num(r.tflops, 1),
-                num(r.pct_peak, 1),
-                times(r.ratio),
-                r.note.clone(),
-            ]
+            row(r)
         })
-        .collect();
+        .collect()
+}
+
+fn chunked_table(rows: &[Row], peak: Option<Peak>) -> String {
+    let body = section_body(rows, "chunked", "ours_paged_fused", 8, |r| {
+        let fused = find(rows, "chunked", &r.case, "ours_paged_fused");
+        vec![
+            r.case.clone(),
+            fused.map_or("—".into(), |f| format!("{:.3} ({})", f.ms_median, f.path)),
+            num(fused.and_then(|f| f.tflops), 1),
+            format!("{:.3}", r.ms_median),
+            num(r.tflops, 1),
+            num(r.pct_peak, 1),
+            times(r.ratio),
+            r.note.clone(),
+        ]
+    });
     format!(
         "\nCHUNKED PREFILL (paged, page {PAGE_SIZE}, RoPE + ALiBi, causal, GQA 32/8) — TFLOP/s = 4·b·h·d·(visible query-key pairs) / time;\n\
          %peak of {}; gathered/fused = t(fused)/t(gathered) (> 1: gathering first is faster)\n{}",
@@ -735,30 +742,20 @@ fn prefill_table(plan: &Plan, rows: &[Row], peak: Option<Peak>) -> String {
 }
 
 fn decode_table(rows: &[Row], copy_gbps: f64) -> String {
-    let body: Vec<Vec<String>> = rows
-        .iter()
-        .filter(|r| r.section == "decode" && r.implementation != "ours_paged_decode_nope")
-        .map(|r| {
-            if r.implementation == "error" {
-                let mut v = vec![r.case.clone()];
-                v.extend(std::iter::repeat_n("—".to_string(), 7));
-                v.push(r.note.clone());
-                return v;
-            }
-            let nope = find(rows, "decode", &r.case, "ours_paged_decode_nope");
-            vec![
-                r.case.clone(),
-                r.path.clone(),
-                format!("{:.4}", r.ms_median),
-                num(r.gbps, 0),
-                num(r.pct_peak, 1),
-                times(r.ratio),
-                num(nope.and_then(|n| n.gbps), 0),
-                times(nope.map(|n| n.ms_median / r.ms_median)),
-                r.note.clone(),
-            ]
-        })
-        .collect();
+    let body = section_body(rows, "decode", "ours_paged_decode_nope", 9, |r| {
+        let nope = find(rows, "decode", &r.case, "ours_paged_decode_nope");
+        vec![
+            r.case.clone(),
+            r.path.clone(),
+            format!("{:.4}", r.ms_median),
+            num(r.gbps, 0),
+            num(r.pct_peak, 1),
+            times(r.ratio),
+            num(nope.and_then(|n| n.gbps), 0),
+            times(nope.map(|n| n.ms_median / r.ms_median)),
+            r.note.clone(),
+        ]
+    });
     format!(
         "\nDECODE (paged, page {PAGE_SIZE}, 1 query/sequence, RoPE, GQA 32/8) — GB/s = K+V bytes read / time; ×copy = GB/s / {copy_gbps:.0} GB/s dtod copy;\nno-PE = the same kernel and cache without RoPE (a pre-rotated cache); rope cost = t(no-PE)/t(RoPE), < 1 means RoPE costs time\n{}",
         table(&["decode", "splits", "ms", "GB/s", "%peak", "×copy", "no-PE GB/s", "rope cost", "note"], &body)
