@@ -117,7 +117,7 @@ MUTATIONS = [
      "        load_rotated_tile(Ks, ld, k, p.k_row_stride, BM, vk, D, p.rope, kmode, n0);",
      "emu_rope_scores", "emulated_scores"),
     ("rope: no barrier after the cos/sin table", "kernels/rope.cu",
-     "    __syncthreads();", "",
+     "    __syncthreads();\n\n    const int D = p.head_dim;", "\n    const int D = p.head_dim;",
      "emu_rope_scores", "emulated_rope_matches"),
     # The f32 decode kernel (CUDA cores, attention_decode.cu): only the f32 sweep runs it.
     ("rope: the 16-byte rotate_half kernel pairs components as interleaved", "kernels/rope.cu",
@@ -283,7 +283,7 @@ MUTATIONS = [
     ("paged prefill: the stepped page walk turns a page one key late", "kernels/attention_fwd.cu",
      "            if (off >= p.page_size) off -= p.page_size, ++pi;", "            if (off > p.page_size) off -= p.page_size, ++pi;",
      "emu_paged_prefill", "emulated_paged_prefill_matches"),
-    ("paged cache: wrong slot within a page", "kernels/attention.cuh",
+    ("paged cache: wrong slot within a page", "kernels/paged.cuh",
      "* page_size + j % page_size;", "* page_size + (j + 1) % page_size;",
      "emu_paged_prefill", "emulated_paged_prefill_matches"),
     ("split-K combine ignores the last split", "kernels/merge.cu",
@@ -312,8 +312,9 @@ def main() -> int:
             continue
         path = ROOT / rel
         source = path.read_text()
-        if old not in source:
-            raise SystemExit(f"{name}: the text to mutate is no longer in {rel}; update this script")
+        if source.count(old) != 1:
+            where = "is no longer in" if old not in source else "is in more than one place of"
+            raise SystemExit(f"{name}: the text to mutate {where} {rel}; update this script")
         try:
             path.write_text(source.replace(old, new, 1))
             ok = caught(target, test)
