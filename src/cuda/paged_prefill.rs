@@ -38,9 +38,12 @@ pub struct PagedPrefillBatch {
     /// Columns of the block table (`[batch, max_pages]`, i32 page indices).
     pub max_pages: usize,
     /// An upper bound on every `context_lens[b]`, known on the host, for the gathered path: it
-    /// sizes the gather workspace (`paged_prefill_gather_len`), and a sequence's keys past it
-    /// are not gathered. `None`: the table's rows, `max_pages · page_size` (a server whose
-    /// block table is as wide as the model's longest context should give the batch's longest).
+    /// sizes the gather workspace (`paged_prefill_gather_len`). A longer context is cut to it,
+    /// as both paths cut one longer than the table's rows (its queries then end the cut
+    /// context): a bound the lengths break gives wrong results, never an access out of bounds;
+    /// checked mode reports them. `None`: the table's rows, `max_pages · page_size` (a server
+    /// whose block table is as wide as the model's longest context should give the batch's
+    /// longest instead).
     pub max_context: Option<usize>,
     /// Elements between query rows (>= Hq·d).
     pub q_row_stride: usize,
