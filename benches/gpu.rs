@@ -1,13 +1,13 @@
 //! GPU kernel benchmarks (criterion; times from CUDA events around back-to-back launches, after
 //! criterion's warm-up): rope, scores, prefill (fused and pre-rotated paths, and the unfused
-//! pipeline), paged decode with split-K. Without a GPU: prints "gpu benches skipped: <why>" and
+//! pipeline), paged decode with split-K, paged (chunked) prefill fused and gathered. Without a GPU: prints "gpu benches skipped: <why>" and
 //! exits 0. The comparison against torch / flash_attn / copy bandwidth is `rope-attn bench`.
 
 #[path = "../src/bin/rope-attn/bench/device.rs"]
 mod device;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use device::{Decode, Prefill, PrefillVariant, Res, RopeCopy, Timer};
+use device::{Decode, PagedPrefill, Prefill, PrefillVariant, Res, RopeCopy, Timer};
 use half::bf16;
 use rope_attn::cuda::{self, Gpu, ScoresShape};
 use rope_attn::{Alibi, AttentionParams};
@@ -111,6 +111,22 @@ fn decode(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize, sms: usize) 
     Ok(())
 }
 
+fn chunked(c: &mut Criterion, gpu: &Gpu, stream: &Stream, sms: usize) -> Res<()> {
+    let (hq, hkv, d) = (32, 8, 128);
+    let mut g = c.benchmark_group("gpu/paged_prefill_bf16_d128_gqa32-8_rope+alibi");
+    for (chunk, ctx) in [(2048usize, 8192usize), (512, 32768)] {
+        let mut pp = PagedPrefill::<bf16>::new(stream, 1, chunk, ctx, hq, hkv, d, sms, 11)?;
+        let timer = Timer::new(stream)?;
+        for (name, gathered) in [("fused", false), ("gathered", true)] {
+            g.bench_function(BenchmarkId::new(name, format!("chunk{chunk}_ctx{ctx}")), |b| {
+                b.iter_custom(|n| gpu_time(&timer, n, &mut |_| pp.run(gpu, stream, gathered).map(|_| ())))
+            });
+        }
+    }
+    g.finish();
+    Ok(())
+}
+
 fn main() {
     if let Err(why) = cuda::device_status() {
         println!("gpu benches skipped: {why}");
@@ -129,11 +145,12 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .without_plots()
         .configure_from_args();
-    let steps: [Step; 4] = [
+    let steps: [Step; 5] = [
         ("rope", &mut |c| rope(c, &gpu, &stream, l2)),
         ("scores", &mut |c| scores(c, &gpu, &stream)),
         ("prefill", &mut |c| prefill(c, &gpu, &stream, l2)),
         ("decode", &mut |c| decode(c, &gpu, &stream, l2, sms)),
+        ("chunked", &mut |c| chunked(c, &gpu, &stream, sms)),
     ];
     let mut failed = false;
     for (name, step) in steps {
