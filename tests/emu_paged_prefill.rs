@@ -90,8 +90,9 @@ fn emulated_paged_prefill_with_split_keys() {
         for splits in [1usize, 3, 5] {
             run::<bf16>(900 + i, &p, &[5, 20], &[790, 30], 16, splits, false);
         }
-        // Gathered (one split; the narrow kernel over the gathered keys: 20 queries).
+        // Gathered: the narrow kernel over the gathered keys (20 queries), in 3 splits and one.
         run::<bf16>(900 + i, &p, &[5, 20], &[790, 30], 16, 3, true);
+        run::<bf16>(900 + i, &p, &[5, 20], &[790, 30], 16, 1, true);
     }
 }
 
@@ -205,9 +206,9 @@ fn paged_prefill_split_plans() {
     assert_eq!(paged_prefill_splits(&p, &long, &cache, 132), 1);
 }
 
-/// The gather workspace: its length (K and V of every table slot), too short refused, the
-/// gathered path in one split whatever splits asked for, ReRoPE fused with or without it, and
-/// the advice (long chunks without ReRoPE).
+/// The gather workspace: its length (K and V of every table slot, or of max_context keys), too
+/// short refused, the gathered path split as asked over the keys it gathers, ReRoPE fused with
+/// or without it, and the advice (long chunks without ReRoPE).
 #[test]
 fn paged_prefill_gather_plans() {
     let mut p = AttentionParams::new(32, 8, 128);
@@ -228,8 +229,10 @@ fn paged_prefill_gather_plans() {
         workspace: Some(split_ws),
         gather,
     };
+    // Splits as the fused path has them, over the keys gathered (here the table's 4096).
     let plan = batch.check::<bf16>(&p, &cache, &lens(Some(need)), 4).unwrap();
-    assert_eq!((plan.path, plan.splits), (PagedPrefillPath::Gathered, 1));
+    assert_eq!((plan.path, plan.splits, plan.keys_per_split), (PagedPrefillPath::Gathered, 4, 1024));
+    assert_eq!(batch.check::<bf16>(&p, &cache, &lens(Some(need)), 1).unwrap().splits, 1);
     assert!(matches!(
         batch.check::<bf16>(&p, &cache, &lens(Some(need - 1)), 1),
         Err(Error::BufferTooSmall { what: "paged prefill gather workspace", .. })
@@ -240,6 +243,9 @@ fn paged_prefill_gather_plans() {
     assert_eq!(paged_prefill_gather_len(&p, &bounded, &cache), 2 * 2 * 1000 * 8 * 128);
     assert_eq!(paged_prefill_gather_len(&p, &PagedPrefillBatch { max_context: Some(1 << 20), ..batch }, &cache), need);
     assert!(bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 2 * 1000 * 8 * 128)), 1).is_ok());
+    // 1000 keys in 4 splits: 256 a split (a multiple of 64).
+    let plan = bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 2 * 1000 * 8 * 128)), 4).unwrap();
+    assert_eq!((plan.splits, plan.keys_per_split), (4, 256));
     assert!(paged_prefill_prefers_gather(&p, &batch));
     assert!(!paged_prefill_prefers_gather(&p, &PagedPrefillBatch::contiguous(&p, 2, 64, 100, 256)));
     p.rope = Some(schedules(128, 128).remove(6).1);

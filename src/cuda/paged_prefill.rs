@@ -100,7 +100,7 @@ pub struct PagedPrefillPlan {
     pub splits: usize,
     /// Keys per split (a multiple of 64, every narrow tile's width).
     pub keys_per_split: usize,
-    /// Fused or gathered (gathered runs one split).
+    /// Fused or gathered.
     pub path: PagedPrefillPath,
 }
 
@@ -193,16 +193,18 @@ impl PagedPrefillBatch {
         if splits == 0 {
             return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
         }
-        if let (Some(got), Relative::None) = (lens.gather, p.relative) {
+        let gathered = lens.gather.is_some() && p.relative == Relative::None;
+        if let (true, Some(got)) = (gathered, lens.gather) {
             let needed = paged_prefill_gather_len(p, self, cache);
             if got < needed {
                 return Err(Error::BufferTooSmall { what: "paged prefill gather workspace", needed, got });
             }
             // Sequence b's gathered keys start at row b * keys_gathered (an i32 in the kernels).
             to_i32("batch * max_context", self.batch * keys_gathered(self, cache))?;
-            return Ok(PagedPrefillPlan { splits: 1, keys_per_split: keys_gathered(self, cache), path: PagedPrefillPath::Gathered });
         }
-        let (splits, keys_per_split) = split_plan(split_span(self, cache), splits, SPLIT_ALIGN);
+        // The keys splits share out: those the gather keeps, or the table's.
+        let span = if gathered { keys_gathered(self, cache) } else { split_span(self, cache) };
+        let (splits, keys_per_split) = split_plan(span, splits, SPLIT_ALIGN);
         let q_tiles = self.max_seqlen_q.div_ceil(narrow_tile_rows(d)).max(1);
         to_i32("keys_per_split", keys_per_split)?;
         if q_tiles * splits > i32::MAX as usize {
@@ -214,7 +216,8 @@ impl PagedPrefillBatch {
             Some(ws) if ws >= needed => {}
             ws => return Err(Error::BufferTooSmall { what: "paged prefill workspace", needed, got: ws.unwrap_or(0) }),
         }
-        Ok(PagedPrefillPlan { splits, keys_per_split, path: PagedPrefillPath::Fused })
+        let path = if gathered { PagedPrefillPath::Gathered } else { PagedPrefillPath::Fused };
+        Ok(PagedPrefillPlan { splits, keys_per_split, path })
     }
 }
 
@@ -252,44 +255,43 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         let got = format!("{:#x} {:#x} {:#x}", x.k_cache, x.v_cache, x.out);
         return Err(Error::Shape { what: "k/v cache and out pointers", expected: "16-byte aligned caches, 4-byte aligned out".into(), got });
     }
-    if plan.path == PagedPrefillPath::Gathered {
-        return launch_gathered::<T, B>(be, x, cache, batch, p);
-    }
-    let (part_out, part_lse) = partials(x.workspace, plan.splits, batch.total_q, p.num_q_heads, p.head_dim);
-    let params = AttnParams {
-        q: x.q,
-        k: x.k_cache,
-        v: x.v_cache,
-        k_far: x.k_cache,
-        out: x.out,
-        lse: x.lse,
-        cu_seqlens_q: x.cu_q,
-        q_row_stride: batch.q_row_stride as i64,
-        o_row_stride: batch.o_row_stride as i64,
-        rotate_k: p.rope.is_some() as i32,
-        block_table: x.block_table,
-        context_lens: x.context_lens,
-        page_size: cache.page_size as i32,
-        max_pages: batch.max_pages as i32,
-        num_pages: cache.num_pages as i32,
-        splits: plan.splits as i32,
-        keys_per_split: plan.keys_per_split as i32,
-        part_out,
-        part_lse,
-        ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
+    let fused = plan.path == PagedPrefillPath::Fused;
+    let params = if fused {
+        AttnParams {
+            q: x.q,
+            k: x.k_cache,
+            v: x.v_cache,
+            k_far: x.k_cache,
+            out: x.out,
+            lse: x.lse,
+            cu_seqlens_q: x.cu_q,
+            q_row_stride: batch.q_row_stride as i64,
+            o_row_stride: batch.o_row_stride as i64,
+            rotate_k: p.rope.is_some() as i32,
+            block_table: x.block_table,
+            context_lens: x.context_lens,
+            page_size: cache.page_size as i32,
+            max_pages: batch.max_pages as i32,
+            num_pages: cache.num_pages as i32,
+            ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
+        }
+    } else {
+        gathered_params::<T, B>(be, &x, cache, batch, p)?
     };
+    let (part_out, part_lse) = partials(x.workspace, plan.splits, batch.total_q, p.num_q_heads, p.head_dim);
+    let params = AttnParams { splits: plan.splits as i32, keys_per_split: plan.keys_per_split as i32, part_out, part_lse, ..params };
     // The kernel clamps context lengths and block-table entries into the pool, and query
     // offsets to total_q, which the buffers were checked to span.
-    be.run(&mma_fwd_launch::<T>(params, p, p.rope.is_some()))?;
+    be.run(&mma_fwd_launch::<T>(params, p, fused && p.rope.is_some()))?;
     // The partials were sized by paged_prefill_workspace_len.
     launch_combine::<T, _>(be, x.workspace, x.out, x.lse, batch.o_row_stride, plan.splits, batch.total_q, p.num_q_heads, p.head_dim)
 }
 
-/// The gathered path: the rope kernel gathers K (rotated to its position) and V of every
-/// sequence out of the cache into the workspace, then the prefill kernel runs over them as
-/// contiguous keys with context_lens as their lengths (kernels/attention.cuh, seq_bounds): the
-/// wide kernel when the queries fill its tile.
-fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedKvCache, batch: &PagedPrefillBatch, p: &AttentionParams) -> Result<()> {
+/// The gathered path's first launch: the rope kernel gathers K (rotated to its position) and V
+/// of every sequence out of the cache into the workspace. Returns the prefill's parameters over
+/// them, contiguous keys with context_lens as their lengths (kernels/attention.cuh,
+/// seq_bounds): in one split the wide kernel takes them when the queries fill its tile.
+fn gathered_params<T: Dtype, B: Backend>(be: &B, x: &PagedFwdPtrs, cache: &PagedKvCache, batch: &PagedPrefillBatch, p: &AttentionParams) -> Result<AttnParams> {
     let c = common(p)?;
     let (d, hkv) = (p.head_dim, p.num_kv_heads);
     if !x.gather.is_multiple_of(16) {
@@ -312,7 +314,7 @@ fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedK
         rows,
     };
     launch_rope::<T, B>(be, ptrs, &shape, c.rope, Positions::Paged(g), false)?;
-    let params = AttnParams {
+    Ok(AttnParams {
         q: x.q,
         k: x.gather,
         v: v_ws,
@@ -329,11 +331,9 @@ fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedK
         page_size: cache.page_size as i32,
         max_pages: batch.max_pages as i32,
         num_pages: cache.num_pages as i32,
-        splits: 1,
         gather_rows: rows as i32,
         ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
-    };
-    be.run(&mma_fwd_launch::<T>(params, p, false))
+    })
 }
 
 /// Paged prefill: O `[total_q, Hq, d]` and natural-log LSE `[Hq, total_q]` of new query tokens
@@ -342,8 +342,8 @@ fn launch_gathered<T: Dtype, B: Backend>(be: &B, x: PagedFwdPtrs, cache: &PagedK
 /// sequence's keys (as decode does; [`paged_prefill_splits`] picks a count for a GPU) and needs
 /// an f32 workspace of [`paged_prefill_workspace_len`]; the combine kernel then merges.
 /// `gather` (of [`paged_prefill_gather_len`], when [`paged_prefill_prefers_gather`] says so)
-/// selects the gathered path (module docs), in one split; with ReRoPE it is not used. Returns
-/// the path taken.
+/// selects the gathered path (module docs), splits as asked (one split and a chunk longer than
+/// one narrow tile: the wide kernel); with ReRoPE it is not used. Returns the path taken.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_paged<T: Dtype>(
     gpu: &Gpu,

@@ -573,7 +573,7 @@ pub struct PagedPrefill<T: Dtype> {
     pub batch: cuda::PagedPrefillBatch,
     /// The cache geometry.
     pub cache: PagedKvCache,
-    /// Key splits of the fused path (the gathered path runs one).
+    /// Key splits (`paged_prefill_splits`), for both paths.
     pub splits: usize,
     k_cache: CudaSlice<T>,
     v_cache: CudaSlice<T>,
@@ -630,7 +630,7 @@ impl<T: Dtype> PagedPrefill<T> {
     pub fn run(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>, gathered: bool) -> Res<cuda::PagedPrefillPath> {
         let mut ws = self.ws.as_view_mut();
         let mut g = self.gather.as_view_mut();
-        let splits = if gathered { 1 } else { self.splits };
+        let splits = self.splits;
         Ok(cuda::attention_fwd_paged(
             gpu,
             stream,

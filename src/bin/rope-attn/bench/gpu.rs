@@ -578,7 +578,7 @@ fn chunked_case<T: Dtype>(cx: &Ctx, c: &ChunkCase, seed: u64) -> Res<Vec<Row>> {
             kv_heads: hkv,
             causal: Some(true),
             path: match path {
-                Some(cuda::PagedPrefillPath::Gathered) => "gathered".into(),
+                Some(cuda::PagedPrefillPath::Gathered) => format!("gathered, splits={}", pp.splits),
                 _ => format!("fused, splits={}", pp.splits),
             },
             ms_median: st.median_ms,
