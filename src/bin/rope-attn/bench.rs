@@ -32,7 +32,7 @@ On a GPU (device 0), in one run:
            GB/s of K+V read, against a device-to-device copy measured in the same run, and the
            same kernel and cache without RoPE (what a pre-rotated cache would cost)
   chunked  paged prefill (a chunk of new queries at the end of a cached context: 2k at 8k and
-           32k, 512 at 32k, 4×1k at 8k), RoPE + ALiBi, causal: fused (keys read through the
+           32k, 512 and 64 at 32k, 4×1k at 8k), RoPE + ALiBi, causal: fused (keys read through the
            block table and rotated per tile) against gathered (K rotated once and V gathered
            into a workspace, then the prefill kernel on contiguous keys)
   rope     the rope kernel in place against a device-to-device copy of the same bytes

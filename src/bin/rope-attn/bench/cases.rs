@@ -242,9 +242,13 @@ pub fn plan(quick: bool) -> Plan {
             }
         }
     }
-    // (batch, chunk, context): a long chunk deep into a long context, a short one, a batch.
-    let chunks: &[(usize, usize, usize)] =
-        if quick { &[(1, 2048, 8192), (1, 2048, 32768)] } else { &[(1, 2048, 8192), (1, 2048, 32768), (1, 512, 32768), (4, 1024, 8192)] };
+    // (batch, chunk, context): a long chunk deep into a long context, shorter ones (64: the
+    // largest chunk paged_prefill_prefers_gather leaves fused, to check that threshold), a batch.
+    let chunks: &[(usize, usize, usize)] = if quick {
+        &[(1, 2048, 8192), (1, 2048, 32768)]
+    } else {
+        &[(1, 2048, 8192), (1, 2048, 32768), (1, 512, 32768), (1, 64, 32768), (4, 1024, 8192)]
+    };
     let mut chunked = Vec::new();
     for &dtype in dtypes {
         for &head_dim in dims {
@@ -376,7 +380,7 @@ mod tests {
         assert!(p.prefill.iter().all(|c| c.q_heads == 32 && c.kv_heads == 8));
         assert!(p.prefill.iter().any(|c| c.batch == 16 && c.seqlen == 2048 && !c.causal));
         assert!(p.decode.iter().any(|c| c.batch == 64 && c.context == 131072));
-        assert_eq!(p.chunked.len(), 2 * 2 * 4);
+        assert_eq!(p.chunked.len(), 2 * 2 * 5);
         let q = plan(true);
         assert!(q.prefill.len() < p.prefill.len() && !q.prefill.is_empty());
         let only = plan(true).only(&["rope".to_string()]);
