@@ -273,3 +273,21 @@ fn emulated_paged_prefill_gathers_many_sequences() {
     run::<f16>(951, &p, &seq_q[..40], &ctx[..40], 16, 1, true);
     run::<f16>(951, &p, &seq_q[..40], &ctx[..40], 16, 1, false);
 }
+
+/// A gather workspace that does not start on a 16-byte boundary is refused before any launch.
+#[test]
+fn paged_prefill_refuses_a_misaligned_gather_workspace() {
+    let mut p = AttentionParams::new(2, 1, 64);
+    p.rope = Some(schedules(64, 64).remove(0).1);
+    let emu = emulator(5);
+    let mut r = rng(5);
+    let f = fill::<bf16>(&emu, &p, &[70], 16, &mut r);
+    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, 70 * 2 * 64)).0);
+    let cq = guard(&cu_seqlens(&[70]));
+    let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cq, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    let batch = PagedPrefillBatch::contiguous(&p, 1, 70, 70, f.max_pages);
+    let (mut out, mut lse) = (GuardedBuf::filled(70 * 2 * 64, bf16::ZERO), GuardedBuf::filled(2 * 70, 0f32));
+    let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &batch, &f.cache) + 1, bf16::ZERO);
+    let e = emu.attention_fwd_paged(&x, &mut out, &mut lse, &f.cache, &batch, &p, 1, None, Some(&mut gws[1..])).unwrap_err();
+    assert!(matches!(e, Error::Shape { what: "gather workspace pointer", .. }), "{e}");
+}
