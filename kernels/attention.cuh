@@ -24,7 +24,7 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     SeqBounds s;
     s.q_start = imin(imax(p.cu_seqlens_q[b], 0), p.total_q);
     s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;
-    if (p.context_lens) {  // paged keys: the context length, clamped to the sequence's pages
+    if (p.context_lens) {  // paged keys: the context length, clamped to the keys there are
         // Read through the block table, or (no table) gathered from it by the rope kernel into
         // rows b * gather_rows + j (the paged prefill's gathered path).
         const int cap = p.block_table ? p.max_pages * p.page_size : p.gather_rows;
