@@ -115,7 +115,7 @@ fn chunked(c: &mut Criterion, gpu: &Gpu, stream: &Stream, sms: usize) -> Res<()>
     let (hq, hkv, d) = (32, 8, 128);
     let mut g = c.benchmark_group("gpu/paged_prefill_bf16_d128_gqa32-8_rope+alibi");
     for (chunk, ctx) in [(2048usize, 8192usize), (512, 32768)] {
-        let mut pp = PagedPrefill::<bf16>::new(stream, 1, chunk, ctx, hq, hkv, d, sms, 11)?;
+        let mut pp = PagedPrefill::<bf16>::new(stream, 1, chunk, ctx, hq, hkv, d, 16, sms, 11)?;
         let timer = Timer::new(stream)?;
         for (name, gathered) in [("fused", false), ("gathered", true)] {
             g.bench_function(BenchmarkId::new(name, format!("chunk{chunk}_ctx{ctx}")), |b| {

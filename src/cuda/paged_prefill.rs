@@ -1,7 +1,6 @@
-//! Launcher for paged prefill (kernels/attention_fwd.cu in paged mode): a varlen batch of new
-//! query tokens against keys and values read straight from a paged KV cache through the block
-//! table — chunked prefill and prefix reuse without gathering the cache into contiguous buffers.
-//! Keys stay unrotated in the cache. Two ways to run (f16 and bf16):
+//! Launcher for paged prefill (kernels/attention_fwd.cu): a varlen batch of new query tokens
+//! against the keys and values of a paged KV cache named by the block table — chunked prefill
+//! and prefix reuse. Keys stay unrotated in the cache. Two ways to run (f16 and bf16):
 //! * **fused**: the narrow prefill kernel reads K and V through the block table and rotates each
 //!   K tile in shared memory (by composition), ReRoPE's far copies included;
 //! * **gathered** (a `gather` workspace passed): the rope kernel first gathers every sequence's
@@ -17,7 +16,7 @@ use super::device::Gpu;
 use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
 use super::params::{to_i32, AttnParams};
-use super::scores::{check_rows, common, gather_rows};
+use super::scores::{check_rows, common, gather_rows, Common};
 use super::rope::{launch as launch_rope, PagedGather, Positions, RopePtrs, RopeShape};
 use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
@@ -193,8 +192,9 @@ impl PagedPrefillBatch {
         if splits == 0 {
             return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
         }
-        let gathered = lens.gather.is_some() && p.relative == Relative::None;
-        if let (true, Some(got)) = (gathered, lens.gather) {
+        // ReRoPE leaves a gather workspace unused (module docs).
+        let gather = lens.gather.filter(|_| p.relative == Relative::None);
+        if let Some(got) = gather {
             let needed = paged_prefill_gather_len(p, self, cache);
             if got < needed {
                 return Err(Error::BufferTooSmall { what: "paged prefill gather workspace", needed, got });
@@ -203,7 +203,7 @@ impl PagedPrefillBatch {
             to_i32("batch * max_context", self.batch * keys_gathered(self, cache))?;
         }
         // The keys splits share out: those the gather keeps, or the table's.
-        let span = if gathered { keys_gathered(self, cache) } else { split_span(self, cache) };
+        let span = if gather.is_some() { keys_gathered(self, cache) } else { split_span(self, cache) };
         let (splits, keys_per_split) = split_plan(span, splits, SPLIT_ALIGN);
         let q_tiles = self.max_seqlen_q.div_ceil(narrow_tile_rows(d)).max(1);
         to_i32("keys_per_split", keys_per_split)?;
@@ -216,7 +216,7 @@ impl PagedPrefillBatch {
             Some(ws) if ws >= needed => {}
             ws => return Err(Error::BufferTooSmall { what: "paged prefill workspace", needed, got: ws.unwrap_or(0) }),
         }
-        let path = if gathered { PagedPrefillPath::Gathered } else { PagedPrefillPath::Fused };
+        let path = if gather.is_some() { PagedPrefillPath::Gathered } else { PagedPrefillPath::Fused };
         Ok(PagedPrefillPlan { splits, keys_per_split, path })
     }
 }
@@ -276,7 +276,7 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
             ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
         }
     } else {
-        gathered_params::<T, B>(be, &x, cache, batch, p)?
+        gathered_params::<T, B>(be, &x, c, cache, batch, p)?
     };
     let (part_out, part_lse) = partials(x.workspace, plan.splits, batch.total_q, p.num_q_heads, p.head_dim);
     let params = AttnParams { splits: plan.splits as i32, keys_per_split: plan.keys_per_split as i32, part_out, part_lse, ..params };
@@ -291,8 +291,14 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
 /// of every sequence out of the cache into the workspace. Returns the prefill's parameters over
 /// them, contiguous keys with context_lens as their lengths (kernels/attention.cuh,
 /// seq_bounds): in one split the wide kernel takes them when the queries fill its tile.
-fn gathered_params<T: Dtype, B: Backend>(be: &B, x: &PagedFwdPtrs, cache: &PagedKvCache, batch: &PagedPrefillBatch, p: &AttentionParams) -> Result<AttnParams> {
-    let c = common(p)?;
+fn gathered_params<T: Dtype, B: Backend>(
+    be: &B,
+    x: &PagedFwdPtrs,
+    c: Common,
+    cache: &PagedKvCache,
+    batch: &PagedPrefillBatch,
+    p: &AttentionParams,
+) -> Result<AttnParams> {
     let (d, hkv) = (p.head_dim, p.num_kv_heads);
     if !x.gather.is_multiple_of(16) {
         return Err(Error::Shape { what: "gather workspace pointer", expected: "16-byte aligned".into(), got: format!("{:#x}", x.gather) });

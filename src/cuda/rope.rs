@@ -115,8 +115,8 @@ pub(crate) enum Positions {
 }
 
 /// A gather's paged source (kernels/rope.cu, RopeParams): the block table and context lengths,
-/// the V cache beside the K cache, and where the gathered values go.
-#[derive(Clone, Copy)]
+/// the V cache beside the K cache, and where the gathered values go (all 0: no gather).
+#[derive(Clone, Copy, Default)]
 pub(crate) struct PagedGather {
     pub block_table: u64,
     pub context_lens: u64,
@@ -178,14 +178,11 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     };
     let layout = if interleaved { "inter" } else { "half" };
     let name = format!("rope_{layout}_v{pairs}_{}", T::NAME);
-    let (pos_ptr, cu, batch, starts, stride) = match positions {
-        Positions::Explicit(p) => (p, 0, 0, 0, 0),
-        Positions::FromCuSeqlens { cu_seqlens, batch, starts, stride } => (0, cu_seqlens, batch, starts, stride),
-        Positions::Paged(g) => (0, 0, g.batch, 0, 0),
-    };
-    let gather = match positions {
-        Positions::Paged(g) => g,
-        _ => PagedGather { block_table: 0, context_lens: 0, v_in: 0, v_out: 0, batch: 0, page_size: 0, max_pages: 0, num_pages: 0, rows: 0 },
+    let none = PagedGather::default();
+    let (pos_ptr, cu, batch, starts, stride, gather) = match positions {
+        Positions::Explicit(p) => (p, 0, 0, 0, 0, none),
+        Positions::FromCuSeqlens { cu_seqlens, batch, starts, stride } => (0, cu_seqlens, batch, starts, stride, none),
+        Positions::Paged(g) => (0, 0, g.batch, 0, 0, g),
     };
     let params = RopeParams {
         rope: args,
@@ -216,10 +213,9 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
         num_pages: to_i32("num_pages", gather.num_pages)?,
         gather_rows: to_i32("gather rows", gather.rows)?,
     };
-    // A gather's shape.tokens is its rows per sequence.
     let grid = match gather.block_table {
         0 => (shape.tokens as u32, 1, 1),
-        _ => (shape.tokens.min((GATHER_BLOCKS / gather.batch.max(1)).max(GATHER_MIN_PER_SEQ)) as u32, gather.batch as u32, 1),
+        _ => (gather.rows.min((GATHER_BLOCKS / gather.batch.max(1)).max(GATHER_MIN_PER_SEQ)) as u32, gather.batch as u32, 1),
     };
     // Every pointer was checked by the caller to cover the rows the kernel touches.
     be.run(&Launch { module: Module::Rope, name, grid, threads: 128, smem: 0, params })

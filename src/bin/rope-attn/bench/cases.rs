@@ -7,7 +7,7 @@ use std::fmt;
 pub const Q_HEADS: usize = 32;
 /// KV heads of every case.
 pub const KV_HEADS: usize = 8;
-/// Tokens per page of the decode cache.
+/// Tokens per page of the paged caches (decode and chunked prefill).
 pub const PAGE_SIZE: usize = 16;
 
 /// The element types compared.

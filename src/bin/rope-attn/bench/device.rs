@@ -564,7 +564,7 @@ impl<T: Dtype> Decode<T> {
 // Chunked prefill over a paged cache
 
 /// A paged prefill: `batch` sequences, each `chunk` new queries at the end of `context` cached
-/// tokens (pages handed out in a random order); RoPE (Llama 3.1) + ALiBi, causal. One input set
+/// tokens (page `page_size`, pages handed out in a random order); RoPE (Llama 3.1) + ALiBi, causal. One input set
 /// (the cache of a long context is far larger than L2). Both paths run on the same buffers.
 pub struct PagedPrefill<T: Dtype> {
     /// The attention parameters.
@@ -589,20 +589,31 @@ pub struct PagedPrefill<T: Dtype> {
 
 impl<T: Dtype> PagedPrefill<T> {
     /// Device bytes: the cache, Q and O, the gather workspace (K and V again), the split partials.
-    pub fn device_bytes(batch: usize, chunk: usize, context: usize, hq: usize, hkv: usize, d: usize) -> usize {
+    pub fn device_bytes(batch: usize, chunk: usize, context: usize, hq: usize, hkv: usize, d: usize, page_size: usize) -> usize {
         let e = std::mem::size_of::<T>();
-        let kv = 2 * batch * context.div_ceil(PAGE) * PAGE * hkv * d * e;
+        let kv = 2 * batch * context.div_ceil(page_size) * page_size * hkv * d * e;
         2 * kv + 2 * batch * chunk * hq * d * e + 16 * batch * chunk * hq * (d + 1) * 4
     }
 
-    /// Allocate, fill and plan the fused path's splits for `sm_count` SMs.
+    /// Allocate, fill and plan the key splits (both paths') for `sm_count` SMs.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(stream: &Arc<CudaStream>, batch: usize, chunk: usize, context: usize, hq: usize, hkv: usize, d: usize, sm_count: usize, seed: u64) -> Res<Self> {
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        batch: usize,
+        chunk: usize,
+        context: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        page_size: usize,
+        sm_count: usize,
+        seed: u64,
+    ) -> Res<Self> {
         let mut p = AttentionParams::new(hq, hkv, d);
         p.rope = Some(llama31_rotary(d)?);
         p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
-        let max_pages = context.div_ceil(PAGE);
-        let cache = PagedKvCache { num_pages: batch * max_pages, page_size: PAGE, kv_heads: hkv, head_dim: d };
+        let max_pages = context.div_ceil(page_size);
+        let cache = PagedKvCache { num_pages: batch * max_pages, page_size, kv_heads: hkv, head_dim: d };
         let mut pages: Vec<i32> = (0..cache.num_pages as i32).collect();
         SplitMix(seed).shuffle(&mut pages);
         let pb = cuda::PagedPrefillBatch::contiguous(&p, batch, chunk, batch * chunk, max_pages);
@@ -630,7 +641,6 @@ impl<T: Dtype> PagedPrefill<T> {
     pub fn run(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>, gathered: bool) -> Res<cuda::PagedPrefillPath> {
         let mut ws = self.ws.as_view_mut();
         let mut g = self.gather.as_view_mut();
-        let splits = self.splits;
         Ok(cuda::attention_fwd_paged(
             gpu,
             stream,
@@ -645,7 +655,7 @@ impl<T: Dtype> PagedPrefill<T> {
             &self.cache,
             &self.batch,
             &self.p,
-            splits,
+            self.splits,
             Some(&mut ws),
             gathered.then_some(&mut g),
         )?)
@@ -656,9 +666,6 @@ impl<T: Dtype> PagedPrefill<T> {
         widen(stream, &self.out)
     }
 }
-
-/// Tokens per page of the chunked-prefill cache (as decode's).
-const PAGE: usize = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Rope alone, and the copy of the same bytes

@@ -551,8 +551,8 @@ fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) ->
 /// paged_prefill_splits picks) and gathered; their outputs compared normwise.
 fn chunked_case<T: Dtype>(cx: &Ctx, c: &ChunkCase, seed: u64) -> Res<Vec<Row>> {
     let (b, n, ctx, hq, hkv, d) = (c.batch, c.chunk, c.context, c.q_heads, c.kv_heads, c.head_dim);
-    cx.fits(PagedPrefill::<T>::device_bytes(b, n, ctx, hq, hkv, d))?;
-    let mut pp = PagedPrefill::<T>::new(&cx.stream, b, n, ctx, hq, hkv, d, cx.sms, seed)?;
+    cx.fits(PagedPrefill::<T>::device_bytes(b, n, ctx, hq, hkv, d, PAGE_SIZE))?;
+    let mut pp = PagedPrefill::<T>::new(&cx.stream, b, n, ctx, hq, hkv, d, PAGE_SIZE, cx.sms, seed)?;
     let timer = Timer::new(&cx.stream)?;
     let (gpu, stream) = (cx.gpu, &cx.stream);
     let mut rows = Vec::with_capacity(2);
