@@ -341,7 +341,8 @@ impl Kernels for OnGpu {
         let mut o = self.up(&vec![bf16::ZERO; q.len()])?;
         let mut l = self.up(&vec![0f32; n * p.num_q_heads])?;
         let (cache, kc, vc, table) = self.cache.as_ref().ok_or("no cache")?;
-        let batch = PagedPrefillBatch::contiguous(p, 1, n, n, cache.num_pages);
+        // The host knows the context: the gather workspace holds it, not the whole table row.
+        let batch = PagedPrefillBatch { total_context: Some(len), ..PagedPrefillBatch::contiguous(p, 1, n, n, cache.num_pages) };
         let sms = self.gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| e.to_string())?;
         let splits = cuda::paged_prefill_splits(p, &batch, cache, sms.max(1) as usize);
         let mut ws = match splits > 1 {
@@ -434,7 +435,7 @@ mod emulated {
             let (lens, cu) = ([len as i32], [0i32, n as i32]);
             let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cu, k_cache: kc, v_cache: vc, block_table: table, context_lens: &lens };
             let (mut o, mut l) = (vec![bf16::ZERO; q.len()], vec![0f32; n * p.num_q_heads]);
-            let batch = PagedPrefillBatch::contiguous(p, 1, n, n, cache.num_pages);
+            let batch = PagedPrefillBatch { total_context: Some(len), ..PagedPrefillBatch::contiguous(p, 1, n, n, cache.num_pages) };
             // Split keys as a 132-SM GPU would (the emulator runs them all the same).
             let splits = cuda::paged_prefill_splits(p, &batch, cache, 132);
             let mut ws = vec![0f32; cuda::paged_prefill_workspace_len(p, &batch, splits)];

@@ -25,11 +25,15 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
     s.q_start = imin(imax(p.cu_seqlens_q[b], 0), p.total_q);
     s.seqlen_q = imin(imax(p.cu_seqlens_q[b + 1], s.q_start), p.total_q) - s.q_start;
     if (p.context_lens) {  // paged keys: the context length, clamped to the keys there are
-        // Read through the block table, or (no table) gathered from it by the rope kernel into
-        // rows b * gather_rows + j (the paged prefill's gathered path).
-        const int cap = p.block_table ? p.max_pages * p.page_size : p.gather_rows;
-        s.k_start = p.block_table ? 0 : b * cap;
-        s.seqlen_k = imin(imax(p.context_lens[b], 0), cap);
+        const int table_rows = p.max_pages * p.page_size;
+        if (p.block_table) {  // read through the block table
+            s.k_start = 0;
+            s.seqlen_k = imin(imax(p.context_lens[b], 0), table_rows);
+        } else {  // gathered from it by the rope kernel, packed (the paged prefill's gathered path)
+            const GatherSpan g = gathered_span(p.context_lens, b, table_rows, p.gather_rows);
+            s.k_start = g.start;
+            s.seqlen_k = g.len;
+        }
     } else {
         s.k_start = imin(imax(p.cu_seqlens_k[b], 0), p.total_k);
         s.seqlen_k = imin(imax(p.cu_seqlens_k[b + 1], s.k_start), p.total_k) - s.k_start;

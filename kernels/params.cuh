@@ -21,9 +21,10 @@ struct RopeParams {
     int use_leak_freq;  // rotate with freq_leak (Leaky ReRoPE's keys at j/k)
     // Gather (block_table set; no Q): key j of sequence b is read from a paged cache
     // [num_pages, page_size, k_heads, head_dim] through the block table and written, rotated to
-    // position j, to row b * gather_rows + j of k_out; its V row (same strides as K) is copied
-    // from v_in to the same row of v_out. Keys at or past context_lens[b] or gather_rows
-    // (<= max_pages * page_size) are skipped.
+    // position j, to row start_b + j of k_out, packed: start_b is the sum of the earlier
+    // sequences' context lengths (paged.cuh, gathered_span); its V row (same strides as K) is
+    // copied from v_in to the same row of v_out. Rows at or past gather_rows (the workspace's)
+    // are not written.
     const int* block_table;   // [batch, max_pages]
     const int* context_lens;  // [batch]
     const void* v_in;
@@ -67,8 +68,8 @@ struct AttnParams {
     float scale;
     // Paged keys (block_table != null): sequence b's keys are the first context_lens[b] slots of
     // its pages in k / v ([num_pages, page_size, kv_heads, head_dim]), its queries the last ones.
-    // Gathered (context_lens set, no table): its first context_lens[b] rows from row
-    // b * gather_rows of k / v (the rope kernel's gather), at most gather_rows of them.
+    // Gathered (context_lens set, no table): its context_lens[b] rows of k / v after the
+    // earlier sequences' (the rope kernel's packed gather; gathered_span), within gather_rows.
     const int* block_table;   // [batch, max_pages]
     const int* context_lens;  // [batch]
     int page_size, max_pages, num_pages;

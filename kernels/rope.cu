@@ -105,7 +105,8 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
 }
 
 // Block t rotates token t. Gather (block_table set): block (x, b) takes keys x, x + gridDim.x,
-// ... of sequence b, K rotated out of the paged cache and V copied beside it (RopeParams).
+// ... of sequence b, K rotated out of the paged cache and V copied beside it, to the sequence's
+// rows of the packed workspace (RopeParams, gathered_span).
 template <typename T, bool INTERLEAVED, int P>
 __device__ void rope_body(const RopeParams& p) {
     if (p.block_table == nullptr) {
@@ -114,10 +115,10 @@ __device__ void rope_body(const RopeParams& p) {
         return;
     }
     const int b = blockIdx.y;
-    const int ctx = imin(imax(p.context_lens[b], 0), p.gather_rows);  // as the attention kernels clamp it
-    for (int j = blockIdx.x; j < ctx; j += gridDim.x) {
+    const GatherSpan g = gathered_span(p.context_lens, b, p.max_pages * p.page_size, p.gather_rows);  // as the prefill finds it
+    for (int j = blockIdx.x; j < g.len; j += gridDim.x) {
         const long long slot = paged_slot(p.block_table, b, j, p.page_size, p.max_pages, p.num_pages);
-        const long long row = (long long)b * p.gather_rows + j;
+        const long long row = (long long)g.start + j;
         rope_token<T, INTERLEAVED, P>(p, slot, row, j);
         copy_heads(static_cast<const T*>(p.v_in) + slot * p.k_in_stride, static_cast<T*>(p.v_out) + row * p.k_out_stride,
                    p.k_heads, p.head_dim, 0, true);

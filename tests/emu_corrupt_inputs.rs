@@ -105,11 +105,11 @@ fn paged_prefill_with_corrupt_table_and_lengths_stays_in_bounds() {
             let mut ws = GuardedBuf::filled(paged_prefill_workspace_len(&p, &batch, splits), 0f32);
             emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, splits, Some(&mut ws), None).unwrap();
         }
-        // Gathered: the rope kernel's gather reads the same table and lengths.
-        // Gathered too, with the workspace sized for the table's rows and for a host bound the
-        // lengths break (20 keys a sequence).
-        for max_context in [None, Some(20)] {
-            let batch = PagedPrefillBatch { max_context, ..batch };
+        // Gathered: the rope kernel's gather reads the same table and lengths, with the workspace
+        // sized for every table slot and for host bounds the lengths break (20 and 70 keys in
+        // all: the sequences packed into them are cut, a later one to nothing).
+        for total_context in [None, Some(20), Some(70)] {
+            let batch = PagedPrefillBatch { total_context, ..batch };
             let (mut out, mut lse) = (GuardedBuf::filled(total_q * hq * d, bf16::ZERO), GuardedBuf::filled(total_q * hq, 0f32));
             let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &batch, &cache), bf16::ZERO);
             let path = emu.attention_fwd_paged(&x, &mut out, &mut lse, &cache, &batch, &p, 1, None, Some(&mut gws[..])).unwrap();

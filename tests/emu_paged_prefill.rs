@@ -28,9 +28,11 @@ fn run<T: Dtype>(case: usize, p: &AttentionParams, seq_q: &[usize], ctx: &[usize
     let tq: usize = seq_q.iter().sum();
     let (hq, d) = (p.num_q_heads, p.head_dim);
     let mut batch = PagedPrefillBatch::contiguous(p, seq_q.len(), *seq_q.iter().max().unwrap(), tq, f.max_pages);
-    if gather {
-        // The workspace sized for the longest context, not the table's rows (a multiple of the page).
-        batch.max_context = ctx.iter().max().copied();
+    if gather && case.is_multiple_of(2) {
+        // The workspace sized to the contexts added up (the sequences packed, exactly: the guard
+        // catches a row past the end), not every table slot (odd cases: a multiple of the page
+        // per sequence, still packed).
+        batch.total_context = Some(ctx.iter().sum());
     }
     let q = guard(&as_dtype::<T>(&uniform(&mut r, tq * hq * d)).0);
     let cq = guard(&cu_seqlens(seq_q));
@@ -146,6 +148,16 @@ fn emulated_paged_prefill_equals_contiguous_prefill() {
     let cpath = emu.attention_fwd(&xc, &mut o2, &mut l2, &cbatch, &p, Some(&mut cws[..])).unwrap();
     assert_eq!(cpath, PrefillPath::PreRotated);
     same(&o1, &o2, &l1, &l2, "gathered");
+    // Sized to the contexts added up, the workspace holds the sequences packed: its keys are the
+    // pre-rotated workspace's, its values the contiguous ones, bit for bit, and nothing past them.
+    let packed = PagedPrefillBatch { total_context: Some(tq), ..batch };
+    let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &packed, &f.cache), bf16::ZERO);
+    assert_eq!(gws.len(), 2 * tq * row);
+    emu.attention_fwd_paged(&x, &mut o1, &mut l1, &f.cache, &packed, &p, 1, None, Some(&mut gws[..])).unwrap();
+    same(&o1, &o2, &l1, &l2, "gathered, packed");
+    let bits = |x: &[bf16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&gws[..tq * row]), bits(&cws[..]), "gathered keys");
+    assert_eq!(bits(&gws[tq * row..]), bits(&v[..]), "gathered values");
 }
 
 /// f32 has no tensor-core path: refused with a typed error before any launch.
@@ -206,7 +218,7 @@ fn paged_prefill_split_plans() {
     assert_eq!(paged_prefill_splits(&p, &long, &cache, 132), 1);
 }
 
-/// The gather workspace: its length (K and V of every table slot, or of max_context keys), too
+/// The gather workspace: its length (K and V of every table slot, or of total_context keys), too
 /// short refused, the gathered path split as asked over the keys it gathers, ReRoPE fused with
 /// or without it, and the advice (long chunks without ReRoPE).
 #[test]
@@ -238,14 +250,20 @@ fn paged_prefill_gather_plans() {
         Err(Error::BufferTooSmall { what: "paged prefill gather workspace", .. })
     ));
     assert_eq!(batch.check::<bf16>(&p, &cache, &lens(None), 4).unwrap().path, PagedPrefillPath::Fused);
-    // A host bound on the contexts sizes it instead of the table's rows (never more than those).
-    let bounded = PagedPrefillBatch { max_context: Some(1000), ..batch };
-    assert_eq!(paged_prefill_gather_len(&p, &bounded, &cache), 2 * 2 * 1000 * 8 * 128);
-    assert_eq!(paged_prefill_gather_len(&p, &PagedPrefillBatch { max_context: Some(1 << 20), ..batch }, &cache), need);
-    assert!(bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 2 * 1000 * 8 * 128)), 1).is_ok());
-    // 1000 keys in 4 splits: 256 a split (a multiple of 64).
-    let plan = bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 2 * 1000 * 8 * 128)), 4).unwrap();
+    // A host bound on the contexts added up sizes it instead of every table slot (never more
+    // than those).
+    let bounded = PagedPrefillBatch { total_context: Some(1000), ..batch };
+    assert_eq!(paged_prefill_gather_len(&p, &bounded, &cache), 2 * 1000 * 8 * 128);
+    assert_eq!(paged_prefill_gather_len(&p, &PagedPrefillBatch { total_context: Some(1 << 20), ..batch }, &cache), need);
+    assert!(bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 1000 * 8 * 128)), 1).is_ok());
+    assert!(bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 1000 * 8 * 128 - 1)), 1).is_err());
+    // No sequence holds more than 1000 keys then: 4 splits of 256 (a multiple of 64).
+    let plan = bounded.check::<bf16>(&p, &cache, &lens(Some(2 * 1000 * 8 * 128)), 4).unwrap();
     assert_eq!((plan.splits, plan.keys_per_split), (4, 256));
+    // A bound past one table row (4096 keys): a sequence still holds at most the row.
+    let wide = PagedPrefillBatch { total_context: Some(6000), ..batch };
+    let plan = wide.check::<bf16>(&p, &cache, &lens(Some(2 * 6000 * 8 * 128)), 4).unwrap();
+    assert_eq!((plan.splits, plan.keys_per_split), (4, 1024));
     assert!(paged_prefill_prefers_gather(&p, &batch));
     assert!(!paged_prefill_prefers_gather(&p, &PagedPrefillBatch::contiguous(&p, 2, 64, 100, 256)));
     p.rope = Some(schedules(128, 128).remove(6).1);

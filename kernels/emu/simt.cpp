@@ -256,12 +256,11 @@ void syncwarp(unsigned mask) {
     exchange(C_SYNCWARP, nullptr, 0);
 }
 
-float shfl(unsigned mask, float v, int arg, bool is_xor) {
+uint32_t shfl(unsigned mask, uint32_t w, int arg, bool is_xor) {
     check_full_mask(mask, "a shuffle");
-    const uint32_t w = f32_bits(v);
     uint32_t(*s)[8] = exchange(C_SHFL, &w, 1);
     const int src = is_xor ? (me().lane ^ arg) & 31 : arg & 31;
-    return bits_f32(s[src][0]);
+    return s[src][0];
 }
 
 int vote_any(unsigned mask, int pred) {

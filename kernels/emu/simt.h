@@ -102,7 +102,7 @@ void* dynamic_smem();
 void* static_smem(const void* key, size_t bytes);
 void syncthreads();
 void syncwarp(unsigned mask);
-float shfl(unsigned mask, float v, int src_lane_or_xor, bool is_xor);
+uint32_t shfl(unsigned mask, uint32_t bits, int src_lane_or_xor, bool is_xor);
 int vote_any(unsigned mask, int pred);
 // Warp-collective tensor-core operations, same operands as the PTX instructions.
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);
@@ -139,6 +139,11 @@ struct Registrar {
 
 inline void __syncthreads() { ra_emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ra_emu::syncwarp(mask); }
-inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) { return ra_emu::shfl(mask, v, lane_mask, true); }
-inline float __shfl_sync(unsigned mask, float v, int src_lane) { return ra_emu::shfl(mask, v, src_lane, false); }
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+    return ra_emu::bits_f32(ra_emu::shfl(mask, ra_emu::f32_bits(v), lane_mask, true));
+}
+inline float __shfl_sync(unsigned mask, float v, int src_lane) {
+    return ra_emu::bits_f32(ra_emu::shfl(mask, ra_emu::f32_bits(v), src_lane, false));
+}
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask) { return ra_emu::shfl(mask, v, lane_mask, true); }
 inline int __any_sync(unsigned mask, int pred) { return ra_emu::vote_any(mask, pred); }

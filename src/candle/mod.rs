@@ -572,7 +572,7 @@ fn paged_prefill_call(
         max_seqlen_q: seqlens_q.iter().copied().max().unwrap_or(0),
         total_q: qr.rows,
         max_pages,
-        max_context: None,
+        total_context: None,
         q_row_stride: qr.stride,
         o_row_stride: p.num_q_heads * p.head_dim,
     };

@@ -36,14 +36,16 @@ pub struct PagedPrefillBatch {
     pub total_q: usize,
     /// Columns of the block table (`[batch, max_pages]`, i32 page indices).
     pub max_pages: usize,
-    /// An upper bound on every `context_lens[b]`, known on the host, for the gathered path: it
-    /// sizes the gather workspace (`paged_prefill_gather_len`). A longer context is cut to it,
-    /// as both paths cut one longer than the table's rows (its queries then end the cut
-    /// context): a bound the lengths break gives wrong results, never an access out of bounds;
-    /// checked mode reports them. `None`: the table's rows, `max_pages · page_size` (a server
-    /// whose block table is as wide as the model's longest context should give the batch's
-    /// longest instead).
-    pub max_context: Option<usize>,
+    /// An upper bound on the batch's context lengths added up (each taken at most the table's
+    /// rows), known on the host, for the gathered path: it sizes the gather workspace
+    /// ([`paged_prefill_gather_len`]), which holds the sequences' keys packed, each after the
+    /// one before. Keys past it are cut, as both paths cut a context longer than the table's
+    /// rows (the cut sequence's queries then end what is left of it): a bound the lengths break
+    /// gives wrong results, never an access out of bounds; checked mode reports them. `None`:
+    /// every table slot, `batch · max_pages · page_size` (a server whose block table is as wide
+    /// as the model's longest context should give the batch's sum instead: one long sequence
+    /// among short ones then costs its own length, not `batch` times it).
+    pub total_context: Option<usize>,
     /// Elements between query rows (>= Hq·d).
     pub q_row_stride: usize,
     /// Elements between output rows (>= Hq·d).
@@ -54,7 +56,7 @@ impl PagedPrefillBatch {
     /// Dense Q and O.
     pub fn contiguous(p: &AttentionParams, batch: usize, max_seqlen_q: usize, total_q: usize, max_pages: usize) -> Self {
         let row = p.num_q_heads * p.head_dim;
-        PagedPrefillBatch { batch, max_seqlen_q, total_q, max_pages, max_context: None, q_row_stride: row, o_row_stride: row }
+        PagedPrefillBatch { batch, max_seqlen_q, total_q, max_pages, total_context: None, q_row_stride: row, o_row_stride: row }
     }
 }
 
@@ -131,16 +133,17 @@ pub fn paged_prefill_workspace_len(p: &AttentionParams, batch: &PagedPrefillBatc
     }
 }
 
-/// Keys per sequence the gather workspace holds (sequence b's from row `b ·` this): the batch's
-/// `max_context`, at most the table's rows.
+/// Keys the gather workspace holds, all sequences' packed (kernels/paged.cuh, gathered_span):
+/// the batch's `total_context`, at most every table slot.
 fn keys_gathered(batch: &PagedPrefillBatch, cache: &PagedKvCache) -> usize {
-    batch.max_context.map_or(split_span(batch, cache), |m| m.min(split_span(batch, cache)))
+    let slots = batch.batch * split_span(batch, cache);
+    batch.total_context.map_or(slots, |t| t.min(slots))
 }
 
-/// Elements (of T) of a gather workspace for this batch: K and V of `max_context` keys per
-/// sequence (the table's rows when it is `None`), `2 · batch · max_context · Hkv · d`.
+/// Elements (of T) of a gather workspace for this batch: K and V of `total_context` keys (every
+/// table slot when it is `None`), `2 · total_context · Hkv · d`.
 pub fn paged_prefill_gather_len(p: &AttentionParams, batch: &PagedPrefillBatch, cache: &PagedKvCache) -> usize {
-    2 * batch.batch * keys_gathered(batch, cache) * p.num_kv_heads * p.head_dim
+    2 * keys_gathered(batch, cache) * p.num_kv_heads * p.head_dim
 }
 
 /// Whether to pass a gather workspace ([`paged_prefill_gather_len`]) to [`attention_fwd_paged`]:
@@ -199,11 +202,15 @@ impl PagedPrefillBatch {
             if got < needed {
                 return Err(Error::BufferTooSmall { what: "paged prefill gather workspace", needed, got });
             }
-            // Sequence b's gathered keys start at row b * keys_gathered (an i32 in the kernels).
-            to_i32("batch * max_context", self.batch * keys_gathered(self, cache))?;
+            // Gathered rows are i32 in the kernels.
+            to_i32("total_context", keys_gathered(self, cache))?;
         }
-        // The keys splits share out: those the gather keeps, or the table's.
-        let span = if gather.is_some() { keys_gathered(self, cache) } else { split_span(self, cache) };
+        // The keys splits share out: a sequence's context, at most the table's rows and (gathered)
+        // the workspace's.
+        let span = match gather {
+            Some(_) => split_span(self, cache).min(keys_gathered(self, cache)),
+            None => split_span(self, cache),
+        };
         let (splits, keys_per_split) = split_plan(span, splits, SPLIT_ALIGN);
         let q_tiles = self.max_seqlen_q.div_ceil(narrow_tile_rows(d)).max(1);
         to_i32("keys_per_split", keys_per_split)?;
@@ -303,9 +310,9 @@ fn gathered_params<T: Dtype, B: Backend>(
     if !x.gather.is_multiple_of(16) {
         return Err(Error::Shape { what: "gather workspace pointer", expected: "16-byte aligned".into(), got: format!("{:#x}", x.gather) });
     }
-    // (max_context 0: no keys gathered, and the prefill writes O = 0, LSE = -inf.)
+    // (total_context 0: no keys gathered, and the prefill writes O = 0, LSE = -inf.)
     let rows = keys_gathered(batch, cache);
-    let v_ws = x.gather + (batch.batch * rows * hkv * d * std::mem::size_of::<T>()) as u64;
+    let v_ws = x.gather + (rows * hkv * d * std::mem::size_of::<T>()) as u64;
     let shape = RopeShape { tokens: rows, q_heads: 0, k_heads: hkv, head_dim: d, q_row_stride: 0, k_row_stride: hkv * d };
     let ptrs = RopePtrs { q_in: 0, q_out: 0, k_in: x.k_cache, k_out: x.gather, q_out_stride: 0, k_out_stride: hkv * d };
     let g = PagedGather {

@@ -110,7 +110,8 @@ pub(crate) enum Positions {
     /// Token t of sequence b sits at `t - cu_seqlens[b] + starts[b * stride]` (starts 0 = none).
     FromCuSeqlens { cu_seqlens: u64, batch: usize, starts: u64, stride: usize },
     /// Gather from a paged cache (`k_in` / `v_in` are the K and V caches, no Q): key j of
-    /// sequence b, at position j, to row `b * rows + j` of `k_out` / `v_out` (j < rows).
+    /// sequence b, at position j, to row `start_b + j` of `k_out` / `v_out`, packed (`start_b`
+    /// the earlier sequences' context lengths added up; rows < `rows`).
     Paged(PagedGather),
 }
 
@@ -126,7 +127,7 @@ pub(crate) struct PagedGather {
     pub page_size: usize,
     pub max_pages: usize,
     pub num_pages: usize,
-    /// Rows per sequence in the output (sequence b's keys from row `b · rows`).
+    /// Rows of the output, all sequences' (kernels/paged.cuh, gathered_span).
     pub rows: usize,
 }
 
@@ -215,7 +216,10 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     };
     let grid = match gather.block_table {
         0 => (shape.tokens as u32, 1, 1),
-        _ => (gather.rows.min((GATHER_BLOCKS / gather.batch.max(1)).max(GATHER_MIN_PER_SEQ)) as u32, gather.batch as u32, 1),
+        _ => {
+            let per_seq = gather.rows.min(gather.max_pages * gather.page_size);  // a sequence's most keys
+            (per_seq.min((GATHER_BLOCKS / gather.batch.max(1)).max(GATHER_MIN_PER_SEQ)) as u32, gather.batch as u32, 1)
+        }
     };
     // Every pointer was checked by the caller to cover the rows the kernel touches.
     be.run(&Launch { module: Module::Rope, name, grid, threads: 128, smem: 0, params })
