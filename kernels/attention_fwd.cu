@@ -65,6 +65,9 @@ __device__ __forceinline__ void copy_tile_async(T* s, const T* g, long long stri
 // offset advance by STEP keys at a time. The table is read for a group of rows before any of
 // their copies needs it, so the reads' latencies overlap instead of adding up in front of every
 // copy (a warp issues in order); the entries are clamped into the pool (clamp_page) at the copy.
+// Addresses in bytes from the thread's column of the head: a chunk's source is one unsigned
+// 32 x 32 -> 64-bit multiply-add from its slot (below 2^31: the host checked the pool's slots
+// fit an i32), where signed 64-bit element arithmetic took ptxas about twenty instructions.
 template <typename T, int D, int LD, int ROWS, int THREADS>
 __device__ __forceinline__ void copy_paged_tile_async(T* s, const T* cache, const AttnParams& p, int b, int kvh, int j0,
                                                       int valid) {
@@ -74,27 +77,29 @@ __device__ __forceinline__ void copy_paged_tile_async(T* s, const T* cache, cons
     constexpr int G = N % 4 == 0 ? 4 : N % 3 == 0 ? 3 : N % 2 == 0 ? 2 : 1;
     static_assert(THREADS % CH == 0 && ROWS % STEP == 0 && N % G == 0, "whole rows per pass, whole groups");
     const int r0 = threadIdx.x / CH, col = (threadIdx.x % CH) * PER;
-    const int* table = p.block_table + (long long)b * p.max_pages;
-    const int dp = STEP / p.page_size, dq = STEP % p.page_size;  // STEP keys: dp pages and dq keys
-    int pi = (j0 + r0) / p.page_size, off = (j0 + r0) % p.page_size;
+    const char* head = reinterpret_cast<const char*>(cache + (long long)kvh * D + col);
+    const unsigned row_bytes = static_cast<unsigned>(p.kv_heads) * (D * sizeof(T));
+    const int ps = p.page_size, dp = STEP / ps, dq = STEP % ps;  // STEP keys: dp pages and dq keys
+    const int* entry_at = p.block_table + (long long)b * p.max_pages + (j0 + r0) / ps;
+    int off = (j0 + r0) % ps;
+    const int left = valid - r0;  // row r0 + k·STEP is valid when k·STEP < left
     T* dst = s + r0 * LD + col;
 #pragma unroll 1
     for (int k0 = 0; k0 < N; k0 += G) {
         int entry[G], offs[G];
 #pragma unroll
         for (int k = 0; k < G; ++k) {
-            // Rows below `valid` have pi < max_pages: the host checked the context fits the pages.
-            entry[k] = r0 + (k0 + k) * STEP < valid ? table[pi] : 0;
+            // Valid rows lie inside the table's row: the host checked the context fits the pages.
+            entry[k] = (k0 + k) * STEP < left ? *entry_at : 0;
             offs[k] = off;
-            off += dq, pi += dp;
-            if (off >= p.page_size) off -= p.page_size, ++pi;
+            off += dq, entry_at += dp;
+            if (off >= ps) off -= ps, ++entry_at;
         }
 #pragma unroll
         for (int k = 0; k < G; ++k) {
-            const bool ok = r0 + (k0 + k) * STEP < valid;
-            const T* src = cache;
-            if (ok) src = cache + (((long long)clamp_page(entry[k], p.num_pages) * p.page_size + offs[k]) * p.kv_heads + kvh) * D + col;
-            cp_async_16(dst, src, ok);
+            // An invalid row's source (entry 0) stays inside the pool, and is not read.
+            const unsigned slot = static_cast<unsigned>(clamp_page(entry[k], p.num_pages) * ps + offs[k]);
+            cp_async_16(dst, head + static_cast<unsigned long long>(slot) * row_bytes, (k0 + k) * STEP < left);
             dst += STEP * LD;
         }
     }

@@ -196,22 +196,30 @@ __device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, co
     __syncwarp();  // every lane is done with the previous tile's slots
     if (lane < BT) slots[lane] = slot;
     __syncwarp();
-    const T* kc = static_cast<const T*>(p.k_cache);
-    const T* vc = static_cast<const T*>(p.v_cache);
+    // Byte addresses from the head's start: a chunk's K source is one unsigned 32 x 32 -> 64-bit
+    // multiply-add from its slot (never negative: page_slot), its V source that plus the
+    // distance between the caches (a 64-bit add; a second per-lane base would cost the
+    // head_dim-256 kernel a spill), where signed 64-bit element arithmetic took ptxas ten
+    // instructions a chunk.
+    const char* kc = reinterpret_cast<const char*>(static_cast<const T*>(p.k_cache) + (long long)kvh * D);
+    const unsigned long long v_minus_k = reinterpret_cast<unsigned long long>(p.v_cache) - reinterpret_cast<unsigned long long>(p.k_cache);
+    const unsigned row_bytes = static_cast<unsigned>(p.kv_heads) * (D * sizeof(T));
+    auto v_of = [&](const char* k) { return reinterpret_cast<const char*>(reinterpret_cast<unsigned long long>(k) + v_minus_k); };
     constexpr int VEC = 16 / sizeof(T), CH = D / VEC;  // 16-byte chunks per key
     constexpr int KPP = CH <= 32 ? 32 / CH : 0;  // whole keys per pass of the warp, if it covers some
     if constexpr (KPP > 0 && 32 % CH == 0 && BT % (KPP > 0 ? KPP : 1) == 0) {
         // Whole keys per pass: a lane keeps its column and steps over keys, so each chunk costs
-        // a slot read, one multiply-add and the two copies.
+        // a slot read, a multiply-add per source and the two copies.
         const int k0 = lane / CH, col = (lane % CH) * VEC;
-        const long long head = (long long)kvh * D + col, row = (long long)p.kv_heads * D;
+        const char* kh = kc + col * sizeof(T);
+        const int left = vk - k0;  // keys this lane's passes may still copy (a compare with a constant each)
 #pragma unroll
         for (int it = 0; it < BT / KPP; ++it) {
             const int key = k0 + it * KPP;
-            const bool ok = key < vk;
-            const long long off = slots[key] * row + head;
-            cp_async_16(k_dst + key * LD + col, kc + off, ok);
-            cp_async_16(v_dst + key * LD + col, vc + off, ok);
+            const bool ok = it * KPP < left;
+            const char* src = kh + static_cast<unsigned long long>(static_cast<unsigned>(slots[key])) * row_bytes;
+            cp_async_16(k_dst + key * LD + col, src, ok);
+            cp_async_16(v_dst + key * LD + col, v_of(src), ok);
         }
     } else {
 #pragma unroll
@@ -219,9 +227,9 @@ __device__ __forceinline__ void stage_kv_tile(T* k_dst, T* v_dst, int* slots, co
             const int c = lane + 32 * it, key = c / CH, col = (c % CH) * VEC;
             if ((BT * CH) % 32 != 0 && c >= BT * CH) break;
             const bool ok = key < vk;
-            const long long off = ((long long)slots[key] * p.kv_heads + kvh) * D + col;
-            cp_async_16(k_dst + key * LD + col, kc + off, ok);
-            cp_async_16(v_dst + key * LD + col, vc + off, ok);
+            const char* src = kc + static_cast<unsigned long long>(static_cast<unsigned>(slots[key])) * row_bytes + col * sizeof(T);
+            cp_async_16(k_dst + key * LD + col, src, ok);
+            cp_async_16(v_dst + key * LD + col, v_of(src), ok);
         }
     }
     cp_async_commit();
