@@ -158,6 +158,12 @@ fn emulated_paged_prefill_equals_contiguous_prefill() {
     let bits = |x: &[bf16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&gws[..tq * row]), bits(&cws[..]), "gathered keys");
     assert_eq!(bits(&gws[tq * row..]), bits(&v[..]), "gathered values");
+    // A bound the lengths break cuts the last sequence's keys (its queries then end what is
+    // left): memory-safe, and checked mode reports the wrong rows.
+    let short = PagedPrefillBatch { total_context: Some(tq - 5), ..batch };
+    let mut gws = GuardedBuf::filled(paged_prefill_gather_len(&p, &short, &f.cache), bf16::ZERO);
+    let e = emu.attention_fwd_paged_checked(&x, &mut o1, &mut l1, &f.cache, &short, &p, 1, None, Some(&mut gws[..])).unwrap_err();
+    assert!(matches!(e, Error::Mismatch { .. }), "{e}");
 }
 
 /// f32 has no tensor-core path: refused with a typed error before any launch.
