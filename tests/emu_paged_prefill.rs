@@ -256,6 +256,10 @@ fn paged_prefill_gather_plans() {
         Err(Error::BufferTooSmall { what: "paged prefill gather workspace", .. })
     ));
     assert_eq!(batch.check::<bf16>(&p, &cache, &lens(None), 4).unwrap().path, PagedPrefillPath::Fused);
+    // A table row whose keys overflow the kernels' i32 (the block table's length fits one).
+    let wide = PagedPrefillBatch { batch: 1, max_pages: 1 << 27, ..batch };
+    let wide_lens = rope_attn::cuda::PagedFwdLens { block_table: 1 << 27, ..lens(None) };
+    assert!(matches!(wide.check::<bf16>(&p, &cache, &wide_lens, 1), Err(Error::Position { what: "max_pages * page_size", .. })));
     // A host bound on the contexts added up sizes it instead of every table slot (never more
     // than those).
     let bounded = PagedPrefillBatch { total_context: Some(1000), ..batch };

@@ -164,6 +164,10 @@ fn decode_plans_and_errors() {
         let bq = DecodeBatch { queries, ..b };
         assert!(matches!(bq.check(&p, &cache, &lens(None), 1), Err(Error::Shape { what: "decode queries", .. })));
     }
+    // A table row whose keys overflow the kernels' i32 (the block table's length fits one).
+    let wide = DecodeBatch { max_pages: 1 << 27, batch: 1, ..b };
+    let wide_lens = DecodeLens { block_table: 1 << 27, ..lens(None) };
+    assert!(matches!(wide.check(&p, &cache, &wide_lens, 1), Err(Error::Position { what: "max_pages * page_size", .. })));
     let long = DecodeBatch { max_context: 256 * 16 + 1, ..b };
     assert!(matches!(long.check(&p, &cache, &lens(None), 1), Err(Error::Position { what: "max_context", .. })));
     let wrong = PagedKvCache { kv_heads: 4, ..cache };

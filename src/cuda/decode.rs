@@ -268,6 +268,8 @@ impl DecodeBatch {
             });
         }
         to_i32("batch * max_pages", self.batch * self.max_pages)?;
+        // A table row's keys: the kernels clamp every context to them, in i32.
+        to_i32("max_pages * page_size", self.max_pages * cache.page_size)?;
         to_i32("tokens", tokens)?;
         if splits == 0 {
             return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });

@@ -189,7 +189,13 @@ impl PagedPrefillBatch {
         if !self.o_row_stride.is_multiple_of(2) {
             return Err(Error::Stride { what: "out", stride: self.o_row_stride, min: 2 });
         }
-        for (what, v) in [("total_q", self.total_q), ("max_seqlen_q", self.max_seqlen_q), ("batch * max_pages", self.batch * self.max_pages)] {
+        // (max_pages · page_size: a table row's keys, to which the kernels clamp every context.)
+        for (what, v) in [
+            ("total_q", self.total_q),
+            ("max_seqlen_q", self.max_seqlen_q),
+            ("batch * max_pages", self.batch * self.max_pages),
+            ("max_pages * page_size", self.max_pages * cache.page_size),
+        ] {
             to_i32(what, v)?;
         }
         if splits == 0 {
