@@ -154,6 +154,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     constexpr bool COMPOSED = D <= 128;
     float2* rot_off = reinterpret_cast<float2*>(rel ? Kf + BN * LD : Qf);  // [ROT_SUB][D/2]
     float2* rot_base = rot_off + ROT_SUB * (D / 2);                       // [BN/ROT_SUB][D/2]
+    float2* rot_step = rot_base + (BN / ROT_SUB) * (D / 2);               // [BN/ROT_SUB][D/2]
     // Key j's rows: contiguous from kg / vg / fg, or (paged) through the block table, where the
     // far copy is the raw key, rotated in shared memory like the near one.
     const bool paged = FULL && p.block_table != nullptr;  // the launcher sends paged calls to FULL kernels
@@ -184,18 +185,41 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     // Q rotated by composition too (tile.cuh): exact offsets and a base per 8 rows in the K/V
     // buffers, free until the first K tile is staged (after the barrier before the loop). A
     // 128-row tile then costs 24 exact sincos per pair instead of 128.
+    // Where Q's rows start on 16-byte boundaries (dense Q, most packed QKV views) the tile comes
+    // by cp.async, while the tables are made, and is rotated in place in shared memory
+    // (rotate_tile_composed, the K tiles' vector path): the same arithmetic, so the same bits,
+    // as rotating on the way from global memory one pair at a time, which costs a 128-row tile
+    // about 60 instructions a pair (a division by the rotary half, scalar loads and stores):
+    // on the order of a 2k-token causal prefill's whole tile loop over again. (Head dims 80 and
+    // 96, whose rows do not divide into the block's threads, keep that load: the per-chunk copy
+    // costs the head_dim-80 kernel a spill on sm_90.)
     static_assert((ROT_SUB + BM / ROT_SUB) * (D / 2) * sizeof(float2) <= 2 * BN * LD * sizeof(T), "Q tables fit in Ks, Vs");
     float2* q_off = reinterpret_cast<float2*>(Ks);
     float2* q_base = q_off + ROT_SUB * (D / 2);
+    const bool q_vec = STEPPED && reinterpret_cast<unsigned long long>(qg) % 16 == 0 && (p.q_row_stride * sizeof(T)) % 16 == 0;
+    if constexpr (STEPPED) {
+        if (q_vec) {
+            copy_tile_async<T, D, LD, BM, THREADS>(Qs, qg, p.q_row_stride, vq);
+            cp_async_commit();
+        }
+    }
     if (rope) {
         fill_rotation_offsets(q_off, p.rope);
         fill_rotation_bases(q_base, p.rope, i0, BM);
-        __syncthreads();
+    }
+    if (q_vec) cp_async_wait<0>();
+    __syncthreads();  // the tables are written; the Q tile landed
+    if (q_vec) {
+        if (rope) rotate_tile_composed(Qs, LD, vq, p.rope, q_off, q_base);
+    } else if (rope) {
         load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_POS, i0, q_off, q_base);
     } else {
         load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_NONE, i0);
     }
-    if (COMPOSED && FULL && p.rotate_k) fill_rotation_offsets(rot_off, p.rope);  // read after the loop's first barrier
+    if (COMPOSED && FULL && p.rotate_k) {  // read after the barrier before the loop
+        fill_rotation_offsets(rot_off, p.rope);
+        fill_rotation_steps(rot_step, p.rope, BN / ROT_SUB);
+    }
     if (rel) load_rotated_tile(Qf, LD, qg, p.q_row_stride, BM, vq, D, p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, i0);
 
     const MaskArgs mask{p.causal, p.window, p.sinks};
@@ -240,7 +264,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     while (n >= n_begin) {
         const int j0 = n * BN, vk = imin(BN, sb.seqlen_k - j0);
         // Every thread finished the previous tile's rotation (a barrier ago): the bases are free.
-        if (COMPOSED && FULL && p.rotate_k) fill_rotation_bases(rot_base, p.rope, kp + j0, BN);
+        if (COMPOSED && FULL && p.rotate_k) fill_rotation_bases_stepped(rot_base, p.rope, kp + j0, BN, rot_step);
         cp_async_wait<0>();
         __syncthreads();  // K_n landed; every warp finished P·V of the previous tile
         if (FULL && p.rotate_k) {

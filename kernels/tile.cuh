@@ -88,19 +88,92 @@ __device__ __forceinline__ void fill_rotation_bases(float2* base, const RopeArgs
         base[e] = cs_scaled(angle_turns(pos0 + ROT_SUB * (e / half), a.freq[e % half]), a.attention_factor);
 }
 
+// The complex product of two (cos, sin) pairs: the sum of their angles.
+__device__ __forceinline__ float2 cs_mul(float2 b, float2 o) { return make_float2(b.x * o.x - b.y * o.y, b.y * o.x + b.x * o.y); }
+
+// step[s][pair] = (cos, sin) of 8s, s < n: once per block, for fill_rotation_bases_stepped.
+__device__ __forceinline__ void fill_rotation_steps(float2* step, const RopeArgs& a, int n) {
+    const int half = a.rotary_dim / 2;
+    for (int e = threadIdx.x; e < n * half; e += blockDim.x) step[e] = cs_scaled(angle_turns(ROT_SUB * (e / half), a.freq[e % half]), 1.f);
+}
+
+// fill_rotation_bases for a K tile visited once per query tile, with a tenth of its exact
+// angles: base[s] = base[0] ∘ step[s], each pair's exact angle at pos0 evaluated by the threads
+// that share its bases (the block's threads split evenly over the pairs; at most 64 pairs
+// with 128 threads: two or more a pair) instead of one exact angle per base. Three exact
+// factors per key then (as decode's second 8 keys have): tests/angle_precision.rs replays it.
+__device__ __forceinline__ void fill_rotation_bases_stepped(float2* base, const RopeArgs& a, int pos0, int rows, const float2* step) {
+    const int half = a.rotary_dim / 2, n = rows / ROT_SUB, share = blockDim.x / half;
+    if (share <= 1) {  // no more threads than pairs: each thread its pairs' every base
+        for (int p = threadIdx.x; p < half; p += blockDim.x) {
+            const float2 b0 = cs_scaled(angle_turns(pos0, a.freq[p]), a.attention_factor);
+            for (int s = 0; s < n; ++s) base[s * half + p] = cs_mul(b0, step[s * half + p]);
+        }
+    } else if (threadIdx.x < share * half) {  // `share` threads a pair, every share-th base each
+        const int p = threadIdx.x % half;
+        const float2 b0 = cs_scaled(angle_turns(pos0, a.freq[p]), a.attention_factor);
+        for (int s = threadIdx.x / half; s < n; s += share) base[s * half + p] = cs_mul(b0, step[s * half + p]);
+    }
+}
+
 // (cos, sin) of row `row` (position pos0 + row of the bases' tile) and rotation pair `pr`:
 // base ∘ offset, one complex product.
 __device__ __forceinline__ float2 composed_cs(const float2* off, const float2* base, int row, int pr, int half) {
-    const float2 b = base[(row / ROT_SUB) * half + pr], o = off[(row % ROT_SUB) * half + pr];
-    return make_float2(b.x * o.x - b.y * o.y, b.y * o.x + b.x * o.y);
+    return cs_mul(base[(row / ROT_SUB) * half + pr], off[(row % ROT_SUB) * half + pr]);
 }
 
 // Rotate rows [0, valid) of a shared-memory tile in place to positions pos0 + row (the bases'
 // pos0). Rows past `valid` are left as they are (zeros, from the loaders).
+// Where the pairs fill whole 16-byte accesses (rotate_half: the rotary half a multiple of 8
+// elements; interleaved: of 4 pairs; rows and tables 16-byte aligned) a thread takes a run of
+// them per item, from vector loads of the tile and of both tables, and steps from item to item
+// without dividing: a tenth of the instructions per pair of the one-pair loop below, whose
+// runtime division by the rotary half alone costs about twenty.
 template <typename T>
 __device__ __forceinline__ void rotate_tile_composed(T* tile, int ld, int valid, const RopeArgs& a, const float2* off,
                                                      const float2* base) {
     const int half = a.rotary_dim / 2;
+    constexpr int PER = 16 / sizeof(T);  // elements a 16-byte access carries
+    const int run = a.interleaved ? PER / 2 : PER;  // pairs per item
+    if (half % run == 0 && (ld * sizeof(T)) % 16 == 0 && run % 2 == 0) {
+        const int per_row = half / run, n = valid * per_row;
+        const int drow = blockDim.x / per_row, dgrp = blockDim.x % per_row;
+        int row = threadIdx.x / per_row, grp = threadIdx.x % per_row;
+        for (int e = threadIdx.x; e < n; e += blockDim.x) {
+            const int p0 = grp * run;
+            const float4* b4 = reinterpret_cast<const float4*>(base + (row / ROT_SUB) * half + p0);
+            const float4* o4 = reinterpret_cast<const float4*>(off + (row % ROT_SUB) * half + p0);
+            float2 cs[PER];
+#pragma unroll
+            for (int j = 0; j < PER / 2; ++j) {
+                if (2 * j >= run) break;
+                RA_VECTOR_ACCESS(b4 + j, 16);
+                RA_VECTOR_ACCESS(o4 + j, 16);
+                const float4 b = b4[j], o = o4[j];
+                cs[2 * j] = cs_mul(make_float2(b.x, b.y), make_float2(o.x, o.y));
+                cs[2 * j + 1] = cs_mul(make_float2(b.z, b.w), make_float2(o.z, o.w));
+            }
+            T* x = tile + row * ld;
+            if (a.interleaved) {
+                float v[PER];
+                load_f32<T, PER>(x + 2 * p0, v);
+#pragma unroll
+                for (int j = 0; j < PER / 2; ++j) rotate_pair(v[2 * j], v[2 * j + 1], cs[j].x, cs[j].y);
+                store_f32<T, PER>(x + 2 * p0, v);
+            } else {
+                float v0[PER], v1[PER];
+                load_f32<T, PER>(x + p0, v0);
+                load_f32<T, PER>(x + p0 + half, v1);
+#pragma unroll
+                for (int j = 0; j < PER; ++j) rotate_pair(v0[j], v1[j], cs[j].x, cs[j].y);
+                store_f32<T, PER>(x + p0, v0);
+                store_f32<T, PER>(x + p0 + half, v1);
+            }
+            row += drow, grp += dgrp;
+            if (grp >= per_row) grp -= per_row, ++row;
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < valid * half; e += blockDim.x) {
         const int row = e / half, pr = e % half;
         int ia, ib;

@@ -127,6 +127,21 @@ fn composed_key_rotations_are_as_exact_as_direct_ones() {
     assert_composition_exact(10000.0, &starts, 32, |hi, lo, j0, u| mul(cs(angle_turns(j0 + 8 * (u / 8), hi, lo)), cs(angle_turns(u % 8, hi, lo))), "two factors");
 }
 
+/// The fused prefill's K tiles (kernels/tile.cuh, fill_rotation_bases_stepped): key j0 + 8s + b
+/// of a 64-key tile takes (cos, sin) of j0 (the one exact base per tile), times those of 8s,
+/// times those of b, each factor from an exact reduction.
+#[test]
+fn stepped_tile_rotations_are_as_exact_as_direct_ones() {
+    let tiles = [0, 64, 4032, (1 << 24) - 64, 1 << 24, 123_456_768, i32::MAX - 127];
+    assert_composition_exact(
+        10000.0,
+        &tiles,
+        64,
+        |hi, lo, j0, u| mul(mul(cs(angle_turns(j0, hi, lo)), cs(angle_turns(8 * (u / 8), hi, lo))), cs(angle_turns(u % 8, hi, lo))),
+        "stepped tile",
+    );
+}
+
 /// The tensor-core decode (kernels/attention_decode_mma.cu) composes one factor more for the
 /// second 8 keys of its 16-key tiles: key j0 + 8 + b takes (cos, sin) of j0 times those of 8
 /// (the tile's second base), times those of b, each factor from an exact reduction.

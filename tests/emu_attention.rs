@@ -150,14 +150,29 @@ fn emulated_prefill_on_packed_qkv_views() {
         v_row_stride: row,
         o_row_stride: o_stride,
     };
+    // The same queries once more from rows that do not start on 16-byte boundaries (one element
+    // into a buffer, odd row stride): the kernels then load Q a pair at a time instead of by
+    // cp.async and rotating in shared memory, and must give the same bits.
+    let odd = row + 1;
+    let mut qo = vec![f16::ZERO; 1 + total * odd];
+    for t in 0..total {
+        qo[1 + t * odd..1 + t * odd + hq * d].copy_from_slice(&packed[t * row..t * row + hq * d]);
+    }
+    let qo = guard(&qo);
     for use_ws in [false, true] {
-        let mut out = GuardedBuf::filled((total - 1) * o_stride + hq * d, f16::ZERO);
-        let mut lse = GuardedBuf::filled(hq * total, 0f32);
-        let mut ws = GuardedBuf::filled(attention_fwd_workspace_len(&p, total), f16::ZERO);
-        let x = FwdInputs { q, k, v, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
-        let (path, rep) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &batch, &p, use_ws.then_some(&mut ws[..])).unwrap();
-        assert_eq!(path, if use_ws { PrefillPath::PreRotated } else { PrefillPath::Fused });
-        assert!(rep.count > 0);
+        let mut outs = Vec::new();
+        for (qv, q_row_stride) in [(q, row), (&qo[1..], odd)] {
+            let batch = AttentionBatch { q_row_stride, ..batch };
+            let mut out = GuardedBuf::filled((total - 1) * o_stride + hq * d, f16::ZERO);
+            let mut lse = GuardedBuf::filled(hq * total, 0f32);
+            let mut ws = GuardedBuf::filled(attention_fwd_workspace_len(&p, total), f16::ZERO);
+            let x = FwdInputs { q: qv, k, v, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
+            let (path, rep) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &batch, &p, use_ws.then_some(&mut ws[..])).unwrap();
+            assert_eq!(path, if use_ws { PrefillPath::PreRotated } else { PrefillPath::Fused });
+            assert!(rep.count > 0);
+            outs.push((out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
+        }
+        assert!(outs[0] == outs[1], "workspace {use_ws}: misaligned Q rows give other results");
     }
 }
 
@@ -183,10 +198,12 @@ fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     let pairs = (nk * d / 2) as f64;
     println!("fused prefill {nq}x{nk}: {w:?}, {:.3} sincos per key and pair", w.trig as f64 / pairs);
     assert!((w.trig as f64) < pairs / 4.0, "{} sincos for {pairs} key-pairs", w.trig);
-    // Exactly: the K offsets (8 per pair) once, a K base per 8 keys, and Q composed the same way
-    // (8 offsets and a base per 8 of the tile's 64 rows): no angle evaluated per element.
+    // Exactly: the K offsets and steps (8 of each per pair) once, one exact base per pair and
+    // 64-key tile (each of the 128 threads computes its pair's: two a pair at head_dim 128; the
+    // tile's other bases are steps from it), and Q composed from 8 offsets and a base per 8 of
+    // the tile's 64 rows: no angle evaluated per element.
     let half = d / 2;
-    assert_eq!(w.trig as usize, 8 * half + (nk / 8) * half + (8 + nq / 8) * half);
+    assert_eq!(w.trig as usize, 8 * half + 8 * half + (nk / 64) * 128 + (8 + nq / 8) * half);
     // QKᵀ and PV on tensor cores: (64/16 row tiles) x (1024/8 key tiles) x (128/16) k-steps, and as many for PV.
     assert_eq!(w.mma as usize, 2 * (nq / 16) * (nk / 8) * (d / 16));
 }

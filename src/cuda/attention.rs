@@ -185,10 +185,10 @@ impl AttentionBatch {
 }
 
 /// Bytes of the composed-rotation tables a kernel keeps for tiles of `keys` rows at head_dim `d`:
-/// the offsets 0..8 and a base every 8 keys, f32 pairs per rotation pair (`ROT_SUB` in
-/// kernels/tile.cuh).
+/// the offsets 0..8, a base every 8 keys and the steps 8s they are made with, f32 pairs per
+/// rotation pair (`ROT_SUB` in kernels/tile.cuh).
 pub(crate) fn rotation_table_bytes(keys: usize, d: usize) -> usize {
-    (8 + keys / 8) * (d / 2) * 8
+    (8 + 2 * (keys / 8)) * (d / 2) * 8
 }
 
 /// The launch of the 16-bit (tensor-core) prefill kernel for `params`, contiguous or paged: one
