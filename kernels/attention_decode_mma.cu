@@ -171,7 +171,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     // 16 bytes): per warp its K and V tiles [2][BT][LD] each; Q rotated [R][LD] and with ReRoPE
     // its far copy; the offsets' (cos, sin) [8][OP] and e^{8iθ} [OP] (and Leaky's); per warp
     // the tile's bases at keys 0 and 8 [2][D/2] (and Leaky's) and its cache slots [BT]; with
-    // KR_SMEM per warp a rotated tile [BT][LD]; with ReRoPE per lane its 8 far scores.
+    // KR_SMEM per warp a rotated tile [BT][LD] at head_dim 256 or with Leaky ReRoPE (for its far
+    // keys; the near keys rotate in place up to 128); with ReRoPE per lane its 8 far scores.
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
     T* Kst = reinterpret_cast<T*>(smem_raw) + warp * 4 * BT * LD;
     T* Vst = Kst + 2 * BT * LD;
@@ -187,7 +188,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     T* Krot = reinterpret_cast<T*>(AllSlots + W * BT) + warp * BT * LD;
     // The far scores wait here, each lane's own 8, while the near product runs: in registers
     // they would push the head_dim-256 kernel into spills.
-    float4* Sfar = reinterpret_cast<float4*>(reinterpret_cast<T*>(AllSlots + W * BT) + (mode == KR_SMEM ? W * BT * LD : 0)) +
+    float4* Sfar = reinterpret_cast<float4*>(reinterpret_cast<T*>(AllSlots + W * BT) + (mode == KR_SMEM && (leaky || D > 128) ? W * BT * LD : 0)) +
                    2 * threadIdx.x;
 
     const int split = blockIdx.x, b = blockIdx.z;
@@ -314,9 +315,16 @@ __device__ void decode_mma_body(const DecodeParams& p) {
             Sfar[1] = make_float4(sf[1][0], sf[1][1], sf[1][2], sf[1][3]);
         }
         if (mode == KR_SMEM) {
-            rotate_tile_warp<T, D, LD, BT>(Krot, Kt, ra, Base, Off, lane);
+            // Up to head_dim 128 in place (the far product, if any, is done with the raw keys):
+            // runs of pairs from vector loads (tile.cuh), pass-through components left where
+            // they are. At 256 into the warp's own tile a pair at a time, lighter on the
+            // registers (the vector runs cost that kernel a spill).
+            T* Kw = D > 128 ? Krot : Kst + buf * BT * LD;
+            __syncwarp();  // every lane's far product has read the raw keys
+            if constexpr (D > 128) rotate_tile_warp<T, D, LD, BT>(Kw, Kt, ra, Base, Off, lane);
+            else rotate_rows_composed(Kw, LD, BT, ra, Off, Base, H2, lane, 32);
             __syncwarp();
-            qk(Krot, Qs, s, KR_NONE, Base, Off);
+            qk(Kw, Qs, s, KR_NONE, Base, Off);
         } else {
             qk(Kt, Qs, s, mode, Base, Off);
         }

@@ -117,32 +117,34 @@ __device__ __forceinline__ void fill_rotation_bases_stepped(float2* base, const 
 }
 
 // (cos, sin) of row `row` (position pos0 + row of the bases' tile) and rotation pair `pr`:
-// base ∘ offset, one complex product.
-__device__ __forceinline__ float2 composed_cs(const float2* off, const float2* base, int row, int pr, int half) {
-    return cs_mul(base[(row / ROT_SUB) * half + pr], off[(row % ROT_SUB) * half + pr]);
+// base ∘ offset, one complex product (tables of `pitch` pairs a row).
+__device__ __forceinline__ float2 composed_cs(const float2* off, const float2* base, int row, int pr, int pitch) {
+    return cs_mul(base[(row / ROT_SUB) * pitch + pr], off[(row % ROT_SUB) * pitch + pr]);
 }
 
 // Rotate rows [0, valid) of a shared-memory tile in place to positions pos0 + row (the bases'
-// pos0). Rows past `valid` are left as they are (zeros, from the loaders).
+// pos0), by threads tid of n (a block, or a warp's lanes); tables of `pitch` pairs a row. Rows
+// past `valid` are left as they are (zeros, from the loaders), and so are the pass-through
+// components.
 // Where the pairs fill whole 16-byte accesses (rotate_half: the rotary half a multiple of 8
 // elements; interleaved: of 4 pairs; rows and tables 16-byte aligned) a thread takes a run of
 // them per item, from vector loads of the tile and of both tables, and steps from item to item
 // without dividing: a tenth of the instructions per pair of the one-pair loop below, whose
 // runtime division by the rotary half alone costs about twenty.
 template <typename T>
-__device__ __forceinline__ void rotate_tile_composed(T* tile, int ld, int valid, const RopeArgs& a, const float2* off,
-                                                     const float2* base) {
+__device__ __forceinline__ void rotate_rows_composed(T* tile, int ld, int valid, const RopeArgs& a, const float2* off,
+                                                     const float2* base, int pitch, int tid, int n) {
     const int half = a.rotary_dim / 2;
     constexpr int PER = 16 / sizeof(T);  // elements a 16-byte access carries
     const int run = a.interleaved ? PER / 2 : PER;  // pairs per item
-    if (half % run == 0 && (ld * sizeof(T)) % 16 == 0 && run % 2 == 0) {
-        const int per_row = half / run, n = valid * per_row;
-        const int drow = blockDim.x / per_row, dgrp = blockDim.x % per_row;
-        int row = threadIdx.x / per_row, grp = threadIdx.x % per_row;
-        for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    if (half % run == 0 && pitch % 2 == 0 && (ld * sizeof(T)) % 16 == 0 && run % 2 == 0) {
+        const int per_row = half / run, items = valid * per_row;
+        const int drow = n / per_row, dgrp = n % per_row;
+        int row = tid / per_row, grp = tid % per_row;
+        for (int e = tid; e < items; e += n) {
             const int p0 = grp * run;
-            const float4* b4 = reinterpret_cast<const float4*>(base + (row / ROT_SUB) * half + p0);
-            const float4* o4 = reinterpret_cast<const float4*>(off + (row % ROT_SUB) * half + p0);
+            const float4* b4 = reinterpret_cast<const float4*>(base + (row / ROT_SUB) * pitch + p0);
+            const float4* o4 = reinterpret_cast<const float4*>(off + (row % ROT_SUB) * pitch + p0);
             float2 cs[PER];
 #pragma unroll
             for (int j = 0; j < PER / 2; ++j) {
@@ -174,16 +176,23 @@ __device__ __forceinline__ void rotate_tile_composed(T* tile, int ld, int valid,
         }
         return;
     }
-    for (int e = threadIdx.x; e < valid * half; e += blockDim.x) {
+    for (int e = tid; e < valid * half; e += n) {
         const int row = e / half, pr = e % half;
         int ia, ib;
         pair_index(a.interleaved, a.rotary_dim, pr, ia, ib);
-        const float2 cs = composed_cs(off, base, row, pr, half);
+        const float2 cs = composed_cs(off, base, row, pr, pitch);
         float x0 = to_f32(tile[row * ld + ia]), x1 = to_f32(tile[row * ld + ib]);
         rotate_pair(x0, x1, cs.x, cs.y);
         tile[row * ld + ia] = from_f32<T>(x0);
         tile[row * ld + ib] = from_f32<T>(x1);
     }
+}
+
+// The block's threads, tables of `half` pairs a row (fill_rotation_offsets / _bases).
+template <typename T>
+__device__ __forceinline__ void rotate_tile_composed(T* tile, int ld, int valid, const RopeArgs& a, const float2* off,
+                                                     const float2* base) {
+    rotate_rows_composed(tile, ld, valid, a, off, base, a.rotary_dim / 2, threadIdx.x, blockDim.x);
 }
 
 }  // namespace ra

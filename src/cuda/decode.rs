@@ -134,7 +134,8 @@ fn decode_f32_smem_bytes(d: usize, rel: bool, leaky: bool) -> usize {
 /// kernels/attention_decode_mma.cu): per warp K and V tiles [2][16][d + 8], Q [16][d + 8] (twice
 /// with ReRoPE), the offsets [9][d/2] (twice with Leaky), per warp the bases [2][d/2] (twice
 /// with Leaky) and 16 slots, per warp a rotated tile when the keys rotate in shared memory
-/// (`smem_rot`: partial rotary in the rotate_half layout, interleaved at head_dim 256), and with
+/// (`smem_rot`: partial rotary in the rotate_half layout, interleaved at head_dim 256) at head
+/// dim 256 or with Leaky ReRoPE (the near keys rotate in place up to 128), and with
 /// ReRoPE per warp 1 KB of far scores. Four warps unless that passes [`SMEM_BUDGET`], then two,
 /// then one: head_dim 128 takes 81 KB (two blocks per SM on an A100 or H100), 256 two warps.
 fn decode_mma_layout(d: usize, elem: usize, rel: bool, leaky: bool, smem_rot: bool) -> (usize, usize) {
@@ -404,11 +405,14 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     // lengths and block-table entries into the pool.
     let rel = p.rope.is_some() && p.relative != Relative::None;
     let leaky = p.rope.is_some() && matches!(p.relative, Relative::Leaky { .. });
-    // The 16-bit kernel rotates keys in shared memory where its registers cannot (its KR_SMEM).
-    let smem_rot = p.rope.as_ref().is_some_and(|r| match r.layout {
-        Layout::Half => r.rotary_dim < d,
-        Layout::Interleaved => d > 128,
-    });
+    // The 16-bit kernel rotates keys in shared memory where its registers cannot (its KR_SMEM):
+    // in place up to head_dim 128, but at 256, and for Leaky ReRoPE's far keys (rotated to
+    // j / k), into a tile of their own.
+    let smem_rot = (leaky || d > 128)
+        && p.rope.as_ref().is_some_and(|r| match r.layout {
+            Layout::Half => r.rotary_dim < d,
+            Layout::Interleaved => d > 128,
+        });
     let (warps, smem) =
         if elem == 4 { (DEC_WARPS, decode_f32_smem_bytes(d, rel, leaky)) } else { decode_mma_layout(d, elem, rel, leaky, smem_rot) };
     be.run(&Launch {
