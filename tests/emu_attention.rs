@@ -206,6 +206,14 @@ fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     assert_eq!(w.trig as usize, 8 * half + 8 * half + (nk / 64) * 128 + (8 + nq / 8) * half);
     // QKᵀ and PV on tensor cores: (64/16 row tiles) x (1024/8 key tiles) x (128/16) k-steps, and as many for PV.
     assert_eq!(w.mma as usize, 2 * (nq / 16) * (nk / 8) * (d / 16));
+    // Q rows off 16-byte boundaries take the other Q load (a pair at a time from global memory),
+    // composed from the same tables: the same trigonometry.
+    let mut qo = vec![bf16::ZERO; 1 + nq * d];
+    qo[1..].copy_from_slice(&q[..]);
+    let qo = guard(&qo);
+    let x = FwdInputs { q: &qo[1..], ..x };
+    emu.attention_fwd_checked(&x, &mut out, &mut lse, &AttentionBatch::single(&p, nq, nk), &p, None).unwrap();
+    assert_eq!(emu.take_work().trig, w.trig, "misaligned Q");
 }
 
 /// Prefill with keys ready in memory (pre-rotated, or no RoPE) and more queries than a narrow
