@@ -21,9 +21,6 @@ __device__ __forceinline__ void head_pair(int P, int rd, int interleaved, int D,
     }
 }
 
-// a · b, complex: rotations by composition.
-__device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.y * b.x + a.x * b.y); }
-
 // The keys of one decode block. ctx: the sequence's context (clamped to its pages). With a
 // sliding window the splits share out the keys some query can see, [lo, ctx) (the host sized
 // keys_per_split for window + queries - 1 of them), not the whole context: a 32k context under

@@ -73,6 +73,9 @@ __device__ __forceinline__ void rotate_pair(float& x0, float& x1, float c, float
     x1 = y1;
 }
 
+// a · b, complex: the rotation by the sum of two angles (rotations by composition).
+__device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.y * b.x + a.x * b.y); }
+
 // (cos, sin) * scale of pair i at turns t.
 __device__ __forceinline__ float2 cs_scaled(float t, float scale) {
     float c, s;

@@ -74,28 +74,24 @@ __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const S
 // evaluation to a few f32 ulps (tests/angle_precision.rs replays it).
 constexpr int ROT_SUB = 8;
 
-// off[b][pair] = (cos, sin) of offset b < ROT_SUB: once per block.
-__device__ __forceinline__ void fill_rotation_offsets(float2* off, const RopeArgs& a) {
+// t[s][pair] = (cos, sin) of position pos0 + stride·s, s < n, times `scale`: the three tables
+// below, each angle from an exact reduction.
+__device__ __forceinline__ void fill_rotation_table(float2* t, const RopeArgs& a, int pos0, int stride, int n, float scale) {
     const int half = a.rotary_dim / 2;
-    for (int e = threadIdx.x; e < ROT_SUB * half; e += blockDim.x) off[e] = cs_scaled(angle_turns(e / half, a.freq[e % half]), 1.f);
+    for (int e = threadIdx.x; e < n * half; e += blockDim.x) t[e] = cs_scaled(angle_turns(pos0 + stride * (e / half), a.freq[e % half]), scale);
 }
+
+// off[b][pair] = (cos, sin) of offset b < ROT_SUB: once per block.
+__device__ __forceinline__ void fill_rotation_offsets(float2* off, const RopeArgs& a) { fill_rotation_table(off, a, 0, 1, ROT_SUB, 1.f); }
 
 // base[s][pair] = (cos, sin) of position pos0 + 8s, times the attention factor: once per tile
 // of `rows` (a multiple of ROT_SUB).
 __device__ __forceinline__ void fill_rotation_bases(float2* base, const RopeArgs& a, int pos0, int rows) {
-    const int half = a.rotary_dim / 2;
-    for (int e = threadIdx.x; e < (rows / ROT_SUB) * half; e += blockDim.x)
-        base[e] = cs_scaled(angle_turns(pos0 + ROT_SUB * (e / half), a.freq[e % half]), a.attention_factor);
+    fill_rotation_table(base, a, pos0, ROT_SUB, rows / ROT_SUB, a.attention_factor);
 }
-
-// The complex product of two (cos, sin) pairs: the sum of their angles.
-__device__ __forceinline__ float2 cs_mul(float2 b, float2 o) { return make_float2(b.x * o.x - b.y * o.y, b.y * o.x + b.x * o.y); }
 
 // step[s][pair] = (cos, sin) of 8s, s < n: once per block, for fill_rotation_bases_stepped.
-__device__ __forceinline__ void fill_rotation_steps(float2* step, const RopeArgs& a, int n) {
-    const int half = a.rotary_dim / 2;
-    for (int e = threadIdx.x; e < n * half; e += blockDim.x) step[e] = cs_scaled(angle_turns(ROT_SUB * (e / half), a.freq[e % half]), 1.f);
-}
+__device__ __forceinline__ void fill_rotation_steps(float2* step, const RopeArgs& a, int n) { fill_rotation_table(step, a, 0, ROT_SUB, n, 1.f); }
 
 // fill_rotation_bases for a K tile visited once per query tile, with a tenth of its exact
 // angles: base[s] = base[0] ∘ step[s], each pair's exact angle at pos0 evaluated by the threads
@@ -107,19 +103,19 @@ __device__ __forceinline__ void fill_rotation_bases_stepped(float2* base, const 
     if (share <= 1) {  // no more threads than pairs: each thread its pairs' every base
         for (int p = threadIdx.x; p < half; p += blockDim.x) {
             const float2 b0 = cs_scaled(angle_turns(pos0, a.freq[p]), a.attention_factor);
-            for (int s = 0; s < n; ++s) base[s * half + p] = cs_mul(b0, step[s * half + p]);
+            for (int s = 0; s < n; ++s) base[s * half + p] = cmul(b0, step[s * half + p]);
         }
     } else if (threadIdx.x < share * half) {  // `share` threads a pair, every share-th base each
         const int p = threadIdx.x % half;
         const float2 b0 = cs_scaled(angle_turns(pos0, a.freq[p]), a.attention_factor);
-        for (int s = threadIdx.x / half; s < n; s += share) base[s * half + p] = cs_mul(b0, step[s * half + p]);
+        for (int s = threadIdx.x / half; s < n; s += share) base[s * half + p] = cmul(b0, step[s * half + p]);
     }
 }
 
 // (cos, sin) of row `row` (position pos0 + row of the bases' tile) and rotation pair `pr`:
 // base ∘ offset, one complex product (tables of `pitch` pairs a row).
 __device__ __forceinline__ float2 composed_cs(const float2* off, const float2* base, int row, int pr, int pitch) {
-    return cs_mul(base[(row / ROT_SUB) * pitch + pr], off[(row % ROT_SUB) * pitch + pr]);
+    return cmul(base[(row / ROT_SUB) * pitch + pr], off[(row % ROT_SUB) * pitch + pr]);
 }
 
 // Rotate rows [0, valid) of a shared-memory tile in place to positions pos0 + row (the bases'
@@ -137,7 +133,7 @@ __device__ __forceinline__ void rotate_rows_composed(T* tile, int ld, int valid,
     const int half = a.rotary_dim / 2;
     constexpr int PER = 16 / sizeof(T);  // elements a 16-byte access carries
     const int run = a.interleaved ? PER / 2 : PER;  // pairs per item
-    if (half % run == 0 && pitch % 2 == 0 && (ld * sizeof(T)) % 16 == 0 && run % 2 == 0) {
+    if (half % run == 0 && pitch % 2 == 0 && (ld * sizeof(T)) % 16 == 0) {
         const int per_row = half / run, items = valid * per_row;
         const int drow = n / per_row, dgrp = n % per_row;
         int row = tid / per_row, grp = tid % per_row;
@@ -152,8 +148,8 @@ __device__ __forceinline__ void rotate_rows_composed(T* tile, int ld, int valid,
                 RA_VECTOR_ACCESS(b4 + j, 16);
                 RA_VECTOR_ACCESS(o4 + j, 16);
                 const float4 b = b4[j], o = o4[j];
-                cs[2 * j] = cs_mul(make_float2(b.x, b.y), make_float2(o.x, o.y));
-                cs[2 * j + 1] = cs_mul(make_float2(b.z, b.w), make_float2(o.z, o.w));
+                cs[2 * j] = cmul(make_float2(b.x, b.y), make_float2(o.x, o.y));
+                cs[2 * j + 1] = cmul(make_float2(b.z, b.w), make_float2(o.z, o.w));
             }
             T* x = tile + row * ld;
             if (a.interleaved) {
