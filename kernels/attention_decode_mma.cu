@@ -23,7 +23,14 @@
 // register. The angle of key j0 + 8a + u (u < 8) is composed, e^{iθ(j0 + 8a + u)} =
 // e^{iθ(j0 + 8a)} · e^{iθ u}: an exact base per tile and pair (and its product with the exact
 // e^{8iθ} for the second 8 keys), shared by the warp, times an exact table of the offsets u made
-// once per block (tile.cuh's argument: as exact as a direct evaluation). Partial rotary in
+// once per block (tile.cuh's argument: as exact as a direct evaluation). The exact base costs
+// a reduction and a sincospif per pair (~93 instructions), two per lane per tile at head_dim 128:
+// about a sixth of the tile's work. With base_steps = S > 1 (the launcher's choice, where the
+// table costs the SM no resident block and the warp runs enough tiles) a warp evaluates one
+// exact anchor per S of its tiles instead, and the tile's two bases are the anchor times an
+// exact per-block table of the steps e^{iθ(16Wm + 8h)} (m < S, h = 0, 1): still three exact
+// factors per key, as the second 8 keys always had (tests/angle_precision.rs replays both).
+// Partial rotary in
 // the rotate_half layout (the pairs straddle other components) rotates the staged tile in shared
 // memory instead. The attention factor is folded into Q (as its square: keys rotate without it).
 //
@@ -167,10 +174,18 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     const int half = ra.rotary_dim / 2;
     const int W = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
+    // Tiles per exact base (see the header): only up to head_dim 128 (the anchors' registers
+    // would cost the 256 kernel spills), never with Leaky (its second set of bases).
+    int steps = 1;
+    if constexpr (D <= 128) steps = rope && !leaky && p.base_steps > 1 ? p.base_steps : 1;
+#ifdef RA_PROBE_STEPS  // static analysis only: one way of making the bases
+    steps = RA_PROBE_STEPS;
+#endif
     // Shared memory (decode_mma_layout in src/cuda/decode.rs sizes it; every piece a multiple of
     // 16 bytes): per warp its K and V tiles [2][BT][LD] each; Q rotated [R][LD] and with ReRoPE
     // its far copy; the offsets' (cos, sin) [8][OP] and e^{8iθ} [OP] (and Leaky's); per warp
-    // the tile's bases at keys 0 and 8 [2][D/2] (and Leaky's) and its cache slots [BT]; with
+    // the tile's bases at keys 0 and 8 [2][D/2] (and Leaky's); with base steps their table
+    // [steps][2][D/2]; per warp its cache slots [BT]; with
     // KR_SMEM per warp a rotated tile [BT][LD] at head_dim 256 or with Leaky ReRoPE (for its far
     // keys; the near keys rotate in place up to 128); with ReRoPE per lane its 8 far scores.
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
@@ -183,7 +198,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     float2* Bases = Offl + (leaky ? 9 * OP : 0);  // [W][2][D/2] (x2 with Leaky)
     float2* Base = Bases + warp * 2 * H2 * (leaky ? 2 : 1);
     float2* Basel = Base + 2 * H2;
-    int* AllSlots = reinterpret_cast<int*>(Bases + W * 2 * H2 * (leaky ? 2 : 1));
+    float2* Steps = Bases + W * 2 * H2 * (leaky ? 2 : 1);
+    int* AllSlots = reinterpret_cast<int*>(Steps + (steps > 1 ? steps * 2 * H2 : 0));
     int* Slots = AllSlots + warp * BT;
     T* Krot = reinterpret_cast<T*>(AllSlots + W * BT) + warp * BT * LD;
     // The far scores wait here, each lane's own 8, while the near product runs: in registers
@@ -198,8 +214,17 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     const DecodeRows rw = decode_rows<R>(p, ctx);
     const int kvh = rw.kvh, rows = rw.rows;
 
+    DecodeWalk<BT> walk{p, span, mask, b, W, lane};
+    auto stage = [&](int n, int buf, int slot) {
+        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, kvh, walk.keys(n), slot, lane);
+    };
+    // The warp's first tile on its way (its table reads, then its copies) before the prologue's
+    // trigonometry, which then hides their latency instead of waiting in front of them (at head
+    // dim 256 after it: the walk's state held across the prologue costs that kernel spills).
+    if constexpr (D <= 128) walk.begin(warp, stage);
+
     // Q rotated to the rows' positions and its far copy for ReRoPE (decode.cuh), rounded once to
-    // T; rows past `rows` zero. The offset tables.
+    // T; rows past `rows` zero. The offset tables, and the base steps.
     for (int e = threadIdx.x; e < R * H2; e += blockDim.x) {
         const int r = e / H2;
         int ia, ib;
@@ -217,6 +242,11 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         Off[u * OP + P] = cs_scaled(angle_turns(u, ra.freq[P]), 1.f);
         if (leaky) Offl[u * OP + P] = cs_scaled(angle_turns(u, ra.freq_leak[P]), 1.f);
     }
+    if (steps > 1)
+        for (int e = threadIdx.x; e < 2 * steps * half; e += blockDim.x) {  // row 2m + h: 16Wm + 8h keys
+            const int r = e / half, P = e % half;
+            Steps[r * H2 + P] = cs_scaled(angle_turns(BT * W * (r / 2) + 8 * (r % 2), ra.freq[P]), 1.f);
+        }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
     // This thread's rows g and g + 8: position, ALiBi slope (log2 units).
@@ -229,10 +259,6 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         slope[rr] = (p.alibi_total_heads > 0 && r < rows) ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + rw.head(r)) * LOG2E : 0.f;
     }
 
-    DecodeWalk<BT> walk{p, span, mask, b, W, lane};
-    auto stage = [&](int n, int buf, int slot) {
-        stage_kv_tile<T, D, LD, BT>(Kst + buf * BT * LD, Vst + buf * BT * LD, Slots, p, kvh, walk.keys(n), slot, lane);
-    };
     // acc += Q·Kᵀ over the tile at kt (16 keys), its fragments rotated by `rot` first; NTP
     // n-tiles of fragments at a time.
     auto qk = [&](const T* kt, const T* q, float (&acc)[2][4], int rot, const float2* base, const float2* off) {
@@ -270,14 +296,39 @@ __device__ void decode_mma_body(const DecodeParams& p) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) o[d][c] = 0.f;
 
+    // With base steps: the anchor of this lane's pairs lane + 32k, at the first tile of the
+    // group of `steps` warp tiles it serves (group: that tile's index among the warp's).
+    constexpr int NA = (H2 + 31) / 32;
+    float2 anchor[NA] = {};
+    int group = -1;
+    const int lg_w = W == 4 ? 2 : W == 2 ? 1 : 0;  // W is 4, 2 or 1 (the launcher's choice)
+
     int buf = 0;
-    walk.begin(warp, stage);
+    if constexpr (D > 128) walk.begin(warp, stage);
     while (walk.has(walk.cur)) {
         const int j0 = k_begin + walk.cur * BT, vk = walk.keys(walk.cur);
         const bool more = walk.stage_next(buf ^ 1, stage);  // the next tile's copies, the one after's table reads
-        // The tile's bases, shared by the warp (while its copies land): exact at key 0, times
-        // the exact e^{8iθ} at key 8.
-        if (rope) {
+        // The tile's bases, shared by the warp (while its copies land): the anchor times the
+        // tile's two steps; without steps exact at key 0, times the exact e^{8iθ} at key 8.
+        if (rope && D <= 128 && steps > 1) {
+            // Tile i of the warp's (tile index warp + W·i) is step m of the group from tile i - m.
+            const int i = walk.cur >> lg_w, m = i & (steps - 1);
+            if (i - m != group) {  // a new group (or a window's jump into one): its exact anchor
+                group = i - m;
+                const int ja = k_begin + BT * (warp + W * group);
+#pragma unroll
+                for (int k = 0; k < NA; ++k)
+                    if (lane + 32 * k < half) anchor[k] = cs_scaled(angle_turns(ja, ra.freq[lane + 32 * k]), 1.f);
+            }
+#pragma unroll
+            for (int k = 0; k < NA; ++k) {
+                const int P = lane + 32 * k;
+                if (P < half) {
+                    Base[P] = cmul(anchor[k], Steps[2 * m * H2 + P]);
+                    Base[H2 + P] = cmul(anchor[k], Steps[(2 * m + 1) * H2 + P]);
+                }
+            }
+        } else if (rope) {
             for (int P = lane; P < half; P += 32) {
                 const float2 b0 = cs_scaled(angle_turns(j0, ra.freq[P]), 1.f);
                 Base[P] = b0;

@@ -97,6 +97,9 @@ struct DecodeParams {
     int batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages;
     int splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset;
     float scale_log2;
+    // Tiles per exact base of the 16-bit kernel's key rotations, per warp (1, 4 or 8: the
+    // launcher's choice, see attention_decode_mma.cu); the f32 kernel ignores it.
+    int base_steps;
 };
 
 // Mirrored by `AppendParams` in src/cuda/params.rs. vLLM's slot mapping: token t goes to slot

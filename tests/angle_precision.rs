@@ -160,3 +160,23 @@ fn three_factor_key_rotations_are_as_exact_as_direct_ones() {
         "three factors",
     );
 }
+
+/// The tensor-core decode with base steps (kernels/attention_decode_mma.cu, `base_steps`): warp
+/// w of 4 takes the tiles from j0 + 16w on, 64 keys apart, and key 64m + 8h + b of its group of
+/// 8 tiles takes (cos, sin) of the group's anchor j0 + 16w, times those of the step 64m + 8h
+/// (a per-block table), times those of b: three exact factors, as without steps.
+#[test]
+fn stepped_decode_bases_are_as_exact_as_direct_ones() {
+    let groups = [0, 512, 4096 - 512, (1 << 24) - 512, 1 << 24, 123_456_768, i32::MAX - 1023];
+    assert_composition_exact(
+        500000.0,
+        &groups,
+        512,
+        |hi, lo, j0, u| {
+            let (w, m, h, b) = ((u % 64) / 16, u / 64, (u % 16) / 8, u % 8);
+            let anchor = cs(angle_turns(j0 + 16 * w, hi, lo));
+            mul(mul(anchor, cs(angle_turns(64 * m + 8 * h, hi, lo))), cs(angle_turns(b, hi, lo)))
+        },
+        "decode base steps",
+    );
+}

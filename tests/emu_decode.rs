@@ -10,9 +10,11 @@ use common::cases::*;
 use common::paged::*;
 use common::*;
 use half::{bf16, f16};
-use rope_attn::cuda::{decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, RopeShape, Tolerance};
-use rope_attn::emulator::{DecodeInputs, FwdInputs, GuardedBuf};
-use rope_attn::{Alibi, AttentionParams};
+use rope_attn::cuda::{
+    decode_base_steps, decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, PagedKvCache, RopeShape, Tolerance,
+};
+use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
+use rope_attn::{Alibi, AttentionParams, Mask, Relative};
 
 fn sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
@@ -135,6 +137,102 @@ fn emulated_decode_does_little_trigonometry_per_key() {
     assert!((w.trig as f64) < pairs / 6.0, "{} sincos for {pairs} key-pairs", w.trig);
     // K and V streamed once through cp.async (Q and the output are scalar accesses, uncounted).
     assert_eq!(w.global_bytes as usize, 2 * ctx * hkv * d * 2, "{w:?}");
+}
+
+/// The base steps the launcher picks for a decode call on a card with `smem` bytes per SM.
+fn steps_for(p: &AttentionParams, cache: &PagedKvCache, batch: &DecodeBatch, splits: usize, smem: usize) -> usize {
+    let lens = DecodeLens {
+        q: usize::MAX,
+        k_cache: cache.len(),
+        v_cache: cache.len(),
+        block_table: batch.batch * batch.max_pages,
+        context_lens: batch.batch,
+        out: usize::MAX,
+        lse: usize::MAX,
+        workspace: Some(usize::MAX),
+    };
+    let plan = batch.check(p, cache, &lens, splits).unwrap();
+    decode_base_steps(p, &plan, 2, smem)
+}
+
+/// The tensor-core decode's base steps (kernels/attention_decode_mma.cu): where a warp runs
+/// enough tiles and the table costs the SM no resident block, each warp evaluates one exact
+/// anchor per 4 or 8 of its tiles and takes the tiles' bases from a table of exact steps. Over
+/// every rotation the kernel has (rotate_half and interleaved in registers, partial rotate_half
+/// in shared memory, ReRoPE), with a window and sinks whose jump lands inside a group, split or
+/// not: checked against the f64 reference on an H100's shared memory (steps) and an A100's (at
+/// head_dim 128 none: its two blocks per SM leave no byte for the table).
+#[test]
+fn emulated_decode_base_steps_match_reference() {
+    let (hq, hkv, page) = (8usize, 2usize, 16usize);
+    let mut r = rng(41);
+    let mut runs = 0;
+    for (d, case) in [(128usize, 0usize), (128, 1), (128, 2), (128, 3), (64, 4), (96, 0)] {
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(match case {
+            1 => schedules(d, d).remove(1).1,     // interleaved
+            2 => schedules(d, d / 2).remove(0).1, // partial rotate_half: in shared memory
+            _ => schedules(d, d).remove(6).1,     // llama3, rotate_half
+        });
+        let mut ctx = 1100 + 13 * case;
+        if case == 3 {
+            p.relative = Relative::ReRope { window: 300 };
+        }
+        if case == 4 {
+            // The window's first tile (from lo = 1100 - 600) is no group's first.
+            p.mask = Mask { causal: true, window: Some(600), sinks: 4 };
+            ctx = 1100;
+        }
+        let emu = emulator(41 + case as u64);
+        let f = fill::<bf16>(&emu, &p, &[ctx, 37], page, &mut r);
+        let batch = DecodeBatch::contiguous(&p, 2, 2, f.max_pages, ctx);
+        let q = guard(&as_dtype::<bf16>(&uniform(&mut r, 4 * hq * d)).0);
+        let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+        for splits in [1usize, 2] {
+            let h100 = steps_for(&p, &f.cache, &batch, splits, Emulator::H100_SMEM_PER_SM);
+            let a100 = steps_for(&p, &f.cache, &batch, splits, Emulator::A100_SMEM_PER_SM);
+            let want = if case == 4 { 4 } else if splits == 1 { 8 } else { 4 };
+            assert_eq!(h100, want, "d={d} case {case} splits {splits}");
+            // (ReRoPE's far copies already hold an A100 to one block: the table costs none.)
+            assert_eq!(a100, if d == 128 && case != 3 { 1 } else { want }, "d={d} case {case} splits {splits}");
+            for smem in [Emulator::H100_SMEM_PER_SM, Emulator::A100_SMEM_PER_SM] {
+                let emu = emulator(41 + case as u64).with_smem_per_sm(smem);
+                let (mut out, mut lse) = (GuardedBuf::filled(4 * hq * d, bf16::ZERO), GuardedBuf::filled(4 * hq, 0f32));
+                let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
+                emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
+                    .unwrap_or_else(|e| panic!("d={d} case {case} splits {splits} smem {smem}: {e}"));
+                runs += 1;
+            }
+        }
+    }
+    assert_eq!(runs, 24);
+}
+
+/// What the base steps save, counted: at head_dim 128 over 1024 keys in one split each of the
+/// four warps runs 16 tiles. Direct bases cost 64 sincos per tile (one per pair); with 8 steps
+/// a warp evaluates two anchors (64 each), and the block its table of 2 x 8 rows once.
+#[test]
+fn emulated_decode_base_steps_save_trigonometry() {
+    let (hq, hkv, d, page, ctx) = (4usize, 1usize, 128usize, 16usize, 1024usize);
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = Some(schedules(d, d).remove(6).1);
+    let mut r = rng(42);
+    let f = fill::<bf16>(&emulator(42), &p, &[ctx], page, &mut r);
+    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, hq * d)).0);
+    let batch = DecodeBatch::contiguous(&p, 1, 1, f.max_pages, ctx);
+    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    let mut trig = Vec::new();
+    for smem in [Emulator::A100_SMEM_PER_SM, Emulator::H100_SMEM_PER_SM] {
+        let emu = emulator(42).with_smem_per_sm(smem);
+        let (mut out, mut lse) = (GuardedBuf::filled(hq * d, bf16::ZERO), GuardedBuf::filled(hq, 0f32));
+        emu.take_work();
+        emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, 1, None).unwrap();
+        trig.push(emu.take_work().trig);
+    }
+    assert_eq!(steps_for(&p, &f.cache, &batch, 1, Emulator::H100_SMEM_PER_SM), 8);
+    let half = (d / 2) as u64;
+    let (tiles, anchors, table) = (64 * half, 4 * 2 * half, 2 * 8 * half);
+    assert_eq!(trig[0] - trig[1], tiles - anchors - table, "{trig:?}");
 }
 
 /// A sliding window with sinks over a long context: decode reads only the key tiles some query

@@ -136,6 +136,7 @@ int main() {
     FIELD(DecodeParams, alibi_total_heads);
     FIELD(DecodeParams, alibi_head_offset);
     FIELD(DecodeParams, scale_log2);
+    FIELD(DecodeParams, base_steps);
     SIZE(AppendParams);
     FIELD(AppendParams, k);
     FIELD(AppendParams, v);

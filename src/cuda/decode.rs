@@ -136,9 +136,10 @@ fn decode_f32_smem_bytes(d: usize, rel: bool, leaky: bool) -> usize {
 /// with Leaky) and 16 slots, per warp a rotated tile when the keys rotate in shared memory
 /// (`smem_rot`: partial rotary in the rotate_half layout, interleaved at head_dim 256) at head
 /// dim 256 or with Leaky ReRoPE (the near keys rotate in place up to 128), and with
-/// ReRoPE per warp 1 KB of far scores. Four warps unless that passes [`SMEM_BUDGET`], then two,
-/// then one: head_dim 128 takes 81 KB (two blocks per SM on an A100 or H100), 256 two warps.
-fn decode_mma_layout(d: usize, elem: usize, rel: bool, leaky: bool, smem_rot: bool) -> (usize, usize) {
+/// ReRoPE per warp 1 KB of far scores, and with `steps` > 1 the base steps [steps][2][d/2]. Four
+/// warps unless that passes [`SMEM_BUDGET`], then two, then one: head_dim 128 takes 81 KB (two
+/// blocks per SM on an A100 or H100), 256 two warps.
+fn decode_mma_layout(d: usize, elem: usize, rel: bool, leaky: bool, smem_rot: bool, steps: usize) -> (usize, usize) {
     let tile = MMA_TILE * (d + 8) * elem;
     let (pairs, tables) = (d / 2 * 8, if leaky { 2 } else { 1 });
     let bytes = |w: usize| {
@@ -149,9 +150,66 @@ fn decode_mma_layout(d: usize, elem: usize, rel: bool, leaky: bool, smem_rot: bo
             + w * MMA_TILE * 4
             + if smem_rot { w * tile } else { 0 }
             + if rel { w * 32 * 8 * 4 } else { 0 }
+            + if steps > 1 { steps * 2 * pairs } else { 0 }
     };
     let warps = [DEC_WARPS, 2, 1].into_iter().find(|&w| bytes(w) <= SMEM_BUDGET).unwrap_or(1);
     (warps, bytes(warps))
+}
+
+/// Shared memory the driver keeps per resident block (sm_80 and later).
+const SMEM_RESERVED_PER_BLOCK: usize = 1024;
+
+/// The most blocks of the tensor-core decode kernel an SM holds by registers: every build takes
+/// more than 128 registers a thread (tests/ptxas_spills.rs), so 64K registers hold at most three
+/// blocks of 128 threads; shared memory for more is not worth keeping.
+const MMA_MAX_RESIDENT: usize = 3;
+
+/// Tiles per exact base in the tensor-core kernel's key rotations (`base_steps` in
+/// kernels/attention_decode_mma.cu), for a GPU with `smem_per_sm` bytes of shared memory per SM.
+/// A warp evaluates an exact base for each pair it serves per 16-key tile (a reduction and a
+/// sincospif, ~93 instructions each, two per lane at head_dim 128: about a sixth of a tile's
+/// work). With S steps it evaluates one anchor per S tiles and multiplies it by a per-block
+/// table of the exact steps, which every thread helps to fill once (2·S·d/2 evaluations).
+/// Per thread at head_dim 128 and four warps that saves about 158·T − 186·T/S − 93·S
+/// instructions over T tiles per warp: S = 4 pays from 4 tiles, 8 from 16. It is 1 (the direct
+/// bases) for f32 (another kernel), without RoPE, with Leaky ReRoPE (its second set of bases),
+/// above head_dim 128 (the anchors' registers would cost that kernel spills), when the table
+/// would cost the SM a resident block (an A100 at head_dim 128 has no byte to spare for two;
+/// blocks past what the registers hold do not count), and when the card's shared memory is
+/// unknown (0).
+pub fn decode_base_steps(p: &AttentionParams, plan: &DecodePlan, elem: usize, smem_per_sm: usize) -> usize {
+    let d = p.head_dim;
+    let leaky = matches!(p.relative, Relative::Leaky { .. });
+    if p.rope.is_none() || elem == 4 || leaky || d > 128 || smem_per_sm == 0 {
+        return 1;
+    }
+    let rel = p.relative != Relative::None;
+    let smem_rot = mma_smem_rot(p);
+    let (warps, bytes) = decode_mma_layout(d, elem, rel, leaky, smem_rot, 1);
+    let resident = |bytes: usize| (smem_per_sm / (bytes + SMEM_RESERVED_PER_BLOCK)).min(MMA_MAX_RESIDENT);
+    // The warp's tiles in a split (under a window its splits share out the keys it shows).
+    let tiles = plan.keys_per_split.div_ceil(MMA_TILE * warps);
+    let mut steps = if tiles >= 16 { 8 } else if tiles >= 4 { 4 } else { 1 };
+    while steps > 1 {
+        let (w, b) = decode_mma_layout(d, elem, rel, leaky, smem_rot, steps);
+        if w == warps && b <= SMEM_BUDGET && resident(b) >= resident(bytes).max(1) {
+            break;
+        }
+        steps /= 2;
+    }
+    steps
+}
+
+/// Whether the 16-bit kernel rotates keys into a tile of their own (its KR_SMEM where the
+/// registers cannot, partial rotary in the rotate_half layout or interleaved at head_dim 256:
+/// in place up to head_dim 128, but at 256, and for Leaky ReRoPE's far keys, into that tile).
+fn mma_smem_rot(p: &AttentionParams) -> bool {
+    let (d, leaky) = (p.head_dim, matches!(p.relative, Relative::Leaky { .. }));
+    (leaky || d > 128)
+        && p.rope.as_ref().is_some_and(|r| match r.layout {
+            Layout::Half => r.rotary_dim < d,
+            Layout::Interleaved => d > 128,
+        })
 }
 
 /// Blocks of one key split of the 16-bit (tensor-core) kernel, the one servers run.
@@ -371,6 +429,9 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         return Err(Error::Shape { what: "k/v cache pointers", expected: "16-byte aligned".into(), got: format!("{kp:#x} {vp:#x}") });
     }
     let (part_out, part_lse) = partials(wp, splits, tokens, hq, d);
+    let rel = p.rope.is_some() && p.relative != Relative::None;
+    let leaky = p.rope.is_some() && matches!(p.relative, Relative::Leaky { .. });
+    let steps = decode_base_steps(p, &plan, elem, be.smem_per_sm());
     let params = DecodeParams {
         rope: c.rope,
         q: qp,
@@ -400,21 +461,15 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         alibi_total_heads: c.alibi_total_heads,
         alibi_head_offset: c.alibi_head_offset,
         scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
+        base_steps: steps as i32,
     };
     // Buffers were checked against the cache geometry and batch; the kernel clamps context
     // lengths and block-table entries into the pool.
-    let rel = p.rope.is_some() && p.relative != Relative::None;
-    let leaky = p.rope.is_some() && matches!(p.relative, Relative::Leaky { .. });
-    // The 16-bit kernel rotates keys in shared memory where its registers cannot (its KR_SMEM):
-    // in place up to head_dim 128, but at 256, and for Leaky ReRoPE's far keys (rotated to
-    // j / k), into a tile of their own.
-    let smem_rot = (leaky || d > 128)
-        && p.rope.as_ref().is_some_and(|r| match r.layout {
-            Layout::Half => r.rotary_dim < d,
-            Layout::Interleaved => d > 128,
-        });
-    let (warps, smem) =
-        if elem == 4 { (DEC_WARPS, decode_f32_smem_bytes(d, rel, leaky)) } else { decode_mma_layout(d, elem, rel, leaky, smem_rot) };
+    let (warps, smem) = if elem == 4 {
+        (DEC_WARPS, decode_f32_smem_bytes(d, rel, leaky))
+    } else {
+        decode_mma_layout(d, elem, rel, leaky, mma_smem_rot(p), steps)
+    };
     be.run(&Launch {
         // The same kernel names in two modules: f32 on CUDA cores, 16-bit on tensor cores.
         module: if elem == 4 { Module::AttentionDecode } else { Module::AttentionDecodeMma },
@@ -694,7 +749,7 @@ mod tests {
         for &d in crate::cuda::SUPPORTED_HEAD_DIMS {
             for (rel, leaky) in [(false, false), (true, false), (true, true)] {
                 for smem_rot in [false, true] {
-                    let (w, bytes) = decode_mma_layout(d, 2, rel, leaky, smem_rot);
+                    let (w, bytes) = decode_mma_layout(d, 2, rel, leaky, smem_rot, 1);
                     assert!(bytes <= SMEM_BUDGET && (1..=DEC_WARPS).contains(&w), "d={d} rel={rel} leaky={leaky}: {w} warps, {bytes} B");
                     let staging = w * 4 * MMA_TILE * (d + 8) * 2;
                     let merge = w * rows_per_block(2) * (d + 2) * 4;
@@ -702,7 +757,7 @@ mod tests {
                 }
             }
         }
-        let (w, bytes) = decode_mma_layout(128, 2, false, false, false);
+        let (w, bytes) = decode_mma_layout(128, 2, false, false, false, 1);
         assert_eq!(w, DEC_WARPS);
         assert!(2 * (bytes + 1024) <= 164 * 1024, "{bytes} B");
         // The f32 kernel stays as sized before: at most 56.3 KB.

@@ -1,6 +1,7 @@
 //! The device handle: the embedded fatbins, loaded once per context, and a function cache.
 
 use crate::error::{Error, Result};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
@@ -57,6 +58,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    smem_per_sm: usize,
 }
 
 impl Gpu {
@@ -72,7 +74,15 @@ impl Gpu {
 
     /// Use a context the caller already has (e.g. a candle device's).
     pub fn from_context(ctx: Arc<CudaContext>) -> Self {
-        Gpu { ctx, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }
+        let smem_per_sm =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR).map_or(0, |v| v.max(0) as usize);
+        Gpu { ctx, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), smem_per_sm }
+    }
+
+    /// Shared memory per SM in bytes (228 KB on an H100, 164 KB on an A100, 100 KB on sm_86/89),
+    /// 0 if the driver does not say.
+    pub fn smem_per_sm(&self) -> usize {
+        self.smem_per_sm
     }
 
     /// The underlying context.

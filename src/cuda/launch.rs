@@ -22,6 +22,9 @@ pub(crate) struct Launch<P> {
 /// Something that runs planned launches in order (a stream, or the emulator).
 pub(crate) trait Backend {
     fn run<P: DeviceRepr + Copy>(&self, launch: &Launch<P>) -> Result<()>;
+    /// Shared memory of one SM in bytes (0 if unknown): what a launcher may spend without
+    /// costing the kernel a resident block (decode's base steps).
+    fn smem_per_sm(&self) -> usize;
 }
 
 /// Launches on the caller's stream; nothing synchronizes.
@@ -50,5 +53,9 @@ impl Backend for OnStream<'_> {
         // touches before packing its address.
         unsafe { b.launch(cfg) }?;
         Ok(())
+    }
+
+    fn smem_per_sm(&self) -> usize {
+        self.gpu.smem_per_sm()
     }
 }

@@ -38,7 +38,7 @@ pub use attention::{
 };
 pub use checked::{max_abs, CheckReport, Tolerance};
 pub use decode::{
-    attention_decode, attention_decode_checked, decode_splits, decode_workspace_len, paged_append, DecodeBatch, DecodeLens,
+    attention_decode, attention_decode_checked, decode_base_steps, decode_splits, decode_workspace_len, paged_append, DecodeBatch, DecodeLens,
     DecodePlan, PagedKvCache,
 };
 pub use device::{device_status, Gpu};

@@ -83,6 +83,7 @@ pub struct Emulator {
     seed: u64,
     launches: AtomicU64,
     work: [AtomicU64; 5], // launches, trig, mma, global bytes, ldmatrix bytes since the last take_work
+    smem_per_sm: usize,
 }
 
 /// What the kernels did, counted as they ran in the emulator: a machine-independent measure of
@@ -152,6 +153,10 @@ impl Backend for Emulator {
             Err(Error::Emulator(unsafe { CStr::from_ptr(ra_emu_last_error()) }.to_string_lossy().into_owned()))
         }
     }
+
+    fn smem_per_sm(&self) -> usize {
+        self.smem_per_sm
+    }
 }
 
 /// Inputs of a prefill: Q, K, V and the cumulative sequence offsets.
@@ -211,7 +216,20 @@ impl Emulator {
 
     /// An emulator whose thread schedules and copy timings follow `seed`.
     pub fn with_seed(seed: u64) -> Self {
-        Emulator { seed, launches: AtomicU64::new(0), work: Default::default() }
+        Emulator { seed, launches: AtomicU64::new(0), work: Default::default(), smem_per_sm: Self::H100_SMEM_PER_SM }
+    }
+
+    /// Shared memory per SM of an H100 (228 KB), the card the emulator plans for by default.
+    pub const H100_SMEM_PER_SM: usize = 228 * 1024;
+    /// Shared memory per SM of an A100 (164 KB).
+    pub const A100_SMEM_PER_SM: usize = 164 * 1024;
+
+    /// Plan launches as for a card with `bytes` of shared memory per SM (what a launcher may
+    /// spend without losing a resident block; decode's base steps depend on it). The blocks
+    /// themselves are still held to the 99 KB every supported card gives one.
+    pub fn with_smem_per_sm(mut self, bytes: usize) -> Self {
+        self.smem_per_sm = bytes;
+        self
     }
 
     /// The work of every launch so far, and a reset of the count.
