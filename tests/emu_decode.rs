@@ -11,7 +11,7 @@ use common::paged::*;
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{
-    decode_base_steps, decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, PagedKvCache, RopeShape, Tolerance,
+    decode_base_steps, decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, RopeShape, Tolerance,
 };
 use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
 use rope_attn::{Alibi, AttentionParams, Mask, Relative};
@@ -139,22 +139,6 @@ fn emulated_decode_does_little_trigonometry_per_key() {
     assert_eq!(w.global_bytes as usize, 2 * ctx * hkv * d * 2, "{w:?}");
 }
 
-/// The base steps the launcher picks for a decode call on a card with `smem` bytes per SM.
-fn steps_for(p: &AttentionParams, cache: &PagedKvCache, batch: &DecodeBatch, splits: usize, smem: usize) -> usize {
-    let lens = DecodeLens {
-        q: usize::MAX,
-        k_cache: cache.len(),
-        v_cache: cache.len(),
-        block_table: batch.batch * batch.max_pages,
-        context_lens: batch.batch,
-        out: usize::MAX,
-        lse: usize::MAX,
-        workspace: Some(usize::MAX),
-    };
-    let plan = batch.check(p, cache, &lens, splits).unwrap();
-    decode_base_steps(p, &plan, 2, smem)
-}
-
 /// The tensor-core decode's base steps (kernels/attention_decode_mma.cu): where a warp runs
 /// enough tiles and the table costs the SM no resident block, each warp evaluates one exact
 /// anchor per 4 or 8 of its tiles and takes the tiles' bases from a table of exact steps. Over
@@ -189,8 +173,8 @@ fn emulated_decode_base_steps_match_reference() {
         let q = guard(&as_dtype::<bf16>(&uniform(&mut r, 4 * hq * d)).0);
         let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
         for splits in [1usize, 2] {
-            let h100 = steps_for(&p, &f.cache, &batch, splits, Emulator::H100_SMEM_PER_SM);
-            let a100 = steps_for(&p, &f.cache, &batch, splits, Emulator::A100_SMEM_PER_SM);
+            let h100 = decode_base_steps::<bf16>(&p, &batch, splits, Emulator::H100_SMEM_PER_SM);
+            let a100 = decode_base_steps::<bf16>(&p, &batch, splits, Emulator::A100_SMEM_PER_SM);
             let want = if case == 4 { 4 } else if splits == 1 { 8 } else { 4 };
             assert_eq!(h100, want, "d={d} case {case} splits {splits}");
             // (ReRoPE's far copies already hold an A100 to one block: the table costs none.)
@@ -229,7 +213,7 @@ fn emulated_decode_base_steps_save_trigonometry() {
         emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, 1, None).unwrap();
         trig.push(emu.take_work().trig);
     }
-    assert_eq!(steps_for(&p, &f.cache, &batch, 1, Emulator::H100_SMEM_PER_SM), 8);
+    assert_eq!(decode_base_steps::<bf16>(&p, &batch, 1, Emulator::H100_SMEM_PER_SM), 8);
     let half = (d / 2) as u64;
     let (tiles, anchors, table) = (64 * half, 4 * 2 * half, 2 * 8 * half);
     assert_eq!(trig[0] - trig[1], tiles - anchors - table, "{trig:?}");

@@ -177,7 +177,13 @@ const MMA_MAX_RESIDENT: usize = 3;
 /// would cost the SM a resident block (an A100 at head_dim 128 has no byte to spare for two;
 /// blocks past what the registers hold do not count), and when the card's shared memory is
 /// unknown (0).
-pub fn decode_base_steps(p: &AttentionParams, plan: &DecodePlan, elem: usize, smem_per_sm: usize) -> usize {
+/// `splits` as passed to [`attention_decode`].
+pub fn decode_base_steps<T: Dtype>(p: &AttentionParams, batch: &DecodeBatch, splits: usize, smem_per_sm: usize) -> usize {
+    let (_, keys_per_split) = split_plan(split_span(p, batch), splits.max(1), SPLIT_ALIGN);
+    base_steps(p, keys_per_split, std::mem::size_of::<T>(), smem_per_sm)
+}
+
+fn base_steps(p: &AttentionParams, keys_per_split: usize, elem: usize, smem_per_sm: usize) -> usize {
     let d = p.head_dim;
     let leaky = matches!(p.relative, Relative::Leaky { .. });
     if p.rope.is_none() || elem == 4 || leaky || d > 128 || smem_per_sm == 0 {
@@ -188,7 +194,7 @@ pub fn decode_base_steps(p: &AttentionParams, plan: &DecodePlan, elem: usize, sm
     let (warps, bytes) = decode_mma_layout(d, elem, rel, leaky, smem_rot, 1);
     let resident = |bytes: usize| (smem_per_sm / (bytes + SMEM_RESERVED_PER_BLOCK)).min(MMA_MAX_RESIDENT);
     // The warp's tiles in a split (under a window its splits share out the keys it shows).
-    let tiles = plan.keys_per_split.div_ceil(MMA_TILE * warps);
+    let tiles = keys_per_split.div_ceil(MMA_TILE * warps);
     let mut steps = if tiles >= 16 { 8 } else if tiles >= 4 { 4 } else { 1 };
     while steps > 1 {
         let (w, b) = decode_mma_layout(d, elem, rel, leaky, smem_rot, steps);
@@ -431,7 +437,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     let (part_out, part_lse) = partials(wp, splits, tokens, hq, d);
     let rel = p.rope.is_some() && p.relative != Relative::None;
     let leaky = p.rope.is_some() && matches!(p.relative, Relative::Leaky { .. });
-    let steps = decode_base_steps(p, &plan, elem, be.smem_per_sm());
+    let steps = base_steps(p, keys_per_split, elem, be.smem_per_sm());
     let params = DecodeParams {
         rope: c.rope,
         q: qp,

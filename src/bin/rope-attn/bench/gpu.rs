@@ -533,7 +533,10 @@ fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) ->
             q_heads: hq,
             kv_heads: hkv,
             causal: Some(true),
-            path: format!("splits={}", dc.splits),
+            path: match pe {
+                "rope" => format!("splits={}, base steps={}", dc.splits, cuda::decode_base_steps::<T>(&dc.p, &dc.batch, dc.splits, gpu.smem_per_sm())),
+                _ => format!("splits={}", dc.splits),
+            },
             ms_median: st.median_ms,
             ms_min: st.min_ms,
             tflops: Some(c.flops() / (st.median_ms * 1e-3) / 1e12),
