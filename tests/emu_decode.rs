@@ -163,9 +163,12 @@ fn emulated_decode_base_steps_match_reference() {
             p.relative = Relative::ReRope { window: 300 };
         }
         if case == 4 {
-            // The window's first tile (from lo = 1100 - 600) is no group's first.
-            p.mask = Mask { causal: true, window: Some(600), sinks: 4 };
-            ctx = 1100;
+            // From the sinks' tile the warps jump to the window's first tiles, 39 .. 42 (lo =
+            // 896 - 2 - 256 + 1 = 639): tiles 9 and 10 of their warps', steps 1 and 2 of their
+            // groups of 4, whose anchors (tiles 8) they never visit. Half the window's keys are
+            // in the two groups.
+            p.mask = Mask { causal: true, window: Some(256), sinks: 4 };
+            ctx = 896;
         }
         let emu = emulator(41 + case as u64);
         let f = fill::<bf16>(&emu, &p, &[ctx, 37], page, &mut r);
@@ -175,7 +178,13 @@ fn emulated_decode_base_steps_match_reference() {
         for splits in [1usize, 2] {
             let h100 = decode_base_steps::<bf16>(&p, &batch, splits, Emulator::H100_SMEM_PER_SM);
             let a100 = decode_base_steps::<bf16>(&p, &batch, splits, Emulator::A100_SMEM_PER_SM);
-            let want = if case == 4 { 4 } else if splits == 1 { 8 } else { 4 };
+            // (Under the window 257 keys are shared out: 5 tiles per warp in one split, 3 in two.)
+            let want = match (case, splits) {
+                (4, 1) => 4,
+                (4, _) => 1,
+                (_, 1) => 8,
+                _ => 4,
+            };
             assert_eq!(h100, want, "d={d} case {case} splits {splits}");
             // (ReRoPE's far copies already hold an A100 to one block: the table costs none.)
             assert_eq!(a100, if d == 128 && case != 3 { 1 } else { want }, "d={d} case {case} splits {splits}");
