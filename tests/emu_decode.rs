@@ -14,7 +14,7 @@ use rope_attn::cuda::{
     decode_base_steps, decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, RopeShape, Tolerance,
 };
 use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
-use rope_attn::{Alibi, AttentionParams, Mask, Relative};
+use rope_attn::{Alibi, AttentionParams};
 
 fn sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
@@ -148,28 +148,11 @@ fn emulated_decode_does_little_trigonometry_per_key() {
 /// head_dim 128 none: its two blocks per SM leave no byte for the table).
 #[test]
 fn emulated_decode_base_steps_match_reference() {
-    let (hq, hkv, page) = (8usize, 2usize, 16usize);
+    let (hq, page) = (8usize, 16usize);
     let mut r = rng(41);
     let mut runs = 0;
-    for (d, case) in [(128usize, 0usize), (128, 1), (128, 2), (128, 3), (64, 4), (96, 0)] {
-        let mut p = AttentionParams::new(hq, hkv, d);
-        p.rope = Some(match case {
-            1 => schedules(d, d).remove(1).1,     // interleaved
-            2 => schedules(d, d / 2).remove(0).1, // partial rotate_half: in shared memory
-            _ => schedules(d, d).remove(6).1,     // llama3, rotate_half
-        });
-        let mut ctx = 1100 + 13 * case;
-        if case == 3 {
-            p.relative = Relative::ReRope { window: 300 };
-        }
-        if case == 4 {
-            // From the sinks' tile the warps jump to the window's first tiles, 39 .. 42 (lo =
-            // 896 - 2 - 256 + 1 = 639): tiles 9 and 10 of their warps', steps 1 and 2 of their
-            // groups of 4, whose anchors (tiles 8) they never visit. Half the window's keys are
-            // in the two groups.
-            p.mask = Mask { causal: true, window: Some(256), sinks: 4 };
-            ctx = 896;
-        }
+    for (d, case) in BASE_STEP_CASES {
+        let (p, ctx) = base_steps_case(d, case);
         let emu = emulator(41 + case as u64);
         let f = fill::<bf16>(&emu, &p, &[ctx, 37], page, &mut r);
         let batch = DecodeBatch::contiguous(&p, 2, 2, f.max_pages, ctx);

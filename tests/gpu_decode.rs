@@ -8,7 +8,7 @@ use common::*;
 use half::{bf16, f16};
 use rand::seq::SliceRandom;
 use rope_attn::cuda::{
-    attention_decode, attention_decode_checked, attention_fwd, decode_workspace_len, max_abs, paged_append, AttentionBatch, CheckReport,
+    attention_decode, attention_decode_checked, attention_fwd, decode_base_steps, decode_workspace_len, max_abs, paged_append, AttentionBatch, CheckReport,
     DecodeBatch, Dtype, PagedKvCache, Tolerance,
 };
 use rope_attn::{Alibi, AttentionParams};
@@ -81,6 +81,33 @@ fn decode_matches_reference_all_dtypes() {
     let Some((gpu, stream)) = gpu_or_skip("decode_matches_reference_all_dtypes") else { return };
     let n = sweep::<f32>(&gpu, &stream, 1000) + sweep::<f16>(&gpu, &stream, 2000) + sweep::<bf16>(&gpu, &stream, 3000);
     assert_eq!(n, 3 * 5 * 8 * 2);
+}
+
+/// The tensor-core decode's base steps on this card's shared memory (tests/emu_decode.rs has
+/// the same cases on an H100's and an A100's): every rotation, ReRoPE, a window whose jump lands
+/// inside groups; split or not. Prints the steps the launcher took.
+#[test]
+fn decode_base_steps_match_reference() {
+    let Some((gpu, stream)) = gpu_or_skip("decode_base_steps_match_reference") else { return };
+    let (hq, page) = (8usize, 16usize);
+    let mut r = rng(41);
+    for (d, case) in BASE_STEP_CASES {
+        let (p, ctx) = base_steps_case(d, case);
+        let f = fill::<bf16>(&gpu, &stream, &p, &[ctx, 37], page, &mut r);
+        let batch = DecodeBatch::contiguous(&p, 2, 2, f.max_pages, ctx);
+        let (qv, _) = as_dtype::<bf16>(&uniform(&mut r, 4 * hq * d));
+        let q = stream.clone_htod(&qv).unwrap();
+        for splits in [1usize, 2] {
+            let steps = decode_base_steps::<bf16>(&p, &batch, splits, gpu.smem_per_sm());
+            println!("d={d} case {case} splits {splits}: {steps} base steps ({} B of shared memory per SM)", gpu.smem_per_sm());
+            let mut out = stream.alloc_zeros::<bf16>(4 * hq * d).unwrap();
+            let mut lse = stream.alloc_zeros::<f32>(4 * hq).unwrap();
+            let mut ws = stream.alloc_zeros::<f32>(decode_workspace_len(&p, &batch, splits).max(1)).unwrap();
+            let mut wsv = ws.as_view_mut();
+            attention_decode_checked(&gpu, &stream, &q, &f.k_cache, &f.v_cache, &f.table, &f.lens, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut wsv))
+                .unwrap_or_else(|e| panic!("d={d} case {case} splits {splits} ({steps} steps): {e}"));
+        }
+    }
 }
 
 /// Decoding token by token over a cache reproduces the last rows of a prefill of the whole sequence.

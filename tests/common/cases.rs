@@ -158,3 +158,30 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
     };
     DecodeCase { p, queries, page: [16usize, 7][case % 2], ctx }
 }
+
+/// Decode's base-steps cases (kernels/attention_decode_mma.cu): (head dim, case) pairs and, per
+/// case, the parameters (8 query heads over 2, bf16) and the longer sequence's context (the
+/// other holds 37 keys; 2 queries each). Case 0 llama3 rotate_half, 1 interleaved, 2 partial
+/// rotate_half (rotated in shared memory), 3 ReRoPE, 4 a window whose first tiles are steps 1
+/// and 2 of groups whose anchors the warps never visit: from the sinks' tile they jump to tiles
+/// 39 .. 42 (lo = 896 - 2 - 256 + 1 = 639), tiles 9 and 10 of each warp's, and half the
+/// window's keys are in those two groups.
+pub const BASE_STEP_CASES: [(usize, usize); 6] = [(128, 0), (128, 1), (128, 2), (128, 3), (64, 4), (96, 0)];
+
+pub fn base_steps_case(d: usize, case: usize) -> (AttentionParams, usize) {
+    let mut p = AttentionParams::new(8, 2, d);
+    p.rope = Some(match case {
+        1 => schedules(d, d).remove(1).1,
+        2 => schedules(d, d / 2).remove(0).1,
+        _ => schedules(d, d).remove(6).1,
+    });
+    let mut ctx = 1100 + 13 * case;
+    if case == 3 {
+        p.relative = Relative::ReRope { window: 300 };
+    }
+    if case == 4 {
+        p.mask = Mask { causal: true, window: Some(256), sinks: 4 };
+        ctx = 896;
+    }
+    (p, ctx)
+}
