@@ -24,15 +24,14 @@
 // e^{iθ(j0 + 8a)} · e^{iθ u}: an exact base per tile and pair (and its product with the exact
 // e^{8iθ} for the second 8 keys), shared by the warp, times an exact table of the offsets u made
 // once per block (tile.cuh's argument: as exact as a direct evaluation). The exact base costs
-// a reduction and a sincospif per pair (~93 instructions), two per lane per tile at head_dim 128:
-// about a sixth of the tile's work. With base_steps = S > 1 (the launcher's choice, where the
-// table costs the SM no resident block and the warp runs enough tiles) a warp evaluates one
-// exact anchor per S of its tiles instead, and the tile's two bases are the anchor times an
-// exact per-block table of the steps e^{iθ(16Wm + 8h)} (m < S, h = 0, 1): still three exact
-// factors per key, as the second 8 keys always had (tests/angle_precision.rs replays both).
-// Partial rotary in
-// the rotate_half layout (the pairs straddle other components) rotates the staged tile in shared
-// memory instead. The attention factor is folded into Q (as its square: keys rotate without it).
+// a reduction and a sincospif per pair (a 75-instruction loop), two per lane per tile at head
+// dim 128: about a seventh of the tile's work. With base_steps = S > 1 (a power of two, the
+// launcher's choice where the table costs the SM no resident block and the warp runs enough
+// tiles) a warp evaluates one exact anchor per S of its tiles instead, and the tile's two bases
+// are the anchor times an exact per-block table of the steps e^{iθ(16Wm + 8h)} (m < S, h = 0,
+// 1): still three exact factors per key, as the second 8 keys always had (tests/
+// angle_precision.rs replays both). Partial rotary in the rotate_half layout (the pairs
+// straddle other components) rotates the staged tile in shared memory instead. The attention factor is folded into Q (as its square: keys rotate without it).
 //
 // ReRoPE / Leaky ReRoPE: a second product with the far copy of Q (rotated to w, or to
 // w + (i - w)/k) against the raw keys, or against keys rotated to j/k (the Leaky frequencies);

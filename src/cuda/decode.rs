@@ -166,18 +166,19 @@ const MMA_MAX_RESIDENT: usize = 3;
 
 /// Tiles per exact base in the tensor-core kernel's key rotations (`base_steps` in
 /// kernels/attention_decode_mma.cu), for a GPU with `smem_per_sm` bytes of shared memory per SM.
-/// A warp evaluates an exact base for each pair it serves per 16-key tile (a reduction and a
-/// sincospif, ~93 instructions each, two per lane at head_dim 128: about a sixth of a tile's
-/// work). With S steps it evaluates one anchor per S tiles and multiplies it by a per-block
-/// table of the exact steps, which every thread helps to fill once (2·S·d/2 evaluations).
-/// Per thread at head_dim 128 and four warps that saves about 158·T − 186·T/S − 93·S
-/// instructions over T tiles per warp: S = 4 pays from 4 tiles, 8 from 16. It is 1 (the direct
-/// bases) for f32 (another kernel), without RoPE, with Leaky ReRoPE (its second set of bases),
-/// above head_dim 128 (the anchors' registers would cost that kernel spills), when the table
-/// would cost the SM a resident block (an A100 at head_dim 128 has no byte to spare for two;
-/// blocks past what the registers hold do not count), and when the card's shared memory is
-/// unknown (0).
-/// `splits` as passed to [`attention_decode`].
+/// A warp evaluates two exact bases for each pair it serves per 16-key tile (a reduction and a
+/// sincospif, a 75-instruction loop that a lane runs twice a tile at head_dim 128: about a
+/// seventh of the tile). With S steps it evaluates one anchor per S tiles and multiplies it by a
+/// per-block table of the exact steps, which every thread helps to fill once (2·S·d/2
+/// evaluations). By the SASS counts (sm_90, head_dim 128, four warps) a thread issues about
+/// 160 instructions per tile for the direct bases, 30 + 154/S with steps, and 77·S for its share
+/// of the table: over T tiles per warp S = 4 pays from 4 tiles, 8 as much as 4 at 16 and more
+/// beyond. It is 1 (the direct bases) for f32 (another kernel), without RoPE, with Leaky ReRoPE
+/// (its second set of bases), above head_dim 128 (the anchors' registers would cost that kernel
+/// spills), when the table would cost the SM a resident block (an A100 at head_dim 128 has no
+/// byte to spare for two; blocks past what the registers hold do not count), and when the card's
+/// shared memory is unknown (0). `splits` as passed to [`attention_decode`]; the bench prints
+/// what this returns ([`crate::cuda::Gpu::smem_per_sm`] gives a card's shared memory).
 pub fn decode_base_steps<T: Dtype>(p: &AttentionParams, batch: &DecodeBatch, splits: usize, smem_per_sm: usize) -> usize {
     let (_, keys_per_split) = split_plan(split_span(p, batch), splits.max(1), SPLIT_ALIGN);
     base_steps(p, keys_per_split, std::mem::size_of::<T>(), smem_per_sm)
