@@ -184,7 +184,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     // 16 bytes): per warp its K and V tiles [2][BT][LD] each; Q rotated [R][LD] and with ReRoPE
     // its far copy; the offsets' (cos, sin) [8][OP] and e^{8iθ} [OP] (and Leaky's); per warp
     // the tile's bases at keys 0 and 8 [2][D/2] (and Leaky's); with base steps their table
-    // [steps][2][D/2]; per warp its cache slots [BT]; with
+    // [2][steps][half] (sized for D/2); per warp its cache slots [BT]; with
     // KR_SMEM per warp a rotated tile [BT][LD] at head_dim 256 or with Leaky ReRoPE (for its far
     // keys; the near keys rotate in place up to 128); with ReRoPE per lane its 8 far scores.
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
@@ -241,11 +241,10 @@ __device__ void decode_mma_body(const DecodeParams& p) {
         Off[u * OP + P] = cs_scaled(angle_turns(u, ra.freq[P]), 1.f);
         if (leaky) Offl[u * OP + P] = cs_scaled(angle_turns(u, ra.freq_leak[P]), 1.f);
     }
-    if (steps > 1)
-        for (int e = threadIdx.x; e < 2 * steps * half; e += blockDim.x) {  // row 2m + h: 16Wm + 8h keys
-            const int r = e / half, P = e % half;
-            Steps[r * H2 + P] = cs_scaled(angle_turns(BT * W * (r / 2) + 8 * (r % 2), ra.freq[P]), 1.f);
-        }
+    if (steps > 1) {  // Steps[h][m]: the step 16Wm + 8h keys (tile.cuh's table filler; rows of `half` pairs)
+        fill_rotation_table(Steps, ra, 0, BT * W, steps, 1.f);
+        fill_rotation_table(Steps + steps * half, ra, 8, BT * W, steps, 1.f);
+    }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
     // This thread's rows g and g + 8: position, ALiBi slope (log2 units).
@@ -323,8 +322,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
             for (int k = 0; k < NA; ++k) {
                 const int P = lane + 32 * k;
                 if (P < half) {
-                    Base[P] = cmul(anchor[k], Steps[2 * m * H2 + P]);
-                    Base[H2 + P] = cmul(anchor[k], Steps[(2 * m + 1) * H2 + P]);
+                    Base[P] = cmul(anchor[k], Steps[m * half + P]);
+                    Base[H2 + P] = cmul(anchor[k], Steps[(steps + m) * half + P]);
                 }
             }
         } else if (rope) {

@@ -136,7 +136,7 @@ fn decode_f32_smem_bytes(d: usize, rel: bool, leaky: bool) -> usize {
 /// with Leaky) and 16 slots, per warp a rotated tile when the keys rotate in shared memory
 /// (`smem_rot`: partial rotary in the rotate_half layout, interleaved at head_dim 256) at head
 /// dim 256 or with Leaky ReRoPE (the near keys rotate in place up to 128), and with
-/// ReRoPE per warp 1 KB of far scores, and with `steps` > 1 the base steps [steps][2][d/2]. Four
+/// ReRoPE per warp 1 KB of far scores, and with `steps` > 1 the base steps [2][steps][d/2]. Four
 /// warps unless that passes [`SMEM_BUDGET`], then two, then one: head_dim 128 takes 81 KB (two
 /// blocks per SM on an A100 or H100), 256 two warps.
 fn decode_mma_layout(d: usize, elem: usize, rel: bool, leaky: bool, smem_rot: bool, steps: usize) -> (usize, usize) {
