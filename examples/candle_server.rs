@@ -50,10 +50,12 @@ impl Layer {
 
     /// A chunk of new tokens per request (a follow-up turn, or a long prompt split in chunks):
     /// appended, then attended over each request's whole context straight from its pages.
-    fn chunk(&self, qkv: &Tensor, seqlens: &[usize], slots: &Tensor, table: &Tensor, lens: &Tensor) -> Result<Tensor> {
+    /// `total_context`: the contexts added up, which the scheduler knows (it sizes the gather
+    /// workspace of long chunks to the keys there are, not to every slot of the table).
+    fn chunk(&self, qkv: &Tensor, seqlens: &[usize], slots: &Tensor, table: &Tensor, lens: &Tensor, total_context: usize) -> Result<Tensor> {
         let (q, k, v) = self.split(qkv)?;
         ra::paged_append(&k, &v, &self.k_cache, &self.v_cache, slots)?;
-        let (out, _lse) = ra::attention_prefill_paged(&q, &self.k_cache, &self.v_cache, table, lens, seqlens, &self.p)?;
+        let (out, _lse) = ra::attention_prefill_paged(&q, &self.k_cache, &self.v_cache, table, lens, seqlens, Some(total_context), &self.p)?;
         Ok(out)
     }
 
@@ -106,7 +108,7 @@ fn main() -> Result<()> {
     }
     let qkv = Tensor::randn(0f32, 1.0, (7, width), &dev)?.to_dtype(DType::BF16)?;
     let ctx = Tensor::new(&[lens[0] as u32, lens[1] as u32], &dev)?;
-    let out = layer.chunk(&qkv, &chunk, &Tensor::new(chunk_slots.as_slice(), &dev)?, &table, &ctx)?;
+    let out = layer.chunk(&qkv, &chunk, &Tensor::new(chunk_slots.as_slice(), &dev)?, &table, &ctx, lens.iter().sum())?;
     println!("chunked prefill {chunk:?}: contexts {lens:?}, output {:?}", out.dims());
     Ok(())
 }

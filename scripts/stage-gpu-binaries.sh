@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the GPU test binaries (and the CLI with its bench runner, and the decoder example) here and copy them
 # into .devbin/ (git-ignored), for a GPU machine that has no Rust toolchain: carry .devbin and
-# run scripts/gpu-check.sh there. The binaries load libcuda at run time; nothing else is needed.
+# run scripts/gpu-check.sh there (on a short lease, e.g. `SANITIZE=memcheck BENCH_ARGS=--quick
+# BUDGET_S=500 scripts/gpu-check.sh`). The binaries load libcuda at run time; nothing else is needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-nvcc.sh

@@ -608,8 +608,8 @@ mod gpu {
             if dt != DType::F32 {
                 let qp = qc.narrow(0, t - 7, 7).unwrap();
                 let tg = table.to_device(&gpu).unwrap();
-                let (opg, lpg) = ra::attention_prefill_paged(&qp.to_device(&gpu).unwrap(), &kcg, &vcg, &tg, &lens.to_device(&gpu).unwrap(), &[7], &p).unwrap();
-                let (opc, lpc) = ra::attention_prefill_paged(&qp, &kcc, &vcc, &table, &lens, &[7], &p).unwrap();
+                let (opg, lpg) = ra::attention_prefill_paged(&qp.to_device(&gpu).unwrap(), &kcg, &vcg, &tg, &lens.to_device(&gpu).unwrap(), &[7], Some(t), &p).unwrap();
+                let (opc, lpc) = ra::attention_prefill_paged(&qp, &kcc, &vcc, &table, &lens, &[7], None, &p).unwrap();
                 assert_close(&format!("{dt:?} paged prefill out"), &opg.to_device(&Device::Cpu).unwrap(), &opc, tol);
                 assert_close(&format!("{dt:?} paged prefill lse"), &lpg.to_device(&Device::Cpu).unwrap(), &lpc, tol);
             }
@@ -636,7 +636,11 @@ fn paged_prefill_equals_prefill_on_the_gathered_keys() {
     let c = paged(&kv, (hkv, d), 4, 16, 3, false);
     let (kc, vc) = (bf(&c.k_cache), bf(&c.v_cache));
     let lens = Tensor::new(&[11u32, 6, 3], &Device::Cpu).unwrap();
-    let (out, lse) = ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk, &p).unwrap();
+    let (out, lse) = ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk, None, &p).unwrap();
+    // The contexts' sum as the bound gives the same result; a bound below it is refused.
+    let (out20, _) = ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk, Some(20), &p).unwrap();
+    assert_eq!(max_diff(&out20, &out), 0.0);
+    expect!(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk, Some(19), &p), Err(Error::Position { value: 20, limit: 19, .. }));
     assert_eq!((out.dims(), lse.dims(), out.dtype()), (&[total, hq, d][..], &[hq, total][..], DType::BF16));
     let mut q0 = 0;
     for (b, (k, v)) in kv.iter().enumerate() {
@@ -648,10 +652,10 @@ fn paged_prefill_equals_prefill_on_the_gathered_keys() {
     }
     // f32 is refused (the kernel runs on tensor cores); lengths must match the table and q.
     let qf = q.to_dtype(DType::F32).unwrap();
-    expect!(ra::attention_prefill_paged(&qf, &c.k_cache, &c.v_cache, &c.table, &lens, &chunk, &p), Err(Error::DtypeMismatch { got: "f32", .. }));
-    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk[..2], &p), "seqlens_q");
-    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &[4, 6, 2], &p), "seqlens_q");
+    expect!(ra::attention_prefill_paged(&qf, &c.k_cache, &c.v_cache, &c.table, &lens, &chunk, None, &p), Err(Error::DtypeMismatch { got: "f32", .. }));
+    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &chunk[..2], None, &p), "seqlens_q");
+    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &lens, &[4, 6, 2], None, &p), "seqlens_q");
     // A chunk longer than its context: an error on the CPU (the kernel would clamp).
     let short = Tensor::new(&[11u32, 6, 0], &Device::Cpu).unwrap();
-    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &short, &chunk, &p), "context_lens");
+    shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &short, &chunk, None, &p), "context_lens");
 }

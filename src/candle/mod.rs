@@ -553,6 +553,7 @@ fn paged_prefill_call(
     block_table: &Tensor,
     context_lens: &Tensor,
     seqlens_q: &[usize],
+    total_context: Option<usize>,
     p: &AttentionParams,
 ) -> Result<PagedPrefillCall> {
     let PagedOperands { q: qr, cache, batch: b, max_pages } = paged_operands(q, k_cache, v_cache, block_table, context_lens, p)?;
@@ -572,7 +573,7 @@ fn paged_prefill_call(
         max_seqlen_q: seqlens_q.iter().copied().max().unwrap_or(0),
         total_q: qr.rows,
         max_pages,
-        total_context: None,
+        total_context,
         q_row_stride: qr.stride,
         o_row_stride: p.num_q_heads * p.head_dim,
     };
@@ -599,8 +600,15 @@ fn paged_prefill_call(
 /// CUDA, chunks longer than one query tile gather the context's keys, rotated once, and values
 /// into a workspace first: `cuda::attention_fwd_paged`'s gathered path). Query m sits at
 /// position `context_lens[b] - seqlens_q[b] + m`.
+/// `total_context` bounds the context lengths added up (known on the host, like decode's
+/// `max_context`): it sizes the CUDA path's gather workspace, which holds the sequences' keys
+/// packed. `None` sizes it for every slot of the block table (`batch · max_pages · page_size`),
+/// far more than needed when the table is as wide as the model's longest context. A bound below
+/// the real sum is an error on the CPU; on CUDA (checked without a sync, so not checked) the
+/// sequences past the bound would see fewer keys, never memory outside the workspace.
 /// F16 and BF16 (the kernel runs on tensor cores; CPU tensors are held to the same rule).
 /// Returns the output `[total_q, Hq, d]` and log-sum-exp `[Hq, total_q]` (F32).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_prefill_paged(
     q: &Tensor,
     k_cache: &Tensor,
@@ -608,13 +616,20 @@ pub fn attention_prefill_paged(
     block_table: &Tensor,
     context_lens: &Tensor,
     seqlens_q: &[usize],
+    total_context: Option<usize>,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
-    let call = paged_prefill_call(q, k_cache, v_cache, block_table, context_lens, seqlens_q, p)?;
+    let call = paged_prefill_call(q, k_cache, v_cache, block_table, context_lens, seqlens_q, total_context, p)?;
     match on(q)? {
         On::Cpu => {
             let (b, c) = (&call.batch, &call.cache);
             let (table, lens) = (host_ints(block_table)?, host_ints(context_lens)?);
+            if let Some(total) = total_context {
+                let sum: i64 = lens.iter().map(|&n| n.max(0)).sum();
+                if sum > total as i64 {
+                    return Err(Error::Position { what: "context_lens (added up, against total_context)", value: sum, limit: total as i64 });
+                }
+            }
             cpu::attention_paged(q, k_cache, v_cache, &table, &lens, &call.cu_q, b.max_pages, b.max_pages * c.page_size, c, p)
         }
         #[cfg(feature = "candle-cuda")]
