@@ -240,6 +240,7 @@ fn build_emulator(sources: &[PathBuf], kernels: &Path, out_dir: &Path) -> Result
     let dir = out_dir.join("emu");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // The kernels (as C++) and the emulator's runtime, kernels/emu/*.cpp.
+    // (source, whether it holds kernels)
     let mut units: Vec<(PathBuf, bool)> = sources.iter().map(|s| (s.clone(), true)).collect();
     let mut runtime: Vec<PathBuf> = fs::read_dir(kernels.join("emu"))
         .map_err(|e| format!("kernels/emu: {e}"))?
@@ -248,19 +249,33 @@ fn build_emulator(sources: &[PathBuf], kernels: &Path, out_dir: &Path) -> Result
         .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
         .collect();
     runtime.sort();
-    units.extend(runtime.into_iter().map(|p| (p, false)));
+    // (selftest.cpp holds kernels, which racecheck instruments like the others.)
+    units.extend(runtime.into_iter().map(|p| {
+        let kernel = p.file_stem().is_some_and(|s| s == "selftest");
+        (p, kernel)
+    }));
     // Strict aliasing off: the kernels pun 16-bit pairs and vectors through casts, as CUDA allows.
     let flags = ["-std=c++17", "-O2", "-fPIC", "-fno-strict-aliasing", "-fno-exceptions", "-Wall", "-Wno-unknown-pragmas"];
+    // Feature `racecheck`: the kernels under ThreadSanitizer (kernels/emu/simt.cpp says what it
+    // is told), the runtime told so (-DRA_EMU_RACECHECK) but not instrumented itself.
+    let racecheck = env::var_os("CARGO_FEATURE_RACECHECK").is_some();
     let objects: Vec<Result<PathBuf, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = units
             .iter()
-            .map(|(src, is_cu)| {
+            .map(|(src, kernel)| {
                 let obj = dir.join(format!("{}.o", src.file_stem().unwrap().to_string_lossy()));
                 let cxx = &cxx;
                 s.spawn(move || {
                     let mut cmd = Command::new(cxx);
-                    if *is_cu {
+                    let is_cu = src.extension().is_some_and(|e| e == "cu");
+                    if is_cu {
                         cmd.args(["-x", "c++", "-DRA_EMULATE"]);
+                    }
+                    if *kernel && racecheck {
+                        cmd.args(["-fsanitize=thread", "-g1"]);
+                    }
+                    if racecheck {
+                        cmd.arg("-DRA_EMU_RACECHECK");
                     }
                     cmd.args(flags).arg("-I").arg(kernels).arg("-c").arg(src).arg("-o").arg(&obj);
                     let out = cmd.output().map_err(|e| format!("could not run {cxx}: {e}"))?;
@@ -284,6 +299,12 @@ fn build_emulator(sources: &[PathBuf], kernels: &Path, out_dir: &Path) -> Result
     println!("cargo:rustc-link-search=native={}", out_dir.display());
     println!("cargo:rustc-link-lib=static:+whole-archive=rope_attn_emu");
     println!("cargo:rustc-link-lib=dylib=stdc++");
+    if racecheck {
+        println!("cargo:rustc-link-lib=dylib=tsan");
+        for hook in ["__tsan_default_options", "__tsan_on_report"] {
+            println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={hook}");
+        }
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ restored. Exit status 1 if any mutation survives.
 
     python3 scripts/mutation-check.py            # all (each rebuilds the kernels: ~1 min apiece)
     python3 scripts/mutation-check.py decode     # those whose name contains "decode"
+    python3 scripts/mutation-check.py racecheck  # the races only the feature `racecheck` sees
 """
 import pathlib
 import signal
@@ -351,10 +352,30 @@ MUTATIONS = [
      "emu_decode", "emulated_decode_matches_reference_bf16"),
 ]
 
+# Races the plain emulator cannot see, because it completes a collective (a shuffle, ldmatrix)
+# only once every lane has reached it, so every lane's earlier stores are done: on a GPU a
+# collective orders no memory. They run under the feature `racecheck` (ThreadSanitizer over the
+# emulated kernels, kernels/emu/simt.cpp), which reports the unordered accesses. Each survives
+# the plain emulator (checked by running it there first).
+RACE_MUTATIONS = [
+    ("racecheck decode mma: no __syncwarp between the shared-memory rotation and its ldmatrix", "kernels/attention_decode_mma.cu",
+     "            else rotate_rows_composed(Kw, LD, BT, ra, Off, Base, H2, lane, 32);\n            __syncwarp();\n",
+     "            else rotate_rows_composed(Kw, LD, BT, ra, Off, Base, H2, lane, 32);\n",
+     "emu_decode", "emulated_decode_matches_reference_bf16"),
+    ("racecheck decode mma: a shuffle for the __syncwarp after the bases are written", "kernels/attention_decode_mma.cu",
+     "        __syncwarp();  // ... and every lane's; the bases are written\n",
+     "        (void)__shfl_xor_sync(0xffffffffu, 0.f, 1);  // ... and every lane's; the bases are written\n",
+     "emu_decode", "emulated_decode_matches_reference_bf16"),
+    ("racecheck decode: a shuffle for the __syncwarp after a tile's slots are written", "kernels/decode.cuh",
+     "    if (lane < BT) slots[lane] = slot;\n    __syncwarp();\n",
+     "    if (lane < BT) slots[lane] = slot;\n    (void)__shfl_xor_sync(0xffffffffu, 0.f, 1);\n",
+     "emu_decode", "emulated_decode_matches_reference_bf16"),
+]
 
-def caught(target: str, name: str) -> bool:
+
+def caught(target: str, name: str, features: str = "emulator") -> bool:
     """Run one emulated test; True when it fails (the mutation was caught)."""
-    cmd = ["cargo", "test", "--release", "--features", "emulator", "--test", target, name]
+    cmd = ["cargo", "test", "--release", "--features", features, "--test", target, name]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     built = "Running" in run.stderr or "test result" in run.stdout
     if not built:
@@ -367,9 +388,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     survivors = []
-    for name, rel, old, new, target, test in MUTATIONS:
+    for name, rel, old, new, target, test in MUTATIONS + RACE_MUTATIONS:
         if only not in name:
             continue
+        race = name.startswith("racecheck")
         path = ROOT / rel
         source = path.read_text()
         if source.count(old) != 1:
@@ -377,7 +399,9 @@ def main() -> int:
             raise SystemExit(f"{name}: the text to mutate {where} {rel}; update this script")
         try:
             path.write_text(source.replace(old, new, 1))
-            ok = caught(target, test)
+            if race and caught(target, test):
+                raise SystemExit(f"{name}: the plain emulator catches it already; move it to MUTATIONS")
+            ok = caught(target, test, "emulator,racecheck" if race else "emulator")
         finally:
             path.write_text(source)
         print(f"{'caught  ' if ok else 'SURVIVED'}  {name}  ({target} {test})", flush=True)

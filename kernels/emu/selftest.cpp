@@ -15,9 +15,32 @@ struct RaEmuSelftestParams {
 // mode 0: D = A·B through ldmatrix.x4 (A), ldmatrix.x4.trans (B) and mma.sync. 1: a shuffle
 // after half the warp has exited. 2: lanes split between a shuffle and __syncwarp.
 // 3: ldmatrix from a misaligned row address.
+// 4 to 7, for racecheck (feature `racecheck`; without it they run clean): shared memory written
+// by one lane and read by another with only a shuffle between them (4: plain stores; 5: a
+// cp.async retired by its wait, read after; 7: read before, the cp.async after), which orders
+// no memory on a GPU: each a data race. 6 is 5 with a __syncwarp instead of the shuffle: none.
 RA_KERNEL(32, ra_emu_selftest, RaEmuSelftestParams) {
     RA_DYNAMIC_SMEM(__half, sm);
     const int lane = threadIdx.x;
+    if (p.mode >= 4) {
+        if (p.mode == 4) {
+            reinterpret_cast<float*>(sm)[lane] = 1.f;
+            (void)__shfl_xor_sync(0xffffffffu, 1.f, 1);
+            p.d[lane] = reinterpret_cast<const float*>(sm)[(lane + 1) % 32];
+            return;
+        }
+        if (p.mode == 7 && lane == 1) p.d[0] = __half2float(sm[0]);
+        if (p.mode == 7) (void)__shfl_xor_sync(0xffffffffu, 1.f, 1);
+        if (lane == 0) {
+            ra::cp_async_16(sm, p.a, true);
+            ra::cp_async_commit();
+            ra::cp_async_wait<0>();
+        }
+        if (p.mode == 5) (void)__shfl_xor_sync(0xffffffffu, 1.f, 1);
+        if (p.mode == 6) __syncwarp();
+        if (p.mode != 7 && lane == 1) p.d[0] = __half2float(sm[0]);
+        return;
+    }
     if (p.mode == 1) {
         if (lane >= 16) return;
         (void)__shfl_xor_sync(0xffffffffu, 1.f, 1);

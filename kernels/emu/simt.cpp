@@ -15,7 +15,69 @@
 #include <string>
 #include <vector>
 
+// ---- racecheck (feature `racecheck`): the block's happens-before, told to ThreadSanitizer ------
+// With RA_EMU_RACECHECK the kernels are compiled with -fsanitize=thread (this runtime is not:
+// its own bookkeeping is no kernel's access) and each CUDA thread is a TSan fiber, switched
+// without implied ordering. The only orderings declared are the ones CUDA's memory model gives:
+// __syncthreads among the block, __syncwarp among the warp, and the start and end of a block
+// (blocks and launches run one after another here, as kernels on one stream do). Shuffles,
+// votes, ldmatrix and mma.sync order nothing, as on the GPU. What the kernels' own loads and
+// stores do not show is annotated here: a cp.async writes its 16 bytes at the issue and again at
+// the wait that retires it (it lands at some moment between), and reads its source at the issue;
+// ldmatrix reads each lane's row as that lane. Any access of shared (or global) memory by two
+// threads with no such ordering between them, one a write, is then a ThreadSanitizer report:
+// compute-sanitizer's racecheck, on the CPU, for every interleaving rather than the one a run took.
+#ifdef RA_EMU_RACECHECK
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+#endif
+
+#ifdef RA_EMU_RACECHECK
+// ThreadSanitizer's hooks (build.rs exports them from the executable, so that the runtime finds
+// them): its default options, and a count of its reports, by which a launch with a race fails.
+// Accesses made inside libc's interceptors (memcpy, calloc, ...) are ignored: the host code that
+// makes them (Rust's, this runtime's) orders itself by means TSan cannot see, and a kernel
+// thread's own loads and stores are instrumented where they stand.
+// A report is made on the OS thread whose fiber made the second access, the thread that runs the
+// launch: the count is per thread, so a race fails its own launch and no other test's. The exit
+// code stays 0 (a report is a failed launch; the selftest's planted races are expected), and no
+// report is held back as a repeat of an earlier one (same stacks or address): every racy launch fails.
+static thread_local unsigned long g_race_reports = 0;
+extern "C" const char* __tsan_default_options() {
+    return "halt_on_error=0 exitcode=0 report_signal_unsafe=0 ignore_interceptors_accesses=1 suppress_equal_stacks=0 suppress_equal_addresses=0";
+}
+extern "C" void __tsan_on_report(const void*) { ++g_race_reports; }
+#endif
+
 namespace ra_emu {
+namespace race {
+#ifdef RA_EMU_RACECHECK
+static char g_order;
+inline unsigned long reports() { return g_race_reports; }  // fibers acquire it as they start and release it as they end; the scheduler around its fills
+inline void acquire(const void* a) { __tsan_acquire(const_cast<void*>(a)); }
+inline void release(const void* a) { __tsan_release(const_cast<void*>(a)); }
+inline void read(const void* p, size_t n) { __tsan_read_range(const_cast<void*>(p), n); }
+inline void write(void* p, size_t n) { __tsan_write_range(p, n); }
+inline void* create_fiber() { return __tsan_create_fiber(0); }
+inline void destroy_fiber(void* f) { __tsan_destroy_fiber(f); }
+inline void* current_fiber() { return __tsan_get_current_fiber(); }
+inline void switch_to(void* f) { __tsan_switch_to_fiber(f, __tsan_switch_to_fiber_no_sync); }
+inline void name_fiber(void* f, const char* n) { __tsan_set_fiber_name(f, n); }
+#else
+static char g_order;
+inline unsigned long reports() { return 0; }
+inline void acquire(const void*) {}
+inline void release(const void*) {}
+inline void read(const void*, size_t) {}
+inline void write(void*, size_t) {}
+inline void* create_fiber() { return nullptr; }
+inline void destroy_fiber(void*) {}
+inline void* current_fiber() { return nullptr; }
+inline void switch_to(void*) {}
+inline void name_fiber(void*, const char*) {}
+#endif
+}  // namespace race
 
 thread_local ThreadState* tls_thread = nullptr;
 thread_local Counters tls_counters = {0, 0, 0, 0};
@@ -122,25 +184,38 @@ struct Copy {
     void* dst;
     const void* src;  // null: zero-fill
 };
+struct Group {
+    std::vector<Copy> copies;
+    bool landed;
+};
 
 struct Fiber : ThreadState {
     Context ctx;
     int lane = 0, warp = 0, parity = 0;
+    int barriers = 0;  // __syncthreads passed (racecheck: which of the two barrier objects is next)
     State state = RUN;
     Collective waiting = C_NONE;
-    std::vector<Copy> open;                 // cp.async issued, not yet committed
-    std::vector<std::vector<Copy>> groups;  // committed, not yet landed (oldest first)
+    std::vector<Copy> open;    // cp.async issued, not yet committed
+    std::vector<Group> groups;  // committed, not yet retired by a wait (oldest first)
+    void* race = nullptr;       // racecheck: this thread's TSan fiber
 };
 
 // Per-warp exchange slots, double-buffered so that one barrier per collective suffices: a lane
-// can only reuse a buffer after every lane has passed the next collective's barrier.
+// can only reuse a buffer after every lane has passed the next collective's barrier. (The same
+// argument lets racecheck order each __syncwarp through one of two objects, by that parity.)
 struct WarpSlots {
     uint32_t w[2][32][8];
+    char order[2];
 };
 
+// A kernel's static __shared__ arrays, carved on first use out of one arena per launch (48 KiB,
+// a GPU block's static limit), which the scheduler fills with NaN before each block: no thread
+// of the block allocates or fills it (under racecheck that would be a write no other thread is
+// ordered after).
+constexpr size_t STATIC_SMEM_BYTES = 48 * 1024, STATIC_SMEM_KEYS = 16;
 struct StaticSmem {
     const void* key;
-    std::vector<unsigned char> bytes;
+    size_t offset;
 };
 
 // Dynamic shared memory in a guarded buffer (guarded.cpp): a kernel that addresses past the end
@@ -171,8 +246,12 @@ struct Launch : BlockState {
     std::vector<Fiber> fibers;
     std::vector<WarpSlots> warps;
     SharedBytes smem;
-    std::vector<StaticSmem> static_smem;  // allocated on first use in the launch
+    std::vector<StaticSmem> static_smem;          // the arrays met so far (capacity reserved: never reallocated in a block)
+    std::vector<unsigned char> static_arena;      // their bytes, STATIC_SMEM_BYTES
+    size_t static_used = 0;
     Context sched;
+    void* sched_race = nullptr;  // racecheck: the launching thread's TSan context
+    char barrier_order[2];       // racecheck: __syncthreads k releases and acquires [k % 2]
     Entry entry = nullptr;
     const void* params = nullptr;
     uint64_t rng = 0;
@@ -189,7 +268,10 @@ static uint64_t next_random(Launch& L) {  // xorshift64*
 
 static Fiber& me() { return *static_cast<Fiber*>(tls_thread); }
 
-static void yield_to_scheduler() { context_switch(me().ctx, tls_launch->sched); }
+static void yield_to_scheduler() {
+    race::switch_to(tls_launch->sched_race);
+    context_switch(me().ctx, tls_launch->sched);
+}
 
 // Stop the launch: record the first error and leave this fiber for good.
 static void fail(const char* fmt, ...) {
@@ -205,6 +287,7 @@ static void fail(const char* fmt, ...) {
         snprintf(where, sizeof where, " (block %u,%u,%u thread %u)", L.bid.x, L.bid.y, L.bid.z, f.tid.x);
         L.error = std::string(buf) + where;
     }
+    race::release(&race::g_order);  // (the launch is torn down after this thread's accesses)
     for (;;) yield_to_scheduler();
 }
 
@@ -212,7 +295,9 @@ static void fail(const char* fmt, ...) {
 
 extern "C" void ra_emu_fiber_main() {
     using namespace ra_emu;
+    race::acquire(&race::g_order);  // after the block's fill, and every earlier block
     tls_launch->entry(tls_launch->params);
+    race::release(&race::g_order);
     me().state = DONE;
     yield_to_scheduler();
     __builtin_unreachable();
@@ -223,15 +308,25 @@ namespace ra_emu {
 void* dynamic_smem() { return tls_launch->smem.data(); }
 
 void* static_smem(const void* key, size_t bytes) {
-    for (StaticSmem& s : tls_launch->static_smem)
-        if (s.key == key) return s.bytes.data();
-    tls_launch->static_smem.push_back(StaticSmem{key, std::vector<unsigned char>(bytes, 0xff)});  // first block: NaN
-    return tls_launch->static_smem.back().bytes.data();
+    Launch& L = *tls_launch;
+    for (const StaticSmem& st : L.static_smem)
+        if (st.key == key) return L.static_arena.data() + st.offset;
+    const size_t offset = (L.static_used + 15) & ~size_t(15);
+    if (offset + bytes > L.static_arena.size() || L.static_smem.size() == STATIC_SMEM_KEYS)
+        fail("static shared memory past %zu bytes in %zu arrays", L.static_arena.size(), STATIC_SMEM_KEYS);
+    L.static_smem.push_back(StaticSmem{key, offset});
+    L.static_used = offset + bytes;
+    return L.static_arena.data() + offset;
 }
 
 void syncthreads() {
-    me().state = WAIT_BLOCK;
+    Fiber& f = me();
+    const char* order = &tls_launch->barrier_order[f.barriers & 1];
+    race::release(order);
+    f.state = WAIT_BLOCK;
     yield_to_scheduler();
+    race::acquire(order);
+    ++f.barriers;
 }
 
 // Publish this lane's operands, wait for the whole warp, return the slots of all 32 lanes.
@@ -253,7 +348,11 @@ static void check_full_mask(unsigned mask, const char* what) {
 
 void syncwarp(unsigned mask) {
     check_full_mask(mask, "__syncwarp");
+    Fiber& f = me();
+    const char* order = &tls_launch->warps[f.warp].order[f.parity];
+    race::release(order);
     exchange(C_SYNCWARP, nullptr, 0);
+    race::acquire(order);
 }
 
 uint32_t shfl(unsigned mask, uint32_t w, int arg, bool is_xor) {
@@ -281,6 +380,7 @@ static bool in_smem(const void* p, size_t bytes) {
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
     if (!in_smem(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16 != 0)
         fail("ldmatrix row address %p is not a 16-byte aligned row inside dynamic shared memory", smem);
+    race::read(smem, 16);  // this lane's row, read as this lane
     uint32_t words[2];
     const uintptr_t a = reinterpret_cast<uintptr_t>(smem);
     words[0] = static_cast<uint32_t>(a);
@@ -346,24 +446,28 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
         fail("cp.async destination %p is not 16-byte aligned inside dynamic shared memory", smem);
     if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async source %p is not 16-byte aligned", gmem);
     if (valid) tls_counters.global_bytes += 16;
+    if (valid) race::read(gmem, 16);
+    race::write(smem, 16);  // from the issue on, the bytes are the copy's ...
     me().open.push_back(Copy{smem, valid ? gmem : nullptr});
 }
 
 void cp_async_commit() {
     Fiber& f = me();
-    f.groups.push_back(std::move(f.open));
+    f.groups.push_back(Group{std::move(f.open), false});
     f.open.clear();
     // Lands now or only at its wait (coin flip): a read that does not wait sees poison.
     if (next_random(*tls_launch) & 1) {
-        land(f.groups.back());
-        f.groups.back().clear();
+        land(f.groups.back().copies);
+        f.groups.back().landed = true;
     }
 }
 
 void cp_async_wait(int newest_pending) {
     Fiber& f = me();
     while (static_cast<int>(f.groups.size()) > newest_pending) {
-        land(f.groups.front());
+        Group& g = f.groups.front();
+        if (!g.landed) land(g.copies);
+        for (const Copy& c : g.copies) race::write(c.dst, 16);  // ... until the wait that retires them
         f.groups.erase(f.groups.begin());
     }
 }
@@ -414,14 +518,24 @@ static bool run_block(Launch& L, char* stacks, size_t stack_size, size_t stride)
         f.lane = static_cast<int>(i % 32);
         f.warp = static_cast<int>(i / 32);
         f.parity = 0;
+        f.barriers = 0;
         f.state = RUN;
         f.waiting = C_NONE;
         f.open.clear();
         f.groups.clear();
         context_init(f.ctx, stacks + i * stride + (stride - stack_size), stack_size);
     }
+    race::acquire(&race::g_order);  // the fill comes after the last block's threads ...
     if (!L.smem.empty()) std::memset(L.smem.data(), 0xff, L.smem.size());  // uninitialised shared memory reads as NaN
-    for (StaticSmem& st : L.static_smem) std::memset(st.bytes.data(), 0xff, st.bytes.size());
+    std::memset(L.static_arena.data(), 0xff, L.static_used);  // (the rest is still NaN)
+    race::release(&race::g_order);  // ... and before this block's
+#ifdef RA_EMU_RACECHECK
+    for (unsigned i = 0; i < n; ++i) {
+        char name[96];
+        snprintf(name, sizeof name, "block (%u,%u,%u) thread %u", L.bid.x, L.bid.y, L.bid.z, i);
+        race::name_fiber(L.fibers[i].race, name);
+    }
+#endif
     std::vector<std::pair<unsigned, WarpStatus>> movable;
     std::vector<unsigned> lanes;
     for (;;) {
@@ -452,6 +566,7 @@ static bool run_block(Launch& L, char* stacks, size_t stack_size, size_t stride)
         for (size_t i = lanes.size(); i > 1; --i) std::swap(lanes[i - 1], lanes[next_random(L) % i]);
         for (unsigned i : lanes) {
             tls_thread = &L.fibers[i];
+            race::switch_to(L.fibers[i].race);
             context_switch(L.sched, L.fibers[i].ctx);
             if (!L.error.empty()) return false;
         }
@@ -501,6 +616,8 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
     L.bdim = uint3{block[0], block[1], block[2]};
     L.fibers.resize(threads);
     L.warps.resize((threads + 31) / 32);
+    L.static_smem.reserve(STATIC_SMEM_KEYS);
+    L.static_arena.assign(STATIC_SMEM_BYTES, 0xff);
     if (!L.smem.allocate(smem_bytes)) {
         tls_error = "could not map shared memory";
         return 1;
@@ -515,6 +632,9 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
         return 1;
     }
     for (unsigned i = 0; i < threads; ++i) mprotect(stacks + i * stride, page, PROT_NONE);
+    const unsigned long reports_before = race::reports();
+    L.sched_race = race::current_fiber();
+    for (Fiber& f : L.fibers) f.race = race::create_fiber();
     Launch* prev_launch = tls_launch;
     BlockState* prev_block = tls_block;
     ThreadState* prev_thread = tls_thread;
@@ -528,9 +648,11 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
                 L.rng = (seed ^ (0x9E3779B97F4A7C15ULL * (1 + x + 65536ULL * (y + 65536ULL * z)))) | 1;
                 ok = run_block(L, stacks, stack_size, stride);
             }
+    race::acquire(&race::g_order);  // the teardown and the caller come after every thread
     tls_launch = prev_launch;
     tls_block = prev_block;
     tls_thread = prev_thread;
+    for (Fiber& f : L.fibers) race::destroy_fiber(f.race);
     munmap(stacks, stride * threads);
     counters[0] += tls_counters.trig;
     counters[1] += tls_counters.mma;
@@ -538,6 +660,10 @@ extern "C" int ra_emu_launch(const char* name, const uint32_t grid[3], const uin
     counters[3] += tls_counters.ldmatrix_bytes;
     if (!ok) {
         tls_error = std::string(name) + ": " + L.error;
+        return 1;
+    }
+    if (race::reports() != reports_before) {
+        tls_error = std::string(name) + ": a data race (racecheck: ThreadSanitizer's report is on stderr)";
         return 1;
     }
     return 0;

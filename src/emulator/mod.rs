@@ -599,6 +599,23 @@ mod tests {
         assert!(err(run_mode(3).0).contains("16-byte aligned"));
     }
 
+    /// Racecheck's planted races (selftest modes 4, 5, 7: another lane's shared memory read with
+    /// only a shuffle in between) fail their launch; the same with a __syncwarp (6) and the
+    /// matrix product (0) run clean. Without the feature every mode runs.
+    #[test]
+    fn racecheck_finds_the_planted_races() {
+        for mode in [4, 5, 7] {
+            let r = run_mode(mode).0;
+            if cfg!(feature = "racecheck") {
+                assert!(err(r).contains("data race"), "mode {mode}");
+            } else {
+                r.unwrap();
+            }
+        }
+        run_mode(6).0.unwrap();
+        run_mode(0).0.unwrap();
+    }
+
     #[test]
     fn bad_launches_are_refused() {
         let p = SelftestParams { a: 0, b: 0, d: 0, mode: 0, pad: 0 };
