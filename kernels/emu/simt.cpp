@@ -20,7 +20,9 @@
 // its own bookkeeping is no kernel's access) and each CUDA thread is a TSan fiber, switched
 // without implied ordering. The only orderings declared are the ones CUDA's memory model gives:
 // __syncthreads among the block, __syncwarp among the warp, and the start and end of a block
-// (blocks and launches run one after another here, as kernels on one stream do). Shuffles,
+// (blocks run one after another here, and launches as kernels on one stream do; so two blocks
+// of one grid writing the same global bytes are *not* reported: the blocks share this runtime's
+// shared memory and fiber stacks, which only that order makes race-free). Shuffles,
 // votes, ldmatrix and mma.sync order nothing, as on the GPU. What the kernels' own loads and
 // stores do not show is annotated here: a cp.async writes its 16 bytes at the issue and again at
 // the wait that retires it (it lands at some moment between), and reads its source at the issue;
