@@ -33,9 +33,7 @@
 #include <sanitizer/tsan_interface.h>
 extern "C" void __tsan_read_range(void* addr, unsigned long size);
 extern "C" void __tsan_write_range(void* addr, unsigned long size);
-#endif
 
-#ifdef RA_EMU_RACECHECK
 // ThreadSanitizer's hooks (build.rs exports them from the executable, so that the runtime finds
 // them): its default options, and a count of its reports, by which a launch with a race fails.
 // Accesses made inside libc's interceptors (memcpy, calloc, ...) are ignored: the host code that
@@ -54,9 +52,11 @@ extern "C" void __tsan_on_report(const void*) { ++g_race_reports; }
 
 namespace ra_emu {
 namespace race {
-#ifdef RA_EMU_RACECHECK
+// Fibers acquire it as they start and release it as they end; the scheduler acquires it before
+// a block's fills and releases it after them, and acquires it again after the grid.
 static char g_order;
-inline unsigned long reports() { return g_race_reports; }  // fibers acquire it as they start and release it as they end; the scheduler around its fills
+#ifdef RA_EMU_RACECHECK
+inline unsigned long reports() { return g_race_reports; }
 inline void acquire(const void* a) { __tsan_acquire(const_cast<void*>(a)); }
 inline void release(const void* a) { __tsan_release(const_cast<void*>(a)); }
 inline void read(const void* p, size_t n) { __tsan_read_range(const_cast<void*>(p), n); }
@@ -67,7 +67,6 @@ inline void* current_fiber() { return __tsan_get_current_fiber(); }
 inline void switch_to(void* f) { __tsan_switch_to_fiber(f, __tsan_switch_to_fiber_no_sync); }
 inline void name_fiber(void* f, const char* n) { __tsan_set_fiber_name(f, n); }
 #else
-static char g_order;
 inline unsigned long reports() { return 0; }
 inline void acquire(const void*) {}
 inline void release(const void*) {}
