@@ -30,6 +30,11 @@ struct RopeParams {
     const void* v_in;
     void* v_out;
     int page_size, max_pages, num_pages, gather_rows;
+    // Multimodal RoPE (positions set, mrope != 0): positions holds three rows of mrope_stride
+    // ints, the tokens' time, height and width positions, and pair i takes one of them
+    // (rope.cu, pair_position): 1 = chunked (Qwen2-VL: sections time, height, width in pair
+    // order), 2 = interleaved (Qwen3-VL). mrope_h, mrope_w: the height and width sections, in pairs.
+    int mrope, mrope_h, mrope_w, mrope_stride;
 };
 
 // Mirrored by `ScoresParams` in src/cuda/params.rs.

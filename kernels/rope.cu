@@ -14,14 +14,38 @@
 namespace ra {
 
 
-__device__ __forceinline__ int token_position(const RopeParams& p, int t) {
-    if (p.positions != nullptr) return p.positions[t];
+// A token's positions: time, height, width (all three the same except under M-RoPE).
+struct TokenPos {
+    int t, h, w;
+};
+
+__device__ __forceinline__ TokenPos token_position(const RopeParams& p, int t) {
+    if (p.positions != nullptr) {
+        if (p.mrope == 0) return TokenPos{p.positions[t], p.positions[t], p.positions[t]};
+        return TokenPos{p.positions[t], p.positions[p.mrope_stride + t], p.positions[2 * p.mrope_stride + t]};
+    }
     int lo = 0, hi = p.batch;  // largest b with cu_seqlens[b] <= t
     while (hi - lo > 1) {
         const int mid = (lo + hi) / 2;
         if (p.cu_seqlens[mid] <= t) lo = mid; else hi = mid;
     }
-    return t - p.cu_seqlens[lo] + (p.seq_starts ? p.seq_starts[lo * p.starts_stride] : 0);
+    const int pos = t - p.cu_seqlens[lo] + (p.seq_starts ? p.seq_starts[lo * p.starts_stride] : 0);
+    return TokenPos{pos, pos, pos};
+}
+
+// The position pair i is rotated to (src/config/mrope.rs, MRope::component): chunked sections
+// in pair order, or Qwen3-VL's interleaving (height on i % 3 == 1 below 3h, width on
+// i % 3 == 2 below 3w, time elsewhere). Once per pair per token, in the table loop.
+__device__ __forceinline__ int pair_position(const RopeParams& p, TokenPos pos, int i) {
+    if (p.mrope == 1) {
+        const int t_end = p.rope.rotary_dim / 2 - p.mrope_h - p.mrope_w;
+        return i < t_end ? pos.t : (i < t_end + p.mrope_h ? pos.h : pos.w);
+    }
+    if (p.mrope == 2) {
+        const int r = i % 3;
+        return (r == 1 && i < 3 * p.mrope_h) ? pos.h : ((r == 2 && i < 3 * p.mrope_w) ? pos.w : pos.t);
+    }
+    return pos.t;
 }
 
 // Elements [from, D) of each of `heads` heads of a row, moved unchanged (the pass-through
@@ -52,13 +76,13 @@ __device__ __forceinline__ void copy_heads(const T* src, T* dst, int heads, int 
 // of q_out and k_out. VEC: the launcher picked the 16-byte variant, so every row starts on a
 // 16-byte boundary.
 template <typename T, bool INTERLEAVED, int P>
-__device__ void rope_token(const RopeParams& p, long long src_row, long long dst_row, int pos) {
+__device__ void rope_token(const RopeParams& p, long long src_row, long long dst_row, TokenPos pos) {
     constexpr bool VEC = (INTERLEAVED ? 2 * P : P) * sizeof(T) == 16;
     RA_STATIC_SMEM(float2, cs, [RA_MAX_PAIRS]);
     const int half = p.rope.rotary_dim / 2;
     const float2* freq = p.use_leak_freq ? p.rope.freq_leak : p.rope.freq;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        cs[i] = cs_scaled(angle_turns(pos, freq[i]), p.rope.attention_factor);
+        cs[i] = cs_scaled(angle_turns(pair_position(p, pos, i), freq[i]), p.rope.attention_factor);
     }
     __syncthreads();
 
@@ -119,7 +143,7 @@ __device__ void rope_body(const RopeParams& p) {
     for (int j = blockIdx.x; j < g.len; j += gridDim.x) {
         const long long slot = paged_slot(p.block_table, b, j, p.page_size, p.max_pages, p.num_pages);
         const long long row = (long long)g.start + j;
-        rope_token<T, INTERLEAVED, P>(p, slot, row, j);
+        rope_token<T, INTERLEAVED, P>(p, slot, row, TokenPos{j, j, j});
         copy_heads(static_cast<const T*>(p.v_in) + slot * p.k_in_stride, static_cast<T*>(p.v_out) + row * p.k_out_stride,
                    p.k_heads, p.head_dim, 0, true);
         __syncthreads();  // every thread is done with this key's angles before the next key's

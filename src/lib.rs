@@ -38,5 +38,5 @@ pub mod error;
 pub mod reference;
 
 pub use attention::{Alibi, AttentionParams, Layout, Mask, Relative, Rotary};
-pub use config::{RopeConfig, RopeScaling, RopeSchedule};
+pub use config::{MRope, RopeConfig, RopeScaling, RopeSchedule};
 pub use error::{Error, Result};

@@ -86,6 +86,97 @@ fn emulated_rope_into_matches_reference() {
     assert_eq!((q, k), (q0, k0), "rope_into must not touch its inputs");
 }
 
+/// M-RoPE: both section layouts over every head dim, full and half rotary, both pair layouts
+/// and YaRN's attention factor, every rope geometry (so every vector width), positions in rows
+/// of a stride longer than the tokens (poison past them).
+fn mrope_sweep<T: Dtype>(seed: u64) -> usize {
+    let emu = emulator(seed);
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for &d in &HEAD_DIMS {
+        for &frac in &[1.0, 0.5] {
+            let rot_dim = ((d as f64 * frac) as usize) & !1;
+            let picked = schedules(d, rot_dim).into_iter().filter(|(n, _)| ["default", "default-interleaved", "yarn"].contains(n));
+            for (name, rot) in picked {
+                for (tokens, qh, kh, row, krow) in rope_layouts(d) {
+                    for m in mrope_cases(rot_dim) {
+                        let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
+                        let stride = tokens + 3;
+                        let positions = guard(&mrope_positions(&mut r, tokens, stride));
+                        let mut q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * row)).0);
+                        let mut k = guard(&as_dtype::<T>(&uniform(&mut r, tokens * krow)).0);
+                        let rep = emu
+                            .rope_inplace_mrope_checked(&mut q, &mut k, &positions, stride, &shape, &rot, &m)
+                            .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} {m:?} tokens={tokens} stride={row}: {e}", T::NAME));
+                        assert!(rep.count > 0);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn emulated_mrope_matches_reference_all_dtypes() {
+    let n = mrope_sweep::<f32>(21) + mrope_sweep::<f16>(22) + mrope_sweep::<bf16>(23);
+    assert_eq!(n, 3 * 5 * 2 * 3 * 3 * 2);
+}
+
+/// Text tokens (three equal positions) come out of the M-RoPE kernel bit for bit as plain RoPE
+/// at that position, in every vector width; a token whose height differs does not.
+#[test]
+fn emulated_mrope_of_text_tokens_is_plain_rope() {
+    let d = 128;
+    let emu = emulator(5);
+    let mut r = rng(5);
+    for (tokens, qh, kh, row, krow) in rope_layouts(d) {
+        for m in mrope_cases(d) {
+            let rot = schedules(d, d).remove(0).1;
+            let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
+            let pos = rope_positions(&mut r, tokens);
+            let rows: Vec<i32> = [&pos[..], &pos[..], &pos[..]].concat();
+            let q0 = as_dtype::<bf16>(&uniform(&mut r, tokens * row)).0;
+            let k0 = as_dtype::<bf16>(&uniform(&mut r, tokens * krow)).0;
+            let (mut q1, mut k1) = (guard(&q0), guard(&k0));
+            let (mut q2, mut k2) = (guard(&q0), guard(&k0));
+            emu.rope_inplace(&mut q1, &mut k1, &guard(&pos), &shape, &rot).unwrap();
+            emu.rope_inplace_mrope(&mut q2, &mut k2, &guard(&rows), tokens, &shape, &rot, &m).unwrap();
+            assert!(q1[..] == q2[..] && k1[..] == k2[..], "{m:?} tokens={tokens}");
+            let mut moved = rows.clone();
+            moved[tokens] += 1; // token 0's height
+            let (mut q3, mut k3) = (guard(&q0), guard(&k0));
+            emu.rope_inplace_mrope(&mut q3, &mut k3, &guard(&moved), tokens, &shape, &rot, &m).unwrap();
+            assert!(q3[..row] != q1[..row], "{m:?}: the height row is read");
+        }
+    }
+}
+
+/// Bad M-RoPE calls are refused before any launch, buffers untouched.
+#[test]
+fn emulated_mrope_refuses_bad_calls() {
+    let (d, tokens) = (64, 5);
+    let rot = schedules(d, d).remove(0).1;
+    let shape = RopeShape::contiguous(tokens, 2, 1, d);
+    let [good, _] = mrope_cases(d);
+    let q0 = as_dtype::<f16>(&uniform(&mut rng(6), tokens * 2 * d)).0;
+    let k0 = as_dtype::<f16>(&uniform(&mut rng(7), tokens * d)).0;
+    let rows = vec![1i32; 3 * tokens];
+    let bad_sections = rope_attn::MRope { sections: [8, 12, 13], interleaved: false };
+    let calls: [(&[i32], usize, rope_attn::MRope, &str); 3] = [
+        (&rows[..3 * tokens - 1], tokens, good, "positions"),
+        (&rows, tokens - 1, good, "stride"),
+        (&rows, tokens, bad_sections, "mrope_section"),
+    ];
+    for (pos, stride, m, what) in calls {
+        let (mut q, mut k) = (q0.clone(), k0.clone());
+        let e = emulator(0).rope_inplace_mrope(&mut q, &mut k, pos, stride, &shape, &rot, &m).unwrap_err();
+        assert!(e.to_string().contains(what), "{what}: {e}");
+        assert!(q == q0 && k == k0);
+    }
+}
+
 fn scores_sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
     let mut r = rng(seed);

@@ -11,7 +11,7 @@
 //!
 //! Every test also asserts how many cases it checked, so an emptied fixture file fails.
 
-use rope_attn::{reference, AttentionParams, Layout, Mask, RopeConfig, RopeSchedule, Rotary};
+use rope_attn::{reference, AttentionParams, Layout, MRope, Mask, RopeConfig, RopeSchedule, Rotary};
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -153,6 +153,10 @@ fn schedules_match_transformers() {
                 s.inv_freq[worst_i], want[worst_i]
             ));
         }
+        let want_mrope = mrope_of(&case["mrope"]);
+        if s.mrope != want_mrope {
+            failures.push(format!("{label}: M-RoPE {:?} != transformers' {want_mrope:?}", s.mrope));
+        }
         let af = case["attention_factor"].as_f64().expect("attention_factor");
         let af_err = rel_err(s.attention_factor, af);
         if af_err.is_nan() || af_err > 1e-12 {
@@ -196,6 +200,47 @@ fn dynamic_ntk_fixture_grows_with_sequence_length() {
     let rust = |len| cfg.schedule(len).unwrap().inv_freq;
     assert_eq!(rust(None), rust(Some(2048)), "below the trained length the schedule is fixed");
     assert_ne!(rust(Some(32769)), rust(Some(32768)));
+}
+
+/// A fixture's `mrope` entry (null: no M-RoPE).
+fn mrope_of(v: &Value) -> Option<MRope> {
+    if v.is_null() {
+        return None;
+    }
+    let s = i64s(&v["sections"]);
+    Some(MRope { sections: [s[0] as usize, s[1] as usize, s[2] as usize], interleaved: v["interleaved"].as_bool().expect("interleaved") })
+}
+
+/// M-RoPE against the models' own rotary embeddings (Qwen2.5-VL's sections, the Qwen3.5 stack's
+/// interleaving) and apply_rotary_pos_emb, at text, image and video positions: the reference
+/// with the schedule and sections rope-attn parses from the same config.json.
+#[test]
+fn rotate_mrope_matches_the_models_rotary_embedding() {
+    let f = fixtures();
+    let cases = cases(&f, "mrope_rotations");
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (d, r) = (usize_of(&case["head_dim"]), usize_of(&case["rotary_dim"]));
+        let cfg = RopeConfig::from_hf_config_json(&config_text(case["config"].as_str().unwrap(), &Value::Null)).unwrap();
+        let sched = cfg.schedule(None).unwrap();
+        assert_eq!((sched.rotary_dim, sched.mrope), (r, mrope_of(&case["mrope"])), "{label}");
+        let rot = Rotary::from_schedule(&sched, Layout::Half);
+        let pos: Vec<[i64; 3]> = case["positions"].as_array().unwrap().iter().map(|p| { let p = i64s(p); [p[0], p[1], p[2]] }).collect();
+        assert!(pos.iter().any(|p| p[0] != p[1]) && pos.iter().any(|p| p[1] != p[2]), "{label}: image positions");
+        let m = sched.mrope.unwrap();
+        for (x, want, heads) in [("q", "q_out", usize_of(&case["q_heads"])), ("k", "k_out", usize_of(&case["k_heads"]))] {
+            let (x, want) = (exact_f64s("mrope_rotations", idx, x), exact_f64s("mrope_rotations", idx, want));
+            let mut got = x.clone();
+            reference::rotate_mrope(&mut got, pos.len(), heads, d, heads * d, &pos, &rot, &m).unwrap();
+            // The frequencies agree to a few ulps; at position m an error df moves an angle by m*df.
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let t = i / (heads * d);
+                let bound = 1e-12 + 4.0 * f64::EPSILON * pos[t].iter().max().copied().unwrap() as f64;
+                assert!((g - w).abs() <= bound, "{label}: token {t} {:?} component {}: {g} vs transformers {w}", pos[t], i % d);
+            }
+        }
+    }
+    assert_eq!(cases.len(), 2, "both M-RoPE constructions");
 }
 
 #[test]

@@ -47,6 +47,10 @@ int main() {
     FIELD(RopeParams, max_pages);
     FIELD(RopeParams, num_pages);
     FIELD(RopeParams, gather_rows);
+    FIELD(RopeParams, mrope);
+    FIELD(RopeParams, mrope_h);
+    FIELD(RopeParams, mrope_w);
+    FIELD(RopeParams, mrope_stride);
     SIZE(ScoresParams);
     FIELD(ScoresParams, rope);
     FIELD(ScoresParams, q);

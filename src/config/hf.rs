@@ -4,7 +4,7 @@
 //! `rope_parameters` / `rope_scaling` win over top-level ones, except a top-level
 //! `original_max_position_embeddings` (Phi-3), which transformers gives priority.
 
-use super::{RopeConfig, RopeScaling};
+use super::{MRope, RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
 
@@ -114,7 +114,7 @@ fn nested_layer_types(rp: &Obj) -> Option<Vec<String>> {
 }
 
 pub(super) fn layer_types(json: &str) -> Result<Vec<String>> {
-    let root = parse_root(json)?;
+    let root = text_root(parse_root(json)?);
     Ok(match root.get("rope_parameters") {
         Some(Value::Object(rp)) => nested_layer_types(rp).unwrap_or_default(),
         _ => Vec::new(),
@@ -156,8 +156,52 @@ fn head_dim(root: &Obj) -> Result<usize> {
     Ok(hidden / heads)
 }
 
+/// Multimodal configs (Qwen3-VL, Gemma 3, ...) keep the language model's keys in `text_config`:
+/// read those when the top level does not describe the attention itself.
+fn text_root(root: Obj) -> Obj {
+    if root.contains_key("num_attention_heads") {
+        return root;
+    }
+    match root.get("text_config") {
+        Some(Value::Object(t)) => t.clone(),
+        _ => root,
+    }
+}
+
+/// `mrope_section` / `mrope_interleaved` of the rope dict (Qwen2-VL writes `type: "mrope"`,
+/// which transformers turns into `default`; Qwen3-VL writes `rope_type: "default"` with the
+/// sections, and transformers' default sections when `mrope_interleaved` comes alone).
+fn mrope_of(p: &Obj) -> Result<Option<MRope>> {
+    let interleaved = match p.get("mrope_interleaved") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(other) => return Err(bad("mrope_interleaved", format!("expected a bool, got {other}"))),
+    };
+    let sections = match p.get("mrope_section") {
+        None | Some(Value::Null) => match interleaved {
+            Some(true) => MRope::QWEN3_VL_SECTIONS,
+            _ => return Ok(None),
+        },
+        Some(_) => {
+            let list = list_of(p, "mrope_section")?;
+            if list.len() != 3 {
+                return Err(bad("mrope_section", format!("expected 3 entries (time, height, width), got {}", list.len())));
+            }
+            let mut out = [0usize; 3];
+            for (o, v) in out.iter_mut().zip(&list) {
+                if !(*v >= 0.0 && v.fract() == 0.0 && *v < 1e9) {
+                    return Err(bad("mrope_section", format!("entry {v} is not a non-negative integer")));
+                }
+                *o = *v as usize;
+            }
+            out
+        }
+    };
+    Ok(Some(MRope { sections, interleaved: interleaved.unwrap_or(false) }))
+}
+
 pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> {
-    let root = parse_root(json)?;
+    let root = text_root(parse_root(json)?);
     let empty = Obj::new();
     let p = rope_dict(&root, layer_type)?.unwrap_or(&empty);
     let either = |key: &str| -> Result<Option<f64>> { Ok(f64_of(p, key)?.or(f64_of(&root, key)?)) };
@@ -194,7 +238,7 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
     };
     let factor = || required(f64_of(p, "factor")?, "factor");
     let scaling = match rope_type.as_str() {
-        "default" => RopeScaling::Default,
+        "default" | "mrope" => RopeScaling::Default,
         "linear" => RopeScaling::Linear { factor: factor()? },
         "ntk" => RopeScaling::Ntk { factor: factor()? },
         "dynamic" => RopeScaling::Dynamic {
@@ -247,5 +291,10 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
         }
         other => return Err(Error::UnknownRopeType(other.to_string())),
     };
-    RopeConfig::with_scaling(theta, head_dim, rotary_dim, mpe, scaling)
+    let cfg = RopeConfig::with_scaling(theta, head_dim, rotary_dim, mpe, scaling)?;
+    match mrope_of(p)? {
+        Some(m) => cfg.with_mrope(m),
+        None if rope_type == "mrope" => Err(Error::MissingKey("mrope_section")),
+        None => Ok(cfg),
+    }
 }

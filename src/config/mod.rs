@@ -6,7 +6,10 @@
 //! [`RopeSchedule`], the f64 numbers every kernel and the CPU reference consume.
 
 mod hf;
+mod mrope;
 mod schedules;
+
+pub use mrope::MRope;
 
 use crate::error::{positive, Error, Result};
 
@@ -108,6 +111,8 @@ pub struct RopeConfig {
     pub max_position_embeddings: Option<usize>,
     /// The schedule.
     pub scaling: RopeScaling,
+    /// Multimodal RoPE (`mrope_section`): which of a token's three positions each pair takes.
+    pub mrope: Option<MRope>,
 }
 
 /// The evaluated schedule: what a kernel needs to rotate.
@@ -121,6 +126,8 @@ pub struct RopeSchedule {
     pub rotary_dim: usize,
     /// Multiplier applied to rotated Q and K components (YaRN / LongRoPE "mscale").
     pub attention_factor: f64,
+    /// The config's multimodal sections, if any ([`MRope`]; the frequencies are the same).
+    pub mrope: Option<MRope>,
 }
 
 impl RopeConfig {
@@ -137,9 +144,16 @@ impl RopeConfig {
         max_position_embeddings: Option<usize>,
         scaling: RopeScaling,
     ) -> Result<Self> {
-        let cfg = RopeConfig { theta, head_dim, rotary_dim, max_position_embeddings, scaling };
+        let cfg = RopeConfig { theta, head_dim, rotary_dim, max_position_embeddings, scaling, mrope: None };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The same config with multimodal sections (validated against the rotary dim).
+    pub fn with_mrope(mut self, mrope: MRope) -> Result<Self> {
+        self.mrope = Some(mrope);
+        self.validate()?;
+        Ok(self)
     }
 
     /// Parse a Hugging Face `config.json` (classic `rope_scaling`, or transformers >= 5
@@ -177,6 +191,9 @@ impl RopeConfig {
         if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
             return Err(Error::RotaryDim { rotary_dim: self.rotary_dim, head_dim: self.head_dim });
         }
+        if let Some(m) = &self.mrope {
+            m.validate(self.rotary_dim / 2)?;
+        }
         schedules::validate(self)
     }
 
@@ -185,7 +202,7 @@ impl RopeConfig {
     pub fn schedule(&self, seq_len: Option<usize>) -> Result<RopeSchedule> {
         self.validate()?;
         let (inv_freq, attention_factor) = schedules::compute(self, seq_len);
-        Ok(RopeSchedule { rope_type: self.scaling.name(), inv_freq, rotary_dim: self.rotary_dim, attention_factor })
+        Ok(RopeSchedule { rope_type: self.scaling.name(), inv_freq, rotary_dim: self.rotary_dim, attention_factor, mrope: self.mrope })
     }
 }
 

@@ -7,6 +7,7 @@ use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, RopeArgs, RopeParams};
 use super::scores::span;
 use crate::attention::{Relative, Rotary};
+use crate::config::MRope;
 use crate::error::{Error, Result};
 use crate::reference;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
@@ -83,6 +84,25 @@ impl RopeShape {
 }
 
 impl RopeShape {
+    /// Validate an M-RoPE call: Q and K as [`check`](Self::check) does, the sections against
+    /// the rotary dim, and positions of three rows of `stride` (>= tokens) ints.
+    pub fn check_mrope(&self, q_len: usize, k_len: usize, pos_len: usize, stride: usize, rot: &Rotary, m: &MRope) -> Result<()> {
+        self.check(q_len, k_len, self.tokens, rot)?;
+        m.validate(rot.rotary_dim / 2)?;
+        if stride < self.tokens {
+            return Err(Error::Stride { what: "mrope positions", stride, min: self.tokens });
+        }
+        let needed = 2 * stride + self.tokens;
+        if self.tokens > 0 && pos_len < needed {
+            return Err(Error::BufferTooSmall { what: "positions", needed, got: pos_len });
+        }
+        to_i32("mrope positions stride", stride)?;
+        to_i32("mrope positions", needed)?;
+        Ok(())
+    }
+}
+
+impl RopeShape {
     /// Validate a `rope_into` call (lengths `[q, k, q_out, k_out, positions]`): the dense output
     /// shape and the kernel's rotation arguments.
     pub(crate) fn check_into(&self, [q, k, q_out, k_out, pos]: [usize; 5], rot: &Rotary) -> Result<(RopeShape, RopeArgs)> {
@@ -113,6 +133,8 @@ pub(crate) enum Positions {
     /// sequence b, at position j, to row `start_b + j` of `k_out` / `v_out`, packed (`start_b`
     /// the earlier sequences' context lengths added up; rows < `rows`).
     Paged(PagedGather),
+    /// M-RoPE: rows of time, height and width positions at `positions + c * stride` (ints).
+    Sections { positions: u64, stride: usize, mrope: MRope },
 }
 
 /// A gather's paged source (kernels/rope.cu, RopeParams): the block table and context lengths,
@@ -180,10 +202,15 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     let layout = if interleaved { "inter" } else { "half" };
     let name = format!("rope_{layout}_v{pairs}_{}", T::NAME);
     let none = PagedGather::default();
+    let mut sections = (0, [0; 3], 0);  // (mode, sections, stride) of M-RoPE
     let (pos_ptr, cu, batch, starts, stride, gather) = match positions {
         Positions::Explicit(p) => (p, 0, 0, 0, 0, none),
         Positions::FromCuSeqlens { cu_seqlens, batch, starts, stride } => (0, cu_seqlens, batch, starts, stride, none),
         Positions::Paged(g) => (0, 0, g.batch, 0, 0, g),
+        Positions::Sections { positions, stride, mrope } => {
+            sections = (1 + mrope.interleaved as i32, mrope.sections, stride);
+            (positions, 0, 0, 0, 0, none)
+        }
     };
     let params = RopeParams {
         rope: args,
@@ -213,6 +240,10 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
         max_pages: to_i32("max_pages", gather.max_pages)?,
         num_pages: to_i32("num_pages", gather.num_pages)?,
         gather_rows: to_i32("gather rows", gather.rows)?,
+        mrope: sections.0,
+        mrope_h: to_i32("mrope_section", sections.1[1])?,
+        mrope_w: to_i32("mrope_section", sections.1[2])?,
+        mrope_stride: to_i32("mrope positions stride", sections.2)?,
     };
     let grid = match gather.block_table {
         0 => (shape.tokens as u32, 1, 1),
@@ -269,6 +300,55 @@ pub fn rope_into<T: Dtype>(
     launch::<T, _>(&OnStream::new(gpu, stream)?, ptrs, shape, args, Positions::Explicit(pp), false)
 }
 
+/// Multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; [`MRope`]) in place: `positions` holds
+/// three rows of `stride` (>= tokens) ints, the tokens' time, height and width positions
+/// (`[3, stride]`, as transformers' `position_ids` of shape `[3, 1, tokens]`), and pair `i` is
+/// rotated to the row `mrope.component(i)` names. Then attend with `rope: None` (for decode:
+/// `paged_append` the rotated keys, a pre-rotated cache).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_inplace_mrope<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut impl DevicePtrMut<T>,
+    k: &mut impl DevicePtrMut<T>,
+    positions: &impl DevicePtr<i32>,
+    stride: usize,
+    shape: &RopeShape,
+    rot: &Rotary,
+    mrope: &MRope,
+) -> Result<()> {
+    shape.check_mrope(q.len(), k.len(), positions.len(), stride, rot, mrope)?;
+    let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+    let (qp, _gq) = q.device_ptr_mut(stream);
+    let (kp, _gk) = k.device_ptr_mut(stream);
+    let (pp, _gp) = positions.device_ptr(stream);
+    let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+    let pos = Positions::Sections { positions: pp, stride, mrope: *mrope };
+    launch::<T, _>(&OnStream::new(gpu, stream)?, ptrs, shape, args, pos, false)
+}
+
+/// [`rope_inplace_mrope`], then compare with [`reference::rotate_head_mrope`] on the same
+/// inputs, as [`rope_inplace_checked`] does. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_inplace_mrope_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    k: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    positions: &impl DevicePtr<i32>,
+    stride: usize,
+    shape: &RopeShape,
+    rot: &Rotary,
+    mrope: &MRope,
+) -> Result<CheckReport> {
+    shape.check_mrope(q.len(), k.len(), positions.len(), stride, rot, mrope)?;
+    let before = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    let pos = stream.clone_dtoh(positions)?;
+    rope_inplace_mrope(gpu, stream, q, k, positions, stride, shape, rot, mrope)?;
+    let after = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    compare_rope_mrope::<T>(&before, &after, &pos, stride, shape, rot, mrope)
+}
+
 /// [`rope_inplace`], then copy everything back and compare with [`reference::rotate`] on the
 /// same inputs. Synchronizes the stream (it is the one call here that does).
 pub fn rope_inplace_checked<T: Dtype>(
@@ -297,15 +377,41 @@ pub(crate) fn compare_rope<T: Dtype>(
     shape: &RopeShape,
     rot: &Rotary,
 ) -> Result<CheckReport> {
+    // Negative positions rotate backwards on the GPU; the reference takes them as f64 too.
+    compare_rotated::<T>(before, after, shape, |t, x| reference::rotate_head(x, positions[t] as f64, rot))
+}
+
+/// [`compare_rope`] for M-RoPE positions (three rows of `stride`).
+pub(crate) fn compare_rope_mrope<T: Dtype>(
+    before: &[Vec<f64>; 2],
+    after: &[Vec<f64>; 2],
+    positions: &[i32],
+    stride: usize,
+    shape: &RopeShape,
+    rot: &Rotary,
+    m: &MRope,
+) -> Result<CheckReport> {
+    compare_rotated::<T>(before, after, shape, |t, x| {
+        let pos = [0, 1, 2].map(|c| positions[c * stride + t] as f64);
+        reference::rotate_head_mrope(x, pos, rot, m)
+    })
+}
+
+/// Each head of token `t` of `before`, rotated by `rotate(t, head)`, against `after`.
+fn compare_rotated<T: Dtype>(
+    before: &[Vec<f64>; 2],
+    after: &[Vec<f64>; 2],
+    shape: &RopeShape,
+    rotate: impl Fn(usize, &mut [f64]),
+) -> Result<CheckReport> {
     let tol = Tolerance::rope::<T>(max_abs(&after[0]).max(max_abs(&after[1])));
     let mut reports = Vec::new();
     for (i, (heads, stride)) in [(shape.q_heads, shape.q_row_stride), (shape.k_heads, shape.k_row_stride)].into_iter().enumerate() {
         let mut want = before[i].clone();
-        // Negative positions rotate backwards on the GPU; the reference takes them as f64 too.
-        for (t, &p) in positions.iter().take(shape.tokens).enumerate() {
+        for t in 0..shape.tokens {
             for h in 0..heads {
                 let s = t * stride + h * shape.head_dim;
-                reference::rotate_head(&mut want[s..s + shape.head_dim], p as f64, rot);
+                rotate(t, &mut want[s..s + shape.head_dim]);
             }
         }
         reports.push(CheckReport::compare("rope", &after[i], &want, tol));

@@ -45,6 +45,7 @@ mod buffer;
 pub use buffer::GuardedBuf;
 
 use crate::attention::{AttentionParams, Relative, Rotary};
+use crate::config::MRope;
 use crate::cuda::attention::{compare_fwd, launch_fwd, FwdHost, FwdPtrs};
 use crate::cuda::checked::widen;
 use crate::cuda::decode::{compare_decode, launch_append, launch_decode, AppendRows, DecodeHost, DecodePtrs};
@@ -52,7 +53,7 @@ use crate::cuda::launch::{Backend, Launch};
 use crate::cuda::merge::{launch_merge, MergeShape};
 use crate::cuda::paged_prefill::{compare_fwd_paged, launch_fwd_paged, PagedFwdHost, PagedFwdPtrs};
 use crate::cuda::params::RopeArgs;
-use crate::cuda::rope::{compare_rope, launch as launch_rope, Positions, RopePtrs};
+use crate::cuda::rope::{compare_rope, compare_rope_mrope, launch as launch_rope, Positions, RopePtrs};
 use crate::cuda::scores::{compare_scores, launch_scores};
 use crate::cuda::{
     AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, PrefillPath, RopeShape, ScoresShape,
@@ -258,6 +259,43 @@ impl Emulator {
         let before = [widen(q), widen(k)];
         self.rope_inplace(q, k, positions, shape, rot)?;
         compare_rope::<T>(&before, &[widen(q), widen(k)], positions, shape, rot)
+    }
+
+    /// [`crate::cuda::rope_inplace_mrope`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_inplace_mrope<T: Dtype>(
+        &self,
+        q: &mut [T],
+        k: &mut [T],
+        positions: &[i32],
+        stride: usize,
+        shape: &RopeShape,
+        rot: &Rotary,
+        mrope: &MRope,
+    ) -> Result<()> {
+        shape.check_mrope(q.len(), k.len(), positions.len(), stride, rot, mrope)?;
+        let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+        let (qp, kp) = (addr(q), addr(k));
+        let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+        let pos = Positions::Sections { positions: addr(positions), stride, mrope: *mrope };
+        launch_rope::<T, _>(self, ptrs, shape, args, pos, false)
+    }
+
+    /// [`crate::cuda::rope_inplace_mrope_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_inplace_mrope_checked<T: Dtype>(
+        &self,
+        q: &mut [T],
+        k: &mut [T],
+        positions: &[i32],
+        stride: usize,
+        shape: &RopeShape,
+        rot: &Rotary,
+        mrope: &MRope,
+    ) -> Result<CheckReport> {
+        let before = [widen(q), widen(k)];
+        self.rope_inplace_mrope(q, k, positions, stride, shape, rot, mrope)?;
+        compare_rope_mrope::<T>(&before, &[widen(q), widen(k)], positions, stride, shape, rot, mrope)
     }
 
     /// [`crate::cuda::rope_into`] on host buffers: dense outputs, inputs untouched.

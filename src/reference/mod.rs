@@ -12,7 +12,7 @@ mod sinusoidal;
 
 pub use attention::{attention, attention_varlen, AttentionOutput};
 pub use merge::merge;
-pub use rotate::{rotate, rotate_head};
+pub use rotate::{rotate, rotate_head, rotate_head_mrope, rotate_mrope};
 pub use scores::scores;
 pub use sinusoidal::sinusoidal;
 

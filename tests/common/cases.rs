@@ -9,7 +9,7 @@ use super::schedules;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rope_attn::cuda::ScoresShape;
-use rope_attn::{Alibi, AttentionParams, Mask, Relative, Rotary};
+use rope_attn::{Alibi, AttentionParams, MRope, Mask, Relative, Rotary};
 
 /// Who runs the sweep: a GPU takes full-length problems, the emulator shorter ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +69,34 @@ pub fn rope_positions(r: &mut StdRng, tokens: usize) -> Vec<i32> {
             _ => r.random_range(0..2_000_000_000),
         })
         .collect()
+}
+
+/// M-RoPE sections for a rotary dim: chunked in Qwen2-VL's proportions (1/4 time, 3/8 height,
+/// the rest width: [16, 24, 24] at 64 pairs) and interleaved in Qwen3-VL's ([24, 20, 20]).
+pub fn mrope_cases(rot_dim: usize) -> [MRope; 2] {
+    let pairs = rot_dim / 2;
+    let (t, h) = (pairs / 4, 3 * pairs / 8);
+    let hw = 5 * pairs / 16;
+    [MRope { sections: [t, h, pairs - t - h], interleaved: false }, MRope { sections: [pairs - 2 * hw, hw, hw], interleaved: true }]
+}
+
+/// M-RoPE positions, three rows of `stride` ints (time, height, width): text tokens (three
+/// equal positions), an image's grid (time fixed, height and width walking it), far positions
+/// near 2^24 and beyond; entries past `tokens` in each row are poison the kernel must not read.
+pub fn mrope_positions(r: &mut StdRng, tokens: usize, stride: usize) -> Vec<i32> {
+    let mut rows = vec![-777_777; 3 * stride];
+    for t in 0..tokens {
+        let p: [i32; 3] = match t % 4 {
+            0 => [t as i32; 3],
+            1 => [t as i32, t as i32 + 3, t as i32 + 1],
+            2 => [(1 << 24) - 3, (1 << 24) + 12345, 7],
+            _ => [r.random_range(0..2_000_000_000), r.random_range(0..2_000_000_000), r.random_range(0..2_000_000_000)],
+        };
+        for c in 0..3 {
+            rows[c * stride + t] = p[c];
+        }
+    }
+    rows
 }
 
 /// A scores case: GQA 1/4/8, single element to two-tile sizes with a decode offset, every mask,
