@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rope_attn::candle as ra;
-use rope_attn::{alibi, Alibi, AttentionParams, Error, Layout, Mask, RopeConfig, RopeScaling, RopeSchedule, Relative, Rotary};
+use rope_attn::{alibi, Alibi, AttentionParams, Error, Layout, MRope, Mask, RopeConfig, RopeScaling, RopeSchedule, Relative, Rotary};
 
 const ROPE_TOL: f32 = 1e-6;
 const ATTN_TOL: f32 = 4e-6;
@@ -148,6 +148,42 @@ fn rope_partial_rotary_and_attention_factor_match_candle() {
         assert_close("q", &q2, &candle_rope(&q, &pos, &rot), ROPE_TOL * rot.attention_factor as f32);
         assert_close("k", &k2, &candle_rope(&k, &pos, &rot), ROPE_TOL * rot.attention_factor as f32);
     }
+}
+
+/// Multimodal RoPE: candle-nn's `rope` with per-token tables whose pair i takes the row of
+/// `[3, t]` positions its section names (transformers' construction); both section layouts, on
+/// views of a packed QKV tensor (V untouched); positions `[t]` are refused.
+#[test]
+fn rope_mrope_matches_candle_nn_with_sectioned_tables() {
+    let mut r = rng(6);
+    let (t, hq, hk, d) = (9, 4, 2, 64);
+    let rot = rotary(d, d, Layout::Half, RopeScaling::Default);
+    for m in [MRope { sections: [8, 12, 12], interleaved: false }, MRope { sections: [12, 10, 10], interleaved: true }] {
+        let rows: Vec<Vec<i64>> = (0..3).map(|c| (0..t as i64).map(|i| if i < 3 { i } else { 3 + c * i + r.random_range(0..40) }).collect()).collect();
+        let flat_rows: Vec<i64> = rows.concat();
+        let pos = Tensor::from_vec(flat_rows, (3, t), &Device::Cpu).unwrap();
+        let qkv = uniform(&mut r, &[t, hq + 2 * hk, d], &Device::Cpu);
+        let before = qkv.copy().unwrap();
+        let (q, k) = (qkv.narrow(1, 0, hq).unwrap(), qkv.narrow(1, hq, hk).unwrap());
+        ra::rope_mrope_inplace(&q, &k, &pos, &rot, &m).unwrap();
+        // The tables: cos/sin of pos[component(i)][t] · θ_i, rounded once to f32.
+        let ang: Vec<f64> = (0..t).flat_map(|tok| (0..d / 2).map(move |i| (tok, i))).map(|(tok, i)| rows[m.component(i)][tok] as f64 * rot.inv_freq[i]).collect();
+        let table = |f: fn(f64) -> f64| Tensor::from_vec(ang.iter().map(|&a| f(a) as f32).collect::<Vec<_>>(), (t, d / 2), &Device::Cpu).unwrap();
+        let (c, sn) = (table(f64::cos), table(f64::sin));
+        for (x, got, what) in [(before.narrow(1, 0, hq).unwrap(), q, "q"), (before.narrow(1, hq, hk).unwrap(), k, "k")] {
+            let xr = x.transpose(0, 1).unwrap().unsqueeze(0).unwrap().contiguous().unwrap();
+            let want = candle_nn::rotary_emb::rope(&xr, &c, &sn).unwrap().squeeze(0).unwrap().transpose(0, 1).unwrap();
+            assert_close(&format!("{m:?} {what}"), &got, &want, ROPE_TOL);
+        }
+        assert_eq!(max_diff(&qkv.narrow(1, hq + hk, hk).unwrap(), &before.narrow(1, hq + hk, hk).unwrap()), 0.0, "v moved");
+    }
+    let m = MRope { sections: [8, 12, 12], interleaved: false };
+    let (q, k) = (uniform(&mut r, &[t, hq, d], &Device::Cpu), uniform(&mut r, &[t, hk, d], &Device::Cpu));
+    let flat = Tensor::new(&[0i64; 9], &Device::Cpu).unwrap();
+    assert!(matches!(ra::rope_mrope_inplace(&q, &k, &flat, &rot, &m), Err(Error::Shape { what: "positions", .. })));
+    let rows = Tensor::zeros((3, t), DType::I64, &Device::Cpu).unwrap();
+    let bad = MRope { sections: [8, 12, 13], interleaved: false };
+    assert!(matches!(ra::rope_mrope_inplace(&q, &k, &rows, &rot, &bad), Err(Error::InvalidValue { .. })));
 }
 
 /// In place = out of place, bit for bit (same f64 values, same single rounding), for every
@@ -565,6 +601,15 @@ mod gpu {
             ra::rope_inplace(&qi, &ki, &pg, &rot).unwrap();
             assert_close(&format!("{dt:?} rope_inplace q"), &qi.to_device(&Device::Cpu).unwrap(), &q2c, tol);
             assert_close(&format!("{dt:?} rope_inplace k"), &ki.to_device(&Device::Cpu).unwrap(), &k2c, tol);
+            // M-RoPE: the kernel against the CPU path on the same [3, t] positions.
+            let m = MRope { sections: [16, 24, 24], interleaved: dt == DType::F16 };
+            let rows: Vec<i64> = (0..3 * t as i64).map(|i| (i * 7919) % 100_000).collect();
+            let (pm_g, pm_c) = (Tensor::from_vec(rows.clone(), (3, t), &gpu).unwrap(), Tensor::from_vec(rows, (3, t), &Device::Cpu).unwrap());
+            let (qm, km, qmc, kmc) = (qg.copy().unwrap(), kg.copy().unwrap(), qc.copy().unwrap(), kc.copy().unwrap());
+            ra::rope_mrope_inplace(&qm, &km, &pm_g, &rot, &m).unwrap();
+            ra::rope_mrope_inplace(&qmc, &kmc, &pm_c, &rot, &m).unwrap();
+            assert_close(&format!("{dt:?} rope_mrope q"), &qm.to_device(&Device::Cpu).unwrap(), &qmc, tol);
+            assert_close(&format!("{dt:?} rope_mrope k"), &km.to_device(&Device::Cpu).unwrap(), &kmc, tol);
 
             let mut p = AttentionParams::new(hq, hkv, d);
             p.rope = Some(rot.clone());

@@ -89,6 +89,29 @@ fn freqs_json_has_the_schedule() {
     assert!((af - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12, "YaRN mscale, got {af}");
 }
 
+/// Multimodal RoPE: the sections and each pair's position row, in JSON and in the table.
+#[test]
+fn freqs_shows_mrope_sections() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/configs/qwen3.6-35b-a3b-text.json");
+    let v = freqs_json(&["freqs", cfg, "--json"]);
+    assert_eq!((v["head_dim"].as_u64(), v["rotary_dim"].as_u64()), (Some(256), Some(64)));
+    assert_eq!(v["mrope"]["sections"], serde_json::json!([11, 11, 10]));
+    assert_eq!(v["mrope"]["interleaved"], true);
+    let comp: Vec<u64> = v["mrope"]["component"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
+    assert_eq!(comp.len(), 32);
+    assert_eq!(&comp[..6], &[0, 1, 2, 0, 1, 2]);
+    assert_eq!(&comp[30..], &[0, 1], "pair 30: time (30 % 3 == 0); pair 31: height (31 < 3·11)");
+    let plain = freqs_json(&["freqs", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/configs/llama-3.1-8b.json"), "--json"]);
+    assert!(plain["mrope"].is_null());
+
+    let o = run(&["freqs", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/configs/qwen2.5-vl-7b-instruct.json")]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("sections [16, 24, 24] (time, height, width), chunked"), "{out}");
+    let row = |i: usize| out.lines().find(|l| l.trim_start().starts_with(&format!("{i} "))).unwrap().to_string();
+    assert!(row(15).ends_with("time") && row(16).ends_with("height") && row(40).ends_with("width"), "{}\n{}", row(15), row(40));
+}
+
 #[test]
 fn freqs_table_lists_every_pair_and_the_decay() {
     let dir = scratch("freqs-table");

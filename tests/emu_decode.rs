@@ -370,6 +370,89 @@ fn emulated_decode_over_a_prerotated_cache_equals_in_kernel_rope() {
     }
 }
 
+/// The M-RoPE recipe for vision-language models (README): rotate Q and K with their time,
+/// height and width positions (`rope_inplace_mrope`), prefill with `rope: None`, append the
+/// rotated keys to the paged cache, decode the next text tokens with `rope: None`. Positions as
+/// Qwen2-VL's `get_rope_index` lays them out for text, a 3 × 4 image grid, then text resuming
+/// after the grid's largest position. Both section layouts; checked against the f64 reference
+/// of attention over exactly rotated (f64) Q and K, so the rope kernel's rounding of the
+/// rotated operands to bf16 is inside the doubled tolerance.
+#[test]
+fn emulated_mrope_prefill_and_decode_recipe() {
+    let emu = emulator(23);
+    let mut r = rng(23);
+    let (hq, hkv, d, page) = (4usize, 2usize, 128usize, 16usize);
+    let (rows_img, cols_img) = (3i64, 4i64);
+    let mut pos3: Vec<[i64; 3]> = (0..4).map(|i| [i; 3]).collect();
+    for y in 0..rows_img {
+        for x in 0..cols_img {
+            pos3.push([4, 4 + y, 4 + x]);
+        }
+    }
+    let resume = 4 + rows_img.max(cols_img);
+    pos3.extend((0..7).map(|i| [resume + i; 3]));
+    let n = pos3.len(); // 23 tokens: the last 2 are decoded
+    let (prompt, queries) = (n - 2, 2);
+    let rot = schedules(d, d).remove(0).1;
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.rope = None;
+    for m in mrope_cases(d) {
+        let (q, qf) = as_dtype::<bf16>(&uniform(&mut r, n * hq * d));
+        let (k, kf) = as_dtype::<bf16>(&uniform(&mut r, n * hkv * d));
+        let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, n * hkv * d));
+        let rows: Vec<i32> = (0..3).flat_map(|c| pos3.iter().map(move |p| p[c] as i32)).collect();
+        let (mut q_rot, mut k_rot) = (q.clone(), k.clone());
+        emu.rope_inplace_mrope(&mut q_rot, &mut k_rot, &rows, n, &RopeShape::contiguous(n, hq, hkv, d), &rot, &m).unwrap();
+        // The exact answer: f64 M-RoPE, then attention with no PE (causal over token indices).
+        let (mut qx, mut kx) = (qf.clone(), kf.clone());
+        rope_attn::reference::rotate_mrope(&mut qx, n, hq, d, hq * d, &pos3, &rot, &m).unwrap();
+        rope_attn::reference::rotate_mrope(&mut kx, n, hkv, d, hkv * d, &pos3, &rot, &m).unwrap();
+        let idx: Vec<i64> = (0..n as i64).collect();
+        let want = rope_attn::reference::attention(&qx[..prompt * hq * d], &kx[..prompt * hkv * d], &vf[..prompt * hkv * d], &idx[..prompt], &idx[..prompt], &p).unwrap();
+        let (tol_o, tol_l) = Tolerance::attention::<bf16>(&p, max_abs(&qx), max_abs(&kx), max_abs(&vf));
+        let f64s = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+        let f32s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+
+        // Prefill of the prompt.
+        let batch = AttentionBatch::contiguous(&p, 1, prompt, prompt, prompt);
+        let cu = [0, prompt as i32];
+        let x = FwdInputs { q: &q_rot[..prompt * hq * d], k: &k_rot[..prompt * hkv * d], v: &v[..prompt * hkv * d], cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
+        let (mut o, mut l) = (vec![bf16::ZERO; prompt * hq * d], vec![0f32; hq * prompt]);
+        emu.attention_fwd(&x, &mut o, &mut l, &batch, &p, None).unwrap();
+        let rep = CheckReport::compare("M-RoPE prefill out", &f64s(&o), &want.out, tol_o.times(2.0))
+            .worst(CheckReport::compare("M-RoPE prefill lse", &f32s(&l), &want.lse, tol_l.times(2.0)));
+        // Tighter than the worst-case tolerance: O lies in [-1, 1] and the rotated Q, K and the
+        // output are each rounded once to bf16 (2^-9 relative); a wrong section moves O by ~0.05.
+        assert!(rep.passed() && rep.max_abs <= 8e-3, "{m:?} prefill: {rep:?}");
+
+        // Decode of the last two text tokens over the paged cache of all n rotated keys.
+        let max_pages = n.div_ceil(page);
+        let cache = PagedKvCache { num_pages: max_pages + 1, page_size: page, kv_heads: hkv, head_dim: d };
+        let table: Vec<i32> = (1..=max_pages as i32).rev().collect();
+        let slots: Vec<i32> = (0..n).map(|j| table[j / page] * page as i32 + (j % page) as i32).collect();
+        let (mut kc, mut vc) = (vec![bf16::ZERO; cache.len()], vec![bf16::ZERO; cache.len()]);
+        emu.paged_append(&k_rot, &v, &mut kc, &mut vc, &slots, n, hkv * d, hkv * d, &cache).unwrap();
+        let lens = [n as i32];
+        let dbatch = DecodeBatch::contiguous(&p, 1, queries, max_pages, n);
+        let x = DecodeInputs { q: &q_rot[prompt * hq * d..], k_cache: &kc, v_cache: &vc, block_table: &table, context_lens: &lens };
+        let (mut o, mut l) = (vec![bf16::ZERO; queries * hq * d], vec![0f32; queries * hq]);
+        emu.attention_decode(&x, &mut o, &mut l, &cache, &dbatch, &p, 1, None).unwrap();
+        let want = rope_attn::reference::attention(&qx[prompt * hq * d..], &kx, &vf, &idx[prompt..], &idx, &p).unwrap();
+        let rep = CheckReport::compare("M-RoPE decode out", &f64s(&o), &want.out, tol_o.times(2.0))
+            .worst(CheckReport::compare("M-RoPE decode lse", &f32s(&l), &want.lse, tol_l.times(2.0)));
+        assert!(rep.passed() && rep.max_abs <= 8e-3, "{m:?} decode: {rep:?}");
+        // Plain RoPE at the token indices is a different answer: the positions matter.
+        let mut qp = qf[prompt * hq * d..].to_vec();
+        let mut kp = kf.clone();
+        rope_attn::reference::rotate(&mut qp, queries, hq, d, hq * d, &idx[prompt..], &rot).unwrap();
+        rope_attn::reference::rotate(&mut kp, n, hkv, d, hkv * d, &idx, &rot).unwrap();
+        let other = rope_attn::reference::attention(&qp, &kp, &vf, &idx[prompt..], &idx, &p).unwrap();
+        // (The tolerance is a worst-case bound; the measured errors say more.)
+        let diff = CheckReport::compare("plain", &f64s(&o), &other.out, tol_o.times(2.0));
+        assert!(diff.max_abs > 10.0 * rep.max_abs, "{m:?}: M-RoPE made no difference: {diff:?} against {rep:?}");
+    }
+}
+
 /// Masks without ReRoPE, where both decode kernels take their unmasked path for the tiles every
 /// query sees and must mask the rest key by key: a window with sinks and a run of queries, and a
 /// causal run of 16 speculative tokens whose last tiles are full but partly in every query's

@@ -3,6 +3,7 @@
 
 use super::{candle_error, from_f64, to_f64, ErrSlot, Rows};
 use crate::attention::{AttentionParams, Rotary};
+use crate::config::MRope;
 use crate::cuda::decode::paged_reference;
 use crate::cuda::{Dtype, PagedKvCache};
 use crate::error::{Error, Result};
@@ -21,25 +22,30 @@ pub(super) fn rope(q: &Tensor, k: &Tensor, pos: &[i64], rot: &Rotary) -> Result<
     Ok((one(q)?, one(k)?))
 }
 
-/// Rotates the rows of one tensor where they lie.
+/// Rotates the rows of one tensor where they lie: token t to `pos[t]`, or with M-RoPE each
+/// pair to its row of `pos` (`[3, tokens]`).
 struct RotateRows<'a> {
     rows: Rows,
     pos: &'a [i64],
     rot: &'a Rotary,
+    mrope: Option<&'a MRope>,
     err: ErrSlot,
 }
 
-fn rotate_rows<T: Dtype>(x: &mut [T], rows: &Rows, pos: &[i64], rot: &Rotary) {
+fn rotate_rows<T: Dtype>(x: &mut [T], rows: &Rows, pos: &[i64], rot: &Rotary, mrope: Option<&MRope>) {
     let d = rows.head_dim;
     let mut buf = vec![0.0; d];
-    for (t, &p) in pos.iter().enumerate() {
+    for t in 0..rows.rows {
         for h in 0..rows.heads {
             let s = rows.at(t, h);
             let head = &mut x[s..s + d];
             for (b, v) in buf.iter_mut().zip(head.iter()) {
                 *b = v.to_f64();
             }
-            reference::rotate_head(&mut buf, p as f64, rot);
+            match mrope {
+                None => reference::rotate_head(&mut buf, pos[t] as f64, rot),
+                Some(m) => reference::rotate_head_mrope(&mut buf, [0, 1, 2].map(|c| pos[c * rows.rows + t] as f64), rot, m),
+            }
             for (v, b) in head.iter_mut().zip(&buf) {
                 *v = T::from_f64(*b);
             }
@@ -55,9 +61,9 @@ impl InplaceOp1 for RotateRows<'_> {
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &CLayout) -> candle_core::Result<()> {
         debug_assert_eq!(l.start_offset(), self.rows.offset);
         match s {
-            CpuStorage::F32(x) => rotate_rows(x, &self.rows, self.pos, self.rot),
-            CpuStorage::F16(x) => rotate_rows(x, &self.rows, self.pos, self.rot),
-            CpuStorage::BF16(x) => rotate_rows(x, &self.rows, self.pos, self.rot),
+            CpuStorage::F32(x) => rotate_rows(x, &self.rows, self.pos, self.rot, self.mrope),
+            CpuStorage::F16(x) => rotate_rows(x, &self.rows, self.pos, self.rot, self.mrope),
+            CpuStorage::BF16(x) => rotate_rows(x, &self.rows, self.pos, self.rot, self.mrope),
             other => {
                 return Err(self.err.keep(Error::DtypeMismatch { expected: "f32, f16 or bf16", got: other.dtype().as_str() }))
             }
@@ -67,8 +73,8 @@ impl InplaceOp1 for RotateRows<'_> {
 }
 
 /// Rotate the rows of `x` in place (positions validated by the caller).
-pub(super) fn rotate_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: &Rotary) -> Result<()> {
-    let op = RotateRows { rows, pos, rot, err: ErrSlot::default() };
+pub(super) fn rotate_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: &Rotary, mrope: Option<&MRope>) -> Result<()> {
+    let op = RotateRows { rows, pos, rot, mrope, err: ErrSlot::default() };
     x.inplace_op1(&op).map_err(|e| op.err.or(e))
 }
 

@@ -10,6 +10,7 @@
 
 use super::{candle_error, same_storage, with_dtype, Elem, ErrSlot, RopeCall, Rows};
 use crate::attention::{AttentionParams, Rotary};
+use crate::config::MRope;
 use crate::cuda::{self as rc, AttentionBatch, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch, RopeShape};
 use crate::error::{Error, Result};
 use candle_core::op::BackpropOp;
@@ -139,6 +140,7 @@ pub(super) fn rope(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, sha
 /// Rotates the rows of one tensor in place (the rope kernel with no K heads).
 struct RotateInPlace<'a> {
     rot: &'a Rotary,
+    mrope: Option<&'a MRope>,
     shape: RopeShape,
     dtype: DType,
     err: ErrSlot,
@@ -148,12 +150,16 @@ impl RotateInPlace<'_> {
     fn run<T: Elem>(&self, x: &mut CudaStorage, xl: &CLayout, pos: &CudaStorage, pl: &CLayout) -> Result<()> {
         let dev = x.device.clone();
         let (stream, gpu) = (dev.cuda_stream(), gpu_for(&dev));
-        let pv = i32_view(pos, pl, self.shape.tokens, "positions")?;
+        let n = self.shape.tokens;
+        let pv = i32_view(pos, pl, if self.mrope.is_some() { 3 * n } else { n }, "positions")?;
         let xs = x.as_cuda_slice_mut::<T>().map_err(candle_error)?;
         let mut view = xs.slice_mut(xl.start_offset()..);
         // The launcher rotates Q and K together; K is an empty view here (k_heads = 0).
         let (mut none, mut rows) = view.split_at_mut(0);
-        rc::rope_inplace(&gpu, &stream, &mut rows, &mut none, &pv, &self.shape, self.rot)
+        match self.mrope {
+            None => rc::rope_inplace(&gpu, &stream, &mut rows, &mut none, &pv, &self.shape, self.rot),
+            Some(m) => rc::rope_inplace_mrope(&gpu, &stream, &mut rows, &mut none, &pv, n, &self.shape, self.rot, m),
+        }
     }
 }
 
@@ -173,14 +179,14 @@ impl InplaceOp2 for RotateInPlace<'_> {
 
 /// One launch per tensor, each holding only its own storage: Q and K may be views of one
 /// packed QKV tensor, whose rows interleave.
-pub(super) fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, call: &RopeCall) -> Result<()> {
+pub(super) fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrope: Option<&MRope>, call: &RopeCall) -> Result<()> {
     if call.shape.tokens == 0 {
         return Ok(());
     }
     let pos = int32_tensor(positions)?;
     for (x, r) in [(q, call.q), (k, call.k)] {
         let shape = RopeShape { tokens: r.rows, q_heads: r.heads, k_heads: 0, head_dim: r.head_dim, q_row_stride: r.stride, k_row_stride: 0 };
-        let op = RotateInPlace { rot, shape, dtype: x.dtype(), err: ErrSlot::default() };
+        let op = RotateInPlace { rot, mrope, shape, dtype: x.dtype(), err: ErrSlot::default() };
         x.inplace_op2(&pos, &op).map_err(|e| op.err.or(e))?;
     }
     Ok(())

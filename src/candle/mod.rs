@@ -65,6 +65,7 @@ mod cpu;
 mod gpu;
 
 use crate::attention::{AttentionParams, Rotary};
+use crate::config::MRope;
 use crate::cuda::{
     attention_fwd_workspace_len, AttentionBatch, DecodeBatch, DecodeLens, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, RopeShape,
 };
@@ -252,6 +253,11 @@ struct RopeCall {
 }
 
 fn rope_call(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) -> Result<RopeCall> {
+    rope_call_with(q, k, positions, rot, None)
+}
+
+/// [`rope_call`] for plain positions (`[tokens]`) or M-RoPE rows (`[3, tokens]`).
+fn rope_call_with(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrope: Option<&MRope>) -> Result<RopeCall> {
     float_dtype("q", q)?;
     same_dtype(q, k)?;
     same_device(q, "k", k)?;
@@ -264,7 +270,10 @@ fn rope_call(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) -> Result
             got: dims_str(k),
         });
     }
-    int_tensor("positions", positions, &[qr.rows])?;
+    match mrope {
+        None => int_tensor("positions", positions, &[qr.rows])?,
+        Some(_) => int_tensor("positions", positions, &[3, qr.rows])?,
+    }
     let shape = RopeShape {
         tokens: qr.rows,
         q_heads: qr.heads,
@@ -273,7 +282,10 @@ fn rope_call(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) -> Result
         q_row_stride: qr.stride,
         k_row_stride: kr.stride,
     };
-    shape.check(qr.span(), kr.span(), qr.rows, rot)?;
+    match mrope {
+        None => shape.check(qr.span(), kr.span(), qr.rows, rot)?,
+        Some(m) => shape.check_mrope(qr.span(), kr.span(), 3 * qr.rows, qr.rows, rot, m)?,
+    }
     Ok(RopeCall { q: qr, k: kr, shape })
 }
 
@@ -301,11 +313,29 @@ pub fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) ->
         On::Cpu => {
             let pos = host_ints(positions)?;
             check_positions(&pos)?;
-            cpu::rotate_inplace(q, call.q, &pos, rot)?;
-            cpu::rotate_inplace(k, call.k, &pos, rot)
+            cpu::rotate_inplace(q, call.q, &pos, rot, None)?;
+            cpu::rotate_inplace(k, call.k, &pos, rot, None)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda => gpu::rope_inplace(q, k, positions, rot, &call),
+        On::Cuda => gpu::rope_inplace(q, k, positions, rot, None, &call),
+    }
+}
+
+/// Multimodal RoPE ([`MRope`]: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) in place: `positions`
+/// is `[3, tokens]` (time, height and width rows, transformers' `position_ids` without its
+/// batch axis), and pair `i` of token `t` is rotated to `positions[mrope.component(i), t]`.
+/// Then attend with `rope: None`; text tokens (three equal positions) rotate as [`rope_inplace`].
+pub fn rope_mrope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrope: &MRope) -> Result<()> {
+    let call = rope_call_with(q, k, positions, rot, Some(mrope))?;
+    match on(q)? {
+        On::Cpu => {
+            let pos = host_ints(positions)?;
+            check_positions(&pos)?;
+            cpu::rotate_inplace(q, call.q, &pos, rot, Some(mrope))?;
+            cpu::rotate_inplace(k, call.k, &pos, rot, Some(mrope))
+        }
+        #[cfg(feature = "candle-cuda")]
+        On::Cuda => gpu::rope_inplace(q, k, positions, rot, Some(mrope), &call),
     }
 }
 

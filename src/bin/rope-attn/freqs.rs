@@ -15,7 +15,9 @@ USAGE:
 Prints rope_type, theta, head_dim, rotary_dim and attention_factor, then per rotary pair i:
 inv_freq θ_i (radians per token), its wavelength 2π/θ_i in tokens, and θ_i divided by the
 plain-RoPE frequency theta^(-2i/r) of the same base (1 = untouched, 1/factor = interpolated),
-then the long-range decay table (see `rope-attn decay --help`).
+then the long-range decay table (see `rope-attn decay --help`). For multimodal RoPE
+(mrope_section: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), the sections and, per pair, which of
+a token's time, height and width positions it is rotated to.
 
 OPTIONS:
     --seq-len N         current sequence length (dynamic NTK and LongRoPE depend on it)
@@ -24,7 +26,9 @@ OPTIONS:
     --max-distance D    largest distance of the decay table (default 1e6)
     --json              print exactly one JSON object instead (fields: rope_type, theta,
                         head_dim, rotary_dim, attention_factor, seq_len, layer_type,
-                        max_position_embeddings, inv_freq, wavelength, ratio_to_plain, decay)
+                        max_position_embeddings, inv_freq, wavelength, ratio_to_plain, decay,
+                        mrope: null or {sections, interleaved, component: 0 time, 1 height,
+                        2 width per pair})
     -h, --help          this help
 ";
 
@@ -51,6 +55,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     let ratio: Vec<f64> = s.inv_freq.iter().zip(&plain.inv_freq).map(|(f, p)| f / p).collect();
     let distances = decay_distances(max);
     let decay = s.decay(&distances);
+    let components: Option<Vec<usize>> = s.mrope.map(|m| (0..s.inv_freq.len()).map(|i| m.component(i)).collect());
 
     if args.flag("--json") {
         let obj = json!({
@@ -67,6 +72,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             "wavelength": wavelength,
             "ratio_to_plain": ratio,
             "decay": { "distance": distances, "sum_cos": decay },
+            "mrope": s.mrope.map(|m| json!({ "sections": m.sections, "interleaved": m.interleaved, "component": components })),
         });
         println!("{obj}");
         return Ok(());
@@ -84,10 +90,16 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     println!("attention_factor         {}", s.attention_factor);
     println!("max_position_embeddings  {}", opt(m.config.max_position_embeddings.map(|v| v.to_string()), "-"));
     println!("seq_len                  {}", opt(seq_len.map(|v| v.to_string()), "- (not given)"));
+    if let Some(m) = s.mrope {
+        let how = if m.interleaved { "interleaved" } else { "chunked" };
+        println!("mrope                    sections {:?} (time, height, width), {how}", m.sections);
+    }
     println!();
-    println!("{:>5}  {:>14}  {:>20}  {:>14}", "pair", "inv_freq", "wavelength (tokens)", "/ plain RoPE");
+    let pos = |i: usize| components.as_ref().map_or("", |c| ["  time", "  height", "  width"][c[i]]);
+    let head = if components.is_some() { "  position" } else { "" };
+    println!("{:>5}  {:>14}  {:>20}  {:>14}{head}", "pair", "inv_freq", "wavelength (tokens)", "/ plain RoPE");
     for (i, ((f, w), r)) in s.inv_freq.iter().zip(&wavelength).zip(&ratio).enumerate() {
-        println!("{i:>5}  {f:>14.6e}  {w:>20.2}  {r:>14.6}");
+        println!("{i:>5}  {f:>14.6e}  {w:>20.2}  {r:>14.6}{}", pos(i));
     }
     println!();
     println!("long-range decay: Σ_i cos(rel·θ_i) over the {} pairs", s.inv_freq.len());
