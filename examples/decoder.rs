@@ -138,6 +138,10 @@ fn run(a: &Args) -> Result<(), String> {
         "{}: hidden {}, {} query heads / {} KV heads, head_dim {}, rope {} (rotary {}, attention factor {:.4})",
         a.config, m.hidden, m.hq, m.hkv, m.d, s0.rope_type, s0.rotary_dim, s0.attention_factor
     );
+    if let Some(mr) = s0.mrope {
+        // A text-only prompt: every token's three positions are equal, where M-RoPE is RoPE.
+        println!("M-RoPE sections {:?}: a text-only prompt, so the in-kernel RoPE is exact (images: rope_inplace_mrope, then rope: None)", mr.sections);
+    }
     let mut kernels: Option<Box<dyn Kernels>> = None;
     if !a.force_cpu {
         match cuda::device_status() {

@@ -158,7 +158,7 @@ fn rope_mrope_matches_candle_nn_with_sectioned_tables() {
     let mut r = rng(6);
     let (t, hq, hk, d) = (9, 4, 2, 64);
     let rot = rotary(d, d, Layout::Half, RopeScaling::Default);
-    for m in [MRope { sections: [8, 12, 12], interleaved: false }, MRope { sections: [12, 10, 10], interleaved: true }] {
+    for m in [MRope { sections: [8, 12, 12], interleaved: false }, MRope { sections: [11, 11, 10], interleaved: true }] {
         let rows: Vec<Vec<i64>> = (0..3).map(|c| (0..t as i64).map(|i| if i < 3 { i } else { 3 + c * i + r.random_range(0..40) }).collect()).collect();
         let flat_rows: Vec<i64> = rows.concat();
         let pos = Tensor::from_vec(flat_rows, (3, t), &Device::Cpu).unwrap();

@@ -72,12 +72,13 @@ pub fn rope_positions(r: &mut StdRng, tokens: usize) -> Vec<i32> {
 }
 
 /// M-RoPE sections for a rotary dim: chunked in Qwen2-VL's proportions (1/4 time, 3/8 height,
-/// the rest width: [16, 24, 24] at 64 pairs) and interleaved in Qwen3-VL's ([24, 20, 20]).
+/// the rest width: [16, 24, 24] at 64 pairs) and interleaved in Qwen3.5's (11/32 height, 10/32
+/// width: [11, 11, 10] at 32 pairs), where height and width differ, so swapping them shows.
 pub fn mrope_cases(rot_dim: usize) -> [MRope; 2] {
     let pairs = rot_dim / 2;
     let (t, h) = (pairs / 4, 3 * pairs / 8);
-    let hw = 5 * pairs / 16;
-    [MRope { sections: [t, h, pairs - t - h], interleaved: false }, MRope { sections: [pairs - 2 * hw, hw, hw], interleaved: true }]
+    let (ih, iw) = (11 * pairs / 32, 10 * pairs / 32);
+    [MRope { sections: [t, h, pairs - t - h], interleaved: false }, MRope { sections: [pairs - ih - iw, ih, iw], interleaved: true }]
 }
 
 /// M-RoPE positions, three rows of `stride` ints (time, height, width): text tokens (three
