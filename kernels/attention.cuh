@@ -12,6 +12,23 @@ namespace ra {
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
+// The end of a softmax row: the denominator of its O (0: no visible key, O = 0) and its
+// natural-log LSE, from the row's sum l of exp2(s - m) over its visible keys and their max m
+// (log2 units). With `sink` (the row's result is final and sinks are on, params.cuh SinkArgs)
+// head h's learned sink joins the denominator; a split's partial leaves it to the combine.
+// Without it the values are exactly l and (m + log2 l)·ln 2, as before sinks existed. A row
+// with no visible key gets LSE -inf, or the sink's logit.
+struct RowEnd {
+    float den, lse;
+};
+__device__ __forceinline__ RowEnd row_end(float l, float m, const SinkArgs& sk, int h, bool final_row) {
+    if (!(final_row && sk.on)) return l > 0.f ? RowEnd{l, (m + log2f(l)) * LN2} : RowEnd{0.f, -INFINITY};
+    if (!(l > 0.f)) return RowEnd{0.f, sk.logit[h]};
+    const float s = sk.logit[h] * LOG2E;
+    const float top = fmaxf(m, s);  // the LSE stays finite however far the sink is from the scores
+    return RowEnd{l + exp2f(s - m), (top + log2f(l * exp2f(m - top) + exp2f(s - top))) * LN2};
+}
+
 
 // A sequence's rows, clamped to the totals the host validated, so that corrupt offsets can
 // never index outside the buffers.

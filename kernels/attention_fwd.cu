@@ -461,9 +461,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const int row = m0 + (mb * WARPS + warp) * 16 + g + rr * 8;
             if (row >= sb.seqlen_q) continue;
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            const float m_use = row_max[mb][rr] == -INFINITY ? 0.f : row_max[mb][rr];
-            const float lse = l > 0.f ? (m_use + log2f(l)) * LN2 : -INFINITY;
+            const RowEnd end = row_end(l, row_max[mb][rr], p.sink, h, splits == 1);
+            const float inv = end.den > 0.f ? 1.f / end.den : 0.f, lse = end.lse;
             const long long tok = sb.q_start + row;
             if (splits > 1) {  // f32 partial of this split, for the combine
                 float* prow = p.part_out + (((long long)split * p.total_q + tok) * p.q_heads + h) * D;
@@ -560,13 +559,14 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
         mx = m_new;
     }
     float* orow = static_cast<float*>(p.out) + (long long)(sb.q_start + m) * p.o_row_stride + (long long)h * D;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const RowEnd end = row_end(sum, mx, p.sink, h, true);
+    const float inv = end.den > 0.f ? 1.f / end.den : 0.f;
 #pragma unroll
     for (int x = 0; x < ROW_MAXC; ++x) {
         const int c = lane + 32 * x;
         if (c < D) orow[c] = o[x] * inv;
     }
-    if (lane == 0) p.lse[(long long)h * p.total_q + sb.q_start + m] = sum > 0.f ? (mx + log2f(sum)) * LN2 : -INFINITY;
+    if (lane == 0) p.lse[(long long)h * p.total_q + sb.q_start + m] = end.lse;
 }
 
 }  // namespace ra

@@ -251,17 +251,18 @@ __device__ __forceinline__ void store_decode_rows(const DecodeParams& p, const f
             sum += Wl[w * R + x] * f;
             acc += Wo[(w * R + x) * D + c] * f;
         }
-        const float val = sum > 0.f ? acc / sum : 0.f;
         const int h = rw.head(x), tok = b * p.queries + rw.query(x);
+        // One split: the result is final, and a learned sink joins its denominator.
+        const RowEnd end = row_end(sum, mx, p.sink, h, p.splits == 1);
+        const float val = end.den > 0.f ? acc / end.den : 0.f;
         if (p.splits == 1) {
             static_cast<T*>(p.out)[(long long)tok * p.o_row_stride + (long long)h * D + c] = from_f32<T>(val);
         } else {
             p.part_out[(((long long)split * tokens + tok) * p.q_heads + h) * D + c] = val;
         }
         if (c == 0) {
-            const float lse = sum > 0.f ? (m_use + log2f(sum)) * LN2 : -INFINITY;
-            if (p.splits == 1) p.lse[(long long)h * tokens + tok] = lse;
-            else p.part_lse[((long long)split * p.q_heads + h) * tokens + tok] = lse;
+            if (p.splits == 1) p.lse[(long long)h * tokens + tok] = end.lse;
+            else p.part_lse[((long long)split * p.q_heads + h) * tokens + tok] = end.lse;
         }
     }
 }

@@ -32,14 +32,19 @@ __device__ void merge_body(const MergeParams& p) {
 }
 
 
+// The splits' partials (each without the learned sink) into the final row, the sink (if any)
+// joining the denominator once, as a split with no value: O = Σ_s e^lse_s O_s / (Σ_s e^lse_s + e^sink).
 template <typename T>
 __device__ void combine_splits_body(const SplitsParams& p) {
     const int tok = blockIdx.x, h = blockIdx.y;
-    float m = -INFINITY;
+    const float sink = p.sink.on ? p.sink.logit[h] : -INFINITY;
+    float m = sink;
     for (int s = 0; s < p.splits; ++s) m = fmaxf(m, p.part_lse[((long long)s * p.heads + h) * p.tokens + tok]);
     float total = 0.f;
-    if (m != -INFINITY)
+    if (m != -INFINITY) {
         for (int s = 0; s < p.splits; ++s) total += expf(p.part_lse[((long long)s * p.heads + h) * p.tokens + tok] - m);
+        if (p.sink.on) total += expf(sink - m);
+    }
     T* orow = static_cast<T*>(p.out) + (long long)tok * p.o_row_stride + (long long)h * p.head_dim;
     for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
         float acc = 0.f;

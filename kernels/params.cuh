@@ -6,6 +6,19 @@
 
 namespace ra {
 
+#define RA_MAX_SINK_HEADS 128
+
+// Learned attention sinks (GPT-OSS's `sinks`): one logit per query head of the launch, in the
+// units of the scaled score S. A row's softmax takes e^logit into its denominator and nothing
+// into O: O = Σ_j e^S_j V_j / (Σ_j e^S_j + e^logit), LSE = log(Σ_j e^S_j + e^logit).
+// Applied once, where a row's result is final (attention.cuh, row_end; merge.cu's combine for
+// split keys). Mirrored by `SinkArgs` in src/cuda/params.rs.
+struct SinkArgs {
+    float logit[RA_MAX_SINK_HEADS];
+    int on;  // 0: no sinks (logit unused)
+    int pad_;
+};
+
 // Mirrored by `RopeParams` in src/cuda/params.rs.
 struct RopeParams {
     RopeArgs rope;
@@ -84,6 +97,7 @@ struct AttnParams {
     int splits, keys_per_split, gather_rows;
     float* part_out;
     float* part_lse;
+    SinkArgs sink;
 };
 
 // Mirrored by `DecodeParams` in src/cuda/params.rs.
@@ -105,6 +119,7 @@ struct DecodeParams {
     // Tiles per exact base of the 16-bit kernel's key rotations, per warp (1, 4 or 8: the
     // launcher's choice, see attention_decode_mma.cu); the f32 kernel ignores it.
     int base_steps;
+    SinkArgs sink;
 };
 
 // Mirrored by `AppendParams` in src/cuda/params.rs. vLLM's slot mapping: token t goes to slot
@@ -139,6 +154,7 @@ struct SplitsParams {
     float* lse;
     long long o_row_stride;
     int splits, tokens, heads, head_dim;
+    SinkArgs sink;
 };
 
 }  // namespace ra

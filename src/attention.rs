@@ -123,6 +123,12 @@ pub struct AttentionParams {
     pub relative: Relative,
     /// ALiBi bias, if any.
     pub alibi: Option<Alibi>,
+    /// Learned attention sinks (GPT-OSS's `sinks`), one logit per local query head in the
+    /// units of the scaled score: each row's softmax takes `e^logit` into its denominator and
+    /// nothing into O, so `O = Σ e^S V / (Σ e^S + e^logit)` and the LSE includes the sink. Not
+    /// the StreamingLLM sink *tokens* of [`Mask::sinks`]. The GPU kernels take up to 128 query
+    /// heads per launch with sinks.
+    pub sink_logits: Option<Vec<f64>>,
 }
 
 impl AttentionParams {
@@ -137,6 +143,7 @@ impl AttentionParams {
             rope: None,
             relative: Relative::None,
             alibi: None,
+            sink_logits: None,
         }
     }
 
@@ -185,6 +192,15 @@ impl AttentionParams {
         if let Some(w) = self.mask.window {
             if w == 0 {
                 return Err(Error::Parameter { name: "window", value: 0.0, reason: "must be >= 1" });
+            }
+        }
+        if let Some(s) = &self.sink_logits {
+            if s.len() != self.num_q_heads {
+                return Err(Error::Shape { what: "sink_logits", expected: format!("[{}] (one per query head)", self.num_q_heads), got: format!("[{}]", s.len()) });
+            }
+            // Finite in f32 too: the kernels take them as f32.
+            if let Some(&v) = s.iter().find(|v| !(v.is_finite() && v.abs() < f32::MAX as f64)) {
+                return Err(Error::Parameter { name: "sink_logits", value: v, reason: "must be finite" });
             }
         }
         if let Some(a) = self.alibi {

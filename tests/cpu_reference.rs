@@ -514,6 +514,15 @@ fn merge_of_disjoint_key_sets_is_attention_over_all_keys() {
             let (o, l) = reference::merge(&a.out, &a.lse, &b.out, &b.lse, hq, d).unwrap();
             assert_close(pr.label, &o, &full.out, 1e-12);
             assert_close(pr.label, &l, &full.lse, 1e-12);
+            // Learned sinks (README, multi-GPU recipes): given to exactly one side, counted once.
+            let mut ps = pr.p.clone();
+            ps.sink_logits = Some((0..hq).map(|h| h as f64 * 0.7 - 1.0).collect());
+            let full_s = reference::attention(&q, &k, &v, &pr.qp, &pr.kp, &ps).unwrap();
+            let a_s = reference::attention(&q, &k1, &v1, &pr.qp, &kp1, &ps).unwrap();
+            let (o, l) = reference::merge(&a_s.out, &a_s.lse, &b.out, &b.lse, hq, d).unwrap();
+            assert_close(pr.label, &o, &full_s.out, 1e-12);
+            assert_close(pr.label, &l, &full_s.lse, 1e-12);
+            assert!(full_s.lse.iter().zip(&full.lse).all(|(s, n)| s > n), "{}: a sink adds to every denominator", pr.label);
         }
     }
     // Both sides empty: O = 0, lse = -inf.

@@ -66,6 +66,74 @@ fn emulated_prefill_matches_reference_f32() {
     assert_eq!(sweep::<f32>(300), 40);
 }
 
+/// Learned sinks (GPT-OSS) at their edges, every prefill kernel (fused, pre-rotated wide, the f32
+/// rows kernel): a sink far below every score changes nothing, to the bit; one far above them
+/// (e^120 overflows f32) leaves O = 0 and the LSE at the sink; a row that sees no key gets O = 0
+/// and LSE = its sink's logit exactly; in between, checked mode against the f64 reference.
+#[test]
+fn emulated_prefill_learned_sink_edges() {
+    fn go<T: Dtype>(emu: &Emulator, ws: bool) {
+        let (hq, hkv, d) = (4usize, 2usize, 64usize);
+        let (seq_q, seq_k) = ([12usize, 70], [5usize, 70]); // sequence 0: 7 queries see no key
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(schedules(d, d).remove(0).1);
+        let mut r = rng(77);
+        let (cq, ck) = (cu_seqlens(&seq_q), cu_seqlens(&seq_k));
+        let (tq, tk) = (82, 75);
+        let batch = AttentionBatch::contiguous(&p, 2, 70, tq, tk);
+        let q = as_dtype::<T>(&uniform(&mut r, tq * hq * d)).0;
+        let k = as_dtype::<T>(&uniform(&mut r, tk * hkv * d)).0;
+        let v = as_dtype::<T>(&uniform(&mut r, tk * hkv * d)).0;
+        let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: None };
+        let run = |p: &AttentionParams| {
+            let (mut out, mut lse) = (vec![T::default(); tq * hq * d], vec![0f32; hq * tq]);
+            let mut w = vec![T::default(); attention_fwd_workspace_len(p, tk)];
+            let (_, rep) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &batch, p, ws.then_some(&mut w[..])).unwrap();
+            assert!(rep.passed(), "{} ws={ws}: {rep:?}", T::NAME);
+            (out, lse)
+        };
+        let (o0, l0) = run(&p);
+        let sinks = [-1000.0, 0.5, 120.0, 3.0];
+        p.sink_logits = Some(sinks.to_vec());
+        let (o1, l1) = run(&p);
+        for t in 0..tq {
+            let masked = t < 7;
+            for (h, &s) in sinks.iter().enumerate() {
+                let (o, o_none) = (&o1[(t * hq + h) * d..(t * hq + h + 1) * d], &o0[(t * hq + h) * d..(t * hq + h + 1) * d]);
+                let lse = l1[h * tq + t];
+                if masked {
+                    assert!(o.iter().all(|x| x.to_f64() == 0.0) && lse == s as f32, "row {t} head {h}: lse {lse}");
+                } else if h == 0 {
+                    assert!(o.iter().zip(o_none).all(|(a, b)| a.to_f64() == b.to_f64()) && lse == l0[h * tq + t], "row {t}: a -1000 sink moved the row");
+                } else if h == 2 {
+                    assert!(o.iter().all(|x| x.to_f64() == 0.0) && (lse - 120.0).abs() < 1e-4, "row {t}: O {:?}, lse {lse}", o[0].to_f64());
+                }
+            }
+        }
+    }
+    let emu = emulator(78);
+    go::<bf16>(&emu, false);
+    go::<f16>(&emu, true);
+    go::<f32>(&emu, true);
+}
+
+/// The kernels take learned sinks for at most 128 query heads per launch: more is a typed error
+/// before any launch (the reference has no such limit).
+#[test]
+fn emulated_learned_sinks_past_128_heads_are_refused() {
+    let (hq, d) = (136usize, 64usize);
+    let mut p = AttentionParams::new(hq, 8, d);
+    p.sink_logits = Some(vec![0.0; hq]);
+    let batch = AttentionBatch::contiguous(&p, 1, 1, 1, 1);
+    let (q, kv) = (vec![bf16::ZERO; hq * d], vec![bf16::ZERO; 8 * d]);
+    let cu = [0, 1];
+    let x = FwdInputs { q: &q, k: &kv, v: &kv, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
+    let (mut out, mut lse) = (vec![bf16::ZERO; hq * d], vec![0f32; hq]);
+    let e = emulator(0).attention_fwd(&x, &mut out, &mut lse, &batch, &p, None).unwrap_err();
+    assert!(matches!(e, rope_attn::Error::Shape { what: "sink_logits", .. }), "{e}");
+    assert!(lse.iter().all(|&l| l == 0.0), "nothing launched");
+}
+
 /// No position encoding, and plain RoPE through both paths, over a few hundred keys; then 4096
 /// tokens (64 query tiles, many rescalings of the online softmax) with RoPE and ALiBi, fused.
 #[test]

@@ -363,6 +363,39 @@ fn rotate_matches_apply_rotary_pos_emb() {
     assert_eq!(partial, 1, "one partial-rotary (GPT-NeoX) case");
 }
 
+/// GPT-OSS's learned sinks: the reference (YaRN from the config.json as rope-attn parses it,
+/// `sink_logits`, a sliding window) against transformers' gpt_oss attention in float64.
+#[test]
+fn attention_with_learned_sinks_matches_gpt_oss() {
+    let f = fixtures();
+    let cases = cases(&f, "sink_attention");
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+        let pos = i64s(&case["positions"]);
+        let cfg = RopeConfig::from_hf_config_json(&config_text(case["config"].as_str().unwrap(), &Value::Null)).unwrap();
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(Rotary::from_schedule(&cfg.schedule(None).unwrap(), Layout::Half));
+        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: 0 };
+        let exact = |key| exact_f64s("sink_attention", idx, key);
+        p.sink_logits = Some(exact("sinks"));
+        let o = reference::attention(&exact("q"), &exact("k"), &exact("v"), &pos, &pos, &p).unwrap();
+        // YaRN's frequencies agree with transformers' to a few ulps; at positions < 16 that moves
+        // no angle by more than ~1e-14.
+        for (what, got, want) in [("out", &o.out, exact("out")), ("lse", &o.lse, exact("lse"))] {
+            assert_eq!(got.len(), want.len(), "{label} {what}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-12, "{label}: {what}[{i}] {g} vs transformers {w}");
+            }
+        }
+        // The sinks matter here: without them the answer moves.
+        p.sink_logits = None;
+        let none = reference::attention(&exact("q"), &exact("k"), &exact("v"), &pos, &pos, &p).unwrap();
+        assert!(none.out.iter().zip(&o.out).any(|(a, b)| (a - b).abs() > 1e-3), "{label}");
+    }
+    assert_eq!(cases.len(), 1, "sink attention cases");
+}
+
 #[test]
 fn attention_matches_torch_softmax_over_transformers_rope() {
     let f = fixtures();

@@ -191,3 +191,18 @@ fn decode_plans_and_errors() {
     assert_eq!(rope_attn::cuda::decode_splits(&p, &one_seq, 132), 16);
     assert_eq!(rope_attn::cuda::decode_splits(&pw, &one_seq, 132), 4);
 }
+
+/// Learned sinks: one finite logit per query head (f32-representable), at most 128 heads per
+/// GPU launch; refused before any launch.
+#[test]
+fn learned_sinks_are_validated() {
+    let mut p = rope_attn::AttentionParams::new(4, 2, 64);
+    p.sink_logits = Some(vec![0.0; 3]);
+    assert!(matches!(p.validate(), Err(Error::Shape { what: "sink_logits", .. })));
+    for bad in [f64::NAN, f64::INFINITY, 1e39] {
+        p.sink_logits = Some(vec![0.0, bad, 0.0, 0.0]);
+        assert!(matches!(p.validate(), Err(Error::Parameter { name: "sink_logits", .. })), "{bad}");
+    }
+    p.sink_logits = Some(vec![-2.0, 0.0, 1.5, 30.0]);
+    p.validate().unwrap();
+}

@@ -19,6 +19,10 @@ int main() {
     FIELD(RopeArgs, relative);
     FIELD(RopeArgs, window);
     FIELD(RopeArgs, pad_);
+    SIZE(SinkArgs);
+    FIELD(SinkArgs, logit);
+    FIELD(SinkArgs, on);
+    FIELD(SinkArgs, pad_);
     SIZE(RopeParams);
     FIELD(RopeParams, rope);
     FIELD(RopeParams, q_in);
@@ -111,6 +115,7 @@ int main() {
     FIELD(AttnParams, gather_rows);
     FIELD(AttnParams, part_out);
     FIELD(AttnParams, part_lse);
+    FIELD(AttnParams, sink);
     SIZE(DecodeParams);
     FIELD(DecodeParams, rope);
     FIELD(DecodeParams, q);
@@ -141,6 +146,7 @@ int main() {
     FIELD(DecodeParams, alibi_head_offset);
     FIELD(DecodeParams, scale_log2);
     FIELD(DecodeParams, base_steps);
+    FIELD(DecodeParams, sink);
     SIZE(AppendParams);
     FIELD(AppendParams, k);
     FIELD(AppendParams, v);
@@ -174,5 +180,6 @@ int main() {
     FIELD(SplitsParams, tokens);
     FIELD(SplitsParams, heads);
     FIELD(SplitsParams, head_dim);
+    FIELD(SplitsParams, sink);
     return 0;
 }

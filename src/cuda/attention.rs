@@ -265,6 +265,7 @@ pub(crate) fn attn_params_base(c: Common, p: &AttentionParams, batch: usize, max
         gather_rows: 0,
         part_out: 0,
         part_lse: 0,
+        sink: c.sink,
     }
 }
 

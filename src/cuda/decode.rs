@@ -4,7 +4,7 @@ use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
-use super::params::{to_i32, AppendParams, DecodeParams, SplitsParams};
+use super::params::{to_i32, AppendParams, DecodeParams, SinkArgs, SplitsParams};
 use super::scores::{check_rows, common, gather_rows};
 use crate::attention::{AttentionParams, Layout, Relative};
 use crate::error::{Error, Result};
@@ -469,6 +469,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         alibi_head_offset: c.alibi_head_offset,
         scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
         base_steps: steps as i32,
+        sink: c.sink,
     };
     // Buffers were checked against the cache geometry and batch; the kernel clamps context
     // lengths and block-table entries into the pool.
@@ -487,7 +488,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         params,
     })?;
     // The partials were sized by decode_workspace_len.
-    launch_combine::<T, _>(be, wp, op, lp, batch.o_row_stride, splits, tokens, hq, d)
+    launch_combine::<T, _>(be, wp, op, lp, batch.o_row_stride, splits, tokens, hq, d, c.sink)
 }
 
 /// The device address of a split-K workspace (0 when one split needs none), and the guard that
@@ -530,6 +531,7 @@ pub(crate) fn launch_combine<T: Dtype, B: Backend>(
     tokens: usize,
     heads: usize,
     d: usize,
+    sink: SinkArgs,
 ) -> Result<()> {
     if splits <= 1 {
         return Ok(());
@@ -545,6 +547,7 @@ pub(crate) fn launch_combine<T: Dtype, B: Backend>(
         tokens: tokens as i32,
         heads: heads as i32,
         head_dim: d as i32,
+        sink,
     };
     let grid = (tokens as u32, heads as u32, 1);
     be.run(&Launch { module: Module::Merge, name: format!("combine_splits_{}", T::NAME), grid, threads: 128, smem: 0, params })

@@ -1,7 +1,7 @@
 //! `#[repr(C)]` mirrors of the kernels' parameter structs, passed by value (FlashAttention's
 //! one-struct-per-kernel style). Field order and types must match the `.cu`/`.cuh` files.
 
-use crate::attention::{Layout, Relative, Rotary};
+use crate::attention::{AttentionParams, Layout, Relative, Rotary};
 use crate::error::{Error, Result};
 use cudarc::driver::DeviceRepr;
 
@@ -79,6 +79,39 @@ impl RopeArgs {
 
 fn window_i32(w: usize) -> Result<i32> {
     i32::try_from(w).map_err(|_| Error::Position { what: "rerope window", value: w as i64, limit: i32::MAX as i64 })
+}
+
+/// Largest number of query heads per launch that learned sinks take (kernels/params.cuh).
+pub const MAX_SINK_HEADS: usize = 128;
+
+/// Mirror of `ra::SinkArgs` (kernels/params.cuh): learned sink logits per query head.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct SinkArgs {
+    pub logit: [f32; MAX_SINK_HEADS],
+    pub on: i32,
+    pub pad_: i32,
+}
+
+impl SinkArgs {
+    /// From a validated [`AttentionParams::sink_logits`] (off when `None`).
+    pub(crate) fn new(p: &AttentionParams) -> Result<Self> {
+        let mut a = SinkArgs { logit: [0.0; MAX_SINK_HEADS], on: 0, pad_: 0 };
+        if let Some(s) = &p.sink_logits {
+            if s.len() > MAX_SINK_HEADS {
+                return Err(Error::Shape {
+                    what: "sink_logits",
+                    expected: format!("at most {MAX_SINK_HEADS} query heads per launch"),
+                    got: s.len().to_string(),
+                });
+            }
+            for (a, &v) in a.logit.iter_mut().zip(s) {
+                *a = v as f32;
+            }
+            a.on = 1;
+        }
+        Ok(a)
+    }
 }
 
 /// Mirror of `ra::RopeParams` (kernels/rope.cu).
@@ -186,6 +219,7 @@ pub(crate) struct AttnParams {
     pub gather_rows: i32,
     pub part_out: u64,
     pub part_lse: u64,
+    pub sink: SinkArgs,
 }
 
 /// Mirror of `ra::DecodeParams` (kernels/attention_decode.cu).
@@ -221,6 +255,7 @@ pub(crate) struct DecodeParams {
     pub alibi_head_offset: i32,
     pub scale_log2: f32,
     pub base_steps: i32,
+    pub sink: SinkArgs,
 }
 
 /// Mirror of `ra::AppendParams` (kernels/attention_decode.cu).
@@ -269,6 +304,7 @@ pub(crate) struct SplitsParams {
     pub tokens: i32,
     pub heads: i32,
     pub head_dim: i32,
+    pub sink: SinkArgs,
 }
 
 // SAFETY: plain-old-data structs whose layout matches the CUDA side field for field.
@@ -296,12 +332,13 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
         };
     }
     check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, pad_);
+    check!(SinkArgs; logit, on, pad_);
     check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq, block_table, context_lens, v_in, v_out, page_size, max_pages, num_pages, gather_rows, mrope, mrope_h, mrope_w, mrope_stride);
     check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale);
-    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse);
-    check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps);
+    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse, sink);
+    check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps, sink);
     check!(AppendParams; k, v, k_cache, v_cache, slots, k_row_stride, v_row_stride, tokens, kv_heads, head_dim, num_slots);
     check!(MergeParams; o1, lse1, o2, lse2, out, lse_out, tokens, heads, head_dim, pad_);
-    check!(SplitsParams; part_out, part_lse, out, lse, o_row_stride, splits, tokens, heads, head_dim);
+    check!(SplitsParams; part_out, part_lse, out, lse, o_row_stride, splits, tokens, heads, head_dim, sink);
     out
 }

@@ -4,7 +4,7 @@ use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
-use super::params::{to_i32, RopeArgs, ScoresParams};
+use super::params::{to_i32, RopeArgs, ScoresParams, SinkArgs};
 use super::SUPPORTED_HEAD_DIMS;
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
@@ -91,6 +91,7 @@ pub(crate) struct Common {
     pub alibi_total_heads: i32,
     pub alibi_head_offset: i32,
     pub scale: f32,
+    pub sink: SinkArgs,
 }
 
 pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
@@ -105,6 +106,7 @@ pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
         alibi_total_heads: to_i32("alibi total_heads", total)?,
         alibi_head_offset: to_i32("alibi head_offset", offset)?,
         scale: p.softmax_scale() as f32,
+        sink: SinkArgs::new(p)?,
     })
 }
 

@@ -6,7 +6,7 @@ use crate::attention::AttentionParams;
 use crate::error::Result;
 
 /// Attention output `[Nq, Hq, d]` and natural-log LSE `[Hq, Nq]` (`-inf` for fully masked rows,
-/// whose output is 0).
+/// whose output is 0; with learned sinks such a row's LSE is its head's sink logit).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionOutput {
     /// `[Nq, Hq, d]`.
@@ -45,8 +45,10 @@ pub fn attention(
         for (qi, &i) in q_pos.iter().enumerate() {
             row.clear();
             row.extend(k_pos.iter().enumerate().map(|(kj, &j)| ctx.score(h, qi, i, kj, j)));
-            let Some(max) = row.iter().flatten().copied().reduce(f64::max) else { continue };
-            let sum: f64 = row.iter().flatten().map(|s| (s - max).exp()).sum();
+            // A learned sink joins the denominator with no value (SinkArgs in kernels/params.cuh).
+            let sink = p.sink_logits.as_ref().map(|s| s[h]);
+            let Some(max) = row.iter().flatten().copied().chain(sink).reduce(f64::max) else { continue };
+            let sum: f64 = row.iter().flatten().chain(sink.iter()).map(|s| (s - max).exp()).sum();
             lse[h * nq + qi] = max + sum.ln();
             let o = &mut out[(qi * hq + h) * d..(qi * hq + h + 1) * d];
             for (kj, s) in row.iter().enumerate() {

@@ -157,8 +157,18 @@ pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: S
         (_, Scale::Gpu) => (vec![40, 129], vec![30, 129]),
         (_, Scale::Emulator) => (vec![40, 9], vec![30, 9]),
     };
+    learned_sinks(&mut p, case);
     let workspace = p.relative != Relative::None || f32_path || case % 2 == 1;
     PrefillCase { p, seq_q, seq_k, workspace }
+}
+
+/// Learned attention sinks (GPT-OSS) on two cases in five, so that they meet every dtype,
+/// head dim, mask, split count and fully masked rows: logits from -3 to 6 (scores here are of
+/// order 1, so the larger ones take most of a row's mass and the smaller ones little).
+pub fn learned_sinks(p: &mut AttentionParams, case: usize) {
+    if case % 5 == 2 || case % 5 == 4 {
+        p.sink_logits = Some((0..p.num_q_heads).map(|h| ((h * 7 + case) % 10) as f64 - 3.0).collect());
+    }
 }
 
 /// A decode case: 1, 4 or 16 queries per sequence (speculative decoding), GQA up to 8, ReRoPE /
@@ -181,6 +191,7 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
     if case % 2 == 1 {
         p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
     }
+    learned_sinks(&mut p, case);
     let ctx = match scale {
         Scale::Gpu => [queries, 300, 1000 + case],
         Scale::Emulator => [queries, 100, 150 + case],
