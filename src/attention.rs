@@ -127,7 +127,7 @@ pub struct AttentionParams {
     /// units of the scaled score: each row's softmax takes `e^logit` into its denominator and
     /// nothing into O, so `O = Σ e^S V / (Σ e^S + e^logit)` and the LSE includes the sink. Not
     /// the StreamingLLM sink *tokens* of [`Mask::sinks`]. The GPU kernels take up to 128 query
-    /// heads per launch with sinks.
+    /// heads per launch with sinks; the scores kernel (raw scores, no softmax) ignores them.
     pub sink_logits: Option<Vec<f64>>,
 }
 

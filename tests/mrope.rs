@@ -30,8 +30,8 @@ fn chunked_as_transformers(sections: [usize; 3]) -> Vec<usize> {
 fn interleaved_as_transformers(sections: [usize; 3]) -> Vec<usize> {
     let pairs: usize = sections.iter().sum();
     let mut cols = vec![0; pairs];
-    for dim in 1..=2 {
-        for idx in (dim..(3 * sections[dim]).min(pairs)).step_by(3) {
+    for (dim, &n) in sections.iter().enumerate().skip(1) {
+        for idx in (dim..(3 * n).min(pairs)).step_by(3) {
             cols[idx] = dim;
         }
     }
