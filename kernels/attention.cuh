@@ -77,11 +77,12 @@ __device__ __forceinline__ void copy_rows_async(T* s, int valid, RowPtr row_ptr)
 }
 
 // Score of query position i and key position j, in log2 units, before masking: the near or
-// far dot product (ReRoPE), scaled, plus the ALiBi bias (slope_log2 = slope·log2(e); 0 = none).
+// far dot product (ReRoPE), scaled (and soft-capped), plus the ALiBi bias (slope_log2 =
+// slope·log2(e); 0 = none).
 __device__ __forceinline__ float score_log2(const RopeArgs& r, float scale_log2, float near, float far, int i, int j,
-                                            float slope_log2) {
+                                            float slope_log2, float cap_in, float cap_out) {
     const bool use_far = r.relative != REL_NONE && r.rotary_dim > 0 && i - j >= r.window;
-    float s = (use_far ? far : near) * scale_log2;
+    float s = capped(use_far ? far : near, scale_log2, cap_in, cap_out);
     if (slope_log2 != 0.f) s += alibi_bias(slope_log2, i, j);
     return s;
 }

@@ -203,9 +203,9 @@ __device__ void decode_body(const DecodeParams& p) {
         if (more) cp_async_wait<1>();  // this lane's copies of tile n landed ...
         else cp_async_wait<0>();
         __syncwarp();  // ... and every lane's; the bases are written
-        // Whole tile seen by every row, no ALiBi, no ReRoPE (the common decode step): scores
-        // need no per-key mask or bias.
-        const bool plain = !rel && p.alibi_total_heads == 0 && vk == BT &&
+        // Whole tile seen by every row, no ALiBi, no ReRoPE, no soft-capping (the common decode
+        // step): scores need no per-key mask or bias.
+        const bool plain = !rel && p.alibi_total_heads == 0 && p.cap_in == 0.f && vk == BT &&
                            tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
         const T* Kt = Kst + buf * BT * D;
         const T* Vt = Vst + buf * BT * D;
@@ -275,7 +275,7 @@ __device__ void decode_body(const DecodeParams& p) {
                 } else {
                     const int i = ipos[x], j = j0 + t;
                     const bool seen = x < rows && t < vk && visible(mask, i, j);
-                    dn[x] = seen ? score_log2(ra, p.scale_log2, dn[x], df[x], i, j, slope[x]) : -INFINITY;
+                    dn[x] = seen ? score_log2(ra, p.scale_log2, dn[x], df[x], i, j, slope[x], p.cap_in, p.cap_out) : -INFINITY;
                 }
             }
             if (g == 0) *reinterpret_cast<float4*>(Sc + t * R) = make_float4(dn[0], dn[1], dn[2], dn[3]);

@@ -407,7 +407,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                             x = fmaf(s[nt][c], p.scale_log2, slope[rr] * static_cast<float>(j0 + u - ipos[rr]));
                         } else {
                             const int i = ipos[rr], j = j0 + u;
-                            x = u < vk && visible(mask, i, j) ? score_log2(ra, p.scale_log2, s[nt][c], sf[nt][c], i, j, slope[rr])
+                            x = u < vk && visible(mask, i, j) ? score_log2(ra, p.scale_log2, s[nt][c], sf[nt][c], i, j, slope[rr], p.cap_in, p.cap_out)
                                                               : -INFINITY;
                         }
                         s[nt][c] = x;
@@ -438,7 +438,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                     for (int c = 0; c < 4; ++c) o[d][c] *= alpha[c / 2];
             }
         };
-        const bool whole = !rel && vk == BT && tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
+        // Soft-capped scores are not linear in the dot product: the generic form for every tile.
+        const bool whole = !rel && p.cap_in == 0.f && vk == BT && tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
 #ifdef RA_PROBE_DECODE
         softmax(DecKind<1>{});
 #else

@@ -366,8 +366,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                                                              : -INFINITY;
                             } else if constexpr (KIND == SM_GENERIC) {
                                 const int j = kp + j0 + nt * 8 + 2 * t + (c & 1);
-                                if constexpr (FULL) x = score_log2(p.rope, p.scale_log2, x, sf[mb][nt][c], i, j, slope_log2);
-                                else x = x * p.scale_log2 + alibi_bias(slope_log2, i, j);
+                                if constexpr (FULL) x = score_log2(p.rope, p.scale_log2, x, sf[mb][nt][c], i, j, slope_log2, p.cap_in, p.cap_out);
+                                else x = capped(x, p.scale_log2, p.cap_in, p.cap_out) + alibi_bias(slope_log2, i, j);
                                 if (!full && (j >= kp + j0 + vk || !visible(mask, i, j))) x = -INFINITY;
                             }
                             s[mb][nt][c] = x;
@@ -411,9 +411,11 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 #ifdef RA_PROBE_SOFTMAX  // static analysis only (scripts/sass-loops.py -D): one form, to count its loop
         softmax(Kind<RA_PROBE_SOFTMAX>{});
 #else
-        if (full && !rel && slope_log2 == 0.f && p.scale_log2 > 0.f) softmax(Kind<SM_PLAIN>{});
-        else if (full && !rel && slope_log2 != 0.f && (below || above)) softmax(Kind<SM_LINEAR>{});
-        else if (edge_ok) softmax(Kind<SM_EDGE>{});
+        // Soft-capped scores are not linear in the dot product: the generic form for every tile.
+        const bool lin = p.cap_in == 0.f;
+        if (lin && full && !rel && slope_log2 == 0.f && p.scale_log2 > 0.f) softmax(Kind<SM_PLAIN>{});
+        else if (lin && full && !rel && slope_log2 != 0.f && (below || above)) softmax(Kind<SM_LINEAR>{});
+        else if (lin && edge_ok) softmax(Kind<SM_EDGE>{});
         else softmax(Kind<SM_GENERIC>{});
 #endif
 
@@ -547,7 +549,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
             dn += __shfl_xor_sync(0xffffffffu, dn, off);
             df += __shfl_xor_sync(0xffffffffu, df, off);
         }
-        const float s = score_log2(p.rope, p.scale_log2, dn, df, i, sb.k_pos0 + j, slope_log2);
+        const float s = score_log2(p.rope, p.scale_log2, dn, df, i, sb.k_pos0 + j, slope_log2, p.cap_in, p.cap_out);
         const float m_new = fmaxf(mx, s);
         const float alpha = exp2f(mx - m_new), w = exp2f(s - m_new);
         sum = sum * alpha + w;

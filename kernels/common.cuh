@@ -168,6 +168,26 @@ __device__ __forceinline__ float ex2(float x) {
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
+// tanh(x) = 1 - 2 / (2^(2x·log2 e) + 1): one MUFU.EX2 and an approximate reciprocal, within
+// 4e-7 absolute of tanh (the exponent's argument is rounded, and 1 - 2/(e + 1) cancels near 0:
+// relative accuracy is lost there, absolute is not). Saturates cleanly: e = +inf gives 1, e = 0
+// gives -1. (libdevice's tanhf made the f32 scores kernel spill on sm_90.)
+#ifdef RA_EMULATE
+inline float div_approx(float a, float b) { return a / b; }
+#else
+__device__ __forceinline__ float div_approx(float a, float b) { return __fdividef(a, b); }  // 2 ulp; 0 past 2^126
+#endif
+__device__ __forceinline__ float tanh_abs(float x) { return 1.f - div_approx(2.f, ex2(x * 2.8853900817779268f) + 1.f); }
+
+// Logit soft-capping (Gemma 2's attn_logit_softcapping, Grok's): the scaled score s = scale·q·k
+// becomes cap·tanh(s / cap), before ALiBi and the masks (FlashAttention's order). `cap_in` is
+// scale / cap and `cap_out` cap in the units wanted (cap·log2(e) for the log2 domain); with
+// cap_in = 0 the score is dot·scale, as without capping. The capped score is within
+// cap·4e-7 of cap·tanh (tanh_abs), which Tolerance::scores adds.
+__device__ __forceinline__ float capped(float dot, float scale, float cap_in, float cap_out) {
+    return cap_in > 0.f ? cap_out * tanh_abs(dot * cap_in) : dot * scale;
+}
+
 }  // namespace ra
 
 // One extern "C" symbol per dtype: NAME_f32, NAME_f16, NAME_bf16 (candle's convention).

@@ -61,6 +61,7 @@ struct ScoresParams {
     int causal, window, sinks;
     int alibi_total_heads, alibi_head_offset;  // total 0 = no ALiBi
     float scale;
+    float cap_in, cap_out;  // logit soft-capping (attention.cuh, capped): scale / cap and cap; cap_in 0 = none
 };
 
 // Mirrored by `AttnParams` in src/cuda/params.rs. Variable-length batch: sequence b's queries
@@ -98,6 +99,9 @@ struct AttnParams {
     float* part_out;
     float* part_lse;
     SinkArgs sink;
+    // Logit soft-capping (Gemma 2, Grok; attention.cuh, capped): scale / cap and cap·log2(e), so
+    // a score is cap_out·tanh(q·k·cap_in) in log2 units; cap_in = 0: none.
+    float cap_in, cap_out;
 };
 
 // Mirrored by `DecodeParams` in src/cuda/params.rs.
@@ -120,6 +124,7 @@ struct DecodeParams {
     // launcher's choice, see attention_decode_mma.cu); the f32 kernel ignores it.
     int base_steps;
     SinkArgs sink;
+    float cap_in, cap_out;  // logit soft-capping, as AttnParams
 };
 
 // Mirrored by `AppendParams` in src/cuda/params.rs. vLLM's slot mapping: token t goes to slot

@@ -33,7 +33,9 @@ __device__ __forceinline__ void emit_score(const ScoresParams& p, int h, int m0,
     const bool use_far = rel && i - j >= p.rope.window;
     if (use_far != (pass == 1)) return;
     float s = -INFINITY;
-    if (visible(mask, i, j)) s = p.scale * dot + (p.alibi_total_heads > 0 ? alibi_bias(slope, i, j) : 0.f);
+    // Branch-free capping (both values, then a select): a branch here made sm_90's ptxas spill.
+    const float t = p.cap_out * tanh_abs(dot * p.cap_in);
+    if (visible(mask, i, j)) s = (p.cap_in > 0.f ? t : p.scale * dot) + (p.alibi_total_heads > 0 ? alibi_bias(slope, i, j) : 0.f);
     p.out[((long long)h * p.nq + m0 + row) * p.nk + j] = s;
 }
 

@@ -129,6 +129,10 @@ pub struct AttentionParams {
     /// the StreamingLLM sink *tokens* of [`Mask::sinks`]. The GPU kernels take up to 128 query
     /// heads per launch with sinks; the scores kernel (raw scores, no softmax) ignores them.
     pub sink_logits: Option<Vec<f64>>,
+    /// Logit soft-capping (Gemma 2's `attn_logit_softcapping`, Grok's 30): each scaled score
+    /// `s = scale·q·k` becomes `cap·tanh(s / cap)`, before ALiBi and the masks (FlashAttention's
+    /// order). Every kernel then takes its generic, per-element softmax form.
+    pub softcap: Option<f64>,
 }
 
 impl AttentionParams {
@@ -144,6 +148,7 @@ impl AttentionParams {
             relative: Relative::None,
             alibi: None,
             sink_logits: None,
+            softcap: None,
         }
     }
 
@@ -192,6 +197,12 @@ impl AttentionParams {
         if let Some(w) = self.mask.window {
             if w == 0 {
                 return Err(Error::Parameter { name: "window", value: 0.0, reason: "must be >= 1" });
+            }
+        }
+        if let Some(c) = self.softcap {
+            // The kernels take scale / cap and cap as f32.
+            if !(c.is_finite() && c > 0.0 && c < f32::MAX as f64 && (self.softmax_scale() / c).is_normal()) {
+                return Err(Error::Parameter { name: "softcap", value: c, reason: "must be finite and > 0" });
             }
         }
         if let Some(s) = &self.sink_logits {

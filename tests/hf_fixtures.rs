@@ -396,6 +396,40 @@ fn attention_with_learned_sinks_matches_gpt_oss() {
     assert_eq!(cases.len(), 1, "sink attention cases");
 }
 
+/// Gemma 2's logit soft-capping: the reference (cap and scale as its config.json gives them)
+/// against transformers' gemma2 attention in float64, with scores large enough to bend.
+#[test]
+fn attention_with_softcap_matches_gemma2() {
+    let f = fixtures();
+    let cases = cases(&f, "softcap_attention");
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+        let cfg: Value = serde_json::from_str(&config_text(case["config"].as_str().unwrap(), &Value::Null)).unwrap();
+        let (cap, scalar) = (cfg["attn_logit_softcapping"].as_f64().unwrap(), cfg["query_pre_attn_scalar"].as_f64().unwrap());
+        assert_eq!((cap, 1.0 / scalar.sqrt()), (case["softcap"].as_f64().unwrap(), case["scale"].as_f64().unwrap()), "{label}");
+        let pos = i64s(&case["positions"]);
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(Rotary::from_schedule(&RopeSchedule::plain(case["rope_theta"].as_f64().unwrap(), d).unwrap(), Layout::Half));
+        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: 0 };
+        p.scale = Some(1.0 / scalar.sqrt());
+        p.softcap = Some(cap);
+        let exact = |key| exact_f64s("softcap_attention", idx, key);
+        let o = reference::attention(&exact("q"), &exact("k"), &exact("v"), &pos, &pos, &p).unwrap();
+        for (what, got, want) in [("out", &o.out, exact("out")), ("lse", &o.lse, exact("lse"))] {
+            assert_eq!(got.len(), want.len(), "{label} {what}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{label}: {what}[{i}] {g} vs transformers {w}");
+            }
+        }
+        // The cap matters here: without it the answer moves.
+        p.softcap = None;
+        let plain = reference::attention(&exact("q"), &exact("k"), &exact("v"), &pos, &pos, &p).unwrap();
+        assert!(plain.lse.iter().zip(&o.lse).any(|(a, b)| (a - b).abs() > 1.0), "{label}");
+    }
+    assert_eq!(cases.len(), 1, "soft-capping cases");
+}
+
 #[test]
 fn attention_matches_torch_softmax_over_transformers_rope() {
     let f = fixtures();

@@ -206,3 +206,15 @@ fn learned_sinks_are_validated() {
     p.sink_logits = Some(vec![-2.0, 0.0, 1.5, 30.0]);
     p.validate().unwrap();
 }
+
+/// Soft-capping: a finite cap > 0 whose scale / cap is a normal f32.
+#[test]
+fn softcap_is_validated() {
+    let mut p = rope_attn::AttentionParams::new(4, 2, 64);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300] {
+        p.softcap = Some(bad);
+        assert!(matches!(p.validate(), Err(Error::Parameter { name: "softcap", .. })), "{bad}");
+    }
+    p.softcap = Some(50.0);
+    p.validate().unwrap();
+}

@@ -74,6 +74,8 @@ int main() {
     FIELD(ScoresParams, alibi_total_heads);
     FIELD(ScoresParams, alibi_head_offset);
     FIELD(ScoresParams, scale);
+    FIELD(ScoresParams, cap_in);
+    FIELD(ScoresParams, cap_out);
     SIZE(AttnParams);
     FIELD(AttnParams, rope);
     FIELD(AttnParams, q);
@@ -116,6 +118,8 @@ int main() {
     FIELD(AttnParams, part_out);
     FIELD(AttnParams, part_lse);
     FIELD(AttnParams, sink);
+    FIELD(AttnParams, cap_in);
+    FIELD(AttnParams, cap_out);
     SIZE(DecodeParams);
     FIELD(DecodeParams, rope);
     FIELD(DecodeParams, q);
@@ -147,6 +151,8 @@ int main() {
     FIELD(DecodeParams, scale_log2);
     FIELD(DecodeParams, base_steps);
     FIELD(DecodeParams, sink);
+    FIELD(DecodeParams, cap_in);
+    FIELD(DecodeParams, cap_out);
     SIZE(AppendParams);
     FIELD(AppendParams, k);
     FIELD(AppendParams, v);

@@ -266,6 +266,8 @@ pub(crate) fn attn_params_base(c: Common, p: &AttentionParams, batch: usize, max
         part_out: 0,
         part_lse: 0,
         sink: c.sink,
+        cap_in: c.cap_in,
+        cap_out: c.cap_out_log2(),
     }
 }
 

@@ -27,12 +27,15 @@ impl Tolerance {
 
     /// Scores `scale·q'·k' + bias`: rotated Q and K are rounded to T before the f32-accumulated
     /// product (each product off by ~eps_T relative, adding up like a random walk over d terms,
-    /// bounded here with a factor 4 of room), plus the f32 angle error over the d terms.
+    /// bounded here with a factor 4 of room), plus the f32 angle error over the d terms. A
+    /// soft-capped score (tanh' <= 1 shrinks those errors) adds the kernels' tanh error,
+    /// cap·4e-7 (kernels/common.cuh, tanh_abs), doubled for room.
     pub fn scores<T: Dtype>(p: &AttentionParams, qmax: f64, kmax: f64) -> Self {
         let d = p.head_dim as f64;
         let af = p.rope.as_ref().map_or(1.0, |r| r.attention_factor.max(1.0));
         let qk = p.softmax_scale().abs() * af * af * qmax * kmax;
-        Tolerance { abs: qk * (4.0 * T::EPS * d.sqrt() + 2e-6 * d) + 1e-6, rel: F32_REL }
+        let cap = p.softcap.map_or(0.0, |c| c * 8e-7);
+        Tolerance { abs: qk * (4.0 * T::EPS * d.sqrt() + 2e-6 * d) + cap + 1e-6, rel: F32_REL }
     }
 
     /// Attention output and LSE. A score error δ moves softmax weights by ~δ relative, so O moves

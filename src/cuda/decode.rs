@@ -470,6 +470,8 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,
         base_steps: steps as i32,
         sink: c.sink,
+        cap_in: c.cap_in,
+        cap_out: c.cap_out_log2(),
     };
     // Buffers were checked against the cache geometry and batch; the kernel clamps context
     // lengths and block-table entries into the pool.

@@ -92,6 +92,9 @@ pub(crate) struct Common {
     pub alibi_head_offset: i32,
     pub scale: f32,
     pub sink: SinkArgs,
+    /// Soft-capping: scale / cap (0: none) and cap, natural units (the log2 kernels scale it).
+    pub cap_in: f32,
+    pub cap: f32,
 }
 
 pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
@@ -107,7 +110,16 @@ pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
         alibi_head_offset: to_i32("alibi head_offset", offset)?,
         scale: p.softmax_scale() as f32,
         sink: SinkArgs::new(p)?,
+        cap_in: p.softcap.map_or(0.0, |cap| (p.softmax_scale() / cap) as f32),
+        cap: p.softcap.unwrap_or(0.0) as f32,
     })
+}
+
+impl Common {
+    /// The log2-domain kernels' soft-cap output factor, cap·log2(e).
+    pub(crate) fn cap_out_log2(&self) -> f32 {
+        (self.cap as f64 * std::f64::consts::LOG2_E) as f32
+    }
 }
 
 /// Opt a kernel into more than 48 KB of dynamic shared memory when it needs it.
@@ -165,6 +177,8 @@ pub(crate) fn launch_scores<T: Dtype, B: Backend>(be: &B, [q, k, out]: [u64; 3],
         alibi_total_heads: c.alibi_total_heads,
         alibi_head_offset: c.alibi_head_offset,
         scale: c.scale,
+        cap_in: c.cap_in,
+        cap_out: c.cap,
     };
     be.run(&Launch {
         module: Module::Scores,

@@ -1,4 +1,5 @@
-//! Materialized scores `scale * q'·k' + ALiBi bias`, masked (SPEC §3-§5): the twin of
+//! Materialized scores `scale * q'·k' + ALiBi bias` (soft-capped first when asked), masked
+//! (SPEC §3-§5): the twin of
 //! `kernels/scores.cu`, and the inner loop of the attention reference.
 
 use super::check_len;
@@ -90,7 +91,10 @@ impl<'a> ScoreContext<'a> {
             _ => dot(&self.q_rot[qs..qs + d], &self.k_rot[ks..ks + d]),
         };
         let bias = self.slopes.get(h).map_or(0.0, |s| -s * (rel.unsigned_abs() as f64));
-        Some(self.scale * qk + bias)
+        let s = self.scale * qk;
+        // Soft-capping before the bias, as the kernels (and FlashAttention) apply it.
+        let s = p.softcap.map_or(s, |cap| cap * (s / cap).tanh());
+        Some(s + bias)
     }
 }
 

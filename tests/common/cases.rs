@@ -121,6 +121,7 @@ pub fn scores_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> (Attenti
     if case % 2 == 1 {
         p.alibi = Some(Alibi { total_heads: 4 * hq, head_offset: hq });
     }
+    soft_cap(&mut p, case);
     let shape = ScoresShape::contiguous(&p, nq, nk, off);
     (p, shape)
 }
@@ -158,8 +159,19 @@ pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: S
         (_, Scale::Emulator) => (vec![40, 9], vec![30, 9]),
     };
     learned_sinks(&mut p, case);
+    soft_cap(&mut p, case);
     let workspace = p.relative != Relative::None || f32_path || case % 2 == 1;
     PrefillCase { p, seq_q, seq_k, workspace }
+}
+
+/// Logit soft-capping (Gemma 2, Grok) on two cases in seven: a cap of 2 (unit inputs score up to
+/// about 2, so tanh bends them hard) and Grok's 30 (nearly linear here).
+pub fn soft_cap(p: &mut AttentionParams, case: usize) {
+    p.softcap = match case % 7 {
+        3 => Some(2.0),
+        5 => Some(30.0),
+        _ => None,
+    };
 }
 
 /// Learned attention sinks (GPT-OSS) on two cases in five, so that they meet every dtype,
@@ -192,6 +204,7 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
         p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
     }
     learned_sinks(&mut p, case);
+    soft_cap(&mut p, case);
     let ctx = match scale {
         Scale::Gpu => [queries, 300, 1000 + case],
         Scale::Emulator => [queries, 100, 150 + case],
