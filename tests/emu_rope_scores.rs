@@ -86,34 +86,22 @@ fn emulated_rope_into_matches_reference() {
     assert_eq!((q, k), (q0, k0), "rope_into must not touch its inputs");
 }
 
-/// M-RoPE: both section layouts over every head dim, full and half rotary, both pair layouts
-/// and YaRN's attention factor, every rope geometry (so every vector width), positions in rows
-/// of a stride longer than the tokens (poison past them).
+/// M-RoPE over common::cases::mrope_sweep_cases, positions in rows of a stride longer than
+/// the tokens (poison past them).
 fn mrope_sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
     let mut r = rng(seed);
     let mut cases = 0;
-    for &d in &HEAD_DIMS {
-        for &frac in &[1.0, 0.5] {
-            let rot_dim = ((d as f64 * frac) as usize) & !1;
-            let picked = schedules(d, rot_dim).into_iter().filter(|(n, _)| ["default", "default-interleaved", "yarn"].contains(n));
-            for (name, rot) in picked {
-                for (tokens, qh, kh, row, krow) in rope_layouts(d) {
-                    for m in mrope_cases(rot_dim) {
-                        let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
-                        let stride = tokens + 3;
-                        let positions = guard(&mrope_positions(&mut r, tokens, stride));
-                        let mut q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * row)).0);
-                        let mut k = guard(&as_dtype::<T>(&uniform(&mut r, tokens * krow)).0);
-                        let rep = emu
-                            .rope_inplace_mrope_checked(&mut q, &mut k, &positions, stride, &shape, &rot, &m)
-                            .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} {m:?} tokens={tokens} stride={row}: {e}", T::NAME));
-                        assert!(rep.count > 0);
-                        cases += 1;
-                    }
-                }
-            }
-        }
+    for c in mrope_sweep_cases() {
+        let (tokens, stride) = (c.shape.tokens, c.shape.tokens + 3);
+        let positions = guard(&mrope_positions(&mut r, tokens, stride));
+        let mut q = guard(&as_dtype::<T>(&uniform(&mut r, tokens * c.shape.q_row_stride)).0);
+        let mut k = guard(&as_dtype::<T>(&uniform(&mut r, tokens * c.shape.k_row_stride)).0);
+        let rep = emu
+            .rope_inplace_mrope_checked(&mut q, &mut k, &positions, stride, &c.shape, &c.rot, &c.m)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", T::NAME, c.label));
+        assert!(rep.count > 0);
+        cases += 1;
     }
     cases
 }

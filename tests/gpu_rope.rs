@@ -44,31 +44,20 @@ fn rope_matches_reference_all_dtypes() {
     assert_eq!(n, 3 * 5 * 3 * 8 * 3);
 }
 
-/// M-RoPE (tests/emu_rope_scores.rs runs the same sweep in the emulator): both section layouts,
-/// every head dim, full and half rotary, both pair layouts and YaRN, every vector width.
+/// M-RoPE over common::cases::mrope_sweep_cases (tests/emu_rope_scores.rs runs the same sweep
+/// in the emulator).
 fn mrope_sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<cudarc::driver::CudaStream>, seed: u64) -> usize {
     let mut r = rng(seed);
     let mut cases = 0;
-    for &d in &HEAD_DIMS {
-        for &frac in &[1.0, 0.5] {
-            let rot_dim = ((d as f64 * frac) as usize) & !1;
-            let picked = schedules(d, rot_dim).into_iter().filter(|(n, _)| ["default", "default-interleaved", "yarn"].contains(n));
-            for (name, rot) in picked {
-                for (tokens, qh, kh, row, krow) in rope_layouts(d) {
-                    for m in mrope_cases(rot_dim) {
-                        let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
-                        let stride = tokens + 3;
-                        let pos = stream.clone_htod(&mrope_positions(&mut r, tokens, stride)).unwrap();
-                        let mut q = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, tokens * row)).0).unwrap();
-                        let mut k = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, tokens * krow)).0).unwrap();
-                        let rep = rope_inplace_mrope_checked(gpu, stream, &mut q, &mut k, &pos, stride, &shape, &rot, &m)
-                            .unwrap_or_else(|e| panic!("{} d={d} r={rot_dim} {name} {m:?} tokens={tokens} stride={row}: {e}", T::NAME));
-                        assert!(rep.count > 0);
-                        cases += 1;
-                    }
-                }
-            }
-        }
+    for c in mrope_sweep_cases() {
+        let (tokens, stride) = (c.shape.tokens, c.shape.tokens + 3);
+        let pos = stream.clone_htod(&mrope_positions(&mut r, tokens, stride)).unwrap();
+        let mut q = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, tokens * c.shape.q_row_stride)).0).unwrap();
+        let mut k = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, tokens * c.shape.k_row_stride)).0).unwrap();
+        let rep = rope_inplace_mrope_checked(gpu, stream, &mut q, &mut k, &pos, stride, &c.shape, &c.rot, &c.m)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", T::NAME, c.label));
+        assert!(rep.count > 0);
+        cases += 1;
     }
     cases
 }

@@ -8,7 +8,7 @@
 use super::schedules;
 use rand::rngs::StdRng;
 use rand::Rng;
-use rope_attn::cuda::ScoresShape;
+use rope_attn::cuda::{RopeShape, ScoresShape};
 use rope_attn::{Alibi, AttentionParams, MRope, Mask, Relative, Rotary};
 
 /// Who runs the sweep: a GPU takes full-length problems, the emulator shorter ones.
@@ -79,6 +79,38 @@ pub fn mrope_cases(rot_dim: usize) -> [MRope; 2] {
     let (t, h) = (pairs / 4, 3 * pairs / 8);
     let (ih, iw) = (11 * pairs / 32, 10 * pairs / 32);
     [MRope { sections: [t, h, pairs - t - h], interleaved: false }, MRope { sections: [pairs - ih - iw, ih, iw], interleaved: true }]
+}
+
+/// One M-RoPE sweep case: a label, the rope geometry, the rotation and the sections.
+pub struct MropeCase {
+    pub label: String,
+    pub shape: RopeShape,
+    pub rot: Rotary,
+    pub m: MRope,
+}
+
+/// The M-RoPE sweep (tests/emu_rope_scores.rs runs it in the emulator, tests/gpu_rope.rs on a
+/// GPU): both section layouts over every head dim, full and half rotary, both pair layouts and
+/// YaRN's attention factor, every rope geometry (so every vector width of the kernel).
+pub fn mrope_sweep_cases() -> Vec<MropeCase> {
+    let mut out = Vec::new();
+    for &d in &HEAD_DIMS {
+        for &frac in &[1.0, 0.5] {
+            let rot_dim = ((d as f64 * frac) as usize) & !1;
+            let picked = schedules(d, rot_dim).into_iter().filter(|(n, _)| ["default", "default-interleaved", "yarn"].contains(n));
+            for (name, rot) in picked {
+                for (tokens, qh, kh, row, krow) in rope_layouts(d) {
+                    for m in mrope_cases(rot_dim) {
+                        let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
+                        let label = format!("d={d} r={rot_dim} {name} {m:?} tokens={tokens} stride={row}");
+                        out.push(MropeCase { label, shape, rot: rot.clone(), m });
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(out.len(), 5 * 2 * 3 * 3 * 2);
+    out
 }
 
 /// M-RoPE positions, three rows of `stride` ints (time, height, width): text tokens (three
