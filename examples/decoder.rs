@@ -56,24 +56,47 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     Ok(a)
 }
 
-/// The block's geometry, from the same config.json.
+/// The block's geometry and attention options, from the same config.json.
 struct Model {
     hidden: usize,
     hq: usize,
     hkv: usize,
     d: usize,
     rope: RopeConfig,
+    /// Gemma 2's `attn_logit_softcapping`.
+    softcap: Option<f64>,
+    /// Gemma's `query_pre_attn_scalar^-0.5`; else 1/sqrt(head_dim).
+    scale: Option<f64>,
+    /// GPT-OSS's learned sinks are weights, not config: the demo draws one logit per head.
+    sinks: Option<Vec<f64>>,
 }
 
 fn load_model(a: &Args) -> Result<Model, String> {
     let text = std::fs::read_to_string(&a.config).map_err(|e| format!("{}: {e}", a.config))?;
     let rope = RopeConfig::from_hf_config_json_layer(&text, a.layer_type.as_deref()).map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let root: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    // Vision-language configs keep the language model's keys in text_config (Qwen3.5/3.6).
+    let v = match root.get("text_config") {
+        Some(t) if root.get("num_attention_heads").is_none() => t,
+        _ => &root,
+    };
     let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+    let getf = |k: &str| v.get(k).and_then(|x| x.as_f64());
     let hq = get("num_attention_heads").ok_or("config has no num_attention_heads")?;
     let hkv = get("num_key_value_heads").unwrap_or(hq);
     let hidden = get("hidden_size").ok_or("config has no hidden_size")?;
-    Ok(Model { hidden, hq, hkv, d: rope.head_dim, rope })
+    let sinks = (v.get("model_type").and_then(|t| t.as_str()) == Some("gpt_oss"))
+        .then(|| (0..hq).map(|h| ((h * 37) % 11) as f64 / 5.0 - 1.0).collect());
+    Ok(Model {
+        hidden,
+        hq,
+        hkv,
+        d: rope.head_dim,
+        rope,
+        softcap: getf("attn_logit_softcapping"),
+        scale: getf("query_pre_attn_scalar").map(|s| 1.0 / s.sqrt()),
+        sinks,
+    })
 }
 
 /// y = x W for row-major x [n, k] and W [k, m] (f32; the demo's projections).
@@ -138,6 +161,12 @@ fn run(a: &Args) -> Result<(), String> {
         "{}: hidden {}, {} query heads / {} KV heads, head_dim {}, rope {} (rotary {}, attention factor {:.4})",
         a.config, m.hidden, m.hq, m.hkv, m.d, s0.rope_type, s0.rotary_dim, s0.attention_factor
     );
+    if let Some(c) = m.softcap {
+        println!("logit soft-capping at {c} (attn_logit_softcapping), score scale {:.6}", m.scale.unwrap_or(1.0 / (m.d as f64).sqrt()));
+    }
+    if m.sinks.is_some() {
+        println!("learned attention sinks (GPT-OSS): one logit per query head, drawn for the demo (they are weights)");
+    }
     if let Some(mr) = s0.mrope {
         // A text-only prompt: every token's three positions are equal, where M-RoPE is RoPE.
         println!("M-RoPE sections {:?}: a text-only prompt, so the in-kernel RoPE is exact (images: rope_inplace_mrope, then rope: None)", mr.sections);
@@ -166,6 +195,7 @@ fn run(a: &Args) -> Result<(), String> {
         let s = m.rope.schedule(Some(len)).map_err(|e| e.to_string())?;
         let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
         p.rope = Some(Rotary::from_schedule(&s, Layout::Half));
+        (p.softcap, p.scale, p.sink_logits) = (m.softcap, m.scale, m.sinks.clone());
         Ok(p)
     };
     let t0 = Instant::now();
@@ -481,7 +511,13 @@ mod tests {
     /// The CPU path end to end on a real config (CI runs this: `cargo test` builds examples).
     #[test]
     fn decoder_runs_on_the_cpu_reference_path() {
-        for config in ["examples/configs/llama-3.1-8b.json", "examples/configs/qwen2.5-7b-instruct-yarn.json"] {
+        for config in [
+            "examples/configs/llama-3.1-8b.json",
+            "examples/configs/qwen2.5-7b-instruct-yarn.json",
+            "examples/configs/gemma-2-2b-it.json",
+            "examples/configs/gpt-oss-120b.json",
+            "examples/configs/qwen3.6-35b-a3b-text.json",
+        ] {
             let a = Args { config: config.into(), layer_type: None, prompt: 12, steps: 3, chunk: None, force_cpu: true };
             run(&a).unwrap_or_else(|e| panic!("{config}: {e}"));
         }
@@ -517,6 +553,19 @@ mod tests {
         let diff = whole.iter().zip(&chunked).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         println!("whole vs chunked prefill: block outputs differ by {diff:.2e}");
         assert!(diff < 2e-2, "{diff}");
+    }
+
+    /// Gemma 2's soft-capping and query scale, GPT-OSS's sinks and a text_config (Qwen3.6) come
+    /// from the config.json.
+    #[test]
+    fn decoder_reads_the_attention_options_of_its_config() {
+        let load = |c: &str| load_model(&Args { config: format!("examples/configs/{c}.json"), layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true }).unwrap();
+        let g = load("gemma-2-2b-it");
+        assert_eq!((g.softcap, g.scale, g.sinks.is_none()), (Some(50.0), Some(1.0 / 16.0), true));
+        let o = load("gpt-oss-120b");
+        assert_eq!((o.softcap, o.scale, o.sinks.map(|s| s.len())), (None, None, Some(64)));
+        let q = load("qwen3.6-35b-a3b-text");
+        assert_eq!((q.hidden, q.hq, q.hkv, q.d), (2048, 16, 2, 256));
     }
 
     #[test]
