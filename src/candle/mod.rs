@@ -308,17 +308,7 @@ pub fn rope(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) -> Result<
 /// [`rope`] in place: Q and K (which may be views of one packed QKV tensor) are overwritten.
 /// What a server does after the QKV projection: no allocation, one launch per tensor.
 pub fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) -> Result<()> {
-    let call = rope_call(q, k, positions, rot)?;
-    match on(q)? {
-        On::Cpu => {
-            let pos = host_ints(positions)?;
-            check_positions(&pos)?;
-            cpu::rotate_inplace(q, call.q, &pos, rot, None)?;
-            cpu::rotate_inplace(k, call.k, &pos, rot, None)
-        }
-        #[cfg(feature = "candle-cuda")]
-        On::Cuda => gpu::rope_inplace(q, k, positions, rot, None, &call),
-    }
+    rotate_in_place(q, k, positions, rot, None)
 }
 
 /// Multimodal RoPE ([`MRope`]: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) in place: `positions`
@@ -326,16 +316,21 @@ pub fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) ->
 /// batch axis), and pair `i` of token `t` is rotated to `positions[mrope.component(i), t]`.
 /// Then attend with `rope: None`; text tokens (three equal positions) rotate as [`rope_inplace`].
 pub fn rope_mrope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrope: &MRope) -> Result<()> {
-    let call = rope_call_with(q, k, positions, rot, Some(mrope))?;
+    rotate_in_place(q, k, positions, rot, Some(mrope))
+}
+
+/// [`rope_inplace`] (positions `[tokens]`) or [`rope_mrope_inplace`] (`[3, tokens]`).
+fn rotate_in_place(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrope: Option<&MRope>) -> Result<()> {
+    let call = rope_call_with(q, k, positions, rot, mrope)?;
     match on(q)? {
         On::Cpu => {
             let pos = host_ints(positions)?;
             check_positions(&pos)?;
-            cpu::rotate_inplace(q, call.q, &pos, rot, Some(mrope))?;
-            cpu::rotate_inplace(k, call.k, &pos, rot, Some(mrope))
+            cpu::rotate_inplace(q, call.q, &pos, rot, mrope)?;
+            cpu::rotate_inplace(k, call.k, &pos, rot, mrope)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda => gpu::rope_inplace(q, k, positions, rot, Some(mrope), &call),
+        On::Cuda => gpu::rope_inplace(q, k, positions, rot, mrope, &call),
     }
 }
 

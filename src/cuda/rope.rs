@@ -81,9 +81,7 @@ impl RopeShape {
         to_i32("k_row_stride", self.k_row_stride)?;
         Ok(())
     }
-}
 
-impl RopeShape {
     /// Validate an M-RoPE call: Q and K as [`check`](Self::check) does, the sections against
     /// the rotary dim, and positions of three rows of `stride` (>= tokens) ints.
     pub fn check_mrope(&self, q_len: usize, k_len: usize, pos_len: usize, stride: usize, rot: &Rotary, m: &MRope) -> Result<()> {
@@ -121,6 +119,13 @@ pub(crate) struct RopePtrs {
     pub k_out: u64,
     pub q_out_stride: usize,
     pub k_out_stride: usize,
+}
+
+impl RopePtrs {
+    /// Q and K rotated where they lie (outputs are the inputs, with their row strides).
+    pub(crate) fn in_place(q: u64, k: u64, shape: &RopeShape) -> Self {
+        RopePtrs { q_in: q, q_out: q, k_in: k, k_out: k, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride }
+    }
 }
 
 /// Where the positions come from: an explicit array, or "index within the sequence" from
@@ -272,7 +277,7 @@ pub fn rope_inplace<T: Dtype>(
     let (qp, _gq) = q.device_ptr_mut(stream);
     let (kp, _gk) = k.device_ptr_mut(stream);
     let (pp, _gp) = positions.device_ptr(stream);
-    let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+    let ptrs = RopePtrs::in_place(qp, kp, shape);
     launch::<T, _>(&OnStream::new(gpu, stream)?, ptrs, shape, args, Positions::Explicit(pp), false)
 }
 
@@ -322,7 +327,7 @@ pub fn rope_inplace_mrope<T: Dtype>(
     let (qp, _gq) = q.device_ptr_mut(stream);
     let (kp, _gk) = k.device_ptr_mut(stream);
     let (pp, _gp) = positions.device_ptr(stream);
-    let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+    let ptrs = RopePtrs::in_place(qp, kp, shape);
     let pos = Positions::Sections { positions: pp, stride, mrope: *mrope };
     launch::<T, _>(&OnStream::new(gpu, stream)?, ptrs, shape, args, pos, false)
 }

@@ -250,7 +250,7 @@ impl Emulator {
         shape.check(q.len(), k.len(), positions.len(), rot)?;
         let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
         let (qp, kp) = (addr(q), addr(k));
-        let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+        let ptrs = RopePtrs::in_place(qp, kp, shape);
         launch_rope::<T, _>(self, ptrs, shape, args, Positions::Explicit(addr(positions)), false)
     }
 
@@ -276,7 +276,7 @@ impl Emulator {
         shape.check_mrope(q.len(), k.len(), positions.len(), stride, rot, mrope)?;
         let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
         let (qp, kp) = (addr(q), addr(k));
-        let ptrs = RopePtrs { q_in: qp, q_out: qp, k_in: kp, k_out: kp, q_out_stride: shape.q_row_stride, k_out_stride: shape.k_row_stride };
+        let ptrs = RopePtrs::in_place(qp, kp, shape);
         let pos = Positions::Sections { positions: addr(positions), stride, mrope: *mrope };
         launch_rope::<T, _>(self, ptrs, shape, args, pos, false)
     }
