@@ -18,12 +18,14 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rope_attn::cuda::{self, AttentionBatch, CheckReport, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch};
-use rope_attn::{reference, AttentionParams, Layout, RopeConfig, Rotary};
+use rope_attn::{hf_layers, reference, AttentionParams, HfLayer, LayerAttention, Layout, RopeConfig, Rotary};
 use std::io::Write;
 use std::time::Instant;
 
 struct Args {
     config: String,
+    /// The decoder layer to run (its mask, and whether it rotates); None: the first with softmax attention.
+    layer: Option<usize>,
     layer_type: Option<String>,
     prompt: usize,
     steps: usize,
@@ -33,16 +35,17 @@ struct Args {
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut a = Args { config: "examples/configs/llama-3.1-8b.json".into(), layer_type: None, prompt: 128, steps: 32, chunk: None, force_cpu: false };
+    let mut a = Args { config: "examples/configs/llama-3.1-8b.json".into(), layer: None, layer_type: None, prompt: 128, steps: 32, chunk: None, force_cpu: false };
     while let Some(x) = it.next() {
         let mut val = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match x.as_str() {
             "--prompt" => a.prompt = val("--prompt")?.parse().map_err(|e| format!("--prompt: {e}"))?,
             "--steps" => a.steps = val("--steps")?.parse().map_err(|e| format!("--steps: {e}"))?,
+            "--layer" => a.layer = Some(val("--layer")?.parse().map_err(|e| format!("--layer: {e}"))?),
             "--layer-type" => a.layer_type = Some(val("--layer-type")?),
             "--chunk" => a.chunk = Some(val("--chunk")?.parse().map_err(|e| format!("--chunk: {e}"))?),
             "--cpu" => a.force_cpu = true,
-            "-h" | "--help" => return Err("usage: decoder [CONFIG] [--prompt N] [--steps N] [--chunk N] [--layer-type T] [--cpu]".into()),
+            "-h" | "--help" => return Err("usage: decoder [CONFIG] [--prompt N] [--steps N] [--chunk N] [--layer N] [--layer-type T] [--cpu]".into()),
             s if !s.starts_with('-') => a.config = s.to_string(),
             s => return Err(format!("unknown option {s}")),
         }
@@ -63,6 +66,11 @@ struct Model {
     hkv: usize,
     d: usize,
     rope: RopeConfig,
+    /// The layer run: its index, mask (full, sliding window, Llama 4's chunks) and whether it
+    /// rotates (Llama 4's NoPE layers do not), as transformers reads the config (`hf_layers`).
+    layer: (usize, HfLayer),
+    /// Llama 4 rotates adjacent pairs (its complex `freqs_cis`); the others rotate halves.
+    layout: Layout,
     /// Gemma 2's `attn_logit_softcapping`.
     softcap: Option<f64>,
     /// Gemma's `query_pre_attn_scalar^-0.5`; else 1/sqrt(head_dim).
@@ -73,7 +81,20 @@ struct Model {
 
 fn load_model(a: &Args) -> Result<Model, String> {
     let text = std::fs::read_to_string(&a.config).map_err(|e| format!("{}: {e}", a.config))?;
-    let rope = RopeConfig::from_hf_config_json_layer(&text, a.layer_type.as_deref()).map_err(|e| e.to_string())?;
+    let layers = hf_layers(&text).map_err(|e| e.to_string())?;
+    let index = match a.layer {
+        Some(i) if i < layers.len() => i,
+        Some(i) => return Err(format!("--layer {i}: the config has {} layers", layers.len())),
+        None => layers.iter().position(|l| l.mask().is_some()).ok_or("no layer of the config runs softmax attention")?,
+    };
+    let layer = layers[index];
+    if layer.mask().is_none() {
+        return Err(format!("layer {index} is {}, not softmax attention", layer.layer_type()));
+    }
+    // A per-layer-type rope_parameters (Gemma 3) takes the layer's type unless one is given.
+    let per_type = !RopeConfig::hf_layer_types(&text).map_err(|e| e.to_string())?.is_empty();
+    let layer_type = a.layer_type.as_deref().or(per_type.then(|| layer.layer_type()));
+    let rope = RopeConfig::from_hf_config_json_layer(&text, layer_type).map_err(|e| e.to_string())?;
     let root: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     // Vision-language configs keep the language model's keys in text_config (Qwen3.5/3.6).
     let v = match root.get("text_config") {
@@ -85,7 +106,9 @@ fn load_model(a: &Args) -> Result<Model, String> {
     let hq = get("num_attention_heads").ok_or("config has no num_attention_heads")?;
     let hkv = get("num_key_value_heads").unwrap_or(hq);
     let hidden = get("hidden_size").ok_or("config has no hidden_size")?;
-    let sinks = (v.get("model_type").and_then(|t| t.as_str()) == Some("gpt_oss"))
+    let model_type = v.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
+    let layout = if model_type.starts_with("llama4") { Layout::Interleaved } else { Layout::Half };
+    let sinks = (model_type == "gpt_oss")
         .then(|| (0..hq).map(|h| ((h * 37) % 11) as f64 / 5.0 - 1.0).collect());
     Ok(Model {
         hidden,
@@ -93,6 +116,8 @@ fn load_model(a: &Args) -> Result<Model, String> {
         hkv,
         d: rope.head_dim,
         rope,
+        layer: (index, layer),
+        layout,
         softcap: getf("attn_logit_softcapping"),
         scale: getf("query_pre_attn_scalar").map(|s| 1.0 / s.sqrt()),
         sinks,
@@ -161,6 +186,13 @@ fn run(a: &Args) -> Result<(), String> {
         "{}: hidden {}, {} query heads / {} KV heads, head_dim {}, rope {} (rotary {}, attention factor {:.4})",
         a.config, m.hidden, m.hq, m.hkv, m.d, s0.rope_type, s0.rotary_dim, s0.attention_factor
     );
+    let (index, layer) = m.layer;
+    let pattern = match layer.attention {
+        LayerAttention::Sliding(w) => format!("a sliding window of {w}"),
+        LayerAttention::Chunked(c) => format!("attention chunks of {c} (Llama 4)"),
+        _ => "full causal attention".to_string(),
+    };
+    println!("layer {index} ({}): {pattern}, {}", layer.layer_type(), if layer.rope { "RoPE" } else { "no position encoding (NoPE)" });
     if let Some(c) = m.softcap {
         println!("logit soft-capping at {c} (attn_logit_softcapping), score scale {:.6}", m.scale.unwrap_or(1.0 / (m.d as f64).sqrt()));
     }
@@ -194,7 +226,8 @@ fn run(a: &Args) -> Result<(), String> {
     let params_at = |len: usize| -> Result<AttentionParams, String> {
         let s = m.rope.schedule(Some(len)).map_err(|e| e.to_string())?;
         let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
-        p.rope = Some(Rotary::from_schedule(&s, Layout::Half));
+        p.rope = m.layer.1.rope.then(|| Rotary::from_schedule(&s, m.layout));
+        p.mask = m.layer.1.mask().expect("load_model picked a softmax-attention layer");
         (p.softcap, p.scale, p.sink_logits) = (m.softcap, m.scale, m.sinks.clone());
         Ok(p)
     };
@@ -517,8 +550,9 @@ mod tests {
             "examples/configs/gemma-2-2b-it.json",
             "examples/configs/gpt-oss-120b.json",
             "examples/configs/qwen3.6-35b-a3b-text.json",
+            "examples/configs/llama-4-scout-text-transformers-defaults.json",
         ] {
-            let a = Args { config: config.into(), layer_type: None, prompt: 12, steps: 3, chunk: None, force_cpu: true };
+            let a = Args { config: config.into(), layer: None, layer_type: None, prompt: 12, steps: 3, chunk: None, force_cpu: true };
             run(&a).unwrap_or_else(|e| panic!("{config}: {e}"));
         }
     }
@@ -530,7 +564,7 @@ mod tests {
     #[cfg(feature = "emulator")]
     #[test]
     fn decoder_runs_the_kernels_in_the_emulator() {
-        let mut a = Args { config: "examples/configs/qwen2.5-7b-instruct-yarn.json".into(), layer_type: None, prompt: 70, steps: 3, chunk: None, force_cpu: false };
+        let mut a = Args { config: "examples/configs/qwen2.5-7b-instruct-yarn.json".into(), layer: None, layer_type: None, prompt: 70, steps: 3, chunk: None, force_cpu: false };
         let m = load_model(&a).unwrap();
         let mut r = StdRng::seed_from_u64(1);
         let w = Weights {
@@ -559,13 +593,22 @@ mod tests {
     /// from the config.json.
     #[test]
     fn decoder_reads_the_attention_options_of_its_config() {
-        let load = |c: &str| load_model(&Args { config: format!("examples/configs/{c}.json"), layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true }).unwrap();
+        let load = |c: &str| load_model(&Args { config: format!("examples/configs/{c}.json"), layer: None, layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true }).unwrap();
         let g = load("gemma-2-2b-it");
         assert_eq!((g.softcap, g.scale, g.sinks.is_none()), (Some(50.0), Some(1.0 / 16.0), true));
         let o = load("gpt-oss-120b");
         assert_eq!((o.softcap, o.scale, o.sinks.map(|s| s.len())), (None, None, Some(64)));
         let q = load("qwen3.6-35b-a3b-text");
         assert_eq!((q.hidden, q.hq, q.hkv, q.d), (2048, 16, 2, 256));
+        // Its layers 0..3 are linear attention: the first softmax one is layer 3.
+        assert_eq!((q.layer.0, q.layer.1.attention), (3, LayerAttention::Full));
+        assert_eq!(g.layer.1.attention, LayerAttention::Sliding(4096));
+        let l = load("llama-4-scout-text-transformers-defaults");
+        assert_eq!((l.layer.0, l.layer.1.attention, l.layer.1.rope, l.layout), (0, LayerAttention::Chunked(8192), true, Layout::Interleaved));
+        let nope = load_model(&Args { config: "examples/configs/llama-4-scout-text-transformers-defaults.json".into(), layer: Some(3), layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true }).unwrap();
+        assert_eq!((nope.layer.1.attention, nope.layer.1.rope), (LayerAttention::Full, false));
+        let past = load_model(&Args { config: "examples/configs/llama-3.1-8b.json".into(), layer: Some(32), layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true });
+        assert!(past.is_err());
     }
 
     #[test]

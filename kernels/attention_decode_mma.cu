@@ -207,9 +207,12 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                    2 * threadIdx.x;
 
     const int split = blockIdx.x, b = blockIdx.z;
-    const DecodeSpan span = decode_span(p, b, split);
+    // Chunked attention up to head_dim 128 (the launcher refuses it at 256, whose registers it
+    // would push into spills): at 256 the chunk code compiles away.
+    constexpr bool CHUNKS = D <= 128;
+    const MaskArgs mask{p.causal, p.window, p.sinks, CHUNKS ? p.chunk : 0};
+    const DecodeSpan span = decode_span(p, b, split, mask.chunk);
     const int ctx = span.ctx, k_begin = span.k_begin, k_end = span.k_end;
-    const MaskArgs mask{p.causal, p.window, p.sinks};
     const DecodeRows rw = decode_rows<R>(p, ctx);
     const int kvh = rw.kvh, rows = rw.rows;
 
@@ -244,6 +247,15 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     if (steps > 1) {  // Steps[h][m]: the step 16Wm + 8h keys (tile.cuh's table filler; rows of `half` pairs)
         fill_rotation_table(Steps, ra, 0, BT * W, steps, 1.f);
         fill_rotation_table(Steps + steps * half, ra, 8, BT * W, steps, 1.f);
+    }
+    // With chunks, each row's visible keys past the sinks, [lo, hi] (mask.cuh, row_keys: the
+    // causal, window and chunk bounds at once; a division per row here where the chunk test
+    // would take one per key in the softmax), and the first and last query's chunk starts.
+    RA_STATIC_SMEM(RowKeys, row_keys_of, [R]);
+    RA_STATIC_SMEM(int, query_chunks, [2]);
+    if (CHUNKS && mask.chunk > 0) {
+        if (threadIdx.x < R) row_keys_of[threadIdx.x] = row_keys(mask, rw.pos(threadIdx.x));
+        if (threadIdx.x < 2) query_chunks[threadIdx.x] = chunk_start(mask, threadIdx.x == 0 ? ctx - p.queries : ctx - 1);
     }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
@@ -395,6 +407,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
                 float mx = -INFINITY;
+                const bool row_chunks = CHUNKS && KIND == 0 && mask.chunk > 0;
+                const RowKeys rk = row_chunks ? row_keys_of[g + 8 * rr] : RowKeys{0, 0};
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -407,7 +421,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                             x = fmaf(s[nt][c], p.scale_log2, slope[rr] * static_cast<float>(j0 + u - ipos[rr]));
                         } else {
                             const int i = ipos[rr], j = j0 + u;
-                            x = u < vk && visible(mask, i, j) ? score_log2(ra, p.scale_log2, s[nt][c], sf[nt][c], i, j, slope[rr], p.cap_in, p.cap_out)
+                            x = u < vk && (row_chunks ? row_sees(mask, i, rk, j) : visible_unchunked(mask, i, j)) ? score_log2(ra, p.scale_log2, s[nt][c], sf[nt][c], i, j, slope[rr], p.cap_in, p.cap_out)
                                                               : -INFINITY;
                         }
                         s[nt][c] = x;
@@ -439,7 +453,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
             }
         };
         // Soft-capped scores are not linear in the dot product: the generic form for every tile.
-        const bool whole = !rel && p.cap_in == 0.f && vk == BT && tile_fully_visible(mask, ctx - p.queries, ctx, j0, j0 + BT);
+        const bool whole = !rel && p.cap_in == 0.f && vk == BT && tile_fully_visible_unchunked(mask, ctx - p.queries, ctx, j0, j0 + BT) &&
+                           decode_chunk_free(mask, query_chunks, j0, j0 + BT);
 #ifdef RA_PROBE_DECODE
         softmax(DecKind<1>{});
 #else

@@ -222,7 +222,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     }
     if (rel) load_rotated_tile(Qf, LD, qg, p.q_row_stride, BM, vq, D, p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, i0);
 
-    const MaskArgs mask{p.causal, p.window, p.sinks};
+    const MaskArgs mask{p.causal, p.window, p.sinks, p.chunk};
     const int n_tiles = (sb.seqlen_k + BN - 1) / BN;
     // Causal: no key after the last query of the tile.
     const int last_key = i0 + vq - 1 - kp;  // causal: the last key index any row of the tile sees
@@ -336,8 +336,8 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
         const bool below = kp + j0 + BN - 1 <= i0, above = kp + j0 >= i0 + vq - 1;
         const float sigma = below || p.causal ? slope_log2 : -slope_log2;
         // SM_EDGE covers a tile whose only masks are the causal one and the end of the keys:
-        // row i sees the tile's keys u <= edge(i) (the window, if any, hides none of them).
-        const bool edge_ok = !rel && tile_window_free(mask, i0 + vq, kp + j0, kp + j0 + BN) &&
+        // row i sees the tile's keys u <= edge(i) (the window and chunks, if any, hide none of them).
+        const bool edge_ok = !rel && tile_window_free(mask, i0, i0 + vq, kp + j0, kp + j0 + BN) &&
                              (slope_log2 == 0.f || p.causal || below || above);
         auto softmax = [&](auto kind_c) {
             constexpr int KIND = decltype(kind_c)::value;
@@ -526,7 +526,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
         qf[x] = (rel && c < D) ? qrow[warp][1][c] : 0.f;
         o[x] = 0.f;
     }
-    const MaskArgs mask{p.causal, p.window, p.sinks};
+    const MaskArgs mask{p.causal, p.window, p.sinks, p.chunk};
     const float slope_log2 = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) * LOG2E : 0.f;
     const float* kg = static_cast<const float*>(p.k) + (long long)sb.k_start * p.k_row_stride + (long long)kvh * D;
     const float* fg = static_cast<const float*>(p.k_far) + (long long)sb.k_start * p.kf_row_stride + (long long)kvh * D;

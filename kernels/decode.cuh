@@ -22,17 +22,20 @@ __device__ __forceinline__ void head_pair(int P, int rd, int interleaved, int D,
 }
 
 // The keys of one decode block. ctx: the sequence's context (clamped to its pages). With a
-// sliding window the splits share out the keys some query can see, [lo, ctx) (the host sized
-// keys_per_split for window + queries - 1 of them), not the whole context: a 32k context under
-// a 4k window keeps every split busy. Sinks before lo belong to split 0, whose warps jump over
-// the hidden keys between them and lo.
+// sliding window or chunks the splits share out the keys some query can see, [lo, ctx): from
+// the earliest query's window start or chunk start, the later of the two (the host sized
+// keys_per_split for window + queries - 1 or chunk + queries - 1 of them), not the whole
+// context: a 32k context under a 4k window keeps every split busy. Sinks before lo belong to
+// split 0, whose warps jump over the hidden keys between them and lo.
 struct DecodeSpan {
     int ctx, lo, k_begin, k_end;
 };
-__device__ __forceinline__ DecodeSpan decode_span(const DecodeParams& p, int b, int split) {
+__device__ __forceinline__ DecodeSpan decode_span(const DecodeParams& p, int b, int split, int chunk) {
     DecodeSpan s;
     s.ctx = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
-    s.lo = p.window > 0 ? imax(0, s.ctx - p.queries - p.window + 1) : 0;
+    const int first = imax(0, s.ctx - p.queries);  // the earliest query's position
+    s.lo = p.window > 0 ? imax(0, first - p.window + 1) : 0;
+    if (chunk > 0) s.lo = imax(s.lo, first / chunk * chunk);
     s.k_begin = split == 0 && p.sinks > 0 ? 0 : s.lo + split * p.keys_per_split;
     s.k_end = imin(s.ctx, s.lo + (split + 1) * p.keys_per_split);
     return s;
@@ -87,19 +90,31 @@ __device__ __forceinline__ void rotated_query_pair(const DecodeParams& p, const 
 
 // The warp's next tile at or after its tile n that some query sees (tiles of BT keys from
 // k_begin; warp w of `warps` takes tiles w, w + warps, ...): whole-tile skipping, and the keys
-// hidden by the window between the sinks and lo jumped over in one step. A tile at or past
-// k_end: none left.
+// hidden by the window or chunks between the sinks and lo jumped over in one step. A tile at or
+// past k_end: none left. The chunks need no test of their own here: every key from lo (the
+// earliest query's chunk start or later) to ctx is in the chunk of some query at or after it,
+// so only the window and causal mask can hide a whole tile there (keeping the divisions out of
+// the walk, whose state the head_dim-256 kernel cannot afford to grow).
 template <int BT>
 __device__ __forceinline__ int next_visible_tile(const DecodeParams& p, const DecodeSpan& s, const MaskArgs& mask, int n,
                                                  int warps) {
     for (;; n += warps) {
         const int j0 = s.k_begin + n * BT;
-        if (j0 >= s.k_end || tile_visible(mask, s.ctx - p.queries, s.ctx, j0, imin(j0 + BT, s.k_end))) return n;
-        if (p.window > 0 && j0 >= p.sinks && j0 + BT <= s.lo) {
+        if (j0 >= s.k_end) return n;
+        if (j0 >= p.sinks && j0 + BT <= s.lo) {  // hidden: past the sinks, before lo
             const int need = (s.lo - s.k_begin - BT) / BT + 1;  // first tile that reaches lo
             if (need > n) n += ((need - n + warps - 1) / warps - 1) * warps;
+            continue;
         }
+        if (tile_visible_unchunked(mask, s.ctx - p.queries, s.ctx, j0, imin(j0 + BT, s.k_end))) return n;
     }
+}
+
+// Whether the chunks hide no key of [j0, j1) from any query of the sequence: every key a sink,
+// or every query in one chunk (cl: the first and last query's chunk starts) and the keys in it
+// (they are before ctx, so at most the last query's position).
+__device__ __forceinline__ bool decode_chunk_free(const MaskArgs& m, const int (&cl)[2], int j0, int j1) {
+    return m.chunk <= 0 || j1 - 1 < m.sinks || (cl[0] == cl[1] && j0 >= cl[0]);
 }
 
 // Key lane of the warp's tile n in the paged cache, as far as the block table says before the

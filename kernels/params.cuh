@@ -58,7 +58,7 @@ struct ScoresParams {
     float* out;
     long long q_row_stride, k_row_stride;
     int nq, nk, q_heads, kv_heads, head_dim, q_offset;
-    int causal, window, sinks;
+    int causal, window, sinks, chunk;
     int alibi_total_heads, alibi_head_offset;  // total 0 = no ALiBi
     float scale;
     float cap_in, cap_out;  // logit soft-capping (attention.cuh, capped): scale / cap and cap; cap_in 0 = none
@@ -81,7 +81,7 @@ struct AttnParams {
     const int* seq_starts;  // [batch, 2]: positions of each sequence's first query and first key; null = default
     long long q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride;
     int batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim;
-    int causal, window, sinks, alibi_total_heads, alibi_head_offset;
+    int causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset;
     int rotate_k;       // rotate each K tile in shared memory as it arrives
     float scale_log2;   // scale * log2(e)
     float scale;
@@ -125,6 +125,7 @@ struct DecodeParams {
     int base_steps;
     SinkArgs sink;
     float cap_in, cap_out;  // logit soft-capping, as AttnParams
+    int chunk;              // chunked attention (mask.cuh); last, where it moves no other field
 };
 
 // Mirrored by `AppendParams` in src/cuda/params.rs. vLLM's slot mapping: token t goes to slot

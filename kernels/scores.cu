@@ -35,7 +35,7 @@ __device__ __forceinline__ void emit_score(const ScoresParams& p, int h, int m0,
     float s = -INFINITY;
     // Branch-free capping (both values, then a select): a branch here made sm_90's ptxas spill.
     const float t = p.cap_out * tanh_abs(dot * p.cap_in);
-    if (visible(mask, i, j)) s = (p.cap_in > 0.f ? t : p.scale * dot) + (p.alibi_total_heads > 0 ? alibi_bias(slope, i, j) : 0.f);
+    if (row_sees(mask, i, row_keys(mask, i), j)) s = (p.cap_in > 0.f ? t : p.scale * dot) + (p.alibi_total_heads > 0 ? alibi_bias(slope, i, j) : 0.f);
     p.out[((long long)h * p.nq + m0 + row) * p.nk + j] = s;
 }
 
@@ -76,7 +76,7 @@ __device__ void scores_body(const ScoresParams& p) {
     const int vq = imin(BM, p.nq - m0), vk = imin(BM, p.nk - n0);
     const bool rope = p.rope.rotary_dim > 0;
     const bool rel = rope && p.rope.relative != REL_NONE, leaky = p.rope.relative == REL_LEAKY;
-    const MaskArgs mask{p.causal, p.window, p.sinks};
+    const MaskArgs mask{p.causal, p.window, p.sinks, p.chunk};
     const float slope = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) : 0.f;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 

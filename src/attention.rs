@@ -86,8 +86,13 @@ pub struct Mask {
     pub causal: bool,
     /// Sliding window W: keys with `i - j >= W` are hidden (unless they are sinks).
     pub window: Option<usize>,
-    /// The first `sinks` positions stay visible through the window.
+    /// The first `sinks` positions stay visible through the window and the chunks.
     pub sinks: usize,
+    /// Chunked attention C (Llama 4's `attention_chunk_size`): positions fall into chunks
+    /// `[kC, (k+1)C)` and a query sees only keys of its own chunk (unless they are sinks), so
+    /// each query sees at most C keys, like a window that restarts at every multiple of C
+    /// (transformers' `chunked_overlay`: `j // C == i // C`). Combines with the other masks.
+    pub chunk: Option<usize>,
 }
 
 impl Mask {
@@ -97,10 +102,12 @@ impl Mask {
         if self.causal && j > i {
             return false;
         }
-        match self.window {
-            Some(w) => i - j < w as i64 || j < self.sinks as i64,
-            None => true,
+        if j < self.sinks as i64 {
+            return true;
         }
+        let in_window = self.window.is_none_or(|w| i - j < w as i64);
+        let same_chunk = self.chunk.is_none_or(|c| i.div_euclid(c as i64) == j.div_euclid(c as i64));
+        in_window && same_chunk
     }
 }
 
@@ -143,7 +150,7 @@ impl AttentionParams {
             num_kv_heads,
             head_dim,
             scale: None,
-            mask: Mask { causal: true, window: None, sinks: 0 },
+            mask: Mask { causal: true, window: None, sinks: 0, chunk: None },
             rope: None,
             relative: Relative::None,
             alibi: None,
@@ -198,6 +205,9 @@ impl AttentionParams {
             if w == 0 {
                 return Err(Error::Parameter { name: "window", value: 0.0, reason: "must be >= 1" });
             }
+        }
+        if self.mask.chunk == Some(0) {
+            return Err(Error::Parameter { name: "chunk", value: 0.0, reason: "must be >= 1" });
         }
         if let Some(c) = self.softcap {
             // The kernels take scale / cap and cap as f32.

@@ -40,5 +40,5 @@ pub mod error;
 pub mod reference;
 
 pub use attention::{Alibi, AttentionParams, Layout, Mask, Relative, Rotary};
-pub use config::{MRope, RopeConfig, RopeScaling, RopeSchedule};
+pub use config::{hf_layers, HfLayer, LayerAttention, MRope, RopeConfig, RopeScaling, RopeSchedule};
 pub use error::{Error, Result};

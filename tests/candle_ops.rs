@@ -317,9 +317,9 @@ fn prefill_gqa_causal_rope_matches_candle() {
 fn prefill_sliding_window_with_sinks_matches_candle() {
     let mut p = AttentionParams::new(4, 2, 64);
     p.rope = Some(rotary(64, 64, Layout::Interleaved, RopeScaling::Default));
-    p.mask = Mask { causal: true, window: Some(4), sinks: 2 };
+    p.mask = Mask { causal: true, window: Some(4), sinks: 2, chunk: None };
     check_prefill("window 4 + 2 sinks", &p, SEQS, 12);
-    p.mask = Mask { causal: true, window: Some(3), sinks: 0 };
+    p.mask = Mask { causal: true, window: Some(3), sinks: 0, chunk: None };
     check_prefill("window 3", &p, SEQS, 13);
 }
 
@@ -332,7 +332,7 @@ fn prefill_alibi_matches_candle() {
     check_prefill("alibi shard", &p, SEQS, 14);
     assert_eq!(alibi::slope(12, 6), 2f64.powf(-8.0 * 7.0 / 8.0)); // the test's formula agrees with ours
     // Bidirectional (an encoder), with RoPE and ALiBi together.
-    p.mask = Mask { causal: false, window: None, sinks: 0 };
+    p.mask = Mask { causal: false, window: None, sinks: 0, chunk: None };
     p.rope = Some(rotary(64, 32, Layout::Half, RopeScaling::Default));
     check_prefill("alibi + partial rope, bidirectional", &p, SEQS, 15);
 }
@@ -614,7 +614,7 @@ mod gpu {
             let mut p = AttentionParams::new(hq, hkv, d);
             p.rope = Some(rot.clone());
             p.alibi = Some(Alibi { total_heads: 16, head_offset: 8 });
-            p.mask = Mask { causal: true, window: Some(7), sinks: 1 };
+            p.mask = Mask { causal: true, window: Some(7), sinks: 1, chunk: None };
             for rel in [Relative::None, Relative::ReRope { window: 5 }] {
                 p.relative = rel;
                 let (og, lg) = ra::attention_prefill(&qg, &kg, &vg, &p, &[8, 13], &[8, 13]).unwrap();
@@ -673,7 +673,7 @@ fn paged_prefill_equals_prefill_on_the_gathered_keys() {
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(rotary(d, d, Layout::Half, RopeScaling::Default));
     p.alibi = Some(Alibi { total_heads: 8, head_offset: 0 });
-    p.mask = Mask { causal: true, window: Some(5), sinks: 1 };
+    p.mask = Mask { causal: true, window: Some(5), sinks: 1, chunk: None };
     let kv: Vec<(Tensor, Tensor)> = ctx.iter().map(|&n| (uniform(&mut r, &[n, hkv, d], &Device::Cpu), uniform(&mut r, &[n, hkv, d], &Device::Cpu))).collect();
     let total: usize = chunk.iter().sum();
     let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();

@@ -428,12 +428,12 @@ fn problems() -> Vec<Problem> {
     // Sliding window with sinks, interleaved RoPE with an attention factor.
     let mut p = AttentionParams::new(4, 1, d);
     p.rope = Some(rotary(500000.0, d, 16, Layout::Interleaved, 1.2));
-    p.mask = Mask { causal: true, window: Some(3), sinks: 2 };
+    p.mask = Mask { causal: true, window: Some(3), sinks: 2, chunk: None };
     out.push(Problem { label: "window 3 + 2 sinks, partial interleaved rope", p, qp: (0..12).collect(), kp: (0..12).collect() });
     // Decode: a few queries at the end of a long cache, with a window.
     let mut p = AttentionParams::new(4, 1, d);
     p.rope = rope.clone();
-    p.mask = Mask { causal: true, window: Some(5), sinks: 1 };
+    p.mask = Mask { causal: true, window: Some(5), sinks: 1, chunk: None };
     out.push(Problem { label: "decode offset 37 over 40 keys", p, qp: vec![37, 38, 39], kp: (0..40).collect() });
     // ALiBi on a tensor-parallel shard: heads 4..8 of 12 (a non power of two).
     let mut p = AttentionParams::new(4, 2, d);
@@ -445,7 +445,7 @@ fn problems() -> Vec<Problem> {
     p.rope = rope.clone();
     out.push(Problem { label: "queries before all keys", p, qp: vec![0, 1, 5, 6], kp: vec![5, 6, 7] });
     let mut p = AttentionParams::new(2, 1, d);
-    p.mask = Mask { causal: true, window: Some(2), sinks: 0 };
+    p.mask = Mask { causal: true, window: Some(2), sinks: 0, chunk: None };
     p.rope = rope;
     out.push(Problem { label: "window far behind", p, qp: vec![100, 3], kp: vec![0, 1, 2, 3] });
     out

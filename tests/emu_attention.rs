@@ -294,9 +294,9 @@ fn emulated_wide_tiles_every_head_dim() {
     for (i, &d) in rope_attn::cuda::SUPPORTED_HEAD_DIMS.iter().enumerate() {
         let mut p = AttentionParams::new(4, 2, d);
         p.mask = [
-            Mask { causal: true, window: None, sinks: 0 },
-            Mask { causal: true, window: Some(50), sinks: 3 },
-            Mask { causal: false, window: None, sinks: 0 },
+            Mask { causal: true, window: None, sinks: 0, chunk: None },
+            Mask { causal: true, window: Some(50), sinks: 3, chunk: None },
+            Mask { causal: false, window: None, sinks: 0, chunk: None },
         ][i % 3];
         p.alibi = (i % 2 == 0).then_some(Alibi { total_heads: 8, head_offset: 4 });
         // No RoPE (the plain path) on odd head dims, the pre-rotated path on the others.
@@ -324,7 +324,7 @@ fn emulated_wide_tiles_halve_fragment_traffic() {
     fn works<T: Dtype>(d: usize) -> [rope_attn::emulator::Work; 2] {
         let (nq, nk) = (256usize, 768usize);
         let mut p = AttentionParams::new(1, 1, d);
-        p.mask = Mask { causal: false, window: None, sinks: 0 };
+        p.mask = Mask { causal: false, window: None, sinks: 0, chunk: None };
         p.rope = Some(schedules(d, d).remove(6).1);
         let emu = emulator(21);
         [(false, PrefillPath::Fused), (true, PrefillPath::PreRotated)].map(|(use_ws, want)| {
@@ -424,7 +424,7 @@ fn emulated_prefill_softmax_forms() {
     .enumerate()
     {
         let mut p = AttentionParams::new(4, 2, 64);
-        p.mask = Mask { causal, window, sinks: if window.is_some() { 5 } else { 0 } };
+        p.mask = Mask { causal, window, sinks: if window.is_some() { 5 } else { 0 }, chunk: None };
         p.alibi = alibi.then_some(Alibi { total_heads: 8, head_offset: 2 });
         p.scale = scale;
         p.rope = Some(schedules(64, 64).remove(i % 8).1);

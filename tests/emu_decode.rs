@@ -221,7 +221,7 @@ fn emulated_decode_reads_only_the_tiles_a_window_shows() {
     let (hq, hkv, d, page, ctx) = (8usize, 2usize, 64usize, 16usize, 1024usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(schedules(d, d).remove(2).1);
-    p.mask = rope_attn::Mask { causal: true, window: Some(100), sinks: 4 };
+    p.mask = rope_attn::Mask { causal: true, window: Some(100), sinks: 4, chunk: None };
     let emu = emulator(14);
     let mut r = rng(14);
     let f = fill::<bf16>(&emu, &p, &[ctx], page, &mut r);
@@ -247,7 +247,7 @@ fn emulated_decode_with_fully_masked_splits_and_strided_rows() {
     let (hq, hkv, d, page, ctx) = (4usize, 2usize, 64usize, 16usize, 300usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(schedules(d, d).remove(0).1);
-    p.mask = rope_attn::Mask { causal: true, window: Some(100), sinks: 0 };
+    p.mask = rope_attn::Mask { causal: true, window: Some(100), sinks: 0, chunk: None };
     let emu = emulator(13);
     let mut r = rng(13);
     let f = fill::<f16>(&emu, &p, &[ctx, 7], page, &mut r);
@@ -296,7 +296,7 @@ fn emulated_decode_without_rope_matches_reference() {
         p.rope = None;
         if i % 2 == 1 {
             p.alibi = Some(Alibi { total_heads: 8, head_offset: 0 });
-            p.mask = rope_attn::Mask { causal: true, window: Some(40), sinks: 3 };
+            p.mask = rope_attn::Mask { causal: true, window: Some(40), sinks: 3, chunk: None };
         }
         let queries = [1usize, 3][i % 2];
         let ctx = [queries, 90 + 7 * i];
@@ -465,9 +465,9 @@ fn emulated_decode_unmasked_tiles_next_to_masked_ones() {
     fn run<T: Dtype>(seed: u64) {
         let emu = emulator(seed);
         let mut r = rng(seed);
-        let causal = rope_attn::Mask { causal: true, window: None, sinks: 0 };
+        let causal = rope_attn::Mask { causal: true, window: None, sinks: 0, chunk: None };
         for (queries, mask, ctx, alibi) in [
-            (3usize, rope_attn::Mask { causal: true, window: Some(50), sinks: 2 }, [200usize, 131], false),
+            (3usize, rope_attn::Mask { causal: true, window: Some(50), sinks: 2, chunk: None }, [200usize, 131], false),
             (16, causal, [128, 64], false),
             (16, causal, [128, 64], true),
             (16, rope_attn::Mask { causal: false, ..causal }, [128, 64], true),

@@ -77,9 +77,9 @@ fn emulated_paged_prefill_matches_reference() {
 #[test]
 fn emulated_paged_prefill_with_split_keys() {
     for (i, (mask, relative)) in [
-        (rope_attn::Mask { causal: true, window: None, sinks: 0 }, rope_attn::Relative::None),
-        (rope_attn::Mask { causal: true, window: Some(300), sinks: 4 }, rope_attn::Relative::None),
-        (rope_attn::Mask { causal: false, window: None, sinks: 0 }, rope_attn::Relative::ReRope { window: 100 }),
+        (rope_attn::Mask { causal: true, window: None, sinks: 0, chunk: None }, rope_attn::Relative::None),
+        (rope_attn::Mask { causal: true, window: Some(300), sinks: 4, chunk: None }, rope_attn::Relative::None),
+        (rope_attn::Mask { causal: false, window: None, sinks: 0, chunk: None }, rope_attn::Relative::ReRope { window: 100 }),
     ]
     .into_iter()
     .enumerate()
@@ -290,7 +290,7 @@ fn paged_prefill_gather_plans() {
 fn emulated_paged_prefill_gathers_many_sequences() {
     let mut p = AttentionParams::new(4, 2, 64);
     p.rope = Some(schedules(64, 32).remove(6).1);
-    p.mask = rope_attn::Mask { causal: true, window: Some(40), sinks: 2 };
+    p.mask = rope_attn::Mask { causal: true, window: Some(40), sinks: 2, chunk: None };
     let n = 128;
     let seq_q: Vec<usize> = (0..n).map(|b| 1 + b % 3).collect();
     let ctx: Vec<usize> = (0..n).map(|b| seq_q[b] + 30 + (b * 37) % 70).collect();

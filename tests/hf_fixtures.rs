@@ -387,7 +387,7 @@ fn attention_with_learned_sinks_matches_gpt_oss() {
         let cfg = RopeConfig::from_hf_config_json(&config_text(case["config"].as_str().unwrap(), &Value::Null)).unwrap();
         let mut p = AttentionParams::new(hq, hkv, d);
         p.rope = Some(Rotary::from_schedule(&cfg.schedule(None).unwrap(), Layout::Half));
-        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: 0 };
+        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: 0, chunk: None };
         let exact = |key| exact_f64s("sink_attention", idx, key);
         p.sink_logits = Some(exact("sinks"));
         let o = reference::attention(&exact("q"), &exact("k"), &exact("v"), &pos, &pos, &p).unwrap();
@@ -417,7 +417,7 @@ fn attention_with_softcap_matches_gemma2() {
         let pos = i64s(&case["positions"]);
         let mut p = AttentionParams::new(hq, hkv, d);
         p.rope = Some(Rotary::from_schedule(&RopeSchedule::plain(case["rope_theta"].as_f64().unwrap(), d).unwrap(), Layout::Half));
-        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: 0 };
+        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: 0, chunk: None };
         p.scale = Some(1.0 / scalar.sqrt());
         p.softcap = Some(cap);
         let exact = |key| exact_f64s("softcap_attention", idx, key);
@@ -441,7 +441,7 @@ fn attention_matches_torch_softmax_over_transformers_rope() {
         let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
         let (q_pos, k_pos) = (i64s(&case["q_pos"]), i64s(&case["k_pos"]));
         let mut p = AttentionParams::new(hq, hkv, d);
-        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: usize_of(&case["sinks"]) };
+        p.mask = Mask { causal: true, window: case["window"].as_u64().map(|w| w as usize), sinks: usize_of(&case["sinks"]), chunk: None };
         let sched = RopeSchedule::plain(case["rope_theta"].as_f64().unwrap(), d).unwrap();
         p.rope = Some(Rotary::from_schedule(&sched, Layout::Half));
         let exact = |key| exact_f64s("attention", idx, key);
@@ -457,4 +457,68 @@ fn attention_matches_torch_softmax_over_transformers_rope() {
         }
     }
     assert_eq!(cases.len(), 2, "attention cases");
+}
+
+/// Every example config's layers as transformers' config class has them: its `layer_types`
+/// (or, for the classes without one, every layer sliding when `sliding_window` is set, which is
+/// what their models do), the window, Llama 4's chunk and which layers rotate.
+#[test]
+fn layer_patterns_match_transformers() {
+    use rope_attn::{hf_layers, LayerAttention};
+    let f = fixtures();
+    let mut checked = 0;
+    let mut kinds = BTreeSet::new();
+    for case in cases(&f, "layers") {
+        let name = case["config"].as_str().expect("config name");
+        let got = hf_layers(&config_text(name, &Value::Null)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let n = usize_of(&case["num_hidden_layers"]);
+        let window = case["sliding_window"].as_u64().map(|w| w as usize);
+        let types: Vec<String> = match &case["layer_types"] {
+            Value::Array(t) => t.iter().map(|x| x.as_str().expect("layer type").to_string()).collect(),
+            _ => vec![if window.is_some() { "sliding_attention" } else { "full_attention" }.to_string(); n],
+        };
+        assert_eq!(got.len(), n, "{name}: layer count");
+        for (i, (layer, want)) in got.iter().zip(&types).enumerate() {
+            assert_eq!(layer.layer_type(), want, "{name}: layer {i}");
+            let want_attention = match want.as_str() {
+                "sliding_attention" => LayerAttention::Sliding(window.expect("a sliding layer has a window")),
+                "chunked_attention" => LayerAttention::Chunked(usize_of(&case["attention_chunk_size"])),
+                "linear_attention" => LayerAttention::Linear,
+                _ => LayerAttention::Full,
+            };
+            assert_eq!(layer.attention, want_attention, "{name}: layer {i}");
+            let rope = case["no_rope_layers"].as_array().is_none_or(|r| r[i].as_i64() != Some(0));
+            assert_eq!(layer.rope, rope, "{name}: layer {i} rope");
+            kinds.insert(want.clone());
+            checked += 1;
+        }
+    }
+    assert_eq!(kinds.len(), 4, "{kinds:?}");
+    assert!(checked > 400, "{checked} layers");
+}
+
+/// `Mask::visible` against transformers' own mask functions (masking_utils): causal, sliding
+/// window and chunked, over positions 0..70.
+#[test]
+fn masks_match_transformers_mask_functions() {
+    let f = fixtures();
+    let mut checked = 0;
+    for case in cases(&f, "masks") {
+        let mut m = Mask { causal: true, window: None, sinks: 0, chunk: None };
+        match case["kind"].as_str() {
+            Some("sliding") => m.window = Some(usize_of(&case["window"])),
+            Some("chunked") => m.chunk = Some(usize_of(&case["chunk"])),
+            Some("causal") => {}
+            other => panic!("unknown mask kind {other:?}"),
+        }
+        let range = i64s(&case["positions"]);
+        let want: BTreeSet<(i64, i64)> = case["visible"].as_array().expect("pairs").iter().map(|p| (p[0].as_i64().unwrap(), p[1].as_i64().unwrap())).collect();
+        for i in range[0]..range[1] {
+            for j in range[0]..range[1] {
+                assert_eq!(m.visible(i, j), want.contains(&(i, j)), "{m:?} i={i} j={j}");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 6 * 70 * 70);
 }

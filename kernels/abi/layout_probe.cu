@@ -71,6 +71,7 @@ int main() {
     FIELD(ScoresParams, causal);
     FIELD(ScoresParams, window);
     FIELD(ScoresParams, sinks);
+    FIELD(ScoresParams, chunk);
     FIELD(ScoresParams, alibi_total_heads);
     FIELD(ScoresParams, alibi_head_offset);
     FIELD(ScoresParams, scale);
@@ -102,6 +103,7 @@ int main() {
     FIELD(AttnParams, causal);
     FIELD(AttnParams, window);
     FIELD(AttnParams, sinks);
+    FIELD(AttnParams, chunk);
     FIELD(AttnParams, alibi_total_heads);
     FIELD(AttnParams, alibi_head_offset);
     FIELD(AttnParams, rotate_k);
@@ -153,6 +155,7 @@ int main() {
     FIELD(DecodeParams, sink);
     FIELD(DecodeParams, cap_in);
     FIELD(DecodeParams, cap_out);
+    FIELD(DecodeParams, chunk);
     SIZE(AppendParams);
     FIELD(AppendParams, k);
     FIELD(AppendParams, v);

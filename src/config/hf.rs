@@ -8,7 +8,7 @@ use super::{MRope, RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
 
-type Obj = Map<String, Value>;
+pub(super) type Obj = Map<String, Value>;
 
 /// Python's `json.dump` writes NaN/Infinity as bare words, which is not JSON. We turn them
 /// into marker strings so the error can name the key that holds them instead of failing the parse.
@@ -52,7 +52,7 @@ fn sanitize_non_finite(json: &str) -> String {
     out
 }
 
-fn parse_root(json: &str) -> Result<Obj> {
+pub(super) fn parse_root(json: &str) -> Result<Obj> {
     let v: Value = serde_json::from_str(&sanitize_non_finite(json)).map_err(|e| Error::Json(e.to_string()))?;
     match v {
         Value::Object(o) => Ok(o),
@@ -75,7 +75,7 @@ fn f64_of(o: &Obj, key: &str) -> Result<Option<f64>> {
 }
 
 /// A non-negative integer under `key` (integral floats such as `4096.0` are accepted).
-fn usize_of(o: &Obj, key: &str) -> Result<Option<usize>> {
+pub(super) fn usize_of(o: &Obj, key: &str) -> Result<Option<usize>> {
     match f64_of(o, key)? {
         None => Ok(None),
         Some(v) if v >= 0.0 && v.fract() == 0.0 && v < 1e15 => Ok(Some(v as usize)),
@@ -158,7 +158,7 @@ fn head_dim(root: &Obj) -> Result<usize> {
 
 /// Multimodal configs (Qwen3-VL, Gemma 3, ...) keep the language model's keys in `text_config`:
 /// read those when the top level does not describe the attention itself.
-fn text_root(root: Obj) -> Obj {
+pub(super) fn text_root(root: Obj) -> Obj {
     if root.contains_key("num_attention_heads") {
         return root;
     }

@@ -6,9 +6,11 @@
 //! [`RopeSchedule`], the f64 numbers every kernel and the CPU reference consume.
 
 mod hf;
+mod layers;
 mod mrope;
 mod schedules;
 
+pub use layers::{hf_layers, HfLayer, LayerAttention};
 pub use mrope::MRope;
 
 use crate::error::{positive, Error, Result};

@@ -250,6 +250,7 @@ pub(crate) fn attn_params_base(c: Common, p: &AttentionParams, batch: usize, max
         causal: c.causal,
         window: c.window,
         sinks: c.sinks,
+        chunk: c.chunk,
         alibi_total_heads: c.alibi_total_heads,
         alibi_head_offset: c.alibi_head_offset,
         rotate_k: 0,

@@ -227,12 +227,11 @@ fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
 
 /// The keys the splits share out: the whole context, or under a sliding window W the last
 /// W + queries - 1 (what the earliest query can see; the kernel starts its splits there, sinks
-/// aside).
+/// aside), under chunks C at most C + queries - 1 (from the earliest query's chunk start).
 fn split_span(p: &AttentionParams, b: &DecodeBatch) -> usize {
-    match p.mask.window {
-        Some(w) => b.max_context.min(w + b.queries - 1),
-        None => b.max_context,
-    }
+    let window = p.mask.window.map_or(usize::MAX, |w| w.saturating_add(b.queries.saturating_sub(1)));
+    let chunk = p.mask.chunk.map_or(usize::MAX, |c| c.saturating_add(b.queries.saturating_sub(1)));
+    b.max_context.min(window).min(chunk)
 }
 
 /// How many key splits a decode call should use on a GPU with `sm_count` SMs, each split at
@@ -425,11 +424,16 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     let DecodePlan { splits, keys_per_split } = plan;
     let c = common(p)?;
     let (d, hq) = (p.head_dim, p.num_q_heads);
+    let elem = std::mem::size_of::<T>();
+    // The 16-bit kernel's head_dim-256 build leaves the chunk test out: at 255 registers it
+    // would spill (kernels/attention_decode_mma.cu, CHUNKS).
+    if let Some(chunk) = p.mask.chunk.filter(|_| elem != 4 && d > 128) {
+        return Err(Error::Parameter { name: "chunk", value: chunk as f64, reason: "16-bit decode takes chunked attention up to head_dim 128" });
+    }
     let tokens = batch.tokens();
     if tokens == 0 {
         return Ok(());
     }
-    let elem = std::mem::size_of::<T>();
     let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(rows_per_block(elem));
     let DecodePtrs { q: qp, k_cache: kp, v_cache: vp, block_table: bp, context_lens: cp, out: op, lse: lp, workspace: wp } = ptrs;
     if kp % 16 != 0 || vp % 16 != 0 {
@@ -465,6 +469,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         causal: c.causal,
         window: c.window,
         sinks: c.sinks,
+        chunk: c.chunk,
         alibi_total_heads: c.alibi_total_heads,
         alibi_head_offset: c.alibi_head_offset,
         scale_log2: (p.softmax_scale() * std::f64::consts::LOG2_E) as f32,

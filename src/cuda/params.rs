@@ -170,6 +170,7 @@ pub(crate) struct ScoresParams {
     pub causal: i32,
     pub window: i32,
     pub sinks: i32,
+    pub chunk: i32,
     pub alibi_total_heads: i32,
     pub alibi_head_offset: i32,
     pub scale: f32,
@@ -206,6 +207,7 @@ pub(crate) struct AttnParams {
     pub causal: i32,
     pub window: i32,
     pub sinks: i32,
+    pub chunk: i32,
     pub alibi_total_heads: i32,
     pub alibi_head_offset: i32,
     pub rotate_k: i32,
@@ -262,6 +264,7 @@ pub(crate) struct DecodeParams {
     pub sink: SinkArgs,
     pub cap_in: f32,
     pub cap_out: f32,
+    pub chunk: i32,
 }
 
 /// Mirror of `ra::AppendParams` (kernels/attention_decode.cu).
@@ -340,9 +343,9 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
     check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, pad_);
     check!(SinkArgs; logit, on, pad_);
     check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq, block_table, context_lens, v_in, v_out, page_size, max_pages, num_pages, gather_rows, mrope, mrope_h, mrope_w, mrope_stride);
-    check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale, cap_in, cap_out);
-    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse, sink, cap_in, cap_out);
-    check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps, sink, cap_in, cap_out);
+    check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, scale, cap_in, cap_out);
+    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse, sink, cap_in, cap_out);
+    check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps, sink, cap_in, cap_out, chunk);
     check!(AppendParams; k, v, k_cache, v_cache, slots, k_row_stride, v_row_stride, tokens, kv_heads, head_dim, num_slots);
     check!(MergeParams; o1, lse1, o2, lse2, out, lse_out, tokens, heads, head_dim, pad_);
     check!(SplitsParams; part_out, part_lse, out, lse, o_row_stride, splits, tokens, heads, head_dim, sink);

@@ -145,15 +145,16 @@ pub fn scores_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> (Attenti
     p.rope = Some(rot);
     p.relative = [Relative::None, Relative::ReRope { window: 7 }, Relative::Leaky { window: 5, k: 3.0 }][case % 3];
     p.mask = [
-        Mask { causal: true, window: None, sinks: 0 },
-        Mask { causal: true, window: Some(9), sinks: 2 },
-        Mask { causal: false, window: None, sinks: 0 },
-        Mask { causal: false, window: Some(20), sinks: 0 },
+        Mask { causal: true, window: None, sinks: 0, chunk: None },
+        Mask { causal: true, window: Some(9), sinks: 2, chunk: None },
+        Mask { causal: false, window: None, sinks: 0, chunk: None },
+        Mask { causal: false, window: Some(20), sinks: 0, chunk: None },
     ][case % 4];
     if case % 2 == 1 {
         p.alibi = Some(Alibi { total_heads: 4 * hq, head_offset: hq });
     }
     soft_cap(&mut p, case);
+    chunked(&mut p, case);
     let shape = ScoresShape::contiguous(&p, nq, nk, off);
     (p, shape)
 }
@@ -173,9 +174,9 @@ pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: S
     p.rope = Some(rot);
     p.relative = [Relative::None, Relative::None, Relative::ReRope { window: 16 }, Relative::Leaky { window: 8, k: 4.0 }][case % 4];
     p.mask = [
-        Mask { causal: true, window: None, sinks: 0 },
-        Mask { causal: true, window: Some(40), sinks: 4 },
-        Mask { causal: false, window: None, sinks: 0 },
+        Mask { causal: true, window: None, sinks: 0, chunk: None },
+        Mask { causal: true, window: Some(40), sinks: 4, chunk: None },
+        Mask { causal: false, window: None, sinks: 0, chunk: None },
     ][case % 3];
     if case.is_multiple_of(2) {
         p.alibi = Some(Alibi { total_heads: 2 * hq, head_offset: hq });
@@ -192,6 +193,7 @@ pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: S
     };
     learned_sinks(&mut p, case);
     soft_cap(&mut p, case);
+    chunked(&mut p, case);
     let workspace = p.relative != Relative::None || f32_path || case % 2 == 1;
     PrefillCase { p, seq_q, seq_k, workspace }
 }
@@ -207,6 +209,16 @@ pub fn soft_cap(p: &mut AttentionParams, case: usize) {
         (5, _) => Some(30.0),
         _ => None,
     };
+}
+
+/// Chunked attention (Llama 4's `attention_chunk_size`) on two cases in five, over whatever
+/// mask the case has (causal or not, a window with sinks): chunks of 24 keys (several in one
+/// key tile), 80 (chunk starts inside tiles, whole tiles skipped) and 128 (tile-aligned in
+/// decode), on sequences longer than a chunk. Cases 2 mod 5 meet the learned sinks.
+pub fn chunked(p: &mut AttentionParams, case: usize) {
+    if case % 5 == 1 || case % 5 == 2 {
+        p.mask.chunk = Some([24, 80, 128][(case / 5) % 3]);
+    }
 }
 
 /// Learned attention sinks (GPT-OSS) on two cases in five, so that they meet every dtype,
@@ -234,12 +246,18 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(rot);
     p.relative = [Relative::None, Relative::ReRope { window: 32 }, Relative::Leaky { window: 16, k: 8.0 }][case % 3];
-    p.mask = [Mask { causal: true, window: None, sinks: 0 }, Mask { causal: true, window: Some(100), sinks: 4 }][case % 2];
+    p.mask = [Mask { causal: true, window: None, sinks: 0, chunk: None }, Mask { causal: true, window: Some(100), sinks: 4, chunk: None }][case % 2];
     if case % 2 == 1 {
         p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
     }
     learned_sinks(&mut p, case);
     soft_cap(&mut p, case);
+    chunked(&mut p, case);
+    if d > 128 {
+        // The 16-bit decode refuses chunks at head_dim 256 (tests/emu_chunked.rs checks that,
+        // and the f32 kernel taking them).
+        p.mask.chunk = None;
+    }
     let ctx = match scale {
         Scale::Gpu => [queries, 300, 1000 + case],
         Scale::Emulator => [queries, 100, 150 + case],
@@ -268,7 +286,7 @@ pub fn base_steps_case(d: usize, case: usize) -> (AttentionParams, usize) {
         p.relative = Relative::ReRope { window: 300 };
     }
     if case == 4 {
-        p.mask = Mask { causal: true, window: Some(256), sinks: 4 };
+        p.mask = Mask { causal: true, window: Some(256), sinks: 4, chunk: None };
         ctx = 896;
     }
     (p, ctx)

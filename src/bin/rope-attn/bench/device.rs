@@ -333,7 +333,7 @@ impl<T: Dtype> Prefill<T> {
     ) -> Res<Self> {
         let rot = llama31_rotary(d)?;
         let mut no_pe = AttentionParams::new(hq, hkv, d);
-        no_pe.mask = Mask { causal, window: None, sinks: 0 };
+        no_pe.mask = Mask { causal, window: None, sinks: 0, chunk: None };
         let alibi_only = AttentionParams { alibi: Some(Alibi { total_heads: hq, head_offset: 0 }), ..no_pe.clone() };
         let with_pe = AttentionParams { rope: Some(rot.clone()), ..alibi_only.clone() };
         let tokens = batch * seqlen;

@@ -1,0 +1,173 @@
+//! Which attention each decoder layer of a Hugging Face `config.json` runs, as transformers 5
+//! decides it (`config.layer_types`): full, a sliding window, Llama 4's chunks, or no softmax
+//! attention at all (Qwen3-Next's linear layers), and whether the layer applies RoPE (Llama 4's
+//! NoPE layers do not). [`HfLayer::mask`] is the [`Mask`] to run it with.
+
+use super::hf::{parse_root, text_root, usize_of, Obj};
+use crate::attention::Mask;
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+/// One layer's attention pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerAttention {
+    /// Causal attention over every earlier position (`"full_attention"`).
+    Full,
+    /// A causal sliding window of this many positions, the query's own included
+    /// (`"sliding_attention"`, transformers' `sliding_window`: keys with `i - j < window`).
+    Sliding(usize),
+    /// Causal attention within chunks of this many positions (`"chunked_attention"`, Llama 4's
+    /// `attention_chunk_size`).
+    Chunked(usize),
+    /// Not softmax attention (`"linear_attention"`: Qwen3-Next's and Qwen3.5's Gated DeltaNet
+    /// layers); no kernel here runs it.
+    Linear,
+}
+
+/// One decoder layer of a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HfLayer {
+    /// Its attention pattern.
+    pub attention: LayerAttention,
+    /// Whether it rotates Q and K (false on Llama 4's NoPE layers, `no_rope_layers[i] == 0`).
+    pub rope: bool,
+}
+
+impl HfLayer {
+    /// The mask to run the layer with; `None` for a linear-attention layer.
+    pub fn mask(&self) -> Option<Mask> {
+        let causal = Mask { causal: true, window: None, sinks: 0, chunk: None };
+        match self.attention {
+            LayerAttention::Full => Some(causal),
+            LayerAttention::Sliding(w) => Some(Mask { window: Some(w), ..causal }),
+            LayerAttention::Chunked(c) => Some(Mask { chunk: Some(c), ..causal }),
+            LayerAttention::Linear => None,
+        }
+    }
+
+    /// transformers' name of the layer type.
+    pub fn layer_type(&self) -> &'static str {
+        match self.attention {
+            LayerAttention::Full => "full_attention",
+            LayerAttention::Sliding(_) => "sliding_attention",
+            LayerAttention::Chunked(_) => "chunked_attention",
+            LayerAttention::Linear => "linear_attention",
+        }
+    }
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidValue { key: key.to_string(), reason: reason.into() }
+}
+
+/// A positive integer key, `None` when absent or null.
+fn size_of(root: &Obj, key: &str) -> Result<Option<usize>> {
+    match usize_of(root, key)? {
+        Some(0) => Err(bad(key, "must be >= 1")),
+        v => Ok(v),
+    }
+}
+
+fn flag(root: &Obj, key: &str) -> Result<Option<bool>> {
+    match root.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(bad(key, format!("expected a bool, got {other}"))),
+    }
+}
+
+/// Every decoder layer of a `config.json` (the language model's, under `text_config` for
+/// multimodal configs), in order.
+///
+/// An explicit `layer_types` list wins (transformers 5 writes it into the configs it saves).
+/// Without one, transformers' own defaults are followed for the model types whose configs
+/// derive it: Llama 4 (`no_rope_layers`, or a NoPE layer every `no_rope_layer_interval`, and
+/// `attention_chunk_size`, 8192 when absent), Gemma 2 and GPT-OSS (sliding and full
+/// alternating), Gemma 3 (`sliding_window_pattern`, 6), Qwen3-Next / Qwen3.5
+/// (`full_attention_interval`, 4); Mistral, Mixtral, Phi-3 and Starcoder2 slide every layer when
+/// `sliding_window` is set. Any other config is full attention throughout unless it sets a
+/// `sliding_window` it uses (`use_sliding_window` not false): its rule is model-specific (Qwen2's
+/// `max_window_layers`, ...), so that is an error that asks for `layer_types` rather than a guess.
+pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
+    let root = text_root(parse_root(json)?);
+    let model_type = root.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+    let llama4 = model_type.starts_with("llama4");
+    let chunk = if llama4 && !root.contains_key("attention_chunk_size") { Some(8192) } else { size_of(&root, "attention_chunk_size")? };
+    if flag(&root, "use_bidirectional_attention")? == Some(true) {
+        // Gemma 3's embedding variant: a symmetric window |i - j| <= w, which Mask does not hold.
+        return Err(bad("use_bidirectional_attention", "bidirectional sliding windows are not supported"));
+    }
+    let used = flag(&root, "use_sliding_window")? != Some(false);
+    let window = size_of(&root, "sliding_window")?.filter(|_| used);
+    let n = usize_of(&root, "num_hidden_layers")?;
+
+    // Llama 4: no_rope_layers[i] = 1 for a RoPE layer (chunked), 0 for a NoPE one (full).
+    let rope_layers: Option<Vec<bool>> = if llama4 {
+        let listed = match root.get("no_rope_layers") {
+            Some(Value::Array(a)) if !a.is_empty() => Some(
+                a.iter().map(|v| v.as_i64().map(|x| x != 0).ok_or_else(|| bad("no_rope_layers", format!("entry {v} is not an integer")))).collect::<Result<Vec<_>>>()?,
+            ),
+            _ => None,
+        };
+        match listed {
+            Some(l) => Some(l),
+            None => {
+                let n = n.ok_or(Error::MissingKey("num_hidden_layers"))?;
+                let every = size_of(&root, "no_rope_layer_interval")?.unwrap_or(4);
+                Some((0..n).map(|i| (i + 1) % every != 0).collect())
+            }
+        }
+    } else {
+        None
+    };
+    let rope_of = |i: usize| rope_layers.as_ref().is_none_or(|r| r.get(i).copied().unwrap_or(true));
+
+    let kinds: Vec<LayerAttention> = match root.get("layer_types") {
+        Some(Value::Array(types)) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(LayerAttention::Full),
+                Some("sliding_attention") => window.map(LayerAttention::Sliding).ok_or(Error::MissingKey("sliding_window")),
+                Some("chunked_attention") => chunk.map(LayerAttention::Chunked).ok_or(Error::MissingKey("attention_chunk_size")),
+                Some("linear_attention") => Ok(LayerAttention::Linear),
+                _ => Err(bad("layer_types", format!("unknown layer type {t}"))),
+            })
+            .collect::<Result<_>>()?,
+        Some(Value::Null) | None => {
+            let n = n.ok_or(Error::MissingKey("num_hidden_layers"))?;
+            let every = |k: usize, i: usize| (i + 1) % k != 0;
+            let sliding = |slide: bool| match (slide, window) {
+                (false, _) => Ok(LayerAttention::Full),
+                (true, Some(w)) => Ok(LayerAttention::Sliding(w)),
+                (true, None) => Err(Error::MissingKey("sliding_window")),
+            };
+            match model_type.as_str() {
+                _ if llama4 => (0..n)
+                    .map(|i| match chunk {
+                        Some(c) if rope_of(i) => LayerAttention::Chunked(c),
+                        _ => LayerAttention::Full,
+                    })
+                    .collect(),
+                "gemma2" | "gpt_oss" => (0..n).map(|i| sliding(every(2, i))).collect::<Result<_>>()?,
+                "gemma3" | "gemma3_text" => {
+                    let k = size_of(&root, "sliding_window_pattern")?.unwrap_or(6);
+                    (0..n).map(|i| sliding(every(k, i))).collect::<Result<_>>()?
+                }
+                "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => {
+                    let k = size_of(&root, "full_attention_interval")?.unwrap_or(4);
+                    (0..n).map(|i| if every(k, i) { LayerAttention::Linear } else { LayerAttention::Full }).collect()
+                }
+                "mistral" | "mixtral" | "phi3" | "starcoder2" => vec![sliding(window.is_some())?; n],
+                _ if window.is_some() => {
+                    return Err(bad("layer_types", format!("{model_type:?} sets sliding_window, and which of its layers slide is model-specific: give layer_types")))
+                }
+                _ => vec![LayerAttention::Full; n],
+            }
+        }
+        Some(other) => return Err(bad("layer_types", format!("expected a list, got {other}"))),
+    };
+    if let Some(n) = n.filter(|&n| n != kinds.len()) {
+        return Err(bad("layer_types", format!("{} entries for {n} layers", kinds.len())));
+    }
+    Ok(kinds.into_iter().enumerate().map(|(i, attention)| HfLayer { attention, rope: rope_of(i) }).collect())
+}
