@@ -128,18 +128,8 @@ fn emulated_decode_reads_only_the_chunk() {
         p.rope = Some(schedules(d, d).remove(2).1);
         p.mask = chunked(true, None, sinks, 256);
         let emu = emulator(42);
-        let mut r = rng(42);
-        let f = fill::<bf16>(&emu, &p, &[ctx], page, &mut r);
-        let q = guard(&as_dtype::<bf16>(&uniform(&mut r, hq * d)).0);
-        let batch = DecodeBatch::contiguous(&p, 1, 1, f.max_pages, ctx);
-        let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
         for splits in [1usize, 4] {
-            let (mut out, mut lse) = (GuardedBuf::filled(hq * d, bf16::ZERO), GuardedBuf::filled(hq, 0f32));
-            let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
-            emu.take_work();
-            emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws)).unwrap();
-            let w = emu.take_work();
-            assert_eq!(w.global_bytes as usize, keys * hkv * d * 2 * 2, "sinks {sinks} splits {splits}: {w:?}");
+            assert_eq!(decode_bytes_read(&emu, &p, ctx, page, splits, 42), keys * hkv * d * 2 * 2, "sinks {sinks} splits {splits}");
         }
     }
 }

@@ -223,18 +223,8 @@ fn emulated_decode_reads_only_the_tiles_a_window_shows() {
     p.rope = Some(schedules(d, d).remove(2).1);
     p.mask = rope_attn::Mask { causal: true, window: Some(100), sinks: 4, chunk: None };
     let emu = emulator(14);
-    let mut r = rng(14);
-    let f = fill::<bf16>(&emu, &p, &[ctx], page, &mut r);
-    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, hq * d)).0);
-    let batch = DecodeBatch::contiguous(&p, 1, 1, f.max_pages, ctx);
-    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
     for splits in [1usize, 4] {
-        let (mut out, mut lse) = (GuardedBuf::filled(hq * d, bf16::ZERO), GuardedBuf::filled(hq, 0f32));
-        let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
-        emu.take_work();
-        emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws)).unwrap();
-        let w = emu.take_work();
-        assert_eq!(w.global_bytes as usize, 128 * hkv * d * 2 * 2, "splits {splits}: {w:?}");
+        assert_eq!(decode_bytes_read(&emu, &p, ctx, page, splits, 14), 128 * hkv * d * 2 * 2, "splits {splits}");
     }
 }
 

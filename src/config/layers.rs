@@ -114,7 +114,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
             None => {
                 let n = n.ok_or(Error::MissingKey("num_hidden_layers"))?;
                 let every = size_of(&root, "no_rope_layer_interval")?.unwrap_or(4);
-                Some((0..n).map(|i| (i + 1) % every != 0).collect())
+                Some((0..n).map(|i| !(i + 1).is_multiple_of(every)).collect())
             }
         }
     } else {
@@ -135,7 +135,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
             .collect::<Result<_>>()?,
         Some(Value::Null) | None => {
             let n = n.ok_or(Error::MissingKey("num_hidden_layers"))?;
-            let every = |k: usize, i: usize| (i + 1) % k != 0;
+            let every = |k: usize, i: usize| !(i + 1).is_multiple_of(k);
             let sliding = |slide: bool| match (slide, window) {
                 (false, _) => Ok(LayerAttention::Full),
                 (true, Some(w)) => Ok(LayerAttention::Sliding(w)),

@@ -42,3 +42,21 @@ pub fn fill<T: Dtype>(emu: &Emulator, p: &AttentionParams, ctx: &[usize], page: 
     Filled { k_cache, v_cache, table: guard(&table), lens: guard(&lens), cache, max_pages }
 }
 
+
+/// Global bytes one bf16 query's checked decode reads over a filled one-sequence cache of `ctx`
+/// keys (pages of `page`), with `splits` key splits: what the kernels stage (the emulator's count).
+pub fn decode_bytes_read(emu: &Emulator, p: &AttentionParams, ctx: usize, page: usize, splits: usize, seed: u64) -> usize {
+    use rope_attn::cuda::{decode_workspace_len, DecodeBatch};
+    use rope_attn::emulator::DecodeInputs;
+    let (hq, d) = (p.num_q_heads, p.head_dim);
+    let mut r = super::rng(seed);
+    let f = fill::<half::bf16>(emu, p, &[ctx], page, &mut r);
+    let q = guard(&as_dtype::<half::bf16>(&uniform(&mut r, hq * d)).0);
+    let batch = DecodeBatch::contiguous(p, 1, 1, f.max_pages, ctx);
+    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    let (mut out, mut lse) = (GuardedBuf::filled(hq * d, half::bf16::ZERO), GuardedBuf::filled(hq, 0f32));
+    let mut ws = GuardedBuf::filled(decode_workspace_len(p, &batch, splits), 0f32);
+    emu.take_work();
+    emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, p, splits, Some(&mut ws)).unwrap();
+    emu.take_work().global_bytes as usize
+}

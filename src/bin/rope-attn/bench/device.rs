@@ -279,7 +279,13 @@ pub enum PrefillVariant {
     Unfused,
     /// Attention without any position encoding (what torch's flash SDPA computes).
     NoPe,
+    /// `Fused` under Llama 4's chunked attention (chunks of [`LLAMA4_CHUNK`]): the tiles
+    /// outside each query tile's chunk are skipped.
+    FusedChunked,
 }
+
+/// Llama 4's `attention_chunk_size`.
+pub const LLAMA4_CHUNK: usize = 8192;
 
 /// A prefill problem: `batch` sequences of `seqlen` tokens (Q, K and V the same length), GQA
 /// `hq`/`hkv`, RoPE (Llama 3.1) + ALiBi, causal or not; several input sets when small.
@@ -290,6 +296,8 @@ pub struct Prefill<T: Dtype> {
     pub alibi_only: AttentionParams,
     /// No position encoding.
     pub no_pe: AttentionParams,
+    /// `with_pe` in chunks of [`LLAMA4_CHUNK`].
+    pub chunked: AttentionParams,
     /// The batch geometry.
     pub batch: AttentionBatch,
     /// Total tokens.
@@ -336,6 +344,7 @@ impl<T: Dtype> Prefill<T> {
         no_pe.mask = Mask { causal, window: None, sinks: 0, chunk: None };
         let alibi_only = AttentionParams { alibi: Some(Alibi { total_heads: hq, head_offset: 0 }), ..no_pe.clone() };
         let with_pe = AttentionParams { rope: Some(rot.clone()), ..alibi_only.clone() };
+        let chunked = AttentionParams { mask: Mask { chunk: Some(LLAMA4_CHUNK), ..with_pe.mask }, ..with_pe.clone() };
         let tokens = batch * seqlen;
         let ab = AttentionBatch::contiguous(&with_pe, batch, seqlen, tokens, tokens);
         let mut set_list = Vec::with_capacity(sets);
@@ -354,6 +363,7 @@ impl<T: Dtype> Prefill<T> {
             with_pe,
             alibi_only,
             no_pe,
+            chunked,
             batch: ab,
             tokens,
             sets: set_list,
@@ -388,6 +398,7 @@ impl<T: Dtype> Prefill<T> {
                 cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.with_pe, Some(&mut ws))?
             }
             PrefillVariant::NoPe => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.no_pe, None)?,
+            PrefillVariant::FusedChunked => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.chunked, None)?,
             PrefillVariant::Unfused => {
                 let p = &self.with_pe;
                 let shape = RopeShape::contiguous(self.tokens, p.num_q_heads, p.num_kv_heads, p.head_dim);

@@ -406,6 +406,9 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
     let fused = time(PrefillVariant::Fused)?;
     let pre = time(PrefillVariant::PreRotated)?;
     let nope = time(PrefillVariant::NoPe)?;
+    // Llama 4's chunks, on causal prompts longer than one chunk (before the unfused run rotates
+    // the inputs in place).
+    let chunked = (c.causal && n > dev::LLAMA4_CHUNK).then(|| time(PrefillVariant::FusedChunked)).transpose()?;
     let unfused = time(PrefillVariant::Unfused)?;
     let auto_pre = cuda::prefill_prefers_workspace::<T>(&pf.with_pe, &pf.batch);
     let ours = if auto_pre { pre.median_ms } else { fused.median_ms };
@@ -435,7 +438,7 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
         }
     };
     let chosen = |is: bool| if is { " [auto]" } else { "" };
-    let rows = vec![
+    let mut rows = vec![
         base("ours_fused", "rope+alibi", format!("{fused_path:?}{}", chosen(!auto_pre)), fused, check),
         base(
             "ours_prerotated",
@@ -453,6 +456,16 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
         ),
         base("ours_no_pe", "none", format!("{:?}", PrefillPath::Plain), nope, "same kernel, no RoPE, no ALiBi".into()),
     ];
+    if let Some(st) = chunked {
+        // Its own work: every chunk's causal square, 4·b·h·d·Σ c²/2 (the ratio is to the full
+        // causal call's auto path, so it shows what the skipped tiles save).
+        let full = (n / dev::LLAMA4_CHUNK) as f64 * (dev::LLAMA4_CHUNK as f64).powi(2) + ((n % dev::LLAMA4_CHUNK) as f64).powi(2);
+        let flops = 2.0 * (b * hq * d) as f64 * full;
+        let tf = flops / (st.median_ms * 1e-3) / 1e12;
+        let mut row = base("ours_fused_llama4_chunks", "rope+alibi", "Fused".into(), st, format!("chunks of {}; TFLOP/s of the chunks' work", dev::LLAMA4_CHUNK));
+        (row.tflops, row.pct_peak) = (Some(tf), cx.peak.map(|p| 100.0 * tf / p.tflops));
+        rows.push(row);
+    }
     Ok((rows, ours))
 }
 
