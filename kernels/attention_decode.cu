@@ -143,9 +143,9 @@ __device__ void decode_body(const DecodeParams& p) {
     int* Slots = reinterpret_cast<int*>(Scores + DEC_WARPS * BT * R) + warp * BT;
 
     const int split = blockIdx.x, b = blockIdx.z;
-    const DecodeSpan span = decode_span(p, b, split, p.chunk);
-    const int ctx = span.ctx, k_begin = span.k_begin, k_end = span.k_end;
     const MaskArgs mask{p.causal, p.window, p.sinks, p.chunk};
+    const DecodeSpan span = decode_span(p, b, split, mask);
+    const int ctx = span.ctx, k_begin = span.k_begin, k_end = span.k_end;
     const DecodeRows rw = decode_rows<R>(p, ctx);
     const int kvh = rw.kvh, rows = rw.rows;
 

@@ -211,7 +211,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     // would push into spills): at 256 the chunk code compiles away.
     constexpr bool CHUNKS = D <= 128;
     const MaskArgs mask{p.causal, p.window, p.sinks, CHUNKS ? p.chunk : 0};
-    const DecodeSpan span = decode_span(p, b, split, mask.chunk);
+    const DecodeSpan span = decode_span(p, b, split, mask);
     const int ctx = span.ctx, k_begin = span.k_begin, k_end = span.k_end;
     const DecodeRows rw = decode_rows<R>(p, ctx);
     const int kvh = rw.kvh, rows = rw.rows;

@@ -30,12 +30,12 @@ __device__ __forceinline__ void head_pair(int P, int rd, int interleaved, int D,
 struct DecodeSpan {
     int ctx, lo, k_begin, k_end;
 };
-__device__ __forceinline__ DecodeSpan decode_span(const DecodeParams& p, int b, int split, int chunk) {
+__device__ __forceinline__ DecodeSpan decode_span(const DecodeParams& p, int b, int split, const MaskArgs& mask) {
     DecodeSpan s;
     s.ctx = imin(imax(p.context_lens[b], 0), p.max_pages * p.page_size);
     const int first = imax(0, s.ctx - p.queries);  // the earliest query's position
     s.lo = p.window > 0 ? imax(0, first - p.window + 1) : 0;
-    if (chunk > 0) s.lo = imax(s.lo, first / chunk * chunk);
+    if (mask.chunk > 0) s.lo = imax(s.lo, chunk_start(mask, first));
     s.k_begin = split == 0 && p.sinks > 0 ? 0 : s.lo + split * p.keys_per_split;
     s.k_end = imin(s.ctx, s.lo + (split + 1) * p.keys_per_split);
     return s;

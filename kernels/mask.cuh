@@ -71,7 +71,7 @@ __device__ __forceinline__ bool tile_visible(const MaskArgs& m, int i0, int i1, 
 // chunk (causal: every key is at or before i0).
 __device__ __forceinline__ bool tile_fully_visible(const MaskArgs& m, int i0, int i1, int j0, int j1) {
     if (!tile_fully_visible_unchunked(m, i0, i1, j0, j1)) return false;
-    return m.chunk <= 0 || j1 - 1 < m.sinks || one_chunk(m, imin(i0, j0), imax(i1, j1) - 1);
+    return j1 - 1 < m.sinks || one_chunk(m, imin(i0, j0), imax(i1, j1) - 1);
 }
 
 // Whether the window and the chunks hide no key in [j0, j1) from any query in [i0, i1) that
@@ -79,7 +79,7 @@ __device__ __forceinline__ bool tile_fully_visible(const MaskArgs& m, int i0, in
 // such pair in one chunk (causal: the pairs lie in [j0, i1)), or every key is a sink.
 __device__ __forceinline__ bool tile_window_free(const MaskArgs& m, int i0, int i1, int j0, int j1) {
     const bool window_free = m.window <= 0 || (i1 - 1) - j0 < m.window || j1 - 1 < m.sinks;
-    const bool chunk_free = m.chunk <= 0 || j1 - 1 < m.sinks ||
+    const bool chunk_free = j1 - 1 < m.sinks ||
                             (m.causal ? one_chunk(m, j0, i1 - 1) : one_chunk(m, imin(i0, j0), imax(i1, j1) - 1));
     return window_free && chunk_free;
 }

@@ -35,6 +35,7 @@ __device__ __forceinline__ void emit_score(const ScoresParams& p, int h, int m0,
     float s = -INFINITY;
     // Branch-free capping (both values, then a select): a branch here made sm_90's ptxas spill.
     const float t = p.cap_out * tanh_abs(dot * p.cap_in);
+    // The row's key bounds, not visible(): its per-key chunk division cost sm_80's f32 build a spill.
     if (row_sees(mask, i, row_keys(mask, i), j)) s = (p.cap_in > 0.f ? t : p.scale * dot) + (p.alibi_total_heads > 0 ? alibi_bias(slope, i, j) : 0.f);
     p.out[((long long)h * p.nq + m0 + row) * p.nk + j] = s;
 }

@@ -68,13 +68,12 @@ fn tile_fully_visible(m: MaskArgs, i0: i64, i1: i64, j0: i64, j1: i64) -> bool {
     if !tile_fully_visible_unchunked(m, i0, i1, j0, j1) {
         return false;
     }
-    m.chunk <= 0 || j1 - 1 < m.sinks || one_chunk(m, i0.min(j0), i1.max(j1) - 1)
+    j1 - 1 < m.sinks || one_chunk(m, i0.min(j0), i1.max(j1) - 1)
 }
 
 fn tile_window_free(m: MaskArgs, i0: i64, i1: i64, j0: i64, j1: i64) -> bool {
     let window_free = m.window <= 0 || (i1 - 1) - j0 < m.window || j1 - 1 < m.sinks;
-    let chunk_free = m.chunk <= 0
-        || j1 - 1 < m.sinks
+    let chunk_free = j1 - 1 < m.sinks
         || if m.causal { one_chunk(m, j0, i1 - 1) } else { one_chunk(m, i0.min(j0), i1.max(j1) - 1) };
     window_free && chunk_free
 }
