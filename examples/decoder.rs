@@ -193,6 +193,12 @@ fn run(a: &Args) -> Result<(), String> {
         _ => "full causal attention".to_string(),
     };
     println!("layer {index} ({}): {pattern}, {}", layer.layer_type(), if layer.rope { "RoPE" } else { "no position encoding (NoPE)" });
+    if let Some(t) = layer.query_temperature {
+        println!("query temperature (Llama 4's attn_temperature_tuning): 1 + {} ln(1 + floor((i + 1) / {})), in the kernels", t.attn_scale, t.floor_scale);
+    }
+    if let Some(eps) = layer.qk_norm {
+        println!("QK norm (Llama 4's use_qk_norm, eps {eps}) on the unrotated Q and K before the call");
+    }
     if let Some(c) = m.softcap {
         println!("logit soft-capping at {c} (attn_logit_softcapping), score scale {:.6}", m.scale.unwrap_or(1.0 / (m.d as f64).sqrt()));
     }
@@ -227,7 +233,8 @@ fn run(a: &Args) -> Result<(), String> {
         let s = m.rope.schedule(Some(len)).map_err(|e| e.to_string())?;
         let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
         p.rope = m.layer.1.rope.then(|| Rotary::from_schedule(&s, m.layout));
-        p.mask = m.layer.1.mask().expect("load_model picked a softmax-attention layer");
+        // The layer's mask and (Llama 4's NoPE layers) query temperature.
+        let mut p = m.layer.1.apply(p).expect("load_model picked a softmax-attention layer");
         (p.softcap, p.scale, p.sink_logits) = (m.softcap, m.scale, m.sinks.clone());
         Ok(p)
     };
@@ -247,10 +254,19 @@ fn run(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs.
+/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs. Llama 4's QK norm
+/// (its RoPE layers) on the unrotated Q and K: the rotation keeps each vector's norm, so this is
+/// transformers' rotate-then-normalise (`HfLayer::qk_norm`).
 fn qkv(m: &Model, w: &Weights, x: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let f = |wm: &[f32], width: usize| bf16_round(&matmul(x, wm, m.hidden, width));
-    (f(&w.wq, m.hq * m.d), f(&w.wk, m.hkv * m.d), f(&w.wv, m.hkv * m.d))
+    let f = |wm: &[f32], width: usize| matmul(x, wm, m.hidden, width);
+    let (mut q, mut k) = (f(&w.wq, m.hq * m.d), f(&w.wk, m.hkv * m.d));
+    if let Some(eps) = m.layer.1.qk_norm {
+        for head in q.chunks_mut(m.d).chain(k.chunks_mut(m.d)) {
+            let inv = 1.0 / (head.iter().map(|v| v * v).sum::<f32>() / m.d as f32 + eps as f32).sqrt();
+            head.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+    (bf16_round(&q), bf16_round(&k), bf16_round(&f(&w.wv, m.hkv * m.d)))
 }
 
 /// The next decode step's input: the previous token's block output (residual + attention).
@@ -607,6 +623,10 @@ mod tests {
         assert_eq!((l.layer.0, l.layer.1.attention, l.layer.1.rope, l.layout), (0, LayerAttention::Chunked(8192), true, Layout::Interleaved));
         let nope = load_model(&Args { config: "examples/configs/llama-4-scout-text-transformers-defaults.json".into(), layer: Some(3), layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true }).unwrap();
         assert_eq!((nope.layer.1.attention, nope.layer.1.rope), (LayerAttention::Full, false));
+        // Llama 4's temperature on its NoPE layers, its QK norm on the RoPE ones.
+        let t = nope.layer.1.query_temperature.expect("NoPE layers take the temperature");
+        assert_eq!((t.floor_scale, t.attn_scale, nope.layer.1.qk_norm), (8192, 0.1, None));
+        assert_eq!((l.layer.1.query_temperature, l.layer.1.qk_norm), (None, Some(1e-5)));
         let past = load_model(&Args { config: "examples/configs/llama-3.1-8b.json".into(), layer: Some(32), layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true });
         assert!(past.is_err());
     }

@@ -212,15 +212,20 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     if (q_vec) {
         if (rope) rotate_tile_composed(Qs, LD, vq, p.rope, q_off, q_base);
     } else if (rope) {
-        load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_POS, i0, q_off, q_base);
+        load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_POS, i0, q_off, q_base, true);
     } else {
-        load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_NONE, i0);
+        load_rotated_tile(Qs, LD, qg, p.q_row_stride, BM, vq, D, p.rope, ROT_NONE, i0, nullptr, nullptr, true);
     }
     if (COMPOSED && FULL && p.rotate_k) {  // read after the barrier before the loop
         fill_rotation_offsets(rot_off, p.rope);
         fill_rotation_steps(rot_step, p.rope, BN / ROT_SUB);
     }
-    if (rel) load_rotated_tile(Qf, LD, qg, p.q_row_stride, BM, vq, D, p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, i0);
+    if (rel) load_rotated_tile(Qf, LD, qg, p.q_row_stride, BM, vq, D, p.rope, leaky ? ROT_Q_LEAKY : ROT_Q_RE, i0, nullptr, nullptr, true);
+    // Llama 4's query temperature: the loads above applied it; an async-copied tile takes it now.
+    if (q_vec && tile_has_temperature(p.rope, i0, vq)) {
+        __syncthreads();  // the tile is rotated in place (the barrier before the loop orders the rest)
+        scale_query_tile(Qs, LD, vq, D, p.rope.temp_floor, p.rope.temp_scale, i0);
+    }
 
     const MaskArgs mask{p.causal, p.window, p.sinks, p.chunk};
     const int n_tiles = (sb.seqlen_k + BN - 1) / BN;
@@ -519,11 +524,12 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
         __syncwarp();
     }
     float qn[ROW_MAXC], qf[ROW_MAXC], o[ROW_MAXC];
+    const float temp = query_temperature(p.rope, i);  // Llama 4's, 1 without
 #pragma unroll
     for (int x = 0; x < ROW_MAXC; ++x) {
         const int c = lane + 32 * x;
-        qn[x] = c < D ? qrow[warp][0][c] : 0.f;
-        qf[x] = (rel && c < D) ? qrow[warp][1][c] : 0.f;
+        qn[x] = c < D ? qrow[warp][0][c] * temp : 0.f;
+        qf[x] = (rel && c < D) ? qrow[warp][1][c] * temp : 0.f;
         o[x] = 0.f;
     }
     const MaskArgs mask{p.causal, p.window, p.sinks, p.chunk};

@@ -66,7 +66,7 @@ __device__ __forceinline__ DecodeRows decode_rows(const DecodeParams& p, int ctx
 // Pair P of row r's query (components ia, ib: head_pair's numbering) of sequence b, in f32:
 // x rotated to the row's position times af² (keys are rotated without the attention factor,
 // which scales both sides), f the far copy for ReRoPE (to w, times af²; Leaky: to w + (i - w)/k,
-// times af²). Rows past rw.rows are zero.
+// times af²), both times the row's query temperature (Llama 4). Rows past rw.rows are zero.
 template <typename T, int D>
 __device__ __forceinline__ void rotated_query_pair(const DecodeParams& p, const DecodeRows& rw, int b, int r, int P, bool rel,
                                                    bool leaky, int& ia, int& ib, float2& x, float2& f) {
@@ -75,7 +75,9 @@ __device__ __forceinline__ void rotated_query_pair(const DecodeParams& p, const 
     x = f = make_float2(0.f, 0.f);
     if (r >= rw.rows) return;
     const T* qrow = static_cast<const T*>(p.q) + (long long)(b * p.queries + rw.query(r)) * p.q_row_stride + (long long)rw.head(r) * D;
-    x = f = make_float2(to_f32(qrow[ia]), to_f32(qrow[ib]));
+    // Llama 4's query temperature (1 without) on both copies, rotated components or not.
+    const float temp = query_temperature(ra, rw.pos(r));
+    x = f = make_float2(to_f32(qrow[ia]) * temp, to_f32(qrow[ib]) * temp);
     if (P < ra.rotary_dim / 2) {
         const float af = ra.attention_factor;
         const float2 cs = mode_cs(ra, ROT_POS, rw.pos(r), P);

@@ -19,6 +19,10 @@ struct RopeArgs {
     float attention_factor;  // multiplies rotated components
     int relative;            // 0 = plain RoPE, 1 = ReRoPE, 2 = Leaky ReRoPE
     int window;              // ReRoPE window w
+    // Llama 4's query temperature (query_temperature): floor_scale (0 = none) and attn_scale.
+    // Attention and score kernels only; the rope kernel's are always 0.
+    int temp_floor;
+    float temp_scale;
     int pad_;
 };
 
@@ -63,6 +67,23 @@ __device__ __forceinline__ void pair_index(int interleaved, int rotary_dim, int 
         a = i;
         b = i + rotary_dim / 2;
     }
+}
+
+// Llama 4's attention temperature (attn_temperature_tuning) on the query at position pos:
+// 1 + attn_scale · ln(1 + floor((pos + 1) / floor_scale)), 1 before position 0 and when off.
+// The floor in unsigned integers (exact, and pos + 1 cannot overflow), then one log1pf (1 ulp).
+__device__ __forceinline__ float query_temperature(int floor_scale, float attn_scale, int pos) {
+    if (floor_scale <= 0 || pos < 0) return 1.f;
+    const unsigned steps = (static_cast<unsigned>(pos) + 1u) / static_cast<unsigned>(floor_scale);
+    return fmaf(attn_scale, log1pf(static_cast<float>(steps)), 1.f);
+}
+__device__ __forceinline__ float query_temperature(const RopeArgs& a, int pos) { return query_temperature(a.temp_floor, a.temp_scale, pos); }
+
+// Whether a tile of queries at positions [pos0, pos0 + rows) has one with a factor other than 1
+// (block-uniform: a tile below floor_scale - 1, as every tile of a prompt under 8k is in Llama 4,
+// skips the pass).
+__device__ __forceinline__ bool tile_has_temperature(const RopeArgs& a, int pos0, int rows) {
+    return a.temp_floor > 0 && rows > 0 && static_cast<long long>(pos0) + rows - 1 >= a.temp_floor - 1;
 }
 
 // Rotate (x0, x1) by (c, s); the attention factor is folded into c and s by the callers.

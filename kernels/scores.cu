@@ -86,7 +86,8 @@ __device__ void scores_body(const ScoresParams& p) {
         if (pass == 1) __syncthreads();  // pass 0 has finished reading the tiles
         const int qmode = !rope ? ROT_NONE : pass == 0 ? ROT_POS : leaky ? ROT_Q_LEAKY : ROT_Q_RE;
         const int kmode = !rope ? ROT_NONE : pass == 0 ? ROT_POS : leaky ? ROT_K_LEAKY : ROT_NONE;
-        load_rotated_tile(Qs, ld, q, p.q_row_stride, BM, vq, D, p.rope, qmode, p.q_offset + m0);
+        // Q with Llama 4's query temperature (query = true).
+        load_rotated_tile(Qs, ld, q, p.q_row_stride, BM, vq, D, p.rope, qmode, p.q_offset + m0, nullptr, nullptr, true);
         load_rotated_tile(Ks, ld, k, p.k_row_stride, BM, vk, D, p.rope, kmode, n0);
         __syncthreads();
         if constexpr (sizeof(T) == 4) {

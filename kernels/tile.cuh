@@ -33,11 +33,13 @@ __device__ __forceinline__ float2 composed_cs(const float2* off, const float2* b
 // With tables (ROT_POS only: `off` and `base` filled by fill_rotation_offsets / _bases for
 // pos0) each angle is composed from them instead of evaluated (one complex product instead of
 // an exact reduction and a sincos). Every thread of the block must call it (it does not
-// synchronize by itself).
+// synchronize by itself). A query tile (`query`) also takes Llama 4's temperature
+// (query_temperature) before its one rounding to DstT.
 template <typename SrcT, typename DstT>
 __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const SrcT* src, long long src_stride,
                                                   int rows, int valid_rows, int D, const RopeArgs& a, int mode,
-                                                  int pos0, const float2* off = nullptr, const float2* base = nullptr) {
+                                                  int pos0, const float2* off = nullptr, const float2* base = nullptr,
+                                                  bool query = false) {
     const int r = (mode == ROT_NONE) ? 0 : a.rotary_dim;
     const int half = r / 2;
     const bool in_place = static_cast<const void*>(src) == static_cast<const void*>(dst);
@@ -52,6 +54,10 @@ __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const S
             x1 = to_f32(src[row * src_stride + ib]);
             const float2 cs = off ? composed_cs(off, base, row, p, half) : mode_cs(a, mode, pos0 + row, p);
             rotate_pair(x0, x1, cs.x, cs.y);
+            if (query) {
+                const float t = query_temperature(a, pos0 + row);
+                x0 *= t, x1 *= t;
+            }
         }
         dst[row * dst_ld + ia] = from_f32<DstT>(x0);
         dst[row * dst_ld + ib] = from_f32<DstT>(x1);
@@ -61,8 +67,25 @@ __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const S
     if (rest > 0 && !in_place) {
         for (int e = threadIdx.x; e < rows * rest; e += blockDim.x) {
             const int row = e / rest, c = r + e % rest;
-            dst[row * dst_ld + c] = row < valid_rows ? from_f32<DstT>(to_f32(src[row * src_stride + c])) : from_f32<DstT>(0.f);
+            const float t = query ? query_temperature(a, pos0 + row) : 1.f;
+            dst[row * dst_ld + c] = row < valid_rows ? from_f32<DstT>(to_f32(src[row * src_stride + c]) * t) : from_f32<DstT>(0.f);
         }
+    }
+}
+
+// Llama 4's temperature (rope.cuh, query_temperature) on a staged query tile, in place: rows
+// [0, valid) at positions pos0 + row, every component (rotated or passed through), rounded once
+// more to T, as transformers rounds `query_states * attn_scales` to the model's dtype. Between
+// barriers: its threads take other elements than the loaders' did. Callers skip it for a tile
+// with no factor other than 1 (tile_has_temperature). For a tile staged by async copy (and
+// rotated in place); load_rotated_tile scales a tile it loads itself. Not inlined, and given
+// scalars only (a reference to the kernel's parameters would copy them to the stack).
+template <typename T>
+__device__ __noinline__ void scale_query_tile(T* tile, int ld, int valid, int D, int floor_scale, float attn_scale, int pos0) {
+    for (int e = threadIdx.x; e < valid * D; e += blockDim.x) {
+        const int row = e / D;
+        T& x = tile[row * ld + e % D];
+        x = from_f32<T>(to_f32(x) * query_temperature(floor_scale, attn_scale, pos0 + row));
     }
 }
 

@@ -111,6 +111,30 @@ impl Mask {
     }
 }
 
+/// Llama 4's attention temperature tuning (`attn_temperature_tuning`, arXiv 2501.19399), on its
+/// NoPE layers: the query at position `i` is multiplied by
+/// `1 + attn_scale · ln(1 + ⌊(i + 1) / floor_scale⌋)`, so its scores sharpen slowly with
+/// distance from the start (by 1 + 0.1·ln 2 at 8191 with Llama 4's `floor_scale` 8192 and
+/// `attn_scale` 0.1, by 1 + 0.1·ln 129 at 1M). transformers scales Q by it before the product;
+/// every kernel here scales Q once, as its tile is staged, so the hot loop is unchanged and a
+/// tile whose every query is below `floor_scale - 1` skips it. Positions below 0 (explicit
+/// starts) take the factor 1 (transformers' `cache_position` never is).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryTemperature {
+    /// Positions per step of the floor (`floor_scale`, 8192 in Llama 4).
+    pub floor_scale: usize,
+    /// Slope of the logarithm (`attn_scale`, 0.1 in Llama 4).
+    pub attn_scale: f64,
+}
+
+impl QueryTemperature {
+    /// The factor on the query at position `i`.
+    pub fn factor(&self, i: i64) -> f64 {
+        let steps = if i < 0 { 0 } else { (i + 1) / self.floor_scale as i64 };
+        1.0 + self.attn_scale * (steps as f64).ln_1p()
+    }
+}
+
 /// An attention problem: heads, scale, masks and position encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionParams {
@@ -140,6 +164,8 @@ pub struct AttentionParams {
     /// `s = scale·q·k` becomes `cap·tanh(s / cap)`, before ALiBi and the masks (FlashAttention's
     /// order). Every kernel then takes its generic, per-element softmax form.
     pub softcap: Option<f64>,
+    /// Llama 4's per-position query temperature, if any (applies with or without `rope`).
+    pub query_temperature: Option<QueryTemperature>,
 }
 
 impl AttentionParams {
@@ -156,12 +182,20 @@ impl AttentionParams {
             alibi: None,
             sink_logits: None,
             softcap: None,
+            query_temperature: None,
         }
     }
 
     /// The scale in use.
     pub fn softmax_scale(&self) -> f64 {
         self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+
+    /// The largest `|factor|` the query temperature applies at positions up to `max_pos` (1
+    /// without one): what tolerances scale `max |q|` by. The factor is monotone in the position
+    /// and 1 below `floor_scale - 1`, so the bound is at `max_pos`.
+    pub fn query_scale_bound(&self, max_pos: i64) -> f64 {
+        self.query_temperature.map_or(1.0, |t| t.factor(max_pos).abs().max(1.0))
     }
 
     /// Query heads per KV head.
@@ -213,6 +247,15 @@ impl AttentionParams {
             // The kernels take scale / cap and cap as f32.
             if !(c.is_finite() && c > 0.0 && c < f32::MAX as f64 && (self.softmax_scale() / c).is_normal()) {
                 return Err(Error::Parameter { name: "softcap", value: c, reason: "must be finite and > 0" });
+            }
+        }
+        if let Some(t) = self.query_temperature {
+            // The kernels take floor_scale as an i32 and attn_scale as an f32.
+            if t.floor_scale == 0 || t.floor_scale > i32::MAX as usize {
+                return Err(Error::Parameter { name: "floor_scale", value: t.floor_scale as f64, reason: "must be in 1..=i32::MAX" });
+            }
+            if !(t.attn_scale.is_finite() && t.attn_scale.abs() < f32::MAX as f64) {
+                return Err(Error::Parameter { name: "attn_scale", value: t.attn_scale, reason: "must be finite" });
             }
         }
         if let Some(s) = &self.sink_logits {

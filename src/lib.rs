@@ -39,6 +39,6 @@ pub mod candle;
 pub mod error;
 pub mod reference;
 
-pub use attention::{Alibi, AttentionParams, Layout, Mask, Relative, Rotary};
+pub use attention::{Alibi, AttentionParams, Layout, Mask, QueryTemperature, Relative, Rotary};
 pub use config::{hf_layers, HfLayer, LayerAttention, MRope, RopeConfig, RopeScaling, RopeSchedule};
 pub use error::{Error, Result};

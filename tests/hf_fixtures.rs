@@ -7,11 +7,13 @@
 //! * inverse frequencies equal to 1e-12 relative (LongRoPE 1e-6: transformers computes its
 //!   exponent in float32, SPEC §2), attention factor to 1e-12, same rotary dim and rope type;
 //! * [`reference::rotate`] equal to transformers' `apply_rotary_pos_emb` to 1e-12 absolute;
-//! * [`reference::attention`] equal to a torch float64 softmax over transformers-rotated Q/K.
+//! * [`reference::attention`] equal to a torch float64 softmax over transformers-rotated Q/K,
+//!   and to transformers' own attention modules (GPT-OSS's sinks, Gemma 2's soft-capping,
+//!   Llama 4's chunks, QK norm and query temperature).
 //!
 //! Every test also asserts how many cases it checked, so an emptied fixture file fails.
 
-use rope_attn::{reference, AttentionParams, Layout, MRope, Mask, RopeConfig, RopeSchedule, Rotary};
+use rope_attn::{hf_layers, reference, AttentionParams, LayerAttention, Layout, MRope, Mask, QueryTemperature, RopeConfig, RopeSchedule, Rotary};
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -430,6 +432,61 @@ fn attention_with_softcap_matches_gemma2() {
         assert!(plain.lse.iter().zip(&o.lse).any(|(a, b)| (a - b).abs() > 1.0), "{label}");
     }
     assert_eq!(cases.len(), 1, "soft-capping cases");
+}
+
+/// Each head vector divided by its root mean square (Llama 4's L2 norm, no weight).
+fn rms_normalised(x: &[f64], d: usize, eps: f64) -> Vec<f64> {
+    x.chunks(d).flat_map(|h| {
+        let inv = 1.0 / (h.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+        h.iter().map(move |v| v * inv)
+    }).collect()
+}
+
+/// Llama 4's attention module (transformers' Llama4TextAttention, float64) against the
+/// reference run as the config tells it through `hf_layers` and `RopeConfig`: the RoPE layer's
+/// interleaved pairs, chunks and QK norm (applied here to the *unrotated* Q and K, as a server
+/// applies it before the cache: the rotation keeps the norm), the NoPE layer's query temperature
+/// in a prefill and in decode steps over a cache (positions 37..39).
+#[test]
+fn attention_matches_llama4_attention_module() {
+    let f = fixtures();
+    let cases = cases(&f, "llama4_attention");
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+        let cfg = case["config"].to_string();
+        let layer = hf_layers(&cfg).unwrap()[usize_of(&case["layer"])];
+        match usize_of(&case["layer"]) {
+            0 => assert_eq!((layer.attention, layer.rope, layer.query_temperature, layer.qk_norm), (LayerAttention::Chunked(16), true, None, Some(1e-5))),
+            _ => assert_eq!(
+                (layer.attention, layer.rope, layer.query_temperature, layer.qk_norm),
+                (LayerAttention::Full, false, Some(QueryTemperature { floor_scale: 4, attn_scale: 0.3 }), None)
+            ),
+        }
+        let rope = RopeConfig::from_hf_config_json(&cfg).unwrap();
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = layer.rope.then(|| Rotary::from_schedule(&rope.schedule(None).unwrap(), Layout::Interleaved));
+        let p = layer.apply(p).unwrap();
+        let exact = |key| exact_f64s("llama4_attention", idx, key);
+        let (mut q, mut k) = (exact("q"), exact("k"));
+        if let Some(eps) = layer.qk_norm {
+            (q, k) = (rms_normalised(&q, d, eps), rms_normalised(&k, d, eps));
+        }
+        let (q_pos, k_pos) = (i64s(&case["q_pos"]), i64s(&case["k_pos"]));
+        let o = reference::attention(&q, &k, &exact("v"), &q_pos, &k_pos, &p).unwrap();
+        let want = exact("out");
+        assert_eq!(o.out.len(), want.len(), "{label}");
+        for (i, (g, w)) in o.out.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{label}: out[{i}] {g} vs transformers {w}");
+        }
+        // What the case is about matters: without it the answer moves.
+        let without = match layer.qk_norm {
+            Some(_) => reference::attention(&exact("q"), &exact("k"), &exact("v"), &q_pos, &k_pos, &p).unwrap(),
+            None => reference::attention(&q, &k, &exact("v"), &q_pos, &k_pos, &AttentionParams { query_temperature: None, ..p.clone() }).unwrap(),
+        };
+        assert!(without.out.iter().zip(&o.out).any(|(a, b)| (a - b).abs() > 1e-2), "{label}");
+    }
+    assert_eq!(cases.len(), 3, "llama4 attention cases");
 }
 
 #[test]

@@ -18,6 +18,8 @@ int main() {
     FIELD(RopeArgs, attention_factor);
     FIELD(RopeArgs, relative);
     FIELD(RopeArgs, window);
+    FIELD(RopeArgs, temp_floor);
+    FIELD(RopeArgs, temp_scale);
     FIELD(RopeArgs, pad_);
     SIZE(SinkArgs);
     FIELD(SinkArgs, logit);

@@ -20,6 +20,7 @@
 #define __host__
 #define __global__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 // (Kernels declare shared memory through RA_DYNAMIC_SMEM / RA_STATIC_SMEM, common.cuh.)

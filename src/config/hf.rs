@@ -65,7 +65,7 @@ fn bad(key: &str, reason: impl Into<String>) -> Error {
 }
 
 /// A number under `key`; `None` when absent or null (Python's `.get()` semantics).
-fn f64_of(o: &Obj, key: &str) -> Result<Option<f64>> {
+pub(super) fn f64_of(o: &Obj, key: &str) -> Result<Option<f64>> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| bad(key, "not representable as f64")),

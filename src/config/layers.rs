@@ -1,10 +1,11 @@
 //! Which attention each decoder layer of a Hugging Face `config.json` runs, as transformers 5
 //! decides it (`config.layer_types`): full, a sliding window, Llama 4's chunks, or no softmax
 //! attention at all (Qwen3-Next's linear layers), and whether the layer applies RoPE (Llama 4's
-//! NoPE layers do not). [`HfLayer::mask`] is the [`Mask`] to run it with.
+//! NoPE layers do not), with Llama 4's query temperature and QK norm. [`HfLayer::mask`] is the
+//! [`Mask`] to run it with, [`HfLayer::apply`] sets all of it on an [`AttentionParams`].
 
-use super::hf::{parse_root, text_root, usize_of, Obj};
-use crate::attention::Mask;
+use super::hf::{f64_of, parse_root, text_root, usize_of, Obj};
+use crate::attention::{AttentionParams, Mask, QueryTemperature};
 use crate::error::{Error, Result};
 use serde_json::Value;
 
@@ -25,12 +26,23 @@ pub enum LayerAttention {
 }
 
 /// One decoder layer of a config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HfLayer {
     /// Its attention pattern.
     pub attention: LayerAttention,
     /// Whether it rotates Q and K (false on Llama 4's NoPE layers, `no_rope_layers[i] == 0`).
     pub rope: bool,
+    /// Llama 4's attention temperature on its NoPE layers (`attn_temperature_tuning`, on by
+    /// default, with `floor_scale` and `attn_scale`): [`AttentionParams::query_temperature`].
+    pub query_temperature: Option<QueryTemperature>,
+    /// Llama 4's QK norm on its RoPE layers (`use_qk_norm`, on by default): after the rotation,
+    /// each head vector of Q and K is divided by its root mean square, `x / sqrt(mean(x²) + eps)`
+    /// with `eps = rms_norm_eps`, no weight. Not done by the kernels: a rotation keeps every
+    /// pair's length, so the norm of the rotated vector is the norm of the unrotated one, and
+    /// normalising the *unrotated* Q and K (K before it enters the cache) before the call gives
+    /// transformers' rotate-then-normalise (tests/hf_fixtures.rs checks it against
+    /// transformers' own Llama 4 attention). Holds `eps`.
+    pub qk_norm: Option<f64>,
 }
 
 impl HfLayer {
@@ -43,6 +55,15 @@ impl HfLayer {
             LayerAttention::Chunked(c) => Some(Mask { chunk: Some(c), ..causal }),
             LayerAttention::Linear => None,
         }
+    }
+
+    /// Set this layer's mask and query temperature on `p` (its RoPE comes from the
+    /// [`RopeConfig`](crate::RopeConfig) of the same config: set `p.rope` only when
+    /// [`HfLayer::rope`] is true). `None` for a linear-attention layer, which no kernel here runs.
+    pub fn apply(&self, mut p: AttentionParams) -> Option<AttentionParams> {
+        p.mask = self.mask()?;
+        p.query_temperature = self.query_temperature;
+        Some(p)
     }
 
     /// transformers' name of the layer type.
@@ -121,6 +142,24 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         None
     };
     let rope_of = |i: usize| rope_layers.as_ref().is_none_or(|r| r.get(i).copied().unwrap_or(true));
+    // Llama 4's temperature (NoPE layers) and QK norm (RoPE layers), transformers' defaults.
+    let (temperature, qk_norm) = if llama4 {
+        let temperature = match flag(&root, "attn_temperature_tuning")?.unwrap_or(true) {
+            false => None,
+            true => {
+                let floor_scale = size_of(&root, "floor_scale")?.unwrap_or(8192);
+                let attn_scale = f64_of(&root, "attn_scale")?.unwrap_or(0.1);
+                Some(QueryTemperature { floor_scale, attn_scale })
+            }
+        };
+        let eps = f64_of(&root, "rms_norm_eps")?.unwrap_or(1e-5);
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(bad("rms_norm_eps", format!("must be finite and >= 0, got {eps}")));
+        }
+        (temperature, flag(&root, "use_qk_norm")?.unwrap_or(true).then_some(eps))
+    } else {
+        (None, None)
+    };
 
     let kinds: Vec<LayerAttention> = match root.get("layer_types") {
         Some(Value::Array(types)) => types
@@ -169,5 +208,13 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     if let Some(n) = n.filter(|&n| n != kinds.len()) {
         return Err(bad("layer_types", format!("{} entries for {n} layers", kinds.len())));
     }
-    Ok(kinds.into_iter().enumerate().map(|(i, attention)| HfLayer { attention, rope: rope_of(i) }).collect())
+    Ok(kinds
+        .into_iter()
+        .enumerate()
+        .map(|(i, attention)| {
+            let rope = rope_of(i);
+            let query_temperature = temperature.filter(|_| !rope);
+            HfLayer { attention, rope, query_temperature, qk_norm: qk_norm.filter(|_| rope) }
+        })
+        .collect())
 }

@@ -29,7 +29,9 @@ impl Tolerance {
     /// product (each product off by ~eps_T relative, adding up like a random walk over d terms,
     /// bounded here with a factor 4 of room), plus the f32 angle error over the d terms. A
     /// soft-capped score (tanh' <= 1 shrinks those errors) adds the kernels' tanh error,
-    /// cap·4e-7 (kernels/common.cuh, tanh_abs), doubled for room.
+    /// cap·4e-7 (kernels/common.cuh, tanh_abs), doubled for room. With Llama 4's query
+    /// temperature, `qmax` is of the scaled queries ([`AttentionParams::query_scale_bound`]):
+    /// their one more rounding to T fits the factor 4.
     pub fn scores<T: Dtype>(p: &AttentionParams, qmax: f64, kmax: f64) -> Self {
         let d = p.head_dim as f64;
         let af = p.rope.as_ref().map_or(1.0, |r| r.attention_factor.max(1.0));

@@ -19,6 +19,8 @@ pub(crate) struct RopeArgs {
     pub attention_factor: f32,
     pub relative: i32,
     pub window: i32,
+    pub temp_floor: i32,
+    pub temp_scale: f32,
     pub pad_: i32,
 }
 
@@ -41,6 +43,8 @@ impl RopeArgs {
             attention_factor: 1.0,
             relative: 0,
             window: 0,
+            temp_floor: 0,
+            temp_scale: 0.0,
             pad_: 0,
         }
     }
@@ -340,7 +344,7 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
             $(out.push((concat!(stringify!($s), ".", stringify!($f)).to_string(), std::mem::offset_of!($s, $f)));)*
         };
     }
-    check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, pad_);
+    check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, temp_floor, temp_scale, pad_);
     check!(SinkArgs; logit, on, pad_);
     check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq, block_table, context_lens, v_in, v_out, page_size, max_pages, num_pages, gather_rows, mrope, mrope_h, mrope_w, mrope_stride);
     check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, scale, cap_in, cap_out);

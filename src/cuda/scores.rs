@@ -103,8 +103,14 @@ pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
     p.validate()?;
     check_head_dim(p.head_dim)?;
     let (total, offset) = p.alibi.map_or((0, 0), |a| (a.total_heads, a.head_offset));
+    let mut rope = RopeArgs::new(p.rope.as_ref(), p.relative, p.head_dim)?;
+    if let Some(t) = p.query_temperature {
+        // Query-side only: the rope kernel (K pre-rotation, rope_into) never gets it.
+        rope.temp_floor = to_i32("floor_scale", t.floor_scale)?;
+        rope.temp_scale = t.attn_scale as f32;
+    }
     Ok(Common {
-        rope: RopeArgs::new(p.rope.as_ref(), p.relative, p.head_dim)?,
+        rope,
         causal: p.mask.causal as i32,
         window: to_i32("window", p.mask.window.unwrap_or(0))?,
         sinks: to_i32("sinks", p.mask.sinks)?,
@@ -218,7 +224,8 @@ pub(crate) fn compare_scores<T: Dtype>(q: &[f64], k: &[f64], got: &[f64], shape:
     let k_pos: Vec<i64> = (0..shape.nk as i64).collect();
     let want = reference::scores(&qh, &kh, &q_pos, &k_pos, p)?;
     let got = &got[..want.len()];
-    CheckReport::compare("scores", got, &want, Tolerance::scores::<T>(p, max_abs(&qh), max_abs(&kh))).ensure()
+    let qmax = max_abs(&qh) * p.query_scale_bound((shape.q_offset + shape.nq) as i64 - 1);
+    CheckReport::compare("scores", got, &want, Tolerance::scores::<T>(p, qmax, max_abs(&kh))).ensure()
 }
 
 /// Dense `[rows, width]` from rows `stride` apart.

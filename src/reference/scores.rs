@@ -91,7 +91,8 @@ impl<'a> ScoreContext<'a> {
             _ => dot(&self.q_rot[qs..qs + d], &self.k_rot[ks..ks + d]),
         };
         let bias = self.slopes.get(h).map_or(0.0, |s| -s * (rel.unsigned_abs() as f64));
-        let s = self.scale * qk;
+        // Llama 4's temperature scales the query, so the whole product.
+        let s = self.scale * p.query_temperature.map_or(1.0, |t| t.factor(i)) * qk;
         // Soft-capping before the bias, as the kernels (and FlashAttention) apply it.
         let s = p.softcap.map_or(s, |cap| cap * (s / cap).tanh());
         Some(s + bias)

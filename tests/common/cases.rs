@@ -9,7 +9,7 @@ use super::schedules;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rope_attn::cuda::{RopeShape, ScoresShape};
-use rope_attn::{Alibi, AttentionParams, MRope, Mask, Relative, Rotary};
+use rope_attn::{Alibi, AttentionParams, MRope, Mask, QueryTemperature, Relative, Rotary};
 
 /// Who runs the sweep: a GPU takes full-length problems, the emulator shorter ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +155,7 @@ pub fn scores_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> (Attenti
     }
     soft_cap(&mut p, case);
     chunked(&mut p, case);
+    temperature(&mut p, case);
     let shape = ScoresShape::contiguous(&p, nq, nk, off);
     (p, shape)
 }
@@ -194,6 +195,7 @@ pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: S
     learned_sinks(&mut p, case);
     soft_cap(&mut p, case);
     chunked(&mut p, case);
+    temperature(&mut p, case);
     let workspace = p.relative != Relative::None || f32_path || case % 2 == 1;
     PrefillCase { p, seq_q, seq_k, workspace }
 }
@@ -218,6 +220,16 @@ pub fn soft_cap(p: &mut AttentionParams, case: usize) {
 pub fn chunked(p: &mut AttentionParams, case: usize) {
     if case % 5 == 1 || case % 5 == 2 {
         p.mask.chunk = Some([24, 80, 128][(case / 5) % 3]);
+    }
+}
+
+/// Llama 4's query temperature on one case in six (cases 3 mod 6: every dtype, head dim, ReRoPE
+/// mode and mask meet it), with floors of 3 (the factor changes every few rows of a tile), 20
+/// and 64 (tiles on both sides of the first step), and `attn_scale` 0.3: at these lengths the
+/// factors reach about 2.5, so a kernel that leaves it out fails by far.
+pub fn temperature(p: &mut AttentionParams, case: usize) {
+    if case % 6 == 3 {
+        p.query_temperature = Some(QueryTemperature { floor_scale: [3, 20, 64][(case / 6) % 3], attn_scale: 0.3 });
     }
 }
 
@@ -253,6 +265,7 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
     learned_sinks(&mut p, case);
     soft_cap(&mut p, case);
     chunked(&mut p, case);
+    temperature(&mut p, case);
     if d > 128 {
         // The 16-bit decode refuses chunks at head_dim 256 (tests/emu_chunked.rs checks that,
         // and the f32 kernel taking them).

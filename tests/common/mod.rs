@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cases;
+pub mod explicit;
 pub mod paged;
 
 use cudarc::driver::CudaStream;
