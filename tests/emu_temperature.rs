@@ -75,11 +75,16 @@ fn emulated_prefill_with_query_temperature_at_explicit_positions() {
 }
 
 /// Sixteen queries at 1014..=1029 of a 1030-key context cross the floor at 1023 (floor_scale
-/// 1024) and, with floor_scale 5, a step every five rows; checked mode, split and not.
+/// 1024) and, with floor_scale 5, a step every five rows; checked mode, split and not. ReRoPE's
+/// window of 200 puts most keys on the far side.
 fn decode_crossing<T: Dtype>(emu: &Emulator, d: usize, rope: bool, t: Option<QueryTemperature>, seed: u64) {
     let (hq, hkv, page, queries) = (8usize, 2usize, 16usize, 16usize);
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = rope.then(|| schedules(d, d).remove(1).1);
+    // With RoPE, ReRoPE on odd seeds: the far query copy takes the factor too.
+    if rope && seed % 2 == 1 {
+        p.relative = Relative::ReRope { window: 200 };
+    }
     p.query_temperature = t;
     let mut r = rng(seed);
     let f = fill::<T>(emu, &p, &[1030, 40], page, &mut r);
@@ -104,8 +109,9 @@ fn emulated_decode_with_query_temperature_across_a_floor() {
         decode_crossing::<bf16>(&emu, 128, false, t, s);
         decode_crossing::<f16>(&emu, 64, true, t, s + 1);
         decode_crossing::<bf16>(&emu, 256, true, t, s + 2);
-        decode_crossing::<f32>(&emu, 128, false, t, s + 3);
-        decode_crossing::<f32>(&emu, 256, true, t, s + 4);
+        decode_crossing::<bf16>(&emu, 128, true, t, s + 3);
+        decode_crossing::<f32>(&emu, 128, false, t, s + 4);
+        decode_crossing::<f32>(&emu, 256, true, t, s + 5);
     }
 }
 

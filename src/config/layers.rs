@@ -60,6 +60,22 @@ impl HfLayer {
     /// Set this layer's mask and query temperature on `p` (its RoPE comes from the
     /// [`RopeConfig`](crate::RopeConfig) of the same config: set `p.rope` only when
     /// [`HfLayer::rope`] is true). `None` for a linear-attention layer, which no kernel here runs.
+    ///
+    /// ```
+    /// use rope_attn::{hf_layers, AttentionParams, LayerAttention, Layout, RopeConfig, Rotary};
+    /// let json = std::fs::read_to_string("examples/configs/llama-4-scout-text-transformers-defaults.json").unwrap();
+    /// let sched = RopeConfig::from_hf_config_json(&json).unwrap().schedule(Some(8192)).unwrap();
+    /// for layer in hf_layers(&json).unwrap() {
+    ///     let mut p = AttentionParams::new(40, 8, 128);
+    ///     p.rope = layer.rope.then(|| Rotary::from_schedule(&sched, Layout::Interleaved)); // Llama 4 pairs
+    ///     let Some(p) = layer.apply(p) else { continue }; // None: linear attention
+    ///     // Llama 4: chunked RoPE layers (QK norm on the unrotated Q and K first), full NoPE
+    ///     // layers with the query temperature.
+    ///     assert_eq!(p.mask.chunk.is_some(), layer.rope);
+    ///     assert_eq!((p.query_temperature.is_some(), layer.qk_norm.is_some()), (!layer.rope, layer.rope));
+    ///     assert!(matches!(layer.attention, LayerAttention::Chunked(8192) | LayerAttention::Full));
+    /// }
+    /// ```
     pub fn apply(&self, mut p: AttentionParams) -> Option<AttentionParams> {
         p.mask = self.mask()?;
         p.query_temperature = self.query_temperature;

@@ -6,7 +6,7 @@
 
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream};
 use rope_attn::cuda::{self, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, PrefillPath, RopeShape};
-use rope_attn::{Alibi, AttentionParams, Layout, Mask, RopeConfig, RopeScaling, Rotary};
+use rope_attn::{Alibi, AttentionParams, Layout, Mask, QueryTemperature, RopeConfig, RopeScaling, Rotary};
 use std::sync::Arc;
 
 /// Any error of a benchmark step (launcher, driver, set-up).
@@ -282,7 +282,13 @@ pub enum PrefillVariant {
     /// `Fused` under Llama 4's chunked attention (chunks of [`LLAMA4_CHUNK`]): the tiles
     /// outside each query tile's chunk are skipped.
     FusedChunked,
+    /// `NoPe` with Llama 4's query temperature ([`LLAMA4_TEMPERATURE`], its NoPE layers'): the
+    /// cost of scaling each Q tile once, next to the same call without it.
+    NoPeTemperature,
 }
+
+/// Llama 4's `floor_scale` and `attn_scale`.
+pub const LLAMA4_TEMPERATURE: QueryTemperature = QueryTemperature { floor_scale: 8192, attn_scale: 0.1 };
 
 /// Llama 4's `attention_chunk_size`.
 pub const LLAMA4_CHUNK: usize = 8192;
@@ -298,6 +304,8 @@ pub struct Prefill<T: Dtype> {
     pub no_pe: AttentionParams,
     /// `with_pe` in chunks of [`LLAMA4_CHUNK`].
     pub chunked: AttentionParams,
+    /// `no_pe` with Llama 4's query temperature.
+    pub temperature: AttentionParams,
     /// The batch geometry.
     pub batch: AttentionBatch,
     /// Total tokens.
@@ -345,6 +353,7 @@ impl<T: Dtype> Prefill<T> {
         let alibi_only = AttentionParams { alibi: Some(Alibi { total_heads: hq, head_offset: 0 }), ..no_pe.clone() };
         let with_pe = AttentionParams { rope: Some(rot.clone()), ..alibi_only.clone() };
         let chunked = AttentionParams { mask: Mask { chunk: Some(LLAMA4_CHUNK), ..with_pe.mask }, ..with_pe.clone() };
+        let temperature = AttentionParams { query_temperature: Some(LLAMA4_TEMPERATURE), ..no_pe.clone() };
         let tokens = batch * seqlen;
         let ab = AttentionBatch::contiguous(&with_pe, batch, seqlen, tokens, tokens);
         let mut set_list = Vec::with_capacity(sets);
@@ -364,6 +373,7 @@ impl<T: Dtype> Prefill<T> {
             alibi_only,
             no_pe,
             chunked,
+            temperature,
             batch: ab,
             tokens,
             sets: set_list,
@@ -399,6 +409,7 @@ impl<T: Dtype> Prefill<T> {
             }
             PrefillVariant::NoPe => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.no_pe, None)?,
             PrefillVariant::FusedChunked => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.chunked, None)?,
+            PrefillVariant::NoPeTemperature => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.temperature, None)?,
             PrefillVariant::Unfused => {
                 let p = &self.with_pe;
                 let shape = RopeShape::contiguous(self.tokens, p.num_q_heads, p.num_kv_heads, p.head_dim);

@@ -409,6 +409,8 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
     // Llama 4's chunks, on causal prompts longer than one chunk (before the unfused run rotates
     // the inputs in place).
     let chunked = (c.causal && n > dev::LLAMA4_CHUNK).then(|| time(PrefillVariant::FusedChunked)).transpose()?;
+    // Llama 4's query temperature on its NoPE layers, where it changes anything (past 8191).
+    let tempered = (n > dev::LLAMA4_TEMPERATURE.floor_scale).then(|| time(PrefillVariant::NoPeTemperature)).transpose()?;
     let unfused = time(PrefillVariant::Unfused)?;
     let auto_pre = cuda::prefill_prefers_workspace::<T>(&pf.with_pe, &pf.batch);
     let ours = if auto_pre { pre.median_ms } else { fused.median_ms };
@@ -456,6 +458,11 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
         ),
         base("ours_no_pe", "none", format!("{:?}", PrefillPath::Plain), nope, "same kernel, no RoPE, no ALiBi".into()),
     ];
+    if let Some(st) = tempered {
+        let t = dev::LLAMA4_TEMPERATURE;
+        let note = format!("Llama 4 NoPE layer: query temperature (floor {}, scale {}); {:.3}x ours_no_pe", t.floor_scale, t.attn_scale, st.median_ms / nope.median_ms);
+        rows.push(base("ours_no_pe_llama4_temperature", "temperature", format!("{:?}", PrefillPath::Plain), st, note));
+    }
     if let Some(st) = chunked {
         // Its own work: every chunk's causal square, 4·b·h·d·Σ c²/2 (the ratio is to the full
         // causal call's auto path, so it shows what the skipped tiles save).
