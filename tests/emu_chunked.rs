@@ -11,7 +11,7 @@ use common::explicit::prefill_at_explicit_positions;
 use common::paged::*;
 use common::*;
 use half::{bf16, f16};
-use rope_attn::cuda::{decode_workspace_len, DecodeBatch, Dtype};
+use rope_attn::cuda::{DecodeBatch, Dtype};
 use rope_attn::emulator::{DecodeInputs, Emulator, GuardedBuf};
 use rope_attn::{Alibi, AttentionParams, Error, Mask};
 
@@ -46,23 +46,10 @@ fn emulated_chunked_prefill_at_explicit_positions() {
 /// with a window, causal and not, split and not, on the tensor-core kernel (16-bit, head_dim
 /// 128 and 64) and the CUDA-core one (f32).
 fn straddle<T: Dtype>(emu: &Emulator, d: usize, mask: Mask, seed: u64) {
-    let (hq, hkv, page, ctx, queries) = (8usize, 2usize, 16usize, 1030usize, 16usize);
-    let mut p = AttentionParams::new(hq, hkv, d);
+    let mut p = AttentionParams::new(8, 2, d);
     p.rope = Some(schedules(d, d).remove(1).1);
     p.mask = mask;
-    let mut r = rng(seed);
-    let f = fill::<T>(emu, &p, &[ctx, 1040], page, &mut r);
-    let q = guard(&as_dtype::<T>(&uniform(&mut r, 2 * queries * hq * d)).0);
-    let batch = DecodeBatch::contiguous(&p, 2, queries, f.max_pages, 1040);
-    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
-    for splits in [1usize, 3] {
-        let (mut out, mut lse) = (GuardedBuf::filled(2 * queries * hq * d, T::default()), GuardedBuf::filled(2 * queries * hq, 0f32));
-        let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
-        let rep = emu
-            .attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
-            .unwrap_or_else(|e| panic!("{} d={d} {mask:?} splits {splits}: {e}", T::NAME));
-        assert!(rep.count > 0);
-    }
+    decode_16_queries_checked::<T>(emu, &p, &[1030, 1040], seed, &format!("{mask:?}"));
 }
 
 #[test]

@@ -11,8 +11,8 @@ use common::explicit::prefill_at_explicit_positions;
 use common::paged::*;
 use common::*;
 use half::{bf16, f16};
-use rope_attn::cuda::{decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, ScoresShape, Tolerance};
-use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
+use rope_attn::cuda::{max_abs, AttentionBatch, CheckReport, Dtype, ScoresShape, Tolerance};
+use rope_attn::emulator::{Emulator, FwdInputs, GuardedBuf};
 use rope_attn::{reference, AttentionParams, Error, Mask, QueryTemperature, Relative};
 
 fn temp(floor_scale: usize, attn_scale: f64) -> Option<QueryTemperature> {
@@ -78,27 +78,14 @@ fn emulated_prefill_with_query_temperature_at_explicit_positions() {
 /// 1024) and, with floor_scale 5, a step every five rows; checked mode, split and not. ReRoPE's
 /// window of 200 puts most keys on the far side.
 fn decode_crossing<T: Dtype>(emu: &Emulator, d: usize, rope: bool, t: Option<QueryTemperature>, seed: u64) {
-    let (hq, hkv, page, queries) = (8usize, 2usize, 16usize, 16usize);
-    let mut p = AttentionParams::new(hq, hkv, d);
+    let mut p = AttentionParams::new(8, 2, d);
     p.rope = rope.then(|| schedules(d, d).remove(1).1);
     // With RoPE, ReRoPE on odd seeds: the far query copy takes the factor too.
     if rope && seed % 2 == 1 {
         p.relative = Relative::ReRope { window: 200 };
     }
     p.query_temperature = t;
-    let mut r = rng(seed);
-    let f = fill::<T>(emu, &p, &[1030, 40], page, &mut r);
-    let q = guard(&as_dtype::<T>(&uniform(&mut r, 2 * queries * hq * d)).0);
-    let batch = DecodeBatch::contiguous(&p, 2, queries, f.max_pages, 1030);
-    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
-    for splits in [1usize, 3] {
-        let (mut out, mut lse) = (GuardedBuf::filled(2 * queries * hq * d, T::default()), GuardedBuf::filled(2 * queries * hq, 0f32));
-        let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
-        let rep = emu
-            .attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
-            .unwrap_or_else(|e| panic!("{} d={d} rope {rope} {t:?} splits {splits}: {e}", T::NAME));
-        assert!(rep.count > 0);
-    }
+    decode_16_queries_checked::<T>(emu, &p, &[1030, 40], seed, &format!("rope {rope} {:?} {t:?}", p.relative));
 }
 
 #[test]

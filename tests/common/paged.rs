@@ -60,3 +60,24 @@ pub fn decode_bytes_read(emu: &Emulator, p: &AttentionParams, ctx: usize, page: 
     emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, p, splits, Some(&mut ws)).unwrap();
     emu.take_work().global_bytes as usize
 }
+
+/// Checked decode of 16 queries per sequence (speculative decoding) over a cache of `lens` keys
+/// per sequence (pages of 16), split and not (1 and 3 key splits); panics naming `what`.
+pub fn decode_16_queries_checked<T: Dtype>(emu: &Emulator, p: &AttentionParams, lens: &[usize], seed: u64, what: &str) {
+    use rope_attn::cuda::{decode_workspace_len, DecodeBatch};
+    use rope_attn::emulator::DecodeInputs;
+    let (hq, d, queries, n) = (p.num_q_heads, p.head_dim, 16usize, lens.len());
+    let mut r = super::rng(seed);
+    let f = fill::<T>(emu, p, lens, 16, &mut r);
+    let q = guard(&as_dtype::<T>(&uniform(&mut r, n * queries * hq * d)).0);
+    let batch = DecodeBatch::contiguous(p, n, queries, f.max_pages, *lens.iter().max().unwrap());
+    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    for splits in [1usize, 3] {
+        let (mut out, mut lse) = (GuardedBuf::filled(n * queries * hq * d, T::default()), GuardedBuf::filled(n * queries * hq, 0f32));
+        let mut ws = GuardedBuf::filled(decode_workspace_len(p, &batch, splits), 0f32);
+        let rep = emu
+            .attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, p, splits, Some(&mut ws))
+            .unwrap_or_else(|e| panic!("{} d={d} {what} splits {splits}: {e}", T::NAME));
+        assert!(rep.count > 0);
+    }
+}
