@@ -60,6 +60,9 @@ fn emulated_prefill_with_query_temperature_at_explicit_positions() {
         (64, true, Relative::ReRope { window: 12 }, Mask { causal: false, ..causal }, temp(1, 0.2)),
         (96, true, Relative::Leaky { window: 8, k: 4.0 }, Mask { window: Some(30), sinks: 2, ..causal }, temp(16, 0.5)),
         (96, false, Relative::None, causal, temp(5, -0.1)),
+        // The first sequence's one query tile ends at position 24, the only row past the first
+        // step (floor 25): the tile must not skip the pass.
+        (64, false, Relative::None, causal, temp(25, 0.5)),
     ];
     for (i, &(d, rope, relative, mask, t)) in cases.iter().enumerate() {
         let mut p = AttentionParams::new(4, 2, d);
@@ -71,7 +74,7 @@ fn emulated_prefill_with_query_temperature_at_explicit_positions() {
         prefill_at_explicit_positions::<f32>(&emu, &p, 80 + i as u64, true);
         n += 3;
     }
-    assert_eq!(n, 15);
+    assert_eq!(n, 18);
 }
 
 /// Sixteen queries at 1014..=1029 of a 1030-key context cross the floor at 1023 (floor_scale
