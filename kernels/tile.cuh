@@ -78,8 +78,10 @@ __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const S
 // more to T, as transformers rounds `query_states * attn_scales` to the model's dtype. Between
 // barriers: its threads take other elements than the loaders' did. Callers skip it for a tile
 // with no factor other than 1 (tile_has_temperature). For a tile staged by async copy (and
-// rotated in place); load_rotated_tile scales a tile it loads itself. Not inlined, and given
-// scalars only (a reference to the kernel's parameters would copy them to the stack).
+// rotated in place); load_rotated_tile scales a tile it loads itself. Not inlined: it runs once
+// per block, and out of line it leaves the key loop's register allocation alone (inlined, it
+// had cost the head_dim-96 prefill, at ptxas's 168-register cap on sm_80, a spill). Scalars
+// only: a reference to the kernel's parameters would copy them to the stack for the call.
 template <typename T>
 __device__ __noinline__ void scale_query_tile(T* tile, int ld, int valid, int D, int floor_scale, float attn_scale, int pos0) {
     for (int e = threadIdx.x; e < valid * D; e += blockDim.x) {
