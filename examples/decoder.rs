@@ -194,7 +194,7 @@ fn run(a: &Args) -> Result<(), String> {
     };
     println!("layer {index} ({}): {pattern}, {}", layer.layer_type(), if layer.rope { "RoPE" } else { "no position encoding (NoPE)" });
     if let Some(t) = layer.query_temperature {
-        println!("query temperature (Llama 4's attn_temperature_tuning): 1 + {} ln(1 + floor((i + 1) / {})), in the kernels", t.attn_scale, t.floor_scale);
+        println!("query temperature (Llama 4's attn_temperature_tuning): 1 + {} ln(1 + floor((i + 1) / {})), applied by the kernels and the reference", t.attn_scale, t.floor_scale);
     }
     if let Some(eps) = layer.qk_norm {
         println!("QK norm (Llama 4's use_qk_norm, eps {eps}) on the unrotated Q and K before the call");
