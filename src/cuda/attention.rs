@@ -533,9 +533,10 @@ pub(crate) fn compare_fwd<T: Dtype>(h: &FwdHost, batch: &AttentionBatch, p: &Att
     let vh = gather_rows(&h.v, batch.total_k, batch.v_row_stride, hkv * d);
     let oh = gather_rows(&h.out, batch.total_q, batch.o_row_stride, hq * d);
     let offsets = |cu: &[i32]| -> Vec<usize> { cu.iter().take(batch.batch + 1).map(|&x| x.max(0) as usize).collect() };
-    let want = reference::attention_varlen(&qh, &kh, &vh, &offsets(&h.cu_q), &offsets(&h.cu_k), p)?;
+    let cu_k = offsets(&h.cu_k);
+    let want = reference::attention_varlen(&qh, &kh, &vh, &offsets(&h.cu_q), &cu_k, p)?;
     // Queries sit at positions up to their sequence's last key (bottom-right aligned).
-    let last = (0..batch.batch).map(|b| (h.cu_k[b + 1] - h.cu_k[b]) as i64 - 1).max().unwrap_or(0);
+    let last = cu_k.windows(2).map(|w| w[1] as i64 - w[0] as i64 - 1).max().unwrap_or(0);
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh) * p.query_scale_bound(last), max_abs(&kh), max_abs(&vh));
     let ro = CheckReport::compare("attention out", &oh, &want.out, tol_o);
     let rl = CheckReport::compare("attention lse", &h.lse[..want.lse.len()], &want.lse, tol_l);

@@ -63,6 +63,12 @@ pub fn max_abs(x: &[f64]) -> f64 {
     x.iter().filter(|v| v.is_finite()).fold(0.0, |m, v| m.max(v.abs()))
 }
 
+/// The last query position of a paged batch's first `batch` sequences (their queries end at
+/// their context's last key), for [`AttentionParams::query_scale_bound`].
+pub(crate) fn last_context_position(context_lens: &[i32], batch: usize) -> i64 {
+    context_lens.iter().take(batch).map(|&c| c as i64 - 1).max().unwrap_or(0)
+}
+
 /// What checked mode measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckReport {

@@ -1,6 +1,6 @@
 //! Launchers for kernels/attention_decode.cu (paged decode, split-K) and the paged-cache append.
 
-use super::checked::{max_abs, widen, CheckReport, Tolerance};
+use super::checked::{last_context_position, max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
@@ -747,7 +747,7 @@ pub(crate) fn compare_decode<T: Dtype>(h: &DecodeHost, cache: &PagedKvCache, bat
     let oh = gather_rows(&h.out, tokens, batch.o_row_stride, hq * d);
     let runs: Vec<(usize, usize)> = (0..batch.batch).map(|b| (b * batch.queries, batch.queries)).collect();
     let (want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
-    let last = h.context_lens.iter().take(batch.batch).map(|&c| c as i64 - 1).max().unwrap_or(0);
+    let last = last_context_position(&h.context_lens, batch.batch);
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh) * p.query_scale_bound(last), max_abs(&h.k_cache), max_abs(&h.v_cache));
     let ro = CheckReport::compare("decode out", &oh, &want_o, tol_o);
     let rl = CheckReport::compare("decode lse", &h.lse[..hq * tokens], &want_l, tol_l);

@@ -10,7 +10,7 @@
 //!   ReRoPE (the wide kernel has no far product): that always runs fused.
 
 use super::attention::{attn_params_base, is_16bit, mma_fwd_launch, narrow_tile_rows};
-use super::checked::{max_abs, widen, CheckReport, Tolerance};
+use super::checked::{last_context_position, max_abs, widen, CheckReport, Tolerance};
 use super::decode::{launch_combine, paged_reference, partials, split_plan, split_workspace, PagedKvCache};
 use super::device::Gpu;
 use super::dtype::Dtype;
@@ -477,7 +477,7 @@ pub(crate) fn compare_fwd_paged<T: Dtype>(h: &PagedFwdHost, cache: &PagedKvCache
         })
         .collect();
     let (want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
-    let last = h.context_lens.iter().take(batch.batch).map(|&c| c as i64 - 1).max().unwrap_or(0);
+    let last = last_context_position(&h.context_lens, batch.batch);
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh) * p.query_scale_bound(last), max_abs(&h.k_cache), max_abs(&h.v_cache));
     let ro = CheckReport::compare("paged prefill out", &oh, &want_o, tol_o);
     let rl = CheckReport::compare("paged prefill lse", &h.lse[..hq * tq], &want_l, tol_l);
