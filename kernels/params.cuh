@@ -48,6 +48,15 @@ struct RopeParams {
     // (rope.cu, pair_position): 1 = chunked (Qwen2-VL: sections time, height, width in pair
     // order), 2 = interleaved (Qwen3-VL). mrope_h, mrope_w: the height and width sections, in pairs.
     int mrope, mrope_h, mrope_w, mrope_stride;
+    // QK norm before the rotation (norm != 0; never with a gather): every head of Q and K
+    // becomes x / sqrt(mean(x^2) + norm_eps) * w (rope.cu, norm_sums). The mean is over each
+    // head vector (norm 1: Qwen3, Gemma 3, Llama 4; weights of head_dim, shared by the heads)
+    // or over all of the token's heads of that tensor (norm 2: OLMo 2, the norm of the whole
+    // projection; weights of heads * head_dim). Null weights: all 1 (Llama 4's L2 norm).
+    int norm;
+    float norm_eps;
+    const float* q_norm_w;
+    const float* k_norm_w;
 };
 
 // Mirrored by `ScoresParams` in src/cuda/params.rs.

@@ -7,6 +7,11 @@
 // One block per token: the block computes the token's cos/sin once per pair (shared by all
 // heads), then each thread rotates P consecutive pairs of one head with vector loads. The
 // kernel is memory-bound; pass-through components are not touched when rotating in place.
+// It also applies the QK norm (Qwen3, Gemma 3, OLMo 2, Llama 4) before the rotation, so a
+// normalised and rotated Q and K cost one read and one write: each head's sum of squares
+// first (a warp per head, read before anything is written), then the rotation loop scales
+// each component as it loads it. With rotary_dim 0 it only normalises (the unrotated cache's
+// path: the attention kernels rotate).
 #include "rope.cuh"
 #include "paged.cuh"
 #include "params.cuh"
@@ -72,33 +77,151 @@ __device__ __forceinline__ void copy_heads(const T* src, T* dst, int heads, int 
     }
 }
 
-// One token: Q row src_row of q_in and K row src_row of k_in, rotated to `pos`, to row dst_row
-// of q_out and k_out. VEC: the launcher picked the 16-byte variant, so every row starts on a
-// 16-byte boundary.
+// Head h of a token's row: Q's heads first, then K's (the order the kernel's loops take them).
+template <typename T>
+__device__ __forceinline__ const T* head_in(const RopeParams& p, long long row, int h) {
+    const bool is_q = h < p.q_heads;
+    return static_cast<const T*>(is_q ? p.q_in : p.k_in) + row * (is_q ? p.q_in_stride : p.k_in_stride) + (is_q ? h : h - p.q_heads) * p.head_dim;
+}
+template <typename T>
+__device__ __forceinline__ T* head_out(const RopeParams& p, long long row, int h) {
+    const bool is_q = h < p.q_heads;
+    return static_cast<T*>(is_q ? p.q_out : p.k_out) + row * (is_q ? p.q_out_stride : p.k_out_stride) + (is_q ? h : h - p.q_heads) * p.head_dim;
+}
+
+#define RA_MAX_NORM_HEADS 256  // q_heads + k_heads of a QK-norm launch (src/cuda/rope.rs checks)
+
+// QK norm, first step: each head's sum of squares of its input row, to sums[h], one warp per
+// head (lanes over the components, 16-byte loads where VEC, then a shuffle tree); for norm 2,
+// after a barrier, warp 0 adds Q's heads and K's heads up into sums[heads] and sums[heads + 1].
+// It reads the inputs before any thread writes (in place, the outputs are the inputs): the
+// caller's barrier after it orders the two.
+template <typename T, bool VEC>
+__device__ void norm_sums(const RopeParams& p, long long row, float* sums) {
+    constexpr int PER = 16 / sizeof(T);
+    const int D = p.head_dim, heads = p.q_heads + p.k_heads, lane = threadIdx.x % 32;
+    for (int h = threadIdx.x / 32; h < heads; h += blockDim.x / 32) {
+        const T* x = head_in<T>(p, row, h);
+        float s = 0.f;
+        if (VEC) {
+            for (int c = lane * PER; c < D; c += 32 * PER) {
+                float v[PER];
+                load_f32<T, PER>(x + c, v);
+#pragma unroll
+                for (int j = 0; j < PER; ++j) s = fmaf(v[j], v[j], s);
+            }
+        } else {
+            for (int c = lane; c < D; c += 32) {
+                const float v = to_f32(x[c]);
+                s = fmaf(v, v, s);
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) sums[h] = s;
+    }
+}
+
+// The second step of norm 2 (block-uniform; after the barrier that follows norm_sums).
+__device__ __forceinline__ void norm_totals(const RopeParams& p, float* sums) {
+    const int heads = p.q_heads + p.k_heads;
+    if (threadIdx.x < 32) {
+        float q = 0.f, k = 0.f;
+        for (int h = threadIdx.x; h < heads; h += 32) (h < p.q_heads ? q : k) += sums[h];
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) {
+            q += __shfl_xor_sync(0xffffffffu, q, o);
+            k += __shfl_xor_sync(0xffffffffu, k, o);
+        }
+        if (threadIdx.x == 0) {
+            sums[heads] = q;
+            sums[heads + 1] = k;
+        }
+    }
+    __syncthreads();
+}
+
+// 1 / RMS of head h's norm (its own, or its tensor's for norm 2).
+__device__ __forceinline__ float norm_scale(const RopeParams& p, const float* sums, int h) {
+    const bool is_q = h < p.q_heads;
+    const int n = p.norm == 2 ? (is_q ? p.q_heads : p.k_heads) * p.head_dim : p.head_dim;
+    const float s = p.norm == 2 ? sums[p.q_heads + p.k_heads + !is_q] : sums[h];
+    return rsqrtf(s / static_cast<float>(n) + p.norm_eps);
+}
+
+// Head h's norm weights (component c at w[c]), or null for all ones.
+__device__ __forceinline__ const float* norm_weight(const RopeParams& p, int h) {
+    const bool is_q = h < p.q_heads;
+    const float* w = is_q ? p.q_norm_w : p.k_norm_w;
+    return w == nullptr ? w : w + (p.norm == 2 ? (is_q ? h : h - p.q_heads) * p.head_dim : 0);
+}
+
+// x[j] (component c0 + j * step) times r and its weight.
+template <int N>
+__device__ __forceinline__ void norm_apply(float (&x)[N], float r, const float* w, int c0, int step) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] *= w == nullptr ? r : r * w[c0 + j * step];
+}
+
+// Under the QK norm, components [from, D) of every head (rotary_dim onwards) are scaled too,
+// in place or into the outputs: 16-byte accesses where vec and `from` falls on a chunk.
+template <typename T>
+__device__ void norm_rest(const RopeParams& p, long long src_row, long long dst_row, const float* sums, bool vec) {
+    constexpr int PER = 16 / sizeof(T);
+    const int D = p.head_dim, from = p.rope.rotary_dim, heads = p.q_heads + p.k_heads;
+    const int width = vec && from % PER == 0 ? PER : 1;
+    const int ch = (D - from) / width;
+    for (int w = threadIdx.x; w < heads * ch; w += blockDim.x) {
+        const int h = w / ch, c = from + (w % ch) * width;
+        const T* src = head_in<T>(p, src_row, h) + c;
+        T* dst = head_out<T>(p, dst_row, h) + c;
+        const float r = norm_scale(p, sums, h);
+        const float* wt = norm_weight(p, h);
+        if (width == PER) {
+            float x[PER];
+            load_f32<T, PER>(src, x);
+            norm_apply(x, r, wt, c, 1);
+            store_f32<T, PER>(dst, x);
+        } else {
+            float x[1] = {to_f32(*src)};
+            norm_apply(x, r, wt, c, 1);
+            *dst = from_f32<T>(x[0]);
+        }
+    }
+}
+
+// One token: Q row src_row of q_in and K row src_row of k_in, rotated to `pos` (after the QK
+// norm when p.norm), to row dst_row of q_out and k_out. VEC: the launcher picked the 16-byte
+// variant, so every row starts on a 16-byte boundary.
 template <typename T, bool INTERLEAVED, int P>
 __device__ void rope_token(const RopeParams& p, long long src_row, long long dst_row, TokenPos pos) {
     constexpr bool VEC = (INTERLEAVED ? 2 * P : P) * sizeof(T) == 16;
     RA_STATIC_SMEM(float2, cs, [RA_MAX_PAIRS]);
+    RA_STATIC_SMEM(float, sums, [RA_MAX_NORM_HEADS + 2]);
+    if (p.norm) norm_sums<T, VEC>(p, src_row, sums);
     const int half = p.rope.rotary_dim / 2;
     const float2* freq = p.use_leak_freq ? p.rope.freq_leak : p.rope.freq;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         cs[i] = cs_scaled(angle_turns(pair_position(p, pos, i), freq[i]), p.rope.attention_factor);
     }
     __syncthreads();
+    if (p.norm == 2) norm_totals(p, sums);
 
     const int D = p.head_dim;
     const int groups = half / P;
     const int heads = p.q_heads + p.k_heads;
     for (int w = threadIdx.x; w < heads * groups; w += blockDim.x) {
         const int h = w / groups, i0 = (w % groups) * P;
-        const bool is_q = h < p.q_heads;
-        const int hh = is_q ? h : h - p.q_heads;
-        const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + src_row * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
-        T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + dst_row * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
+        const T* src = head_in<T>(p, src_row, h);
+        T* dst = head_out<T>(p, dst_row, h);
+        // The norm's factor, applied to each component before it is rotated.
+        const float r = p.norm ? norm_scale(p, sums, h) : 1.f;
+        const float* wt = p.norm ? norm_weight(p, h) : nullptr;
         float x0[P], x1[P];
         if (INTERLEAVED) {
             float x[2 * P];
             load_f32<T, 2 * P>(src + 2 * i0, x);
+            if (p.norm) norm_apply(x, r, wt, 2 * i0, 1);
 #pragma unroll
             for (int j = 0; j < P; ++j) {
                 rotate_pair(x[2 * j], x[2 * j + 1], cs[i0 + j].x, cs[i0 + j].y);
@@ -107,6 +230,10 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
         } else {
             load_f32<T, P>(src + i0, x0);
             load_f32<T, P>(src + i0 + half, x1);
+            if (p.norm) {
+                norm_apply(x0, r, wt, i0, 1);
+                norm_apply(x1, r, wt, i0 + half, 1);
+            }
 #pragma unroll
             for (int j = 0; j < P; ++j) rotate_pair(x0[j], x1[j], cs[i0 + j].x, cs[i0 + j].y);
             store_f32<T, P>(dst + i0, x0);
@@ -114,9 +241,14 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
         }
     }
 
-    // Out of place: carry the pass-through components (rotary_dim..head_dim) along.
+    // The pass-through components (rotary_dim..head_dim): scaled under the norm (in place
+    // too); out of place, carried along.
     if (p.rope.rotary_dim < D) {
         const bool vec = VEC || p.block_table != nullptr;
+        if (p.norm) {
+            norm_rest<T>(p, src_row, dst_row, sums, vec);
+            return;
+        }
         if (p.q_heads > 0 && p.q_out != p.q_in) {
             copy_heads(static_cast<const T*>(p.q_in) + src_row * p.q_in_stride, static_cast<T*>(p.q_out) + dst_row * p.q_out_stride,
                        p.q_heads, D, p.rope.rotary_dim, vec);
@@ -135,7 +267,8 @@ template <typename T, bool INTERLEAVED, int P>
 __device__ void rope_body(const RopeParams& p) {
     if (p.block_table == nullptr) {
         const int t = blockIdx.x;
-        rope_token<T, INTERLEAVED, P>(p, t, t, token_position(p, t));
+        // A norm-only launch (rotary_dim 0) has no positions to read.
+        rope_token<T, INTERLEAVED, P>(p, t, t, p.rope.rotary_dim == 0 ? TokenPos{0, 0, 0} : token_position(p, t));
         return;
     }
     const int b = blockIdx.y;
@@ -156,15 +289,17 @@ __device__ void rope_body(const RopeParams& p) {
 // 4-element aligned; the widest (P = 16 bytes / element for rotate_half, half that for
 // interleaved pairs: 16-byte loads and stores either way) when every row start is 16-byte
 // aligned and the rotary half a multiple of P (the launcher picks, src/cuda/rope.rs).
+// Eight resident blocks (a 64-register budget): left to its own heuristic, ptxas held the
+// interleaved f32 body at 40 registers and spilled once the QK norm joined it.
 #define RA_ROPE(T, NAME)                                                                                    \
-    RA_KERNEL(128, rope_half_v1_##NAME, ra::RopeParams) { ra::rope_body<T, false, 1>(p); } \
-    RA_KERNEL(128, rope_half_v2_##NAME, ra::RopeParams) { ra::rope_body<T, false, 2>(p); } \
-    RA_KERNEL(128, rope_inter_v1_##NAME, ra::RopeParams) { ra::rope_body<T, true, 1>(p); } \
-    RA_KERNEL(128, rope_inter_v2_##NAME, ra::RopeParams) { ra::rope_body<T, true, 2>(p); }
+    RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v1_##NAME, ra::RopeParams) { ra::rope_body<T, false, 1>(p); } \
+    RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v2_##NAME, ra::RopeParams) { ra::rope_body<T, false, 2>(p); } \
+    RA_KERNEL_MIN_BLOCKS(128, 8, rope_inter_v1_##NAME, ra::RopeParams) { ra::rope_body<T, true, 1>(p); } \
+    RA_KERNEL_MIN_BLOCKS(128, 8, rope_inter_v2_##NAME, ra::RopeParams) { ra::rope_body<T, true, 2>(p); }
 RA_FOR_EACH_DTYPE(RA_ROPE)
 #define RA_ROPE_WIDE(T, NAME)                                                                           \
-    RA_KERNEL(128, rope_half_v8_##NAME, ra::RopeParams) { ra::rope_body<T, false, 8>(p); } \
-    RA_KERNEL(128, rope_inter_v4_##NAME, ra::RopeParams) { ra::rope_body<T, true, 4>(p); }
+    RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v8_##NAME, ra::RopeParams) { ra::rope_body<T, false, 8>(p); } \
+    RA_KERNEL_MIN_BLOCKS(128, 8, rope_inter_v4_##NAME, ra::RopeParams) { ra::rope_body<T, true, 4>(p); }
 RA_ROPE_WIDE(__half, f16)
 RA_ROPE_WIDE(__nv_bfloat16, bf16)
-RA_KERNEL(128, rope_half_v4_f32, ra::RopeParams) { ra::rope_body<float, false, 4>(p); }
+RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v4_f32, ra::RopeParams) { ra::rope_body<float, false, 4>(p); }

@@ -37,8 +37,10 @@ pub mod emulator;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod error;
+pub mod qk_norm;
 pub mod reference;
 
 pub use attention::{Alibi, AttentionParams, Layout, Mask, QueryTemperature, Relative, Rotary};
 pub use config::{hf_layers, HfLayer, LayerAttention, MRope, RopeConfig, RopeScaling, RopeSchedule};
 pub use error::{Error, Result};
+pub use qk_norm::{NormScope, QkNorm};

@@ -57,6 +57,10 @@ int main() {
     FIELD(RopeParams, mrope_h);
     FIELD(RopeParams, mrope_w);
     FIELD(RopeParams, mrope_stride);
+    FIELD(RopeParams, norm);
+    FIELD(RopeParams, norm_eps);
+    FIELD(RopeParams, q_norm_w);
+    FIELD(RopeParams, k_norm_w);
     SIZE(ScoresParams);
     FIELD(ScoresParams, rope);
     FIELD(ScoresParams, q);

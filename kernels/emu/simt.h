@@ -85,6 +85,8 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
 // exp2f, expf, log2f, fmaf, fmaxf, rintf, INFINITY: the C library's (<math.h>).
 // sin and cos of pi*x: reduced exactly (as CUDA's sincospif), then evaluated in f64.
 void sincospif(float x, float* s, float* c);
+// 1/sqrt(x) rounded once (CUDA's rsqrtf is within 2 ulps of it; the checked tolerances allow that).
+inline float rsqrtf(float x) { return static_cast<float>(1.0 / sqrt(static_cast<double>(x))); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 
 // ---- the thread's identity and the block's barriers ---------------------------------------

@@ -48,7 +48,10 @@ pub use paged_prefill::{
     attention_fwd_paged, attention_fwd_paged_checked, paged_prefill_gather_len, paged_prefill_prefers_gather, paged_prefill_splits,
     paged_prefill_workspace_len, PagedFwdLens, PagedPrefillBatch, PagedPrefillPath, PagedPrefillPlan,
 };
-pub use rope::{rope_inplace, rope_inplace_checked, rope_inplace_mrope, rope_inplace_mrope_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM};
+pub use rope::{
+    qk_norm_inplace, qk_norm_inplace_checked, rope_inplace, rope_inplace_checked, rope_inplace_mrope, rope_inplace_mrope_checked,
+    rope_inplace_normed, rope_inplace_normed_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM,
+};
 pub use scores::{scores, scores_checked, ScoresShape};
 
 /// Sizes and field offsets of the kernel parameter mirrors (for the ABI test; not a stable API).

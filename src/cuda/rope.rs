@@ -8,6 +8,7 @@ use super::params::{to_i32, RopeArgs, RopeParams};
 use super::scores::span;
 use crate::attention::{Relative, Rotary};
 use crate::config::MRope;
+use crate::qk_norm::{NormScope, QkNorm};
 use crate::error::{Error, Result};
 use crate::reference;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
@@ -55,6 +56,22 @@ impl RopeShape {
         if rot.rotary_dim > ROPE_MAX_HEAD_DIM {
             return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim: self.head_dim });
         }
+        self.check_buffers(q_len, k_len)?;
+        if pos_len < self.tokens {
+            return Err(Error::BufferTooSmall { what: "positions", needed: self.tokens, got: pos_len });
+        }
+        Ok(())
+    }
+
+    /// Validate a QK-norm call: Q and K as [`check`](Self::check) takes them (no rotation, no
+    /// positions), and the norm's eps, head count and weight lengths (`w_len` of each).
+    pub fn check_norm<W>(&self, q_len: usize, k_len: usize, norm: &QkNorm<W>, w_len: impl Fn(&W) -> usize) -> Result<()> {
+        self.check_buffers(q_len, k_len)?;
+        norm.validate(self.q_heads, self.k_heads, self.head_dim, w_len)
+    }
+
+    /// Strides, alignment and lengths of Q and K, and the sizes the kernel takes as i32.
+    fn check_buffers(&self, q_len: usize, k_len: usize) -> Result<()> {
         if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Shape { what: "head_dim", expected: "even".into(), got: self.head_dim.to_string() });
         }
@@ -72,9 +89,6 @@ impl RopeShape {
             if len < needed {
                 return Err(Error::BufferTooSmall { what, needed, got: len });
             }
-        }
-        if pos_len < self.tokens {
-            return Err(Error::BufferTooSmall { what: "positions", needed: self.tokens, got: pos_len });
         }
         to_i32("tokens", self.tokens)?;
         to_i32("q_row_stride", self.q_row_stride)?;
@@ -165,6 +179,27 @@ pub(crate) struct PagedGather {
 const GATHER_BLOCKS: usize = 2048;
 const GATHER_MIN_PER_SEQ: usize = 16;
 
+/// A launch's QK norm as the kernel takes it (RopeParams: norm, norm_eps, q_norm_w, k_norm_w);
+/// the default is none.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct NormArgs {
+    mode: i32,
+    eps: f32,
+    q_weight: u64,
+    k_weight: u64,
+}
+
+impl NormArgs {
+    /// A validated norm whose weights sit at these addresses (0: none).
+    pub(crate) fn new<W>(norm: &QkNorm<W>, q_weight: u64, k_weight: u64) -> Self {
+        let mode = match norm.scope {
+            NormScope::Head => 1,
+            NormScope::Heads => 2,
+        };
+        NormArgs { mode, eps: norm.eps as f32, q_weight, k_weight }
+    }
+}
+
 /// The one launch path every rope call goes through (validated by the caller).
 pub(crate) fn launch<T: Dtype, B: Backend>(
     be: &B,
@@ -173,6 +208,19 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
     args: RopeArgs,
     positions: Positions,
     use_leak_freq: bool,
+) -> Result<()> {
+    launch_normed::<T, B>(be, ptrs, shape, args, positions, use_leak_freq, NormArgs::default())
+}
+
+/// [`launch`] with a QK norm before the rotation (`args.rotary_dim` 0: the norm alone).
+pub(crate) fn launch_normed<T: Dtype, B: Backend>(
+    be: &B,
+    ptrs: RopePtrs,
+    shape: &RopeShape,
+    args: RopeArgs,
+    positions: Positions,
+    use_leak_freq: bool,
+    norm: NormArgs,
 ) -> Result<()> {
     if shape.tokens == 0 || shape.q_heads + shape.k_heads == 0 {
         return Ok(());
@@ -249,6 +297,10 @@ pub(crate) fn launch<T: Dtype, B: Backend>(
         mrope_h: to_i32("mrope_section", sections.1[1])?,
         mrope_w: to_i32("mrope_section", sections.1[2])?,
         mrope_stride: to_i32("mrope positions stride", sections.2)?,
+        norm: norm.mode,
+        norm_eps: norm.eps,
+        q_norm_w: norm.q_weight,
+        k_norm_w: norm.k_weight,
     };
     let grid = match gather.block_table {
         0 => (shape.tokens as u32, 1, 1),
@@ -373,6 +425,128 @@ pub fn rope_inplace_checked<T: Dtype>(
     compare_rope::<T>(&before, &after, &pos, shape, rot)
 }
 
+/// The QK norm ([`QkNorm`]: Qwen3, Gemma 3, OLMo 2, Llama 4) and then RoPE, in place and in one
+/// pass: each head of Q and K (or each tensor's heads together, [`NormScope::Heads`]) over its
+/// root mean square, times its weight, then rotated as [`rope_inplace`] rotates it. For a
+/// pre-rotated KV cache; with an unrotated one (the attention kernels rotate), normalise with
+/// [`qk_norm_inplace`] instead. (M-RoPE with a norm: [`qk_norm_inplace`], then
+/// [`rope_inplace_mrope`].)
+#[allow(clippy::too_many_arguments)]
+pub fn rope_inplace_normed<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut impl DevicePtrMut<T>,
+    k: &mut impl DevicePtrMut<T>,
+    positions: &impl DevicePtr<i32>,
+    shape: &RopeShape,
+    rot: &Rotary,
+    norm: &QkNorm<&impl DevicePtr<f32>>,
+) -> Result<()> {
+    shape.check(q.len(), k.len(), positions.len(), rot)?;
+    shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+    let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+    let (pp, _gp) = positions.device_ptr(stream);
+    normed(gpu, stream, q, k, shape, args, Positions::Explicit(pp), norm)
+}
+
+/// The QK norm alone, in place ([`rope_inplace_normed`] without the rotation): Q before an
+/// attention kernel rotates it, K before [`paged_append`](super::paged_append) puts it in an
+/// unrotated cache.
+pub fn qk_norm_inplace<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut impl DevicePtrMut<T>,
+    k: &mut impl DevicePtrMut<T>,
+    shape: &RopeShape,
+    norm: &QkNorm<&impl DevicePtr<f32>>,
+) -> Result<()> {
+    shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+    normed(gpu, stream, q, k, shape, RopeArgs::none(), Positions::Explicit(0), norm)
+}
+
+/// The launch of both normed calls (validated), with the weights' device addresses.
+#[allow(clippy::too_many_arguments)]
+fn normed<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut impl DevicePtrMut<T>,
+    k: &mut impl DevicePtrMut<T>,
+    shape: &RopeShape,
+    args: RopeArgs,
+    positions: Positions,
+    norm: &QkNorm<&impl DevicePtr<f32>>,
+) -> Result<()> {
+    let (qp, _gq) = q.device_ptr_mut(stream);
+    let (kp, _gk) = k.device_ptr_mut(stream);
+    let qw = norm.q_weight.map(|w| w.device_ptr(stream));
+    let kw = norm.k_weight.map(|w| w.device_ptr(stream));
+    let na = NormArgs::new(norm, qw.as_ref().map_or(0, |g| g.0), kw.as_ref().map_or(0, |g| g.0));
+    let ptrs = RopePtrs::in_place(qp, kp, shape);
+    launch_normed::<T, _>(&OnStream::new(gpu, stream)?, ptrs, shape, args, positions, false, na)
+}
+
+/// [`rope_inplace_normed`], then compare with [`reference::qk_norm_row`] and
+/// [`reference::rotate_head`] on the same inputs. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_inplace_normed_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    k: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    positions: &impl DevicePtr<i32>,
+    shape: &RopeShape,
+    rot: &Rotary,
+    norm: &QkNorm<&impl DevicePtr<f32>>,
+) -> Result<CheckReport> {
+    shape.check(q.len(), k.len(), positions.len(), rot)?;
+    shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+    let before = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    let pos = stream.clone_dtoh(positions)?;
+    let host = host_weights(stream, norm)?;
+    rope_inplace_normed(gpu, stream, q, k, positions, shape, rot, norm)?;
+    let after = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    compare_normed::<T>(&before, &after, Some((&pos, rot)), shape, &host.map(|w| w.as_slice()))
+}
+
+/// [`qk_norm_inplace`], then compare with [`reference::qk_norm_row`]. Synchronizes the stream.
+pub fn qk_norm_inplace_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    k: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    shape: &RopeShape,
+    norm: &QkNorm<&impl DevicePtr<f32>>,
+) -> Result<CheckReport> {
+    shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+    let before = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    let host = host_weights(stream, norm)?;
+    qk_norm_inplace(gpu, stream, q, k, shape, norm)?;
+    let after = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    compare_normed::<T>(&before, &after, None, shape, &host.map(|w| w.as_slice()))
+}
+
+/// The norm with host copies of its weights (checked mode).
+fn host_weights(stream: &Arc<CudaStream>, norm: &QkNorm<&impl DevicePtr<f32>>) -> Result<QkNorm<Vec<f32>>> {
+    let copy = |w: Option<&&_>| w.map(|w| stream.clone_dtoh(*w)).transpose();
+    Ok(QkNorm { eps: norm.eps, scope: norm.scope, q_weight: copy(norm.q_weight.as_ref())?, k_weight: copy(norm.k_weight.as_ref())? })
+}
+
+/// Checked mode's comparison for the normed calls (shared with the emulator): each token's
+/// heads of `before` normalised, then rotated to their positions where `rotation` is given.
+pub(crate) fn compare_normed<T: Dtype>(
+    before: &[Vec<f64>; 2],
+    after: &[Vec<f64>; 2],
+    rotation: Option<(&[i32], &Rotary)>,
+    shape: &RopeShape,
+    norm: &QkNorm<&[f32]>,
+) -> Result<CheckReport> {
+    compare_rotated::<T>(before, after, shape, Some(norm), |t, x| {
+        if let Some((positions, rot)) = rotation {
+            reference::rotate_head(x, positions[t] as f64, rot)
+        }
+    })
+}
+
 /// Checked mode's comparison, on host copies of Q and K (`[q, k]`) before and after rotating
 /// them in place (shared with the emulator).
 pub(crate) fn compare_rope<T: Dtype>(
@@ -383,7 +557,7 @@ pub(crate) fn compare_rope<T: Dtype>(
     rot: &Rotary,
 ) -> Result<CheckReport> {
     // Negative positions rotate backwards on the GPU; the reference takes them as f64 too.
-    compare_rotated::<T>(before, after, shape, |t, x| reference::rotate_head(x, positions[t] as f64, rot))
+    compare_rotated::<T>(before, after, shape, None, |t, x| reference::rotate_head(x, positions[t] as f64, rot))
 }
 
 /// [`compare_rope`] for M-RoPE positions (three rows of `stride`).
@@ -396,27 +570,35 @@ pub(crate) fn compare_rope_mrope<T: Dtype>(
     rot: &Rotary,
     m: &MRope,
 ) -> Result<CheckReport> {
-    compare_rotated::<T>(before, after, shape, |t, x| {
+    compare_rotated::<T>(before, after, shape, None, |t, x| {
         let pos = [0, 1, 2].map(|c| positions[c * stride + t] as f64);
         reference::rotate_head_mrope(x, pos, rot, m)
     })
 }
 
-/// Each head of token `t` of `before`, rotated by `rotate(t, head)`, against `after`.
+/// Each head of token `t` of `before`, normalised by `norm` if any, then rotated by
+/// `rotate(t, head)`, against `after`. The norm's f32 arithmetic (a sum of squares, a
+/// reciprocal square root) is far inside the tolerance's 1e-5 relative.
 fn compare_rotated<T: Dtype>(
     before: &[Vec<f64>; 2],
     after: &[Vec<f64>; 2],
     shape: &RopeShape,
+    norm: Option<&QkNorm<&[f32]>>,
     rotate: impl Fn(usize, &mut [f64]),
 ) -> Result<CheckReport> {
     let tol = Tolerance::rope::<T>(max_abs(&after[0]).max(max_abs(&after[1])));
+    let d = shape.head_dim;
     let mut reports = Vec::new();
     for (i, (heads, stride)) in [(shape.q_heads, shape.q_row_stride), (shape.k_heads, shape.k_row_stride)].into_iter().enumerate() {
         let mut want = before[i].clone();
-        for t in 0..shape.tokens {
-            for h in 0..heads {
-                let s = t * stride + h * shape.head_dim;
-                rotate(t, &mut want[s..s + shape.head_dim]);
+        let tokens = if heads == 0 { 0 } else { shape.tokens };  // no rows to slice
+        for t in 0..tokens {
+            let row = &mut want[t * stride..t * stride + heads * d];
+            if let Some(n) = norm {
+                reference::qk_norm_row(row, d, n.eps, n.scope, if i == 0 { n.q_weight } else { n.k_weight })?;
+            }
+            for head in row.chunks_mut(d) {
+                rotate(t, head);
             }
         }
         reports.push(CheckReport::compare("rope", &after[i], &want, tol));

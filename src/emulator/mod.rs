@@ -53,12 +53,15 @@ use crate::cuda::launch::{Backend, Launch};
 use crate::cuda::merge::{launch_merge, MergeShape};
 use crate::cuda::paged_prefill::{compare_fwd_paged, launch_fwd_paged, PagedFwdHost, PagedFwdPtrs};
 use crate::cuda::params::RopeArgs;
-use crate::cuda::rope::{compare_rope, compare_rope_mrope, launch as launch_rope, Positions, RopePtrs};
+use crate::cuda::rope::{
+    compare_normed, compare_rope, compare_rope_mrope, launch as launch_rope, launch_normed as launch_rope_normed, NormArgs, Positions, RopePtrs,
+};
 use crate::cuda::scores::{compare_scores, launch_scores};
 use crate::cuda::{
     AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, PrefillPath, RopeShape, ScoresShape,
 };
 use crate::error::{Error, Result};
+use crate::qk_norm::QkNorm;
 use cudarc::driver::DeviceRepr;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -259,6 +262,58 @@ impl Emulator {
         let before = [widen(q), widen(k)];
         self.rope_inplace(q, k, positions, shape, rot)?;
         compare_rope::<T>(&before, &[widen(q), widen(k)], positions, shape, rot)
+    }
+
+    /// [`crate::cuda::rope_inplace_normed`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_inplace_normed<T: Dtype>(
+        &self,
+        q: &mut [T],
+        k: &mut [T],
+        positions: &[i32],
+        shape: &RopeShape,
+        rot: &Rotary,
+        norm: &QkNorm<&[f32]>,
+    ) -> Result<()> {
+        shape.check(q.len(), k.len(), positions.len(), rot)?;
+        shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+        let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+        self.normed(q, k, shape, args, Positions::Explicit(addr(positions)), norm)
+    }
+
+    /// [`crate::cuda::qk_norm_inplace`] on host buffers.
+    pub fn qk_norm_inplace<T: Dtype>(&self, q: &mut [T], k: &mut [T], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<()> {
+        shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+        self.normed(q, k, shape, RopeArgs::none(), Positions::Explicit(0), norm)
+    }
+
+    fn normed<T: Dtype>(&self, q: &mut [T], k: &mut [T], shape: &RopeShape, args: RopeArgs, pos: Positions, norm: &QkNorm<&[f32]>) -> Result<()> {
+        let na = NormArgs::new(norm, norm.q_weight.map_or(0, addr), norm.k_weight.map_or(0, addr));
+        let ptrs = RopePtrs::in_place(addr(q), addr(k), shape);
+        launch_rope_normed::<T, _>(self, ptrs, shape, args, pos, false, na)
+    }
+
+    /// [`crate::cuda::rope_inplace_normed_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_inplace_normed_checked<T: Dtype>(
+        &self,
+        q: &mut [T],
+        k: &mut [T],
+        positions: &[i32],
+        shape: &RopeShape,
+        rot: &Rotary,
+        norm: &QkNorm<&[f32]>,
+    ) -> Result<CheckReport> {
+        let before = [widen(q), widen(k)];
+        self.rope_inplace_normed(q, k, positions, shape, rot, norm)?;
+        compare_normed::<T>(&before, &[widen(q), widen(k)], Some((positions, rot)), shape, norm)
+    }
+
+    /// [`crate::cuda::qk_norm_inplace_checked`] on host buffers.
+    pub fn qk_norm_inplace_checked<T: Dtype>(&self, q: &mut [T], k: &mut [T], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport> {
+        let before = [widen(q), widen(k)];
+        self.qk_norm_inplace(q, k, shape, norm)?;
+        compare_normed::<T>(&before, &[widen(q), widen(k)], None, shape, norm)
     }
 
     /// [`crate::cuda::rope_inplace_mrope`] on host buffers.

@@ -6,12 +6,14 @@
 
 mod attention;
 mod merge;
+mod qk_norm;
 mod rotate;
 mod scores;
 mod sinusoidal;
 
 pub use attention::{attention, attention_varlen, AttentionOutput};
 pub use merge::merge;
+pub use qk_norm::qk_norm_row;
 pub use rotate::{rotate, rotate_head, rotate_head_mrope, rotate_mrope};
 pub use scores::scores;
 pub use sinusoidal::sinusoidal;

@@ -9,7 +9,7 @@ use super::schedules;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rope_attn::cuda::{RopeShape, ScoresShape};
-use rope_attn::{Alibi, AttentionParams, MRope, Mask, QueryTemperature, Relative, Rotary};
+use rope_attn::{Alibi, AttentionParams, MRope, Mask, NormScope, QueryTemperature, Relative, Rotary};
 
 /// Who runs the sweep: a GPU takes full-length problems, the emulator shorter ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,4 +303,67 @@ pub fn base_steps_case(d: usize, case: usize) -> (AttentionParams, usize) {
         ctx = 896;
     }
     (p, ctx)
+}
+
+/// One QK-norm sweep case (tests/emu_qk_norm.rs, tests/gpu_rope.rs): the rope geometry, the
+/// rotation after the norm (`None`: the norm alone), the scope, whether Q and K have weights,
+/// and eps.
+pub struct NormCase {
+    pub label: String,
+    pub shape: RopeShape,
+    pub rot: Option<Rotary>,
+    pub scope: NormScope,
+    pub weighted: bool,
+    pub eps: f64,
+}
+
+/// Every head dim (and two the attention kernels do not take, 6 and 72: the rope kernel takes
+/// any even one) × full and partial rotary with three rope types, and the norm alone ×
+/// rope_layouts (all three vector widths), rotating through the scope (per head and weighted,
+/// over all heads and weighted, per head without weights: Qwen3 / Gemma 3, OLMo 2, Llama 4)
+/// and eps (1e-6, where the inputs' smallest tokens' mean square is ~1e-7, so eps shows).
+pub fn qk_norm_cases() -> Vec<NormCase> {
+    let mut out = Vec::new();
+    for d in HEAD_DIMS.into_iter().chain([6, 72]) {
+        let mut rots: Vec<(String, Option<Rotary>)> = vec![("norm only".into(), None)];
+        if HEAD_DIMS.contains(&d) {
+            for frac in [1.0, 0.5] {
+                let r = ((d as f64 * frac) as usize) & !1;
+                for (name, rot) in schedules(d, r).into_iter().filter(|(n, _)| ["default", "default-interleaved", "yarn"].contains(n)) {
+                    rots.push((format!("r={r} {name}"), Some(rot)));
+                }
+            }
+        }
+        for (rname, rot) in rots {
+            for (tokens, qh, kh, row, krow) in rope_layouts(d) {
+                let i = out.len();
+                let (scope, weighted) = [(NormScope::Head, true), (NormScope::Heads, true), (NormScope::Head, false)][i % 3];
+                let eps = [1e-6, 1e-5][i / 3 % 2];
+                let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
+                let label = format!("d={d} {rname} {scope:?} weighted={weighted} eps={eps} tokens={tokens} stride={row}");
+                out.push(NormCase { label, shape, rot: rot.clone(), scope, weighted, eps });
+            }
+        }
+    }
+    assert_eq!(out.len(), (5 * 7 + 2) * 3);
+    out
+}
+
+/// Q or K values for a norm case (`heads` per token at `stride`): uniform, each token scaled by
+/// 1, 1e-3 or 50 and each head by 1 + h % 3 more, so that a per-head norm and a norm over all
+/// heads differ and the result cannot depend on the input's scale; and weights of `len` in
+/// ±[0.25, 1.75) when weighted (Gemma's 1 + w lies there too).
+pub fn norm_values(r: &mut StdRng, tokens: usize, heads: usize, d: usize, stride: usize) -> Vec<f64> {
+    let mut x = super::uniform(r, tokens * stride);
+    for t in 0..tokens {
+        for h in 0..heads {
+            let s = [1.0, 1e-3, 50.0][t % 3] * (1 + h % 3) as f64;
+            x[t * stride + h * d..t * stride + (h + 1) * d].iter_mut().for_each(|v| *v *= s);
+        }
+    }
+    x
+}
+
+pub fn norm_weights(r: &mut StdRng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| r.random_range(0.25f32..1.75) * if r.random_bool(0.2) { -1.0 } else { 1.0 }).collect()
 }
