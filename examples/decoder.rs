@@ -17,8 +17,8 @@
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rope_attn::cuda::{self, AttentionBatch, CheckReport, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch};
-use rope_attn::{hf_layers, reference, AttentionParams, HfLayer, LayerAttention, Layout, RopeConfig, Rotary};
+use rope_attn::cuda::{self, AttentionBatch, CheckReport, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch, RopeShape};
+use rope_attn::{hf_layers, reference, AttentionParams, HfLayer, LayerAttention, Layout, NormWeight, QkNorm, RopeConfig, Rotary};
 use std::io::Write;
 use std::time::Instant;
 
@@ -162,6 +162,30 @@ struct Weights {
     wk: Vec<f32>,
     wv: Vec<f32>,
     wo: Vec<f32>,
+    /// The layer's QK norm with the kernels' weights (drawn as a checkpoint's, in its form).
+    norm: Option<QkNorm<Vec<f32>>>,
+}
+
+impl Weights {
+    /// Random projections (bf16 values: Q, K, V of `scale`, O of `out_scale`) for the model,
+    /// and its QK norm's weights.
+    fn draw(r: &mut StdRng, m: &Model, scale: f32, out_scale: f32) -> Self {
+        let (wq, wk, wv) = (m.hidden * m.hq * m.d, m.hidden * m.hkv * m.d, m.hidden * m.hkv * m.d);
+        let (wq, wk, wv) = (bf16_round(&random(r, wq, scale)), bf16_round(&random(r, wk, scale)), bf16_round(&random(r, wv, scale)));
+        let wo = bf16_round(&random(r, m.hq * m.d * m.hidden, out_scale));
+        let norm = m.layer.1.qk_norm.map(|n| {
+            // A checkpoint's weights: about 1 where they multiply, about 0 where they are offsets
+            // from 1 (Gemma's, Qwen3.5's), as bf16 values.
+            let around = if n.weight == NormWeight::OnePlus { 0.0 } else { 1.0 };
+            let mut ckpt = |heads: usize| -> Vec<f32> {
+                let len = QkNorm::<()>::unweighted(n.eps, n.scope).weight_len(heads, m.d);
+                bf16_round(&random(r, len, 0.3).iter().map(|v| v + around).collect::<Vec<_>>())
+            };
+            let (q, k) = (ckpt(m.hq), ckpt(m.hkv));
+            n.with(n.weights(&q), n.weights(&k))
+        });
+        Weights { wq, wk, wv, wo, norm }
+    }
 }
 
 fn main() {
@@ -196,8 +220,13 @@ fn run(a: &Args) -> Result<(), String> {
     if let Some(t) = layer.query_temperature {
         println!("query temperature (Llama 4's attn_temperature_tuning): 1 + {} ln(1 + floor((i + 1) / {})), applied by the kernels and the reference", t.attn_scale, t.floor_scale);
     }
-    if let Some(eps) = layer.qk_norm {
-        println!("QK norm (Llama 4's use_qk_norm, eps {eps}) on the unrotated Q and K before the call");
+    if let Some(n) = layer.qk_norm {
+        let how = match n.weight {
+            NormWeight::None => "no weight",
+            NormWeight::Plain => "times its weight",
+            NormWeight::OnePlus => "times 1 + its weight",
+        };
+        println!("QK norm ({:?} scope, {how}, eps {}) on the unrotated Q and K by the rope kernel (qk_norm_inplace), then the attention kernels rotate", n.scope, n.eps);
     }
     if let Some(c) = m.softcap {
         println!("logit soft-capping at {c} (attn_logit_softcapping), score scale {:.6}", m.scale.unwrap_or(1.0 / (m.d as f64).sqrt()));
@@ -221,13 +250,7 @@ fn run(a: &Args) -> Result<(), String> {
         }
     }
     let mut r = StdRng::seed_from_u64(2024);
-    let scale = 1.0 / (m.hidden as f32).sqrt();
-    let w = Weights {
-        wq: bf16_round(&random(&mut r, m.hidden * m.hq * m.d, scale)),
-        wk: bf16_round(&random(&mut r, m.hidden * m.hkv * m.d, scale)),
-        wv: bf16_round(&random(&mut r, m.hidden * m.hkv * m.d, scale)),
-        wo: bf16_round(&random(&mut r, m.hq * m.d * m.hidden, 1.0 / ((m.hq * m.d) as f32).sqrt())),
-    };
+    let w = Weights::draw(&mut r, &m, 1.0 / (m.hidden as f32).sqrt(), 1.0 / ((m.hq * m.d) as f32).sqrt());
     let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
     let params_at = |len: usize| -> Result<AttentionParams, String> {
         let s = m.rope.schedule(Some(len)).map_err(|e| e.to_string())?;
@@ -254,19 +277,32 @@ fn run(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs. Llama 4's QK norm
-/// (its RoPE layers) on the unrotated Q and K: the rotation keeps each vector's norm, so this is
-/// transformers' rotate-then-normalise (`HfLayer::qk_norm`).
+/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs (before any QK norm).
 fn qkv(m: &Model, w: &Weights, x: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let f = |wm: &[f32], width: usize| matmul(x, wm, m.hidden, width);
-    let (mut q, mut k) = (f(&w.wq, m.hq * m.d), f(&w.wk, m.hkv * m.d));
-    if let Some(eps) = m.layer.1.qk_norm {
-        for head in q.chunks_mut(m.d).chain(k.chunks_mut(m.d)) {
-            let inv = 1.0 / (head.iter().map(|v| v * v).sum::<f32>() / m.d as f32 + eps as f32).sqrt();
-            head.iter_mut().for_each(|v| *v *= inv);
+    (bf16_round(&f(&w.wq, m.hq * m.d)), bf16_round(&f(&w.wk, m.hkv * m.d)), bf16_round(&f(&w.wv, m.hkv * m.d)))
+}
+
+/// The CPU path's QK norm (the f64 reference's, rounded to bf16 like the kernels' output), on
+/// the unrotated Q and K of `n` tokens: before the cache, as the kernels' path does it.
+fn qk_norm_cpu(m: &Model, w: &Weights, q: &mut [f32], k: &mut [f32]) -> Result<(), String> {
+    let Some(n) = &w.norm else { return Ok(()) };
+    for (x, heads, weight) in [(q, m.hq, &n.q_weight), (k, m.hkv, &n.k_weight)] {
+        for row in x.chunks_mut(heads * m.d) {
+            let mut y = to64(row);
+            reference::qk_norm_row(&mut y, m.d, n.eps, n.scope, weight.as_deref()).map_err(|e| e.to_string())?;
+            row.iter_mut().zip(y).for_each(|(r, v)| *r = bf16::from_f64(v).to_f32());
         }
     }
-    (bf16_round(&q), bf16_round(&k), bf16_round(&f(&w.wv, m.hkv * m.d)))
+    Ok(())
+}
+
+/// The kernels' path's QK norm on `n` tokens (the rope kernel, checked); the worst error so far in `worst`.
+fn qk_norm_kernels(kern: &mut dyn Kernels, m: &Model, w: &Weights, q: &mut [f32], k: &mut [f32], n: usize, worst: &mut f64) -> Result<(), String> {
+    let Some(norm) = &w.norm else { return Ok(()) };
+    let rep = kern.qk_norm(q, k, &RopeShape::contiguous(n, m.hq, m.hkv, m.d), &norm.map(|w| w.as_slice()))?;
+    *worst = worst.max(rep.max_abs);
+    Ok(())
 }
 
 /// The next decode step's input: the previous token's block output (residual + attention).
@@ -285,6 +321,7 @@ type ParamsAt<'a> = dyn Fn(usize) -> Result<AttentionParams, String> + 'a;
 
 fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsAt) -> Result<Vec<f32>, String> {
     let (mut q, mut k, mut v) = qkv(m, w, prompt);
+    qk_norm_cpu(m, w, &mut q, &mut k)?;
     let pos: Vec<i64> = (0..a.prompt as i64).collect();
     let p = params_at(a.prompt)?;
     let o = reference::attention(&to64(&q), &to64(&k), &to64(&v), &pos, &pos, &p).map_err(|e| e.to_string())?;
@@ -294,7 +331,8 @@ fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsA
     for step in 0..a.steps {
         let len = a.prompt + step + 1;
         let x = next_input(m, w, &x_last, &attn[attn.len() - row..]);
-        let (qn, kn, vn) = qkv(m, w, &x);
+        let (mut qn, mut kn, vn) = qkv(m, w, &x);
+        qk_norm_cpu(m, w, &mut qn, &mut kn)?;
         k.extend_from_slice(&kn);
         v.extend_from_slice(&vn);
         q = qn;
@@ -322,6 +360,8 @@ trait Kernels {
     fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
     /// One decode step of query `[Hq·d]` over the first `len` cached keys; O and the check.
     fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
+    /// The QK norm (the rope kernel without a rotation) on Q and K in place, checked.
+    fn qk_norm(&mut self, q: &mut [f32], k: &mut [f32], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport, String>;
     /// Where the kernels run, for the log.
     fn name(&self) -> &'static str;
 }
@@ -331,7 +371,9 @@ fn to_bf16(x: &[f32]) -> Vec<bf16> {
 }
 
 fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsAt) -> Result<Vec<f32>, String> {
-    let (q, k, v) = qkv(m, w, prompt);
+    let (mut q, mut k, v) = qkv(m, w, prompt);
+    let mut worst_norm = 0f64;
+    qk_norm_kernels(kern.as_mut(), m, w, &mut q, &mut k, a.prompt, &mut worst_norm)?;
     let page = 16;
     let max_pages = (a.prompt + a.steps).div_ceil(page);
     let table: Vec<i32> = (0..max_pages as i32).rev().collect();
@@ -368,7 +410,8 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
     for step in 0..a.steps {
         let len = a.prompt + step + 1;
         let x = next_input(m, w, &x_last, &attn);
-        let (qn, kn, vn) = qkv(m, w, &x);
+        let (mut qn, mut kn, vn) = qkv(m, w, &x);
+        qk_norm_kernels(kern.as_mut(), m, w, &mut qn, &mut kn, 1, &mut worst_norm)?;
         kern.append(&kn, &vn, &[slot(len - 1)])?;
         let (o, rep) = kern.decode(&qn, len, &params_at(len)?)?;
         worst = worst.max(rep.max_abs);
@@ -377,6 +420,9 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
         progress(step + 1, a.steps, &format!("decode steps ({}, checked)", kern.name()));
     }
     println!("{} decode steps checked against the CPU reference: max abs error {worst:.2e}", a.steps);
+    if w.norm.is_some() {
+        println!("QK norm on every token's Q and K, checked: max abs error {worst_norm:.2e}");
+    }
     Ok(next_input(m, w, &x_last, &attn))
 }
 
@@ -464,6 +510,15 @@ impl Kernels for OnGpu {
             .map_err(|e| e.to_string())?;
         Ok((self.down(&o)?, rep))
     }
+    fn qk_norm(&mut self, q: &mut [f32], k: &mut [f32], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport, String> {
+        let (mut qd, mut kd) = (self.up(&to_bf16(q))?, self.up(&to_bf16(k))?);
+        let (qw, kw) = (norm.q_weight.map(|w| self.up(w)).transpose()?, norm.k_weight.map(|w| self.up(w)).transpose()?);
+        let dn = QkNorm { eps: norm.eps, scope: norm.scope, q_weight: qw.as_ref(), k_weight: kw.as_ref() };
+        let rep = cuda::qk_norm_inplace_checked(&self.gpu, &self.stream, &mut qd, &mut kd, shape, &dn).map_err(|e| e.to_string())?;
+        q.copy_from_slice(&self.down(&qd)?);
+        k.copy_from_slice(&self.down(&kd)?);
+        Ok(rep)
+    }
     fn name(&self) -> &'static str {
         "GPU"
     }
@@ -547,6 +602,13 @@ mod emulated {
             let rep = self.emu.attention_decode_checked(&x, &mut o, &mut l, cache, &batch, p, 1, None).map_err(|e| e.to_string())?;
             Ok((f32s(&o), rep))
         }
+        fn qk_norm(&mut self, q: &mut [f32], k: &mut [f32], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport, String> {
+            let (mut qb, mut kb) = (to_bf16(q), to_bf16(k));
+            let rep = self.emu.qk_norm_inplace_checked(&mut qb, &mut kb, shape, norm).map_err(|e| e.to_string())?;
+            q.copy_from_slice(&f32s(&qb));
+            k.copy_from_slice(&f32s(&kb));
+            Ok(rep)
+        }
         fn name(&self) -> &'static str {
             "SIMT emulator"
         }
@@ -583,12 +645,7 @@ mod tests {
         let mut a = Args { config: "examples/configs/qwen2.5-7b-instruct-yarn.json".into(), layer: None, layer_type: None, prompt: 70, steps: 3, chunk: None, force_cpu: false };
         let m = load_model(&a).unwrap();
         let mut r = StdRng::seed_from_u64(1);
-        let w = Weights {
-            wq: bf16_round(&random(&mut r, m.hidden * m.hq * m.d, 0.02)),
-            wk: bf16_round(&random(&mut r, m.hidden * m.hkv * m.d, 0.02)),
-            wv: bf16_round(&random(&mut r, m.hidden * m.hkv * m.d, 0.02)),
-            wo: bf16_round(&random(&mut r, m.hq * m.d * m.hidden, 0.02)),
-        };
+        let w = Weights::draw(&mut r, &m, 0.02, 0.02);
         let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
         let params_at = |len: usize| -> Result<AttentionParams, String> {
             let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
@@ -603,6 +660,19 @@ mod tests {
         let diff = whole.iter().zip(&chunked).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         println!("whole vs chunked prefill: block outputs differ by {diff:.2e}");
         assert!(diff < 2e-2, "{diff}");
+    }
+
+    /// The QK norm through the kernels (the emulator here; a GPU where present), every call
+    /// checked: Llama 4's RoPE layer (unweighted, with chunks and interleaved pairs) and
+    /// Qwen3.6's attention layer (1 + w, head_dim 256, M-RoPE sections over a text prompt).
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn decoder_runs_the_qk_norm_through_the_kernels() {
+        for config in ["examples/configs/llama-4-scout-text-transformers-defaults.json", "examples/configs/qwen3.6-35b-a3b-text.json"] {
+            let a = Args { config: config.into(), layer: None, layer_type: None, prompt: 9, steps: 2, chunk: None, force_cpu: false };
+            assert!(load_model(&a).unwrap().layer.1.qk_norm.is_some(), "{config}");
+            run(&a).unwrap_or_else(|e| panic!("{config}: {e}"));
+        }
     }
 
     /// Gemma 2's soft-capping and query scale, GPT-OSS's sinks and a text_config (Qwen3.6) come
@@ -626,7 +696,11 @@ mod tests {
         // Llama 4's temperature on its NoPE layers, its QK norm on the RoPE ones.
         let t = nope.layer.1.query_temperature.expect("NoPE layers take the temperature");
         assert_eq!((t.floor_scale, t.attn_scale, nope.layer.1.qk_norm), (8192, 0.1, None));
-        assert_eq!((l.layer.1.query_temperature, l.layer.1.qk_norm), (None, Some(1e-5)));
+        assert_eq!((l.layer.1.query_temperature, l.layer.1.qk_norm.map(|n| (n.eps, n.weight))), (None, Some((1e-5, NormWeight::None))));
+        // Gemma 3 (per head, 1 + w) and Qwen3.6 (the same, on its attention layers) normalise Q and K too.
+        let g3 = load("gemma-3-12b-it-text-transformers5");
+        assert_eq!(g3.layer.1.qk_norm.map(|n| (n.eps, n.scope, n.weight)), Some((1e-6, rope_attn::NormScope::Head, NormWeight::OnePlus)));
+        assert_eq!(q.layer.1.qk_norm.map(|n| n.weight), Some(NormWeight::OnePlus));
         let past = load_model(&Args { config: "examples/configs/llama-3.1-8b.json".into(), layer: Some(32), layer_type: None, prompt: 1, steps: 1, chunk: None, force_cpu: true });
         assert!(past.is_err());
     }

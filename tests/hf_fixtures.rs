@@ -9,11 +9,14 @@
 //! * [`reference::rotate`] equal to transformers' `apply_rotary_pos_emb` to 1e-12 absolute;
 //! * [`reference::attention`] equal to a torch float64 softmax over transformers-rotated Q/K,
 //!   and to transformers' own attention modules (GPT-OSS's sinks, Gemma 2's soft-capping,
-//!   Llama 4's chunks, QK norm and query temperature).
+//!   Llama 4's chunks, QK norm and query temperature, the QK norms of Qwen3, Gemma 3 and OLMo 2).
 //!
 //! Every test also asserts how many cases it checked, so an emptied fixture file fails.
 
-use rope_attn::{hf_layers, reference, AttentionParams, LayerAttention, Layout, MRope, Mask, QueryTemperature, RopeConfig, RopeSchedule, Rotary};
+use rope_attn::{
+    hf_layers, reference, AttentionParams, HfQkNorm, LayerAttention, Layout, MRope, Mask, NormScope, NormWeight, QueryTemperature, RopeConfig, RopeSchedule,
+    Rotary,
+};
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -434,12 +437,15 @@ fn attention_with_softcap_matches_gemma2() {
     assert_eq!(cases.len(), 1, "soft-capping cases");
 }
 
-/// Each head vector divided by its root mean square (Llama 4's L2 norm, no weight).
-fn rms_normalised(x: &[f64], d: usize, eps: f64) -> Vec<f64> {
-    x.chunks(d).flat_map(|h| {
-        let inv = 1.0 / (h.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
-        h.iter().map(move |v| v * inv)
-    }).collect()
+/// Q or K (`heads` per token) normalised as the layer's [`HfQkNorm`] says, by
+/// `reference::qk_norm_row`, with the kernels' weights made from the checkpoint's.
+fn qk_normalised(x: &[f64], heads: usize, d: usize, norm: &HfQkNorm, checkpoint: Option<&[f32]>) -> Vec<f64> {
+    let w = checkpoint.and_then(|c| norm.weights(c));
+    let mut y = x.to_vec();
+    for row in y.chunks_mut(heads * d) {
+        reference::qk_norm_row(row, d, norm.eps, norm.scope, w.as_deref()).unwrap();
+    }
+    y
 }
 
 /// Llama 4's attention module (transformers' Llama4TextAttention, float64) against the
@@ -457,7 +463,10 @@ fn attention_matches_llama4_attention_module() {
         let cfg = case["config"].to_string();
         let layer = hf_layers(&cfg).unwrap()[usize_of(&case["layer"])];
         match usize_of(&case["layer"]) {
-            0 => assert_eq!((layer.attention, layer.rope, layer.query_temperature, layer.qk_norm), (LayerAttention::Chunked(16), true, None, Some(1e-5))),
+            0 => assert_eq!(
+                (layer.attention, layer.rope, layer.query_temperature, layer.qk_norm),
+                (LayerAttention::Chunked(16), true, None, Some(HfQkNorm { eps: 1e-5, scope: NormScope::Head, weight: NormWeight::None }))
+            ),
             _ => assert_eq!(
                 (layer.attention, layer.rope, layer.query_temperature, layer.qk_norm),
                 (LayerAttention::Full, false, Some(QueryTemperature { floor_scale: 4, attn_scale: 0.3 }), None)
@@ -469,8 +478,8 @@ fn attention_matches_llama4_attention_module() {
         let p = layer.apply(p).unwrap();
         let exact = |key| exact_f64s("llama4_attention", idx, key);
         let (mut q, mut k) = (exact("q"), exact("k"));
-        if let Some(eps) = layer.qk_norm {
-            (q, k) = (rms_normalised(&q, d, eps), rms_normalised(&k, d, eps));
+        if let Some(norm) = &layer.qk_norm {
+            (q, k) = (qk_normalised(&q, hq, d, norm, None), qk_normalised(&k, hkv, d, norm, None));
         }
         let (q_pos, k_pos) = (i64s(&case["q_pos"]), i64s(&case["k_pos"]));
         let o = reference::attention(&q, &k, &exact("v"), &q_pos, &k_pos, &p).unwrap();
@@ -487,6 +496,72 @@ fn attention_matches_llama4_attention_module() {
         assert!(without.out.iter().zip(&o.out).any(|(a, b)| (a - b).abs() > 1e-2), "{label}");
     }
     assert_eq!(cases.len(), 3, "llama4 attention cases");
+}
+
+/// The QK norm by transformers' own attention modules (float64): Qwen3 (each head, `w·x̂`),
+/// Gemma 3 (each head, `(1 + w)·x̂`, its sliding layer and its linearly scaled full layer, with
+/// query_pre_attn_scalar), OLMo 2 (all heads together, eps from the config class's default),
+/// against the reference run as the config tells it: `hf_layers`' [`HfQkNorm`] on the
+/// unrotated Q and K with the checkpoint's weights through [`HfQkNorm::weights`], then
+/// `reference::attention` with the layer's mask and RoPE. Equal to 1e-12; a norm over the
+/// wrong scope, or the weights taken plainly where they are offsets from one, moves it.
+#[test]
+fn attention_matches_qk_norm_attention_modules() {
+    let f = fixtures();
+    let cases = cases(&f, "qk_norm_attention");
+    let mut seen = BTreeSet::new();
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+        let cfg = case["config"].to_string();
+        let model_type = case["config"]["model_type"].as_str().unwrap();
+        let layer = hf_layers(&cfg).unwrap()[usize_of(&case["layer"])];
+        let norm = layer.qk_norm.unwrap_or_else(|| panic!("{label}: hf_layers gives no QK norm"));
+        let want_norm = match model_type {
+            "qwen3" => HfQkNorm { eps: 1e-6, scope: NormScope::Head, weight: NormWeight::Plain },
+            "gemma3_text" => HfQkNorm { eps: 1e-6, scope: NormScope::Head, weight: NormWeight::OnePlus },
+            "olmo2" => HfQkNorm { eps: 1e-5, scope: NormScope::Heads, weight: NormWeight::Plain },
+            other => panic!("unexpected model {other}"),
+        };
+        assert_eq!(norm, want_norm, "{label}");
+        seen.insert(model_type.to_string());
+        let rope = RopeConfig::from_hf_config_json_layer(&cfg, case["layer_type"].as_str()).unwrap();
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(Rotary::from_schedule(&rope.schedule(None).unwrap(), Layout::Half));
+        p.scale = Some(case["scale"].as_f64().unwrap());
+        let p = layer.apply(p).unwrap();
+        let exact = |key| exact_f64s("qk_norm_attention", idx, key);
+        let f32s = |key| exact(key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let (qw, kw) = (f32s("q_norm_weight"), f32s("k_norm_weight"));
+        assert!(qw.iter().zip(exact("q_norm_weight")).all(|(&a, b)| a as f64 == b), "{label}: weights exact in f32");
+        // Under another scope than the checkpoint's, its weights are cut to one head or repeated.
+        let fit = |w: &[f32], heads: usize, scope: NormScope| match scope {
+            NormScope::Head => w[..d].to_vec(),
+            NormScope::Heads => w.iter().cycle().take(heads * d).copied().collect(),
+        };
+        let norm_with = |norm: &HfQkNorm| {
+            let (qw, kw) = (fit(&qw, hq, norm.scope), fit(&kw, hkv, norm.scope));
+            (qk_normalised(&exact("q"), hq, d, norm, Some(&qw)), qk_normalised(&exact("k"), hkv, d, norm, Some(&kw)))
+        };
+        let (q, k) = norm_with(&norm);
+        let (q_pos, k_pos): (Vec<i64>, Vec<i64>) = ((0..q.len() / (hq * d)).map(|i| i as i64).collect(), (0..k.len() / (hkv * d)).map(|i| i as i64).collect());
+        let o = reference::attention(&q, &k, &exact("v"), &q_pos, &k_pos, &p).unwrap();
+        let want = exact("out");
+        assert_eq!(o.out.len(), want.len(), "{label}");
+        for (i, (g, w)) in o.out.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{label}: out[{i}] {g} vs transformers {w}");
+        }
+        // The norm's form matters: the other scope, or the other weight form, moves the answer.
+        let other_scope = HfQkNorm { scope: if norm.scope == NormScope::Head { NormScope::Heads } else { NormScope::Head }, ..norm };
+        let other_weight = HfQkNorm { weight: if norm.weight == NormWeight::Plain { NormWeight::OnePlus } else { NormWeight::Plain }, ..norm };
+        for wrong in [other_scope, other_weight] {
+            let (q, k) = norm_with(&wrong);
+            let moved = reference::attention(&q, &k, &exact("v"), &q_pos, &k_pos, &p).unwrap();
+            assert!(moved.out.iter().zip(&o.out).any(|(a, b)| (a - b).abs() > 1e-3), "{label}: {wrong:?}");
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["gemma3_text", "olmo2", "qwen3"]);
+    assert_eq!(cases.len(), 4, "qk norm attention cases");
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! Which attention each decoder layer of a Hugging Face `config.json` runs, as transformers 5
 //! decides it (`config.layer_types`): full, a sliding window, Llama 4's chunks, or no softmax
 //! attention at all (Qwen3-Next's linear layers), and whether the layer applies RoPE (Llama 4's
-//! NoPE layers do not), with Llama 4's query temperature and QK norm. [`HfLayer::mask`] is the
+//! NoPE layers do not), with Llama 4's query temperature and the model's QK norm. [`HfLayer::mask`] is the
 //! [`Mask`] to run it with, [`HfLayer::apply`] sets all of it on an [`AttentionParams`].
 
 use super::hf::{f64_of, parse_root, text_root, usize_of, Obj};
+use super::qk_norm::{qk_norm_of, HfQkNorm};
 use crate::attention::{AttentionParams, Mask, QueryTemperature};
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -35,14 +36,15 @@ pub struct HfLayer {
     /// Llama 4's attention temperature on its NoPE layers (`attn_temperature_tuning`, on by
     /// default, with `floor_scale` and `attn_scale`): [`AttentionParams::query_temperature`].
     pub query_temperature: Option<QueryTemperature>,
-    /// Llama 4's QK norm on its RoPE layers (`use_qk_norm`, on by default): after the rotation,
-    /// each head vector of Q and K is divided by its root mean square, `x / sqrt(mean(x²) + eps)`
-    /// with `eps = rms_norm_eps`, no weight. Not done by the kernels: a rotation keeps every
-    /// pair's length, so the norm of the rotated vector is the norm of the unrotated one, and
-    /// normalising the *unrotated* Q and K (K before it enters the cache) before the call gives
-    /// transformers' rotate-then-normalise (tests/hf_fixtures.rs checks it against
-    /// transformers' own Llama 4 attention). Holds `eps`.
-    pub qk_norm: Option<f64>,
+    /// The layer's QK norm, if its model has one: Qwen3 (and its MoE and VL text models),
+    /// Qwen3-Next and Qwen3.5 (on their attention layers), Gemma 3, OLMo 2 / 3, OLMoE,
+    /// GLM-4-MoE (`use_qk_norm`), and Llama 4 on its RoPE layers (`use_qk_norm`, on by
+    /// default: an unweighted L2 norm after the rotation, which equals one before it). The
+    /// rope kernel applies it to the unrotated Q and K: `cuda::qk_norm_inplace` (then the
+    /// attention kernels rotate; K so normalised enters the cache) or
+    /// `cuda::rope_inplace_normed` (a pre-rotated cache). tests/hf_fixtures.rs checks it
+    /// against transformers' own Llama 4, Qwen3, Gemma 3 and OLMo 2 attention.
+    pub qk_norm: Option<HfQkNorm>,
 }
 
 impl HfLayer {
@@ -158,24 +160,20 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         None
     };
     let rope_of = |i: usize| rope_layers.as_ref().is_none_or(|r| r.get(i).copied().unwrap_or(true));
-    // Llama 4's temperature (NoPE layers) and QK norm (RoPE layers), transformers' defaults.
-    let (temperature, qk_norm) = if llama4 {
-        let temperature = match flag(&root, "attn_temperature_tuning")?.unwrap_or(true) {
+    // Llama 4's temperature (NoPE layers), transformers' defaults.
+    let temperature = if llama4 {
+        match flag(&root, "attn_temperature_tuning")?.unwrap_or(true) {
             false => None,
             true => {
                 let floor_scale = size_of(&root, "floor_scale")?.unwrap_or(8192);
                 let attn_scale = f64_of(&root, "attn_scale")?.unwrap_or(0.1);
                 Some(QueryTemperature { floor_scale, attn_scale })
             }
-        };
-        let eps = f64_of(&root, "rms_norm_eps")?.unwrap_or(1e-5);
-        if !(eps.is_finite() && eps >= 0.0) {
-            return Err(bad("rms_norm_eps", format!("must be finite and >= 0, got {eps}")));
         }
-        (temperature, flag(&root, "use_qk_norm")?.unwrap_or(true).then_some(eps))
     } else {
-        (None, None)
+        None
     };
+    let qk_norm = qk_norm_of(&root, &model_type, |k| flag(&root, k))?;
 
     let kinds: Vec<LayerAttention> = match root.get("layer_types") {
         Some(Value::Array(types)) => types
@@ -230,7 +228,9 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         .map(|(i, attention)| {
             let rope = rope_of(i);
             let query_temperature = temperature.filter(|_| !rope);
-            HfLayer { attention, rope, query_temperature, qk_norm: qk_norm.filter(|_| rope) }
+            // Llama 4's NoPE layers have no norm, nor do linear-attention layers (their own).
+            let normed = rope && attention != LayerAttention::Linear;
+            HfLayer { attention, rope, query_temperature, qk_norm: qk_norm.filter(|_| normed) }
         })
         .collect())
 }

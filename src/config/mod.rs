@@ -8,10 +8,12 @@
 mod hf;
 mod layers;
 mod mrope;
+mod qk_norm;
 mod schedules;
 
 pub use layers::{hf_layers, HfLayer, LayerAttention};
 pub use mrope::MRope;
+pub use qk_norm::{HfQkNorm, NormWeight};
 
 use crate::error::{positive, Error, Result};
 
