@@ -422,3 +422,49 @@ fn absurd_dimensions_are_refused_not_allocated() {
     let cfg = parse(&json!({"head_dim": 512, "hidden_size": 4096, "num_attention_heads": 32})).unwrap();
     assert_eq!(cfg.schedule(None).unwrap().inv_freq.len(), 256);
 }
+
+/// Which QK norm each model type's config asks for (`hf_layers`' `HfQkNorm`), as transformers'
+/// modeling code applies it: the scope, the weight form, eps (the config's or the class's
+/// default), which layers; the flags that switch it; the configs refused.
+#[test]
+fn qk_norm_by_model_type() {
+    use rope_attn::{hf_layers, HfQkNorm, NormScope::*, NormWeight};
+    use NormWeight::{OnePlus, Plain};
+    let norms = |v: Value| hf_layers(&v.to_string()).map(|l| l.iter().map(|l| l.qk_norm).collect::<Vec<_>>());
+    let n = |eps, scope, weight| Some(HfQkNorm { eps, scope, weight });
+    let cases = [
+        (json!({"model_type": "qwen3", "num_hidden_layers": 2}), vec![n(1e-6, Head, Plain); 2]),
+        (json!({"model_type": "qwen3_moe", "num_hidden_layers": 1, "rms_norm_eps": 1e-5}), vec![n(1e-5, Head, Plain)]),
+        (json!({"model_type": "qwen3_vl", "text_config": {"model_type": "qwen3_vl_text", "num_hidden_layers": 1}}), vec![n(1e-6, Head, Plain)]),
+        (json!({"model_type": "gemma3_text", "num_hidden_layers": 1, "sliding_window": 512}), vec![n(1e-6, Head, OnePlus)]),
+        (json!({"model_type": "olmo2", "num_hidden_layers": 1}), vec![n(1e-5, Heads, Plain)]),
+        (json!({"model_type": "olmoe", "num_hidden_layers": 1, "rms_norm_eps": 1e-6}), vec![n(1e-6, Heads, Plain)]),
+        (json!({"model_type": "glm4_moe", "num_hidden_layers": 1}), vec![None]),
+        (json!({"model_type": "glm4_moe", "num_hidden_layers": 1, "use_qk_norm": true}), vec![n(1e-5, Head, Plain)]),
+        // Qwen3-Next: the linear-attention layers (their own norms) take none.
+        (json!({"model_type": "qwen3_next", "num_hidden_layers": 4}), vec![None, None, None, n(1e-6, Head, OnePlus)]),
+        // Llama 4: the RoPE layers only; use_qk_norm false switches it off.
+        (json!({"model_type": "llama4_text", "num_hidden_layers": 4}), vec![n(1e-5, Head, NormWeight::None); 3].into_iter().chain([None]).collect()),
+        (json!({"model_type": "llama4_text", "num_hidden_layers": 1, "use_qk_norm": false}), vec![None]),
+        (json!({"model_type": "llama", "num_hidden_layers": 1}), vec![None]),
+        (json!({"model_type": "cohere", "num_hidden_layers": 1}), vec![None]),
+    ];
+    for (cfg, want) in cases {
+        assert_eq!(norms(cfg.clone()).unwrap(), want, "{cfg}");
+    }
+    for (cfg, key) in [
+        (json!({"model_type": "cohere", "num_hidden_layers": 1, "use_qk_norm": true}), "use_qk_norm"),
+        (json!({"model_type": "qwen3", "num_hidden_layers": 1, "rms_norm_eps": 0.0}), "rms_norm_eps"),
+        (json!({"model_type": "qwen3", "num_hidden_layers": 1, "rms_norm_eps": -1e-6}), "rms_norm_eps"),
+        (json!({"model_type": "olmo2", "num_hidden_layers": 1, "rms_norm_eps": 1e-60}), "rms_norm_eps"),
+        (json!({"model_type": "llama4_text", "num_hidden_layers": 1, "use_qk_norm": "yes"}), "use_qk_norm"),
+    ] {
+        match norms(cfg.clone()) {
+            Err(Error::InvalidValue { key: k, .. }) => assert_eq!(k, key, "{cfg}"),
+            other => panic!("{cfg}: expected an error naming {key}, got {other:?}"),
+        }
+    }
+    // NaN as Python writes it.
+    let nan = r#"{"model_type": "qwen3", "num_hidden_layers": 1, "rms_norm_eps": NaN}"#;
+    assert!(matches!(hf_layers(nan), Err(Error::InvalidValue { .. }) | Err(Error::Json(_))), "{:?}", hf_layers(nan));
+}

@@ -1,5 +1,5 @@
 //! The rope kernel against the f64 reference: every dtype, layout, rope type, partial rotary,
-//! odd token counts, packed QKV strides and positions near 2^24.
+//! odd token counts, packed QKV strides and positions near 2^24; the QK norm before it.
 //! Tolerance (Tolerance::rope): (eps_dtype + 1e-5)·max|x| per element.
 
 mod common;
@@ -7,8 +7,10 @@ mod common;
 use common::cases::*;
 use common::*;
 use half::{bf16, f16};
-use rope_attn::cuda::{rope_inplace_checked, rope_inplace_mrope_checked, rope_into, Dtype, RopeShape, Tolerance};
-use rope_attn::reference;
+use rope_attn::cuda::{
+    qk_norm_inplace_checked, rope_inplace_checked, rope_inplace_mrope_checked, rope_inplace_normed_checked, rope_into, Dtype, RopeShape, Tolerance,
+};
+use rope_attn::{reference, QkNorm};
 
 fn sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<cudarc::driver::CudaStream>, seed: u64) -> usize {
     let mut r = rng(seed);
@@ -67,6 +69,38 @@ fn mrope_matches_reference_all_dtypes() {
     let Some((gpu, stream)) = gpu_or_skip("mrope_matches_reference_all_dtypes") else { return };
     let n = mrope_sweep::<f32>(&gpu, &stream, 21) + mrope_sweep::<f16>(&gpu, &stream, 22) + mrope_sweep::<bf16>(&gpu, &stream, 23);
     assert_eq!(n, 3 * 5 * 2 * 3 * 3 * 2);
+}
+
+/// The QK norm (before the rotation, or alone) over common::cases::qk_norm_cases
+/// (tests/emu_qk_norm.rs runs the same sweep in the emulator).
+fn qk_norm_sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<cudarc::driver::CudaStream>, seed: u64) -> usize {
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for c in qk_norm_cases() {
+        let s = &c.shape;
+        let mut q = stream.clone_htod(&as_dtype::<T>(&norm_values(&mut r, s.tokens, s.q_heads, s.head_dim, s.q_row_stride)).0).unwrap();
+        let mut k = stream.clone_htod(&as_dtype::<T>(&norm_values(&mut r, s.tokens, s.k_heads, s.head_dim, s.k_row_stride)).0).unwrap();
+        let len = |heads| QkNorm::<()>::unweighted(c.eps, c.scope).weight_len(heads, s.head_dim);
+        let qw = c.weighted.then(|| stream.clone_htod(&norm_weights(&mut r, len(s.q_heads))).unwrap());
+        let kw = c.weighted.then(|| stream.clone_htod(&norm_weights(&mut r, len(s.k_heads))).unwrap());
+        let pos = stream.clone_htod(&rope_positions(&mut r, s.tokens)).unwrap();
+        let norm = QkNorm { eps: c.eps, scope: c.scope, q_weight: qw.as_ref(), k_weight: kw.as_ref() };
+        let rep = match &c.rot {
+            Some(rot) => rope_inplace_normed_checked(gpu, stream, &mut q, &mut k, &pos, s, rot, &norm),
+            None => qk_norm_inplace_checked(gpu, stream, &mut q, &mut k, s, &norm),
+        };
+        let rep = rep.unwrap_or_else(|e| panic!("{} {}: {e}", T::NAME, c.label));
+        assert!(rep.count > 0);
+        cases += 1;
+    }
+    cases
+}
+
+#[test]
+fn qk_norm_matches_reference_all_dtypes() {
+    let Some((gpu, stream)) = gpu_or_skip("qk_norm_matches_reference_all_dtypes") else { return };
+    let n = qk_norm_sweep::<f32>(&gpu, &stream, 31) + qk_norm_sweep::<f16>(&gpu, &stream, 32) + qk_norm_sweep::<bf16>(&gpu, &stream, 33);
+    assert_eq!(n, 3 * (5 * 7 + 2) * 3);
 }
 
 /// SPEC "Precision": unit-scale f32 inputs rotated at 2^24 (and far beyond) stay within 1e-5
