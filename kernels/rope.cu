@@ -191,37 +191,42 @@ __device__ void norm_rest(const RopeParams& p, long long src_row, long long dst_
 }
 
 // One token: Q row src_row of q_in and K row src_row of k_in, rotated to `pos` (after the QK
-// norm when p.norm), to row dst_row of q_out and k_out. VEC: the launcher picked the 16-byte
-// variant, so every row starts on a 16-byte boundary.
-template <typename T, bool INTERLEAVED, int P>
+// norm when NORM: its own kernels, so the plain rotation keeps its registers), to row dst_row
+// of q_out and k_out. VEC: the launcher picked the 16-byte variant, so every row starts on a
+// 16-byte boundary.
+template <typename T, bool INTERLEAVED, int P, bool NORM>
 __device__ void rope_token(const RopeParams& p, long long src_row, long long dst_row, TokenPos pos) {
     constexpr bool VEC = (INTERLEAVED ? 2 * P : P) * sizeof(T) == 16;
     RA_STATIC_SMEM(float2, cs, [RA_MAX_PAIRS]);
     RA_STATIC_SMEM(float, sums, [RA_MAX_NORM_HEADS + 2]);
-    if (p.norm) norm_sums<T, VEC>(p, src_row, sums);
+    if (NORM) norm_sums<T, VEC>(p, src_row, sums);
     const int half = p.rope.rotary_dim / 2;
     const float2* freq = p.use_leak_freq ? p.rope.freq_leak : p.rope.freq;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         cs[i] = cs_scaled(angle_turns(pair_position(p, pos, i), freq[i]), p.rope.attention_factor);
     }
     __syncthreads();
-    if (p.norm == 2) norm_totals(p, sums);
+    if (NORM && p.norm == 2) norm_totals(p, sums);
 
     const int D = p.head_dim;
     const int groups = half / P;
     const int heads = p.q_heads + p.k_heads;
     for (int w = threadIdx.x; w < heads * groups; w += blockDim.x) {
         const int h = w / groups, i0 = (w % groups) * P;
-        const T* src = head_in<T>(p, src_row, h);
-        T* dst = head_out<T>(p, dst_row, h);
+        // (Spelled out rather than head_in / head_out: ptxas gave the 16-bit v8 body 8 more
+        // registers for those.)
+        const bool is_q = h < p.q_heads;
+        const int hh = is_q ? h : h - p.q_heads;
+        const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + src_row * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
+        T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + dst_row * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
         // The norm's factor, applied to each component before it is rotated.
-        const float r = p.norm ? norm_scale(p, sums, h) : 1.f;
-        const float* wt = p.norm ? norm_weight(p, h) : nullptr;
+        const float r = NORM ? norm_scale(p, sums, h) : 1.f;
+        const float* wt = NORM ? norm_weight(p, h) : nullptr;
         float x0[P], x1[P];
         if (INTERLEAVED) {
             float x[2 * P];
             load_f32<T, 2 * P>(src + 2 * i0, x);
-            if (p.norm) norm_apply(x, r, wt, 2 * i0, 1);
+            if (NORM) norm_apply(x, r, wt, 2 * i0, 1);
 #pragma unroll
             for (int j = 0; j < P; ++j) {
                 rotate_pair(x[2 * j], x[2 * j + 1], cs[i0 + j].x, cs[i0 + j].y);
@@ -230,7 +235,7 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
         } else {
             load_f32<T, P>(src + i0, x0);
             load_f32<T, P>(src + i0 + half, x1);
-            if (p.norm) {
+            if (NORM) {
                 norm_apply(x0, r, wt, i0, 1);
                 norm_apply(x1, r, wt, i0 + half, 1);
             }
@@ -245,7 +250,7 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
     // too); out of place, carried along.
     if (p.rope.rotary_dim < D) {
         const bool vec = VEC || p.block_table != nullptr;
-        if (p.norm) {
+        if (NORM) {
             norm_rest<T>(p, src_row, dst_row, sums, vec);
             return;
         }
@@ -263,12 +268,12 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
 // Block t rotates token t. Gather (block_table set): block (x, b) takes keys x, x + gridDim.x,
 // ... of sequence b, K rotated out of the paged cache and V copied beside it, to the sequence's
 // rows of the packed workspace (RopeParams, gathered_span).
-template <typename T, bool INTERLEAVED, int P>
+template <typename T, bool INTERLEAVED, int P, bool NORM>
 __device__ void rope_body(const RopeParams& p) {
-    if (p.block_table == nullptr) {
+    if (NORM || p.block_table == nullptr) {  // (no gather normalises: the cache is)
         const int t = blockIdx.x;
         // A norm-only launch (rotary_dim 0) has no positions to read.
-        rope_token<T, INTERLEAVED, P>(p, t, t, p.rope.rotary_dim == 0 ? TokenPos{0, 0, 0} : token_position(p, t));
+        rope_token<T, INTERLEAVED, P, NORM>(p, t, t, p.rope.rotary_dim == 0 ? TokenPos{0, 0, 0} : token_position(p, t));
         return;
     }
     const int b = blockIdx.y;
@@ -276,7 +281,7 @@ __device__ void rope_body(const RopeParams& p) {
     for (int j = blockIdx.x; j < g.len; j += gridDim.x) {
         const long long slot = paged_slot(p.block_table, b, j, p.page_size, p.max_pages, p.num_pages);
         const long long row = (long long)g.start + j;
-        rope_token<T, INTERLEAVED, P>(p, slot, row, TokenPos{j, j, j});
+        rope_token<T, INTERLEAVED, P, false>(p, slot, row, TokenPos{j, j, j});
         copy_heads(static_cast<const T*>(p.v_in) + slot * p.k_in_stride, static_cast<T*>(p.v_out) + row * p.k_out_stride,
                    p.k_heads, p.head_dim, 0, true);
         __syncthreads();  // every thread is done with this key's angles before the next key's
@@ -289,17 +294,21 @@ __device__ void rope_body(const RopeParams& p) {
 // 4-element aligned; the widest (P = 16 bytes / element for rotate_half, half that for
 // interleaved pairs: 16-byte loads and stores either way) when every row start is 16-byte
 // aligned and the rotary half a multiple of P (the launcher picks, src/cuda/rope.rs).
-// Eight resident blocks (a 64-register budget): left to its own heuristic, ptxas held the
-// interleaved f32 body at 40 registers and spilled once the QK norm joined it.
-#define RA_ROPE(T, NAME)                                                                                    \
-    RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v1_##NAME, ra::RopeParams) { ra::rope_body<T, false, 1>(p); } \
-    RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v2_##NAME, ra::RopeParams) { ra::rope_body<T, false, 2>(p); } \
-    RA_KERNEL_MIN_BLOCKS(128, 8, rope_inter_v1_##NAME, ra::RopeParams) { ra::rope_body<T, true, 1>(p); } \
-    RA_KERNEL_MIN_BLOCKS(128, 8, rope_inter_v2_##NAME, ra::RopeParams) { ra::rope_body<T, true, 2>(p); }
+// rope_norm_*: the same with the QK norm first. Those take eight resident blocks (a
+// 64-register budget): left to its own heuristic, ptxas held the interleaved f32 body at 40
+// registers and spilled. The plain ones stay at ptxas's choice (30-40 registers).
+#define RA_ROPE_PAIR(NAME, T, INTERLEAVED, P)                                                           \
+    RA_KERNEL(128, rope_##NAME, ra::RopeParams) { ra::rope_body<T, INTERLEAVED, P, false>(p); }          \
+    RA_KERNEL_MIN_BLOCKS(128, 8, rope_norm_##NAME, ra::RopeParams) { ra::rope_body<T, INTERLEAVED, P, true>(p); }
+#define RA_ROPE(T, NAME)                   \
+    RA_ROPE_PAIR(half_v1_##NAME, T, false, 1)  \
+    RA_ROPE_PAIR(half_v2_##NAME, T, false, 2)  \
+    RA_ROPE_PAIR(inter_v1_##NAME, T, true, 1)  \
+    RA_ROPE_PAIR(inter_v2_##NAME, T, true, 2)
 RA_FOR_EACH_DTYPE(RA_ROPE)
-#define RA_ROPE_WIDE(T, NAME)                                                                           \
-    RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v8_##NAME, ra::RopeParams) { ra::rope_body<T, false, 8>(p); } \
-    RA_KERNEL_MIN_BLOCKS(128, 8, rope_inter_v4_##NAME, ra::RopeParams) { ra::rope_body<T, true, 4>(p); }
+#define RA_ROPE_WIDE(T, NAME)                  \
+    RA_ROPE_PAIR(half_v8_##NAME, T, false, 8)  \
+    RA_ROPE_PAIR(inter_v4_##NAME, T, true, 4)
 RA_ROPE_WIDE(__half, f16)
 RA_ROPE_WIDE(__nv_bfloat16, bf16)
-RA_KERNEL_MIN_BLOCKS(128, 8, rope_half_v4_f32, ra::RopeParams) { ra::rope_body<float, false, 4>(p); }
+RA_ROPE_PAIR(half_v4_f32, float, false, 4)

@@ -37,15 +37,18 @@ fn every_launched_kernel_is_compiled_for_sm80_and_sm90() {
     let rows = report();
     let mut expected: Vec<String> = Vec::new();
     for dt in ["f32", "f16", "bf16"] {
-        for layout in ["half", "inter"] {
-            for v in [1, 2] {
-                expected.push(format!("rope_{layout}_v{v}_{dt}"));
+        // Each rope variant twice: plain, and with the QK norm first (rope_norm_*).
+        for norm in ["", "norm_"] {
+            for layout in ["half", "inter"] {
+                for v in [1, 2] {
+                    expected.push(format!("rope_{norm}{layout}_v{v}_{dt}"));
+                }
             }
-        }
-        // The 16-byte variants (f32 interleaved: its v2 already is one).
-        expected.push(format!("rope_half_v{}_{dt}", if dt == "f32" { 4 } else { 8 }));
-        if dt != "f32" {
-            expected.push(format!("rope_inter_v4_{dt}"));
+            // The 16-byte variants (f32 interleaved: its v2 already is one).
+            expected.push(format!("rope_{norm}half_v{}_{dt}", if dt == "f32" { 4 } else { 8 }));
+            if dt != "f32" {
+                expected.push(format!("rope_{norm}inter_v4_{dt}"));
+            }
         }
         for k in ["scores", "paged_append", "merge", "combine_splits"] {
             expected.push(format!("{k}_{dt}"));

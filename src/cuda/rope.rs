@@ -253,7 +253,7 @@ pub(crate) fn launch_normed<T: Dtype, B: Backend>(
         1
     };
     let layout = if interleaved { "inter" } else { "half" };
-    let name = format!("rope_{layout}_v{pairs}_{}", T::NAME);
+    let name = format!("rope_{}{layout}_v{pairs}_{}", if norm.mode != 0 { "norm_" } else { "" }, T::NAME);
     let none = PagedGather::default();
     let mut sections = (0, [0; 3], 0);  // (mode, sections, stride) of M-RoPE
     let (pos_ptr, cu, batch, starts, stride, gather) = match positions {

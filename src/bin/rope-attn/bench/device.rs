@@ -6,7 +6,7 @@
 
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream};
 use rope_attn::cuda::{self, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, PrefillPath, RopeShape};
-use rope_attn::{Alibi, AttentionParams, Layout, Mask, QueryTemperature, RopeConfig, RopeScaling, Rotary};
+use rope_attn::{Alibi, AttentionParams, Layout, Mask, NormScope, QkNorm, QueryTemperature, RopeConfig, RopeScaling, Rotary};
 use std::sync::Arc;
 
 /// Any error of a benchmark step (launcher, driver, set-up).
@@ -703,6 +703,8 @@ pub struct RopeCopy<T: Dtype> {
     src: CudaSlice<T>,
     dst: CudaSlice<T>,
     elems: usize,
+    /// A Qwen3-style QK norm's weights (per head, head_dim each).
+    norm_w: (CudaSlice<f32>, CudaSlice<f32>),
 }
 
 impl<T: Dtype> RopeCopy<T> {
@@ -740,6 +742,7 @@ impl<T: Dtype> RopeCopy<T> {
             src: random_device_tiled::<T>(stream, sets * elems, seed + 7)?,
             dst: stream.alloc_zeros::<T>(sets * elems)?,
             elems,
+            norm_w: (random_device_tiled::<f32>(stream, d, seed + 8)?, random_device_tiled::<f32>(stream, d, seed + 9)?),
         })
     }
 
@@ -753,6 +756,19 @@ impl<T: Dtype> RopeCopy<T> {
         let n = self.sets.len();
         let (q, k) = &mut self.sets[i % n];
         cuda::rope_inplace(gpu, stream, q, k, &self.positions, &self.shape, &self.rot)?;
+        Ok(())
+    }
+
+    /// Set `i % sets` through the QK norm (per head, weighted: Qwen3's) and then rotated, in
+    /// place; with `rotate` false, the norm alone.
+    pub fn run_rope_normed(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>, i: usize, rotate: bool) -> Res<()> {
+        let n = self.sets.len();
+        let (q, k) = &mut self.sets[i % n];
+        let norm = QkNorm { eps: 1e-6, scope: NormScope::Head, q_weight: Some(&self.norm_w.0), k_weight: Some(&self.norm_w.1) };
+        match rotate {
+            true => cuda::rope_inplace_normed(gpu, stream, q, k, &self.positions, &self.shape, &self.rot, &norm)?,
+            false => cuda::qk_norm_inplace(gpu, stream, q, k, &self.shape, &norm)?,
+        }
         Ok(())
     }
 

@@ -670,6 +670,8 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
     let (gpu, stream) = (cx.gpu, &cx.stream);
     let rope = timer.measure(&cx.settings, &mut |i| rc.run_rope(gpu, stream, i))?;
     let copy = timer.measure(&cx.settings, &mut |i| rc.run_copy(stream, i))?;
+    let normed = timer.measure(&cx.settings, &mut |i| rc.run_rope_normed(gpu, stream, i, true))?;
+    let norm_only = timer.measure(&cx.settings, &mut |i| rc.run_rope_normed(gpu, stream, i, false))?;
     let row = |implementation: &str, st: dev::Stats, ratio: Option<f64>, note: String| {
         let gbps = c.bytes() / (st.median_ms * 1e-3) / 1e9;
         Row {
@@ -700,6 +702,18 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
             rope,
             Some(copy.median_ms / rope.median_ms),
             format!("{sets} input sets; bytes read + written"),
+        ),
+        row(
+            "ours_rope_qk_norm_inplace",
+            normed,
+            Some(copy.median_ms / normed.median_ms),
+            format!("Qwen3's QK norm (per head, weighted) then RoPE, one pass; {:.2}x the time of rope alone", normed.median_ms / rope.median_ms),
+        ),
+        row(
+            "ours_qk_norm_inplace",
+            norm_only,
+            Some(copy.median_ms / norm_only.median_ms),
+            "the QK norm alone (rotary_dim 0: the unrotated cache's path)".into(),
         ),
         row("dtod_copy_same_bytes", copy, None, "cuMemcpyDtoDAsync of Q+K bytes".into()),
     ])
@@ -789,12 +803,13 @@ fn rope_table(rows: &[Row]) -> String {
     let mut body = Vec::new();
     for r in rows.iter().filter(|r| r.section == "rope" && r.implementation != "dtod_copy_same_bytes") {
         if r.implementation == "error" {
-            body.push(vec![r.case.clone(), "—".into(), "—".into(), "—".into(), "—".into(), "—".into(), r.note.clone()]);
+            body.push(vec![r.case.clone(), "error".into(), "—".into(), "—".into(), "—".into(), "—".into(), "—".into(), r.note.clone()]);
             continue;
         }
         let copy = find(rows, "rope", &r.case, "dtod_copy_same_bytes");
         body.push(vec![
             r.case.clone(),
+            r.implementation.trim_start_matches("ours_").trim_end_matches("_inplace").into(),
             format!("{:.4}", r.ms_median),
             num(r.gbps, 0),
             copy.map_or("—".into(), |c| format!("{:.4}", c.ms_median)),
@@ -804,7 +819,7 @@ fn rope_table(rows: &[Row]) -> String {
         ]);
     }
     format!(
-        "\nROPE in place (Q [t,32,d] + K [t,8,d]) vs a dtod copy of the same bytes — GB/s count read + write; rope/copy = t(copy)/t(rope)\n{}",
-        table(&["rope", "rope ms", "GB/s", "copy ms", "copy GB/s", "rope/copy", "%peak"], &body)
+        "\nROPE in place (Q [t,32,d] + K [t,8,d]) vs a dtod copy of the same bytes — GB/s count read + write; rope/copy = t(copy)/t(kernel);\nrope_qk_norm = Qwen3's QK norm then RoPE in one pass, qk_norm = the norm alone\n{}",
+        table(&["rope", "kernel", "ms", "GB/s", "copy ms", "copy GB/s", "rope/copy", "%peak"], &body)
     )
 }
