@@ -176,3 +176,37 @@ fn emulated_qk_norm_refuses_bad_calls() {
     let (mut q, mut k) = (q0.clone(), k0[..k0.len() - 1].to_vec());
     assert!(matches!(emu.qk_norm_inplace(&mut q, &mut k, &shape, &ok), Err(Error::BufferTooSmall { what: "k", .. })));
 }
+
+/// M-RoPE after the norm (Qwen3-VL) over common::cases::mrope_sweep_cases, guarded, in bf16:
+/// per head and weighted, every third case over all heads; and for text tokens (three equal
+/// positions) bit for bit the normed plain RoPE.
+#[test]
+fn emulated_mrope_after_qk_norm_matches_reference() {
+    let emu = emulator(8);
+    let mut r = rng(8);
+    let mut cases = 0;
+    for (i, c) in mrope_sweep_cases().into_iter().enumerate() {
+        let s = &c.shape;
+        let (tokens, stride) = (s.tokens, s.tokens + 3);
+        let scope = if i % 3 == 2 { NormScope::Heads } else { NormScope::Head };
+        let norm = QkNorm::<()>::unweighted(1e-6, scope);
+        let (qw, kw) = (guard(&norm_weights(&mut r, norm.weight_len(s.q_heads, s.head_dim))), guard(&norm_weights(&mut r, norm.weight_len(s.k_heads, s.head_dim))));
+        let norm = QkNorm { eps: 1e-6, scope, q_weight: Some(&qw[..]), k_weight: Some(&kw[..]) };
+        let q0 = as_dtype::<bf16>(&norm_values(&mut r, tokens, s.q_heads, s.head_dim, s.q_row_stride)).0;
+        let k0 = as_dtype::<bf16>(&norm_values(&mut r, tokens, s.k_heads, s.head_dim, s.k_row_stride)).0;
+        let positions = mrope_positions(&mut r, tokens, stride);
+        let (mut q, mut k) = (guard(&q0), guard(&k0));
+        emu.rope_inplace_mrope_normed_checked(&mut q, &mut k, &guard(&positions), stride, s, &c.rot, &c.m, &norm)
+            .unwrap_or_else(|e| panic!("{} {scope:?}: {e}", c.label));
+        // Text tokens: the three rows equal.
+        let text = rope_positions(&mut r, tokens);
+        let rows: Vec<i32> = [&text[..], &text[..], &text[..]].concat();
+        let (mut q1, mut k1) = (guard(&q0), guard(&k0));
+        let (mut q2, mut k2) = (guard(&q0), guard(&k0));
+        emu.rope_inplace_normed(&mut q1, &mut k1, &guard(&text), s, &c.rot, &norm).unwrap();
+        emu.rope_inplace_mrope_normed(&mut q2, &mut k2, &guard(&rows), tokens, s, &c.rot, &c.m, &norm).unwrap();
+        assert!(q1[..] == q2[..] && k1[..] == k2[..], "{}", c.label);
+        cases += 1;
+    }
+    assert_eq!(cases, 5 * 2 * 3 * 3 * 2);
+}

@@ -8,7 +8,8 @@ use common::cases::*;
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{
-    qk_norm_inplace_checked, rope_inplace_checked, rope_inplace_mrope_checked, rope_inplace_normed_checked, rope_into, Dtype, RopeShape, Tolerance,
+    qk_norm_inplace_checked, rope_inplace_checked, rope_inplace_mrope_checked, rope_inplace_mrope_normed_checked, rope_inplace_normed_checked, rope_into,
+    Dtype, RopeShape, Tolerance,
 };
 use rope_attn::{reference, QkNorm};
 
@@ -101,6 +102,31 @@ fn qk_norm_matches_reference_all_dtypes() {
     let Some((gpu, stream)) = gpu_or_skip("qk_norm_matches_reference_all_dtypes") else { return };
     let n = qk_norm_sweep::<f32>(&gpu, &stream, 31) + qk_norm_sweep::<f16>(&gpu, &stream, 32) + qk_norm_sweep::<bf16>(&gpu, &stream, 33);
     assert_eq!(n, 3 * (5 * 7 + 2) * 3);
+}
+
+/// M-RoPE after the QK norm (Qwen3-VL) over common::cases::mrope_sweep_cases, bf16
+/// (tests/emu_qk_norm.rs runs the same cases in the emulator).
+#[test]
+fn mrope_after_qk_norm_matches_reference() {
+    let Some((gpu, stream)) = gpu_or_skip("mrope_after_qk_norm_matches_reference") else { return };
+    let mut r = rng(8);
+    let mut cases = 0;
+    for (i, c) in mrope_sweep_cases().into_iter().enumerate() {
+        let s = &c.shape;
+        let (tokens, stride) = (s.tokens, s.tokens + 3);
+        let scope = if i % 3 == 2 { rope_attn::NormScope::Heads } else { rope_attn::NormScope::Head };
+        let len = |heads| QkNorm::<()>::unweighted(1e-6, scope).weight_len(heads, s.head_dim);
+        let qw = stream.clone_htod(&norm_weights(&mut r, len(s.q_heads))).unwrap();
+        let kw = stream.clone_htod(&norm_weights(&mut r, len(s.k_heads))).unwrap();
+        let norm = QkNorm { eps: 1e-6, scope, q_weight: Some(&qw), k_weight: Some(&kw) };
+        let mut q = stream.clone_htod(&as_dtype::<bf16>(&norm_values(&mut r, tokens, s.q_heads, s.head_dim, s.q_row_stride)).0).unwrap();
+        let mut k = stream.clone_htod(&as_dtype::<bf16>(&norm_values(&mut r, tokens, s.k_heads, s.head_dim, s.k_row_stride)).0).unwrap();
+        let pos = stream.clone_htod(&mrope_positions(&mut r, tokens, stride)).unwrap();
+        rope_inplace_mrope_normed_checked(&gpu, &stream, &mut q, &mut k, &pos, stride, s, &c.rot, &c.m, &norm)
+            .unwrap_or_else(|e| panic!("{} {scope:?}: {e}", c.label));
+        cases += 1;
+    }
+    assert_eq!(cases, 5 * 2 * 3 * 3 * 2);
 }
 
 /// SPEC "Precision": unit-scale f32 inputs rotated at 2^24 (and far beyond) stay within 1e-5

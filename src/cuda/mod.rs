@@ -50,7 +50,8 @@ pub use paged_prefill::{
 };
 pub use rope::{
     qk_norm_inplace, qk_norm_inplace_checked, rope_inplace, rope_inplace_checked, rope_inplace_mrope, rope_inplace_mrope_checked,
-    rope_inplace_normed, rope_inplace_normed_checked, rope_into, RopeShape, ROPE_MAX_HEAD_DIM,
+    rope_inplace_mrope_normed, rope_inplace_mrope_normed_checked, rope_inplace_normed, rope_inplace_normed_checked, rope_into, RopeShape,
+    ROPE_MAX_HEAD_DIM,
 };
 pub use scores::{scores, scores_checked, ScoresShape};
 

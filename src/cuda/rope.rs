@@ -429,8 +429,7 @@ pub fn rope_inplace_checked<T: Dtype>(
 /// pass: each head of Q and K (or each tensor's heads together, [`NormScope::Heads`]) over its
 /// root mean square, times its weight, then rotated as [`rope_inplace`] rotates it. For a
 /// pre-rotated KV cache; with an unrotated one (the attention kernels rotate), normalise with
-/// [`qk_norm_inplace`] instead. (M-RoPE with a norm: [`qk_norm_inplace`], then
-/// [`rope_inplace_mrope`].)
+/// [`qk_norm_inplace`] instead. M-RoPE after the norm (Qwen3-VL): [`rope_inplace_mrope_normed`].
 #[allow(clippy::too_many_arguments)]
 pub fn rope_inplace_normed<T: Dtype>(
     gpu: &Gpu,
@@ -447,6 +446,28 @@ pub fn rope_inplace_normed<T: Dtype>(
     let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
     let (pp, _gp) = positions.device_ptr(stream);
     normed(gpu, stream, q, k, shape, args, Positions::Explicit(pp), norm)
+}
+
+/// The QK norm, then multimodal RoPE ([`rope_inplace_mrope`]'s positions and sections), in
+/// place and in one pass: Qwen3-VL's text model normalises Q and K per head before its M-RoPE.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_inplace_mrope_normed<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut impl DevicePtrMut<T>,
+    k: &mut impl DevicePtrMut<T>,
+    positions: &impl DevicePtr<i32>,
+    stride: usize,
+    shape: &RopeShape,
+    rot: &Rotary,
+    mrope: &MRope,
+    norm: &QkNorm<&impl DevicePtr<f32>>,
+) -> Result<()> {
+    shape.check_mrope(q.len(), k.len(), positions.len(), stride, rot, mrope)?;
+    shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+    let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+    let (pp, _gp) = positions.device_ptr(stream);
+    normed(gpu, stream, q, k, shape, args, Positions::Sections { positions: pp, stride, mrope: *mrope }, norm)
 }
 
 /// The QK norm alone, in place ([`rope_inplace_normed`] without the rotation): Q before an
@@ -505,7 +526,32 @@ pub fn rope_inplace_normed_checked<T: Dtype>(
     let host = host_weights(stream, norm)?;
     rope_inplace_normed(gpu, stream, q, k, positions, shape, rot, norm)?;
     let after = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
-    compare_normed::<T>(&before, &after, Some((&pos, rot)), shape, &host.map(|w| w.as_slice()))
+    compare_normed::<T>(&before, &after, NormedRotation::Rope(&pos, rot), shape, &host.map(|w| w.as_slice()))
+}
+
+/// [`rope_inplace_mrope_normed`], then compare with [`reference::qk_norm_row`] and
+/// [`reference::rotate_head_mrope`] on the same inputs. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_inplace_mrope_normed_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    k: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    positions: &impl DevicePtr<i32>,
+    stride: usize,
+    shape: &RopeShape,
+    rot: &Rotary,
+    mrope: &MRope,
+    norm: &QkNorm<&impl DevicePtr<f32>>,
+) -> Result<CheckReport> {
+    shape.check_mrope(q.len(), k.len(), positions.len(), stride, rot, mrope)?;
+    shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+    let before = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    let pos = stream.clone_dtoh(positions)?;
+    let host = host_weights(stream, norm)?;
+    rope_inplace_mrope_normed(gpu, stream, q, k, positions, stride, shape, rot, mrope, norm)?;
+    let after = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
+    compare_normed::<T>(&before, &after, NormedRotation::Mrope(&pos, stride, rot, mrope), shape, &host.map(|w| w.as_slice()))
 }
 
 /// [`qk_norm_inplace`], then compare with [`reference::qk_norm_row`]. Synchronizes the stream.
@@ -522,7 +568,7 @@ pub fn qk_norm_inplace_checked<T: Dtype>(
     let host = host_weights(stream, norm)?;
     qk_norm_inplace(gpu, stream, q, k, shape, norm)?;
     let after = [widen(&stream.clone_dtoh(q)?), widen(&stream.clone_dtoh(k)?)];
-    compare_normed::<T>(&before, &after, None, shape, &host.map(|w| w.as_slice()))
+    compare_normed::<T>(&before, &after, NormedRotation::None, shape, &host.map(|w| w.as_slice()))
 }
 
 /// The norm with host copies of its weights (checked mode).
@@ -531,18 +577,28 @@ fn host_weights(stream: &Arc<CudaStream>, norm: &QkNorm<&impl DevicePtr<f32>>) -
     Ok(QkNorm { eps: norm.eps, scope: norm.scope, q_weight: copy(norm.q_weight.as_ref())?, k_weight: copy(norm.k_weight.as_ref())? })
 }
 
+/// What follows the norm in a normed call: nothing, RoPE at `positions`, or M-RoPE at three
+/// rows of `stride` positions.
+pub(crate) enum NormedRotation<'a> {
+    None,
+    Rope(&'a [i32], &'a Rotary),
+    Mrope(&'a [i32], usize, &'a Rotary, &'a MRope),
+}
+
 /// Checked mode's comparison for the normed calls (shared with the emulator): each token's
-/// heads of `before` normalised, then rotated to their positions where `rotation` is given.
+/// heads of `before` normalised, then rotated as `rotation` says.
 pub(crate) fn compare_normed<T: Dtype>(
     before: &[Vec<f64>; 2],
     after: &[Vec<f64>; 2],
-    rotation: Option<(&[i32], &Rotary)>,
+    rotation: NormedRotation,
     shape: &RopeShape,
     norm: &QkNorm<&[f32]>,
 ) -> Result<CheckReport> {
-    compare_rotated::<T>(before, after, shape, Some(norm), |t, x| {
-        if let Some((positions, rot)) = rotation {
-            reference::rotate_head(x, positions[t] as f64, rot)
+    compare_rotated::<T>(before, after, shape, Some(norm), |t, x| match rotation {
+        NormedRotation::None => {}
+        NormedRotation::Rope(positions, rot) => reference::rotate_head(x, positions[t] as f64, rot),
+        NormedRotation::Mrope(positions, stride, rot, m) => {
+            reference::rotate_head_mrope(x, [0, 1, 2].map(|c| positions[c * stride + t] as f64), rot, m)
         }
     })
 }

@@ -54,7 +54,8 @@ use crate::cuda::merge::{launch_merge, MergeShape};
 use crate::cuda::paged_prefill::{compare_fwd_paged, launch_fwd_paged, PagedFwdHost, PagedFwdPtrs};
 use crate::cuda::params::RopeArgs;
 use crate::cuda::rope::{
-    compare_normed, compare_rope, compare_rope_mrope, launch as launch_rope, launch_normed as launch_rope_normed, NormArgs, Positions, RopePtrs,
+    compare_normed, compare_rope, compare_rope_mrope, launch as launch_rope, launch_normed as launch_rope_normed, NormArgs, NormedRotation, Positions,
+    RopePtrs,
 };
 use crate::cuda::scores::{compare_scores, launch_scores};
 use crate::cuda::{
@@ -306,14 +307,51 @@ impl Emulator {
     ) -> Result<CheckReport> {
         let before = [widen(q), widen(k)];
         self.rope_inplace_normed(q, k, positions, shape, rot, norm)?;
-        compare_normed::<T>(&before, &[widen(q), widen(k)], Some((positions, rot)), shape, norm)
+        compare_normed::<T>(&before, &[widen(q), widen(k)], NormedRotation::Rope(positions, rot), shape, norm)
     }
 
     /// [`crate::cuda::qk_norm_inplace_checked`] on host buffers.
     pub fn qk_norm_inplace_checked<T: Dtype>(&self, q: &mut [T], k: &mut [T], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport> {
         let before = [widen(q), widen(k)];
         self.qk_norm_inplace(q, k, shape, norm)?;
-        compare_normed::<T>(&before, &[widen(q), widen(k)], None, shape, norm)
+        compare_normed::<T>(&before, &[widen(q), widen(k)], NormedRotation::None, shape, norm)
+    }
+
+    /// [`crate::cuda::rope_inplace_mrope_normed`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_inplace_mrope_normed<T: Dtype>(
+        &self,
+        q: &mut [T],
+        k: &mut [T],
+        positions: &[i32],
+        stride: usize,
+        shape: &RopeShape,
+        rot: &Rotary,
+        mrope: &MRope,
+        norm: &QkNorm<&[f32]>,
+    ) -> Result<()> {
+        shape.check_mrope(q.len(), k.len(), positions.len(), stride, rot, mrope)?;
+        shape.check_norm(q.len(), k.len(), norm, |w| w.len())?;
+        let args = RopeArgs::new(Some(rot), Relative::None, shape.head_dim)?;
+        self.normed(q, k, shape, args, Positions::Sections { positions: addr(positions), stride, mrope: *mrope }, norm)
+    }
+
+    /// [`crate::cuda::rope_inplace_mrope_normed_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_inplace_mrope_normed_checked<T: Dtype>(
+        &self,
+        q: &mut [T],
+        k: &mut [T],
+        positions: &[i32],
+        stride: usize,
+        shape: &RopeShape,
+        rot: &Rotary,
+        mrope: &MRope,
+        norm: &QkNorm<&[f32]>,
+    ) -> Result<CheckReport> {
+        let before = [widen(q), widen(k)];
+        self.rope_inplace_mrope_normed(q, k, positions, stride, shape, rot, mrope, norm)?;
+        compare_normed::<T>(&before, &[widen(q), widen(k)], NormedRotation::Mrope(positions, stride, rot, mrope), shape, norm)
     }
 
     /// [`crate::cuda::rope_inplace_mrope`] on host buffers.
