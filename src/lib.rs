@@ -3,9 +3,9 @@
 //! Hand-written CUDA kernels for position-encoded attention — RoPE and every long-context
 //! schedule Hugging Face configs use (linear, dynamic NTK, NTK, YaRN, Llama 3.1, LongRoPE),
 //! ALiBi, ReRoPE and Leaky ReRoPE — fused into scoring and flash attention, multimodal RoPE
-//! (M-RoPE, [`MRope`]) in the rope kernel, learned attention sinks (GPT-OSS) and logit
-//! soft-capping (Gemma 2) in every attention kernel, with an exact f64 CPU reference for every
-//! kernel so that any GPU result can be checked.
+//! (M-RoPE, [`MRope`]) and the QK norm ([`QkNorm`]: Qwen3, Gemma 3, OLMo 2, Llama 4) in the rope
+//! kernel, learned attention sinks (GPT-OSS) and logit soft-capping (Gemma 2) in every attention
+//! kernel, with an exact f64 CPU reference for every kernel so that any GPU result can be checked.
 //!
 //! * [`config`]: `config.json` → [`RopeConfig`] → [`RopeSchedule`] (inverse frequencies, rotary
 //!   dim, attention factor), matching transformers to ~1e-15 in f64.

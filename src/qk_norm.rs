@@ -2,9 +2,9 @@
 //! before the rotation (Qwen3, Gemma 3, OLMo 2; Llama 4's unweighted L2 norm, whose
 //! rotate-then-normalise is the same thing, since a rotation keeps every pair's length).
 //!
-//! The rope kernel applies it as it rotates (`cuda::rope_inplace_normed`, one read and one
-//! write of Q and K), or alone (`cuda::qk_norm_inplace`: for the unrotated KV cache, where the
-//! attention kernels rotate). Its f64 twin is [`reference::qk_norm_row`](crate::reference::qk_norm_row).
+//! The rope kernel applies it as it rotates (`cuda::rope_inplace_normed`, and before M-RoPE
+//! `cuda::rope_inplace_mrope_normed`: one read and one write of Q and K), or alone
+//! (`cuda::qk_norm_inplace`: for the unrotated KV cache, where the attention kernels rotate). Its f64 twin is [`reference::qk_norm_row`](crate::reference::qk_norm_row).
 //! [`HfQkNorm`](crate::config::HfQkNorm) reads which norm a `config.json` asks for.
 
 use crate::error::{Error, Result};
