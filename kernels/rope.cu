@@ -156,11 +156,11 @@ __device__ __forceinline__ const float* norm_weight(const RopeParams& p, int h) 
     return w == nullptr ? w : w + (p.norm == 2 ? (is_q ? h : h - p.q_heads) * p.head_dim : 0);
 }
 
-// x[j] (component c0 + j * step) times r and its weight.
+// x[j] (component c0 + j) times r and its weight.
 template <int N>
-__device__ __forceinline__ void norm_apply(float (&x)[N], float r, const float* w, int c0, int step) {
+__device__ __forceinline__ void norm_apply(float (&x)[N], float r, const float* w, int c0) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) x[j] *= w == nullptr ? r : r * w[c0 + j * step];
+    for (int j = 0; j < N; ++j) x[j] *= w == nullptr ? r : r * w[c0 + j];
 }
 
 // Under the QK norm, components [from, D) of every head (rotary_dim onwards) are scaled too,
@@ -180,11 +180,11 @@ __device__ void norm_rest(const RopeParams& p, long long src_row, long long dst_
         if (width == PER) {
             float x[PER];
             load_f32<T, PER>(src, x);
-            norm_apply(x, r, wt, c, 1);
+            norm_apply(x, r, wt, c);
             store_f32<T, PER>(dst, x);
         } else {
             float x[1] = {to_f32(*src)};
-            norm_apply(x, r, wt, c, 1);
+            norm_apply(x, r, wt, c);
             *dst = from_f32<T>(x[0]);
         }
     }
@@ -226,7 +226,7 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
         if (INTERLEAVED) {
             float x[2 * P];
             load_f32<T, 2 * P>(src + 2 * i0, x);
-            if (NORM) norm_apply(x, r, wt, 2 * i0, 1);
+            if (NORM) norm_apply(x, r, wt, 2 * i0);
 #pragma unroll
             for (int j = 0; j < P; ++j) {
                 rotate_pair(x[2 * j], x[2 * j + 1], cs[i0 + j].x, cs[i0 + j].y);
@@ -236,8 +236,8 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
             load_f32<T, P>(src + i0, x0);
             load_f32<T, P>(src + i0 + half, x1);
             if (NORM) {
-                norm_apply(x0, r, wt, i0, 1);
-                norm_apply(x1, r, wt, i0 + half, 1);
+                norm_apply(x0, r, wt, i0);
+                norm_apply(x1, r, wt, i0 + half);
             }
 #pragma unroll
             for (int j = 0; j < P; ++j) rotate_pair(x0[j], x1[j], cs[i0 + j].x, cs[i0 + j].y);

@@ -452,7 +452,7 @@ MUTATIONS = [
      "            norm_rest<T>(p, src_row, dst_row, sums, vec);\n", "",
      "emu_qk_norm", "emulated_qk_norm_matches_reference_all_dtypes"),
     ("qk norm: rotate_half's second half takes the first half's weights", "kernels/rope.cu",
-     "norm_apply(x1, r, wt, i0 + half, 1);", "norm_apply(x1, r, wt, i0, 1);",
+     "norm_apply(x1, r, wt, i0 + half);", "norm_apply(x1, r, wt, i0);",
      "emu_qk_norm", "emulated_qk_norm_matches_reference_all_dtypes"),
     ("qk norm: no barrier after the all-heads totals", "kernels/rope.cu",
      "            sums[heads + 1] = k;\n        }\n    }\n    __syncthreads();", "            sums[heads + 1] = k;\n        }\n    }",
