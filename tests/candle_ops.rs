@@ -1,5 +1,6 @@
 //! `rope_attn::candle` on CPU tensors against candle's own ops: RoPE against candle-nn's
-//! `rope` (half), `rope_i` (interleaved) and `rope_thd`; attention against softmax(QKᵀ·scale +
+//! `rope` (half), `rope_i` (interleaved) and `rope_thd`, the QK norm before it against an
+//! RMSNorm of candle ops; attention against softmax(QKᵀ·scale +
 //! mask)·V written with plain candle ops (matmul, softmax_last_dim, log_sum_exp), for GQA,
 //! causal, sliding window with sinks, ALiBi and ReRoPE, prefill and paged decode; the in-place
 //! and paged-cache paths, chunked prefill over a paged cache; typed errors. GPU tests compare
@@ -610,6 +611,27 @@ mod gpu {
             ra::rope_mrope_inplace(&qmc, &kmc, &pm_c, &rot, &m).unwrap();
             assert_close(&format!("{dt:?} rope_mrope q"), &qm.to_device(&Device::Cpu).unwrap(), &qmc, tol);
             assert_close(&format!("{dt:?} rope_mrope k"), &km.to_device(&Device::Cpu).unwrap(), &kmc, tol);
+            // The QK norm (per head, weighted; over all heads, unweighted), then RoPE / alone.
+            let w = |n: usize, dev: &Device| Tensor::from_vec((0..n).map(|i| 0.5 + (i % 7) as f32 * 0.2).collect::<Vec<f32>>(), n, dev).unwrap();
+            for scope in [rope_attn::NormScope::Head, rope_attn::NormScope::Heads] {
+                let (qn, kn, qnc, knc) = (qg.copy().unwrap(), kg.copy().unwrap(), qc.copy().unwrap(), kc.copy().unwrap());
+                match scope {
+                    rope_attn::NormScope::Head => {
+                        let (wg, wc) = (w(d, &gpu), w(d, &Device::Cpu));
+                        let ng = rope_attn::QkNorm { eps: 1e-6, scope, q_weight: Some(&wg), k_weight: Some(&wg) };
+                        let nc = rope_attn::QkNorm { eps: 1e-6, scope, q_weight: Some(&wc), k_weight: Some(&wc) };
+                        ra::rope_normed_inplace(&qn, &kn, &pg, &rot, &ng).unwrap();
+                        ra::rope_normed_inplace(&qnc, &knc, &positions(&pos), &rot, &nc).unwrap();
+                    }
+                    rope_attn::NormScope::Heads => {
+                        ra::qk_norm_inplace(&qn, &kn, &rope_attn::QkNorm::unweighted(1e-6, scope)).unwrap();
+                        ra::qk_norm_inplace(&qnc, &knc, &rope_attn::QkNorm::unweighted(1e-6, scope)).unwrap();
+                    }
+                }
+                // Normalised values reach ~3: the tolerance scales with them.
+                assert_close(&format!("{dt:?} {scope:?} qk_norm q"), &qn.to_device(&Device::Cpu).unwrap(), &qnc, 4.0 * tol);
+                assert_close(&format!("{dt:?} {scope:?} qk_norm k"), &kn.to_device(&Device::Cpu).unwrap(), &knc, 4.0 * tol);
+            }
 
             let mut p = AttentionParams::new(hq, hkv, d);
             p.rope = Some(rot.clone());
@@ -703,4 +725,83 @@ fn paged_prefill_equals_prefill_on_the_gathered_keys() {
     // A chunk longer than its context: an error on the CPU (the kernel would clamp).
     let short = Tensor::new(&[11u32, 6, 0], &Device::Cpu).unwrap();
     shape(ra::attention_prefill_paged(&q, &kc, &vc, &c.table, &short, &chunk, None, &p), "context_lens");
+}
+
+/// Qwen3's RMSNorm in plain candle ops over the last dim: x / sqrt(mean(x²) + eps) · w.
+fn candle_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w).unwrap()
+}
+
+/// The QK norm on views of one packed QKV tensor against candle ops (the norm above, then
+/// candle-nn's rope): Qwen3's per-head norm before RoPE (`rope_normed_inplace`), OLMo 2's norm
+/// over all heads before RoPE, Llama 4's unweighted norm alone (`qk_norm_inplace`). V is left
+/// alone. Tolerance: the norm's f32 (a mean of 64 squares, a square root, a division, a
+/// product: a few 2^-24 relative of outputs up to ~5) then the rope bound: 4e-6.
+#[test]
+fn qk_norm_matches_candle_ops_on_packed_qkv() {
+    use rope_attn::{NormScope, QkNorm};
+    let mut r = rng(41);
+    let (t, hq, hk, d, eps) = (11, 4, 2, 64, 1e-6);
+    let pos = random_positions(&mut r, t, 10_000);
+    let rot = rotary(d, d, Layout::Half, RopeScaling::Default);
+    let weights = |r: &mut StdRng, n: usize| uniform(r, &[n], &Device::Cpu).affine(0.75, 1.0).unwrap();
+    for (case, scope) in [(0, NormScope::Head), (1, NormScope::Heads), (2, NormScope::Head)] {
+        let qkv = uniform(&mut r, &[t, hq + 2 * hk, d], &Device::Cpu);
+        let before = qkv.copy().unwrap();
+        let (q, k) = (qkv.narrow(1, 0, hq).unwrap(), qkv.narrow(1, hq, hk).unwrap());
+        let span = |h: usize| if scope == NormScope::Head { d } else { h * d };
+        let (qw, kw) = match case {
+            2 => (Tensor::ones(d, DType::F32, &Device::Cpu).unwrap(), Tensor::ones(d, DType::F32, &Device::Cpu).unwrap()),
+            _ => (weights(&mut r, span(hq)), weights(&mut r, span(hk))),
+        };
+        // The yardstick on copies: per head over [t, h, d], or over all heads as [t, h·d].
+        let want = |x: &Tensor, w: &Tensor, h: usize| {
+            let x = x.contiguous().unwrap();
+            let n = match scope {
+                NormScope::Head => candle_rms_norm(&x, w, eps),
+                NormScope::Heads => candle_rms_norm(&x.reshape((t, h * d)).unwrap(), w, eps).reshape((t, h, d)).unwrap(),
+            };
+            if case == 2 { n } else { candle_rope(&n, &pos, &rot) }
+        };
+        let (wq, wk) = (want(&q, &qw, hq), want(&k, &kw, hk));
+        match case {
+            2 => ra::qk_norm_inplace(&q, &k, &QkNorm::unweighted(eps, scope)).unwrap(),
+            _ => ra::rope_normed_inplace(&q, &k, &positions(&pos), &rot, &QkNorm { eps, scope, q_weight: Some(&qw), k_weight: Some(&kw) }).unwrap(),
+        }
+        assert_close(&format!("{scope:?} {case} q"), &qkv.narrow(1, 0, hq).unwrap(), &wq, 4.0 * ROPE_TOL);
+        assert_close(&format!("{scope:?} {case} k"), &qkv.narrow(1, hq, hk).unwrap(), &wk, 4.0 * ROPE_TOL);
+        assert_eq!(max_diff(&qkv.narrow(1, hq + hk, hk).unwrap(), &before.narrow(1, hq + hk, hk).unwrap()), 0.0, "v moved");
+    }
+}
+
+/// Bad norm weights are refused with a typed error, the tensors untouched.
+#[test]
+fn qk_norm_refuses_bad_weights() {
+    use rope_attn::{NormScope, QkNorm};
+    let mut r = rng(42);
+    let (t, hq, hk, d) = (3, 4, 2, 64);
+    let (q, k) = (uniform(&mut r, &[t, hq, d], &Device::Cpu), uniform(&mut r, &[t, hk, d], &Device::Cpu));
+    let (q0, k0) = (q.copy().unwrap(), k.copy().unwrap());
+    let good = Tensor::ones(d, DType::F32, &Device::Cpu).unwrap();
+    let half = good.to_dtype(DType::F16).unwrap();
+    let square = Tensor::ones((8, 8), DType::F32, &Device::Cpu).unwrap();
+    let short = Tensor::ones(d - 1, DType::F32, &Device::Cpu).unwrap();
+    for (w, scope, want) in [
+        (&half, NormScope::Head, "dtype"),
+        (&square, NormScope::Head, "qk_norm k_weight"),
+        (&short, NormScope::Head, "qk_norm k_weight"),
+        (&good, NormScope::Heads, "qk_norm q_weight"), // one head's weights for all heads
+    ] {
+        let n = QkNorm { eps: 1e-6, scope, q_weight: Some(&good), k_weight: Some(w) };
+        let e = ra::qk_norm_inplace(&q, &k, &n).unwrap_err();
+        match (&e, want) {
+            (Error::DtypeMismatch { .. }, "dtype") => {}
+            (Error::Shape { what, .. }, _) => assert_eq!(*what, want, "{e}"),
+            _ => panic!("{want}: unexpected {e:?}"),
+        }
+    }
+    let e = ra::qk_norm_inplace(&q, &k, &QkNorm::<&Tensor>::unweighted(0.0, NormScope::Head)).unwrap_err();
+    assert!(matches!(e, Error::Parameter { name: "qk_norm eps", .. }), "{e:?}");
+    assert_eq!((max_diff(&q, &q0), max_diff(&k, &k0)), (0.0, 0.0), "a refused call wrote");
 }

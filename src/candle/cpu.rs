@@ -7,6 +7,7 @@ use crate::config::MRope;
 use crate::cuda::decode::paged_reference;
 use crate::cuda::{Dtype, PagedKvCache};
 use crate::error::{Error, Result};
+use crate::qk_norm::QkNorm;
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout as CLayout, Tensor};
@@ -23,33 +24,42 @@ pub(super) fn rope(q: &Tensor, k: &Tensor, pos: &[i64], rot: &Rotary) -> Result<
 }
 
 /// Rotates the rows of one tensor where they lie: token t to `pos[t]`, or with M-RoPE each
-/// pair to its row of `pos` (`[3, tokens]`).
+/// pair to its row of `pos` (`[3, tokens]`); after the QK norm when `norm` is set (its
+/// `q_weight` the tensor's own), and with `rot` None the norm alone.
 struct RotateRows<'a> {
     rows: Rows,
     pos: &'a [i64],
-    rot: &'a Rotary,
+    rot: Option<&'a Rotary>,
     mrope: Option<&'a MRope>,
+    norm: Option<&'a QkNorm<&'a [f32]>>,
     err: ErrSlot,
 }
 
-fn rotate_rows<T: Dtype>(x: &mut [T], rows: &Rows, pos: &[i64], rot: &Rotary, mrope: Option<&MRope>) {
-    let d = rows.head_dim;
-    let mut buf = vec![0.0; d];
-    for t in 0..rows.rows {
-        for h in 0..rows.heads {
-            let s = rows.at(t, h);
-            let head = &mut x[s..s + d];
-            for (b, v) in buf.iter_mut().zip(head.iter()) {
+impl RotateRows<'_> {
+    fn run<T: Dtype>(&self, x: &mut [T]) -> Result<()> {
+        let (rows, d) = (&self.rows, self.rows.head_dim);
+        let mut buf = vec![0.0; rows.heads * d];
+        for t in 0..rows.rows {
+            let s = rows.at(t, 0);
+            let token = &mut x[s..s + rows.heads * d];
+            for (b, v) in buf.iter_mut().zip(token.iter()) {
                 *b = v.to_f64();
             }
-            match mrope {
-                None => reference::rotate_head(&mut buf, pos[t] as f64, rot),
-                Some(m) => reference::rotate_head_mrope(&mut buf, [0, 1, 2].map(|c| pos[c * rows.rows + t] as f64), rot, m),
+            if let Some(n) = self.norm {
+                reference::qk_norm_row(&mut buf, d, n.eps, n.scope, n.q_weight)?;
             }
-            for (v, b) in head.iter_mut().zip(&buf) {
+            for head in buf.chunks_mut(d.max(1)) {
+                match (self.rot, self.mrope) {
+                    (None, _) => {}
+                    (Some(rot), None) => reference::rotate_head(head, self.pos[t] as f64, rot),
+                    (Some(rot), Some(m)) => reference::rotate_head_mrope(head, [0, 1, 2].map(|c| self.pos[c * rows.rows + t] as f64), rot, m),
+                }
+            }
+            for (v, b) in token.iter_mut().zip(&buf) {
                 *v = T::from_f64(*b);
             }
         }
+        Ok(())
     }
 }
 
@@ -60,21 +70,25 @@ impl InplaceOp1 for RotateRows<'_> {
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &CLayout) -> candle_core::Result<()> {
         debug_assert_eq!(l.start_offset(), self.rows.offset);
-        match s {
-            CpuStorage::F32(x) => rotate_rows(x, &self.rows, self.pos, self.rot, self.mrope),
-            CpuStorage::F16(x) => rotate_rows(x, &self.rows, self.pos, self.rot, self.mrope),
-            CpuStorage::BF16(x) => rotate_rows(x, &self.rows, self.pos, self.rot, self.mrope),
-            other => {
-                return Err(self.err.keep(Error::DtypeMismatch { expected: "f32, f16 or bf16", got: other.dtype().as_str() }))
-            }
-        }
-        Ok(())
+        let done = match s {
+            CpuStorage::F32(x) => self.run(x),
+            CpuStorage::F16(x) => self.run(x),
+            CpuStorage::BF16(x) => self.run(x),
+            other => Err(Error::DtypeMismatch { expected: "f32, f16 or bf16", got: other.dtype().as_str() }),
+        };
+        done.map_err(|e| self.err.keep(e))
     }
 }
 
 /// Rotate the rows of `x` in place (positions validated by the caller).
 pub(super) fn rotate_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: &Rotary, mrope: Option<&MRope>) -> Result<()> {
-    let op = RotateRows { rows, pos, rot, mrope, err: ErrSlot::default() };
+    let op = RotateRows { rows, pos, rot: Some(rot), mrope, norm: None, err: ErrSlot::default() };
+    x.inplace_op1(&op).map_err(|e| op.err.or(e))
+}
+
+/// The QK norm on the rows of `x` in place (weights: `norm.q_weight`), then the rotation if any.
+pub(super) fn normed_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: Option<&Rotary>, norm: &QkNorm<&[f32]>) -> Result<()> {
+    let op = RotateRows { rows, pos, rot, mrope: None, norm: Some(norm), err: ErrSlot::default() };
     x.inplace_op1(&op).map_err(|e| op.err.or(e))
 }
 

@@ -13,6 +13,7 @@ use crate::attention::{AttentionParams, Rotary};
 use crate::config::MRope;
 use crate::cuda::{self as rc, AttentionBatch, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch, RopeShape};
 use crate::error::{Error, Result};
+use crate::qk_norm::{NormScope, QkNorm};
 use candle_core::op::BackpropOp;
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout as CLayout, Shape, Storage, Tensor};
@@ -188,6 +189,88 @@ pub(super) fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rot
         let shape = RopeShape { tokens: r.rows, q_heads: r.heads, k_heads: 0, head_dim: r.head_dim, q_row_stride: r.stride, k_row_stride: 0 };
         let op = RotateInPlace { rot, mrope, shape, dtype: x.dtype(), err: ErrSlot::default() };
         x.inplace_op2(&pos, &op).map_err(|e| op.err.or(e))?;
+    }
+    Ok(())
+}
+
+/// The QK norm on the rows of one tensor in place, then its rotation if any (the rope kernel
+/// with no K heads): side inputs the positions and the weights, each a stand-in when absent.
+struct NormInPlace<'a> {
+    rot: Option<&'a Rotary>,
+    eps: f64,
+    scope: NormScope,
+    weighted: bool,
+    shape: RopeShape,
+    dtype: DType,
+    err: ErrSlot,
+}
+
+impl NormInPlace<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Elem>(&self, x: &mut CudaStorage, xl: &CLayout, pos: &CudaStorage, pl: &CLayout, w: &CudaStorage, wl: &CLayout) -> Result<()> {
+        let dev = x.device.clone();
+        let (stream, gpu) = (dev.cuda_stream(), gpu_for(&dev));
+        let s = &self.shape;
+        let len = QkNorm::<()>::unweighted(self.eps, self.scope).weight_len(s.q_heads, s.head_dim);
+        let wv = match self.weighted {
+            true => Some(slice::<f32>(w)?.slice(wl.start_offset()..wl.start_offset() + len)),
+            false => None,
+        };
+        let norm = QkNorm { eps: self.eps, scope: self.scope, q_weight: wv.as_ref(), k_weight: None };
+        let xs = x.as_cuda_slice_mut::<T>().map_err(candle_error)?;
+        let mut view = xs.slice_mut(xl.start_offset()..);
+        let (mut none, mut rows) = view.split_at_mut(0);
+        match self.rot {
+            Some(rot) => {
+                let pv = i32_view(pos, pl, s.tokens, "positions")?;
+                rc::rope_inplace_normed(&gpu, &stream, &mut rows, &mut none, &pv, s, rot, &norm)
+            }
+            None => rc::qk_norm_inplace(&gpu, &stream, &mut rows, &mut none, s, &norm),
+        }
+    }
+}
+
+impl InplaceOp3 for NormInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "rope-attn qk_norm_inplace"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &CLayout, _: &CpuStorage, _: &CLayout, _: &CpuStorage, _: &CLayout) -> candle_core::Result<()> {
+        not_cpu()
+    }
+
+    fn cuda_fwd(&self, x: &mut CudaStorage, xl: &CLayout, pos: &CudaStorage, pl: &CLayout, w: &CudaStorage, wl: &CLayout) -> candle_core::Result<()> {
+        with_dtype!(self.dtype, T => self.run::<T>(x, xl, pos, pl, w, wl)).map_err(|e| self.err.keep(e))
+    }
+}
+
+/// One launch per tensor, as [`rope_inplace`]: Q with Q's weights, K with K's (each its own
+/// "all heads" under [`NormScope::Heads`]).
+pub(super) fn normed_inplace(q: &Tensor, k: &Tensor, rotation: Option<(&Tensor, &Rotary)>, norm: &QkNorm<&Tensor>, call: &RopeCall) -> Result<()> {
+    if call.shape.tokens == 0 {
+        return Ok(());
+    }
+    let stand_in = || Tensor::zeros(1, DType::U32, q.device()).map_err(candle_error);
+    let pos = match rotation {
+        Some((p, _)) => int32_tensor(p)?,
+        None => stand_in()?,
+    };
+    for (x, r, w) in [(q, call.q, norm.q_weight), (k, call.k, norm.k_weight)] {
+        let shape = RopeShape { tokens: r.rows, q_heads: r.heads, k_heads: 0, head_dim: r.head_dim, q_row_stride: r.stride, k_row_stride: 0 };
+        let weight = match w {
+            Some(w) => w.clone(),
+            None => stand_in()?,
+        };
+        let op = NormInPlace {
+            rot: rotation.map(|(_, r)| r),
+            eps: norm.eps,
+            scope: norm.scope,
+            weighted: w.is_some(),
+            shape,
+            dtype: x.dtype(),
+            err: ErrSlot::default(),
+        };
+        x.inplace_op3(&pos, &weight, &op).map_err(|e| op.err.or(e))?;
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! The ops on candle [`Tensor`]s (feature `candle`): RoPE in place or out of place, fused
+//! The ops on candle [`Tensor`]s (feature `candle`): RoPE in place or out of place (with the QK
+//! norm before it, or the norm alone), fused
 //! attention prefill (causal, GQA, sliding window and sinks, ALiBi, ReRoPE), paged decode and
 //! chunked prefill over a paged cache.
 //!
@@ -70,6 +71,7 @@ use crate::cuda::{
     attention_fwd_workspace_len, AttentionBatch, DecodeBatch, DecodeLens, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, RopeShape,
 };
 use crate::error::{Error, Result};
+use crate::qk_norm::QkNorm;
 use candle_core::{DType, Device, Tensor};
 
 impl From<Error> for candle_core::Error {
@@ -258,10 +260,25 @@ fn rope_call(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary) -> Result
 
 /// [`rope_call`] for plain positions (`[tokens]`) or M-RoPE rows (`[3, tokens]`).
 fn rope_call_with(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrope: Option<&MRope>) -> Result<RopeCall> {
+    let RopeCall { q: qr, k: kr, shape } = qk_rows(q, k)?;
+    same_device(q, "positions", positions)?;
+    match mrope {
+        None => int_tensor("positions", positions, &[qr.rows])?,
+        Some(_) => int_tensor("positions", positions, &[3, qr.rows])?,
+    }
+    match mrope {
+        None => shape.check(qr.span(), kr.span(), qr.rows, rot)?,
+        Some(m) => shape.check_mrope(qr.span(), kr.span(), 3 * qr.rows, qr.rows, rot, m)?,
+    }
+    Ok(RopeCall { q: qr, k: kr, shape })
+}
+
+/// Q and K of one dtype and device, with as many tokens and the same head_dim, as one rope
+/// kernel geometry (not yet checked against a rotation or a norm).
+fn qk_rows(q: &Tensor, k: &Tensor) -> Result<RopeCall> {
     float_dtype("q", q)?;
     same_dtype(q, k)?;
     same_device(q, "k", k)?;
-    same_device(q, "positions", positions)?;
     let (qr, kr) = (rows("q", q)?, rows("k", k)?);
     if kr.rows != qr.rows || kr.head_dim != qr.head_dim {
         return Err(Error::Shape {
@@ -269,10 +286,6 @@ fn rope_call_with(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrop
             expected: format!("[{}, Hk, {}] (as q)", qr.rows, qr.head_dim),
             got: dims_str(k),
         });
-    }
-    match mrope {
-        None => int_tensor("positions", positions, &[qr.rows])?,
-        Some(_) => int_tensor("positions", positions, &[3, qr.rows])?,
     }
     let shape = RopeShape {
         tokens: qr.rows,
@@ -282,11 +295,61 @@ fn rope_call_with(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, mrop
         q_row_stride: qr.stride,
         k_row_stride: kr.stride,
     };
-    match mrope {
-        None => shape.check(qr.span(), kr.span(), qr.rows, rot)?,
-        Some(m) => shape.check_mrope(qr.span(), kr.span(), 3 * qr.rows, qr.rows, rot, m)?,
-    }
     Ok(RopeCall { q: qr, k: kr, shape })
+}
+
+/// Validate a QK-norm call: Q and K, the weights (F32, one dimension, contiguous, on Q's
+/// device) and the norm as the kernel takes it ([`RopeShape::check_norm`]).
+fn norm_call(q: &Tensor, k: &Tensor, norm: &QkNorm<&Tensor>) -> Result<RopeCall> {
+    let call = qk_rows(q, k)?;
+    for (what, w) in [("qk_norm q_weight", norm.q_weight), ("qk_norm k_weight", norm.k_weight)] {
+        let Some(w) = w else { continue };
+        if w.dtype() != DType::F32 {
+            return Err(Error::DtypeMismatch { expected: "f32 (norm weights; Gemma's 1 + w added already)", got: w.dtype().as_str() });
+        }
+        if w.rank() != 1 || !w.is_contiguous() {
+            return Err(Error::Shape { what, expected: "a contiguous 1-D tensor".into(), got: dims_str(w) });
+        }
+        same_device(q, what, w)?;
+    }
+    call.shape.check_norm(call.q.span(), call.k.span(), norm, |w| w.elem_count())?;
+    Ok(call)
+}
+
+/// The QK norm ([`QkNorm`]: Qwen3, Gemma 3, OLMo 2, Llama 4) on Q `[tokens, Hq, d]` and K
+/// `[tokens, Hk, d]` in place: each head (or, [`NormScope::Heads`](crate::NormScope::Heads),
+/// each token's heads together) over its root mean square, times its weight: F32 tensors of
+/// `d` (per head) or `H·d` (all heads), on Q's device; `None` for ones. Before the attention
+/// calls, which rotate (K before [`paged_append`]). CPU tensors: the f64 reference.
+pub fn qk_norm_inplace(q: &Tensor, k: &Tensor, norm: &QkNorm<&Tensor>) -> Result<()> {
+    let call = norm_call(q, k, norm)?;
+    normed_in_place(q, k, None, norm, &call)
+}
+
+/// The QK norm, then RoPE ([`rope_inplace`]), in place in one pass: for a pre-rotated cache.
+pub fn rope_normed_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rotary, norm: &QkNorm<&Tensor>) -> Result<()> {
+    let call = rope_call(q, k, positions, rot)?;
+    norm_call(q, k, norm)?;
+    normed_in_place(q, k, Some((positions, rot)), norm, &call)
+}
+
+fn normed_in_place(q: &Tensor, k: &Tensor, rotation: Option<(&Tensor, &Rotary)>, norm: &QkNorm<&Tensor>, call: &RopeCall) -> Result<()> {
+    match on(q)? {
+        On::Cpu => {
+            let pos = match rotation {
+                Some((p, _)) => host_ints(p)?,
+                None => Vec::new(),
+            };
+            check_positions(&pos)?;
+            let host = |w: Option<&Tensor>| w.map(|w| w.to_vec1::<f32>()).transpose().map_err(candle_error);
+            let (qw, kw) = (host(norm.q_weight)?, host(norm.k_weight)?);
+            let rot = rotation.map(|(_, r)| r);
+            cpu::normed_inplace(q, call.q, &pos, rot, &QkNorm { eps: norm.eps, scope: norm.scope, q_weight: qw.as_deref(), k_weight: None })?;
+            cpu::normed_inplace(k, call.k, &pos, rot, &QkNorm { eps: norm.eps, scope: norm.scope, q_weight: kw.as_deref(), k_weight: None })
+        }
+        #[cfg(feature = "candle-cuda")]
+        On::Cuda => gpu::normed_inplace(q, k, rotation, norm, call),
+    }
 }
 
 /// Rotate Q `[tokens, Hq, d]` and K `[tokens, Hk, d]`, token t to `positions[t]`, into new dense
