@@ -654,3 +654,58 @@ fn masks_match_transformers_mask_functions() {
     }
     assert_eq!(checked, 6 * 70 * 70);
 }
+
+/// The kernel's side of the same check: the rope kernel (run by the SIMT emulator, f32)
+/// normalises and rotates transformers' Q and K in one pass (`rope_inplace_normed`, the
+/// checkpoint's weights through `HfQkNorm::weights`), and attention over its output without
+/// further RoPE gives transformers' own Qwen3, Gemma 3 and OLMo 2 attention output to f32
+/// accuracy (inputs rounded to f32 once, the kernel's f32 norm and angles; seen 1.2e-7 to
+/// 1.8e-7, 2e-6 allowed; a norm over the wrong scope moves it past 1e-3).
+#[cfg(feature = "emulator")]
+#[test]
+fn rope_kernel_qk_norm_feeds_transformers_attention() {
+    use rope_attn::cuda::RopeShape;
+    use rope_attn::emulator::Emulator;
+    let f = fixtures();
+    let cases = cases(&f, "qk_norm_attention");
+    let emu = Emulator::new();
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+        let cfg = case["config"].to_string();
+        let layer = hf_layers(&cfg).unwrap()[usize_of(&case["layer"])];
+        let norm = layer.qk_norm.unwrap();
+        let rope = RopeConfig::from_hf_config_json_layer(&cfg, case["layer_type"].as_str()).unwrap();
+        let rot = Rotary::from_schedule(&rope.schedule(None).unwrap(), Layout::Half);
+        let exact = |key| exact_f64s("qk_norm_attention", idx, key);
+        let f32s = |key| exact(key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let (qw, kw) = (norm.weights(&f32s("q_norm_weight")), norm.weights(&f32s("k_norm_weight")));
+        let n = exact("q").len() / (hq * d);
+        let shape = RopeShape::contiguous(n, hq, hkv, d);
+        let pos: Vec<i32> = (0..n as i32).collect();
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.scale = Some(case["scale"].as_f64().unwrap());
+        let p = layer.apply(p).unwrap(); // rope: None, the kernel rotated
+        let k_pos: Vec<i64> = (0..n as i64).collect();
+        let run = |norm: &HfQkNorm| {
+            let (mut q, mut k) = (f32s("q"), f32s("k"));
+            emu.rope_inplace_normed_checked(&mut q, &mut k, &pos, &shape, &rot, &norm.with(qw.as_deref(), kw.as_deref())).unwrap();
+            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+            reference::attention(&wide(&q), &wide(&k), &exact("v"), &k_pos, &k_pos, &p).unwrap().out
+        };
+        let want = exact("out");
+        let worst = run(&norm).iter().zip(&want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f64::max);
+        assert!(worst <= 2e-6, "{label}: the kernel's path is {worst:e} from transformers");
+        if norm.scope == NormScope::Head {
+            // Over all heads instead (and unweighted): the answer moves.
+            let heads = HfQkNorm { scope: NormScope::Heads, weight: NormWeight::None, ..norm };
+            let (mut q, mut k) = (f32s("q"), f32s("k"));
+            emu.rope_inplace_normed(&mut q, &mut k, &pos, &shape, &rot, &heads.with(None::<&[f32]>, None)).unwrap();
+            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+            let moved = reference::attention(&wide(&q), &wide(&k), &exact("v"), &k_pos, &k_pos, &p).unwrap().out;
+            assert!(moved.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-3), "{label}");
+        }
+        println!("{label}: kernel path within {worst:.1e} of transformers");
+    }
+    assert_eq!(cases.len(), 4);
+}
