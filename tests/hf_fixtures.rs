@@ -687,11 +687,12 @@ fn rope_kernel_qk_norm_feeds_transformers_attention() {
         p.scale = Some(case["scale"].as_f64().unwrap());
         let p = layer.apply(p).unwrap(); // rope: None, the kernel rotated
         let k_pos: Vec<i64> = (0..n as i64).collect();
+        let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let attend = |q: &[f32], k: &[f32]| reference::attention(&wide(q), &wide(k), &exact("v"), &k_pos, &k_pos, &p).unwrap().out;
         let run = |norm: &HfQkNorm| {
             let (mut q, mut k) = (f32s("q"), f32s("k"));
             emu.rope_inplace_normed_checked(&mut q, &mut k, &pos, &shape, &rot, &norm.with(qw.as_deref(), kw.as_deref())).unwrap();
-            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-            reference::attention(&wide(&q), &wide(&k), &exact("v"), &k_pos, &k_pos, &p).unwrap().out
+            attend(&q, &k)
         };
         let want = exact("out");
         let worst = run(&norm).iter().zip(&want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f64::max);
@@ -701,8 +702,7 @@ fn rope_kernel_qk_norm_feeds_transformers_attention() {
             let heads = HfQkNorm { scope: NormScope::Heads, weight: NormWeight::None, ..norm };
             let (mut q, mut k) = (f32s("q"), f32s("k"));
             emu.rope_inplace_normed(&mut q, &mut k, &pos, &shape, &rot, &heads.with(None::<&[f32]>, None)).unwrap();
-            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-            let moved = reference::attention(&wide(&q), &wide(&k), &exact("v"), &k_pos, &k_pos, &p).unwrap().out;
+            let moved = attend(&q, &k);
             assert!(moved.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-3), "{label}");
         }
         println!("{label}: kernel path within {worst:.1e} of transformers");
