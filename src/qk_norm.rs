@@ -13,6 +13,13 @@ use crate::error::{Error, Result};
 /// kernels/rope.cu: a per-head sum in shared memory).
 pub const MAX_NORM_HEADS: usize = 256;
 
+/// An eps the kernels can add: finite and > 0 in f64 and once rounded to f32 (the config
+/// parser and every launcher ask the same).
+pub(crate) fn eps_is_valid(eps: f64) -> bool {
+    let e32 = eps as f32;
+    eps.is_finite() && e32 > 0.0 && e32.is_finite()
+}
+
 /// Which components share one root mean square.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NormScope {
@@ -66,8 +73,7 @@ impl<W> QkNorm<W> {
     /// Validate against a launch of `q_heads` and `k_heads` heads (weights' lengths by `len`),
     /// as every launcher does before it launches.
     pub fn validate(&self, q_heads: usize, k_heads: usize, head_dim: usize, len: impl Fn(&W) -> usize) -> Result<()> {
-        let eps32 = self.eps as f32;
-        if !(self.eps.is_finite() && eps32 > 0.0 && eps32.is_finite()) {
+        if !eps_is_valid(self.eps) {
             return Err(Error::Parameter { name: "qk_norm eps", value: self.eps, reason: "must be finite and > 0 (in f32 too)" });
         }
         if q_heads + k_heads > MAX_NORM_HEADS {

@@ -74,6 +74,15 @@ pub(super) fn f64_of(o: &Obj, key: &str) -> Result<Option<f64>> {
     }
 }
 
+/// A bool under `key`, `None` when absent or null.
+pub(super) fn flag(o: &Obj, key: &str) -> Result<Option<bool>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(bad(key, format!("expected a bool, got {other}"))),
+    }
+}
+
 /// A non-negative integer under `key` (integral floats such as `4096.0` are accepted).
 pub(super) fn usize_of(o: &Obj, key: &str) -> Result<Option<usize>> {
     match f64_of(o, key)? {

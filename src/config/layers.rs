@@ -4,7 +4,7 @@
 //! NoPE layers do not), with Llama 4's query temperature and the model's QK norm. [`HfLayer::mask`] is the
 //! [`Mask`] to run it with, [`HfLayer::apply`] sets all of it on an [`AttentionParams`].
 
-use super::hf::{f64_of, parse_root, text_root, usize_of, Obj};
+use super::hf::{f64_of, flag, parse_root, text_root, usize_of, Obj};
 use super::qk_norm::{qk_norm_of, HfQkNorm};
 use crate::attention::{AttentionParams, Mask, QueryTemperature};
 use crate::error::{Error, Result};
@@ -107,14 +107,6 @@ fn size_of(root: &Obj, key: &str) -> Result<Option<usize>> {
     }
 }
 
-fn flag(root: &Obj, key: &str) -> Result<Option<bool>> {
-    match root.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(bad(key, format!("expected a bool, got {other}"))),
-    }
-}
-
 /// Every decoder layer of a `config.json` (the language model's, under `text_config` for
 /// multimodal configs), in order.
 ///
@@ -173,7 +165,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     } else {
         None
     };
-    let qk_norm = qk_norm_of(&root, &model_type, |k| flag(&root, k))?;
+    let qk_norm = qk_norm_of(&root, &model_type)?;
 
     let kinds: Vec<LayerAttention> = match root.get("layer_types") {
         Some(Value::Array(types)) => types

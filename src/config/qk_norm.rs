@@ -1,9 +1,9 @@
 //! Which QK norm a `config.json` asks for ([`HfQkNorm`], per layer in
 //! [`HfLayer::qk_norm`](super::HfLayer::qk_norm)), as transformers' modeling code applies it.
 
-use super::hf::{f64_of, Obj};
+use super::hf::{f64_of, flag, Obj};
 use crate::error::{Error, Result};
-use crate::qk_norm::{NormScope, QkNorm};
+use crate::qk_norm::{eps_is_valid, NormScope, QkNorm};
 
 /// How a checkpoint's norm weights (`self_attn.q_norm.weight`, `k_norm.weight`) become the
 /// kernels' f32 weights.
@@ -54,16 +54,16 @@ impl HfQkNorm {
 /// `use_qk_norm` switches Llama 4's (on by default) and GLM-4-MoE's (off by default); the
 /// others always have it. Cohere's and Chameleon's norms are LayerNorms (mean-centred), which
 /// these kernels do not compute: their configs are refused rather than run without it.
-pub(super) fn qk_norm_of(root: &Obj, model_type: &str, flag: impl Fn(&str) -> Result<Option<bool>>) -> Result<Option<HfQkNorm>> {
+pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm>> {
     use NormScope::{Head, Heads};
     use NormWeight::{None as Unweighted, OnePlus, Plain};
     let (scope, weight, default_eps, on) = match model_type {
-        t if t.starts_with("llama4") => (Head, Unweighted, 1e-5, flag("use_qk_norm")?.unwrap_or(true)),
+        t if t.starts_with("llama4") => (Head, Unweighted, 1e-5, flag(root, "use_qk_norm")?.unwrap_or(true)),
         "qwen3" | "qwen3_moe" | "qwen3_vl" | "qwen3_vl_text" | "qwen3_vl_moe" | "qwen3_vl_moe_text" => (Head, Plain, 1e-6, true),
-        "glm4_moe" => (Head, Plain, 1e-5, flag("use_qk_norm")?.unwrap_or(false)),
+        "glm4_moe" => (Head, Plain, 1e-5, flag(root, "use_qk_norm")?.unwrap_or(false)),
         "gemma3" | "gemma3_text" | "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => (Head, OnePlus, 1e-6, true),
         "olmo2" | "olmo3" | "olmoe" => (Heads, Plain, 1e-5, true),
-        "cohere" | "cohere2" | "chameleon" if flag("use_qk_norm")? == Some(true) => {
+        "cohere" | "cohere2" | "chameleon" if flag(root, "use_qk_norm")? == Some(true) => {
             return Err(Error::InvalidValue {
                 key: "use_qk_norm".into(),
                 reason: format!("{model_type:?}'s QK norm is a LayerNorm (mean-centred), which these kernels do not compute"),
@@ -75,7 +75,7 @@ pub(super) fn qk_norm_of(root: &Obj, model_type: &str, flag: impl Fn(&str) -> Re
         return Ok(None);
     }
     let eps = f64_of(root, "rms_norm_eps")?.unwrap_or(default_eps);
-    if !(eps.is_finite() && eps > 0.0 && (eps as f32) > 0.0) {
+    if !eps_is_valid(eps) {
         return Err(Error::InvalidValue { key: "rms_norm_eps".into(), reason: format!("must be finite and > 0 (in f32 too), got {eps}") });
     }
     Ok(Some(HfQkNorm { eps, scope, weight }))
