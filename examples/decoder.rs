@@ -178,7 +178,7 @@ impl Weights {
             // from 1 (Gemma's, Qwen3.5's), as bf16 values.
             let around = if n.weight == NormWeight::OnePlus { 0.0 } else { 1.0 };
             let mut ckpt = |heads: usize| -> Vec<f32> {
-                let len = QkNorm::<()>::unweighted(n.eps, n.scope).weight_len(heads, m.d);
+                let len = n.scope.weight_len(heads, m.d);
                 bf16_round(&random(r, len, 0.3).iter().map(|v| v + around).collect::<Vec<_>>())
             };
             let (q, k) = (ckpt(m.hq), ckpt(m.hkv));

@@ -34,6 +34,16 @@ pub enum NormScope {
     Heads,
 }
 
+impl NormScope {
+    /// Components one weight vector covers for a tensor of `heads` heads.
+    pub fn weight_len(self, heads: usize, head_dim: usize) -> usize {
+        match self {
+            NormScope::Head => head_dim,
+            NormScope::Heads => heads * head_dim,
+        }
+    }
+}
+
 /// One launch's QK norm: `x ← x / sqrt(mean(x²) + eps) · w`, the mean over the [`NormScope`],
 /// `w` the tensor's weight (all ones when `None`). The weights are f32 as the kernels read
 /// them: for Gemma's `(1 + weight)` form pass `1 + weight`
@@ -62,14 +72,6 @@ impl<W> QkNorm<W> {
         QkNorm { eps: self.eps, scope: self.scope, q_weight: self.q_weight.as_ref().map(&f), k_weight: self.k_weight.as_ref().map(&f) }
     }
 
-    /// Components one weight vector covers for a tensor of `heads` heads.
-    pub fn weight_len(&self, heads: usize, head_dim: usize) -> usize {
-        match self.scope {
-            NormScope::Head => head_dim,
-            NormScope::Heads => heads * head_dim,
-        }
-    }
-
     /// Validate against a launch of `q_heads` and `k_heads` heads (weights' lengths by `len`),
     /// as every launcher does before it launches.
     pub fn validate(&self, q_heads: usize, k_heads: usize, head_dim: usize, len: impl Fn(&W) -> usize) -> Result<()> {
@@ -84,7 +86,7 @@ impl<W> QkNorm<W> {
             });
         }
         for (what, w, heads) in [("qk_norm q_weight", &self.q_weight, q_heads), ("qk_norm k_weight", &self.k_weight, k_heads)] {
-            let want = self.weight_len(heads, head_dim);
+            let want = self.scope.weight_len(heads, head_dim);
             match w.as_ref().map(&len) {
                 Some(got) if heads > 0 && got != want => {
                     return Err(Error::Shape { what, expected: format!("{want} weights ({:?} scope)", self.scope), got: got.to_string() })

@@ -27,8 +27,7 @@ struct NormInputs<T: Copy> {
 
 fn inputs<T: Dtype>(r: &mut rand::rngs::StdRng, c: &NormCase) -> NormInputs<T> {
     let s = &c.shape;
-    let norm = QkNorm::<()>::unweighted(c.eps, c.scope);
-    let weights = |r: &mut rand::rngs::StdRng, heads: usize| c.weighted.then(|| guard(&norm_weights(r, norm.weight_len(heads, s.head_dim))));
+    let weights = |r: &mut rand::rngs::StdRng, heads: usize| c.weighted.then(|| guard(&norm_weights(r, c.scope.weight_len(heads, s.head_dim))));
     NormInputs {
         q: guard(&as_dtype::<T>(&norm_values(r, s.tokens, s.q_heads, s.head_dim, s.q_row_stride)).0),
         k: guard(&as_dtype::<T>(&norm_values(r, s.tokens, s.k_heads, s.head_dim, s.k_row_stride)).0),
@@ -189,8 +188,7 @@ fn emulated_mrope_after_qk_norm_matches_reference() {
         let s = &c.shape;
         let (tokens, stride) = (s.tokens, s.tokens + 3);
         let scope = if i % 3 == 2 { NormScope::Heads } else { NormScope::Head };
-        let norm = QkNorm::<()>::unweighted(1e-6, scope);
-        let (qw, kw) = (guard(&norm_weights(&mut r, norm.weight_len(s.q_heads, s.head_dim))), guard(&norm_weights(&mut r, norm.weight_len(s.k_heads, s.head_dim))));
+        let (qw, kw) = (guard(&norm_weights(&mut r, scope.weight_len(s.q_heads, s.head_dim))), guard(&norm_weights(&mut r, scope.weight_len(s.k_heads, s.head_dim))));
         let norm = QkNorm { eps: 1e-6, scope, q_weight: Some(&qw[..]), k_weight: Some(&kw[..]) };
         let q0 = as_dtype::<bf16>(&norm_values(&mut r, tokens, s.q_heads, s.head_dim, s.q_row_stride)).0;
         let k0 = as_dtype::<bf16>(&norm_values(&mut r, tokens, s.k_heads, s.head_dim, s.k_row_stride)).0;

@@ -81,7 +81,7 @@ fn qk_norm_sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<c
         let s = &c.shape;
         let mut q = stream.clone_htod(&as_dtype::<T>(&norm_values(&mut r, s.tokens, s.q_heads, s.head_dim, s.q_row_stride)).0).unwrap();
         let mut k = stream.clone_htod(&as_dtype::<T>(&norm_values(&mut r, s.tokens, s.k_heads, s.head_dim, s.k_row_stride)).0).unwrap();
-        let len = |heads| QkNorm::<()>::unweighted(c.eps, c.scope).weight_len(heads, s.head_dim);
+        let len = |heads| c.scope.weight_len(heads, s.head_dim);
         let qw = c.weighted.then(|| stream.clone_htod(&norm_weights(&mut r, len(s.q_heads))).unwrap());
         let kw = c.weighted.then(|| stream.clone_htod(&norm_weights(&mut r, len(s.k_heads))).unwrap());
         let pos = stream.clone_htod(&rope_positions(&mut r, s.tokens)).unwrap();
@@ -115,7 +115,7 @@ fn mrope_after_qk_norm_matches_reference() {
         let s = &c.shape;
         let (tokens, stride) = (s.tokens, s.tokens + 3);
         let scope = if i % 3 == 2 { rope_attn::NormScope::Heads } else { rope_attn::NormScope::Head };
-        let len = |heads| QkNorm::<()>::unweighted(1e-6, scope).weight_len(heads, s.head_dim);
+        let len = |heads| scope.weight_len(heads, s.head_dim);
         let qw = stream.clone_htod(&norm_weights(&mut r, len(s.q_heads))).unwrap();
         let kw = stream.clone_htod(&norm_weights(&mut r, len(s.k_heads))).unwrap();
         let norm = QkNorm { eps: 1e-6, scope, q_weight: Some(&qw), k_weight: Some(&kw) };

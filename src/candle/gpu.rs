@@ -211,7 +211,7 @@ impl NormInPlace<'_> {
         let dev = x.device.clone();
         let (stream, gpu) = (dev.cuda_stream(), gpu_for(&dev));
         let s = &self.shape;
-        let len = QkNorm::<()>::unweighted(self.eps, self.scope).weight_len(s.q_heads, s.head_dim);
+        let len = self.scope.weight_len(s.q_heads, s.head_dim);
         let wv = match self.weighted {
             true => Some(slice::<f32>(w)?.slice(wl.start_offset()..wl.start_offset() + len)),
             false => None,
