@@ -57,6 +57,11 @@ struct RopeParams {
     float norm_eps;
     const float* q_norm_w;
     const float* k_norm_w;
+    // Elements between consecutive heads of Q's input row: head_dim, or (normed launches
+    // only) 2 * head_dim for the gated query of Qwen3-Next / Qwen3.5, whose q_proj puts each
+    // head's gate after its query (rope.cu, head_in): the queries are read from there, the
+    // gates left alone, and Q written dense to q_out.
+    int q_in_hstride;
 };
 
 // Mirrored by `ScoresParams` in src/cuda/params.rs.

@@ -78,10 +78,12 @@ __device__ __forceinline__ void copy_heads(const T* src, T* dst, int heads, int 
 }
 
 // Head h of a token's row: Q's heads first, then K's (the order the kernel's loops take them).
+// Only the normed paths call these; Q's input heads are q_in_hstride apart (a gated query).
 template <typename T>
 __device__ __forceinline__ const T* head_in(const RopeParams& p, long long row, int h) {
     const bool is_q = h < p.q_heads;
-    return static_cast<const T*>(is_q ? p.q_in : p.k_in) + row * (is_q ? p.q_in_stride : p.k_in_stride) + (is_q ? h : h - p.q_heads) * p.head_dim;
+    return static_cast<const T*>(is_q ? p.q_in : p.k_in) + row * (is_q ? p.q_in_stride : p.k_in_stride) +
+           (is_q ? h * p.q_in_hstride : (h - p.q_heads) * p.head_dim);
 }
 template <typename T>
 __device__ __forceinline__ T* head_out(const RopeParams& p, long long row, int h) {
@@ -217,7 +219,9 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
         // registers for those.)
         const bool is_q = h < p.q_heads;
         const int hh = is_q ? h : h - p.q_heads;
-        const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + src_row * (is_q ? p.q_in_stride : p.k_in_stride) + hh * D;
+        // Q's input heads sit q_in_hstride apart under the norm (a gated query), else D.
+        const T* src = static_cast<const T*>(is_q ? p.q_in : p.k_in) + src_row * (is_q ? p.q_in_stride : p.k_in_stride) +
+                       hh * (NORM && is_q ? p.q_in_hstride : D);
         T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + dst_row * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
         // The norm's factor, applied to each component before it is rotated.
         const float r = NORM ? norm_scale(p, sums, h) : 1.f;

@@ -61,6 +61,7 @@ int main() {
     FIELD(RopeParams, norm_eps);
     FIELD(RopeParams, q_norm_w);
     FIELD(RopeParams, k_norm_w);
+    FIELD(RopeParams, q_in_hstride);
     SIZE(ScoresParams);
     FIELD(ScoresParams, rope);
     FIELD(ScoresParams, q);

@@ -25,6 +25,7 @@ pub(crate) mod checked;
 pub(crate) mod decode;
 pub(crate) mod device;
 mod dtype;
+pub(crate) mod gated;
 pub(crate) mod launch;
 pub(crate) mod merge;
 pub(crate) mod paged_prefill;
@@ -43,6 +44,7 @@ pub use decode::{
 };
 pub use device::{device_status, Gpu};
 pub use dtype::Dtype;
+pub use gated::{qk_norm_rope_gated, qk_norm_rope_gated_checked, GatedRotation, GATED_NORM_ONLY};
 pub use merge::merge_states;
 pub use paged_prefill::{
     attention_fwd_paged, attention_fwd_paged_checked, paged_prefill_gather_len, paged_prefill_prefers_gather, paged_prefill_splits,

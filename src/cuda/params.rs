@@ -157,6 +157,7 @@ pub(crate) struct RopeParams {
     pub norm_eps: f32,
     pub q_norm_w: u64,
     pub k_norm_w: u64,
+    pub q_in_hstride: i32,
 }
 
 /// Mirror of `ra::ScoresParams` (kernels/scores.cu).
@@ -350,7 +351,7 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
     }
     check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, temp_floor, temp_scale, pad_);
     check!(SinkArgs; logit, on, pad_);
-    check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq, block_table, context_lens, v_in, v_out, page_size, max_pages, num_pages, gather_rows, mrope, mrope_h, mrope_w, mrope_stride, norm, norm_eps, q_norm_w, k_norm_w);
+    check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq, block_table, context_lens, v_in, v_out, page_size, max_pages, num_pages, gather_rows, mrope, mrope_h, mrope_w, mrope_stride, norm, norm_eps, q_norm_w, k_norm_w, q_in_hstride);
     check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, scale, cap_in, cap_out);
     check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse, sink, cap_in, cap_out);
     check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps, sink, cap_in, cap_out, chunk);

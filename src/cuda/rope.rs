@@ -187,6 +187,8 @@ pub(crate) struct NormArgs {
     eps: f32,
     q_weight: u64,
     k_weight: u64,
+    /// Elements between Q's input heads (RopeParams::q_in_hstride); 0: head_dim, dense.
+    pub(crate) q_head_stride: usize,
 }
 
 impl NormArgs {
@@ -196,7 +198,7 @@ impl NormArgs {
             NormScope::Head => 1,
             NormScope::Heads => 2,
         };
-        NormArgs { mode, eps: norm.eps as f32, q_weight, k_weight }
+        NormArgs { mode, eps: norm.eps as f32, q_weight, k_weight, q_head_stride: 0 }
     }
 }
 
@@ -225,6 +227,9 @@ pub(crate) fn launch_normed<T: Dtype, B: Backend>(
     if shape.tokens == 0 || shape.q_heads + shape.k_heads == 0 {
         return Ok(());
     }
+    // A gated query's heads (2 * head_dim apart) are read by the normed kernels alone.
+    let q_head_stride = if norm.q_head_stride == 0 { shape.head_dim } else { norm.q_head_stride };
+    assert!(norm.mode != 0 || q_head_stride == shape.head_dim, "a head stride without the QK norm");
     let elem = std::mem::size_of::<T>() as u64;
     // Pairs move two elements at a time (strides and head_dim are even by validation): the
     // buffers must start on a two-element boundary, or the loads would fault.
@@ -238,7 +243,7 @@ pub(crate) fn launch_normed<T: Dtype, B: Backend>(
     // instructions per byte for a kernel that only moves memory.
     let aligned = |n: u64| {
         [ptrs.q_in, ptrs.q_out, ptrs.k_in, ptrs.k_out].iter().all(|p| p % (n * elem) == 0)
-            && [shape.q_row_stride, shape.k_row_stride, ptrs.q_out_stride, ptrs.k_out_stride, shape.head_dim]
+            && [shape.q_row_stride, shape.k_row_stride, ptrs.q_out_stride, ptrs.k_out_stride, shape.head_dim, q_head_stride]
                 .iter()
                 .all(|s| s % n as usize == 0)
     };
@@ -301,6 +306,7 @@ pub(crate) fn launch_normed<T: Dtype, B: Backend>(
         norm_eps: norm.eps,
         q_norm_w: norm.q_weight,
         k_norm_w: norm.k_weight,
+        q_in_hstride: to_i32("q head stride", q_head_stride)?,
     };
     let grid = match gather.block_table {
         0 => (shape.tokens as u32, 1, 1),
@@ -572,7 +578,7 @@ pub fn qk_norm_inplace_checked<T: Dtype>(
 }
 
 /// The norm with host copies of its weights (checked mode).
-fn host_weights(stream: &Arc<CudaStream>, norm: &QkNorm<&impl DevicePtr<f32>>) -> Result<QkNorm<Vec<f32>>> {
+pub(crate) fn host_weights(stream: &Arc<CudaStream>, norm: &QkNorm<&impl DevicePtr<f32>>) -> Result<QkNorm<Vec<f32>>> {
     let copy = |w: Option<&&_>| w.map(|w| stream.clone_dtoh(*w)).transpose();
     Ok(QkNorm { eps: norm.eps, scope: norm.scope, q_weight: copy(norm.q_weight.as_ref())?, k_weight: copy(norm.k_weight.as_ref())? })
 }

@@ -48,6 +48,7 @@ use crate::attention::{AttentionParams, Relative, Rotary};
 use crate::config::MRope;
 use crate::cuda::attention::{compare_fwd, launch_fwd, FwdHost, FwdPtrs};
 use crate::cuda::checked::widen;
+use crate::cuda::gated::{compare_gated, launch_gated, positions_len};
 use crate::cuda::decode::{compare_decode, launch_append, launch_decode, AppendRows, DecodeHost, DecodePtrs};
 use crate::cuda::launch::{Backend, Launch};
 use crate::cuda::merge::{launch_merge, MergeShape};
@@ -59,7 +60,7 @@ use crate::cuda::rope::{
 };
 use crate::cuda::scores::{compare_scores, launch_scores};
 use crate::cuda::{
-    AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, PrefillPath, RopeShape, ScoresShape,
+    AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, GatedRotation, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, PrefillPath, RopeShape, ScoresShape,
 };
 use crate::error::{Error, Result};
 use crate::qk_norm::QkNorm;
@@ -352,6 +353,42 @@ impl Emulator {
         let before = [widen(q), widen(k)];
         self.rope_inplace_mrope_normed(q, k, positions, stride, shape, rot, mrope, norm)?;
         compare_normed::<T>(&before, &[widen(q), widen(k)], NormedRotation::Mrope(positions, stride, rot, mrope), shape, norm)
+    }
+
+    /// [`crate::cuda::qk_norm_rope_gated`] on host buffers: Qwen3-Next's and Qwen3.5's gated
+    /// query, normalised and rotated out of `q_gated` into dense `q_out`, K in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rope_gated<T: Dtype>(
+        &self,
+        q_gated: &[T],
+        q_out: &mut [T],
+        k: &mut [T],
+        shape: &RopeShape,
+        rotation: GatedRotation<'_, [i32]>,
+        norm: &QkNorm<&[f32]>,
+    ) -> Result<()> {
+        let lens = [q_gated.len(), q_out.len(), k.len(), positions_len(rotation, <[i32]>::len)];
+        let dense = shape.check_gated(lens, rotation, norm, |w| w.len())?;
+        let na = NormArgs::new(norm, norm.q_weight.map_or(0, addr), norm.k_weight.map_or(0, addr));
+        launch_gated::<T, _, [i32]>(self, [addr(q_gated), addr(q_out), addr(k)], shape, &dense, rotation, addr, na)
+    }
+
+    /// [`crate::cuda::qk_norm_rope_gated_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rope_gated_checked<T: Dtype>(
+        &self,
+        q_gated: &[T],
+        q_out: &mut [T],
+        k: &mut [T],
+        shape: &RopeShape,
+        rotation: GatedRotation<'_, [i32]>,
+        norm: &QkNorm<&[f32]>,
+    ) -> Result<CheckReport> {
+        let lens = [q_gated.len(), q_out.len(), k.len(), positions_len(rotation, <[i32]>::len)];
+        let dense = shape.check_gated(lens, rotation, norm, |w| w.len())?;
+        let (gated, k_before) = (widen(q_gated), widen(k));
+        self.qk_norm_rope_gated(q_gated, q_out, k, shape, rotation, norm)?;
+        compare_gated::<T>(&gated, k_before, &[widen(q_out), widen(k)], &widen(q_gated), rotation, shape, &dense, norm)
     }
 
     /// [`crate::cuda::rope_inplace_mrope`] on host buffers.

@@ -367,3 +367,74 @@ pub fn norm_values(r: &mut StdRng, tokens: usize, heads: usize, d: usize, stride
 pub fn norm_weights(r: &mut StdRng, len: usize) -> Vec<f32> {
     (0..len).map(|_| r.random_range(0.25f32..1.75) * if r.random_bool(0.2) { -1.0 } else { 1.0 }).collect()
 }
+
+/// What follows the norm in a gated-query case.
+#[derive(Clone)]
+pub enum GatedKind {
+    None,
+    Rope(Rotary),
+    Mrope(Rotary, MRope),
+}
+
+/// One gated-query case (tests/emu_gated_query.rs, tests/gpu_rope.rs): `shape.q_row_stride` is
+/// the stride of the gated rows (each head's query then its gate), K as usual.
+pub struct GatedCase {
+    pub label: String,
+    pub shape: RopeShape,
+    pub kind: GatedKind,
+    pub scope: NormScope,
+    pub weighted: bool,
+}
+
+/// Gated geometries at head dim d (tokens, q heads, k heads, gated row stride, K row stride):
+/// dense rows; a packed [q+gate | k | v] projection (16 elements of 8-byte alignment or wider:
+/// the widest vector width); rows two elements off every wider alignment (one pair per thread).
+pub fn gated_layouts(d: usize) -> [(usize, usize, usize, usize, usize); 3] {
+    [(1, 4, 1, 8 * d, d), (7, 8, 2, 20 * d, 20 * d), (33, 4, 4, 8 * d + 2, 4 * d + 2)]
+}
+
+/// The gated sweep: every head dim × the norm alone, Qwen3-Next's RoPE (a quarter of the head
+/// rotated), YaRN over the full head, interleaved pairs over half of it, and Qwen3.5's
+/// interleaved M-RoPE sections over a quarter × gated_layouts, rotating through the scope (per
+/// head weighted, as Qwen3-Next; over all heads; unweighted).
+pub fn gated_cases() -> Vec<GatedCase> {
+    let mut out = Vec::new();
+    for d in HEAD_DIMS {
+        let quarter = (d / 4) & !1;
+        let pick = |r: usize, name: &str| schedules(d, r).into_iter().find(|(n, _)| *n == name).unwrap().1;
+        let kinds = [
+            ("norm only".to_string(), GatedKind::None),
+            (format!("r={quarter} default"), GatedKind::Rope(pick(quarter, "default"))),
+            (format!("r={d} yarn"), GatedKind::Rope(pick(d, "yarn"))),
+            (format!("r={} default-interleaved", d / 2), GatedKind::Rope(pick(d / 2, "default-interleaved"))),
+            (format!("r={quarter} mrope interleaved"), GatedKind::Mrope(pick(quarter, "default"), mrope_cases(quarter)[1])),
+        ];
+        for (kname, kind) in kinds {
+            for (tokens, qh, kh, row, krow) in gated_layouts(d) {
+                let i = out.len();
+                let (scope, weighted) = [(NormScope::Head, true), (NormScope::Heads, true), (NormScope::Head, false)][i % 3];
+                let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
+                let label = format!("d={d} {kname} {scope:?} weighted={weighted} tokens={tokens} stride={row}");
+                out.push(GatedCase { label, shape, kind: kind.clone(), scope, weighted });
+            }
+        }
+    }
+    assert_eq!(out.len(), 5 * 5 * 3);
+    out
+}
+
+/// A gated Q buffer for `s` (`shape.q_row_stride` apart): each head's query from `queries`
+/// (dense `[tokens, q_heads, d]`), its gate and the rows' slack filled with ±3e4 poison, so a
+/// kernel that read a gate into the norm or rotated it would be far off.
+pub fn gated_rows(s: &RopeShape, queries: &[f64]) -> Vec<f64> {
+    let d = s.head_dim;
+    let len = if s.tokens == 0 { 0 } else { (s.tokens - 1) * s.q_row_stride + s.q_heads * 2 * d };
+    let mut g: Vec<f64> = (0..len).map(|i| if i % 2 == 0 { 3e4 } else { -3e4 }).collect();
+    for t in 0..s.tokens {
+        for h in 0..s.q_heads {
+            let at = t * s.q_row_stride + h * 2 * d;
+            g[at..at + d].copy_from_slice(&queries[(t * s.q_heads + h) * d..][..d]);
+        }
+    }
+    g
+}
