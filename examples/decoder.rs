@@ -79,6 +79,14 @@ struct Model {
     sinks: Option<Vec<f64>>,
 }
 
+impl Model {
+    /// Columns of q_proj: each query head's d, and as many more of output gate where the
+    /// layer's query is gated (Qwen3-Next, Qwen3.5: query then gate, per head).
+    fn q_width(&self) -> usize {
+        self.hq * self.d * if self.layer.1.gated_query { 2 } else { 1 }
+    }
+}
+
 fn load_model(a: &Args) -> Result<Model, String> {
     let text = std::fs::read_to_string(&a.config).map_err(|e| format!("{}: {e}", a.config))?;
     let layers = hf_layers(&text).map_err(|e| e.to_string())?;
@@ -170,7 +178,7 @@ impl Weights {
     /// Random projections (bf16 values: Q, K, V of `scale`, O of `out_scale`) for the model,
     /// and its QK norm's weights.
     fn draw(r: &mut StdRng, m: &Model, scale: f32, out_scale: f32) -> Self {
-        let (wq, wk, wv) = (m.hidden * m.hq * m.d, m.hidden * m.hkv * m.d, m.hidden * m.hkv * m.d);
+        let (wq, wk, wv) = (m.hidden * m.q_width(), m.hidden * m.hkv * m.d, m.hidden * m.hkv * m.d);
         let (wq, wk, wv) = (bf16_round(&random(r, wq, scale)), bf16_round(&random(r, wk, scale)), bf16_round(&random(r, wv, scale)));
         let wo = bf16_round(&random(r, m.hq * m.d * m.hidden, out_scale));
         let norm = m.layer.1.qk_norm.map(|n| {
@@ -226,7 +234,11 @@ fn run(a: &Args) -> Result<(), String> {
             NormWeight::Plain => "times its weight",
             NormWeight::OnePlus => "times 1 + its weight",
         };
-        println!("QK norm ({:?} scope, {how}, eps {}) on the unrotated Q and K by the rope kernel (qk_norm_inplace), then the attention kernels rotate", n.scope, n.eps);
+        let call = if layer.gated_query { "qk_norm_rope_gated" } else { "qk_norm_inplace" };
+        println!("QK norm ({:?} scope, {how}, eps {}) on the unrotated Q and K by the rope kernel ({call}), then the attention kernels rotate", n.scope, n.eps);
+    }
+    if layer.gated_query {
+        println!("gated query (q_proj emits each head's query, then its gate): the rope kernel reads the queries from between the gates (qk_norm_rope_gated), and the attention output is multiplied by sigmoid(gate)");
     }
     if let Some(c) = m.softcap {
         println!("logit soft-capping at {c} (attn_logit_softcapping), score scale {:.6}", m.scale.unwrap_or(1.0 / (m.d as f64).sqrt()));
@@ -277,10 +289,32 @@ fn run(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs (before any QK norm).
+/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs (before any QK norm;
+/// Q's rows gated where the layer's query is: [`Model::q_width`]).
 fn qkv(m: &Model, w: &Weights, x: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let f = |wm: &[f32], width: usize| matmul(x, wm, m.hidden, width);
-    (bf16_round(&f(&w.wq, m.hq * m.d)), bf16_round(&f(&w.wk, m.hkv * m.d)), bf16_round(&f(&w.wv, m.hkv * m.d)))
+    (bf16_round(&f(&w.wq, m.q_width())), bf16_round(&f(&w.wk, m.hkv * m.d)), bf16_round(&f(&w.wv, m.hkv * m.d)))
+}
+
+/// q_proj's rows as dense queries `[n, Hq·d]` and, for a gated query, the gates (else empty).
+fn split_gate(m: &Model, q: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    if !m.layer.1.gated_query {
+        return (q.to_vec(), Vec::new());
+    }
+    let (mut queries, mut gates) = (Vec::with_capacity(q.len() / 2), Vec::with_capacity(q.len() / 2));
+    for head in q.chunks(2 * m.d) {
+        queries.extend_from_slice(&head[..m.d]);
+        gates.extend_from_slice(&head[m.d..]);
+    }
+    (queries, gates)
+}
+
+/// transformers' `attn_output * sigmoid(gate)` (Qwen3-Next, Qwen3.5), rounded to bf16; no-op
+/// without gates.
+fn apply_gate(out: &mut [f32], gates: &[f32]) {
+    for (o, g) in out.iter_mut().zip(gates) {
+        *o = bf16::from_f32(*o / (1.0 + (-g).exp())).to_f32();
+    }
 }
 
 /// The CPU path's QK norm (the f64 reference's, rounded to bf16 like the kernels' output), on
@@ -297,12 +331,16 @@ fn qk_norm_cpu(m: &Model, w: &Weights, q: &mut [f32], k: &mut [f32]) -> Result<(
     Ok(())
 }
 
-/// The kernels' path's QK norm on `n` tokens (the rope kernel, checked); the worst error so far in `worst`.
-fn qk_norm_kernels(kern: &mut dyn Kernels, m: &Model, w: &Weights, q: &mut [f32], k: &mut [f32], n: usize, worst: &mut f64) -> Result<(), String> {
-    let Some(norm) = &w.norm else { return Ok(()) };
-    let rep = kern.qk_norm(q, k, &RopeShape::contiguous(n, m.hq, m.hkv, m.d), &norm.map(|w| w.as_slice()))?;
+/// The kernels' path's QK norm on `n` tokens (the rope kernel, checked), K in place: returns
+/// the dense queries, read from a gated query's rows by the kernel itself, and the gates. The
+/// worst error so far in `worst`.
+fn qk_norm_kernels(kern: &mut dyn Kernels, m: &Model, w: &Weights, q: &[f32], k: &mut [f32], n: usize, worst: &mut f64) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let (queries, gates) = split_gate(m, q);
+    let Some(norm) = &w.norm else { return Ok((queries, gates)) };
+    let shape = RopeShape { q_row_stride: m.q_width(), ..RopeShape::contiguous(n, m.hq, m.hkv, m.d) };
+    let (queries, rep) = kern.qk_norm(q, k, &shape, m.layer.1.gated_query, &norm.map(|w| w.as_slice()))?;
     *worst = worst.max(rep.max_abs);
-    Ok(())
+    Ok((queries, gates))
 }
 
 /// The next decode step's input: the previous token's block output (residual + attention).
@@ -320,18 +358,21 @@ fn to64(x: &[f32]) -> Vec<f64> {
 type ParamsAt<'a> = dyn Fn(usize) -> Result<AttentionParams, String> + 'a;
 
 fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsAt) -> Result<Vec<f32>, String> {
-    let (mut q, mut k, mut v) = qkv(m, w, prompt);
+    let (q, mut k, mut v) = qkv(m, w, prompt);
+    let (mut q, gates) = split_gate(m, &q);
     qk_norm_cpu(m, w, &mut q, &mut k)?;
     let pos: Vec<i64> = (0..a.prompt as i64).collect();
     let p = params_at(a.prompt)?;
     let o = reference::attention(&to64(&q), &to64(&k), &to64(&v), &pos, &pos, &p).map_err(|e| e.to_string())?;
     let mut attn: Vec<f32> = o.out.iter().map(|&x| x as f32).collect();
+    apply_gate(&mut attn, &gates);
     let row = m.hq * m.d;
     let mut x_last = prompt[(a.prompt - 1) * m.hidden..].to_vec();
     for step in 0..a.steps {
         let len = a.prompt + step + 1;
         let x = next_input(m, w, &x_last, &attn[attn.len() - row..]);
-        let (mut qn, mut kn, vn) = qkv(m, w, &x);
+        let (qn, mut kn, vn) = qkv(m, w, &x);
+        let (mut qn, gn) = split_gate(m, &qn);
         qk_norm_cpu(m, w, &mut qn, &mut kn)?;
         k.extend_from_slice(&kn);
         v.extend_from_slice(&vn);
@@ -340,6 +381,7 @@ fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsA
         let o = reference::attention(&to64(&q), &to64(&k), &to64(&v), &[len as i64 - 1], &k_pos, &params_at(len)?)
             .map_err(|e| e.to_string())?;
         attn = o.out.iter().map(|&x| x as f32).collect();
+        apply_gate(&mut attn, &gn);
         x_last = x;
         progress(step + 1, a.steps, "decode steps (CPU reference)");
     }
@@ -360,8 +402,10 @@ trait Kernels {
     fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
     /// One decode step of query `[Hq·d]` over the first `len` cached keys; O and the check.
     fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
-    /// The QK norm (the rope kernel without a rotation) on Q and K in place, checked.
-    fn qk_norm(&mut self, q: &mut [f32], k: &mut [f32], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport, String>;
+    /// The QK norm (the rope kernel without a rotation), checked: K in place, Q from `q`'s rows
+    /// (`shape.q_row_stride` apart; a gated query's when `gated`, each head's query then its
+    /// gate: `qk_norm_rope_gated`), returned dense.
+    fn qk_norm(&mut self, q: &[f32], k: &mut [f32], shape: &RopeShape, gated: bool, norm: &QkNorm<&[f32]>) -> Result<(Vec<f32>, CheckReport), String>;
     /// Where the kernels run, for the log.
     fn name(&self) -> &'static str;
 }
@@ -371,9 +415,9 @@ fn to_bf16(x: &[f32]) -> Vec<bf16> {
 }
 
 fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsAt) -> Result<Vec<f32>, String> {
-    let (mut q, mut k, v) = qkv(m, w, prompt);
+    let (q, mut k, v) = qkv(m, w, prompt);
     let mut worst_norm = 0f64;
-    qk_norm_kernels(kern.as_mut(), m, w, &mut q, &mut k, a.prompt, &mut worst_norm)?;
+    let (q, gates) = qk_norm_kernels(kern.as_mut(), m, w, &q, &mut k, a.prompt, &mut worst_norm)?;
     let page = 16;
     let max_pages = (a.prompt + a.steps).div_ceil(page);
     let table: Vec<i32> = (0..max_pages as i32).rev().collect();
@@ -404,16 +448,19 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
         }
     };
 
+    let mut out = out;
+    apply_gate(&mut out, &gates);
     let mut attn = out[(a.prompt - 1) * row..].to_vec();
     let mut x_last = prompt[(a.prompt - 1) * m.hidden..].to_vec();
     let mut worst = 0f64;
     for step in 0..a.steps {
         let len = a.prompt + step + 1;
         let x = next_input(m, w, &x_last, &attn);
-        let (mut qn, mut kn, vn) = qkv(m, w, &x);
-        qk_norm_kernels(kern.as_mut(), m, w, &mut qn, &mut kn, 1, &mut worst_norm)?;
+        let (qn, mut kn, vn) = qkv(m, w, &x);
+        let (qn, gn) = qk_norm_kernels(kern.as_mut(), m, w, &qn, &mut kn, 1, &mut worst_norm)?;
         kern.append(&kn, &vn, &[slot(len - 1)])?;
-        let (o, rep) = kern.decode(&qn, len, &params_at(len)?)?;
+        let (mut o, rep) = kern.decode(&qn, len, &params_at(len)?)?;
+        apply_gate(&mut o, &gn);
         worst = worst.max(rep.max_abs);
         attn = o;
         x_last = x;
@@ -510,14 +557,21 @@ impl Kernels for OnGpu {
             .map_err(|e| e.to_string())?;
         Ok((self.down(&o)?, rep))
     }
-    fn qk_norm(&mut self, q: &mut [f32], k: &mut [f32], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport, String> {
+    fn qk_norm(&mut self, q: &[f32], k: &mut [f32], shape: &RopeShape, gated: bool, norm: &QkNorm<&[f32]>) -> Result<(Vec<f32>, CheckReport), String> {
         let (mut qd, mut kd) = (self.up(&to_bf16(q))?, self.up(&to_bf16(k))?);
         let (qw, kw) = (norm.q_weight.map(|w| self.up(w)).transpose()?, norm.k_weight.map(|w| self.up(w)).transpose()?);
         let dn = QkNorm { eps: norm.eps, scope: norm.scope, q_weight: qw.as_ref(), k_weight: kw.as_ref() };
-        let rep = cuda::qk_norm_inplace_checked(&self.gpu, &self.stream, &mut qd, &mut kd, shape, &dn).map_err(|e| e.to_string())?;
-        q.copy_from_slice(&self.down(&qd)?);
+        let rep = if gated {
+            let mut dense = self.up(&vec![bf16::ZERO; shape.tokens * shape.q_heads * shape.head_dim])?;
+            let rep = cuda::qk_norm_rope_gated_checked(&self.gpu, &self.stream, &qd, &mut dense, &mut kd, shape, cuda::GATED_NORM_ONLY, &dn);
+            qd = dense;
+            rep
+        } else {
+            cuda::qk_norm_inplace_checked(&self.gpu, &self.stream, &mut qd, &mut kd, shape, &dn)
+        };
+        let rep = rep.map_err(|e| e.to_string())?;
         k.copy_from_slice(&self.down(&kd)?);
-        Ok(rep)
+        Ok((self.down(&qd)?, rep))
     }
     fn name(&self) -> &'static str {
         "GPU"
@@ -539,6 +593,7 @@ fn emulated_or_reference(why: &str) -> Option<Box<dyn Kernels>> {
 #[cfg(feature = "emulator")]
 mod emulated {
     use super::*;
+    use rope_attn::cuda::GatedRotation;
     use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, PagedFwdInputs};
 
     /// The paged cache in host memory: geometry, K pages, V pages, block table.
@@ -602,12 +657,19 @@ mod emulated {
             let rep = self.emu.attention_decode_checked(&x, &mut o, &mut l, cache, &batch, p, 1, None).map_err(|e| e.to_string())?;
             Ok((f32s(&o), rep))
         }
-        fn qk_norm(&mut self, q: &mut [f32], k: &mut [f32], shape: &RopeShape, norm: &QkNorm<&[f32]>) -> Result<CheckReport, String> {
+        fn qk_norm(&mut self, q: &[f32], k: &mut [f32], shape: &RopeShape, gated: bool, norm: &QkNorm<&[f32]>) -> Result<(Vec<f32>, CheckReport), String> {
             let (mut qb, mut kb) = (to_bf16(q), to_bf16(k));
-            let rep = self.emu.qk_norm_inplace_checked(&mut qb, &mut kb, shape, norm).map_err(|e| e.to_string())?;
-            q.copy_from_slice(&f32s(&qb));
+            let rep = if gated {
+                let mut dense = vec![bf16::ZERO; shape.tokens * shape.q_heads * shape.head_dim];
+                let rep = self.emu.qk_norm_rope_gated_checked(&qb, &mut dense, &mut kb, shape, GatedRotation::None, norm);
+                qb = dense;
+                rep
+            } else {
+                self.emu.qk_norm_inplace_checked(&mut qb, &mut kb, shape, norm)
+            };
+            let rep = rep.map_err(|e| e.to_string())?;
             k.copy_from_slice(&f32s(&kb));
-            Ok(rep)
+            Ok((f32s(&qb), rep))
         }
         fn name(&self) -> &'static str {
             "SIMT emulator"
@@ -673,6 +735,31 @@ mod tests {
             assert!(load_model(&a).unwrap().layer.1.qk_norm.is_some(), "{config}");
             run(&a).unwrap_or_else(|e| panic!("{config}: {e}"));
         }
+    }
+
+    /// Qwen3.6's gated query: the kernels' path (the rope kernel reads the queries from between
+    /// the gates, checked on every call) ends in the CPU path's block output (split on the
+    /// host, the reference's norm), both gating the attention output the same way.
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn decoder_gated_query_kernels_match_the_cpu_path() {
+        let a = Args { config: "examples/configs/qwen3.6-35b-a3b-text.json".into(), layer: None, layer_type: None, prompt: 20, steps: 2, chunk: None, force_cpu: false };
+        let m = load_model(&a).unwrap();
+        assert!(m.layer.1.gated_query && m.q_width() == 2 * m.hq * m.d);
+        let mut r = StdRng::seed_from_u64(3);
+        let w = Weights::draw(&mut r, &m, 1.0 / (m.hidden as f32).sqrt(), 1.0 / ((m.hq * m.d) as f32).sqrt());
+        let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
+        let params_at = |len: usize| -> Result<AttentionParams, String> {
+            let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
+            p.rope = Some(Rotary::from_schedule(&m.rope.schedule(Some(len)).map_err(|e| e.to_string())?, m.layout));
+            Ok(m.layer.1.apply(p).unwrap())
+        };
+        let kernels = run_kernels(Box::new(emulated::Emulated::default()), &a, &m, &w, &prompt, &params_at).unwrap();
+        let cpu = run_cpu(&a, &m, &w, &prompt, &params_at).unwrap();
+        let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let scale = cpu.iter().fold(0f32, |s, x| s.max(x.abs()));
+        println!("gated query: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})");
+        assert!(diff < 1e-2 * scale, "{diff} vs {scale}");
     }
 
     /// Gemma 2's soft-capping and query scale, GPT-OSS's sinks and a text_config (Qwen3.6) come

@@ -468,3 +468,21 @@ fn qk_norm_by_model_type() {
     let nan = r#"{"model_type": "qwen3", "num_hidden_layers": 1, "rms_norm_eps": NaN}"#;
     assert!(matches!(hf_layers(nan), Err(Error::InvalidValue { .. }) | Err(Error::Json(_))), "{:?}", hf_layers(nan));
 }
+
+/// The gated query: Qwen3-Next's and Qwen3.5's attention layers (text_config or not), never
+/// their linear-attention layers, and no other model's.
+#[test]
+fn gated_query_by_model_type() {
+    use rope_attn::hf_layers;
+    let gated = |v: Value| hf_layers(&v.to_string()).unwrap().iter().map(|l| l.gated_query).collect::<Vec<_>>();
+    let (f, t) = (false, true);
+    for (cfg, want) in [
+        (json!({"model_type": "qwen3_next", "num_hidden_layers": 4}), vec![f, f, f, t]),
+        (json!({"model_type": "qwen3_5_moe", "text_config": {"model_type": "qwen3_5_moe_text", "num_hidden_layers": 2, "full_attention_interval": 2}}), vec![f, t]),
+        (json!({"model_type": "qwen3_5_text", "layer_types": ["full_attention", "linear_attention"]}), vec![t, f]),
+        (json!({"model_type": "qwen3", "num_hidden_layers": 2}), vec![f, f]),
+        (json!({"model_type": "llama4_text", "num_hidden_layers": 4}), vec![f; 4]),
+    ] {
+        assert_eq!(gated(cfg.clone()), want, "{cfg}");
+    }
+}

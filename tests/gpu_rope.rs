@@ -1,5 +1,6 @@
 //! The rope kernel against the f64 reference: every dtype, layout, rope type, partial rotary,
-//! odd token counts, packed QKV strides and positions near 2^24; the QK norm before it.
+//! odd token counts, packed QKV strides and positions near 2^24; the QK norm before it, and the
+//! gated query of Qwen3-Next and Qwen3.5.
 //! Tolerance (Tolerance::rope): (eps_dtype + 1e-5)·max|x| per element.
 
 mod common;
@@ -8,7 +9,7 @@ use common::cases::*;
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{
-    qk_norm_inplace_checked, rope_inplace_checked, rope_inplace_mrope_checked, rope_inplace_mrope_normed_checked, rope_inplace_normed_checked, rope_into,
+    qk_norm_inplace_checked, qk_norm_rope_gated_checked, GatedRotation, rope_inplace_checked, rope_inplace_mrope_checked, rope_inplace_mrope_normed_checked, rope_inplace_normed_checked, rope_into,
     Dtype, RopeShape, Tolerance,
 };
 use rope_attn::{reference, QkNorm};
@@ -102,6 +103,48 @@ fn qk_norm_matches_reference_all_dtypes() {
     let Some((gpu, stream)) = gpu_or_skip("qk_norm_matches_reference_all_dtypes") else { return };
     let n = qk_norm_sweep::<f32>(&gpu, &stream, 31) + qk_norm_sweep::<f16>(&gpu, &stream, 32) + qk_norm_sweep::<bf16>(&gpu, &stream, 33);
     assert_eq!(n, 3 * (5 * 7 + 2) * 3);
+}
+
+/// The gated query (Qwen3-Next, Qwen3.5) over common::cases::gated_cases, gates poisoned
+/// (tests/emu_gated_query.rs runs the same sweep in the emulator): checked mode compares Q
+/// and K with the reference and the gated rows with their copy from before the launch.
+fn gated_sweep<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &std::sync::Arc<cudarc::driver::CudaStream>, seed: u64) -> usize {
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for c in gated_cases() {
+        let s = &c.shape;
+        let d = s.head_dim;
+        let queries = norm_values(&mut r, s.tokens, s.q_heads, d, s.q_heads * d);
+        let gated = stream.clone_htod(&as_dtype::<T>(&gated_rows(s, &queries)).0).unwrap();
+        let mut q_out = stream.alloc_zeros::<T>(s.tokens * s.q_heads * d).unwrap();
+        let mut k = stream.clone_htod(&as_dtype::<T>(&norm_values(&mut r, s.tokens, s.k_heads, d, s.k_row_stride)).0).unwrap();
+        let len = |heads| c.scope.weight_len(heads, d);
+        let qw = c.weighted.then(|| stream.clone_htod(&norm_weights(&mut r, len(s.q_heads))).unwrap());
+        let kw = c.weighted.then(|| stream.clone_htod(&norm_weights(&mut r, len(s.k_heads))).unwrap());
+        let stride = s.tokens + 2;
+        let pos = match &c.kind {
+            GatedKind::Mrope(..) => stream.clone_htod(&mrope_positions(&mut r, s.tokens, stride)).unwrap(),
+            _ => stream.clone_htod(&rope_positions(&mut r, s.tokens)).unwrap(),
+        };
+        let rotation = match &c.kind {
+            GatedKind::None => GatedRotation::None,
+            GatedKind::Rope(rot) => GatedRotation::Rope { positions: &pos, rot },
+            GatedKind::Mrope(rot, mrope) => GatedRotation::Mrope { positions: &pos, stride, rot, mrope },
+        };
+        let norm = QkNorm { eps: 1e-6, scope: c.scope, q_weight: qw.as_ref(), k_weight: kw.as_ref() };
+        let rep = qk_norm_rope_gated_checked(gpu, stream, &gated, &mut q_out, &mut k, s, rotation, &norm)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", T::NAME, c.label));
+        assert!(rep.count > 0);
+        cases += 1;
+    }
+    cases
+}
+
+#[test]
+fn gated_query_matches_reference_all_dtypes() {
+    let Some((gpu, stream)) = gpu_or_skip("gated_query_matches_reference_all_dtypes") else { return };
+    let n = gated_sweep::<f32>(&gpu, &stream, 41) + gated_sweep::<f16>(&gpu, &stream, 42) + gated_sweep::<bf16>(&gpu, &stream, 43);
+    assert_eq!(n, 3 * 75);
 }
 
 /// M-RoPE after the QK norm (Qwen3-VL) over common::cases::mrope_sweep_cases, bf16

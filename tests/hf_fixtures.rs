@@ -709,3 +709,153 @@ fn rope_kernel_qk_norm_feeds_transformers_attention() {
     }
     assert_eq!(cases.len(), 4);
 }
+
+/// One "gated_attention" case as the config tells it: the layer (gated, with its QK norm), the
+/// rotation with the model's M-RoPE sections if any, the three position rows (time, height,
+/// width: equal for Qwen3-Next's plain positions), the kernel's norm weights (`1 + w`), and the
+/// attention parameters without RoPE (the rotation happens before).
+struct GatedFixture {
+    label: String,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    n: usize,
+    norm: HfQkNorm,
+    rot: Rotary,
+    mrope: Option<rope_attn::MRope>,
+    rows: Vec<i32>,
+    /// The checkpoint's norm weights (offsets from 1), and the kernel's (`HfQkNorm::weights`).
+    ckpt: (Vec<f32>, Vec<f32>),
+    weights: (Option<Vec<f32>>, Option<Vec<f32>>),
+    p: AttentionParams,
+}
+
+fn gated_fixture(case: &Value, idx: usize) -> GatedFixture {
+    let label = case["name"].as_str().unwrap().to_string();
+    let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+    let cfg = case["config"].to_string();
+    let layer = hf_layers(&cfg).unwrap()[usize_of(&case["layer"])];
+    assert!(layer.gated_query, "{label}: hf_layers says the query is not gated");
+    let norm = layer.qk_norm.unwrap_or_else(|| panic!("{label}: no QK norm"));
+    assert_eq!(norm, HfQkNorm { eps: 1e-6, scope: NormScope::Head, weight: NormWeight::OnePlus }, "{label}");
+    let rope = RopeConfig::from_hf_config_json(&cfg).unwrap();
+    let sched = rope.schedule(None).unwrap();
+    assert_eq!(sched.rotary_dim, if rope.mrope.is_some() { d / 2 } else { d / 4 }, "{label}: partial_rotary_factor");
+    let n = exact_f64s("gated_attention", idx, "k").len() / (hkv * d);
+    let pos = i64s(&case["positions"]);
+    let rows: Vec<i32> = match pos.len() {
+        l if l == n => pos.iter().chain(&pos).chain(&pos).map(|&p| p as i32).collect(),
+        l => {
+            assert_eq!(l, 3 * n, "{label}");
+            pos.iter().map(|&p| p as i32).collect()
+        }
+    };
+    let f32s = |key| exact_f64s("gated_attention", idx, key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let ckpt = (f32s("q_norm_weight"), f32s("k_norm_weight"));
+    let weights = (norm.weights(&ckpt.0), norm.weights(&ckpt.1));
+    let mut p = AttentionParams::new(hq, hkv, d);
+    p.scale = Some(case["scale"].as_f64().unwrap());
+    let p = layer.apply(p).unwrap();
+    GatedFixture { label, hq, hkv, d, n, norm, rot: Rotary::from_schedule(&sched, Layout::Half), mrope: rope.mrope, rows, ckpt, weights, p }
+}
+
+impl GatedFixture {
+    /// Attention over rotated Q and K (keys at 0..n for the causal mask), times sigmoid(gate)
+    /// with the gates from `gated`: transformers' o_proj input.
+    fn attend_gated(&self, q: &[f64], k: &[f64], v: &[f64], gated: &[f64]) -> Vec<f64> {
+        let pos: Vec<i64> = (0..self.n as i64).collect();
+        let mut o = reference::attention(q, k, v, &pos, &pos, &self.p).unwrap().out;
+        for (t, row) in o.chunks_mut(self.hq * self.d).enumerate() {
+            for (h, head) in row.chunks_mut(self.d).enumerate() {
+                let gate = &gated[t * 2 * self.hq * self.d + h * 2 * self.d + self.d..][..self.d];
+                head.iter_mut().zip(gate).for_each(|(o, g)| *o /= 1.0 + (-g).exp());
+            }
+        }
+        o
+    }
+
+    /// Rotate every head of `x` (`heads` per token) to its token's positions, in f64.
+    fn rotate(&self, x: &mut [f64], heads: usize) {
+        for (t, row) in x.chunks_mut(heads * self.d).enumerate() {
+            let at = [0, 1, 2].map(|c| self.rows[c * self.n + t] as f64);
+            for head in row.chunks_mut(self.d) {
+                match &self.mrope {
+                    Some(m) => reference::rotate_head_mrope(head, at, &self.rot, m),
+                    None => reference::rotate_head(head, at[0], &self.rot),
+                }
+            }
+        }
+    }
+}
+
+/// transformers' own gated attention (fixture section "gated_attention": Qwen3NextAttention,
+/// and Qwen3_5Attention with M-RoPE over three different position rows), float64, against the
+/// reference as the config tells it: the queries taken from q_proj's rows as `hf_layers`'
+/// `gated_query` says (per head, query then gate), the QK norm (`1 + w`), the rotation
+/// (RopeConfig's partial rotary and sections), attention, and the output times sigmoid(gate):
+/// 1e-12. Reading the rows the other way (all queries, then all gates) is far off.
+#[test]
+fn attention_matches_gated_attention_modules() {
+    let f = fixtures();
+    let cases = cases(&f, "gated_attention");
+    let mut mrope = 0;
+    for (idx, case) in cases.iter().enumerate() {
+        let g = gated_fixture(case, idx);
+        let exact = |key| exact_f64s("gated_attention", idx, key);
+        let (gated, want) = (exact("q"), exact("out"));
+        let (hq, d) = (g.hq, g.d);
+        let per_head: Vec<f64> = gated.chunks(2 * d).flat_map(|h| h[..d].to_vec()).collect();
+        let halves: Vec<f64> = gated.chunks(2 * hq * d).flat_map(|r| r[..hq * d].to_vec()).collect();
+        let run = |queries: &[f64]| {
+            let mut q = qk_normalised(queries, hq, d, &g.norm, Some(&g.ckpt.0));
+            let mut k = qk_normalised(&exact("k"), g.hkv, d, &g.norm, Some(&g.ckpt.1));
+            g.rotate(&mut q, hq);
+            g.rotate(&mut k, g.hkv);
+            g.attend_gated(&q, &k, &exact("v"), &gated)
+        };
+        let got = run(&per_head);
+        assert_eq!(got.len(), want.len(), "{}", g.label);
+        for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+            assert!((a - w).abs() <= 1e-12 * w.abs().max(1.0), "{}: out[{i}] {a} vs transformers {w}", g.label);
+        }
+        let moved = run(&halves);
+        assert!(moved.iter().zip(&want).any(|(a, w)| (a - w).abs() > 1e-3), "{}: the other layout", g.label);
+        mrope += g.mrope.is_some() as usize;
+    }
+    assert_eq!((cases.len(), mrope), (2, 1), "gated attention cases");
+}
+
+/// The kernel's side: the rope kernel (SIMT emulator, f32) reads the queries out of
+/// transformers' gated q_proj rows, normalises and rotates them (M-RoPE for Qwen3.5) and K in
+/// one pass (`qk_norm_rope_gated`, checked), and attention over its output, gated, gives
+/// transformers' own o_proj input to f32 accuracy (2e-6 allowed).
+#[cfg(feature = "emulator")]
+#[test]
+fn rope_kernel_gated_query_feeds_transformers_attention() {
+    use rope_attn::cuda::{GatedRotation, RopeShape};
+    use rope_attn::emulator::Emulator;
+    let f = fixtures();
+    let cases = cases(&f, "gated_attention");
+    let emu = Emulator::new();
+    for (idx, case) in cases.iter().enumerate() {
+        let g = gated_fixture(case, idx);
+        let exact = |key| exact_f64s("gated_attention", idx, key);
+        let f32s = |key| exact(key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let (gated, mut k) = (f32s("q"), f32s("k"));
+        let shape = RopeShape { q_row_stride: 2 * g.hq * g.d, ..RopeShape::contiguous(g.n, g.hq, g.hkv, g.d) };
+        let mut q = vec![0f32; g.n * g.hq * g.d];
+        let rotation = match &g.mrope {
+            Some(m) => GatedRotation::Mrope { positions: &g.rows[..], stride: g.n, rot: &g.rot, mrope: m },
+            None => GatedRotation::Rope { positions: &g.rows[..g.n], rot: &g.rot },
+        };
+        let norm = g.norm.with(g.weights.0.as_deref(), g.weights.1.as_deref());
+        emu.qk_norm_rope_gated_checked(&gated, &mut q, &mut k, &shape, rotation, &norm).unwrap_or_else(|e| panic!("{}: {e}", g.label));
+        let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let out = g.attend_gated(&wide(&q), &wide(&k), &exact("v"), &exact("q"));
+        let want = exact("out");
+        let worst = out.iter().zip(&want).map(|(a, w)| (a - w).abs() / w.abs().max(1.0)).fold(0.0, f64::max);
+        assert!(worst <= 2e-6, "{}: the kernel's path is {worst:e} from transformers", g.label);
+        println!("{}: kernel path within {worst:.1e} of transformers", g.label);
+    }
+    assert_eq!(cases.len(), 2);
+}

@@ -45,6 +45,12 @@ pub struct HfLayer {
     /// `cuda::rope_inplace_normed` (a pre-rotated cache). tests/hf_fixtures.rs checks it
     /// against transformers' own Llama 4, Qwen3, Gemma 3 and OLMo 2 attention.
     pub qk_norm: Option<HfQkNorm>,
+    /// Whether its `q_proj` emits a gated query (Qwen3-Next, Qwen3.5 and their MoE models, on
+    /// their attention layers): per head, head_dim query components then head_dim of the
+    /// output gate, the attention's output then multiplied by `sigmoid(gate)` before `o_proj`.
+    /// `cuda::qk_norm_rope_gated` reads the queries from there (norm and rotation in the same
+    /// pass) into a dense Q and leaves the gates in place.
+    pub gated_query: bool,
 }
 
 impl HfLayer {
@@ -166,6 +172,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         None
     };
     let qk_norm = qk_norm_of(&root, &model_type)?;
+    let gated = matches!(model_type.as_str(), "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text");
 
     let kinds: Vec<LayerAttention> = match root.get("layer_types") {
         Some(Value::Array(types)) => types
@@ -222,7 +229,8 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
             let query_temperature = temperature.filter(|_| !rope);
             // Llama 4's NoPE layers have no norm, nor do linear-attention layers (their own).
             let normed = rope && attention != LayerAttention::Linear;
-            HfLayer { attention, rope, query_temperature, qk_norm: qk_norm.filter(|_| normed) }
+            let gated_query = gated && attention != LayerAttention::Linear;
+            HfLayer { attention, rope, query_temperature, qk_norm: qk_norm.filter(|_| normed), gated_query }
         })
         .collect())
 }
