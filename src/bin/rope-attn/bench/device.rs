@@ -705,6 +705,10 @@ pub struct RopeCopy<T: Dtype> {
     elems: usize,
     /// A Qwen3-style QK norm's weights (per head, head_dim each).
     norm_w: (CudaSlice<f32>, CudaSlice<f32>),
+    /// Per set, a gated q_proj output `[tokens, hq, 2d]` (Qwen3-Next: query then gate per
+    /// head), and the dense Q the gated call writes.
+    gated: Vec<CudaSlice<T>>,
+    q_dense: CudaSlice<T>,
 }
 
 impl<T: Dtype> RopeCopy<T> {
@@ -725,13 +729,14 @@ impl<T: Dtype> RopeCopy<T> {
     ) -> Res<Self> {
         let sets = sets.max(1);
         let elems = tokens * (hq + hkv) * d;
-        let mut list = Vec::with_capacity(sets);
+        let (mut list, mut gated) = (Vec::with_capacity(sets), Vec::with_capacity(sets));
         for s in 0..sets {
             let base = seed.wrapping_add(100 * s as u64);
             list.push((
                 random_device::<T>(stream, tokens * hq * d, base)?,
                 random_device::<T>(stream, tokens * hkv * d, base + 1)?,
             ));
+            gated.push(random_device_tiled::<T>(stream, tokens * hq * 2 * d, base + 2)?);
         }
         let pos: Vec<i32> = (0..tokens as i32).collect();
         Ok(RopeCopy {
@@ -743,6 +748,8 @@ impl<T: Dtype> RopeCopy<T> {
             dst: stream.alloc_zeros::<T>(sets * elems)?,
             elems,
             norm_w: (random_device_tiled::<f32>(stream, d, seed + 8)?, random_device_tiled::<f32>(stream, d, seed + 9)?),
+            gated,
+            q_dense: stream.alloc_zeros::<T>(tokens * hq * d)?,
         })
     }
 
@@ -769,6 +776,19 @@ impl<T: Dtype> RopeCopy<T> {
             true => cuda::rope_inplace_normed(gpu, stream, q, k, &self.positions, &self.shape, &self.rot, &norm)?,
             false => cuda::qk_norm_inplace(gpu, stream, q, k, &self.shape, &norm)?,
         }
+        Ok(())
+    }
+
+    /// Set `i % sets`'s gated query normalised and rotated into the dense Q, its K in place
+    /// (`qk_norm_rope_gated`: Qwen3-Next's norm and RoPE from q_proj's output). The same bytes
+    /// as [`run_rope_normed`](Self::run_rope_normed): the gates are not read.
+    pub fn run_rope_gated(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>, i: usize) -> Res<()> {
+        let n = self.sets.len();
+        let (_, k) = &mut self.sets[i % n];
+        let norm = QkNorm { eps: 1e-6, scope: NormScope::Head, q_weight: Some(&self.norm_w.0), k_weight: Some(&self.norm_w.1) };
+        let shape = RopeShape { q_row_stride: 2 * self.shape.q_row_stride, ..self.shape };
+        let rotation = cuda::GatedRotation::Rope { positions: &self.positions, rot: &self.rot };
+        cuda::qk_norm_rope_gated(gpu, stream, &self.gated[i % n], &mut self.q_dense, k, &shape, rotation, &norm)?;
         Ok(())
     }
 

@@ -664,7 +664,9 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
     let (t, hq, hkv, d) = (c.tokens, c.q_heads, c.kv_heads, c.head_dim);
     let moved = RopeCopy::<T>::moved_bytes(t, hq, hkv, d);
     let sets = dev::input_sets(moved / 2, cx.l2);
-    cx.fits(2 * moved * sets)?;
+    // Q and K, the copy's source and destination, the gated queries (2·Q) and the dense Q.
+    let q_bytes = t * hq * d * std::mem::size_of::<T>();
+    cx.fits(2 * moved * sets + 2 * q_bytes * sets + q_bytes)?;
     let mut rc = RopeCopy::<T>::new(&cx.stream, t, hq, hkv, d, sets, seed)?;
     let timer = Timer::new(&cx.stream)?;
     let (gpu, stream) = (cx.gpu, &cx.stream);
@@ -672,6 +674,7 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
     let copy = timer.measure(&cx.settings, &mut |i| rc.run_copy(stream, i))?;
     let normed = timer.measure(&cx.settings, &mut |i| rc.run_rope_normed(gpu, stream, i, true))?;
     let norm_only = timer.measure(&cx.settings, &mut |i| rc.run_rope_normed(gpu, stream, i, false))?;
+    let gated = timer.measure(&cx.settings, &mut |i| rc.run_rope_gated(gpu, stream, i))?;
     let row = |implementation: &str, st: dev::Stats, ratio: Option<f64>, note: String| {
         let gbps = c.bytes() / (st.median_ms * 1e-3) / 1e9;
         Row {
@@ -708,6 +711,15 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
             normed,
             Some(copy.median_ms / normed.median_ms),
             format!("Qwen3's QK norm (per head, weighted) then RoPE, one pass; {:.2}x the time of rope alone", normed.median_ms / rope.median_ms),
+        ),
+        row(
+            "ours_qk_norm_rope_gated",
+            gated,
+            Some(copy.median_ms / gated.median_ms),
+            format!(
+                "Qwen3-Next's gated query: queries read from between the gates, normed and rotated into a dense Q, K in place; {:.2}x the time of the in-place normed rope",
+                gated.median_ms / normed.median_ms
+            ),
         ),
         row(
             "ours_qk_norm_inplace",
@@ -819,7 +831,7 @@ fn rope_table(rows: &[Row]) -> String {
         ]);
     }
     format!(
-        "\nROPE in place (Q [t,32,d] + K [t,8,d]) vs a dtod copy of the same bytes — GB/s count read + write; rope/copy = t(copy)/t(kernel);\nrope_qk_norm = Qwen3's QK norm then RoPE in one pass, qk_norm = the norm alone\n{}",
+        "\nROPE in place (Q [t,32,d] + K [t,8,d]) vs a dtod copy of the same bytes — GB/s count read + write; rope/copy = t(copy)/t(kernel);\nrope_qk_norm = Qwen3's QK norm then RoPE in one pass, qk_norm = the norm alone,\nqk_norm_rope_gated = the same from Qwen3-Next's gated q_proj rows into a dense Q\n{}",
         table(&["rope", "kernel", "ms", "GB/s", "copy ms", "copy GB/s", "rope/copy", "%peak"], &body)
     )
 }
