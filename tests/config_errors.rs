@@ -486,3 +486,38 @@ fn gated_query_by_model_type() {
         assert_eq!(gated(cfg.clone()), want, "{cfg}");
     }
 }
+
+/// Keys a config.json leaves out take its model type's defaults, as transformers' config
+/// class fills them in (tests/hf_fixtures.rs checks all of them against transformers): a few
+/// spelled out. Unknown model types keep the generic defaults (theta 1e4, the whole head).
+#[test]
+fn model_type_defaults_fill_missing_rope_keys() {
+    use rope_attn::RopeConfig;
+    let sizes = |mt: &str, extra: Value| {
+        let mut v = json!({"model_type": mt, "hidden_size": 1024, "num_attention_heads": 8, "head_dim": 128, "max_position_embeddings": 4096});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        RopeConfig::from_hf_config_json(&v.to_string()).unwrap().schedule(None).unwrap()
+    };
+    let none = json!({});
+    let theta = |s: &rope_attn::RopeSchedule| 1.0 / s.inv_freq[1].powf(s.rotary_dim as f64 / 2.0);
+    for (mt, want_theta, want_rotary) in
+        [("llama", 1e4, 128), ("llama4_text", 5e5, 128), ("qwen2_vl_text", 1e6, 128), ("glm4_moe", 1e4, 64), ("qwen3_next", 1e4, 32), ("not_a_model", 1e4, 128)]
+    {
+        let s = sizes(mt, none.clone());
+        assert_eq!(s.rotary_dim, want_rotary, "{mt}");
+        assert!((theta(&s) / want_theta - 1.0).abs() < 1e-9, "{mt}: theta {}", theta(&s));
+    }
+    // GPT-OSS without a rope dict: its class's YaRN (factor 32 over 4096, so attention factor 0.1 ln 32 + 1).
+    let g = sizes("gpt_oss", none.clone());
+    assert_eq!(g.rope_type, "yarn");
+    assert!((g.attention_factor - (0.1 * 32f64.ln() + 1.0)).abs() < 1e-12, "{}", g.attention_factor);
+    // GPT-NeoX reads rotary_pct, not a top-level partial_rotary_factor.
+    assert_eq!(sizes("gpt_neox", json!({"partial_rotary_factor": 0.5})).rotary_dim, 32);
+    assert_eq!(sizes("gpt_neox", json!({"rotary_pct": 0.5})).rotary_dim, 64);
+    // Llama's unscaled rotation takes the whole head whatever the factor says; scaled, it honours it.
+    assert_eq!(sizes("llama", json!({"partial_rotary_factor": 0.5})).rotary_dim, 128);
+    assert_eq!(sizes("llama", json!({"partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})).rotary_dim, 64);
+    // A config's own keys win over the class's defaults.
+    assert_eq!(sizes("glm4_moe", json!({"partial_rotary_factor": 1.0})).rotary_dim, 128);
+    assert!((theta(&sizes("llama4_text", json!({"rope_theta": 1e4}))) / 1e4 - 1.0).abs() < 1e-9);
+}

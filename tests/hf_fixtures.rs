@@ -859,3 +859,43 @@ fn rope_kernel_gated_query_feeds_transformers_attention() {
     }
     assert_eq!(cases.len(), 2);
 }
+
+/// transformers' own defaults for the rope keys a config.json leaves out (fixture section
+/// "model_defaults"): for every model type it builds with one flat rope dict of a type we
+/// implement, a config of sizes only, and the same with a top-level rope_theta and
+/// partial_rotary_factor (which GPT-NeoX and Bamba ignore), give the inv_freq and attention
+/// factor the model's own rotary code computes, to 1e-12: each class's default theta (Llama 4's
+/// 5e5, Qwen2-VL's 1e6, ...), partial rotary factor (GLM's and Phi's 0.5, Qwen3-Next's 0.25,
+/// ...) and default scaling (GPT-OSS's YaRN, Apertus's Llama 3).
+#[test]
+fn schedules_match_transformers_model_defaults() {
+    let f = fixtures();
+    let cases = cases(&f, "model_defaults");
+    let mut failures = Vec::new();
+    for (idx, case) in cases.iter().enumerate() {
+        let label = format!("{} ({})", case["model_type"].as_str().unwrap(), case["variant"].as_str().unwrap());
+        let want = exact_f64s("model_defaults", idx, "inv_freq");
+        let want_af = case["attention_factor"].as_f64().unwrap();
+        let s = match RopeConfig::from_hf_config_json(&case["config"].to_string()).and_then(|c| c.schedule(None)) {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{label}: {e}"));
+                continue;
+            }
+        };
+        if s.inv_freq.len() != want.len() {
+            failures.push(format!("{label}: rotary dim {}, transformers {} ({})", s.rotary_dim, 2 * want.len(), case["rope_parameters"]));
+            continue;
+        }
+        let worst = s.inv_freq.iter().zip(&want).map(|(g, w)| rel_err(*g, *w)).fold(0.0, f64::max);
+        let af_err = rel_err(s.attention_factor, want_af);
+        if worst.is_nan() || af_err.is_nan() || worst > 1e-12 || af_err > 1e-12 {
+            failures.push(format!(
+                "{label}: inv_freq rel err {worst:e}, attention factor {} vs {want_af} ({})",
+                s.attention_factor, case["rope_parameters"]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases differ from transformers:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(cases.len() > 400, "{} cases", cases.len());
+}

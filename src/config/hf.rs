@@ -2,7 +2,9 @@
 //!
 //! The precedence follows transformers 5's `standardize_rope_params`: values inside
 //! `rope_parameters` / `rope_scaling` win over top-level ones, except a top-level
-//! `original_max_position_embeddings` (Phi-3), which transformers gives priority.
+//! `original_max_position_embeddings` (Phi-3), which transformers gives priority. Keys a
+//! config leaves out take its model type's defaults, as transformers' config class for it
+//! fills them in ([`ModelDefaults`], the generated table in model_defaults.rs).
 
 use super::{MRope, RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
@@ -209,25 +211,73 @@ fn mrope_of(p: &Obj) -> Result<Option<MRope>> {
     Ok(Some(MRope { sections, interleaved: interleaved.unwrap_or(false) }))
 }
 
+/// What transformers' config class for a model type fills in for the rope keys a config.json
+/// leaves out, and how its rotary code reads the partial factor (model_defaults.rs, generated
+/// from transformers and checked against its rotary code by tests/hf_fixtures.rs).
+pub(super) struct ModelDefaults {
+    /// `rope_theta` (`default_theta`): Llama 4's 5e5, Qwen2-VL's 1e6, GPT-OSS's 1.5e5, ...
+    pub theta: f64,
+    /// `partial_rotary_factor`: GLM's and Phi's 0.5, Qwen3-Next's and StableLM's 0.25, ...
+    pub partial_rotary_factor: f64,
+    /// Whether a top-level `rope_theta` counts (GPT-NeoX reads `rotary_emb_base`; a class
+    /// whose default dict holds its own theta keeps that one).
+    pub top_level_theta: bool,
+    /// Whether a top-level `partial_rotary_factor` counts (GPT-NeoX reads `rotary_pct`, Bamba
+    /// fixes 0.5, Qwen2-VL and others only read the rope dict's).
+    pub top_level_partial: bool,
+    /// Whether its unscaled rotation honours the factor: Llama's and many others'
+    /// `compute_default_rope_parameters` rotate the whole head whatever it says (the scaled
+    /// types always honour it).
+    pub default_partial: bool,
+    /// The rope dict (JSON) when the config has none and it is not plain RoPE: GPT-OSS's YaRN,
+    /// Apertus's Llama 3 scaling, ...
+    pub rope: Option<&'static str>,
+}
+
+/// The model type whose defaults apply: the text config's own, else the top level's.
+fn model_type_of(top: &Obj, text: &Obj) -> Option<String> {
+    text.get("model_type").or(top.get("model_type")).and_then(Value::as_str).map(str::to_string)
+}
+
 pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> {
-    let root = text_root(parse_root(json)?);
+    let top = parse_root(json)?;
+    let root = text_root(top.clone());
+    let defaults = model_type_of(&top, &root).and_then(|t| super::model_defaults::model_defaults(&t));
     let empty = Obj::new();
-    let p = rope_dict(&root, layer_type)?.unwrap_or(&empty);
+    let class_rope: Option<Obj> = match (rope_dict(&root, layer_type)?, defaults.as_ref().and_then(|d| d.rope)) {
+        (None, Some(text)) => Some(serde_json::from_str(text).expect("model_defaults.rs holds valid JSON")),
+        _ => None,
+    };
+    let p = rope_dict(&root, layer_type)?.or(class_rope.as_ref()).unwrap_or(&empty);
     let either = |key: &str| -> Result<Option<f64>> { Ok(f64_of(p, key)?.or(f64_of(&root, key)?)) };
 
-    let theta = match either("rope_theta")? {
+    let top_level_theta = defaults.as_ref().is_none_or(|d| d.top_level_theta);
+    let given_theta = match top_level_theta {
+        true => either("rope_theta")?,
+        false => f64_of(p, "rope_theta")?,
+    };
+    let theta = match given_theta {
         Some(t) => t,
-        None => f64_of(&root, "rotary_emb_base")?.unwrap_or(10000.0),
+        None => f64_of(&root, "rotary_emb_base")?.unwrap_or(defaults.as_ref().map_or(10000.0, |d| d.theta)),
     };
     let head_dim = head_dim(&root)?;
-    let prf = match either("partial_rotary_factor")? {
+    let top_level_partial = defaults.as_ref().is_none_or(|d| d.top_level_partial);
+    let given = match top_level_partial {
+        true => either("partial_rotary_factor")?,
+        false => f64_of(p, "partial_rotary_factor")?,
+    };
+    // MiniMax-M2's legacy `rotary_dim` (its config class turns it into the factor).
+    let legacy_dim = match model_type_of(&top, &root).as_deref() {
+        Some("minimax_m2") => usize_of(&root, "rotary_dim")?.map(|r| r as f64 / head_dim as f64),
+        _ => None,
+    };
+    let prf = match given.or(legacy_dim) {
         Some(f) => f,
-        None => f64_of(&root, "rotary_pct")?.unwrap_or(1.0),
+        None => f64_of(&root, "rotary_pct")?.unwrap_or(defaults.as_ref().map_or(1.0, |d| d.partial_rotary_factor)),
     };
     if !(prf > 0.0 && prf <= 1.0) {
         return Err(bad("partial_rotary_factor", format!("{prf} is not in (0, 1]")));
     }
-    let rotary_dim = (head_dim as f64 * prf) as usize;
     let mpe = usize_of(&root, "max_position_embeddings")?;
     let original_max = || -> Result<usize> {
         usize_of(&root, "original_max_position_embeddings")?
@@ -245,6 +295,9 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
         Some(Value::String(s)) => s.clone(),
         Some(other) => return Err(bad("rope_type", format!("expected a string, got {other}"))),
     };
+    // Unscaled, the model's own rotation may take the whole head whatever the factor says.
+    let whole_head = matches!(rope_type.as_str(), "default" | "mrope") && defaults.as_ref().is_some_and(|d| !d.default_partial);
+    let rotary_dim = if whole_head { head_dim } else { (head_dim as f64 * prf) as usize };
     let factor = || required(f64_of(p, "factor")?, "factor");
     let scaling = match rope_type.as_str() {
         "default" | "mrope" => RopeScaling::Default,

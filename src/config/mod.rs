@@ -7,6 +7,7 @@
 
 mod hf;
 mod layers;
+mod model_defaults;
 mod mrope;
 mod qk_norm;
 mod schedules;

@@ -91,7 +91,7 @@ impl RopeShape {
         dense.check_norm(q_out, k, norm, w_len)?;
         if self.q_heads > 0 {
             let width = 2 * d;  // a head's query and gate
-            if self.q_row_stride < self.q_heads * width || self.q_row_stride % 2 != 0 {
+            if self.q_row_stride < self.q_heads * width || !self.q_row_stride.is_multiple_of(2) {
                 let min = self.q_heads * width;
                 return Err(Error::Stride { what: "gated q", stride: self.q_row_stride, min: min.max(self.q_row_stride + 1) });
             }
