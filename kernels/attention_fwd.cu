@@ -224,7 +224,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     // Llama 4's query temperature: the loads above applied it; an async-copied tile takes it now.
     if (q_vec && tile_has_temperature(p.rope, i0, vq)) {
         __syncthreads();  // the tile is rotated in place (the barrier before the loop orders the rest)
-        scale_query_tile(Qs, LD, vq, D, p.rope.temp_floor, p.rope.temp_scale, i0);
+        scale_query_tile(Qs, LD, vq, D, p.rope.temp_floor, p.rope.temp_scale, p.rope.temp_offset, i0);
     }
 
     const MaskArgs mask{p.causal, p.window, p.sinks, p.chunk};

@@ -19,11 +19,12 @@ struct RopeArgs {
     float attention_factor;  // multiplies rotated components
     int relative;            // 0 = plain RoPE, 1 = ReRoPE, 2 = Leaky ReRoPE
     int window;              // ReRoPE window w
-    // Llama 4's query temperature (query_temperature): floor_scale (0 = none) and attn_scale.
-    // Attention and score kernels only; the rope kernel's are always 0.
+    // The query temperature (query_temperature): floor_scale (0 = none), attn_scale and the
+    // position offset (1: Llama 4's, 0: Ministral 3's). Attention and score kernels only; the
+    // rope kernel's are always 0.
     int temp_floor;
     float temp_scale;
-    int pad_;
+    int temp_offset;
 };
 
 enum Relative { REL_NONE = 0, REL_RE = 1, REL_LEAKY = 2 };
@@ -69,21 +70,24 @@ __device__ __forceinline__ void pair_index(int interleaved, int rotary_dim, int 
     }
 }
 
-// Llama 4's attention temperature (attn_temperature_tuning) on the query at position pos:
-// 1 + attn_scale · ln(1 + floor((pos + 1) / floor_scale)), 1 before position 0 and when off.
-// The floor in unsigned integers (exact, and pos + 1 cannot overflow), then one log1pf (1 ulp).
-__device__ __forceinline__ float query_temperature(int floor_scale, float attn_scale, int pos) {
+// The query temperature on the query at position pos: 1 + attn_scale · ln(1 + floor((pos +
+// offset) / floor_scale)), 1 before position 0 and when off. Llama 4's attn_temperature_tuning
+// has offset 1, Ministral 3's llama_4_scaling_beta offset 0. The floor in unsigned integers
+// (exact, and pos + offset, offset 0 or 1, cannot overflow), then one log1pf (1 ulp).
+__device__ __forceinline__ float query_temperature(int floor_scale, float attn_scale, int offset, int pos) {
     if (floor_scale <= 0 || pos < 0) return 1.f;
-    const unsigned steps = (static_cast<unsigned>(pos) + 1u) / static_cast<unsigned>(floor_scale);
+    const unsigned steps = (static_cast<unsigned>(pos) + static_cast<unsigned>(offset)) / static_cast<unsigned>(floor_scale);
     return fmaf(attn_scale, log1pf(static_cast<float>(steps)), 1.f);
 }
-__device__ __forceinline__ float query_temperature(const RopeArgs& a, int pos) { return query_temperature(a.temp_floor, a.temp_scale, pos); }
+__device__ __forceinline__ float query_temperature(const RopeArgs& a, int pos) {
+    return query_temperature(a.temp_floor, a.temp_scale, a.temp_offset, pos);
+}
 
 // Whether a tile of queries at positions [pos0, pos0 + rows) has one with a factor other than 1
-// (block-uniform: a tile below floor_scale - 1, as every tile of a prompt under 8k is in Llama 4,
-// skips the pass).
+// (block-uniform: a tile below floor_scale - offset, as every tile of a prompt under 8k is in
+// Llama 4, skips the pass).
 __device__ __forceinline__ bool tile_has_temperature(const RopeArgs& a, int pos0, int rows) {
-    return a.temp_floor > 0 && rows > 0 && static_cast<long long>(pos0) + rows - 1 >= a.temp_floor - 1;
+    return a.temp_floor > 0 && rows > 0 && static_cast<long long>(pos0) + rows - 1 + a.temp_offset >= a.temp_floor;
 }
 
 // Rotate (x0, x1) by (c, s); the attention factor is folded into c and s by the callers.

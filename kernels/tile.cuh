@@ -83,11 +83,11 @@ __device__ __forceinline__ void load_rotated_tile(DstT* dst, int dst_ld, const S
 // had cost the head_dim-96 prefill, at ptxas's 168-register cap on sm_80, a spill). Scalars
 // only: a reference to the kernel's parameters would copy them to the stack for the call.
 template <typename T>
-__device__ __noinline__ void scale_query_tile(T* tile, int ld, int valid, int D, int floor_scale, float attn_scale, int pos0) {
+__device__ __noinline__ void scale_query_tile(T* tile, int ld, int valid, int D, int floor_scale, float attn_scale, int offset, int pos0) {
     for (int e = threadIdx.x; e < valid * D; e += blockDim.x) {
         const int row = e / D;
         T& x = tile[row * ld + e % D];
-        x = from_f32<T>(to_f32(x) * query_temperature(floor_scale, attn_scale, pos0 + row));
+        x = from_f32<T>(to_f32(x) * query_temperature(floor_scale, attn_scale, offset, pos0 + row));
     }
 }
 

@@ -119,18 +119,35 @@ impl Mask {
 /// every kernel here scales Q once, as its tile is staged, so the hot loop is unchanged and a
 /// tile whose every query is below `floor_scale - 1` skips it. Positions below 0 (explicit
 /// starts) take the factor 1 (transformers' `cache_position` never is).
+///
+/// Ministral 3 and Mistral 4 (`llama_4_scaling_beta` in their rope dict) scale the query the
+/// same way with the floor taken at `i / original_max_position_embeddings`, without Llama 4's
+/// `+ 1`: [`QueryTemperature::ministral3`], `offset` 0.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QueryTemperature {
     /// Positions per step of the floor (`floor_scale`, 8192 in Llama 4).
     pub floor_scale: usize,
     /// Slope of the logarithm (`attn_scale`, 0.1 in Llama 4).
     pub attn_scale: f64,
+    /// Added to the position before the floor: 1 in Llama 4, 0 in Ministral 3 (0 or 1).
+    pub offset: u32,
 }
 
 impl QueryTemperature {
+    /// Llama 4's `attn_temperature_tuning`: `1 + attn_scale·ln(1 + ⌊(i + 1) / floor_scale⌋)`.
+    pub fn llama4(floor_scale: usize, attn_scale: f64) -> Self {
+        QueryTemperature { floor_scale, attn_scale, offset: 1 }
+    }
+
+    /// Ministral 3's and Mistral 4's `get_llama_4_attn_scale`:
+    /// `1 + beta·ln(1 + ⌊i / original_max_position_embeddings⌋)`.
+    pub fn ministral3(beta: f64, original_max_position_embeddings: usize) -> Self {
+        QueryTemperature { floor_scale: original_max_position_embeddings, attn_scale: beta, offset: 0 }
+    }
+
     /// The factor on the query at position `i`.
     pub fn factor(&self, i: i64) -> f64 {
-        let steps = if i < 0 { 0 } else { (i + 1) / self.floor_scale as i64 };
+        let steps = if i < 0 { 0 } else { (i + self.offset as i64) / self.floor_scale as i64 };
         1.0 + self.attn_scale * (steps as f64).ln_1p()
     }
 }
@@ -164,7 +181,8 @@ pub struct AttentionParams {
     /// `s = scale·q·k` becomes `cap·tanh(s / cap)`, before ALiBi and the masks (FlashAttention's
     /// order). Every kernel then takes its generic, per-element softmax form.
     pub softcap: Option<f64>,
-    /// Llama 4's per-position query temperature, if any (applies with or without `rope`).
+    /// The per-position query temperature, if any (Llama 4's NoPE layers, Ministral 3's and
+    /// Mistral 4's every layer; applies with or without `rope`).
     pub query_temperature: Option<QueryTemperature>,
 }
 
@@ -256,6 +274,9 @@ impl AttentionParams {
             }
             if !(t.attn_scale.is_finite() && t.attn_scale.abs() < f32::MAX as f64) {
                 return Err(Error::Parameter { name: "attn_scale", value: t.attn_scale, reason: "must be finite" });
+            }
+            if t.offset > 1 {
+                return Err(Error::Parameter { name: "query temperature offset", value: t.offset as f64, reason: "must be 0 or 1" });
             }
         }
         if let Some(s) = &self.sink_logits {

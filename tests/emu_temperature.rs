@@ -1,4 +1,5 @@
-//! Llama 4's query temperature (`AttentionParams::query_temperature`, `attn_temperature_tuning`)
+//! The query temperature (`AttentionParams::query_temperature`: Llama 4's
+//! `attn_temperature_tuning`, Ministral 3's `llama_4_scaling_beta`, whose floor has no `+ 1`)
 //! through the emulated kernels: prefill at explicit positions (below zero, across floors inside
 //! tiles; NoPE as on Llama 4's layers, RoPE, ReRoPE's far copy), decode whose sixteen queries
 //! cross a floor (both decode kernels, every head dim class), the scores kernel at positions near
@@ -16,14 +17,19 @@ use rope_attn::emulator::{Emulator, FwdInputs, GuardedBuf};
 use rope_attn::{reference, AttentionParams, Error, Mask, QueryTemperature, Relative};
 
 fn temp(floor_scale: usize, attn_scale: f64) -> Option<QueryTemperature> {
-    Some(QueryTemperature { floor_scale, attn_scale })
+    Some(QueryTemperature::llama4(floor_scale, attn_scale))
+}
+
+/// Ministral 3's form: `1 + beta·ln(1 + ⌊i / floor_scale⌋)`.
+fn mtemp(floor_scale: usize, beta: f64) -> Option<QueryTemperature> {
+    Some(QueryTemperature::ministral3(beta, floor_scale))
 }
 
 /// transformers' formula, `log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`, at Llama 4's
 /// values; 1 before the first step and at negative positions.
 #[test]
 fn the_factor_is_transformers_formula() {
-    let t = QueryTemperature { floor_scale: 8192, attn_scale: 0.1 };
+    let t = QueryTemperature::llama4(8192, 0.1);
     assert_eq!(t.factor(0), 1.0);
     assert_eq!(t.factor(8190), 1.0);
     assert_eq!(t.factor(8191), 1.0 + 0.1 * 2f64.ln());
@@ -35,12 +41,17 @@ fn the_factor_is_transformers_formula() {
     assert_eq!(p.query_scale_bound(1 << 20), 1.0);
     p.query_temperature = Some(t);
     assert_eq!(p.query_scale_bound(8191), t.factor(8191));
+    // Ministral 3: get_llama_4_attn_scale(position_ids, beta, original_max_position_embeddings).
+    let m = QueryTemperature::ministral3(0.1, 16384);
+    assert_eq!((m.factor(0), m.factor(16383), m.factor(-5)), (1.0, 1.0, 1.0));
+    assert_eq!(m.factor(16384), 1.0 + 0.1 * 2f64.ln());
+    assert_eq!(m.factor(3 * 16384 - 1), 1.0 + 0.1 * 3f64.ln());
 }
 
 #[test]
 fn bad_temperatures_are_typed_errors() {
     let mut p = AttentionParams::new(4, 2, 64);
-    for (t, name) in [(temp(0, 0.1), "floor_scale"), (temp(1 << 40, 0.1), "floor_scale"), (temp(8, f64::NAN), "attn_scale"), (temp(8, f64::INFINITY), "attn_scale"), (temp(8, 1e300), "attn_scale")] {
+    for (t, name) in [(temp(0, 0.1), "floor_scale"), (temp(1 << 40, 0.1), "floor_scale"), (temp(8, f64::NAN), "attn_scale"), (temp(8, f64::INFINITY), "attn_scale"), (temp(8, 1e300), "attn_scale"), (Some(QueryTemperature { floor_scale: 8, attn_scale: 0.1, offset: 2 }), "query temperature offset")] {
         p.query_temperature = t;
         assert!(matches!(p.validate(), Err(Error::Parameter { name: n, .. }) if n == name), "{t:?}: {:?}", p.validate());
     }
@@ -63,6 +74,9 @@ fn emulated_prefill_with_query_temperature_at_explicit_positions() {
         // The first sequence's one query tile ends at position 24, the only row past the first
         // step (floor 25): the tile must not skip the pass.
         (64, false, Relative::None, causal, temp(25, 0.5)),
+        // Ministral 3's form: with RoPE and a window, and the same edge (floor 24, no + 1).
+        (128, true, Relative::None, Mask { window: Some(40), ..causal }, mtemp(7, 0.4)),
+        (64, false, Relative::None, causal, mtemp(24, 0.5)),
     ];
     for (i, &(d, rope, relative, mask, t)) in cases.iter().enumerate() {
         let mut p = AttentionParams::new(4, 2, d);
@@ -74,7 +88,7 @@ fn emulated_prefill_with_query_temperature_at_explicit_positions() {
         prefill_at_explicit_positions::<f32>(&emu, &p, 80 + i as u64, true);
         n += 3;
     }
-    assert_eq!(n, 18);
+    assert_eq!(n, 24);
 }
 
 /// Sixteen queries at 1014..=1029 of a 1030-key context cross the floor at 1023 (floor_scale
@@ -94,7 +108,7 @@ fn decode_crossing<T: Dtype>(emu: &Emulator, d: usize, rope: bool, t: Option<Que
 #[test]
 fn emulated_decode_with_query_temperature_across_a_floor() {
     let emu = emulator(61);
-    for (i, t) in [temp(1024, 0.1), temp(5, 0.3)].into_iter().enumerate() {
+    for (i, t) in [temp(1024, 0.1), temp(5, 0.3), mtemp(1024, 0.1)].into_iter().enumerate() {
         let s = 90 + 10 * i as u64;
         decode_crossing::<bf16>(&emu, 128, false, t, s);
         decode_crossing::<f16>(&emu, 64, true, t, s + 1);
@@ -113,7 +127,7 @@ fn emulated_decode_with_query_temperature_across_a_floor() {
 fn emulated_scores_with_query_temperature_near_i32_max() {
     let emu = emulator(62);
     let mut r = rng(62);
-    for (i, t) in [temp(8192, 0.1), temp(64, 0.7), temp(3, 0.2)].into_iter().enumerate() {
+    for (i, t) in [temp(8192, 0.1), temp(64, 0.7), temp(3, 0.2), mtemp(64, 0.7)].into_iter().enumerate() {
         let (d, nq, nk) = (64usize, 70usize, 33usize);
         let mut p = AttentionParams::new(4, 2, d);
         p.rope = Some(schedules(d, d).remove(0).1);

@@ -469,7 +469,7 @@ fn attention_matches_llama4_attention_module() {
             ),
             _ => assert_eq!(
                 (layer.attention, layer.rope, layer.query_temperature, layer.qk_norm),
-                (LayerAttention::Full, false, Some(QueryTemperature { floor_scale: 4, attn_scale: 0.3 }), None)
+                (LayerAttention::Full, false, Some(QueryTemperature::llama4(4, 0.3)), None)
             ),
         }
         let rope = RopeConfig::from_hf_config_json(&cfg).unwrap();
@@ -898,4 +898,43 @@ fn schedules_match_transformers_model_defaults() {
     }
     assert!(failures.is_empty(), "{} of {} cases differ from transformers:\n{}", failures.len(), cases.len(), failures.join("\n"));
     assert!(cases.len() > 400, "{} cases", cases.len());
+}
+
+/// Ministral 3's query scaling by transformers' own Ministral3Attention (fixture section
+/// "ministral3_attention": YaRN over an original 8 positions, `llama_4_scaling_beta` 0.3, a
+/// prefill of 29 crossing floors at 8, 16, 24; and one at positions 100..), float64, against
+/// the reference as the config tells it: `hf_layers`' query temperature
+/// (`QueryTemperature::ministral3`, no `+ 1` in the floor) and RoPE from `RopeConfig`: 1e-12.
+/// Llama 4's form of the floor (offset 1), or no scaling, moves it.
+#[test]
+fn attention_matches_ministral3_attention_module() {
+    let f = fixtures();
+    let cases = cases(&f, "ministral3_attention");
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let (hq, hkv, d) = (usize_of(&case["num_q_heads"]), usize_of(&case["num_kv_heads"]), usize_of(&case["head_dim"]));
+        let cfg = case["config"].to_string();
+        let layer = hf_layers(&cfg).unwrap()[0];
+        let t = layer.query_temperature.unwrap_or_else(|| panic!("{label}: no query temperature"));
+        assert_eq!(t, QueryTemperature::ministral3(0.3, 8), "{label}");
+        let rope = RopeConfig::from_hf_config_json(&cfg).unwrap();
+        let mut p = AttentionParams::new(hq, hkv, d);
+        p.rope = Some(Rotary::from_schedule(&rope.schedule(None).unwrap(), Layout::Half));
+        p.scale = Some(case["scale"].as_f64().unwrap());
+        let p = layer.apply(p).unwrap();
+        let exact = |key| exact_f64s("ministral3_attention", idx, key);
+        let n = exact("k").len() / (hkv * d);
+        let start = case["start"].as_i64().unwrap();
+        let pos: Vec<i64> = (start..start + n as i64).collect();
+        let run = |p: &AttentionParams| reference::attention(&exact("q"), &exact("k"), &exact("v"), &pos, &pos, p).unwrap().out;
+        let (got, want) = (run(&p), exact("out"));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{label}: out[{i}] {g} vs transformers {w}");
+        }
+        for wrong in [Some(QueryTemperature { offset: 1, ..t }), None] {
+            let moved = run(&AttentionParams { query_temperature: wrong, ..p.clone() });
+            assert!(moved.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-4), "{label}: {wrong:?}");
+        }
+    }
+    assert_eq!(cases.len(), 2);
 }

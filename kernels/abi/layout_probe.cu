@@ -20,7 +20,7 @@ int main() {
     FIELD(RopeArgs, window);
     FIELD(RopeArgs, temp_floor);
     FIELD(RopeArgs, temp_scale);
-    FIELD(RopeArgs, pad_);
+    FIELD(RopeArgs, temp_offset);
     SIZE(SinkArgs);
     FIELD(SinkArgs, logit);
     FIELD(SinkArgs, on);

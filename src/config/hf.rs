@@ -234,21 +234,32 @@ pub(super) struct ModelDefaults {
     pub rope: Option<&'static str>,
 }
 
-/// The model type whose defaults apply: the text config's own, else the top level's.
-fn model_type_of(top: &Obj, text: &Obj) -> Option<String> {
+/// The model type whose code runs: the text config's own, else the top level's.
+pub(super) fn model_type_of(top: &Obj, text: &Obj) -> Option<String> {
     text.get("model_type").or(top.get("model_type")).and_then(Value::as_str).map(str::to_string)
+}
+
+/// The rope dict transformers' config class ends up with: the config's own (`layer_type`'s,
+/// for one dict per layer type), else its model type's default dict, if it has one.
+pub(super) fn effective_rope_dict(root: &Obj, defaults: Option<&ModelDefaults>, layer_type: Option<&str>) -> Result<Option<Obj>> {
+    Ok(match (rope_dict(root, layer_type)?, defaults.and_then(|d| d.rope)) {
+        (Some(own), _) => Some(own.clone()),
+        (None, Some(text)) => Some(serde_json::from_str(text).expect("model_defaults.rs holds valid JSON")),
+        (None, None) => None,
+    })
+}
+
+/// The defaults of the model type whose code runs for this config.
+pub(super) fn defaults_of(top: &Obj, root: &Obj) -> Option<ModelDefaults> {
+    model_type_of(top, root).and_then(|t| super::model_defaults::model_defaults(&t))
 }
 
 pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> {
     let top = parse_root(json)?;
     let root = text_root(top.clone());
-    let defaults = model_type_of(&top, &root).and_then(|t| super::model_defaults::model_defaults(&t));
-    let empty = Obj::new();
-    let class_rope: Option<Obj> = match (rope_dict(&root, layer_type)?, defaults.as_ref().and_then(|d| d.rope)) {
-        (None, Some(text)) => Some(serde_json::from_str(text).expect("model_defaults.rs holds valid JSON")),
-        _ => None,
-    };
-    let p = rope_dict(&root, layer_type)?.or(class_rope.as_ref()).unwrap_or(&empty);
+    let defaults = defaults_of(&top, &root);
+    let dict = effective_rope_dict(&root, defaults.as_ref(), layer_type)?.unwrap_or_default();
+    let p = &dict;
     let either = |key: &str| -> Result<Option<f64>> { Ok(f64_of(p, key)?.or(f64_of(&root, key)?)) };
 
     let top_level_theta = defaults.as_ref().is_none_or(|d| d.top_level_theta);

@@ -4,7 +4,7 @@
 //! NoPE layers do not), with Llama 4's query temperature and the model's QK norm. [`HfLayer::mask`] is the
 //! [`Mask`] to run it with, [`HfLayer::apply`] sets all of it on an [`AttentionParams`].
 
-use super::hf::{f64_of, flag, parse_root, text_root, usize_of, Obj};
+use super::hf::{defaults_of, effective_rope_dict, f64_of, flag, model_type_of, parse_root, text_root, usize_of, Obj};
 use super::qk_norm::{qk_norm_of, HfQkNorm};
 use crate::attention::{AttentionParams, Mask, QueryTemperature};
 use crate::error::{Error, Result};
@@ -33,8 +33,10 @@ pub struct HfLayer {
     pub attention: LayerAttention,
     /// Whether it rotates Q and K (false on Llama 4's NoPE layers, `no_rope_layers[i] == 0`).
     pub rope: bool,
-    /// Llama 4's attention temperature on its NoPE layers (`attn_temperature_tuning`, on by
-    /// default, with `floor_scale` and `attn_scale`): [`AttentionParams::query_temperature`].
+    /// The query temperature: Llama 4's on its NoPE layers (`attn_temperature_tuning`, on by
+    /// default, with `floor_scale` and `attn_scale`), Ministral 3's and Mistral 4's on every
+    /// layer (`llama_4_scaling_beta` and `original_max_position_embeddings` of the rope dict,
+    /// the class's default dict when the config has none): [`AttentionParams::query_temperature`].
     pub query_temperature: Option<QueryTemperature>,
     /// The layer's QK norm, if its model has one: Qwen3 (and its MoE and VL text models),
     /// Qwen3-Next and Qwen3.5 (on their attention layers), Gemma 3, OLMo 2 / 3, OLMoE,
@@ -126,8 +128,9 @@ fn size_of(root: &Obj, key: &str) -> Result<Option<usize>> {
 /// `sliding_window` it uses (`use_sliding_window` not false): its rule is model-specific (Qwen2's
 /// `max_window_layers`, ...), so that is an error that asks for `layer_types` rather than a guess.
 pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
-    let root = text_root(parse_root(json)?);
-    let model_type = root.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+    let top = parse_root(json)?;
+    let root = text_root(top.clone());
+    let model_type = model_type_of(&top, &root).unwrap_or_default();
     let llama4 = model_type.starts_with("llama4");
     let chunk = if llama4 && !root.contains_key("attention_chunk_size") { Some(8192) } else { size_of(&root, "attention_chunk_size")? };
     if flag(&root, "use_bidirectional_attention")? == Some(true) {
@@ -165,11 +168,26 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
             true => {
                 let floor_scale = size_of(&root, "floor_scale")?.unwrap_or(8192);
                 let attn_scale = f64_of(&root, "attn_scale")?.unwrap_or(0.1);
-                Some(QueryTemperature { floor_scale, attn_scale })
+                Some(QueryTemperature::llama4(floor_scale, attn_scale))
             }
         }
     } else {
         None
+    };
+    // Ministral 3's and Mistral 4's query scaling (`llama_4_scaling_beta` in the rope dict, its
+    // floor at original_max_position_embeddings), on every layer.
+    let scaling_beta = match model_type.as_str() {
+        "ministral3" | "mistral4" => match effective_rope_dict(&root, defaults_of(&top, &root).as_ref(), None)? {
+            Some(d) => match f64_of(&d, "llama_4_scaling_beta")? {
+                Some(beta) => {
+                    let orig = size_of(&d, "original_max_position_embeddings")?.ok_or(Error::MissingKey("original_max_position_embeddings"))?;
+                    Some(QueryTemperature::ministral3(beta, orig))
+                }
+                None => None,
+            },
+            None => None,
+        },
+        _ => None,
     };
     let qk_norm = qk_norm_of(&root, &model_type)?;
     let gated = matches!(model_type.as_str(), "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text");
@@ -226,7 +244,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         .enumerate()
         .map(|(i, attention)| {
             let rope = rope_of(i);
-            let query_temperature = temperature.filter(|_| !rope);
+            let query_temperature = temperature.filter(|_| !rope).or(scaling_beta);
             // Llama 4's NoPE layers have no norm, nor do linear-attention layers (their own).
             let normed = rope && attention != LayerAttention::Linear;
             let gated_query = gated && attention != LayerAttention::Linear;

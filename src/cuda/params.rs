@@ -21,7 +21,7 @@ pub(crate) struct RopeArgs {
     pub window: i32,
     pub temp_floor: i32,
     pub temp_scale: f32,
-    pub pad_: i32,
+    pub temp_offset: i32,
 }
 
 /// `inv_freq / 2π` (turns per position) as an f32 pair hi + lo carrying ~48 bits, so the kernel
@@ -45,7 +45,7 @@ impl RopeArgs {
             window: 0,
             temp_floor: 0,
             temp_scale: 0.0,
-            pad_: 0,
+            temp_offset: 0,
         }
     }
 
@@ -349,7 +349,7 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
             $(out.push((concat!(stringify!($s), ".", stringify!($f)).to_string(), std::mem::offset_of!($s, $f)));)*
         };
     }
-    check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, temp_floor, temp_scale, pad_);
+    check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, temp_floor, temp_scale, temp_offset);
     check!(SinkArgs; logit, on, pad_);
     check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq, block_table, context_lens, v_in, v_out, page_size, max_pages, num_pages, gather_rows, mrope, mrope_h, mrope_w, mrope_stride, norm, norm_eps, q_norm_w, k_norm_w, q_in_hstride);
     check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, scale, cap_in, cap_out);

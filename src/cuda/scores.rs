@@ -108,6 +108,7 @@ pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
         // Query-side only: the rope kernel (K pre-rotation, rope_into) never gets it.
         rope.temp_floor = to_i32("floor_scale", t.floor_scale)?;
         rope.temp_scale = t.attn_scale as f32;
+        rope.temp_offset = t.offset as i32;
     }
     Ok(Common {
         rope,

@@ -223,13 +223,14 @@ pub fn chunked(p: &mut AttentionParams, case: usize) {
     }
 }
 
-/// Llama 4's query temperature on one case in five (cases 3 mod 5: every dtype, head dim, ReRoPE
+/// The query temperature on one case in five (cases 3 mod 5: every dtype, head dim, ReRoPE
 /// mode and mask meet it), with floors of 3 (the factor changes every few rows of a tile), 20
 /// and 64 (tiles on both sides of the first step), and `attn_scale` 0.3: at these lengths the
 /// factors reach about 2.5, so a kernel that leaves it out fails by far.
 pub fn temperature(p: &mut AttentionParams, case: usize) {
     if case % 5 == 3 {
-        p.query_temperature = Some(QueryTemperature { floor_scale: [3, 20, 64][(case / 5) % 3], attn_scale: 0.3 });
+        // Llama 4's offset 1, and Ministral 3's 0 every other case.
+        p.query_temperature = Some(QueryTemperature { floor_scale: [3, 20, 64][(case / 5) % 3], attn_scale: 0.3, offset: (case / 15 % 2) as u32 });
     }
 }
 

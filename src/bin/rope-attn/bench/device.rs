@@ -288,7 +288,7 @@ pub enum PrefillVariant {
 }
 
 /// Llama 4's `floor_scale` and `attn_scale`.
-pub const LLAMA4_TEMPERATURE: QueryTemperature = QueryTemperature { floor_scale: 8192, attn_scale: 0.1 };
+pub const LLAMA4_TEMPERATURE: QueryTemperature = QueryTemperature { floor_scale: 8192, attn_scale: 0.1, offset: 1 };
 
 /// Llama 4's `attention_chunk_size`.
 pub const LLAMA4_CHUNK: usize = 8192;
