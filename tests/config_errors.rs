@@ -521,3 +521,43 @@ fn model_type_defaults_fill_missing_rope_keys() {
     assert_eq!(sizes("glm4_moe", json!({"partial_rotary_factor": 1.0})).rotary_dim, 128);
     assert!((theta(&sizes("llama4_text", json!({"rope_theta": 1e4}))) / 1e4 - 1.0).abs() < 1e-9);
 }
+
+/// Gemma 3's configs as the Hub holds them (transformers 4's form: `rope_theta`,
+/// `rope_local_base_freq` and a flat `rope_scaling`, here under a `text_config` as in
+/// google/gemma-3-12b-it) give each layer type the schedule of the dict-per-layer-type form
+/// transformers 5 writes for the same model (examples/configs/gemma-3-12b-it-text-transformers5.json):
+/// the linear factor on the full layers only, the sliding ones unscaled at their own theta.
+#[test]
+fn gemma3_legacy_config_spreads_over_its_layer_types() {
+    use rope_attn::{hf_layers, RopeConfig};
+    let new = std::fs::read_to_string("examples/configs/gemma-3-12b-it-text-transformers5.json").unwrap();
+    let mut text: serde_json::Map<String, Value> = serde_json::from_str(&new).unwrap();
+    text.remove("rope_parameters").expect("the transformers 5 form has rope_parameters");
+    text.insert("rope_theta".into(), json!(1e6));
+    text.insert("rope_local_base_freq".into(), json!(1e4));
+    text.insert("rope_scaling".into(), json!({"factor": 8.0, "rope_type": "linear"}));
+    let legacy = json!({"model_type": "gemma3", "text_config": text}).to_string();
+    assert_eq!(RopeConfig::hf_layer_types(&legacy).unwrap(), ["sliding_attention", "full_attention"]);
+    for lt in ["sliding_attention", "full_attention"] {
+        let a = RopeConfig::from_hf_config_json_layer(&new, Some(lt)).unwrap().schedule(None).unwrap();
+        let b = RopeConfig::from_hf_config_json_layer(&legacy, Some(lt)).unwrap().schedule(None).unwrap();
+        assert_eq!((a.rope_type, &a.inv_freq, a.rotary_dim, a.attention_factor), (b.rope_type, &b.inv_freq, b.rotary_dim, b.attention_factor), "{lt}");
+    }
+    let full = RopeConfig::from_hf_config_json_layer(&legacy, Some("full_attention")).unwrap().schedule(None).unwrap();
+    assert_eq!(full.rope_type, "linear");
+    // Which layer: required, as for the transformers 5 form.
+    assert!(matches!(RopeConfig::from_hf_config_json(&legacy), Err(Error::LayerType { requested: None, .. })));
+    assert_eq!(hf_layers(&legacy).unwrap(), hf_layers(&new).unwrap());
+    // Without any rope key, the class's defaults per layer type: 1e6 full, 1e4 sliding.
+    let mut bare = text.clone();
+    for k in ["rope_theta", "rope_local_base_freq", "rope_scaling"] {
+        bare.remove(k);
+    }
+    let bare = json!({"model_type": "gemma3", "text_config": bare}).to_string();
+    let theta = |lt| {
+        let s = RopeConfig::from_hf_config_json_layer(&bare, Some(lt)).unwrap().schedule(None).unwrap();
+        (1.0 / s.inv_freq[1].powf(s.rotary_dim as f64 / 2.0), s.rope_type)
+    };
+    let ((ts, rs), (tf, rf)) = (theta("sliding_attention"), theta("full_attention"));
+    assert!((ts / 1e4 - 1.0).abs() < 1e-9 && (tf / 1e6 - 1.0).abs() < 1e-9 && rs == "default" && rf == "default", "{ts} {tf}");
+}

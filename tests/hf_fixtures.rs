@@ -863,20 +863,24 @@ fn rope_kernel_gated_query_feeds_transformers_attention() {
 /// transformers' own defaults for the rope keys a config.json leaves out (fixture section
 /// "model_defaults"): for every model type it builds with one flat rope dict of a type we
 /// implement, a config of sizes only, and the same with a top-level rope_theta and
-/// partial_rotary_factor (which GPT-NeoX and Bamba ignore), give the inv_freq and attention
-/// factor the model's own rotary code computes, to 1e-12: each class's default theta (Llama 4's
-/// 5e5, Qwen2-VL's 1e6, ...), partial rotary factor (GLM's and Phi's 0.5, Qwen3-Next's 0.25,
-/// ...) and default scaling (GPT-OSS's YaRN, Apertus's Llama 3).
+/// partial_rotary_factor (which GPT-NeoX and Bamba ignore) or its own rope dict, give the
+/// inv_freq and attention factor the model's own rotary code computes, to 1e-12: each class's
+/// default theta (Llama 4's 5e5, Qwen2-VL's 1e6, ...), partial rotary factor (GLM's and Phi's
+/// 0.5, Qwen3-Next's 0.25, ...) and default scaling (GPT-OSS's YaRN, Apertus's Llama 3). For the
+/// classes with one dict per layer type (Gemma 3, OLMo 3, ...), each layer type's, from sizes
+/// alone and from a legacy flat config (Gemma 3's hub configs: `rope_scaling` and `rope_theta`
+/// for the full layers, `rope_local_base_freq` for the sliding ones).
 #[test]
 fn schedules_match_transformers_model_defaults() {
     let f = fixtures();
     let cases = cases(&f, "model_defaults");
     let mut failures = Vec::new();
     for (idx, case) in cases.iter().enumerate() {
-        let label = format!("{} ({})", case["model_type"].as_str().unwrap(), case["variant"].as_str().unwrap());
+        let layer_type = case["layer_type"].as_str();
+        let label = format!("{} {} ({})", case["model_type"].as_str().unwrap(), layer_type.unwrap_or(""), case["variant"].as_str().unwrap());
         let want = exact_f64s("model_defaults", idx, "inv_freq");
         let want_af = case["attention_factor"].as_f64().unwrap();
-        let s = match RopeConfig::from_hf_config_json(&case["config"].to_string()).and_then(|c| c.schedule(None)) {
+        let s = match RopeConfig::from_hf_config_json_layer(&case["config"].to_string(), layer_type).and_then(|c| c.schedule(None)) {
             Ok(s) => s,
             Err(e) => {
                 failures.push(format!("{label}: {e}"));

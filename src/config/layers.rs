@@ -177,7 +177,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     // Ministral 3's and Mistral 4's query scaling (`llama_4_scaling_beta` in the rope dict, its
     // floor at original_max_position_embeddings), on every layer.
     let scaling_beta = match model_type.as_str() {
-        "ministral3" | "mistral4" => match effective_rope_dict(&root, defaults_of(&top, &root).as_ref(), None)? {
+        "ministral3" | "mistral4" => match effective_rope_dict(&top, &root, defaults_of(&top, &root).as_ref(), None)? {
             Some(d) => match f64_of(&d, "llama_4_scaling_beta")? {
                 Some(beta) => {
                     let orig = size_of(&d, "original_max_position_embeddings")?.ok_or(Error::MissingKey("original_max_position_embeddings"))?;

@@ -2,7 +2,7 @@
 //! 5.24.0; do not edit. tests/hf_fixtures.rs (schedules_match_transformers_model_defaults)
 //! checks the parser against transformers' own rotary code for every model type listed here.
 
-use super::hf::ModelDefaults;
+use super::hf::{LayerDefault, ModelDefaults};
 
 /// What transformers' config class for `model_type` (the text model's) fills in for the rope
 /// keys a config.json leaves out, and how its rotary code reads the partial factor.
@@ -227,4 +227,149 @@ pub(super) fn model_defaults(model_type: &str) -> Option<ModelDefaults> {
         _ => return None,
     };
     Some(ModelDefaults { theta, partial_rotary_factor, top_level_theta, top_level_partial, default_partial, rope })
+}
+
+/// The per-layer-type rope dicts of a class that has one per layer type (each with its theta),
+/// and where a legacy flat config's keys go (Gemma 3's `rope_scaling`, `rope_theta` and
+/// `rope_local_base_freq`); empty for a class with one dict.
+pub(super) fn layer_defaults(model_type: &str) -> &'static [LayerDefault] {
+    match model_type {
+        "deepseek_v4" => &[
+            LayerDefault { layer_type: "main", rope: r#"{"partial_rotary_factor": 0.125, "rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_theta") },
+            LayerDefault { layer_type: "compress", rope: r#"{"partial_rotary_factor": 0.125, "rope_theta": 160000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+        ],
+        "diffusion_gemma" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "diffusion_gemma_text" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "dory" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "embedding_gemma2" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "embedding_gemma2_text" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "gemma3" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "gemma3_text" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "gemma3n" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "gemma3n_text" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "gemma4" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "gemma4_text" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "gemma4_unified" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "gemma4_unified_assistant" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "gemma4_unified_text" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "laguna" => &[
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.5, "rope_theta": 500000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"partial_rotary_factor": 1.0, "rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "lfm3" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.5, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "lfm3_vl" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.5, "rope_theta": 1000000.0, "rope_type": "proportional"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "mellum" => &[
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 500000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "mimo_v2_flash" => &[
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.334, "rope_theta": 5000000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"partial_rotary_factor": 0.334, "rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "modernbert" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 160000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+        ],
+        "modernbert-decoder" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 160000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+        ],
+        "modernvbert" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 160000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+        ],
+        "neomme" => &[
+            LayerDefault { layer_type: "full_attention", rope: r#"{"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "olmo3" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 500000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 500000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "pe_video" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 160000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: None },
+        ],
+        "shieldgemma2" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "step3p5" => &[
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "step3p7" => &[
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "t5gemma2_decoder" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "t5gemma2_encoder" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "t5gemma2_text" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: Some("rope_local_base_freq") },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 1000000.0, "rope_type": "default"}"#, legacy_scaling: true, legacy_theta: Some("rope_theta") },
+        ],
+        "ultrabert" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 2560000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "ultravbert" => &[
+            LayerDefault { layer_type: "sliding_attention", rope: r#"{"rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "full_attention", rope: r#"{"rope_theta": 2560000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        "zaya" => &[
+            LayerDefault { layer_type: "hybrid", rope: r#"{"partial_rotary_factor": 0.5, "rope_theta": 5000000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+            LayerDefault { layer_type: "hybrid_sliding", rope: r#"{"partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rope_type": "default"}"#, legacy_scaling: false, legacy_theta: None },
+        ],
+        _ => &[],
+    }
 }
