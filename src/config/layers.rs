@@ -4,7 +4,8 @@
 //! NoPE layers do not), with Llama 4's query temperature and the model's QK norm. [`HfLayer::mask`] is the
 //! [`Mask`] to run it with, [`HfLayer::apply`] sets all of it on an [`AttentionParams`].
 
-use super::hf::{defaults_of, effective_rope_dict, f64_of, flag, model_type_of, parse_root, text_root, usize_of, Obj};
+use super::hf::{f64_of, flag, parse_root, text_root, usize_of, Obj};
+use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of};
 use super::qk_norm::{qk_norm_of, HfQkNorm};
 use crate::attention::{AttentionParams, Mask, QueryTemperature};
 use crate::error::{Error, Result};

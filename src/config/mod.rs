@@ -8,6 +8,7 @@
 mod hf;
 mod layers;
 mod model_defaults;
+mod rope_dict;
 mod mrope;
 mod qk_norm;
 mod schedules;
@@ -176,7 +177,7 @@ impl RopeConfig {
 
     /// The layer types a per-layer `rope_parameters` config holds (empty for the others).
     pub fn hf_layer_types(json: &str) -> Result<Vec<String>> {
-        hf::layer_types(json)
+        rope_dict::layer_types(json)
     }
 
     /// Check every invariant; constructors call this, and so may anyone who built the struct by hand.

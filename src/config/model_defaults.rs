@@ -2,7 +2,7 @@
 //! 5.24.0; do not edit. tests/hf_fixtures.rs (schedules_match_transformers_model_defaults)
 //! checks the parser against transformers' own rotary code for every model type listed here.
 
-use super::hf::{LayerDefault, ModelDefaults};
+use super::rope_dict::{LayerDefault, ModelDefaults};
 
 /// What transformers' config class for `model_type` (the text model's) fills in for the rope
 /// keys a config.json leaves out, and how its rotary code reads the partial factor.
