@@ -632,6 +632,35 @@ mod gpu {
                 assert_close(&format!("{dt:?} {scope:?} qk_norm q"), &qn.to_device(&Device::Cpu).unwrap(), &qnc, 4.0 * tol);
                 assert_close(&format!("{dt:?} {scope:?} qk_norm k"), &kn.to_device(&Device::Cpu).unwrap(), &knc, 4.0 * tol);
             }
+            // The gated query (Qwen3-Next, Qwen3.5): RoPE, M-RoPE and the norm alone, GPU
+            // against CPU; the gated rows untouched on the GPU.
+            {
+                use rope_attn::cuda::GatedRotation;
+                let (gg, gc) = pair(&uniform(&mut r, &[t, hq, 2 * d], &Device::Cpu), dt, &gpu);
+                let (wg, wc) = (w(d, &gpu), w(d, &Device::Cpu));
+                let ng = rope_attn::QkNorm { eps: 1e-6, scope: rope_attn::NormScope::Head, q_weight: Some(&wg), k_weight: Some(&wg) };
+                let nc = rope_attn::QkNorm { eps: 1e-6, scope: rope_attn::NormScope::Head, q_weight: Some(&wc), k_weight: Some(&wc) };
+                let m = MRope { sections: [20, 22, 22], interleaved: true };
+                let rows: Vec<i64> = (0..3 * t as i64).map(|i| (i * 7919) % 100_000).collect();
+                let (pm_g, pm_c) = (Tensor::from_vec(rows.clone(), (3, t), &gpu).unwrap(), Tensor::from_vec(rows, (3, t), &Device::Cpu).unwrap());
+                let pc = positions(&pos);
+                for which in 0..3 {
+                    let (kgx, kcx) = (kg.copy().unwrap(), kc.copy().unwrap());
+                    let (rg, rc) = match which {
+                        0 => (GatedRotation::Rope { positions: &pg, rot: &rot }, GatedRotation::Rope { positions: &pc, rot: &rot }),
+                        1 => (
+                            GatedRotation::Mrope { positions: &pm_g, stride: t, rot: &rot, mrope: &m },
+                            GatedRotation::Mrope { positions: &pm_c, stride: t, rot: &rot, mrope: &m },
+                        ),
+                        _ => (GatedRotation::None, GatedRotation::None),
+                    };
+                    let qgx = ra::qk_norm_rope_gated(&gg, &kgx, rg, &ng).unwrap();
+                    let qcx = ra::qk_norm_rope_gated(&gc, &kcx, rc, &nc).unwrap();
+                    assert_close(&format!("{dt:?} gated {which} q"), &qgx.to_device(&Device::Cpu).unwrap(), &qcx, 4.0 * tol);
+                    assert_close(&format!("{dt:?} gated {which} k"), &kgx.to_device(&Device::Cpu).unwrap(), &kcx, 4.0 * tol);
+                }
+                assert_eq!(max_diff(&gg.to_device(&Device::Cpu).unwrap(), &gc), 0.0, "{dt:?}: the gated rows moved");
+            }
 
             let mut p = AttentionParams::new(hq, hkv, d);
             p.rope = Some(rot.clone());
@@ -804,4 +833,60 @@ fn qk_norm_refuses_bad_weights() {
     let e = ra::qk_norm_inplace(&q, &k, &QkNorm::<&Tensor>::unweighted(0.0, NormScope::Head)).unwrap_err();
     assert!(matches!(e, Error::Parameter { name: "qk_norm eps", .. }), "{e:?}");
     assert_eq!((max_diff(&q, &q0), max_diff(&k, &k0)), (0.0, 0.0), "a refused call wrote");
+}
+
+/// Qwen3-Next's gated query against candle ops: q_proj's output `[t, hq, 2d]` (query then gate
+/// per head); the queries narrowed out of it, the RMSNorm above, candle-nn's rope (a quarter of
+/// the head rotated, as Qwen3-Next); K a view of a packed [k | v] projection (rows 2·hk·d
+/// apart), normalised and rotated in place; the gates and V untouched. And Qwen3.5's M-RoPE:
+/// the same as narrowing the queries out, then `qk_norm_inplace` and `rope_mrope_inplace` (both
+/// the f64 reference), within one rounding of each. Tolerance as the QK norm's.
+#[test]
+fn gated_query_matches_candle_ops() {
+    use rope_attn::cuda::GatedRotation;
+    use rope_attn::{NormScope, QkNorm};
+    let mut r = rng(43);
+    let (t, hq, hk, d, eps) = (9, 4, 2, 64, 1e-6);
+    let pos = random_positions(&mut r, t, 10_000);
+    let rot = rotary(d, d / 4, Layout::Half, RopeScaling::Default);
+    let weights = |r: &mut StdRng| uniform(r, &[d], &Device::Cpu).affine(0.75, 1.0).unwrap();
+    let (qw, kw) = (weights(&mut r), weights(&mut r));
+    let norm = QkNorm { eps, scope: NormScope::Head, q_weight: Some(&qw), k_weight: Some(&kw) };
+    let gated = uniform(&mut r, &[t, hq, 2 * d], &Device::Cpu);
+    let gated0 = gated.copy().unwrap();
+    let kv = uniform(&mut r, &[t, 2 * hk, d], &Device::Cpu);
+    let kv0 = kv.copy().unwrap();
+    let k = kv.narrow(1, 0, hk).unwrap();
+    let queries = gated.narrow(2, 0, d).unwrap().contiguous().unwrap();
+    let want_q = candle_rope(&candle_rms_norm(&queries, &qw, eps), &pos, &rot);
+    let want_k = candle_rope(&candle_rms_norm(&k.contiguous().unwrap(), &kw, eps), &pos, &rot);
+    let q = ra::qk_norm_rope_gated(&gated, &k, GatedRotation::Rope { positions: &positions(&pos), rot: &rot }, &norm).unwrap();
+    assert_eq!(q.dims(), &[t, hq, d]);
+    assert_close("gated q", &q, &want_q, 4.0 * ROPE_TOL);
+    assert_close("gated k", &kv.narrow(1, 0, hk).unwrap(), &want_k, 4.0 * ROPE_TOL);
+    assert_eq!(max_diff(&gated, &gated0), 0.0, "the gated rows moved");
+    assert_eq!(max_diff(&kv.narrow(1, hk, hk).unwrap(), &kv0.narrow(1, hk, hk).unwrap()), 0.0, "v moved");
+
+    // Qwen3.5: M-RoPE over [3, t] rows, against the split route.
+    let m = MRope { sections: [4, 2, 2], interleaved: true };
+    let rows: Vec<i64> = (0..3 * t as i64).map(|i| (i * 7919) % 100_000).collect();
+    let pm = Tensor::from_vec(rows, (3, t), &Device::Cpu).unwrap();
+    let k0 = uniform(&mut r, &[t, hk, d], &Device::Cpu);
+    let (k1, k2) = (k0.copy().unwrap(), k0.copy().unwrap());
+    let q1 = ra::qk_norm_rope_gated(&gated, &k1, GatedRotation::Mrope { positions: &pm, stride: t, rot: &rot, mrope: &m }, &norm).unwrap();
+    let q2 = gated.narrow(2, 0, d).unwrap().contiguous().unwrap();
+    ra::qk_norm_inplace(&q2, &k2, &norm).unwrap();
+    ra::rope_mrope_inplace(&q2, &k2, &pm, &rot, &m).unwrap();
+    assert_close("gated mrope q", &q1, &q2, 2.0 * ROPE_TOL);
+    assert_close("gated mrope k", &k1, &k2, 2.0 * ROPE_TOL);
+    // The norm alone.
+    let (k3, k4) = (k0.copy().unwrap(), k0.copy().unwrap());
+    let q3 = ra::qk_norm_rope_gated(&gated, &k3, GatedRotation::None, &norm).unwrap();
+    let q4 = gated.narrow(2, 0, d).unwrap().contiguous().unwrap();
+    ra::qk_norm_inplace(&q4, &k4, &norm).unwrap();
+    assert_eq!((max_diff(&q3, &q4), max_diff(&k3, &k4)), (0.0, 0.0));
+    // Typed refusals: gated rows of the wrong width, M-RoPE rows of another stride.
+    shape(ra::qk_norm_rope_gated(&queries, &k, GatedRotation::None, &norm), "q_gated");
+    let e = ra::qk_norm_rope_gated(&gated, &k, GatedRotation::Mrope { positions: &pm, stride: t + 1, rot: &rot, mrope: &m }, &norm).unwrap_err();
+    assert!(matches!(e, Error::Stride { what: "mrope positions", .. }), "{e}");
 }

@@ -726,6 +726,7 @@ struct GatedFixture {
     rows: Vec<i32>,
     /// The checkpoint's norm weights (offsets from 1), and the kernel's (`HfQkNorm::weights`).
     ckpt: (Vec<f32>, Vec<f32>),
+    #[cfg_attr(not(feature = "emulator"), allow(dead_code))]
     weights: (Option<Vec<f32>>, Option<Vec<f32>>),
     p: AttentionParams,
 }

@@ -86,9 +86,10 @@ pub(super) fn rotate_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: &Rotary, 
     x.inplace_op1(&op).map_err(|e| op.err.or(e))
 }
 
-/// The QK norm on the rows of `x` in place (weights: `norm.q_weight`), then the rotation if any.
-pub(super) fn normed_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: Option<&Rotary>, norm: &QkNorm<&[f32]>) -> Result<()> {
-    let op = RotateRows { rows, pos, rot, mrope: None, norm: Some(norm), err: ErrSlot::default() };
+/// The QK norm on the rows of `x` in place (weights: `norm.q_weight`), then the rotation if any
+/// (M-RoPE with `mrope`, `pos` then `[3, tokens]`).
+pub(super) fn normed_inplace(x: &Tensor, rows: Rows, pos: &[i64], rot: Option<&Rotary>, mrope: Option<&MRope>, norm: &QkNorm<&[f32]>) -> Result<()> {
+    let op = RotateRows { rows, pos, rot, mrope, norm: Some(norm), err: ErrSlot::default() };
     x.inplace_op1(&op).map_err(|e| op.err.or(e))
 }
 

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Our kernels loaded into a candle device's CUDA context, once per context.
-fn gpu_for(dev: &CudaDevice) -> Arc<Gpu> {
+pub(super) fn gpu_for(dev: &CudaDevice) -> Arc<Gpu> {
     static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
     let stream = dev.cuda_stream();
     let ctx = stream.context();
@@ -32,14 +32,14 @@ fn gpu_for(dev: &CudaDevice) -> Arc<Gpu> {
     map.entry(ctx.cu_ctx() as usize).or_insert_with(|| Arc::new(Gpu::from_context(ctx.clone()))).clone()
 }
 
-fn slice<T: Elem>(s: &CudaStorage) -> Result<&CudaSlice<T>> {
+pub(super) fn slice<T: Elem>(s: &CudaStorage) -> Result<&CudaSlice<T>> {
     s.as_cuda_slice::<T>().map_err(candle_error)
 }
 
 /// An integer tensor the kernels can read as i32: I32 and U32 as they are (U32 bits read as
 /// i32 are the same values up to i32::MAX), I64 through candle's I64 → U32 cast (the low 32 bits:
 /// the same values within i32's range). candle 0.11 has no CUDA cast *to* I32.
-fn int32_tensor(t: &Tensor) -> Result<Tensor> {
+pub(super) fn int32_tensor(t: &Tensor) -> Result<Tensor> {
     match t.dtype() {
         DType::I32 | DType::U32 => Ok(t.clone()),
         _ => t.to_dtype(DType::U32).map_err(candle_error),
@@ -47,7 +47,7 @@ fn int32_tensor(t: &Tensor) -> Result<Tensor> {
 }
 
 /// `len` elements of an I32 or U32 CUDA storage from the layout's offset, read as i32.
-fn i32_view<'a>(s: &'a CudaStorage, l: &CLayout, len: usize, what: &'static str) -> Result<CudaView<'a, i32>> {
+pub(super) fn i32_view<'a>(s: &'a CudaStorage, l: &CLayout, len: usize, what: &'static str) -> Result<CudaView<'a, i32>> {
     let off = l.start_offset();
     match &s.slice {
         CudaStorageSlice::I32(x) => Ok(x.slice(off..off + len)),
@@ -73,7 +73,7 @@ fn new_tensor(s: CudaStorage, dims: &[usize]) -> Tensor {
 }
 
 /// The op traits' CPU entry points are never reached: CPU tensors take the reference path.
-fn not_cpu<T>() -> candle_core::Result<T> {
+pub(super) fn not_cpu<T>() -> candle_core::Result<T> {
     candle_core::bail!("rope-attn: CPU tensors take the reference path, not this CUDA op")
 }
 
@@ -193,10 +193,12 @@ pub(super) fn rope_inplace(q: &Tensor, k: &Tensor, positions: &Tensor, rot: &Rot
     Ok(())
 }
 
-/// The QK norm on the rows of one tensor in place, then its rotation if any (the rope kernel
-/// with no K heads): side inputs the positions and the weights, each a stand-in when absent.
+/// The QK norm on the rows of one tensor in place, then its rotation if any (M-RoPE with
+/// `mrope`; the rope kernel with no K heads): side inputs the positions and the weights, each a
+/// stand-in when absent.
 struct NormInPlace<'a> {
     rot: Option<&'a Rotary>,
+    mrope: Option<&'a MRope>,
     eps: f64,
     scope: NormScope,
     weighted: bool,
@@ -220,12 +222,16 @@ impl NormInPlace<'_> {
         let xs = x.as_cuda_slice_mut::<T>().map_err(candle_error)?;
         let mut view = xs.slice_mut(xl.start_offset()..);
         let (mut none, mut rows) = view.split_at_mut(0);
-        match self.rot {
-            Some(rot) => {
+        match (self.rot, self.mrope) {
+            (Some(rot), None) => {
                 let pv = i32_view(pos, pl, s.tokens, "positions")?;
                 rc::rope_inplace_normed(&gpu, &stream, &mut rows, &mut none, &pv, s, rot, &norm)
             }
-            None => rc::qk_norm_inplace(&gpu, &stream, &mut rows, &mut none, s, &norm),
+            (Some(rot), Some(m)) => {
+                let pv = i32_view(pos, pl, 3 * s.tokens, "positions")?;
+                rc::rope_inplace_mrope_normed(&gpu, &stream, &mut rows, &mut none, &pv, s.tokens, s, rot, m, &norm)
+            }
+            (None, _) => rc::qk_norm_inplace(&gpu, &stream, &mut rows, &mut none, s, &norm),
         }
     }
 }
@@ -250,29 +256,49 @@ pub(super) fn normed_inplace(q: &Tensor, k: &Tensor, rotation: Option<(&Tensor, 
     if call.shape.tokens == 0 {
         return Ok(());
     }
-    let stand_in = || Tensor::zeros(1, DType::U32, q.device()).map_err(candle_error);
-    let pos = match rotation {
-        Some((p, _)) => int32_tensor(p)?,
-        None => stand_in()?,
-    };
-    for (x, r, w) in [(q, call.q, norm.q_weight), (k, call.k, norm.k_weight)] {
-        let shape = RopeShape { tokens: r.rows, q_heads: r.heads, k_heads: 0, head_dim: r.head_dim, q_row_stride: r.stride, k_row_stride: 0 };
-        let weight = match w {
-            Some(w) => w.clone(),
-            None => stand_in()?,
-        };
-        let op = NormInPlace {
-            rot: rotation.map(|(_, r)| r),
-            eps: norm.eps,
-            scope: norm.scope,
-            weighted: w.is_some(),
-            shape,
-            dtype: x.dtype(),
-            err: ErrSlot::default(),
-        };
-        x.inplace_op3(&pos, &weight, &op).map_err(|e| op.err.or(e))?;
+    let rotation = rotation.map(|(p, r)| (p, r, None));
+    normed_rows_inplace(q, call.q, rotation, norm.eps, norm.scope, norm.q_weight)?;
+    normed_rows_inplace(k, call.k, rotation, norm.eps, norm.scope, norm.k_weight)
+}
+
+/// A one-element stand-in for an absent side input (no kernel reads it).
+pub(super) fn stand_in(like: &Tensor) -> Result<Tensor> {
+    Tensor::zeros(1, DType::U32, like.device()).map_err(candle_error)
+}
+
+/// The QK norm on the rows of one tensor in place, with its weights (`None`: ones), then the
+/// rotation if any: positions, rotation and (M-RoPE, positions `[3, tokens]`) sections.
+pub(super) fn normed_rows_inplace(
+    x: &Tensor,
+    r: Rows,
+    rotation: Option<(&Tensor, &Rotary, Option<&MRope>)>,
+    eps: f64,
+    scope: NormScope,
+    w: Option<&Tensor>,
+) -> Result<()> {
+    if r.rows == 0 {
+        return Ok(());
     }
-    Ok(())
+    let pos = match rotation {
+        Some((p, _, _)) => int32_tensor(p)?,
+        None => stand_in(x)?,
+    };
+    let shape = RopeShape { tokens: r.rows, q_heads: r.heads, k_heads: 0, head_dim: r.head_dim, q_row_stride: r.stride, k_row_stride: 0 };
+    let weight = match w {
+        Some(w) => w.clone(),
+        None => stand_in(x)?,
+    };
+    let op = NormInPlace {
+        rot: rotation.map(|(_, r, _)| r),
+        mrope: rotation.and_then(|(_, _, m)| m),
+        eps,
+        scope,
+        weighted: w.is_some(),
+        shape,
+        dtype: x.dtype(),
+        err: ErrSlot::default(),
+    };
+    x.inplace_op3(&pos, &weight, &op).map_err(|e| op.err.or(e))
 }
 
 /// Prefill: the output is returned, the LSE left in `lse`.

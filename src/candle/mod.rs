@@ -1,5 +1,5 @@
 //! The ops on candle [`Tensor`]s (feature `candle`): RoPE in place or out of place (with the QK
-//! norm before it, or the norm alone), fused
+//! norm before it, or the norm alone; from Qwen3-Next's gated query: [`qk_norm_rope_gated`]), fused
 //! attention prefill (causal, GQA, sliding window and sinks, ALiBi, ReRoPE), paged decode and
 //! chunked prefill over a paged cache.
 //!
@@ -62,8 +62,11 @@
 //! `candle_core::Error` inside candle code (`From` is implemented).
 
 mod cpu;
+mod gated;
 #[cfg(feature = "candle-cuda")]
 mod gpu;
+
+pub use gated::qk_norm_rope_gated;
 
 use crate::attention::{AttentionParams, Rotary};
 use crate::config::MRope;
@@ -302,6 +305,13 @@ fn qk_rows(q: &Tensor, k: &Tensor) -> Result<RopeCall> {
 /// device) and the norm as the kernel takes it ([`RopeShape::check_norm`]).
 fn norm_call(q: &Tensor, k: &Tensor, norm: &QkNorm<&Tensor>) -> Result<RopeCall> {
     let call = qk_rows(q, k)?;
+    norm_weights(q, norm)?;
+    call.shape.check_norm(call.q.span(), call.k.span(), norm, |w| w.elem_count())?;
+    Ok(call)
+}
+
+/// The norm's weights: F32, one dimension, contiguous, on `q`'s device (lengths: the kernel's checks).
+fn norm_weights(q: &Tensor, norm: &QkNorm<&Tensor>) -> Result<()> {
     for (what, w) in [("qk_norm q_weight", norm.q_weight), ("qk_norm k_weight", norm.k_weight)] {
         let Some(w) = w else { continue };
         if w.dtype() != DType::F32 {
@@ -312,8 +322,7 @@ fn norm_call(q: &Tensor, k: &Tensor, norm: &QkNorm<&Tensor>) -> Result<RopeCall>
         }
         same_device(q, what, w)?;
     }
-    call.shape.check_norm(call.q.span(), call.k.span(), norm, |w| w.elem_count())?;
-    Ok(call)
+    Ok(())
 }
 
 /// The QK norm ([`QkNorm`]: Qwen3, Gemma 3, OLMo 2, Llama 4) on Q `[tokens, Hq, d]` and K
@@ -344,8 +353,8 @@ fn normed_in_place(q: &Tensor, k: &Tensor, rotation: Option<(&Tensor, &Rotary)>,
             let host = |w: Option<&Tensor>| w.map(|w| w.to_vec1::<f32>()).transpose().map_err(candle_error);
             let (qw, kw) = (host(norm.q_weight)?, host(norm.k_weight)?);
             let rot = rotation.map(|(_, r)| r);
-            cpu::normed_inplace(q, call.q, &pos, rot, &QkNorm { eps: norm.eps, scope: norm.scope, q_weight: qw.as_deref(), k_weight: None })?;
-            cpu::normed_inplace(k, call.k, &pos, rot, &QkNorm { eps: norm.eps, scope: norm.scope, q_weight: kw.as_deref(), k_weight: None })
+            cpu::normed_inplace(q, call.q, &pos, rot, None, &QkNorm { eps: norm.eps, scope: norm.scope, q_weight: qw.as_deref(), k_weight: None })?;
+            cpu::normed_inplace(k, call.k, &pos, rot, None, &QkNorm { eps: norm.eps, scope: norm.scope, q_weight: kw.as_deref(), k_weight: None })
         }
         #[cfg(feature = "candle-cuda")]
         On::Cuda => gpu::normed_inplace(q, k, rotation, norm, call),
