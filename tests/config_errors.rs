@@ -561,3 +561,33 @@ fn gemma3_legacy_config_spreads_over_its_layer_types() {
     let ((ts, rs), (tf, rf)) = (theta("sliding_attention"), theta("full_attention"));
     assert!((ts / 1e4 - 1.0).abs() < 1e-9 && (tf / 1e6 - 1.0).abs() < 1e-9 && rs == "default" && rf == "default", "{ts} {tf}");
 }
+
+/// Which layers slide and which rotate, as transformers 5.24's config classes and attention
+/// code have it (probed there): Cohere 2 rotates its sliding layers only (its full layers are
+/// NoPE; `sliding_window_pattern` 4 and window 4096 by default), SmolLM3 has a NoPE layer every
+/// `no_rope_layer_interval` (or as `no_rope_layers` lists them) and slides them only when
+/// `use_sliding_window` is set. Layers: S sliding, F full; rope: 1 rotates.
+#[test]
+fn nope_layers_by_model_type() {
+    use rope_attn::{hf_layers, LayerAttention};
+    let cases = [
+        (json!({"model_type": "cohere2", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 8}), "SSSFSSSF", "11101110", 4096),
+        (json!({"model_type": "cohere2", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 6, "sliding_window_pattern": 3, "sliding_window": 512}), "SSFSSF", "110110", 512),
+        (json!({"model_type": "cohere2_moe", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 5}), "SSSFS", "11101", 4096),
+        (json!({"model_type": "smollm3", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 8}), "FFFFFFFF", "11101110", 0),
+        (json!({"model_type": "smollm3", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 8, "use_sliding_window": true, "sliding_window": 256}), "FFFSFFFS", "11101110", 256),
+        (json!({"model_type": "smollm3", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 6, "no_rope_layer_interval": 3}), "FFFFFF", "110110", 0),
+        (json!({"model_type": "smollm3", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 4, "no_rope_layers": [1, 0, 0, 1]}), "FFFF", "1001", 0),
+    ];
+    for (cfg, kinds, rope, window) in cases {
+        let layers = hf_layers(&cfg.to_string()).unwrap_or_else(|e| panic!("{cfg}: {e}"));
+        let got_kinds: String = layers.iter().map(|l| if matches!(l.attention, LayerAttention::Sliding(_)) { 'S' } else { 'F' }).collect();
+        let got_rope: String = layers.iter().map(|l| if l.rope { '1' } else { '0' }).collect();
+        assert_eq!((got_kinds.as_str(), got_rope.as_str()), (kinds, rope), "{cfg}");
+        for l in &layers {
+            if let LayerAttention::Sliding(w) = l.attention {
+                assert_eq!(w, window, "{cfg}");
+            }
+        }
+    }
+}

@@ -32,7 +32,8 @@ pub enum LayerAttention {
 pub struct HfLayer {
     /// Its attention pattern.
     pub attention: LayerAttention,
-    /// Whether it rotates Q and K (false on Llama 4's NoPE layers, `no_rope_layers[i] == 0`).
+    /// Whether it rotates Q and K: false on Llama 4's and SmolLM3's NoPE layers
+    /// (`no_rope_layers[i] == 0`) and on Cohere 2's full layers (it rotates its sliding ones).
     pub rope: bool,
     /// The query temperature: Llama 4's on its NoPE layers (`attn_temperature_tuning`, on by
     /// default, with `floor_scale` and `attn_scale`), Ministral 3's and Mistral 4's on every
@@ -123,9 +124,14 @@ fn size_of(root: &Obj, key: &str) -> Result<Option<usize>> {
 /// Without one, transformers' own defaults are followed for the model types whose configs
 /// derive it: Llama 4 (`no_rope_layers`, or a NoPE layer every `no_rope_layer_interval`, and
 /// `attention_chunk_size`, 8192 when absent), Gemma 2 and GPT-OSS (sliding and full
-/// alternating), Gemma 3 (`sliding_window_pattern`, 6), Qwen3-Next / Qwen3.5
-/// (`full_attention_interval`, 4); Mistral, Mixtral, Phi-3 and Starcoder2 slide every layer when
-/// `sliding_window` is set. Any other config is full attention throughout unless it sets a
+/// alternating), Gemma 3 (`sliding_window_pattern`, 6), Cohere 2 (`sliding_window_pattern`, 4,
+/// window 4096), SmolLM3 (sliding on its NoPE layers when `use_sliding_window`), Qwen3-Next /
+/// Qwen3.5 (`full_attention_interval`, 4); Mistral, Mixtral, Phi-3 and Starcoder2 slide every
+/// layer when `sliding_window` is set.
+///
+/// Which layers rotate follows the model's code too: SmolLM3 takes `no_rope_layers` as Llama 4
+/// does (1 = RoPE; a NoPE layer every `no_rope_layer_interval`, 4, when absent), and Cohere 2
+/// (Command R7B, Command A) rotates its sliding layers only. Any other config is full attention throughout unless it sets a
 /// `sliding_window` it uses (`use_sliding_window` not false): its rule is model-specific (Qwen2's
 /// `max_window_layers`, ...), so that is an error that asks for `layer_types` rather than a guess.
 pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
@@ -133,17 +139,23 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     let root = text_root(top.clone());
     let model_type = model_type_of(&top, &root).unwrap_or_default();
     let llama4 = model_type.starts_with("llama4");
+    // no_rope_layers[i] = 1 for a RoPE layer, as Llama 4 has it.
+    let nope_list = llama4 || model_type == "smollm3";
+    // RoPE on the sliding layers only (`if self.sliding_window is not None: apply_rotary_pos_emb`).
+    let rope_if_sliding = matches!(model_type.as_str(), "cohere2" | "cohere2_moe" | "dory" | "flint");
     let chunk = if llama4 && !root.contains_key("attention_chunk_size") { Some(8192) } else { size_of(&root, "attention_chunk_size")? };
     if flag(&root, "use_bidirectional_attention")? == Some(true) {
         // Gemma 3's embedding variant: a symmetric window |i - j| <= w, which Mask does not hold.
         return Err(bad("use_bidirectional_attention", "bidirectional sliding windows are not supported"));
     }
-    let used = flag(&root, "use_sliding_window")? != Some(false);
-    let window = size_of(&root, "sliding_window")?.filter(|_| used);
+    // SmolLM3's use_sliding_window defaults to false; the others' use a window they set.
+    let used = flag(&root, "use_sliding_window")?.unwrap_or(model_type != "smollm3");
+    let class_window = matches!(model_type.as_str(), "cohere2" | "cohere2_moe").then_some(4096);
+    let window = size_of(&root, "sliding_window")?.or(class_window).filter(|_| used);
     let n = usize_of(&root, "num_hidden_layers")?;
 
     // Llama 4: no_rope_layers[i] = 1 for a RoPE layer (chunked), 0 for a NoPE one (full).
-    let rope_layers: Option<Vec<bool>> = if llama4 {
+    let rope_layers: Option<Vec<bool>> = if nope_list {
         let listed = match root.get("no_rope_layers") {
             Some(Value::Array(a)) if !a.is_empty() => Some(
                 a.iter().map(|v| v.as_i64().map(|x| x != 0).ok_or_else(|| bad("no_rope_layers", format!("entry {v} is not an integer")))).collect::<Result<Vec<_>>>()?,
@@ -224,6 +236,12 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
                     let k = size_of(&root, "sliding_window_pattern")?.unwrap_or(6);
                     (0..n).map(|i| sliding(every(k, i))).collect::<Result<_>>()?
                 }
+                "cohere2" | "cohere2_moe" => {
+                    let k = size_of(&root, "sliding_window_pattern")?.unwrap_or(4);
+                    (0..n).map(|i| sliding(every(k, i))).collect::<Result<_>>()?
+                }
+                // Sliding on the NoPE layers, when the window is used (off by default).
+                "smollm3" => (0..n).map(|i| sliding(window.is_some() && !rope_of(i))).collect::<Result<_>>()?,
                 "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => {
                     let k = size_of(&root, "full_attention_interval")?.unwrap_or(4);
                     (0..n).map(|i| if every(k, i) { LayerAttention::Linear } else { LayerAttention::Full }).collect()
@@ -244,10 +262,10 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         .into_iter()
         .enumerate()
         .map(|(i, attention)| {
-            let rope = rope_of(i);
+            let rope = if rope_if_sliding { matches!(attention, LayerAttention::Sliding(_)) } else { rope_of(i) };
             let query_temperature = temperature.filter(|_| !rope).or(scaling_beta);
             // Llama 4's NoPE layers have no norm, nor do linear-attention layers (their own).
-            let normed = rope && attention != LayerAttention::Linear;
+            let normed = (rope || !llama4) && attention != LayerAttention::Linear;
             let gated_query = gated && attention != LayerAttention::Linear;
             HfLayer { attention, rope, query_temperature, qk_norm: qk_norm.filter(|_| normed), gated_query }
         })
