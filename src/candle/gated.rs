@@ -6,7 +6,6 @@
 use super::{check_positions, dims_str, float_dtype, from_f64, host_ints, int_tensor, norm_weights, on, rows, same_device, same_dtype, to_f64, On, Rows};
 use crate::attention::Rotary;
 use crate::config::MRope;
-use crate::cuda::gated::positions_len;
 use crate::cuda::{GatedRotation, RopeShape};
 use crate::error::{Error, Result};
 use crate::qk_norm::QkNorm;
@@ -45,7 +44,7 @@ fn gated_call(q_gated: &Tensor, k: &Tensor, rotation: GatedRotation<'_, Tensor>,
     }
     norm_weights(q_gated, norm)?;
     let shape = RopeShape { tokens: n, q_heads: qr.heads, k_heads: kr.heads, head_dim: d, q_row_stride: qr.stride, k_row_stride: kr.stride };
-    let lens = [qr.span(), n * qr.heads * d, kr.span(), positions_len(rotation, Tensor::elem_count)];
+    let lens = [qr.span(), n * qr.heads * d, kr.span(), rotation.positions().map_or(0, Tensor::elem_count)];
     shape.check_gated(lens, rotation, norm, |w| w.elem_count())?;
     Ok(GatedCall { k: kr, shape })
 }
@@ -61,17 +60,10 @@ fn gated_call(q_gated: &Tensor, k: &Tensor, rotation: GatedRotation<'_, Tensor>,
 /// `attn_out * sigmoid(gate)`. CUDA: one launch for the queries (read where they lie), one for K.
 pub fn qk_norm_rope_gated(q_gated: &Tensor, k: &Tensor, rotation: GatedRotation<'_, Tensor>, norm: &QkNorm<&Tensor>) -> Result<Tensor> {
     let call = gated_call(q_gated, k, rotation, norm)?;
-    let (rot, mrope) = match rotation {
-        GatedRotation::None => (None, None),
-        GatedRotation::Rope { rot, .. } => (Some(rot), None),
-        GatedRotation::Mrope { rot, mrope, .. } => (Some(rot), Some(mrope)),
-    };
     match on(q_gated)? {
         On::Cpu => {
-            let pos = match rotation {
-                GatedRotation::None => Vec::new(),
-                GatedRotation::Rope { positions, .. } | GatedRotation::Mrope { positions, .. } => host_ints(positions)?,
-            };
+            let (rot, mrope) = (rotation.rotary().map(|(r, _)| r), rotation.rotary().and_then(|(_, m)| m));
+            let pos = rotation.positions().map(host_ints).transpose()?.unwrap_or_default();
             check_positions(&pos)?;
             let host = |w: Option<&Tensor>| w.map(|w| w.to_vec1::<f32>()).transpose().map_err(super::candle_error);
             let (qw, kw) = (host(norm.q_weight)?, host(norm.k_weight)?);
@@ -81,7 +73,7 @@ pub fn qk_norm_rope_gated(q_gated: &Tensor, k: &Tensor, rotation: GatedRotation<
             Ok(q)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda => cuda::gated(q_gated, k, rotation, rot, mrope, norm, &call),
+        On::Cuda => cuda::gated(q_gated, k, rotation, norm, &call),
     }
 }
 
@@ -192,16 +184,11 @@ mod cuda {
         q_gated: &Tensor,
         k: &Tensor,
         rotation: GatedRotation<'_, Tensor>,
-        rot: Option<&Rotary>,
-        mrope: Option<&MRope>,
         norm: &QkNorm<&Tensor>,
         call: &GatedCall,
     ) -> Result<Tensor> {
         let s = &call.shape;
-        let positions = match rotation {
-            GatedRotation::None => None,
-            GatedRotation::Rope { positions, .. } | GatedRotation::Mrope { positions, .. } => Some(positions),
-        };
+        let (positions, rotary) = (rotation.positions(), rotation.rotary());
         let q = if s.tokens == 0 {
             Tensor::zeros((0, s.q_heads, s.head_dim), q_gated.dtype(), q_gated.device()).map_err(super::super::candle_error)?
         } else {
@@ -209,6 +196,7 @@ mod cuda {
                 Some(p) => int32_tensor(p)?,
                 None => stand_in(q_gated)?,
             };
+            let (rot, mrope) = (rotary.map(|(r, _)| r), rotary.and_then(|(_, m)| m));
             let weight = match norm.q_weight {
                 Some(w) => w.clone(),
                 None => stand_in(q_gated)?,
@@ -226,10 +214,7 @@ mod cuda {
             };
             q_gated.apply_op3_no_bwd(&pos, &weight, &op).map_err(|e| op.err.or(e))?
         };
-        let k_rotation = match (positions, rot) {
-            (Some(p), Some(r)) => Some((p, r, mrope)),
-            _ => None,
-        };
+        let k_rotation = positions.zip(rotary).map(|(p, (r, m))| (p, r, m));
         normed_rows_inplace(k, call.k, k_rotation, norm.eps, norm.scope, norm.k_weight)?;
         Ok(q)
     }

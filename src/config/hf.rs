@@ -6,7 +6,7 @@
 //! config leaves out take its model type's defaults, as transformers' config class for it
 //! fills them in (rope_dict.rs, over the generated table in model_defaults.rs).
 
-use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of};
+use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of, ModelDefaults};
 use super::{MRope, RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -63,7 +63,8 @@ pub(super) fn parse_root(json: &str) -> Result<Obj> {
     }
 }
 
-fn bad(key: &str, reason: impl Into<String>) -> Error {
+/// A config key whose value is wrong, and why.
+pub(super) fn bad(key: &str, reason: impl Into<String>) -> Error {
     Error::InvalidValue { key: key.to_string(), reason: reason.into() }
 }
 
@@ -180,29 +181,27 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
     let defaults = defaults_of(&top, &root);
     let dict = effective_rope_dict(&top, &root, defaults.as_ref(), layer_type)?.unwrap_or_default();
     let p = &dict;
-    let either = |key: &str| -> Result<Option<f64>> { Ok(f64_of(p, key)?.or(f64_of(&root, key)?)) };
-
-    let top_level_theta = defaults.as_ref().is_none_or(|d| d.top_level_theta);
-    let given_theta = match top_level_theta {
-        true => either("rope_theta")?,
-        false => f64_of(p, "rope_theta")?,
+    // The rope dict's value, else the top-level one where the model type's class reads it there.
+    let given = |key: &str, top_level: fn(&ModelDefaults) -> bool| -> Result<Option<f64>> {
+        match f64_of(p, key)? {
+            Some(v) => Ok(Some(v)),
+            None if defaults.as_ref().is_none_or(top_level) => f64_of(&root, key),
+            None => Ok(None),
+        }
     };
-    let theta = match given_theta {
+
+    let theta = match given("rope_theta", |d| d.top_level_theta)? {
         Some(t) => t,
         None => f64_of(&root, "rotary_emb_base")?.unwrap_or(defaults.as_ref().map_or(10000.0, |d| d.theta)),
     };
     let head_dim = head_dim(&root)?;
-    let top_level_partial = defaults.as_ref().is_none_or(|d| d.top_level_partial);
-    let given = match top_level_partial {
-        true => either("partial_rotary_factor")?,
-        false => f64_of(p, "partial_rotary_factor")?,
-    };
+    let given_partial = given("partial_rotary_factor", |d| d.top_level_partial)?;
     // MiniMax-M2's legacy `rotary_dim` (its config class turns it into the factor).
     let legacy_dim = match model_type_of(&top, &root).as_deref() {
         Some("minimax_m2") => usize_of(&root, "rotary_dim")?.map(|r| r as f64 / head_dim as f64),
         _ => None,
     };
-    let prf = match given.or(legacy_dim) {
+    let prf = match given_partial.or(legacy_dim) {
         Some(f) => f,
         None => f64_of(&root, "rotary_pct")?.unwrap_or(defaults.as_ref().map_or(1.0, |d| d.partial_rotary_factor)),
     };

@@ -4,7 +4,7 @@
 //! NoPE layers do not), with Llama 4's query temperature and the model's QK norm. [`HfLayer::mask`] is the
 //! [`Mask`] to run it with, [`HfLayer::apply`] sets all of it on an [`AttentionParams`].
 
-use super::hf::{f64_of, flag, parse_root, text_root, usize_of, Obj};
+use super::hf::{bad, f64_of, flag, parse_root, text_root, usize_of, Obj};
 use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of};
 use super::qk_norm::{qk_norm_of, HfQkNorm};
 use crate::attention::{AttentionParams, Mask, QueryTemperature};
@@ -105,10 +105,6 @@ impl HfLayer {
     }
 }
 
-fn bad(key: &str, reason: impl Into<String>) -> Error {
-    Error::InvalidValue { key: key.to_string(), reason: reason.into() }
-}
-
 /// A positive integer key, `None` when absent or null.
 fn size_of(root: &Obj, key: &str) -> Result<Option<usize>> {
     match usize_of(root, key)? {
@@ -189,18 +185,18 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     };
     // Ministral 3's and Mistral 4's query scaling (`llama_4_scaling_beta` in the rope dict, its
     // floor at original_max_position_embeddings), on every layer.
-    let scaling_beta = match model_type.as_str() {
-        "ministral3" | "mistral4" => match effective_rope_dict(&top, &root, defaults_of(&top, &root).as_ref(), None)? {
-            Some(d) => match f64_of(&d, "llama_4_scaling_beta")? {
-                Some(beta) => {
-                    let orig = size_of(&d, "original_max_position_embeddings")?.ok_or(Error::MissingKey("original_max_position_embeddings"))?;
-                    Some(QueryTemperature::ministral3(beta, orig))
-                }
-                None => None,
-            },
-            None => None,
-        },
+    let scaled_dict = match model_type.as_str() {
+        "ministral3" | "mistral4" => effective_rope_dict(&top, &root, defaults_of(&top, &root).as_ref(), None)?,
         _ => None,
+    };
+    let scaling_beta = match &scaled_dict {
+        Some(d) => f64_of(d, "llama_4_scaling_beta")?
+            .map(|beta| {
+                let orig = size_of(d, "original_max_position_embeddings")?.ok_or(Error::MissingKey("original_max_position_embeddings"))?;
+                Ok::<_, Error>(QueryTemperature::ministral3(beta, orig))
+            })
+            .transpose()?,
+        None => None,
     };
     let qk_norm = qk_norm_of(&root, &model_type)?;
     let gated = matches!(model_type.as_str(), "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text");

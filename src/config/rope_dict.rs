@@ -4,13 +4,9 @@
 //! default theta and partial factor, a default scaling dict, one dict per layer type, and
 //! where a legacy flat config's keys go (Gemma 3's Hub configs).
 
-use super::hf::{parse_root, text_root, Obj};
+use super::hf::{bad, parse_root, text_root, Obj};
 use crate::error::{Error, Result};
 use serde_json::Value;
-
-fn bad(key: &str, reason: impl Into<String>) -> Error {
-    Error::InvalidValue { key: key.to_string(), reason: reason.into() }
-}
 
 const FLAT_KEYS: [&str; 4] = ["rope_type", "type", "rope_theta", "factor"];
 
@@ -32,7 +28,7 @@ pub(super) fn layer_types(json: &str) -> Result<Vec<String>> {
             }
             // A flat dict: one schedule, unless it is a legacy `rope_scaling` that the class
             // spreads over its dicts per layer type (Gemma 3's hub configs).
-            let spread = key == "rope_scaling" && layers.iter().any(|l| l.legacy_scaling || l.legacy_theta.is_some());
+            let spread = key == "rope_scaling" && maps_legacy(layers);
             return Ok(if spread { layers.iter().map(|l| l.layer_type.to_string()).collect() } else { Vec::new() });
         }
     }
@@ -52,6 +48,11 @@ pub(super) struct LayerDefault {
     pub legacy_theta: Option<&'static str>,
 }
 
+/// Whether a class spreads a legacy flat config's keys over its dicts per layer type.
+fn maps_legacy(layers: &[LayerDefault]) -> bool {
+    layers.iter().any(|l| l.legacy_scaling || l.legacy_theta.is_some())
+}
+
 /// The per-layer-type defaults of the config's model type (empty for a class with one dict).
 fn class_layers(top: &Obj, root: &Obj) -> &'static [LayerDefault] {
     model_type_of(top, root).map_or(&[], |t| super::model_defaults::layer_defaults(&t))
@@ -63,8 +64,7 @@ fn class_layers(top: &Obj, root: &Obj) -> &'static [LayerDefault] {
 /// layer type. `None` when the class has no dicts per layer type, or does not map a legacy
 /// flat `rope_scaling` onto them (`legacy_flat` set).
 fn class_layer_dict(layers: &[LayerDefault], root: &Obj, layer_type: Option<&str>, legacy_flat: Option<&Obj>) -> Result<Option<Obj>> {
-    let maps_legacy = layers.iter().any(|l| l.legacy_scaling || l.legacy_theta.is_some());
-    if layers.is_empty() || (legacy_flat.is_some() && !maps_legacy) {
+    if layers.is_empty() || (legacy_flat.is_some() && !maps_legacy(layers)) {
         return Ok(None);
     }
     let available = || layers.iter().map(|l| l.layer_type.to_string()).collect::<Vec<_>>();

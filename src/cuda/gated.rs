@@ -56,6 +56,23 @@ impl<P: ?Sized> Clone for GatedRotation<'_, P> {
 impl<P: ?Sized> Copy for GatedRotation<'_, P> {}
 
 impl<'a, P: ?Sized> GatedRotation<'a, P> {
+    /// The positions, if the call rotates.
+    pub(crate) fn positions(self) -> Option<&'a P> {
+        match self {
+            GatedRotation::None => None,
+            GatedRotation::Rope { positions, .. } | GatedRotation::Mrope { positions, .. } => Some(positions),
+        }
+    }
+
+    /// The rotation and (M-RoPE) its sections, if the call rotates.
+    pub(crate) fn rotary(self) -> Option<(&'a Rotary, Option<&'a MRope>)> {
+        match self {
+            GatedRotation::None => None,
+            GatedRotation::Rope { rot, .. } => Some((rot, None)),
+            GatedRotation::Mrope { rot, mrope, .. } => Some((rot, Some(mrope))),
+        }
+    }
+
     /// The same rotation over other positions (`f` maps them: device to host, host to address).
     pub(crate) fn map<Q: ?Sized>(self, f: impl FnOnce(&'a P) -> &'a Q) -> GatedRotation<'a, Q> {
         match self {
@@ -155,15 +172,12 @@ pub fn qk_norm_rope_gated<T: Dtype, P: DevicePtr<i32>>(
     rotation: GatedRotation<'_, P>,
     norm: &QkNorm<&impl DevicePtr<f32>>,
 ) -> Result<()> {
-    let pos_len = positions_len(rotation, |p| p.len());
+    let pos_len = rotation.positions().map_or(0, |p| p.len());
     let dense = shape.check_gated([q_gated.len(), q_out.len(), k.len(), pos_len], rotation, norm, |w| w.len())?;
     let (qi, _g1) = q_gated.device_ptr(stream);
     let (qo, _g2) = q_out.device_ptr_mut(stream);
     let (kp, _g3) = k.device_ptr_mut(stream);
-    let pos = match rotation {
-        GatedRotation::None => None,
-        GatedRotation::Rope { positions, .. } | GatedRotation::Mrope { positions, .. } => Some(positions.device_ptr(stream)),
-    };
+    let pos = rotation.positions().map(|p| p.device_ptr(stream));
     let pp = pos.as_ref().map_or(0, |g| g.0);
     let qw = norm.q_weight.map(|w| w.device_ptr(stream));
     let kw = norm.k_weight.map(|w| w.device_ptr(stream));
@@ -185,28 +199,17 @@ pub fn qk_norm_rope_gated_checked<T: Dtype, P: DevicePtr<i32>>(
     rotation: GatedRotation<'_, P>,
     norm: &QkNorm<&impl DevicePtr<f32>>,
 ) -> Result<CheckReport> {
-    let pos_len = positions_len(rotation, |p| p.len());
+    let pos_len = rotation.positions().map_or(0, |p| p.len());
     let dense = shape.check_gated([q_gated.len(), q_out.len(), k.len(), pos_len], rotation, norm, |w| w.len())?;
     let gated = widen(&stream.clone_dtoh(q_gated)?);
     let k_before = widen(&stream.clone_dtoh(k)?);
-    let positions = match rotation {
-        GatedRotation::None => Vec::new(),
-        GatedRotation::Rope { positions, .. } | GatedRotation::Mrope { positions, .. } => stream.clone_dtoh(positions)?,
-    };
+    let positions = rotation.positions().map(|p| stream.clone_dtoh(p)).transpose()?.unwrap_or_default();
     let host = host_weights(stream, norm)?;
     qk_norm_rope_gated(gpu, stream, q_gated, q_out, k, shape, rotation, norm)?;
     let after = [widen(&stream.clone_dtoh(q_out)?), widen(&stream.clone_dtoh(k)?)];
     let gated_after = widen(&stream.clone_dtoh(q_gated)?);
     let rotation = rotation.map(|_| positions.as_slice());
     compare_gated::<T>(&gated, k_before, &after, &gated_after, rotation, shape, &dense, &host.map(|w| w.as_slice()))
-}
-
-/// The positions' length of a call (0 when it has none).
-pub(crate) fn positions_len<P: ?Sized>(rotation: GatedRotation<'_, P>, len: impl FnOnce(&P) -> usize) -> usize {
-    match rotation {
-        GatedRotation::None => 0,
-        GatedRotation::Rope { positions, .. } | GatedRotation::Mrope { positions, .. } => len(positions),
-    }
 }
 
 /// Checked mode's comparison for a gated call (shared with the emulator): each token's queries

@@ -48,7 +48,7 @@ use crate::attention::{AttentionParams, Relative, Rotary};
 use crate::config::MRope;
 use crate::cuda::attention::{compare_fwd, launch_fwd, FwdHost, FwdPtrs};
 use crate::cuda::checked::widen;
-use crate::cuda::gated::{compare_gated, launch_gated, positions_len};
+use crate::cuda::gated::{compare_gated, launch_gated};
 use crate::cuda::decode::{compare_decode, launch_append, launch_decode, AppendRows, DecodeHost, DecodePtrs};
 use crate::cuda::launch::{Backend, Launch};
 use crate::cuda::merge::{launch_merge, MergeShape};
@@ -367,7 +367,7 @@ impl Emulator {
         rotation: GatedRotation<'_, [i32]>,
         norm: &QkNorm<&[f32]>,
     ) -> Result<()> {
-        let lens = [q_gated.len(), q_out.len(), k.len(), positions_len(rotation, <[i32]>::len)];
+        let lens = [q_gated.len(), q_out.len(), k.len(), rotation.positions().map_or(0, <[i32]>::len)];
         let dense = shape.check_gated(lens, rotation, norm, |w| w.len())?;
         let na = NormArgs::new(norm, norm.q_weight.map_or(0, addr), norm.k_weight.map_or(0, addr));
         launch_gated::<T, _, [i32]>(self, [addr(q_gated), addr(q_out), addr(k)], shape, &dense, rotation, addr, na)
@@ -384,7 +384,7 @@ impl Emulator {
         rotation: GatedRotation<'_, [i32]>,
         norm: &QkNorm<&[f32]>,
     ) -> Result<CheckReport> {
-        let lens = [q_gated.len(), q_out.len(), k.len(), positions_len(rotation, <[i32]>::len)];
+        let lens = [q_gated.len(), q_out.len(), k.len(), rotation.positions().map_or(0, <[i32]>::len)];
         let dense = shape.check_gated(lens, rotation, norm, |w| w.len())?;
         let (gated, k_before) = (widen(q_gated), widen(k));
         self.qk_norm_rope_gated(q_gated, q_out, k, shape, rotation, norm)?;
