@@ -41,6 +41,6 @@ pub mod qk_norm;
 pub mod reference;
 
 pub use attention::{Alibi, AttentionParams, Layout, Mask, QueryTemperature, Relative, Rotary};
-pub use config::{hf_layers, HfLayer, HfQkNorm, LayerAttention, MRope, NormWeight, RopeConfig, RopeScaling, RopeSchedule};
+pub use config::{hf_layers, HfLayer, HfQkNorm, LayerAttention, LayerHeads, MRope, NormWeight, RopeConfig, RopeScaling, RopeSchedule};
 pub use error::{Error, Result};
 pub use qk_norm::{NormScope, QkNorm};

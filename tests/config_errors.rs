@@ -85,6 +85,31 @@ fn the_valid_base_configs_parse() {
     RopeConfig::from_hf_config_json(&phi3()).unwrap();
 }
 
+/// Gemma 4's and LFM3's proportional RoPE: pairs across the whole head, the first
+/// `⌊factor·d/2⌋` turning at `theta^(-2i/d) / factor`, the rest with frequency 0; its factor read
+/// from the rope dict only; bad factors refused.
+#[test]
+fn proportional_rope_spans_the_head_and_zeroes_the_rest() {
+    let cfg = parse(&json!({"hidden_size": 512, "num_attention_heads": 4, "partial_rotary_factor": 0.5,
+        "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25, "factor": 2.0}})).unwrap();
+    let s = cfg.schedule(None).unwrap();
+    assert_eq!((s.rope_type, s.rotary_dim, s.inv_freq.len()), ("proportional", 128, 64));
+    for (i, &f) in s.inv_freq.iter().enumerate() {
+        let want = if i < 16 { 1.0 / 1e6f64.powf((2 * i) as f64 / 128.0) / 2.0 } else { 0.0 };
+        assert_eq!(f, want, "pair {i}");
+    }
+    // Without a factor in the dict, every pair turns (the top-level factor is not read).
+    let all = parse(&json!({"hidden_size": 512, "num_attention_heads": 4, "partial_rotary_factor": 0.5,
+        "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e6}})).unwrap().schedule(None).unwrap();
+    assert!(all.inv_freq.iter().all(|&f| f > 0.0));
+    for bad in [json!(1.5), json!(-0.25)] {
+        let r = parse(&json!({"hidden_size": 512, "num_attention_heads": 4, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": bad}}));
+        assert!(matches!(r, Err(Error::InvalidValue { ref key, .. }) if key == "partial_rotary_factor"), "{r:?}");
+    }
+    let r = parse(&json!({"hidden_size": 512, "num_attention_heads": 4, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e6, "factor": 0.0}}));
+    assert!(matches!(r, Err(Error::Parameter { name: "factor", .. }) | Err(Error::InvalidValue { .. })), "{r:?}");
+}
+
 #[test]
 fn unknown_rope_type() {
     for (key, t) in [("type", "fancy"), ("rope_type", "yarn2"), ("rope_type", "")] {
@@ -92,8 +117,8 @@ fn unknown_rope_type() {
         assert_eq!(r.unwrap_err(), Error::UnknownRopeType(t.to_string()));
     }
     // transformers-5 form, flat.
-    let r = parse(&json!({"hidden_size": 64, "num_attention_heads": 1, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}}));
-    assert_eq!(r.unwrap_err(), Error::UnknownRopeType("proportional".into()));
+    let r = parse(&json!({"hidden_size": 64, "num_attention_heads": 1, "rope_parameters": {"rope_type": "axial", "rope_theta": 1e4}}));
+    assert_eq!(r.unwrap_err(), Error::UnknownRopeType("axial".into()));
     assert!(Error::UnknownRopeType("fancy".into()).to_string().contains("fancy"));
 }
 

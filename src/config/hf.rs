@@ -6,6 +6,7 @@
 //! config leaves out take its model type's defaults, as transformers' config class for it
 //! fills them in (rope_dict.rs, over the generated table in model_defaults.rs).
 
+use super::layer_shape::gemma4_family;
 use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of, ModelDefaults};
 use super::{MRope, RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
@@ -131,6 +132,16 @@ fn head_dim(root: &Obj) -> Result<usize> {
     Ok(hidden / heads)
 }
 
+/// The head size of `layer_type`'s layers where it may differ per layer (`per_layer_config`,
+/// Gemma 4's `global_head_dim`): `None` when no layer has that type.
+fn layer_head_dim(json: &str, layer_type: &str) -> Result<Option<usize>> {
+    let dims: Vec<usize> = super::hf_layers(json)?.iter().filter(|l| l.layer_type() == layer_type).filter_map(|l| l.heads.map(|h| h.head_dim)).collect();
+    match dims.split_first() {
+        Some((&d, rest)) if rest.iter().any(|&o| o != d) => Err(bad("per_layer_config", format!("{layer_type} layers differ in head_dim ({d} and {})", rest.iter().find(|&&o| o != d).unwrap()))),
+        first => Ok(first.map(|(&d, _)| d)),
+    }
+}
+
 /// Multimodal configs (Qwen3-VL, Gemma 3, ...) keep the language model's keys in `text_config`:
 /// read those when the top level does not describe the attention itself.
 pub(super) fn text_root(root: Obj) -> Obj {
@@ -194,7 +205,14 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
         Some(t) => t,
         None => f64_of(&root, "rotary_emb_base")?.unwrap_or(defaults.as_ref().map_or(10000.0, |d| d.theta)),
     };
-    let head_dim = head_dim(&root)?;
+    let head_dim = match layer_type {
+        Some(t) if root.contains_key("per_layer_config") || model_type_of(&top, &root).is_some_and(|m| gemma4_family(&m)) => layer_head_dim(json, t)?,
+        _ => None,
+    };
+    let head_dim = match head_dim {
+        Some(d) => d,
+        None => self::head_dim(&root)?,
+    };
     let given_partial = given("partial_rotary_factor", |d| d.top_level_partial)?;
     // MiniMax-M2's legacy `rotary_dim` (its config class turns it into the factor).
     let legacy_dim = match model_type_of(&top, &root).as_deref() {
@@ -280,6 +298,16 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
                 },
                 attention_factor: f64_of(p, "attention_factor")?,
             }
+        }
+        "proportional" => {
+            // transformers reads this one's factor from the rope dict only, and rotates over the head.
+            let prf = f64_of(p, "partial_rotary_factor")?.unwrap_or(1.0);
+            if !(0.0..=1.0).contains(&prf) {
+                return Err(bad("partial_rotary_factor", format!("{prf} is not in [0, 1]")));
+            }
+            let factor = f64_of(p, "factor")?.unwrap_or(1.0);
+            let rotated_pairs = (prf * head_dim as f64 / 2.0).floor() as usize;
+            return RopeConfig::with_scaling(theta, head_dim, head_dim, mpe, RopeScaling::Proportional { factor, rotated_pairs });
         }
         other => return Err(Error::UnknownRopeType(other.to_string())),
     };

@@ -6,7 +6,8 @@
 
 use super::hf::{bad, f64_of, flag, parse_root, text_root, usize_of, Obj};
 use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of};
-use super::qk_norm::{qk_norm_of, HfQkNorm};
+use super::layer_shape::{gemma4_family, heads, overrides, scale, softcap, LayerHeads};
+use super::qk_norm::{qk_norm_of, v_norm_of, HfQkNorm};
 use crate::attention::{AttentionParams, Mask, QueryTemperature};
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -25,6 +26,8 @@ pub enum LayerAttention {
     /// Not softmax attention (`"linear_attention"`: Qwen3-Next's and Qwen3.5's Gated DeltaNet
     /// layers); no kernel here runs it.
     Linear,
+    /// No attention: LFM2's and LFM3's short-convolution layers (`"conv"`).
+    Conv,
 }
 
 /// One decoder layer of a config.
@@ -55,6 +58,24 @@ pub struct HfLayer {
     /// `cuda::qk_norm_rope_gated` reads the queries from there (norm and rotation in the same
     /// pass) into a dense Q and leaves the gates in place.
     pub gated_query: bool,
+    /// Its heads and head size, where the config gives them (`per_layer_config`'s, or Gemma 4's
+    /// `global_head_dim` and `num_global_key_value_heads` on its full layers, override the
+    /// model's); `None` for the MLA models (DeepSeek-V2 style), whose queries and keys are
+    /// wider than their values.
+    pub heads: Option<LayerHeads>,
+    /// The softmax scale where it is not `1/sqrt(head_dim)`: `query_pre_attn_scalar^-0.5`
+    /// (Gemma 2, Gemma 3, VaultGemma), `attention_multiplier` (Granite, 1 when absent), 1
+    /// (Gemma 3n, Gemma 4: their QK norm sets the scores' size), `qk_head_dim^-0.5 · mscale²`
+    /// (DeepSeek-V2 / V3 and the other MLA models under YaRN with `mscale_all_dim`).
+    pub scale: Option<f64>,
+    /// Logit soft-capping (`attn_logit_softcapping`: Gemma 2's and VaultGemma's, 50 by default).
+    pub softcap: Option<f64>,
+    /// A norm of V before attention (Gemma 4's `v_norm`: an RMS norm of each head without
+    /// weights). The caller applies it, e.g. `cuda::qk_norm_inplace` with V in K's place.
+    pub v_norm: Option<HfQkNorm>,
+    /// Whether V is `k_proj`'s output (before the K norm and RoPE) rather than `v_proj`'s: Gemma
+    /// 4's full layers with `attention_k_eq_v`.
+    pub value_is_key: bool,
 }
 
 impl HfLayer {
@@ -65,7 +86,7 @@ impl HfLayer {
             LayerAttention::Full => Some(causal),
             LayerAttention::Sliding(w) => Some(Mask { window: Some(w), ..causal }),
             LayerAttention::Chunked(c) => Some(Mask { chunk: Some(c), ..causal }),
-            LayerAttention::Linear => None,
+            LayerAttention::Linear | LayerAttention::Conv => None,
         }
     }
 
@@ -91,16 +112,35 @@ impl HfLayer {
     pub fn apply(&self, mut p: AttentionParams) -> Option<AttentionParams> {
         p.mask = self.mask()?;
         p.query_temperature = self.query_temperature;
+        p.scale = self.scale.or(p.scale);
+        p.softcap = self.softcap.or(p.softcap);
         Some(p)
+    }
+
+    /// The layer's [`AttentionParams`] over all of its heads ([`HfLayer::heads`]), with its
+    /// mask, scale, soft-capping and query temperature ([`HfLayer::apply`]); set `rope` from
+    /// the config's [`RopeConfig`](crate::RopeConfig) where [`HfLayer::rope`] is true. `None`
+    /// for a layer without softmax attention or a config without the heads.
+    pub fn params(&self) -> Option<AttentionParams> {
+        let h = self.heads?;
+        self.apply(AttentionParams::new(h.num_q_heads, h.num_kv_heads, h.head_dim))
     }
 
     /// transformers' name of the layer type.
     pub fn layer_type(&self) -> &'static str {
-        match self.attention {
+        self.attention.layer_type()
+    }
+}
+
+impl LayerAttention {
+    /// transformers' name of the layer type.
+    pub fn layer_type(&self) -> &'static str {
+        match self {
             LayerAttention::Full => "full_attention",
             LayerAttention::Sliding(_) => "sliding_attention",
             LayerAttention::Chunked(_) => "chunked_attention",
             LayerAttention::Linear => "linear_attention",
+            LayerAttention::Conv => "conv",
         }
     }
 }
@@ -140,9 +180,12 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     // RoPE on the sliding layers only (`if self.sliding_window is not None: apply_rotary_pos_emb`).
     let rope_if_sliding = matches!(model_type.as_str(), "cohere2" | "cohere2_moe" | "dory" | "flint");
     let chunk = if llama4 && !root.contains_key("attention_chunk_size") { Some(8192) } else { size_of(&root, "attention_chunk_size")? };
-    if flag(&root, "use_bidirectional_attention")? == Some(true) {
-        // Gemma 3's embedding variant: a symmetric window |i - j| <= w, which Mask does not hold.
-        return Err(bad("use_bidirectional_attention", "bidirectional sliding windows are not supported"));
+    // Gemma 3's embedding variant (`true`) and Gemma 4's `"all"`: a symmetric window, which
+    // Mask does not hold. Gemma 4's `"vision"` only opens the image tokens to each other.
+    match root.get("use_bidirectional_attention") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(Value::String(s)) if s == "vision" => {}
+        Some(other) => return Err(bad("use_bidirectional_attention", format!("{other}: bidirectional attention is not supported"))),
     }
     // SmolLM3's use_sliding_window defaults to false; the others' use a window they set.
     let used = flag(&root, "use_sliding_window")?.unwrap_or(model_type != "smollm3");
@@ -209,6 +252,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
                 Some("sliding_attention") => window.map(LayerAttention::Sliding).ok_or(Error::MissingKey("sliding_window")),
                 Some("chunked_attention") => chunk.map(LayerAttention::Chunked).ok_or(Error::MissingKey("attention_chunk_size")),
                 Some("linear_attention") => Ok(LayerAttention::Linear),
+                Some("conv") => Ok(LayerAttention::Conv),
                 _ => Err(bad("layer_types", format!("unknown layer type {t}"))),
             })
             .collect::<Result<_>>()?,
@@ -242,6 +286,27 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
                     let k = size_of(&root, "full_attention_interval")?.unwrap_or(4);
                     (0..n).map(|i| if every(k, i) { LayerAttention::Linear } else { LayerAttention::Full }).collect()
                 }
+                // A full layer every 6th, and the last one full whatever the pattern says.
+                t if gemma4_family(t) => {
+                    (0..n).map(|i| sliding(every(6, i) && i + 1 != n)).collect::<Result<_>>()?
+                }
+                // Attention at `full_attn_idxs` (every layer when absent), convolutions elsewhere.
+                "lfm2" | "lfm2_moe" | "lfm2_vl" => match root.get("full_attn_idxs") {
+                    None | Some(Value::Null) => vec![LayerAttention::Full; n],
+                    Some(Value::Array(idx)) => {
+                        let idx: Vec<u64> = idx.iter().map(|v| v.as_u64().ok_or_else(|| bad("full_attn_idxs", format!("entry {v} is not an index")))).collect::<Result<_>>()?;
+                        (0..n).map(|i| if idx.contains(&(i as u64)) { LayerAttention::Full } else { LayerAttention::Conv }).collect()
+                    }
+                    Some(other) => return Err(bad("full_attn_idxs", format!("expected a list, got {other}"))),
+                },
+                // Full at 2 mod 4, sliding at 0 mod 4 (layer 0 excepted), convolutions elsewhere.
+                "lfm3" | "lfm3_vl" => (0..n)
+                    .map(|i| match i % 4 {
+                        2 => Ok(LayerAttention::Full),
+                        0 if i > 0 => sliding(true),
+                        _ => Ok(LayerAttention::Conv),
+                    })
+                    .collect::<Result<_>>()?,
                 "mistral" | "mixtral" | "phi3" | "starcoder2" => vec![sliding(window.is_some())?; n],
                 _ if window.is_some() => {
                     return Err(bad("layer_types", format!("{model_type:?} sets sliding_window, and which of its layers slide is model-specific: give layer_types")))
@@ -254,6 +319,18 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     if let Some(n) = n.filter(|&n| n != kinds.len()) {
         return Err(bad("layer_types", format!("{} entries for {n} layers", kinds.len())));
     }
+    let names: Vec<&str> = kinds.iter().map(|k| k.layer_type()).collect();
+    let own = overrides(&root, &model_type, &names)?;
+    let layer_heads = own.iter().map(|o| heads(o, &root, &model_type)).collect::<Result<Vec<_>>>()?;
+    let rope_dict = if model_type.starts_with("deepseek") || root.contains_key("qk_rope_head_dim") {
+        effective_rope_dict(&top, &root, defaults_of(&top, &root).as_ref(), None)?
+    } else {
+        None
+    };
+    let layer_scale = scale(&root, &model_type, rope_dict.as_ref())?;
+    let layer_softcap = softcap(&root, &model_type)?;
+    let v_norm = v_norm_of(&root, &model_type)?;
+    let k_eq_v = flag(&root, "attention_k_eq_v")?.unwrap_or(false);
     Ok(kinds
         .into_iter()
         .enumerate()
@@ -261,9 +338,20 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
             let rope = if rope_if_sliding { matches!(attention, LayerAttention::Sliding(_)) } else { rope_of(i) };
             let query_temperature = temperature.filter(|_| !rope).or(scaling_beta);
             // Llama 4's NoPE layers have no norm, nor do linear-attention layers (their own).
-            let normed = (rope || !llama4) && attention != LayerAttention::Linear;
-            let gated_query = gated && attention != LayerAttention::Linear;
-            HfLayer { attention, rope, query_temperature, qk_norm: qk_norm.filter(|_| normed), gated_query }
+            let attends = !matches!(attention, LayerAttention::Linear | LayerAttention::Conv);
+            let normed = (rope || !llama4) && attends;
+            HfLayer {
+                attention,
+                rope,
+                query_temperature,
+                qk_norm: qk_norm.filter(|_| normed),
+                gated_query: gated && attends,
+                heads: layer_heads[i].filter(|_| attends),
+                scale: layer_scale.filter(|_| attends),
+                softcap: layer_softcap.filter(|_| attends),
+                v_norm: v_norm.filter(|_| attends),
+                value_is_key: k_eq_v && attention == LayerAttention::Full,
+            }
         })
         .collect())
 }

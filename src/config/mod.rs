@@ -6,6 +6,7 @@
 //! [`RopeSchedule`], the f64 numbers every kernel and the CPU reference consume.
 
 mod hf;
+mod layer_shape;
 mod layers;
 mod model_defaults;
 mod rope_dict;
@@ -13,6 +14,7 @@ mod mrope;
 mod qk_norm;
 mod schedules;
 
+pub use layer_shape::LayerHeads;
 pub use layers::{hf_layers, HfLayer, LayerAttention};
 pub use mrope::MRope;
 pub use qk_norm::{HfQkNorm, NormWeight};
@@ -57,6 +59,12 @@ pub enum RopeScaling {
         factor: f64,
         attention_factor: Option<f64>,
     },
+    /// Gemma 4's and LFM3's "proportional" RoPE: the pairs span the whole head (`rotary_dim` =
+    /// `head_dim`, so a pair's partner sits `head_dim/2` away), the first `rotated_pairs`
+    /// (`⌊partial_rotary_factor·head_dim/2⌋`) turn at `theta^(-2i/head_dim) / factor`, and the
+    /// rest have frequency 0: they pass through unchanged (cos 0 = 1, sin 0 = 0 exactly). Unlike
+    /// a partial rotation, the exponent's denominator stays the whole head.
+    Proportional { factor: f64, rotated_pairs: usize },
 }
 
 impl RopeScaling {
@@ -86,6 +94,7 @@ impl RopeScaling {
             RopeScaling::Yarn { .. } => "yarn",
             RopeScaling::Llama3 { .. } => "llama3",
             RopeScaling::LongRope { .. } => "longrope",
+            RopeScaling::Proportional { .. } => "proportional",
         }
     }
 }

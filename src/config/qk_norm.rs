@@ -2,6 +2,7 @@
 //! [`HfLayer::qk_norm`](super::HfLayer::qk_norm)), as transformers' modeling code applies it.
 
 use super::hf::{f64_of, flag, Obj};
+use super::layer_shape::gemma4_family;
 use crate::error::{Error, Result};
 use crate::qk_norm::{eps_is_valid, NormScope, QkNorm};
 
@@ -63,6 +64,9 @@ pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm
         "glm4_moe" => (Head, Plain, 1e-5, flag(root, "use_qk_norm")?.unwrap_or(false)),
         "gemma3" | "gemma3_text" | "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => (Head, OnePlus, 1e-6, true),
         "olmo2" | "olmo3" | "olmoe" => (Heads, Plain, 1e-5, true),
+        t if gemma4_family(t) => (Head, Plain, 1e-6, true),
+        // Their config calls the eps `norm_eps` (LFM3 maps `rms_norm_eps` onto it).
+        "lfm2" | "lfm2_moe" | "lfm2_vl" | "lfm3" | "lfm3_vl" => (Head, Plain, 1e-5, true),
         "cohere" | "cohere2" | "chameleon" if flag(root, "use_qk_norm")? == Some(true) => {
             return Err(Error::InvalidValue {
                 key: "use_qk_norm".into(),
@@ -74,9 +78,25 @@ pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm
     if !on {
         return Ok(None);
     }
-    let eps = f64_of(root, "rms_norm_eps")?.unwrap_or(default_eps);
-    if !eps_is_valid(eps) {
-        return Err(Error::InvalidValue { key: "rms_norm_eps".into(), reason: format!("must be finite and > 0 (in f32 too), got {eps}") });
-    }
+    let eps = eps_of(root, model_type, default_eps)?;
     Ok(Some(HfQkNorm { eps, scope, weight }))
+}
+
+/// The norm's eps: `rms_norm_eps`, LFM's `norm_eps`, else the class's default.
+fn eps_of(root: &Obj, model_type: &str, default_eps: f64) -> Result<f64> {
+    let key = if model_type.starts_with("lfm") && !root.contains_key("rms_norm_eps") { "norm_eps" } else { "rms_norm_eps" };
+    let eps = f64_of(root, key)?.unwrap_or(default_eps);
+    if !eps_is_valid(eps) {
+        return Err(Error::InvalidValue { key: key.into(), reason: format!("must be finite and > 0 (in f32 too), got {eps}") });
+    }
+    Ok(eps)
+}
+
+/// The norm of V, for the model types that have one: Gemma 4's `v_norm`, an RMS norm of each
+/// head without weights.
+pub(super) fn v_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm>> {
+    if !gemma4_family(model_type) {
+        return Ok(None);
+    }
+    Ok(Some(HfQkNorm { eps: eps_of(root, model_type, 1e-6)?, scope: NormScope::Head, weight: NormWeight::None }))
 }

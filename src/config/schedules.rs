@@ -46,6 +46,15 @@ pub(super) fn validate(cfg: &RopeConfig) -> Result<()> {
                 positive("attention_factor", *a)?;
             }
         }
+        RopeScaling::Proportional { factor, rotated_pairs } => {
+            positive("factor", *factor)?;
+            if cfg.rotary_dim != cfg.head_dim {
+                return Err(Error::RotaryDim { rotary_dim: cfg.rotary_dim, head_dim: cfg.head_dim });
+            }
+            if *rotated_pairs > half {
+                return Err(invalid("partial_rotary_factor", format!("{rotated_pairs} rotated pairs, rotary_dim/2 = {half}")));
+            }
+        }
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             positive("factor", *factor)?;
             positive("low_freq_factor", *low_freq_factor)?;
@@ -94,6 +103,11 @@ pub(super) fn compute(cfg: &RopeConfig, seq_len: Option<usize>) -> (Vec<f64>, f6
         RopeScaling::Default => (base_inv_freq(base, r), 1.0),
         RopeScaling::Linear { factor } => {
             (base_inv_freq(base, r).into_iter().map(|f| f / factor).collect(), 1.0)
+        }
+        RopeScaling::Proportional { factor, rotated_pairs } => {
+            // transformers: the rotated pairs' `1 / base^(2i/head_dim)`, zeros after, all `/= factor`.
+            let inv = base_inv_freq(base, r).into_iter().enumerate().map(|(i, f)| if i < *rotated_pairs { f / factor } else { 0.0 }).collect();
+            (inv, 1.0)
         }
         RopeScaling::Ntk { factor } => {
             let b = base * factor.powf(r as f64 / (r as f64 - 2.0));

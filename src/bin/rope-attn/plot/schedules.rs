@@ -25,6 +25,7 @@ fn same(a: &RopeSchedule, b: &RopeSchedule) -> bool {
 fn config_factor(cfg: &RopeConfig) -> Option<f64> {
     match &cfg.scaling {
         RopeScaling::Default => None,
+        RopeScaling::Proportional { factor, .. } => (*factor != 1.0).then_some(*factor),
         RopeScaling::Linear { factor }
         | RopeScaling::Ntk { factor }
         | RopeScaling::Dynamic { factor, .. }

@@ -1,0 +1,165 @@
+//! A layer's heads, head size and softmax scale as transformers' attention modules take them
+//! from a `config.json`: per-layer overrides (`per_layer_config`, and the Gemma 4 family's
+//! `global_head_dim` / `num_global_key_value_heads` that become one on its full layers), and
+//! the scale rules that are not `1/sqrt(head_dim)` (Gemma 2 / 3's `query_pre_attn_scalar`,
+//! Granite's `attention_multiplier`, Gemma 3n's and Gemma 4's 1 after their QK norm, the MLA
+//! models' YaRN `mscale²`). tests/hf_fixtures.rs checks them against the modules themselves.
+
+use super::hf::{bad, f64_of, flag, usize_of, Obj};
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+/// One layer's query heads, KV heads and head size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerHeads {
+    /// `num_attention_heads` (all of the model's, before any sharding over devices).
+    pub num_q_heads: usize,
+    /// `num_key_value_heads` (`num_attention_heads` when absent).
+    pub num_kv_heads: usize,
+    /// The head size Q, K and V share (`head_dim`, else `hidden_size / num_attention_heads`).
+    pub head_dim: usize,
+}
+
+/// The Gemma 4 family: one head size on the sliding layers, `global_head_dim` on the full ones.
+pub(super) fn gemma4_family(model_type: &str) -> bool {
+    model_type.starts_with("gemma4") || model_type.starts_with("diffusion_gemma")
+}
+
+/// The MLA models (DeepSeek-V2 style), whose scale is `qk_head_dim^-0.5 · mscale²`.
+fn mla(model_type: &str) -> bool {
+    matches!(
+        model_type,
+        "deepseek_v2" | "deepseek_v3" | "deepseek_v32" | "kimi_k2" | "mistral4" | "mistral_large4" | "longcat_flash" | "glm4_moe_lite"
+            | "glm_moe_dsa" | "youtu" | "minicpm3" | "axk1" | "axk2" | "hy_v4" | "hy_v4_vl" | "bailing_hybrid"
+    )
+}
+
+/// Each layer's own keys (`head_dim`, `num_key_value_heads`, ...), empty where it takes the
+/// model's: `per_layer_config` (keys are layer indices, sometimes zero-padded: `"05"`), else,
+/// for the Gemma 4 family, `global_head_dim` (512 when absent) on its full layers and
+/// `num_global_key_value_heads` there (Gemma 4 only with `attention_k_eq_v`).
+pub(super) fn overrides(root: &Obj, model_type: &str, layer_types: &[&str]) -> Result<Vec<Obj>> {
+    let mut out = vec![Obj::new(); layer_types.len()];
+    match root.get("per_layer_config") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(per)) => {
+            for (key, v) in per {
+                let i: usize = key.parse().map_err(|_| bad("per_layer_config", format!("key {key:?} is not a layer index")))?;
+                let slot = out.get_mut(i).ok_or_else(|| bad("per_layer_config", format!("layer {i} of {}", layer_types.len())))?;
+                match v {
+                    Value::Object(o) => *slot = o.clone(),
+                    other => return Err(bad("per_layer_config", format!("layer {i}: expected an object, got {other}"))),
+                }
+            }
+            return Ok(out);
+        }
+        Some(other) => return Err(bad("per_layer_config", format!("expected an object, got {other}"))),
+    }
+    if gemma4_family(model_type) {
+        let head_dim = usize_of(root, "global_head_dim")?.unwrap_or(512);
+        // Gemma 4 gates the KV heads' override on `attention_k_eq_v`; DiffusionGemma has no such flag.
+        let gated = !model_type.starts_with("diffusion_gemma");
+        let kv = usize_of(root, "num_global_key_value_heads")?.filter(|_| !gated || flag(root, "attention_k_eq_v").ok().flatten() == Some(true));
+        for (o, t) in out.iter_mut().zip(layer_types) {
+            if *t == "full_attention" {
+                o.insert("head_dim".into(), head_dim.into());
+                if let Some(kv) = kv {
+                    o.insert("num_key_value_heads".into(), kv.into());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `key` of the layer's overrides, else of the config.
+fn layer_usize(own: &Obj, root: &Obj, key: &str) -> Result<Option<usize>> {
+    Ok(usize_of(own, key)?.or(usize_of(root, key)?))
+}
+
+/// The layer's heads; `None` where the config does not give them, or for an MLA model (its
+/// queries and keys are wider than its values, which these kernels do not take).
+pub(super) fn heads(own: &Obj, root: &Obj, model_type: &str) -> Result<Option<LayerHeads>> {
+    if mla(model_type) || root.contains_key("qk_rope_head_dim") {
+        return Ok(None);
+    }
+    let Some(q) = layer_usize(own, root, "num_attention_heads")? else { return Ok(None) };
+    if q == 0 {
+        return Err(bad("num_attention_heads", "must be > 0"));
+    }
+    let kv = layer_usize(own, root, "num_key_value_heads")?.unwrap_or(q);
+    let head_dim = match layer_usize(own, root, "head_dim")? {
+        Some(d) => d,
+        None => match usize_of(root, "hidden_size")? {
+            Some(h) => h / q,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(LayerHeads { num_q_heads: q, num_kv_heads: kv, head_dim }))
+}
+
+/// A positive finite number under `key`, `default` when absent.
+fn positive_or(root: &Obj, key: &str, default: f64) -> Result<f64> {
+    let v = f64_of(root, key)?.unwrap_or(default);
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad(key, format!("must be finite and > 0, got {v}")));
+    }
+    Ok(v)
+}
+
+/// The softmax scale where the model's attention does not take `1/sqrt(head_dim)`; `rope` is
+/// the effective rope dict (the MLA models' `mscale_all_dim`).
+pub(super) fn scale(root: &Obj, model_type: &str, rope: Option<&Obj>) -> Result<Option<f64>> {
+    Ok(Some(match model_type {
+        // `query_pre_attn_scalar ** -0.5` (Step 3.7's defaults to its head_dim).
+        "gemma2" | "gemma3" | "gemma3_text" | "vaultgemma" => positive_or(root, "query_pre_attn_scalar", 256.0)?.powf(-0.5),
+        "step3p7" => match f64_of(root, "query_pre_attn_scalar")? {
+            Some(_) => positive_or(root, "query_pre_attn_scalar", 1.0)?.powf(-0.5),
+            None => return Ok(None),
+        },
+        // Their QK norm (and V norm) leaves the scores unscaled.
+        t if gemma4_family(t) || t.starts_with("gemma3n") => 1.0,
+        // `attention_multiplier` (1 when absent, except HyperCLOVA X's head_dim^-0.5).
+        "granite" | "granitemoe" | "granitemoeshared" | "granitemoehybrid" | "granite_swa" | "granitemoe_swa" => {
+            positive_or(root, "attention_multiplier", 1.0)?
+        }
+        "hyperclovax" => match f64_of(root, "attention_multiplier")? {
+            Some(_) => positive_or(root, "attention_multiplier", 1.0)?,
+            None => return Ok(None),
+        },
+        t if mla(t) => {
+            let nope = usize_of(root, "qk_nope_head_dim")?.ok_or(Error::MissingKey("qk_nope_head_dim"))?;
+            let rot = usize_of(root, "qk_rope_head_dim")?.ok_or(Error::MissingKey("qk_rope_head_dim"))?;
+            let mut s = ((nope + rot) as f64).powf(-0.5);
+            // transformers' `yarn_apply_mscale`: any scaled rope type with a nonzero mscale_all_dim.
+            if let Some(r) = rope {
+                let scaled = match r.get("rope_type").or(r.get("type")) {
+                    None | Some(Value::Null) => false,
+                    Some(v) => v.as_str() != Some("default"),
+                };
+                let all_dim = f64_of(r, "mscale_all_dim")?.unwrap_or(0.0);
+                if scaled && all_dim != 0.0 {
+                    let factor = f64_of(r, "factor")?.ok_or(Error::MissingKey("factor"))?;
+                    let m = if factor <= 1.0 { 1.0 } else { 0.1 * all_dim * factor.ln() + 1.0 };
+                    s = s * m * m;
+                }
+            }
+            s
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// Logit soft-capping (`attn_logit_softcapping`: Gemma 2's 50 by default, Gemma 3's off).
+pub(super) fn softcap(root: &Obj, model_type: &str) -> Result<Option<f64>> {
+    let default = match model_type {
+        "gemma2" | "vaultgemma" => Some(50.0),
+        "gemma3" | "gemma3_text" => None,
+        _ => return Ok(None),
+    };
+    match root.get("attn_logit_softcapping") {
+        Some(Value::Null) => Ok(None),
+        None => Ok(default),
+        Some(_) => Ok(Some(positive_or(root, "attn_logit_softcapping", 1.0)?)),
+    }
+}
