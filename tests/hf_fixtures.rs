@@ -528,8 +528,9 @@ fn attention_matches_qk_norm_attention_modules() {
         let rope = RopeConfig::from_hf_config_json_layer(&cfg, case["layer_type"].as_str()).unwrap();
         let mut p = AttentionParams::new(hq, hkv, d);
         p.rope = Some(Rotary::from_schedule(&rope.schedule(None).unwrap(), Layout::Half));
-        p.scale = Some(case["scale"].as_f64().unwrap());
+        // The module's scale, as hf_layers gives it (Gemma 3's query_pre_attn_scalar).
         let p = layer.apply(p).unwrap();
+        assert!(rel_err(p.softmax_scale(), case["scale"].as_f64().unwrap()) <= 1e-15, "{label}: scale {}", p.softmax_scale());
         let exact = |key| exact_f64s("qk_norm_attention", idx, key);
         let f32s = |key| exact(key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
         let (qw, kw) = (f32s("q_norm_weight"), f32s("k_norm_weight"));
@@ -942,4 +943,91 @@ fn attention_matches_ministral3_attention_module() {
         }
     }
     assert_eq!(cases.len(), 2);
+}
+
+/// Each layer's attention as transformers' own modules take it from a config (fixture section
+/// "layer_shapes": tiny text models built from configs of Llama, Gemma 2 / 3 / 4, VaultGemma,
+/// Granite (dense, MoE, shared MoE), HyperCLOVA X, LFM2, LFM3 and DeepSeek-V3, with and
+/// without the keys that matter): `hf_layers` gives the same layer types; on each attention
+/// layer the module's `scaling` (to 1e-15), heads and head size (q_proj's and k_proj's widths:
+/// Gemma 4's full layers take `global_head_dim` and, with `attention_k_eq_v`,
+/// `num_global_key_value_heads`), soft-capping, V norm and V-is-K; `RopeConfig` the head size
+/// the layer type's rotary code is given; and no attention where the model has none (LFM's
+/// convolutions).
+#[test]
+fn layer_shapes_match_transformers_attention_modules() {
+    let f = fixtures();
+    let cases = cases(&f, "layer_shapes");
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in cases {
+        let mt = case["model_type"].as_str().unwrap();
+        let cfg = case["config"].to_string();
+        let label = format!("{mt} {}", case["config"]);
+        let layers = match hf_layers(&cfg) {
+            Ok(l) => l,
+            Err(e) => {
+                failures.push(format!("{label}: {e}"));
+                continue;
+            }
+        };
+        let types: Vec<&str> = case["layer_types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let got: Vec<&str> = layers.iter().map(|l| l.layer_type()).collect();
+        if got != types {
+            failures.push(format!("{label}: layer types {got:?}, transformers {types:?}"));
+            continue;
+        }
+        for (i, (layer, want)) in layers.iter().zip(case["layers"].as_array().unwrap()).enumerate() {
+            let mut fail = |what: String| failures.push(format!("{label} layer {i}: {what}"));
+            if want.is_null() {
+                if layer.params().is_some() || layer.mask().is_some() {
+                    fail("attention where the model has none".into());
+                }
+                continue;
+            }
+            let window = match layer.attention {
+                LayerAttention::Sliding(w) => Some(w as u64),
+                _ => None,
+            };
+            if window != want["sliding_window"].as_u64() {
+                fail(format!("window {window:?} vs {}", want["sliding_window"]));
+            }
+            let d = usize_of(&want["head_dim"]);
+            let scale = layer.scale.unwrap_or(1.0 / (d as f64).sqrt());
+            if rel_err(scale, want["scaling"].as_f64().unwrap()) > 1e-15 {
+                fail(format!("scale {scale} vs scaling {}", want["scaling"]));
+            }
+            if layer.softcap != want["softcap"].as_f64() {
+                fail(format!("softcap {:?} vs {}", layer.softcap, want["softcap"]));
+            }
+            if layer.v_norm.is_some() != want["v_norm"].as_bool().unwrap() || layer.value_is_key != want["value_is_key"].as_bool().unwrap() {
+                fail(format!("v_norm {:?}, value_is_key {} vs {} {}", layer.v_norm, layer.value_is_key, want["v_norm"], want["value_is_key"]));
+            }
+            match (layer.params(), want["num_q_heads"].as_u64()) {
+                (Some(p), Some(q)) => {
+                    let kv = want["num_kv_heads"].as_u64().map(|k| k as usize).unwrap_or(p.num_kv_heads);
+                    if (p.num_q_heads, p.num_kv_heads, p.head_dim) != (q as usize, kv, d) {
+                        fail(format!("heads {:?} vs ({q}, {kv}, {d})", (p.num_q_heads, p.num_kv_heads, p.head_dim)));
+                    }
+                    if (p.scale, p.softcap) != (layer.scale, layer.softcap) || Some(p.mask) != layer.mask() {
+                        fail("params() does not carry the layer's scale, softcap and mask".into());
+                    }
+                    if layer.rope {
+                        let rope_d = usize_of(&case["rope_head_dim"][layer.layer_type()]);
+                        match RopeConfig::from_hf_config_json_layer(&cfg, Some(layer.layer_type())) {
+                            Ok(c) if c.head_dim == rope_d => {}
+                            other => fail(format!("rope head dim {:?} vs {rope_d}", other.map(|c| c.head_dim))),
+                        }
+                    }
+                }
+                // MLA: q_proj is low-rank, the heads are not the kernels' shape.
+                (None, None) => {}
+                (got, want) => fail(format!("heads {:?} vs q heads {want:?}", got.map(|p| (p.num_q_heads, p.num_kv_heads, p.head_dim)))),
+            }
+            checked += 1;
+        }
+    }
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    let models: BTreeSet<&str> = cases.iter().map(|c| c["model_type"].as_str().unwrap()).collect();
+    assert!(models.len() >= 12 && checked > 100, "{} models, {checked} layers", models.len());
 }

@@ -6,7 +6,7 @@
 //! config leaves out take its model type's defaults, as transformers' config class for it
 //! fills them in (rope_dict.rs, over the generated table in model_defaults.rs).
 
-use super::layer_shape::gemma4_family;
+use super::layer_shape::sizes_per_layer;
 use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of, ModelDefaults};
 use super::{MRope, RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
@@ -206,7 +206,7 @@ pub(super) fn parse(json: &str, layer_type: Option<&str>) -> Result<RopeConfig> 
         None => f64_of(&root, "rotary_emb_base")?.unwrap_or(defaults.as_ref().map_or(10000.0, |d| d.theta)),
     };
     let head_dim = match layer_type {
-        Some(t) if root.contains_key("per_layer_config") || model_type_of(&top, &root).is_some_and(|m| gemma4_family(&m)) => layer_head_dim(json, t)?,
+        Some(t) if sizes_per_layer(&root, &model_type_of(&top, &root).unwrap_or_default()) => layer_head_dim(json, t)?,
         _ => None,
     };
     let head_dim = match head_dim {

@@ -25,6 +25,31 @@ pub(super) fn gemma4_family(model_type: &str) -> bool {
     model_type.starts_with("gemma4") || model_type.starts_with("diffusion_gemma")
 }
 
+/// How a class with `global_head_dim` takes `num_global_key_value_heads` for its full layers.
+enum GlobalKv {
+    /// Gemma 4: only with `attention_k_eq_v`.
+    IfKEqV,
+    /// DiffusionGemma: whenever given.
+    IfGiven,
+    /// EmbeddingGemma 2: 1 when absent.
+    DefaultOne,
+}
+
+/// The classes whose full layers take `global_head_dim` (512 when absent).
+fn global_sizes(model_type: &str) -> Option<GlobalKv> {
+    match model_type {
+        t if t.starts_with("diffusion_gemma") => Some(GlobalKv::IfGiven),
+        t if t.starts_with("embedding_gemma2") => Some(GlobalKv::DefaultOne),
+        t if gemma4_family(t) => Some(GlobalKv::IfKEqV),
+        _ => None,
+    }
+}
+
+/// Whether a layer type's head size may differ from the model's `head_dim`.
+pub(super) fn sizes_per_layer(root: &Obj, model_type: &str) -> bool {
+    root.contains_key("per_layer_config") || global_sizes(model_type).is_some()
+}
+
 /// The MLA models (DeepSeek-V2 style), whose scale is `qk_head_dim^-0.5 · mscale²`.
 fn mla(model_type: &str) -> bool {
     matches!(
@@ -36,8 +61,8 @@ fn mla(model_type: &str) -> bool {
 
 /// Each layer's own keys (`head_dim`, `num_key_value_heads`, ...), empty where it takes the
 /// model's: `per_layer_config` (keys are layer indices, sometimes zero-padded: `"05"`), else,
-/// for the Gemma 4 family, `global_head_dim` (512 when absent) on its full layers and
-/// `num_global_key_value_heads` there (Gemma 4 only with `attention_k_eq_v`).
+/// for the Gemma 4 family and EmbeddingGemma 2, `global_head_dim` (512 when absent) on their
+/// full layers and `num_global_key_value_heads` there ([`GlobalKv`]).
 pub(super) fn overrides(root: &Obj, model_type: &str, layer_types: &[&str]) -> Result<Vec<Obj>> {
     let mut out = vec![Obj::new(); layer_types.len()];
     match root.get("per_layer_config") {
@@ -55,11 +80,14 @@ pub(super) fn overrides(root: &Obj, model_type: &str, layer_types: &[&str]) -> R
         }
         Some(other) => return Err(bad("per_layer_config", format!("expected an object, got {other}"))),
     }
-    if gemma4_family(model_type) {
+    if let Some(kv_rule) = global_sizes(model_type) {
         let head_dim = usize_of(root, "global_head_dim")?.unwrap_or(512);
-        // Gemma 4 gates the KV heads' override on `attention_k_eq_v`; DiffusionGemma has no such flag.
-        let gated = !model_type.starts_with("diffusion_gemma");
-        let kv = usize_of(root, "num_global_key_value_heads")?.filter(|_| !gated || flag(root, "attention_k_eq_v").ok().flatten() == Some(true));
+        let given = usize_of(root, "num_global_key_value_heads")?;
+        let kv = match kv_rule {
+            GlobalKv::IfKEqV => given.filter(|_| flag(root, "attention_k_eq_v").ok().flatten() == Some(true)),
+            GlobalKv::IfGiven => given,
+            GlobalKv::DefaultOne => Some(given.unwrap_or(1)),
+        };
         for (o, t) in out.iter_mut().zip(layer_types) {
             if *t == "full_attention" {
                 o.insert("head_dim".into(), head_dim.into());

@@ -189,8 +189,20 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     }
     // SmolLM3's use_sliding_window defaults to false; the others' use a window they set.
     let used = flag(&root, "use_sliding_window")?.unwrap_or(model_type != "smollm3");
-    let class_window = matches!(model_type.as_str(), "cohere2" | "cohere2_moe").then_some(4096);
-    let window = size_of(&root, "sliding_window")?.or(class_window).filter(|_| used);
+    // The config class's window where the key is absent (not where it is null).
+    let class_window = match model_type.as_str() {
+        "cohere2" | "cohere2_moe" | "gemma2" | "gemma3" | "gemma3_text" | "vaultgemma" | "mistral" => Some(4096),
+        "gpt_oss" => Some(128),
+        "lfm3" | "lfm3_vl" => Some(256),
+        t if t.starts_with("gemma4_unified") => Some(1024),
+        t if gemma4_family(t) => Some(512),
+        _ => None,
+    };
+    let window = match root.get("sliding_window") {
+        None => class_window,
+        Some(_) => size_of(&root, "sliding_window")?,
+    }
+    .filter(|_| used);
     let n = usize_of(&root, "num_hidden_layers")?;
 
     // Llama 4: no_rope_layers[i] = 1 for a RoPE layer (chunked), 0 for a NoPE one (full).
@@ -271,7 +283,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
                         _ => LayerAttention::Full,
                     })
                     .collect(),
-                "gemma2" | "gpt_oss" => (0..n).map(|i| sliding(every(2, i))).collect::<Result<_>>()?,
+                "gemma2" | "gpt_oss" | "vaultgemma" => (0..n).map(|i| sliding(every(2, i))).collect::<Result<_>>()?,
                 "gemma3" | "gemma3_text" => {
                     let k = size_of(&root, "sliding_window_pattern")?.unwrap_or(6);
                     (0..n).map(|i| sliding(every(k, i))).collect::<Result<_>>()?
