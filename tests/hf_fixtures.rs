@@ -1031,3 +1031,62 @@ fn layer_shapes_match_transformers_attention_modules() {
     let models: BTreeSet<&str> = cases.iter().map(|c| c["model_type"].as_str().unwrap()).collect();
     assert!(models.len() >= 12 && checked > 100, "{} models, {checked} layers", models.len());
 }
+
+/// Proportional RoPE and the layers around it by transformers' own attention modules (fixture
+/// section "proportional_attention", float64): Gemma 4's sliding layer and its full layer
+/// (global_head_dim 32, a quarter of the pairs turning, V = k_proj's output under its V norm,
+/// scale 1) and LFM3's full (proportional over half) and sliding layers, against the reference
+/// run entirely as the config tells it: `hf_layers`' params (heads, head size, scale, mask),
+/// QK norm, V norm and V-is-K, and `RopeConfig`'s schedule for the layer type. Equal to 1e-12;
+/// the same frequencies over a partial rotation (pairs `rotated/2` apart instead of `d/2`) move it.
+#[test]
+fn attention_matches_proportional_rope_modules() {
+    let f = fixtures();
+    let cases = cases(&f, "proportional_attention");
+    let mut proportional = 0;
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let cfg = case["config"].to_string();
+        let layer = hf_layers(&cfg).unwrap()[usize_of(&case["layer"])];
+        let mut p = layer.params().unwrap_or_else(|| panic!("{label}: no params"));
+        let (hq, hkv, d) = (p.num_q_heads, p.num_kv_heads, p.head_dim);
+        let rope = RopeConfig::from_hf_config_json_layer(&cfg, case["layer_type"].as_str()).unwrap();
+        let sched = rope.schedule(None).unwrap();
+        assert_eq!((rope.head_dim, sched.rotary_dim), (d, d), "{label}: rotation over the layer's head");
+        p.rope = Some(Rotary::from_schedule(&sched, Layout::Half));
+        let exact = |key| exact_f64s("proportional_attention", idx, key);
+        let f32s = |key| exact(key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let norm = layer.qk_norm.unwrap_or_else(|| panic!("{label}: no QK norm"));
+        let q = qk_normalised(&exact("q"), hq, d, &norm, Some(&f32s("q_norm_weight")));
+        let k_raw = exact("k");
+        let k = qk_normalised(&k_raw, hkv, d, &norm, Some(&f32s("k_norm_weight")));
+        let v_raw = if layer.value_is_key {
+            assert!(case["v"].is_null(), "{label}: the module has a v_proj");
+            k_raw.clone()
+        } else {
+            exact("v")
+        };
+        let v = match &layer.v_norm {
+            Some(vn) => qk_normalised(&v_raw, hkv, d, vn, None),
+            None => v_raw,
+        };
+        let pos: Vec<i64> = (0..q.len() / (hq * d)).map(|i| i as i64).collect();
+        let o = reference::attention(&q, &k, &v, &pos, &pos, &p).unwrap();
+        let want = exact("out");
+        assert_eq!(o.out.len(), want.len(), "{label}");
+        for (i, (g, w)) in o.out.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{label}: out[{i}] {g} vs transformers {w}");
+        }
+        if sched.rope_type == "proportional" {
+            proportional += 1;
+            // The turning pairs as a partial rotation of their own width: a different pairing.
+            let turning = sched.inv_freq.iter().take_while(|&&f| f > 0.0).count();
+            assert!(turning > 0 && turning < d / 2, "{label}: {turning} pairs turn");
+            let mut partial = p.clone();
+            partial.rope = Some(Rotary { inv_freq: sched.inv_freq[..turning].to_vec(), rotary_dim: 2 * turning, layout: Layout::Half, attention_factor: 1.0 });
+            let moved = reference::attention(&q, &k, &v, &pos, &pos, &partial).unwrap();
+            assert!(moved.out.iter().zip(&o.out).any(|(a, b)| (a - b).abs() > 1e-3), "{label}: a partial rotation agrees");
+        }
+    }
+    assert_eq!((cases.len(), proportional), (4, 2), "proportional attention cases");
+}
