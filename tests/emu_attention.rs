@@ -454,3 +454,24 @@ fn emulated_prefill_last_partial_tile_reads_nothing_past_the_end() {
         }
     }
 }
+
+/// Proportional RoPE (LFM3's full layers: half of the pairs turning across the whole head, the
+/// rest at frequency 0) in the prefill kernels, both key paths, f16 and bf16, with the layer as
+/// `hf_layers` and `RopeConfig` read it from an LFM3 config, against the reference (checked mode).
+#[test]
+fn emulated_prefill_with_proportional_rope() {
+    let emu = emulator(0);
+    let json = r#"{"model_type": "lfm3", "hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+        "num_hidden_layers": 3, "sliding_window": 96, "rope_parameters": {"full_attention": {"rope_type": "proportional",
+        "rope_theta": 1000000.0, "partial_rotary_factor": 0.5}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}"#;
+    let layer = rope_attn::hf_layers(json).unwrap()[2];
+    assert_eq!(layer.attention, rope_attn::LayerAttention::Full);
+    let sched = rope_attn::RopeConfig::from_hf_config_json_layer(json, Some("full_attention")).unwrap().schedule(None).unwrap();
+    assert_eq!((sched.rotary_dim, sched.inv_freq.iter().filter(|&&f| f == 0.0).count()), (128, 32));
+    let mut p = layer.params().unwrap();
+    p.rope = Some(rope_attn::Rotary::from_schedule(&sched, rope_attn::Layout::Half));
+    for (i, &n) in [37usize, 150].iter().enumerate() {
+        run::<bf16>(&emu, &p, &[n], &[n], 80 + i as u64, i == 1);
+        run::<f16>(&emu, &p, &[n], &[n], 90 + i as u64, i == 0);
+    }
+}

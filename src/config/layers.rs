@@ -160,10 +160,14 @@ fn size_of(root: &Obj, key: &str) -> Result<Option<usize>> {
 /// Without one, transformers' own defaults are followed for the model types whose configs
 /// derive it: Llama 4 (`no_rope_layers`, or a NoPE layer every `no_rope_layer_interval`, and
 /// `attention_chunk_size`, 8192 when absent), Gemma 2 and GPT-OSS (sliding and full
-/// alternating), Gemma 3 (`sliding_window_pattern`, 6), Cohere 2 (`sliding_window_pattern`, 4,
-/// window 4096), SmolLM3 (sliding on its NoPE layers when `use_sliding_window`), Qwen3-Next /
-/// Qwen3.5 (`full_attention_interval`, 4); Mistral, Mixtral, Phi-3 and Starcoder2 slide every
-/// layer when `sliding_window` is set.
+/// alternating; VaultGemma too), Gemma 3 (`sliding_window_pattern`, 6), Cohere 2
+/// (`sliding_window_pattern`, 4, window 4096), SmolLM3 (sliding on its NoPE layers when
+/// `use_sliding_window`), Qwen3-Next / Qwen3.5 (`full_attention_interval`, 4), Gemma 4 (a full
+/// layer every 6th and the last), LFM2 (attention at `full_attn_idxs`, convolutions elsewhere),
+/// LFM3 (full at 2 mod 4, sliding at 0 mod 4 but 0, convolutions elsewhere); Mistral, Mixtral,
+/// Phi-3 and Starcoder2 slide every layer when `sliding_window` is set (Mistral's class sets
+/// 4096 where the key is absent; a null turns it off). Windows absent from a config take the
+/// class's (Gemma 2 / 3 4096, GPT-OSS 128, LFM3 256, Gemma 4 512, Gemma 4 Unified 1024).
 ///
 /// Which layers rotate follows the model's code too: SmolLM3 takes `no_rope_layers` as Llama 4
 /// does (1 = RoPE; a NoPE layer every `no_rope_layer_interval`, 4, when absent), and Cohere 2
