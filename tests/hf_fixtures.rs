@@ -1000,7 +1000,12 @@ fn layer_shapes_match_transformers_attention_modules() {
             if layer.softcap != want["softcap"].as_f64() {
                 fail(format!("softcap {:?} vs {}", layer.softcap, want["softcap"]));
             }
-            if layer.v_norm.is_some() != want["v_norm"].as_bool().unwrap() || layer.value_is_key != want["value_is_key"].as_bool().unwrap() {
+            // A layer that reuses another's K and V has no V norm of its own: the producer's made them.
+            let v_norm = want["v_norm"].as_bool().unwrap() || want["kv_shared"].as_bool().unwrap();
+            if layer.kv_shared_from != want["kv_source"].as_u64().map(|j| j as usize) || layer.head_gate != want["output_gate"].as_bool().unwrap() {
+                fail(format!("kv_shared_from {:?}, head_gate {} vs {} {}", layer.kv_shared_from, layer.head_gate, want["kv_source"], want["output_gate"]));
+            }
+            if layer.v_norm.is_some() != v_norm || layer.value_is_key != want["value_is_key"].as_bool().unwrap() {
                 fail(format!("v_norm {:?}, value_is_key {} vs {} {}", layer.v_norm, layer.value_is_key, want["v_norm"], want["value_is_key"]));
             }
             match (layer.params(), want["num_q_heads"].as_u64()) {

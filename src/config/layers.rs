@@ -76,6 +76,16 @@ pub struct HfLayer {
     /// Whether V is `k_proj`'s output (before the K norm and RoPE) rather than `v_proj`'s: Gemma
     /// 4's full layers with `attention_k_eq_v`.
     pub value_is_key: bool,
+    /// The earlier layer whose K and V (cache included) this one reads instead of computing its
+    /// own: the last layer of its type before the shared ones, on the last
+    /// `num_kv_shared_layers` layers of Gemma 3n (15 by default) and Gemma 4 (0 by default).
+    /// Such a layer has no `k_proj` or `v_proj`; its `v_norm` and QK norm are what made the K
+    /// and V it reads (its own QK norm still applies to its queries).
+    pub kv_shared_from: Option<usize>,
+    /// A sigmoid gate per head on the attention output (LFM3's `g_proj`, with
+    /// `use_attention_gate`, on by default): `o_h · sigmoid(g_proj(x)_h)` before `o_proj`,
+    /// applied by the caller.
+    pub head_gate: bool,
 }
 
 impl HfLayer {
@@ -199,7 +209,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         "gpt_oss" => Some(128),
         "lfm3" | "lfm3_vl" => Some(256),
         t if t.starts_with("gemma4_unified") => Some(1024),
-        t if gemma4_family(t) => Some(512),
+        t if gemma4_family(t) || t.starts_with("gemma3n") => Some(512),
         _ => None,
     };
     let window = match root.get("sliding_window") {
@@ -288,6 +298,8 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
                     })
                     .collect(),
                 "gemma2" | "gpt_oss" | "vaultgemma" => (0..n).map(|i| sliding(every(2, i))).collect::<Result<_>>()?,
+                // A full layer every 5th.
+                t if t.starts_with("gemma3n") => (0..n).map(|i| sliding(every(5, i))).collect::<Result<_>>()?,
                 "gemma3" | "gemma3_text" => {
                     let k = size_of(&root, "sliding_window_pattern")?.unwrap_or(6);
                     (0..n).map(|i| sliding(every(k, i))).collect::<Result<_>>()?
@@ -347,6 +359,8 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     let layer_softcap = softcap(&root, &model_type)?;
     let v_norm = v_norm_of(&root, &model_type)?;
     let k_eq_v = flag(&root, "attention_k_eq_v")?.unwrap_or(false);
+    let kv_sources = kv_sharing(&root, &model_type, &names)?;
+    let head_gate = model_type.starts_with("lfm3") && flag(&root, "use_attention_gate")?.unwrap_or(true);
     Ok(kinds
         .into_iter()
         .enumerate()
@@ -367,7 +381,37 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
                 softcap: layer_softcap.filter(|_| attends),
                 v_norm: v_norm.filter(|_| attends),
                 value_is_key: k_eq_v && attention == LayerAttention::Full,
+                kv_shared_from: kv_sources[i],
+                head_gate: head_gate && attends,
             }
         })
         .collect())
+}
+
+/// Which earlier layer each layer takes its K and V from (transformers' `kv_sharing_modes`):
+/// the last `num_kv_shared_layers` layers of Gemma 3n and Gemma 4 read what the last layer of
+/// their type before them stored.
+fn kv_sharing(root: &Obj, model_type: &str, types: &[&str]) -> Result<Vec<Option<usize>>> {
+    let default = match model_type {
+        t if t.starts_with("gemma3n") => 15,
+        t if gemma4_family(t) => 0,
+        _ => return Ok(vec![None; types.len()]),
+    };
+    let shared = usize_of(root, "num_kv_shared_layers")?.unwrap_or(default);
+    let n = types.len();
+    if shared > n {
+        return Err(bad("num_kv_shared_layers", format!("{shared} of {n} layers")));
+    }
+    let first = n - shared;
+    (0..n)
+        .map(|i| {
+            if i < first {
+                return Ok(None);
+            }
+            match (0..first).rev().find(|&j| types[j] == types[i]) {
+                Some(j) => Ok(Some(j)),
+                None => Err(bad("num_kv_shared_layers", format!("no layer before {first} of type {} to share K and V from", types[i]))),
+            }
+        })
+        .collect()
 }

@@ -64,7 +64,7 @@ pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm
         "glm4_moe" => (Head, Plain, 1e-5, flag(root, "use_qk_norm")?.unwrap_or(false)),
         "gemma3" | "gemma3_text" | "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => (Head, OnePlus, 1e-6, true),
         "olmo2" | "olmo3" | "olmoe" => (Heads, Plain, 1e-5, true),
-        t if gemma4_family(t) => (Head, Plain, 1e-6, true),
+        t if gemma4_family(t) || t.starts_with("gemma3n") => (Head, Plain, 1e-6, true),
         // Their config calls the eps `norm_eps` (LFM3 maps `rms_norm_eps` onto it).
         "lfm2" | "lfm2_moe" | "lfm2_vl" | "lfm3" | "lfm3_vl" => (Head, Plain, 1e-5, true),
         "cohere" | "cohere2" | "chameleon" if flag(root, "use_qk_norm")? == Some(true) => {
@@ -92,10 +92,10 @@ fn eps_of(root: &Obj, model_type: &str, default_eps: f64) -> Result<f64> {
     Ok(eps)
 }
 
-/// The norm of V, for the model types that have one: Gemma 4's `v_norm`, an RMS norm of each
-/// head without weights.
+/// The norm of V, for the model types that have one: Gemma 3n's and Gemma 4's `v_norm`, an RMS
+/// norm of each head without weights.
 pub(super) fn v_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm>> {
-    if !gemma4_family(model_type) {
+    if !(gemma4_family(model_type) || model_type.starts_with("gemma3n")) {
         return Ok(None);
     }
     Ok(Some(HfQkNorm { eps: eps_of(root, model_type, 1e-6)?, scope: NormScope::Head, weight: NormWeight::None }))
