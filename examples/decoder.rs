@@ -71,9 +71,10 @@ struct Model {
     layer: (usize, HfLayer),
     /// Llama 4 rotates adjacent pairs (its complex `freqs_cis`); the others rotate halves.
     layout: Layout,
-    /// Gemma 2's `attn_logit_softcapping`.
+    /// Gemma 2's `attn_logit_softcapping` (`HfLayer::softcap`).
     softcap: Option<f64>,
-    /// Gemma's `query_pre_attn_scalar^-0.5`; else 1/sqrt(head_dim).
+    /// Gemma's `query_pre_attn_scalar^-0.5`, Granite's `attention_multiplier`, ...
+    /// (`HfLayer::scale`); else 1/sqrt(head_dim).
     scale: Option<f64>,
     /// GPT-OSS's learned sinks are weights, not config: the demo draws one logit per head.
     sinks: Option<Vec<f64>>,
@@ -109,11 +110,20 @@ fn load_model(a: &Args) -> Result<Model, String> {
         Some(t) if root.get("num_attention_heads").is_none() => t,
         _ => &root,
     };
-    let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
-    let getf = |k: &str| v.get(k).and_then(|x| x.as_f64());
-    let hq = get("num_attention_heads").ok_or("config has no num_attention_heads")?;
-    let hkv = get("num_key_value_heads").unwrap_or(hq);
-    let hidden = get("hidden_size").ok_or("config has no hidden_size")?;
+    let hidden = v.get("hidden_size").and_then(|x| x.as_u64()).ok_or("config has no hidden_size")? as usize;
+    // The layer's heads, scale and soft-capping as transformers' attention module takes them.
+    // MLA models (DeepSeek) have none the kernels take: the demo runs their rope part's width.
+    let (hq, hkv) = match layer.heads {
+        Some(h) if h.head_dim != rope.head_dim => {
+            return Err(format!("layer {index}: head_dim {} but its rotation covers {}", h.head_dim, rope.head_dim))
+        }
+        Some(h) => (h.num_q_heads, h.num_kv_heads),
+        None => {
+            let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+            let hq = get("num_attention_heads").ok_or("config has no num_attention_heads")?;
+            (hq, get("num_key_value_heads").unwrap_or(hq))
+        }
+    };
     let model_type = v.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
     let layout = if model_type.starts_with("llama4") { Layout::Interleaved } else { Layout::Half };
     let sinks = (model_type == "gpt_oss")
@@ -126,8 +136,8 @@ fn load_model(a: &Args) -> Result<Model, String> {
         rope,
         layer: (index, layer),
         layout,
-        softcap: getf("attn_logit_softcapping"),
-        scale: getf("query_pre_attn_scalar").map(|s| 1.0 / s.sqrt()),
+        softcap: layer.softcap,
+        scale: layer.scale,
         sinks,
     })
 }
