@@ -53,6 +53,8 @@ struct RopeParams {
     // head vector (norm 1: Qwen3, Gemma 3, Llama 4; weights of head_dim, shared by the heads)
     // or over all of the token's heads of that tensor (norm 2: OLMo 2, the norm of the whole
     // projection; weights of heads * head_dim). Null weights: all 1 (Llama 4's L2 norm).
+    // Norm 3: Cohere's LayerNorm, each head centred on its mean first,
+    // (x - mean) / sqrt(mean((x - mean)^2) + norm_eps) * w, weights of heads * head_dim.
     int norm;
     float norm_eps;
     const float* q_norm_w;

@@ -92,34 +92,53 @@ __device__ __forceinline__ T* head_out(const RopeParams& p, long long row, int h
 }
 
 #define RA_MAX_NORM_HEADS 256  // q_heads + k_heads of a QK-norm launch (src/cuda/rope.rs checks)
+#define RA_NORM_MEANS (RA_MAX_NORM_HEADS + 2)  // where norm 3 keeps each head's mean in sums
 
 // QK norm, first step: each head's sum of squares of its input row, to sums[h], one warp per
 // head (lanes over the components, 16-byte loads where VEC, then a shuffle tree); for norm 2,
 // after a barrier, warp 0 adds Q's heads and K's heads up into sums[heads] and sums[heads + 1].
+// Norm 3 (Cohere's LayerNorm) takes two passes over the head: its mean to
+// sums[RA_NORM_MEANS + h], then the squares of the deviations from it (not E[x²] - mean²,
+// which cancels in f32 when the mean is large against the spread).
 // It reads the inputs before any thread writes (in place, the outputs are the inputs): the
 // caller's barrier after it orders the two.
 template <typename T, bool VEC>
-__device__ void norm_sums(const RopeParams& p, long long row, float* sums) {
+__device__ float head_sum(const T* x, int D, float mean, bool square) {
     constexpr int PER = 16 / sizeof(T);
+    const int lane = threadIdx.x % 32;
+    float s = 0.f;
+    if (VEC) {
+        for (int c = lane * PER; c < D; c += 32 * PER) {
+            float v[PER];
+            load_f32<T, PER>(x + c, v);
+#pragma unroll
+            for (int j = 0; j < PER; ++j) {
+                const float d = v[j] - mean;
+                s = square ? fmaf(d, d, s) : s + v[j];
+            }
+        }
+    } else {
+        for (int c = lane; c < D; c += 32) {
+            const float d = to_f32(x[c]) - mean;
+            s = square ? fmaf(d, d, s) : s + d;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+template <typename T, bool VEC>
+__device__ void norm_sums(const RopeParams& p, long long row, float* sums) {
     const int D = p.head_dim, heads = p.q_heads + p.k_heads, lane = threadIdx.x % 32;
     for (int h = threadIdx.x / 32; h < heads; h += blockDim.x / 32) {
         const T* x = head_in<T>(p, row, h);
-        float s = 0.f;
-        if (VEC) {
-            for (int c = lane * PER; c < D; c += 32 * PER) {
-                float v[PER];
-                load_f32<T, PER>(x + c, v);
-#pragma unroll
-                for (int j = 0; j < PER; ++j) s = fmaf(v[j], v[j], s);
-            }
-        } else {
-            for (int c = lane; c < D; c += 32) {
-                const float v = to_f32(x[c]);
-                s = fmaf(v, v, s);
-            }
+        float mean = 0.f;
+        if (p.norm == 3) {
+            mean = head_sum<T, VEC>(x, D, 0.f, false) / static_cast<float>(D);
+            if (lane == 0) sums[RA_NORM_MEANS + h] = mean;
         }
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+        const float s = head_sum<T, VEC>(x, D, mean, true);
         if (lane == 0) sums[h] = s;
     }
 }
@@ -151,18 +170,24 @@ __device__ __forceinline__ float norm_scale(const RopeParams& p, const float* su
     return rsqrtf(s / static_cast<float>(n) + p.norm_eps);
 }
 
-// Head h's norm weights (component c at w[c]), or null for all ones.
+// Head h's norm weights (component c at w[c]), or null for all ones: one vector for every
+// head (norm 1), or one per head (norms 2 and 3).
 __device__ __forceinline__ const float* norm_weight(const RopeParams& p, int h) {
     const bool is_q = h < p.q_heads;
     const float* w = is_q ? p.q_norm_w : p.k_norm_w;
-    return w == nullptr ? w : w + (p.norm == 2 ? (is_q ? h : h - p.q_heads) * p.head_dim : 0);
+    return w == nullptr ? w : w + (p.norm >= 2 ? (is_q ? h : h - p.q_heads) * p.head_dim : 0);
 }
 
-// x[j] (component c0 + j) times r and its weight.
+// What head h's components are centred on: its mean under norm 3, else 0.
+__device__ __forceinline__ float norm_mean(const RopeParams& p, const float* sums, int h) {
+    return p.norm == 3 ? sums[RA_NORM_MEANS + h] : 0.f;
+}
+
+// x[j] (component c0 + j) less m, times r and its weight (x - 0 is x: the RMS norms' m).
 template <int N>
-__device__ __forceinline__ void norm_apply(float (&x)[N], float r, const float* w, int c0) {
+__device__ __forceinline__ void norm_apply(float (&x)[N], float r, const float* w, int c0, float m) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) x[j] *= w == nullptr ? r : r * w[c0 + j];
+    for (int j = 0; j < N; ++j) x[j] = (x[j] - m) * (w == nullptr ? r : r * w[c0 + j]);
 }
 
 // Under the QK norm, components [from, D) of every head (rotary_dim onwards) are scaled too,
@@ -177,16 +202,16 @@ __device__ void norm_rest(const RopeParams& p, long long src_row, long long dst_
         const int h = w / ch, c = from + (w % ch) * width;
         const T* src = head_in<T>(p, src_row, h) + c;
         T* dst = head_out<T>(p, dst_row, h) + c;
-        const float r = norm_scale(p, sums, h);
+        const float r = norm_scale(p, sums, h), m = norm_mean(p, sums, h);
         const float* wt = norm_weight(p, h);
         if (width == PER) {
             float x[PER];
             load_f32<T, PER>(src, x);
-            norm_apply(x, r, wt, c);
+            norm_apply(x, r, wt, c, m);
             store_f32<T, PER>(dst, x);
         } else {
             float x[1] = {to_f32(*src)};
-            norm_apply(x, r, wt, c);
+            norm_apply(x, r, wt, c, m);
             *dst = from_f32<T>(x[0]);
         }
     }
@@ -200,7 +225,8 @@ template <typename T, bool INTERLEAVED, int P, bool NORM>
 __device__ void rope_token(const RopeParams& p, long long src_row, long long dst_row, TokenPos pos) {
     constexpr bool VEC = (INTERLEAVED ? 2 * P : P) * sizeof(T) == 16;
     RA_STATIC_SMEM(float2, cs, [RA_MAX_PAIRS]);
-    RA_STATIC_SMEM(float, sums, [RA_MAX_NORM_HEADS + 2]);
+    // Per head: its sum of squares, then (norm 2) the tensors' totals, then (norm 3) its mean.
+    RA_STATIC_SMEM(float, sums, [2 * RA_MAX_NORM_HEADS + 2]);
     if (NORM) norm_sums<T, VEC>(p, src_row, sums);
     const int half = p.rope.rotary_dim / 2;
     const float2* freq = p.use_leak_freq ? p.rope.freq_leak : p.rope.freq;
@@ -225,12 +251,13 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
         T* dst = static_cast<T*>(is_q ? p.q_out : p.k_out) + dst_row * (is_q ? p.q_out_stride : p.k_out_stride) + hh * D;
         // The norm's factor, applied to each component before it is rotated.
         const float r = NORM ? norm_scale(p, sums, h) : 1.f;
+        const float m = NORM ? norm_mean(p, sums, h) : 0.f;
         const float* wt = NORM ? norm_weight(p, h) : nullptr;
         float x0[P], x1[P];
         if (INTERLEAVED) {
             float x[2 * P];
             load_f32<T, 2 * P>(src + 2 * i0, x);
-            if (NORM) norm_apply(x, r, wt, 2 * i0);
+            if (NORM) norm_apply(x, r, wt, 2 * i0, m);
 #pragma unroll
             for (int j = 0; j < P; ++j) {
                 rotate_pair(x[2 * j], x[2 * j + 1], cs[i0 + j].x, cs[i0 + j].y);
@@ -240,8 +267,8 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
             load_f32<T, P>(src + i0, x0);
             load_f32<T, P>(src + i0 + half, x1);
             if (NORM) {
-                norm_apply(x0, r, wt, i0);
-                norm_apply(x1, r, wt, i0 + half);
+                norm_apply(x0, r, wt, i0, m);
+                norm_apply(x1, r, wt, i0 + half, m);
             }
 #pragma unroll
             for (int j = 0; j < P; ++j) rotate_pair(x0[j], x1[j], cs[i0 + j].x, cs[i0 + j].y);

@@ -1,6 +1,7 @@
 //! The QK norm: each query and key vector over its root mean square, times a learned weight,
 //! before the rotation (Qwen3, Gemma 3, OLMo 2; Llama 4's unweighted L2 norm, whose
-//! rotate-then-normalise is the same thing, since a rotation keeps every pair's length).
+//! rotate-then-normalise is the same thing, since a rotation keeps every pair's length), or
+//! Cohere's LayerNorm of each head ([`NormScope::HeadCentred`]).
 //!
 //! The rope kernel applies it as it rotates (`cuda::rope_inplace_normed`, and before M-RoPE
 //! `cuda::rope_inplace_mrope_normed`: one read and one write of Q and K), or alone
@@ -32,6 +33,11 @@ pub enum NormScope {
     /// `heads · head_dim`. Every head of the tensor must be in the one launch (a tensor-parallel
     /// shard of the heads would need the other shards' sums).
     Heads,
+    /// Each head alone, as a LayerNorm: centred on its mean first, `(x − mean) / sqrt(mean((x −
+    /// mean)²) + eps) · w`, with weights of `heads · head_dim`, one vector per head (Cohere's
+    /// `CohereLayerNorm` of Command R+). The kernels take the mean and then the deviations'
+    /// squares in two passes over the head, as transformers does.
+    HeadCentred,
 }
 
 impl NormScope {
@@ -39,7 +45,7 @@ impl NormScope {
     pub fn weight_len(self, heads: usize, head_dim: usize) -> usize {
         match self {
             NormScope::Head => head_dim,
-            NormScope::Heads => heads * head_dim,
+            NormScope::Heads | NormScope::HeadCentred => heads * head_dim,
         }
     }
 }

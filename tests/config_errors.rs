@@ -473,12 +473,17 @@ fn qk_norm_by_model_type() {
         (json!({"model_type": "llama4_text", "num_hidden_layers": 1, "use_qk_norm": false}), vec![None]),
         (json!({"model_type": "llama", "num_hidden_layers": 1}), vec![None]),
         (json!({"model_type": "cohere", "num_hidden_layers": 1}), vec![None]),
+        // Command R+: a LayerNorm of each head, its weights per head, layer_norm_eps.
+        (json!({"model_type": "cohere", "num_hidden_layers": 1, "use_qk_norm": true}), vec![n(1e-5, HeadCentred, Plain)]),
+        (json!({"model_type": "cohere", "num_hidden_layers": 1, "use_qk_norm": true, "layer_norm_eps": 1e-6}), vec![n(1e-6, HeadCentred, Plain)]),
+        (json!({"model_type": "gemma3n_text", "num_hidden_layers": 5, "num_kv_shared_layers": 0}), vec![n(1e-6, Head, Plain); 5]),
     ];
     for (cfg, want) in cases {
         assert_eq!(norms(cfg.clone()).unwrap(), want, "{cfg}");
     }
     for (cfg, key) in [
-        (json!({"model_type": "cohere", "num_hidden_layers": 1, "use_qk_norm": true}), "use_qk_norm"),
+        (json!({"model_type": "chameleon", "num_hidden_layers": 1, "use_qk_norm": true}), "use_qk_norm"),
+        (json!({"model_type": "cohere", "num_hidden_layers": 1, "use_qk_norm": true, "layer_norm_eps": 0.0}), "layer_norm_eps"),
         (json!({"model_type": "qwen3", "num_hidden_layers": 1, "rms_norm_eps": 0.0}), "rms_norm_eps"),
         (json!({"model_type": "qwen3", "num_hidden_layers": 1, "rms_norm_eps": -1e-6}), "rms_norm_eps"),
         (json!({"model_type": "olmo2", "num_hidden_layers": 1, "rms_norm_eps": 1e-60}), "rms_norm_eps"),

@@ -75,7 +75,7 @@ fn emulated_qk_norm_takes_256_heads() {
     let shape = RopeShape::contiguous(3, 192, 64, d);
     assert_eq!(shape.q_heads + shape.k_heads, MAX_NORM_HEADS);
     let rot = schedules(d, d).remove(0).1;
-    for (i, scope) in [NormScope::Head, NormScope::Heads].into_iter().enumerate() {
+    for (i, scope) in [NormScope::Head, NormScope::Heads, NormScope::HeadCentred].into_iter().enumerate() {
         let c = NormCase { label: format!("{scope:?}"), shape, rot: (i == 0).then(|| rot.clone()), scope, weighted: true, eps: 1e-6 };
         let mut x = inputs::<bf16>(&mut r, &c);
         run(&emu, &c, &mut x).unwrap_or_else(|e| panic!("{scope:?}: {e}"));
@@ -133,6 +133,46 @@ fn emulated_qk_norm_check_catches_the_wrong_norm() {
         let got: Vec<f64> = q.iter().map(|&v| v as f64).collect();
         assert_eq!(CheckReport::compare("q", &got, &want, tol).passed(), i == 0, "norm {i}");
     }
+}
+
+/// Cohere's LayerNorm (HeadCentred): each head centred on its mean, with its own weights. The
+/// check fails for the RMS norm of the same weights and for another head's weights; on inputs
+/// off centre (mean 40 against a spread of 1, where E[x²] - mean² would lose a factor 1600 of
+/// f32's precision) the kernel still matches the f64 reference within the f32 tolerance.
+#[test]
+fn emulated_centred_norm_is_a_layer_norm_per_head() {
+    let emu = Emulator::new();
+    let mut r = rng(9);
+    let (d, heads) = (128, 4);
+    let shape = RopeShape::contiguous(6, heads, heads, d);
+    let mut q0 = as_dtype::<f32>(&norm_values(&mut r, 6, heads, d, heads * d)).0;
+    // Tokens 4 and 5: off centre.
+    for row in q0.chunks_mut(heads * d).skip(4) {
+        row.iter_mut().for_each(|v| *v = rand::Rng::random_range(&mut r, -1.0f32..1.0) + 40.0);
+    }
+    let k0 = as_dtype::<f32>(&norm_values(&mut r, 6, heads, d, heads * d)).0;
+    let (qw, kw) = (norm_weights(&mut r, heads * d), norm_weights(&mut r, heads * d));
+    let right = QkNorm { eps: 1e-5, scope: NormScope::HeadCentred, q_weight: Some(&qw[..]), k_weight: Some(&kw[..]) };
+    let mut want: Vec<f64> = q0.iter().map(|&v| v as f64).collect();
+    for row in want.chunks_mut(heads * d) {
+        reference::qk_norm_row(row, d, right.eps, right.scope, right.q_weight).unwrap();
+    }
+    let tol = Tolerance::rope::<f32>(max_abs(&want));
+    // Head 0's weights for every head (a shift of the weight slice), and the plain RMS norm.
+    let shifted: Vec<f32> = qw[d..].iter().chain(&qw[..d]).copied().collect();
+    let wrong = [QkNorm { scope: NormScope::Heads, ..right }, QkNorm { q_weight: Some(&shifted[..]), ..right }];
+    for (i, norm) in [right].into_iter().chain(wrong).enumerate() {
+        let (mut q, mut k) = (q0.clone(), k0.clone());
+        emu.qk_norm_inplace(&mut q, &mut k, &shape, &norm).unwrap();
+        let got: Vec<f64> = q.iter().map(|&v| v as f64).collect();
+        let rep = CheckReport::compare("q", &got, &want, tol);
+        assert_eq!(rep.passed(), i == 0, "norm {i}: {rep:?}");
+    }
+    // And through the rotation, every dtype's checked mode (interleaved, as Cohere pairs).
+    let rot = schedules(d, d).remove(1).1;
+    let positions = guard(&rope_positions(&mut r, 6));
+    let (mut q, mut k) = (guard(&as_dtype::<bf16>(&q0.iter().map(|&v| v as f64).collect::<Vec<_>>()).0), guard(&as_dtype::<bf16>(&k0.iter().map(|&v| v as f64).collect::<Vec<_>>()).0));
+    emu.rope_inplace_normed_checked(&mut q, &mut k, &positions, &shape, &rot, &right).unwrap();
 }
 
 /// Bad norms are refused with a typed error before anything runs, and the buffers stay as

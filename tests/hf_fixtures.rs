@@ -538,7 +538,7 @@ fn attention_matches_qk_norm_attention_modules() {
         // Under another scope than the checkpoint's, its weights are cut to one head or repeated.
         let fit = |w: &[f32], heads: usize, scope: NormScope| match scope {
             NormScope::Head => w[..d].to_vec(),
-            NormScope::Heads => w.iter().cycle().take(heads * d).copied().collect(),
+            NormScope::Heads | NormScope::HeadCentred => w.iter().cycle().take(heads * d).copied().collect(),
         };
         let norm_with = |norm: &HfQkNorm| {
             let (qw, kw) = (fit(&qw, hq, norm.scope), fit(&kw, hkv, norm.scope));
@@ -1094,4 +1094,78 @@ fn attention_matches_proportional_rope_modules() {
         }
     }
     assert_eq!((cases.len(), proportional), (4, 2), "proportional attention cases");
+}
+
+/// Cohere's QK LayerNorm (Command R+) by transformers' own CohereAttention (fixture section
+/// "cohere_attention", float64, off-centre projections) against the reference as the config
+/// tells it: `hf_layers`' norm ([`NormScope::HeadCentred`], weights per head, layer_norm_eps)
+/// on the unrotated Q and K, then interleaved RoPE: 1e-12. The RMS norm of the same weights, or
+/// one head's weights for every head, moves it.
+#[test]
+fn attention_matches_cohere_qk_layer_norm() {
+    let f = fixtures();
+    let cases = cases(&f, "cohere_attention");
+    for (idx, case) in cases.iter().enumerate() {
+        let label = case["name"].as_str().unwrap();
+        let cfg = case["config"].to_string();
+        let layer = hf_layers(&cfg).unwrap()[0];
+        let norm = layer.qk_norm.unwrap_or_else(|| panic!("{label}: no QK norm"));
+        assert_eq!(norm, HfQkNorm { eps: 1e-5, scope: NormScope::HeadCentred, weight: NormWeight::Plain }, "{label}");
+        let mut p = layer.params().unwrap();
+        let (hq, hkv, d) = (p.num_q_heads, p.num_kv_heads, p.head_dim);
+        p.rope = Some(Rotary::from_schedule(&RopeConfig::from_hf_config_json(&cfg).unwrap().schedule(None).unwrap(), Layout::Interleaved));
+        let exact = |key| exact_f64s("cohere_attention", idx, key);
+        let f32s = |key| exact(key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let (qw, kw) = (f32s("q_norm_weight"), f32s("k_norm_weight"));
+        assert_eq!((qw.len(), kw.len()), (hq * d, hkv * d), "{label}: weights per head");
+        let run = |norm: &HfQkNorm, qw: &[f32], kw: &[f32]| {
+            let q = qk_normalised(&exact("q"), hq, d, norm, Some(qw));
+            let k = qk_normalised(&exact("k"), hkv, d, norm, Some(kw));
+            let pos: Vec<i64> = (0..q.len() / (hq * d)).map(|i| i as i64).collect();
+            reference::attention(&q, &k, &exact("v"), &pos, &pos, &p).unwrap()
+        };
+        let o = run(&norm, &qw, &kw);
+        let want = exact("out");
+        assert_eq!(o.out.len(), want.len(), "{label}");
+        for (i, (g, w)) in o.out.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{label}: out[{i}] {g} vs transformers {w}");
+        }
+        let rms = HfQkNorm { scope: NormScope::Heads, ..norm };
+        let head0 = |w: &[f32]| w[..d].iter().cycle().take(w.len()).copied().collect::<Vec<f32>>();
+        for (what, moved) in [("the RMS norm", run(&rms, &qw, &kw)), ("head 0's weights", run(&norm, &head0(&qw), &head0(&kw)))] {
+            assert!(moved.out.iter().zip(&o.out).any(|(a, b)| (a - b).abs() > 1e-3), "{label}: {what} agrees");
+        }
+    }
+    assert_eq!(cases.len(), 1, "cohere attention cases");
+}
+
+/// The kernel's side of the Cohere check: the rope kernel (SIMT emulator, f32) applies the QK
+/// LayerNorm per head and the interleaved rotation to transformers' Q and K in one pass, and
+/// attention over its output gives CohereAttention's output to f32 accuracy (2e-6 allowed).
+#[cfg(feature = "emulator")]
+#[test]
+fn rope_kernel_cohere_layer_norm_feeds_transformers_attention() {
+    use rope_attn::cuda::RopeShape;
+    use rope_attn::emulator::Emulator;
+    let f = fixtures();
+    let case = &cases(&f, "cohere_attention")[0];
+    let cfg = case["config"].to_string();
+    let layer = hf_layers(&cfg).unwrap()[0];
+    let norm = layer.qk_norm.unwrap();
+    let rot = Rotary::from_schedule(&RopeConfig::from_hf_config_json(&cfg).unwrap().schedule(None).unwrap(), Layout::Interleaved);
+    let p = layer.params().unwrap(); // rope: None, the kernel rotated
+    let (hq, hkv, d) = (p.num_q_heads, p.num_kv_heads, p.head_dim);
+    let exact = |key| exact_f64s("cohere_attention", 0, key);
+    let f32s = |key| exact(key).iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let (qw, kw) = (norm.weights(&f32s("q_norm_weight")), norm.weights(&f32s("k_norm_weight")));
+    let n = exact("q").len() / (hq * d);
+    let pos: Vec<i32> = (0..n as i32).collect();
+    let (mut q, mut k) = (f32s("q"), f32s("k"));
+    Emulator::new().rope_inplace_normed_checked(&mut q, &mut k, &pos, &RopeShape::contiguous(n, hq, hkv, d), &rot, &norm.with(qw.as_deref(), kw.as_deref())).unwrap();
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let k_pos: Vec<i64> = (0..n as i64).collect();
+    let got = reference::attention(&wide(&q), &wide(&k), &exact("v"), &k_pos, &k_pos, &p).unwrap().out;
+    let worst = got.iter().zip(&exact("out")).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f64::max);
+    assert!(worst <= 2e-6, "the kernel's path is {worst:e} from transformers");
+    println!("cohere: kernel path within {worst:.1e} of transformers");
 }

@@ -53,10 +53,12 @@ impl HfQkNorm {
 
 /// The QK norm of a (text) config root, by model type, or `None` for a model without one.
 /// `use_qk_norm` switches Llama 4's (on by default) and GLM-4-MoE's (off by default); the
-/// others always have it. Cohere's and Chameleon's norms are LayerNorms (mean-centred), which
-/// these kernels do not compute: their configs are refused rather than run without it.
+/// others always have it; Cohere's (Command R+, `use_qk_norm`, off by default) is a LayerNorm of
+/// each head with weights per head ([`NormScope::HeadCentred`]). Chameleon's is a LayerNorm
+/// with a bias, which these kernels do not compute: its configs are refused rather than run
+/// without it.
 pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm>> {
-    use NormScope::{Head, Heads};
+    use NormScope::{Head, HeadCentred, Heads};
     use NormWeight::{None as Unweighted, OnePlus, Plain};
     let (scope, weight, default_eps, on) = match model_type {
         t if t.starts_with("llama4") => (Head, Unweighted, 1e-5, flag(root, "use_qk_norm")?.unwrap_or(true)),
@@ -67,10 +69,12 @@ pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm
         t if gemma4_family(t) || t.starts_with("gemma3n") => (Head, Plain, 1e-6, true),
         // Their config calls the eps `norm_eps` (LFM3 maps `rms_norm_eps` onto it).
         "lfm2" | "lfm2_moe" | "lfm2_vl" | "lfm3" | "lfm3_vl" => (Head, Plain, 1e-5, true),
-        "cohere" | "cohere2" | "chameleon" if flag(root, "use_qk_norm")? == Some(true) => {
+        // Command R+'s LayerNorm of each head, its own weights per head (`layer_norm_eps`).
+        "cohere" => (HeadCentred, Plain, 1e-5, flag(root, "use_qk_norm")?.unwrap_or(false)),
+        "chameleon" if flag(root, "use_qk_norm")? == Some(true) => {
             return Err(Error::InvalidValue {
                 key: "use_qk_norm".into(),
-                reason: format!("{model_type:?}'s QK norm is a LayerNorm (mean-centred), which these kernels do not compute"),
+                reason: format!("{model_type:?}'s QK norm is a LayerNorm with a bias, which these kernels do not compute"),
             })
         }
         _ => return Ok(None),
@@ -82,9 +86,14 @@ pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm
     Ok(Some(HfQkNorm { eps, scope, weight }))
 }
 
-/// The norm's eps: `rms_norm_eps`, LFM's `norm_eps`, else the class's default.
+/// The norm's eps: `rms_norm_eps`, LFM's `norm_eps`, Cohere's `layer_norm_eps`, else the
+/// class's default.
 fn eps_of(root: &Obj, model_type: &str, default_eps: f64) -> Result<f64> {
-    let key = if model_type.starts_with("lfm") && !root.contains_key("rms_norm_eps") { "norm_eps" } else { "rms_norm_eps" };
+    let key = match model_type {
+        "cohere" => "layer_norm_eps",
+        t if t.starts_with("lfm") && !root.contains_key("rms_norm_eps") => "norm_eps",
+        _ => "rms_norm_eps",
+    };
     let eps = f64_of(root, key)?.unwrap_or(default_eps);
     if !eps_is_valid(eps) {
         return Err(Error::InvalidValue { key: key.into(), reason: format!("must be finite and > 0 (in f32 too), got {eps}") });

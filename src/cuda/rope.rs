@@ -197,6 +197,7 @@ impl NormArgs {
         let mode = match norm.scope {
             NormScope::Head => 1,
             NormScope::Heads => 2,
+            NormScope::HeadCentred => 3,
         };
         NormArgs { mode, eps: norm.eps as f32, q_weight, k_weight, q_head_stride: 0 }
     }

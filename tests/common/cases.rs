@@ -338,7 +338,7 @@ pub fn qk_norm_cases() -> Vec<NormCase> {
         for (rname, rot) in rots {
             for (tokens, qh, kh, row, krow) in rope_layouts(d) {
                 let i = out.len();
-                let (scope, weighted) = [(NormScope::Head, true), (NormScope::Heads, true), (NormScope::Head, false)][i % 3];
+                let (scope, weighted) = [(NormScope::Head, true), (NormScope::Heads, true), (NormScope::Head, false), (NormScope::HeadCentred, true)][i % 4];
                 let eps = [1e-6, 1e-5][i / 3 % 2];
                 let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
                 let label = format!("d={d} {rname} {scope:?} weighted={weighted} eps={eps} tokens={tokens} stride={row}");
@@ -352,14 +352,16 @@ pub fn qk_norm_cases() -> Vec<NormCase> {
 
 /// Q or K values for a norm case (`heads` per token at `stride`): uniform, each token scaled by
 /// 1, 1e-3 or 50 and each head by 1 + h % 3 more, so that a per-head norm and a norm over all
-/// heads differ and the result cannot depend on the input's scale; and weights of `len` in
+/// heads differ and the result cannot depend on the input's scale, each head off centre by 0,
+/// 0.75 or -2 (before the scaling: a LayerNorm and an RMS norm then differ); and weights of `len` in
 /// ±[0.25, 1.75) when weighted (Gemma's 1 + w lies there too).
 pub fn norm_values(r: &mut StdRng, tokens: usize, heads: usize, d: usize, stride: usize) -> Vec<f64> {
     let mut x = super::uniform(r, tokens * stride);
     for t in 0..tokens {
         for h in 0..heads {
             let s = [1.0, 1e-3, 50.0][t % 3] * (1 + h % 3) as f64;
-            x[t * stride + h * d..t * stride + (h + 1) * d].iter_mut().for_each(|v| *v *= s);
+            let off = [0.0, 0.75, -2.0][h % 3];
+            x[t * stride + h * d..t * stride + (h + 1) * d].iter_mut().for_each(|v| *v = (*v + off) * s);
         }
     }
     x
@@ -413,7 +415,7 @@ pub fn gated_cases() -> Vec<GatedCase> {
         for (kname, kind) in kinds {
             for (tokens, qh, kh, row, krow) in gated_layouts(d) {
                 let i = out.len();
-                let (scope, weighted) = [(NormScope::Head, true), (NormScope::Heads, true), (NormScope::Head, false)][i % 3];
+                let (scope, weighted) = [(NormScope::Head, true), (NormScope::Heads, true), (NormScope::Head, false), (NormScope::HeadCentred, true)][i % 4];
                 let shape = RopeShape { tokens, q_heads: qh, k_heads: kh, head_dim: d, q_row_stride: row, k_row_stride: krow };
                 let label = format!("d={d} {kname} {scope:?} weighted={weighted} tokens={tokens} stride={row}");
                 out.push(GatedCase { label, shape, kind: kind.clone(), scope, weighted });
