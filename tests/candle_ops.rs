@@ -613,9 +613,18 @@ mod gpu {
             assert_close(&format!("{dt:?} rope_mrope k"), &km.to_device(&Device::Cpu).unwrap(), &kmc, tol);
             // The QK norm (per head, weighted; over all heads, unweighted), then RoPE / alone.
             let w = |n: usize, dev: &Device| Tensor::from_vec((0..n).map(|i| 0.5 + (i % 7) as f32 * 0.2).collect::<Vec<f32>>(), n, dev).unwrap();
-            for scope in [rope_attn::NormScope::Head, rope_attn::NormScope::Heads] {
+            for scope in [rope_attn::NormScope::Head, rope_attn::NormScope::Heads, rope_attn::NormScope::HeadCentred] {
                 let (qn, kn, qnc, knc) = (qg.copy().unwrap(), kg.copy().unwrap(), qc.copy().unwrap(), kc.copy().unwrap());
                 match scope {
+                    // Cohere's LayerNorm: weights per head, then RoPE.
+                    rope_attn::NormScope::HeadCentred => {
+                        let (qh, kh) = (qg.dim(1).unwrap(), kg.dim(1).unwrap());
+                        let (qwg, kwg, qwc, kwc) = (w(qh * d, &gpu), w(kh * d, &gpu), w(qh * d, &Device::Cpu), w(kh * d, &Device::Cpu));
+                        let ng = rope_attn::QkNorm { eps: 1e-5, scope, q_weight: Some(&qwg), k_weight: Some(&kwg) };
+                        let nc = rope_attn::QkNorm { eps: 1e-5, scope, q_weight: Some(&qwc), k_weight: Some(&kwc) };
+                        ra::rope_normed_inplace(&qn, &kn, &pg, &rot, &ng).unwrap();
+                        ra::rope_normed_inplace(&qnc, &knc, &positions(&pos), &rot, &nc).unwrap();
+                    }
                     rope_attn::NormScope::Head => {
                         let (wg, wc) = (w(d, &gpu), w(d, &Device::Cpu));
                         let ng = rope_attn::QkNorm { eps: 1e-6, scope, q_weight: Some(&wg), k_weight: Some(&wg) };
@@ -775,8 +784,9 @@ fn qk_norm_matches_candle_ops_on_packed_qkv() {
     let pos = random_positions(&mut r, t, 10_000);
     let rot = rotary(d, d, Layout::Half, RopeScaling::Default);
     let weights = |r: &mut StdRng, n: usize| uniform(r, &[n], &Device::Cpu).affine(0.75, 1.0).unwrap();
-    for (case, scope) in [(0, NormScope::Head), (1, NormScope::Heads), (2, NormScope::Head)] {
-        let qkv = uniform(&mut r, &[t, hq + 2 * hk, d], &Device::Cpu);
+    for (case, scope) in [(0, NormScope::Head), (1, NormScope::Heads), (2, NormScope::Head), (3, NormScope::HeadCentred)] {
+        // Off centre, so that the LayerNorm's centring shows.
+        let qkv = uniform(&mut r, &[t, hq + 2 * hk, d], &Device::Cpu).affine(1.0, 0.5).unwrap();
         let before = qkv.copy().unwrap();
         let (q, k) = (qkv.narrow(1, 0, hq).unwrap(), qkv.narrow(1, hq, hk).unwrap());
         let span = |h: usize| if scope == NormScope::Head { d } else { h * d };
@@ -790,6 +800,12 @@ fn qk_norm_matches_candle_ops_on_packed_qkv() {
             let n = match scope {
                 NormScope::Head => candle_rms_norm(&x, w, eps),
                 NormScope::Heads => candle_rms_norm(&x.reshape((t, h * d)).unwrap(), w, eps).reshape((t, h, d)).unwrap(),
+                // Cohere's LayerNorm per head, in candle's tensor ops: centre, scale, its head's weights.
+                NormScope::HeadCentred => {
+                    let xc = x.broadcast_sub(&x.mean_keepdim(2).unwrap()).unwrap();
+                    let r = xc.sqr().unwrap().mean_keepdim(2).unwrap().affine(1.0, eps).unwrap().sqrt().unwrap();
+                    xc.broadcast_div(&r).unwrap().broadcast_mul(&w.reshape((1, h, d)).unwrap()).unwrap()
+                }
             };
             if case == 2 { n } else { candle_rope(&n, &pos, &rot) }
         };
