@@ -38,6 +38,9 @@ fn rope(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize) -> Res<()> {
         g.bench_function(BenchmarkId::new("qk_norm+rope", tokens), |b| {
             b.iter_custom(|n| gpu_time(&timer, n, &mut |i| rc.run_rope_normed(gpu, stream, i, true)))
         });
+        g.bench_function(BenchmarkId::new("qk_layernorm+rope", tokens), |b| {
+            b.iter_custom(|n| gpu_time(&timer, n, &mut |i| rc.run_rope_layer_normed(gpu, stream, i)))
+        });
         g.bench_function(BenchmarkId::new("qk_norm+rope gated", tokens), |b| {
             b.iter_custom(|n| gpu_time(&timer, n, &mut |i| rc.run_rope_gated(gpu, stream, i)))
         });

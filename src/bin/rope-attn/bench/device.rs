@@ -705,6 +705,8 @@ pub struct RopeCopy<T: Dtype> {
     elems: usize,
     /// A Qwen3-style QK norm's weights (per head, head_dim each).
     norm_w: (CudaSlice<f32>, CudaSlice<f32>),
+    /// Cohere's QK LayerNorm weights (one vector per head: hq·d and hkv·d).
+    layer_norm_w: (CudaSlice<f32>, CudaSlice<f32>),
     /// Per set, a gated q_proj output `[tokens, hq, 2d]` (Qwen3-Next: query then gate per
     /// head), and the dense Q the gated call writes.
     gated: Vec<CudaSlice<T>>,
@@ -748,6 +750,7 @@ impl<T: Dtype> RopeCopy<T> {
             dst: stream.alloc_zeros::<T>(sets * elems)?,
             elems,
             norm_w: (random_device_tiled::<f32>(stream, d, seed + 8)?, random_device_tiled::<f32>(stream, d, seed + 9)?),
+            layer_norm_w: (random_device_tiled::<f32>(stream, hq * d, seed + 10)?, random_device_tiled::<f32>(stream, hkv * d, seed + 11)?),
             gated,
             q_dense: stream.alloc_zeros::<T>(tokens * hq * d)?,
         })
@@ -776,6 +779,17 @@ impl<T: Dtype> RopeCopy<T> {
             true => cuda::rope_inplace_normed(gpu, stream, q, k, &self.positions, &self.shape, &self.rot, &norm)?,
             false => cuda::qk_norm_inplace(gpu, stream, q, k, &self.shape, &norm)?,
         }
+        Ok(())
+    }
+
+    /// Set `i % sets` through Cohere's QK LayerNorm (each head centred, its own weights) and
+    /// rotated, in place: the same bytes as [`run_rope_normed`](Self::run_rope_normed), one
+    /// more read of each head (from cache) for its mean.
+    pub fn run_rope_layer_normed(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>, i: usize) -> Res<()> {
+        let n = self.sets.len();
+        let (q, k) = &mut self.sets[i % n];
+        let norm = QkNorm { eps: 1e-5, scope: NormScope::HeadCentred, q_weight: Some(&self.layer_norm_w.0), k_weight: Some(&self.layer_norm_w.1) };
+        cuda::rope_inplace_normed(gpu, stream, q, k, &self.positions, &self.shape, &self.rot, &norm)?;
         Ok(())
     }
 

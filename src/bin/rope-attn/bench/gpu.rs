@@ -675,6 +675,7 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
     let normed = timer.measure(&cx.settings, &mut |i| rc.run_rope_normed(gpu, stream, i, true))?;
     let norm_only = timer.measure(&cx.settings, &mut |i| rc.run_rope_normed(gpu, stream, i, false))?;
     let gated = timer.measure(&cx.settings, &mut |i| rc.run_rope_gated(gpu, stream, i))?;
+    let layer_normed = timer.measure(&cx.settings, &mut |i| rc.run_rope_layer_normed(gpu, stream, i))?;
     let row = |implementation: &str, st: dev::Stats, ratio: Option<f64>, note: String| {
         let gbps = c.bytes() / (st.median_ms * 1e-3) / 1e9;
         Row {
@@ -711,6 +712,15 @@ fn rope_case<T: Dtype>(cx: &Ctx, c: &RopeCase, seed: u64) -> Res<Vec<Row>> {
             normed,
             Some(copy.median_ms / normed.median_ms),
             format!("Qwen3's QK norm (per head, weighted) then RoPE, one pass; {:.2}x the time of rope alone", normed.median_ms / rope.median_ms),
+        ),
+        row(
+            "ours_rope_qk_layernorm_inplace",
+            layer_normed,
+            Some(copy.median_ms / layer_normed.median_ms),
+            format!(
+                "Cohere's QK LayerNorm (per head, centred, weights per head) then RoPE, one pass; {:.2}x the time of Qwen3's normed rope",
+                layer_normed.median_ms / normed.median_ms
+            ),
         ),
         row(
             "ours_qk_norm_rope_gated",
