@@ -946,12 +946,13 @@ fn attention_matches_ministral3_attention_module() {
 }
 
 /// Each layer's attention as transformers' own modules take it from a config (fixture section
-/// "layer_shapes": tiny text models built from configs of Llama, Gemma 2 / 3 / 4, VaultGemma,
+/// "layer_shapes": tiny text models built from configs of Llama, Gemma 2 / 3 / 3n / 4, VaultGemma,
 /// Granite (dense, MoE, shared MoE), HyperCLOVA X, LFM2, LFM3 and DeepSeek-V3, with and
 /// without the keys that matter): `hf_layers` gives the same layer types; on each attention
 /// layer the module's `scaling` (to 1e-15), heads and head size (q_proj's and k_proj's widths:
 /// Gemma 4's full layers take `global_head_dim` and, with `attention_k_eq_v`,
-/// `num_global_key_value_heads`), soft-capping, V norm and V-is-K; `RopeConfig` the head size
+/// `num_global_key_value_heads`), soft-capping, window, V norm, V-is-K, the layer whose K and V
+/// it reuses (Gemma 3n's and Gemma 4's KV sharing) and LFM3's head gate; `RopeConfig` the head size
 /// the layer type's rotary code is given; and no attention where the model has none (LFM's
 /// convolutions).
 #[test]
