@@ -87,4 +87,15 @@ __device__ __forceinline__ float score_log2(const RopeArgs& r, float scale_log2,
     return s;
 }
 
+// The output gate (GateArgs) applied in place to rows [tok0, tok0 + rows) of head h of O (rows
+// o_row_stride apart), by the whole block, after a barrier that made those rows visible.
+template <typename T, int D>
+__device__ __forceinline__ void gate_rows(const GateArgs& g, T* out, long long o_row_stride, long long tok0, int rows, int h) {
+    for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
+        const int r = e / D, c = e % D;
+        T* o = out + (tok0 + r) * o_row_stride + (long long)h * D + c;
+        *o = from_f32<T>(gated<T>(g, tok0 + r, h, c, to_f32(*o)));
+    }
+}
+
 }  // namespace ra

@@ -489,6 +489,13 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             }
             if (t == 0) p.lse[(long long)h * p.total_q + tok] = lse;
         }
+    // The output gate, once the block's rows are written, by the whole block (coalesced):
+    // gating in the loop above made the d96 kernels spill, on sm_80 and sm_90. O is rounded
+    // to T before the gate, as transformers' own product in the model's dtype rounds it.
+    if (splits == 1 && p.gate.ptr != nullptr) {
+        __syncthreads();  // every warp's rows are in global memory
+        gate_rows<T, D>(p.gate, static_cast<T*>(p.out), p.o_row_stride, sb.q_start + m0, vq, h);
+    }
 }
 
 // f32: one warp per query row; lane c owns components c, c + 32, ... K arrives pre-rotated
@@ -566,13 +573,14 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
         }
         mx = m_new;
     }
-    float* orow = static_cast<float*>(p.out) + (long long)(sb.q_start + m) * p.o_row_stride + (long long)h * D;
+    const long long tok = sb.q_start + m;
+    float* orow = static_cast<float*>(p.out) + tok * p.o_row_stride + (long long)h * D;
     const RowEnd end = row_end(sum, mx, p.sink, h, true);
     const float inv = end.den > 0.f ? 1.f / end.den : 0.f;
 #pragma unroll
     for (int x = 0; x < ROW_MAXC; ++x) {
         const int c = lane + 32 * x;
-        if (c < D) orow[c] = o[x] * inv;
+        if (c < D) orow[c] = gated<float>(p.gate, tok, h, c, o[x] * inv);
     }
     if (lane == 0) p.lse[(long long)h * p.total_q + sb.q_start + m] = end.lse;
 }

@@ -273,7 +273,7 @@ __device__ __forceinline__ void store_decode_rows(const DecodeParams& p, const f
         const RowEnd end = row_end(sum, mx, p.sink, h, p.splits == 1);
         const float val = end.den > 0.f ? acc / end.den : 0.f;
         if (p.splits == 1) {
-            static_cast<T*>(p.out)[(long long)tok * p.o_row_stride + (long long)h * D + c] = from_f32<T>(val);
+            static_cast<T*>(p.out)[(long long)tok * p.o_row_stride + (long long)h * D + c] = from_f32<T>(gated<T>(p.gate, tok, h, c, val));
         } else {
             p.part_out[(((long long)split * tokens + tok) * p.q_heads + h) * D + c] = val;
         }

@@ -46,15 +46,18 @@ __device__ void combine_splits_body(const SplitsParams& p) {
         if (p.sink.on) total += expf(sink - m);
     }
     T* orow = static_cast<T*>(p.out) + (long long)tok * p.o_row_stride + (long long)h * p.head_dim;
+    // One division per row, outside the loops: with the gate's state live across the IEEE
+    // division's slow-path call inside them, the 16-bit builds spilled on sm_80.
+    const float inv = m != -INFINITY ? 1.f / total : 0.f;
     for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
         float acc = 0.f;
         if (m != -INFINITY) {
             for (int s = 0; s < p.splits; ++s) {
-                const float w = expf(p.part_lse[((long long)s * p.heads + h) * p.tokens + tok] - m) / total;
+                const float w = expf(p.part_lse[((long long)s * p.heads + h) * p.tokens + tok] - m) * inv;
                 if (w > 0.f) acc = fmaf(w, p.part_out[(((long long)s * p.tokens + tok) * p.heads + h) * p.head_dim + c], acc);
             }
         }
-        orow[c] = from_f32<T>(acc);
+        orow[c] = from_f32<T>(gated<T>(p.gate, tok, h, c, acc));
     }
     if (threadIdx.x == 0) p.lse[(long long)h * p.tokens + tok] = m == -INFINITY ? -INFINITY : m + logf(total);
 }

@@ -19,6 +19,28 @@ struct SinkArgs {
     int pad_;
 };
 
+// Mirrored by `GateArgs` in src/cuda/params.rs. The output gate of Qwen3-Next / Qwen3.5 (one
+// gate per component: comp_stride 1) and LFM3's g_proj (one per head: comp_stride 0): O is
+// written as O·sigmoid(g), g of O's dtype at ptr + tok·row_stride + h·head_stride +
+// c·comp_stride; ptr null = no gate. Fused here, it costs no pass over O of its own. The LSE
+// stays the attention's own: split partials are combined ungated and gated as they are written.
+struct GateArgs {
+    const void* ptr;
+    long long row_stride, head_stride;
+    int comp_stride, pad_;
+};
+
+// O·sigmoid(g): the output gate on component c of head h of token tok, or o itself without a
+// gate: o / (1 + e^-g), within 3 ulp of f32 (expf, then the approximate division: an IEEE
+// division's slow-path call made the 16-bit prefill and combine kernels spill on sm_80). 0 for
+// g -> -inf (the division gives 0 past 2^126), o at +inf.
+template <typename T>
+__device__ __forceinline__ float gated(const GateArgs& g, long long tok, int h, int c, float o) {
+    if (g.ptr == nullptr) return o;
+    const float x = to_f32(static_cast<const T*>(g.ptr)[tok * g.row_stride + h * g.head_stride + (long long)c * g.comp_stride]);
+    return div_approx(o, 1.f + expf(-x));
+}
+
 // Mirrored by `RopeParams` in src/cuda/params.rs.
 struct RopeParams {
     RopeArgs rope;
@@ -118,6 +140,7 @@ struct AttnParams {
     // Logit soft-capping (Gemma 2, Grok; attention.cuh, capped): scale / cap and cap·log2(e), so
     // a score is cap_out·tanh(q·k·cap_in) in log2 units; cap_in = 0: none.
     float cap_in, cap_out;
+    GateArgs gate;  // applied to O as it is written (one split) or by the combine
 };
 
 // Mirrored by `DecodeParams` in src/cuda/params.rs.
@@ -141,7 +164,8 @@ struct DecodeParams {
     int base_steps;
     SinkArgs sink;
     float cap_in, cap_out;  // logit soft-capping, as AttnParams
-    int chunk;              // chunked attention (mask.cuh); last, where it moves no other field
+    int chunk;              // chunked attention (mask.cuh)
+    GateArgs gate;          // as AttnParams
 };
 
 // Mirrored by `AppendParams` in src/cuda/params.rs. vLLM's slot mapping: token t goes to slot
@@ -177,6 +201,7 @@ struct SplitsParams {
     long long o_row_stride;
     int splits, tokens, heads, head_dim;
     SinkArgs sink;
+    GateArgs gate;  // the output gate, applied to the combined row
 };
 
 }  // namespace ra

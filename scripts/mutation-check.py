@@ -492,6 +492,21 @@ MUTATIONS = [
     ("split-K combine ignores the last split", "kernels/merge.cu",
      "for (int s = 0; s < p.splits; ++s) {", "for (int s = 0; s < p.splits - 1; ++s) {",
      "emu_decode", "emulated_decode_matches_reference_bf16"),
+    ("output gate: the combine writes split decode ungated", "kernels/merge.cu",
+     "orow[c] = from_f32<T>(gated<T>(p.gate, tok, h, c, acc));", "orow[c] = from_f32<T>(acc);",
+     "emu_output_gate", "emulated_decode_output_gate"),
+    ("output gate: the prefill's block pass reads the neighbouring component's gate", "kernels/attention.cuh",
+     "*o = from_f32<T>(gated<T>(g, tok0 + r, h, c, to_f32(*o)));", "*o = from_f32<T>(gated<T>(g, tok0 + r, h, c > 0 ? c - 1 : c, to_f32(*o)));",
+     "emu_output_gate", "emulated_prefill_output_gate_16_bit"),
+    ("output gate: the prefill's block pass without its barrier", "kernels/attention_fwd.cu",
+     "        __syncthreads();  // every warp's rows are in global memory\n", "",
+     "emu_output_gate", "emulated_prefill_output_gate_16_bit"),
+    ("output gate: decode gates by head, not by component", "kernels/params.cuh",
+     "h * g.head_stride + (long long)c * g.comp_stride]", "h * g.head_stride]",
+     "emu_output_gate", "emulated_decode_output_gate"),
+    ("output gate: the f32 prefill ungated", "kernels/attention_fwd.cu",
+     "if (c < D) orow[c] = gated<float>(p.gate, tok, h, c, o[x] * inv);", "if (c < D) orow[c] = o[x] * inv;",
+     "emu_output_gate", "emulated_prefill_output_gate_f32"),
 ]
 
 # Races the plain emulator cannot see, because it completes a collective (a shuffle, ldmatrix)

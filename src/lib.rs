@@ -37,10 +37,12 @@ pub mod emulator;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod error;
+pub mod output_gate;
 pub mod qk_norm;
 pub mod reference;
 
 pub use attention::{Alibi, AttentionParams, Layout, Mask, QueryTemperature, Relative, Rotary};
 pub use config::{hf_layers, HfLayer, HfQkNorm, LayerAttention, LayerHeads, MRope, NormWeight, RopeConfig, RopeScaling, RopeSchedule};
 pub use error::{Error, Result};
+pub use output_gate::OutputGate;
 pub use qk_norm::{NormScope, QkNorm};

@@ -25,6 +25,12 @@ int main() {
     FIELD(SinkArgs, logit);
     FIELD(SinkArgs, on);
     FIELD(SinkArgs, pad_);
+    SIZE(GateArgs);
+    FIELD(GateArgs, ptr);
+    FIELD(GateArgs, row_stride);
+    FIELD(GateArgs, head_stride);
+    FIELD(GateArgs, comp_stride);
+    FIELD(GateArgs, pad_);
     SIZE(RopeParams);
     FIELD(RopeParams, rope);
     FIELD(RopeParams, q_in);
@@ -129,6 +135,7 @@ int main() {
     FIELD(AttnParams, sink);
     FIELD(AttnParams, cap_in);
     FIELD(AttnParams, cap_out);
+    FIELD(AttnParams, gate);
     SIZE(DecodeParams);
     FIELD(DecodeParams, rope);
     FIELD(DecodeParams, q);
@@ -163,6 +170,7 @@ int main() {
     FIELD(DecodeParams, cap_in);
     FIELD(DecodeParams, cap_out);
     FIELD(DecodeParams, chunk);
+    FIELD(DecodeParams, gate);
     SIZE(AppendParams);
     FIELD(AppendParams, k);
     FIELD(AppendParams, v);
@@ -197,5 +205,6 @@ int main() {
     FIELD(SplitsParams, heads);
     FIELD(SplitsParams, head_dim);
     FIELD(SplitsParams, sink);
+    FIELD(SplitsParams, gate);
     return 0;
 }

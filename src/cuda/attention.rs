@@ -13,13 +13,14 @@ use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
-use super::params::{to_i32, AttnParams};
+use super::params::{to_i32, AttnParams, GateArgs};
 use super::rope::{launch as launch_rope, Positions, RopePtrs, RopeShape};
 use super::scores::{check_rows, common, gather_rows, Common};
 use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
+use crate::output_gate::OutputGate;
 use crate::reference;
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Host-side description of a variable-length batch (FlashAttention's varlen convention):
@@ -269,6 +270,7 @@ pub(crate) fn attn_params_base(c: Common, p: &AttentionParams, batch: usize, max
         sink: c.sink,
         cap_in: c.cap_in,
         cap_out: c.cap_out_log2(),
+        gate: GateArgs::default(),
     }
 }
 
@@ -321,8 +323,35 @@ pub fn attention_fwd<T: Dtype>(
     p: &AttentionParams,
     workspace: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<PrefillPath> {
-    fwd(gpu, stream, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, None::<&cudarc::driver::CudaSlice<i32>>, batch, p, workspace)
+    fwd(gpu, stream, q, k, v, None::<Gate<'_, CudaSlice<T>>>, out, lse, cu_seqlens_q, cu_seqlens_k, None::<&CudaSlice<i32>>, batch, p, workspace)
 }
+
+/// [`attention_fwd`] with the output gate fused (Qwen3-Next, Qwen3.5, LFM3): O is written as
+/// `O · sigmoid(gate)`, the gates read from `gate` as `layout` says ([`OutputGate`]; for
+/// Qwen3-Next, [`OutputGate::after_query`] over `q_proj`'s output from element `head_dim` on).
+/// The LSE is the attention's, ungated. `gate` must not overlap `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_gated<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    gate: &impl DevicePtr<T>,
+    layout: &OutputGate,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    cu_seqlens_k: &impl DevicePtr<i32>,
+    batch: &AttentionBatch,
+    p: &AttentionParams,
+    workspace: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<PrefillPath> {
+    fwd(gpu, stream, q, k, v, Some((gate, layout)), out, lse, cu_seqlens_q, cu_seqlens_k, None::<&CudaSlice<i32>>, batch, p, workspace)
+}
+
+/// A gate buffer and where its gates lie.
+type Gate<'a, G> = (&'a G, &'a OutputGate);
 
 /// [`attention_fwd`] with explicit starting positions: `seq_starts` is `[batch, 2]` i32, the
 /// positions of each sequence's first query and first key. This is what a chunk of a longer
@@ -347,16 +376,17 @@ pub fn attention_fwd_at<T: Dtype>(
     if seq_starts.len() < 2 * batch.batch {
         return Err(Error::BufferTooSmall { what: "seq_starts", needed: 2 * batch.batch, got: seq_starts.len() });
     }
-    fwd(gpu, stream, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, Some(seq_starts), batch, p, workspace)
+    fwd(gpu, stream, q, k, v, None::<Gate<'_, CudaSlice<T>>>, out, lse, cu_seqlens_q, cu_seqlens_k, Some(seq_starts), batch, p, workspace)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn fwd<T: Dtype>(
+fn fwd<T: Dtype, G: DevicePtr<T>>(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
     q: &impl DevicePtr<T>,
     k: &impl DevicePtr<T>,
     v: &impl DevicePtr<T>,
+    gate: Option<Gate<'_, G>>,
     out: &mut impl DevicePtrMut<T>,
     lse: &mut impl DevicePtrMut<f32>,
     cu_seqlens_q: &impl DevicePtr<i32>,
@@ -378,6 +408,9 @@ fn fwd<T: Dtype>(
         workspace: workspace.as_ref().map(|w| w.len()),
     };
     let path = batch.check::<T>(p, &lens)?;
+    if let Some((g, layout)) = gate {
+        layout.check(g.len(), batch.total_q, p.num_q_heads, p.head_dim)?;
+    }
     let (q, _g1) = q.device_ptr(stream);
     let (k, _g2) = k.device_ptr(stream);
     let (v, _g3) = v.device_ptr(stream);
@@ -399,7 +432,14 @@ fn fwd<T: Dtype>(
         }
         None => (0, None),
     };
-    let ptrs = FwdPtrs { q, k, v, out, lse, cu_q, cu_k, seq_starts, workspace };
+    let (gate, _g10) = match gate {
+        Some((g, layout)) => {
+            let (gp, guard) = g.device_ptr(stream);
+            (GateArgs::new(gp, layout), Some(guard))
+        }
+        None => (GateArgs::default(), None),
+    };
+    let ptrs = FwdPtrs { q, k, v, out, lse, cu_q, cu_k, seq_starts, workspace, gate };
     launch_fwd::<T, _>(&be, ptrs, path, batch, p)?;
     Ok(path)
 }
@@ -415,6 +455,7 @@ pub(crate) struct FwdPtrs {
     pub cu_k: u64,
     pub seq_starts: u64,
     pub workspace: u64,
+    pub gate: GateArgs,
 }
 
 /// Plan and run a prefill whose buffers [`AttentionBatch::check`] accepted (it returned `path`):
@@ -426,7 +467,7 @@ pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: Pref
         return Ok(());
     }
     let elem = std::mem::size_of::<T>();
-    let FwdPtrs { q: qp, k: kp, v: vp, out: op, lse: lp, cu_q: cq, cu_k: ck, seq_starts: starts, workspace: wp } = ptrs;
+    let FwdPtrs { q: qp, k: kp, v: vp, out: op, lse: lp, cu_q: cq, cu_k: ck, seq_starts: starts, workspace: wp, gate } = ptrs;
     if is_16bit::<T>() && (kp % 16 != 0 || vp % 16 != 0 || op % 4 != 0) {
         return Err(Error::Shape { what: "k/v/out pointers", expected: "16-byte aligned k and v, 4-byte aligned out".into(), got: format!("{kp:#x} {vp:#x} {op:#x}") });
     }
@@ -472,6 +513,7 @@ pub(crate) fn launch_fwd<T: Dtype, B: Backend>(be: &B, ptrs: FwdPtrs, path: Pref
         kf_row_stride: kf_stride as i64,
         total_k: batch.total_k as i32,
         rotate_k: (path == PrefillPath::Fused) as i32,
+        gate,
         ..attn_params_base(c, p, batch.batch, batch.max_seqlen_q, batch.total_q)
     };
     // The kernel clamps sequence offsets to total_q / total_k, which the buffers were checked to span.
@@ -510,6 +552,40 @@ pub fn attention_fwd_checked<T: Dtype>(
         lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
         cu_q: stream.clone_dtoh(cu_seqlens_q)?,
         cu_k: stream.clone_dtoh(cu_seqlens_k)?,
+        gate: None,
+    };
+    Ok((path, compare_fwd::<T>(&host, batch, p)?))
+}
+
+/// [`attention_fwd_gated`], then compare O (gated) and LSE with the reference as
+/// [`attention_fwd_checked`] does. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_gated_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    gate: &impl DevicePtr<T>,
+    layout: &OutputGate,
+    out: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    lse: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    cu_seqlens_k: &impl DevicePtr<i32>,
+    batch: &AttentionBatch,
+    p: &AttentionParams,
+    workspace: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<(PrefillPath, CheckReport)> {
+    let path = attention_fwd_gated(gpu, stream, q, k, v, gate, layout, out, lse, cu_seqlens_q, cu_seqlens_k, batch, p, workspace)?;
+    let host = FwdHost {
+        q: widen(&stream.clone_dtoh(q)?),
+        k: widen(&stream.clone_dtoh(k)?),
+        v: widen(&stream.clone_dtoh(v)?),
+        out: widen(&stream.clone_dtoh(out)?),
+        lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
+        cu_q: stream.clone_dtoh(cu_seqlens_q)?,
+        cu_k: stream.clone_dtoh(cu_seqlens_k)?,
+        gate: Some((widen(&stream.clone_dtoh(gate)?), *layout)),
     };
     Ok((path, compare_fwd::<T>(&host, batch, p)?))
 }
@@ -523,6 +599,8 @@ pub(crate) struct FwdHost {
     pub lse: Vec<f64>,
     pub cu_q: Vec<i32>,
     pub cu_k: Vec<i32>,
+    /// The output gate's values and layout, if the call was gated.
+    pub gate: Option<(Vec<f64>, OutputGate)>,
 }
 
 /// Checked mode's comparison of a prefill with [`reference::attention_varlen`] (shared with the emulator).
@@ -534,7 +612,10 @@ pub(crate) fn compare_fwd<T: Dtype>(h: &FwdHost, batch: &AttentionBatch, p: &Att
     let oh = gather_rows(&h.out, batch.total_q, batch.o_row_stride, hq * d);
     let offsets = |cu: &[i32]| -> Vec<usize> { cu.iter().take(batch.batch + 1).map(|&x| x.max(0) as usize).collect() };
     let cu_k = offsets(&h.cu_k);
-    let want = reference::attention_varlen(&qh, &kh, &vh, &offsets(&h.cu_q), &cu_k, p)?;
+    let mut want = reference::attention_varlen(&qh, &kh, &vh, &offsets(&h.cu_q), &cu_k, p)?;
+    if let Some((g, layout)) = &h.gate {
+        reference::output_gate(&mut want.out, g, layout, hq, d)?;
+    }
     // Queries sit at positions up to their sequence's last key (bottom-right aligned).
     let last = cu_k.windows(2).map(|w| w[1] as i64 - w[0] as i64 - 1).max().unwrap_or(0);
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh) * p.query_scale_bound(last), max_abs(&kh), max_abs(&vh));

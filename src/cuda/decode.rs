@@ -4,12 +4,13 @@ use super::checked::{last_context_position, max_abs, widen, CheckReport, Toleran
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
-use super::params::{to_i32, AppendParams, DecodeParams, SinkArgs, SplitsParams};
+use super::params::{to_i32, AppendParams, DecodeParams, GateArgs, SinkArgs, SplitsParams};
 use super::scores::{check_rows, common, gather_rows};
 use crate::attention::{AttentionParams, Layout, Relative};
 use crate::error::{Error, Result};
+use crate::output_gate::OutputGate;
 use crate::reference;
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
 use std::sync::Arc;
 
 /// Geometry of a paged KV cache: K and V each `[num_pages, page_size, Hkv, d]`, unrotated keys.
@@ -79,7 +80,7 @@ impl DecodeBatch {
         DecodeBatch { batch, queries, max_pages, max_context, q_row_stride: row, o_row_stride: row }
     }
 
-    fn tokens(&self) -> usize {
+    pub(crate) fn tokens(&self) -> usize {
         self.batch * self.queries
     }
 }
@@ -375,6 +376,53 @@ pub fn attention_decode<T: Dtype>(
     splits: usize,
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
+    decode(gpu, stream, q, k_cache, v_cache, block_table, context_lens, None::<(&CudaSlice<T>, &OutputGate)>, out, lse, cache, batch, p, splits, workspace)
+}
+
+/// [`attention_decode`] with the output gate fused, as
+/// [`attention_fwd_gated`](super::attention_fwd_gated) takes it: O is written as
+/// `O · sigmoid(gate)` (with split keys, by the combine), output row `b · queries + i` reading
+/// the gates of row `b · queries + i`. The LSE is the attention's, ungated.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_gated<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    gate: &impl DevicePtr<T>,
+    layout: &OutputGate,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cache: &PagedKvCache,
+    batch: &DecodeBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    decode(gpu, stream, q, k_cache, v_cache, block_table, context_lens, Some((gate, layout)), out, lse, cache, batch, p, splits, workspace)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode<T: Dtype, G: DevicePtr<T>>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    gate: Option<(&G, &OutputGate)>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cache: &PagedKvCache,
+    batch: &DecodeBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
     let be = OnStream::new(gpu, stream)?;
     let lens = DecodeLens {
         q: q.len(),
@@ -387,6 +435,9 @@ pub fn attention_decode<T: Dtype>(
         workspace: workspace.as_ref().map(|w| w.len()),
     };
     let plan = batch.check(p, cache, &lens, splits)?;
+    if let Some((g, layout)) = gate {
+        layout.check(g.len(), batch.tokens(), p.num_q_heads, p.head_dim)?;
+    }
     let (q, _g1) = q.device_ptr(stream);
     let (k_cache, _g2) = k_cache.device_ptr(stream);
     let (v_cache, _g3) = v_cache.device_ptr(stream);
@@ -395,7 +446,14 @@ pub fn attention_decode<T: Dtype>(
     let (out, _g6) = out.device_ptr_mut(stream);
     let (lse, _g7) = lse.device_ptr_mut(stream);
     let (workspace, _g8) = split_workspace(workspace, plan.splits, stream);
-    let ptrs = DecodePtrs { q, k_cache, v_cache, block_table, context_lens, out, lse, workspace };
+    let (gate, _g9) = match gate {
+        Some((g, layout)) => {
+            let (gp, guard) = g.device_ptr(stream);
+            (GateArgs::new(gp, layout), Some(guard))
+        }
+        None => (GateArgs::default(), None),
+    };
+    let ptrs = DecodePtrs { q, k_cache, v_cache, block_table, context_lens, out, lse, workspace, gate };
     launch_decode::<T, _>(&be, ptrs, plan, cache, batch, p)
 }
 
@@ -409,6 +467,7 @@ pub(crate) struct DecodePtrs {
     pub out: u64,
     pub lse: u64,
     pub workspace: u64,
+    pub gate: GateArgs,
 }
 
 /// Plan and run a decode that [`DecodeBatch::check`] accepted (it returned `plan`): the split-K
@@ -435,7 +494,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         return Ok(());
     }
     let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(rows_per_block(elem));
-    let DecodePtrs { q: qp, k_cache: kp, v_cache: vp, block_table: bp, context_lens: cp, out: op, lse: lp, workspace: wp } = ptrs;
+    let DecodePtrs { q: qp, k_cache: kp, v_cache: vp, block_table: bp, context_lens: cp, out: op, lse: lp, workspace: wp, gate } = ptrs;
     if kp % 16 != 0 || vp % 16 != 0 {
         return Err(Error::Shape { what: "k/v cache pointers", expected: "16-byte aligned".into(), got: format!("{kp:#x} {vp:#x}") });
     }
@@ -477,6 +536,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         sink: c.sink,
         cap_in: c.cap_in,
         cap_out: c.cap_out_log2(),
+        gate,
     };
     // Buffers were checked against the cache geometry and batch; the kernel clamps context
     // lengths and block-table entries into the pool.
@@ -495,7 +555,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
         params,
     })?;
     // The partials were sized by decode_workspace_len.
-    launch_combine::<T, _>(be, wp, op, lp, batch.o_row_stride, splits, tokens, hq, d, c.sink)
+    launch_combine::<T, _>(be, wp, op, lp, batch.o_row_stride, splits, tokens, hq, d, c.sink, gate)
 }
 
 /// The device address of a split-K workspace (0 when one split needs none), and the guard that
@@ -539,6 +599,7 @@ pub(crate) fn launch_combine<T: Dtype, B: Backend>(
     heads: usize,
     d: usize,
     sink: SinkArgs,
+    gate: GateArgs,
 ) -> Result<()> {
     if splits <= 1 {
         return Ok(());
@@ -555,6 +616,7 @@ pub(crate) fn launch_combine<T: Dtype, B: Backend>(
         heads: heads as i32,
         head_dim: d as i32,
         sink,
+        gate,
     };
     let grid = (tokens as u32, heads as u32, 1);
     be.run(&Launch { module: Module::Merge, name: format!("combine_splits_{}", T::NAME), grid, threads: 128, smem: 0, params })
@@ -663,6 +725,42 @@ pub fn attention_decode_checked<T: Dtype>(
         context_lens: stream.clone_dtoh(context_lens)?,
         out: widen(&stream.clone_dtoh(out)?),
         lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
+        gate: None,
+    };
+    compare_decode::<T>(&host, cache, batch, p)
+}
+
+/// [`attention_decode_gated`], then compare O (gated) and LSE with the reference as
+/// [`attention_decode_checked`] does. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_gated_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    gate: &impl DevicePtr<T>,
+    layout: &OutputGate,
+    out: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    lse: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    cache: &PagedKvCache,
+    batch: &DecodeBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<CheckReport> {
+    attention_decode_gated(gpu, stream, q, k_cache, v_cache, block_table, context_lens, gate, layout, out, lse, cache, batch, p, splits, workspace)?;
+    let host = DecodeHost {
+        q: widen(&stream.clone_dtoh(q)?),
+        k_cache: widen(&stream.clone_dtoh(k_cache)?),
+        v_cache: widen(&stream.clone_dtoh(v_cache)?),
+        block_table: stream.clone_dtoh(block_table)?,
+        context_lens: stream.clone_dtoh(context_lens)?,
+        out: widen(&stream.clone_dtoh(out)?),
+        lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
+        gate: Some((widen(&stream.clone_dtoh(gate)?), *layout)),
     };
     compare_decode::<T>(&host, cache, batch, p)
 }
@@ -676,6 +774,8 @@ pub(crate) struct DecodeHost {
     pub context_lens: Vec<i32>,
     pub out: Vec<f64>,
     pub lse: Vec<f64>,
+    /// The output gate's values and layout, if the call was gated.
+    pub gate: Option<(Vec<f64>, OutputGate)>,
 }
 
 /// Keys and values of sequence b, gathered through its block-table row (entries clamped into the
@@ -746,7 +846,10 @@ pub(crate) fn compare_decode<T: Dtype>(h: &DecodeHost, cache: &PagedKvCache, bat
     let qh = gather_rows(&h.q, tokens, batch.q_row_stride, hq * d);
     let oh = gather_rows(&h.out, tokens, batch.o_row_stride, hq * d);
     let runs: Vec<(usize, usize)> = (0..batch.batch).map(|b| (b * batch.queries, batch.queries)).collect();
-    let (want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
+    let (mut want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
+    if let Some((g, layout)) = &h.gate {
+        reference::output_gate(&mut want_o, g, layout, hq, d)?;
+    }
     let last = last_context_position(&h.context_lens, batch.batch);
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh) * p.query_scale_bound(last), max_abs(&h.k_cache), max_abs(&h.v_cache));
     let ro = CheckReport::compare("decode out", &oh, &want_o, tol_o);

@@ -34,12 +34,12 @@ pub(crate) mod rope;
 pub(crate) mod scores;
 
 pub use attention::{
-    attention_fwd, attention_fwd_at, attention_fwd_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,
+    attention_fwd, attention_fwd_at, attention_fwd_checked, attention_fwd_gated, attention_fwd_gated_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,
     PrefillPath,
 };
 pub use checked::{max_abs, CheckReport, Tolerance};
 pub use decode::{
-    attention_decode, attention_decode_checked, decode_base_steps, decode_splits, decode_workspace_len, paged_append, DecodeBatch, DecodeLens,
+    attention_decode, attention_decode_checked, attention_decode_gated, attention_decode_gated_checked, decode_base_steps, decode_splits, decode_workspace_len, paged_append, DecodeBatch, DecodeLens,
     DecodePlan, PagedKvCache,
 };
 pub use device::{device_status, Gpu};

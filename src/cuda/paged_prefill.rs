@@ -297,7 +297,7 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
     // offsets to total_q, which the buffers were checked to span.
     be.run(&mma_fwd_launch::<T>(params, p, fused && p.rope.is_some()))?;
     // The partials were sized by paged_prefill_workspace_len.
-    launch_combine::<T, _>(be, x.workspace, x.out, x.lse, batch.o_row_stride, plan.splits, batch.total_q, p.num_q_heads, p.head_dim, params.sink)
+    launch_combine::<T, _>(be, x.workspace, x.out, x.lse, batch.o_row_stride, plan.splits, batch.total_q, p.num_q_heads, p.head_dim, params.sink, params.gate)
 }
 
 /// The gathered path's first launch: the rope kernel gathers K (rotated to its position) and V

@@ -3,6 +3,7 @@
 
 use crate::attention::{AttentionParams, Layout, Relative, Rotary};
 use crate::error::{Error, Result};
+use crate::output_gate::OutputGate;
 use cudarc::driver::DeviceRepr;
 
 /// `RA_MAX_PAIRS` in kernels/rope.cuh: rotary_dim <= 256.
@@ -235,6 +236,7 @@ pub(crate) struct AttnParams {
     pub sink: SinkArgs,
     pub cap_in: f32,
     pub cap_out: f32,
+    pub gate: GateArgs,
 }
 
 /// Mirror of `ra::DecodeParams` (kernels/attention_decode.cu).
@@ -274,6 +276,7 @@ pub(crate) struct DecodeParams {
     pub cap_in: f32,
     pub cap_out: f32,
     pub chunk: i32,
+    pub gate: GateArgs,
 }
 
 /// Mirror of `ra::AppendParams` (kernels/attention_decode.cu).
@@ -323,6 +326,25 @@ pub(crate) struct SplitsParams {
     pub heads: i32,
     pub head_dim: i32,
     pub sink: SinkArgs,
+    pub gate: GateArgs,
+}
+
+/// Mirror of `ra::GateArgs` (kernels/params.cuh): the output gate, `ptr` 0 for none.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct GateArgs {
+    pub ptr: u64,
+    pub row_stride: i64,
+    pub head_stride: i64,
+    pub comp_stride: i32,
+    pub pad_: i32,
+}
+
+impl GateArgs {
+    /// The gate at device address `ptr`, laid out as `g` says (validated by [`OutputGate::check`]).
+    pub(crate) fn new(ptr: u64, g: &OutputGate) -> Self {
+        GateArgs { ptr, row_stride: g.row_stride as i64, head_stride: g.head_stride as i64, comp_stride: (!g.per_head) as i32, pad_: 0 }
+    }
 }
 
 // SAFETY: plain-old-data structs whose layout matches the CUDA side field for field.
@@ -351,12 +373,13 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
     }
     check!(RopeArgs; freq, freq_leak, rotary_dim, interleaved, attention_factor, relative, window, temp_floor, temp_scale, temp_offset);
     check!(SinkArgs; logit, on, pad_);
+    check!(GateArgs; ptr, row_stride, head_stride, comp_stride, pad_);
     check!(RopeParams; rope, q_in, q_out, k_in, k_out, positions, cu_seqlens, seq_starts, q_in_stride, q_out_stride, k_in_stride, k_out_stride, tokens, q_heads, k_heads, head_dim, batch, starts_stride, use_leak_freq, block_table, context_lens, v_in, v_out, page_size, max_pages, num_pages, gather_rows, mrope, mrope_h, mrope_w, mrope_stride, norm, norm_eps, q_norm_w, k_norm_w, q_in_hstride);
     check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, scale, cap_in, cap_out);
-    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse, sink, cap_in, cap_out);
-    check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps, sink, cap_in, cap_out, chunk);
+    check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse, sink, cap_in, cap_out, gate);
+    check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps, sink, cap_in, cap_out, chunk, gate);
     check!(AppendParams; k, v, k_cache, v_cache, slots, k_row_stride, v_row_stride, tokens, kv_heads, head_dim, num_slots);
     check!(MergeParams; o1, lse1, o2, lse2, out, lse_out, tokens, heads, head_dim, pad_);
-    check!(SplitsParams; part_out, part_lse, out, lse, o_row_stride, splits, tokens, heads, head_dim, sink);
+    check!(SplitsParams; part_out, part_lse, out, lse, o_row_stride, splits, tokens, heads, head_dim, sink, gate);
     out
 }

@@ -53,7 +53,7 @@ use crate::cuda::decode::{compare_decode, launch_append, launch_decode, AppendRo
 use crate::cuda::launch::{Backend, Launch};
 use crate::cuda::merge::{launch_merge, MergeShape};
 use crate::cuda::paged_prefill::{compare_fwd_paged, launch_fwd_paged, PagedFwdHost, PagedFwdPtrs};
-use crate::cuda::params::RopeArgs;
+use crate::cuda::params::{GateArgs, RopeArgs};
 use crate::cuda::rope::{
     compare_normed, compare_rope, compare_rope_mrope, launch as launch_rope, launch_normed as launch_rope_normed, NormArgs, NormedRotation, Positions,
     RopePtrs,
@@ -63,6 +63,7 @@ use crate::cuda::{
     AttentionBatch, CheckReport, DecodeBatch, DecodeLens, Dtype, FwdLens, GatedRotation, PagedFwdLens, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, PrefillPath, RopeShape, ScoresShape,
 };
 use crate::error::{Error, Result};
+use crate::output_gate::OutputGate;
 use crate::qk_norm::QkNorm;
 use cudarc::driver::DeviceRepr;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -116,6 +117,17 @@ impl Default for Emulator {
 }
 
 /// Address of a host buffer as the kernels see it (0 for an empty one, like an empty device buffer).
+/// The kernels' gate arguments for an optional host gate over `rows` output rows, checked.
+fn gate_args<T>(gate: Option<(&[T], &OutputGate)>, rows: usize, p: &AttentionParams) -> Result<GateArgs> {
+    Ok(match gate {
+        Some((g, layout)) => {
+            layout.check(g.len(), rows, p.num_q_heads, p.head_dim)?;
+            GateArgs::new(addr(g), layout)
+        }
+        None => GateArgs::default(),
+    })
+}
+
 fn addr<T>(s: &[T]) -> u64 {
     if s.is_empty() {
         0
@@ -476,6 +488,36 @@ impl Emulator {
         p: &AttentionParams,
         workspace: Option<&mut [T]>,
     ) -> Result<PrefillPath> {
+        self.fwd(x, None, out, lse, batch, p, workspace)
+    }
+
+    /// [`crate::cuda::attention_fwd_gated`] on host buffers (or `attention_fwd_at`'s positions, with `seq_starts`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_fwd_gated<T: Dtype>(
+        &self,
+        x: &FwdInputs<'_, T>,
+        gate: &[T],
+        layout: &OutputGate,
+        out: &mut [T],
+        lse: &mut [f32],
+        batch: &AttentionBatch,
+        p: &AttentionParams,
+        workspace: Option<&mut [T]>,
+    ) -> Result<PrefillPath> {
+        self.fwd(x, Some((gate, layout)), out, lse, batch, p, workspace)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fwd<T: Dtype>(
+        &self,
+        x: &FwdInputs<'_, T>,
+        gate: Option<(&[T], &OutputGate)>,
+        out: &mut [T],
+        lse: &mut [f32],
+        batch: &AttentionBatch,
+        p: &AttentionParams,
+        workspace: Option<&mut [T]>,
+    ) -> Result<PrefillPath> {
         let lens = FwdLens {
             q: x.q.len(),
             k: x.k.len(),
@@ -502,6 +544,7 @@ impl Emulator {
             cu_k: addr(x.cu_seqlens_k),
             seq_starts: x.seq_starts.map_or(0, addr),
             workspace: workspace.map_or(0, |w| addr(w)),
+            gate: gate_args(gate, batch.total_q, p)?,
         };
         launch_fwd::<T, _>(self, ptrs, path, batch, p)?;
         Ok(path)
@@ -517,10 +560,40 @@ impl Emulator {
         p: &AttentionParams,
         workspace: Option<&mut [T]>,
     ) -> Result<(PrefillPath, CheckReport)> {
+        self.fwd_checked(x, None, out, lse, batch, p, workspace)
+    }
+
+    /// [`crate::cuda::attention_fwd_gated_checked`] on host buffers (default positions only, as there).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_fwd_gated_checked<T: Dtype>(
+        &self,
+        x: &FwdInputs<'_, T>,
+        gate: &[T],
+        layout: &OutputGate,
+        out: &mut [T],
+        lse: &mut [f32],
+        batch: &AttentionBatch,
+        p: &AttentionParams,
+        workspace: Option<&mut [T]>,
+    ) -> Result<(PrefillPath, CheckReport)> {
+        self.fwd_checked(x, Some((gate, layout)), out, lse, batch, p, workspace)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_checked<T: Dtype>(
+        &self,
+        x: &FwdInputs<'_, T>,
+        gate: Option<(&[T], &OutputGate)>,
+        out: &mut [T],
+        lse: &mut [f32],
+        batch: &AttentionBatch,
+        p: &AttentionParams,
+        workspace: Option<&mut [T]>,
+    ) -> Result<(PrefillPath, CheckReport)> {
         if x.seq_starts.is_some() {
             return Err(Error::Shape { what: "checked prefill", expected: "default positions (seq_starts: None)".into(), got: "seq_starts".into() });
         }
-        let path = self.attention_fwd(x, out, lse, batch, p, workspace)?;
+        let path = self.fwd(x, gate, out, lse, batch, p, workspace)?;
         let host = FwdHost {
             q: widen(x.q),
             k: widen(x.k),
@@ -529,6 +602,7 @@ impl Emulator {
             lse: lse.iter().map(|&v| v as f64).collect(),
             cu_q: x.cu_seqlens_q.to_vec(),
             cu_k: x.cu_seqlens_k.to_vec(),
+            gate: gate.map(|(g, l)| (widen(g), *l)),
         };
         Ok((path, compare_fwd::<T>(&host, batch, p)?))
     }
@@ -617,6 +691,40 @@ impl Emulator {
         splits: usize,
         workspace: Option<&mut [f32]>,
     ) -> Result<()> {
+        self.decode(x, None, out, lse, cache, batch, p, splits, workspace)
+    }
+
+    /// [`crate::cuda::attention_decode_gated`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_gated<T: Dtype>(
+        &self,
+        x: &DecodeInputs<'_, T>,
+        gate: &[T],
+        layout: &OutputGate,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &DecodeBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+    ) -> Result<()> {
+        self.decode(x, Some((gate, layout)), out, lse, cache, batch, p, splits, workspace)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode<T: Dtype>(
+        &self,
+        x: &DecodeInputs<'_, T>,
+        gate: Option<(&[T], &OutputGate)>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &DecodeBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+    ) -> Result<()> {
         let lens = DecodeLens {
             q: x.q.len(),
             k_cache: x.k_cache.len(),
@@ -637,6 +745,7 @@ impl Emulator {
             out: addr(out),
             lse: addr(lse),
             workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
+            gate: gate_args(gate, batch.tokens(), p)?,
         };
         launch_decode::<T, _>(self, ptrs, plan, cache, batch, p)
     }
@@ -654,7 +763,41 @@ impl Emulator {
         splits: usize,
         workspace: Option<&mut [f32]>,
     ) -> Result<CheckReport> {
-        self.attention_decode(x, out, lse, cache, batch, p, splits, workspace)?;
+        self.decode_checked(x, None, out, lse, cache, batch, p, splits, workspace)
+    }
+
+    /// [`crate::cuda::attention_decode_gated_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_gated_checked<T: Dtype>(
+        &self,
+        x: &DecodeInputs<'_, T>,
+        gate: &[T],
+        layout: &OutputGate,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &DecodeBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+    ) -> Result<CheckReport> {
+        self.decode_checked(x, Some((gate, layout)), out, lse, cache, batch, p, splits, workspace)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_checked<T: Dtype>(
+        &self,
+        x: &DecodeInputs<'_, T>,
+        gate: Option<(&[T], &OutputGate)>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &DecodeBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+    ) -> Result<CheckReport> {
+        self.decode(x, gate, out, lse, cache, batch, p, splits, workspace)?;
         let host = DecodeHost {
             q: widen(x.q),
             k_cache: widen(x.k_cache),
@@ -663,6 +806,7 @@ impl Emulator {
             context_lens: x.context_lens.to_vec(),
             out: widen(out),
             lse: lse.iter().map(|&v| v as f64).collect(),
+            gate: gate.map(|(g, l)| (widen(g), *l)),
         };
         compare_decode::<T>(&host, cache, batch, p)
     }

@@ -5,6 +5,7 @@
 //! scores `[Hq, Nq, Nk]`, output `[Nq, Hq, d]`, log-sum-exp `[Hq, Nq]` (natural log).
 
 mod attention;
+mod gate;
 mod merge;
 mod qk_norm;
 mod rotate;
@@ -12,6 +13,7 @@ mod scores;
 mod sinusoidal;
 
 pub use attention::{attention, attention_varlen, AttentionOutput};
+pub use gate::output_gate;
 pub use merge::merge;
 pub use qk_norm::qk_norm_row;
 pub use rotate::{rotate, rotate_head, rotate_head_mrope, rotate_mrope};

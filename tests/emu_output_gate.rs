@@ -1,0 +1,157 @@
+//! The output gate fused into the attention kernels (Qwen3-Next's per-component gate where
+//! `q_proj` left it, LFM3's per-head gate), run by the SIMT emulator: every prefill kernel (the
+//! fused and pre-rotated tensor-core kernels at head_dim 64 and 96, the f32 rows kernel) and the
+//! decode kernels with one split and with three (the combine gates), in checked mode against the
+//! f64 reference with the gate applied, and against the same call ungated: the LSE to the bit,
+//! O within two roundings of the dtype of `O_ungated · sigmoid(g)`, gates of +inf leaving O as
+//! it was and -inf zeroing it exactly. A gate buffer one element short is refused before launch.
+#![cfg(feature = "emulator")]
+
+mod common;
+
+use common::paged::fill;
+use common::*;
+use half::{bf16, f16};
+use rope_attn::cuda::{attention_fwd_workspace_len, decode_workspace_len, AttentionBatch, DecodeBatch, Dtype};
+use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
+use rope_attn::{AttentionParams, Error, Layout, OutputGate, RopeSchedule, Rotary};
+
+/// The two gate layouts over `rows` output rows: Qwen3-Next's (a whole `q_proj` output, gates
+/// from element `d` on) and LFM3's `[rows, heads]`, with gates uniform in [-4, 4) and, for the
+/// per-head gate, row 0's head 0 at +inf and row 1's head 1 at -inf.
+fn gates<T: Dtype>(r: &mut rand::rngs::StdRng, rows: usize, hq: usize, d: usize) -> Vec<(&'static str, OutputGate, Vec<T>, usize)> {
+    let qproj: Vec<f64> = uniform(r, rows * hq * 2 * d).iter().map(|x| 4.0 * x).collect();
+    let mut per_head: Vec<f64> = uniform(r, rows * hq).iter().map(|x| 4.0 * x).collect();
+    per_head[0] = f64::INFINITY;
+    per_head[hq + 1] = f64::NEG_INFINITY;
+    vec![
+        ("after_query", OutputGate::after_query(hq, d), as_dtype::<T>(&qproj).0, d),
+        ("per_head", OutputGate::per_head(hq), as_dtype::<T>(&per_head).0, 0),
+    ]
+}
+
+/// Gated O against ungated O: within two roundings of T (and f32's gate arithmetic) of
+/// `ungated · sigmoid(g)`, exactly equal at g = +inf, exactly 0 at g = -inf. Returns how many
+/// elements the gate moved.
+fn check_gated<T: Dtype>(gated: &[T], ungated: &[T], gate: &[T], layout: &OutputGate, hq: usize, d: usize, what: &str) -> usize {
+    let mut moved = 0;
+    for (e, (g, u)) in gated.iter().zip(ungated).enumerate() {
+        let (t, h, c) = (e / (hq * d), e / d % hq, e % d);
+        let (g, u, x) = (g.to_f64(), u.to_f64(), gate[layout.index(t, h, c)].to_f64());
+        if x == f64::INFINITY {
+            assert_eq!(g, u, "{what}: element {e}, gate +inf");
+        } else if x == f64::NEG_INFINITY {
+            assert_eq!(g, 0.0, "{what}: element {e}, gate -inf");
+        } else {
+            let want = u / (1.0 + (-x).exp());
+            let tol = (2.0 * T::EPS + 1e-6) * u.abs() + 1e-7;
+            assert!((g - want).abs() <= tol, "{what}: element {e} is {g}, want {want} (ungated {u}, gate {x})");
+        }
+        moved += (g != u) as usize;
+    }
+    moved
+}
+
+fn params(d: usize) -> AttentionParams {
+    let mut p = AttentionParams::new(4, 2, d);
+    p.rope = Some(Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half));
+    p
+}
+
+fn prefill<T: Dtype>(emu: &Emulator, d: usize, use_ws: bool, seed: u64) {
+    let p = params(d);
+    let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
+    let mut r = rng(seed);
+    let seq = [7usize, 70];
+    let cu = cu_seqlens(&seq);
+    let total = *cu.last().unwrap() as usize;
+    let batch = AttentionBatch::contiguous(&p, seq.len(), 70, total, total);
+    let q = guard(&as_dtype::<T>(&uniform(&mut r, total * hq * d)).0);
+    let k = guard(&as_dtype::<T>(&uniform(&mut r, total * hkv * d)).0);
+    let v = guard(&as_dtype::<T>(&uniform(&mut r, total * hkv * d)).0);
+    let cu = guard(&cu);
+    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cu, cu_seqlens_k: &cu, seq_starts: None };
+    let fresh = || (GuardedBuf::filled(total * hq * d, T::default()), GuardedBuf::filled(hq * total, 0f32));
+    let mut ws = GuardedBuf::filled(attention_fwd_workspace_len(&p, total), T::default());
+    let (mut out_u, mut lse_u) = fresh();
+    let path = emu.attention_fwd(&x, &mut out_u, &mut lse_u, &batch, &p, use_ws.then_some(&mut ws[..])).unwrap();
+    for (name, layout, gate, offset) in gates::<T>(&mut r, total, hq, d) {
+        let what = format!("{} d={d} ws={use_ws} {path:?} {name}", T::NAME);
+        let gbuf = guard(&gate);
+        let (mut out, mut lse) = fresh();
+        let (gpath, rep) = emu
+            .attention_fwd_gated_checked(&x, &gbuf[offset..], &layout, &mut out, &mut lse, &batch, &p, use_ws.then_some(&mut ws[..]))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(gpath, path, "{what}");
+        assert!(rep.count > 0, "{what}");
+        assert!(lse.iter().zip(lse_u.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the attention's own");
+        let moved = check_gated(&out, &out_u, &gate[offset..], &layout, hq, d, &what);
+        assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+        // One element short: refused before any launch, nothing written.
+        let (mut out, mut lse) = fresh();
+        let short = &gbuf[offset..gbuf.len() - 1];
+        let err = emu.attention_fwd_gated(&x, short, &layout, &mut out, &mut lse, &batch, &p, use_ws.then_some(&mut ws[..])).unwrap_err();
+        assert!(matches!(err, Error::BufferTooSmall { what: "output gate", .. }), "{what}: {err:?}");
+        assert!(out.iter().all(|o| o.to_f64() == 0.0), "{what}: nothing written");
+    }
+}
+
+#[test]
+fn emulated_prefill_output_gate_16_bit() {
+    let emu = emulator(9100);
+    for d in [64, 96] {
+        for use_ws in [false, true] {
+            prefill::<f16>(&emu, d, use_ws, 9101 + d as u64);
+            prefill::<bf16>(&emu, d, use_ws, 9102 + d as u64);
+        }
+    }
+}
+
+#[test]
+fn emulated_prefill_output_gate_f32() {
+    prefill::<f32>(&emulator(9200), 64, true, 9201);
+}
+
+fn decode<T: Dtype>(emu: &Emulator, seed: u64) {
+    let p = params(64);
+    let (hq, d, queries) = (p.num_q_heads, p.head_dim, 2usize);
+    let mut r = rng(seed);
+    let lens = [5usize, 40];
+    let f = fill::<T>(emu, &p, &lens, 16, &mut r);
+    let rows = lens.len() * queries;
+    let q = guard(&as_dtype::<T>(&uniform(&mut r, rows * hq * d)).0);
+    let batch = DecodeBatch::contiguous(&p, lens.len(), queries, f.max_pages, 40);
+    let x = DecodeInputs { q: &q, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    let fresh = || (GuardedBuf::filled(rows * hq * d, T::default()), GuardedBuf::filled(rows * hq, 0f32));
+    let gate_sets = gates::<T>(&mut r, rows, hq, d);
+    for splits in [1usize, 3] {
+        let mut ws = GuardedBuf::filled(decode_workspace_len(&p, &batch, splits), 0f32);
+        let (mut out_u, mut lse_u) = fresh();
+        emu.attention_decode(&x, &mut out_u, &mut lse_u, &f.cache, &batch, &p, splits, Some(&mut ws)).unwrap();
+        for (name, layout, gate, offset) in &gate_sets {
+            let what = format!("{} decode splits={splits} {name}", T::NAME);
+            let gbuf = guard(gate);
+            let (mut out, mut lse) = fresh();
+            let rep = emu
+                .attention_decode_gated_checked(&x, &gbuf[*offset..], layout, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(rep.count > 0, "{what}");
+            assert!(lse.iter().zip(lse_u.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the attention's own");
+            let moved = check_gated(&out, &out_u, &gate[*offset..], layout, hq, d, &what);
+            assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+            let (mut out, mut lse) = fresh();
+            let short = &gbuf[*offset..gbuf.len() - 1];
+            let err = emu.attention_decode_gated(&x, short, layout, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws)).unwrap_err();
+            assert!(matches!(err, Error::BufferTooSmall { what: "output gate", .. }), "{what}: {err:?}");
+            assert!(out.iter().all(|o| o.to_f64() == 0.0), "{what}: nothing written");
+        }
+    }
+}
+
+#[test]
+fn emulated_decode_output_gate() {
+    let emu = emulator(9300);
+    decode::<f16>(&emu, 9301);
+    decode::<bf16>(&emu, 9302);
+    decode::<f32>(&emu, 9303);
+}
