@@ -4,6 +4,7 @@
 
 pub mod cases;
 pub mod explicit;
+pub mod gate;
 pub mod paged;
 
 use cudarc::driver::CudaStream;

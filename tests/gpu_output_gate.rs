@@ -1,0 +1,133 @@
+//! The output gate fused into the attention kernels on a GPU (tests/emu_output_gate.rs runs the
+//! same checks in the emulator at smaller sizes): prefill over every supported head dim, fused and
+//! pre-rotated keys, f16 / bf16 / f32, and decode over a paged cache with one split and with
+//! five, for Qwen3-Next's per-component gate and LFM3's per-head gate. Checked mode compares O
+//! (gated) and the LSE with the f64 reference; against the same call ungated, the LSE is equal
+//! to the bit and O is `O_ungated · sigmoid(g)` within two roundings of the dtype.
+//! Tolerance (Tolerance::attention), as tests/gpu_attention.rs.
+
+mod common;
+
+use common::gate::{check_gated, gates};
+use common::*;
+use half::{bf16, f16};
+use rope_attn::cuda::{
+    attention_decode, attention_decode_gated_checked, attention_fwd, attention_fwd_gated_checked, attention_fwd_workspace_len, decode_workspace_len,
+    AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, SUPPORTED_HEAD_DIMS,
+};
+use rope_attn::{AttentionParams, Layout, RopeSchedule, Rotary};
+use std::sync::Arc;
+
+type Stream = Arc<cudarc::driver::CudaStream>;
+
+fn params(d: usize) -> AttentionParams {
+    let mut p = AttentionParams::new(8, 2, d);
+    p.rope = Some(Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half));
+    p
+}
+
+fn prefill<T: Dtype>(gpu: &Gpu, stream: &Stream, seed: u64) -> usize {
+    let mut r = rng(seed);
+    let mut cases = 0;
+    let f32_path = std::mem::size_of::<T>() == 4;
+    for &d in SUPPORTED_HEAD_DIMS {
+        let p = params(d);
+        let (hq, hkv) = (p.num_q_heads, p.num_kv_heads);
+        let seq = [1usize, 77, 300];
+        let cu = cu_seqlens(&seq);
+        let total = *cu.last().unwrap() as usize;
+        let batch = AttentionBatch::contiguous(&p, seq.len(), 300, total, total);
+        let q = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, total * hq * d)).0).unwrap();
+        let k = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, total * hkv * d)).0).unwrap();
+        let v = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, total * hkv * d)).0).unwrap();
+        let cu = stream.clone_htod(&cu).unwrap();
+        let gate_sets = gates::<T>(&mut r, total, hq, d);
+        for use_ws in [false, true].into_iter().filter(|&w| w || !f32_path) {
+            let mut ws = stream.alloc_zeros::<T>(attention_fwd_workspace_len(&p, total)).unwrap();
+            let mut out_u = stream.alloc_zeros::<T>(total * hq * d).unwrap();
+            let mut lse_u = stream.alloc_zeros::<f32>(hq * total).unwrap();
+            let mut wsv = ws.as_view_mut();
+            attention_fwd(gpu, stream, &q, &k, &v, &mut out_u, &mut lse_u, &cu, &cu, &batch, &p, use_ws.then_some(&mut wsv)).unwrap();
+            let (out_u, lse_u) = (stream.clone_dtoh(&out_u).unwrap(), stream.clone_dtoh(&lse_u).unwrap());
+            for (name, layout, gate, offset) in &gate_sets {
+                let what = format!("{} d={d} ws={use_ws} {name}", T::NAME);
+                let g = stream.clone_htod(gate).unwrap();
+                let mut out = stream.alloc_zeros::<T>(total * hq * d).unwrap();
+                let mut lse = stream.alloc_zeros::<f32>(hq * total).unwrap();
+                let mut wsv = ws.as_view_mut();
+                let (_, rep) = attention_fwd_gated_checked(gpu, stream, &q, &k, &v, &g.slice(*offset..), layout, &mut out, &mut lse, &cu, &cu, &batch, &p, use_ws.then_some(&mut wsv))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(rep.count > 0, "{what}");
+                let (out, lse) = (stream.clone_dtoh(&out).unwrap(), stream.clone_dtoh(&lse).unwrap());
+                assert!(lse.iter().zip(&lse_u).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the attention's own");
+                let moved = check_gated(&out, &out_u, &gate[*offset..], layout, hq, d, &what);
+                assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+                cases += 1;
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn gpu_prefill_output_gate() {
+    let Some((gpu, stream)) = gpu_or_skip("gpu_prefill_output_gate") else { return };
+    let n = SUPPORTED_HEAD_DIMS.len();
+    assert_eq!(prefill::<f16>(&gpu, &stream, 9400), 4 * n);
+    assert_eq!(prefill::<bf16>(&gpu, &stream, 9401), 4 * n);
+    assert_eq!(prefill::<f32>(&gpu, &stream, 9402), 2 * n);
+}
+
+fn decode<T: Dtype>(gpu: &Gpu, stream: &Stream, seed: u64) -> usize {
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for &d in SUPPORTED_HEAD_DIMS {
+        let p = params(d);
+        let (hq, hkv, queries, page) = (p.num_q_heads, p.num_kv_heads, 3usize, 16usize);
+        let lens = [3usize, 700, 2000];
+        let max_pages = 2000usize.div_ceil(page);
+        // Sequence b owns pages b·max_pages.. in order: the block table is the identity.
+        let cache = PagedKvCache { num_pages: lens.len() * max_pages, page_size: page, kv_heads: hkv, head_dim: d };
+        let k_cache = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, cache.len())).0).unwrap();
+        let v_cache = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, cache.len())).0).unwrap();
+        let table = stream.clone_htod(&(0..cache.num_pages as i32).collect::<Vec<_>>()).unwrap();
+        let ctx = stream.clone_htod(&lens.iter().map(|&n| n as i32).collect::<Vec<_>>()).unwrap();
+        let rows = lens.len() * queries;
+        let q = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, rows * hq * d)).0).unwrap();
+        let batch = DecodeBatch::contiguous(&p, lens.len(), queries, max_pages, 2000);
+        let gate_sets = gates::<T>(&mut r, rows, hq, d);
+        for splits in [1usize, 5] {
+            let mut ws = stream.alloc_zeros::<f32>(decode_workspace_len(&p, &batch, splits).max(1)).unwrap();
+            let mut out_u = stream.alloc_zeros::<T>(rows * hq * d).unwrap();
+            let mut lse_u = stream.alloc_zeros::<f32>(rows * hq).unwrap();
+            let mut wsv = ws.as_view_mut();
+            attention_decode(gpu, stream, &q, &k_cache, &v_cache, &table, &ctx, &mut out_u, &mut lse_u, &cache, &batch, &p, splits, Some(&mut wsv)).unwrap();
+            let (out_u, lse_u) = (stream.clone_dtoh(&out_u).unwrap(), stream.clone_dtoh(&lse_u).unwrap());
+            for (name, layout, gate, offset) in &gate_sets {
+                let what = format!("{} decode d={d} splits={splits} {name}", T::NAME);
+                let g = stream.clone_htod(gate).unwrap();
+                let mut out = stream.alloc_zeros::<T>(rows * hq * d).unwrap();
+                let mut lse = stream.alloc_zeros::<f32>(rows * hq).unwrap();
+                let mut wsv = ws.as_view_mut();
+                let rep = attention_decode_gated_checked(gpu, stream, &q, &k_cache, &v_cache, &table, &ctx, &g.slice(*offset..), layout, &mut out, &mut lse, &cache, &batch, &p, splits, Some(&mut wsv))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(rep.count > 0, "{what}");
+                let (out, lse) = (stream.clone_dtoh(&out).unwrap(), stream.clone_dtoh(&lse).unwrap());
+                assert!(lse.iter().zip(&lse_u).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the attention's own");
+                let moved = check_gated(&out, &out_u, &gate[*offset..], layout, hq, d, &what);
+                assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+                cases += 1;
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn gpu_decode_output_gate() {
+    let Some((gpu, stream)) = gpu_or_skip("gpu_decode_output_gate") else { return };
+    let n = SUPPORTED_HEAD_DIMS.len();
+    assert_eq!(decode::<f16>(&gpu, &stream, 9500), 4 * n);
+    assert_eq!(decode::<bf16>(&gpu, &stream, 9501), 4 * n);
+    assert_eq!(decode::<f32>(&gpu, &stream, 9502), 4 * n);
+}
