@@ -507,6 +507,9 @@ MUTATIONS = [
     ("output gate: the f32 prefill ungated", "kernels/attention_fwd.cu",
      "if (c < D) orow[c] = gated<float>(p.gate, tok, h, c, o[x] * inv);", "if (c < D) orow[c] = o[x] * inv;",
      "emu_output_gate", "emulated_prefill_output_gate_f32"),
+    ("output gate: the paged prefill launches ungated", "src/cuda/paged_prefill.rs",
+     "part_out, part_lse, gate: x.gate, ..params };", "part_out, part_lse, ..params };",
+     "emu_output_gate", "emulated_paged_prefill_output_gate"),
 ]
 
 # Races the plain emulator cannot see, because it completes a collective (a shuffle, ldmatrix)

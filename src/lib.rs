@@ -5,7 +5,8 @@
 //! ALiBi, ReRoPE and Leaky ReRoPE — fused into scoring and flash attention, multimodal RoPE
 //! (M-RoPE, [`MRope`]) and the QK norm ([`QkNorm`]: Qwen3, Gemma 3, OLMo 2, Llama 4) in the rope
 //! kernel, learned attention sinks (GPT-OSS) and logit soft-capping (Gemma 2) in every attention
-//! kernel, with an exact f64 CPU reference for every kernel so that any GPU result can be checked.
+//! kernel, the output gate ([`OutputGate`]: Qwen3-Next, Qwen3.5, LFM3) in the prefill and decode
+//! epilogues, with an exact f64 CPU reference for every kernel so that any GPU result can be checked.
 //!
 //! * [`config`]: `config.json` → [`RopeConfig`] → [`RopeSchedule`] (inverse frequencies, rotary
 //!   dim, attention factor), matching transformers to ~1e-15 in f64.

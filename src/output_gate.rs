@@ -11,8 +11,8 @@
 use crate::error::{Error, Result};
 
 /// Where the gate of output row `t`, head `h`, component `c` lies in the gate buffer: element
-/// `t · row_stride + h · head_stride + c` ([`per_head`](Self::per_head) false), or `t · row_stride
-/// + h · head_stride` for the whole head (true). Output row `t` is query row `t` of a prefill
+/// `t · row_stride + h · head_stride + c` ([`per_head`](Self::per_head) false), or
+/// `t · row_stride + h · head_stride` for the whole head (true). Output row `t` is query row `t` of a prefill
 /// (`cu_seqlens_q`'s numbering) and row `b · queries + i` of a decode. The gate has O's dtype
 /// and must not overlap O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

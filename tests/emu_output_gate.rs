@@ -1,7 +1,8 @@
 //! The output gate fused into the attention kernels (Qwen3-Next's per-component gate where
 //! `q_proj` left it, LFM3's per-head gate), run by the SIMT emulator: every prefill kernel (the
 //! fused and pre-rotated tensor-core kernels at head_dim 64 and 96, the f32 rows kernel) and the
-//! decode kernels with one split and with three (the combine gates), in checked mode against the
+//! decode kernels with one split and with three (the combine gates), the paged prefill (fused
+//! with one split and three, gathered into the wide kernel), in checked mode against the
 //! f64 reference with the gate applied, and against the same call ungated: the LSE to the bit,
 //! O within two roundings of the dtype of `O_ungated · sigmoid(g)`, gates of +inf leaving O as
 //! it was and -inf zeroing it exactly. A gate buffer one element short is refused before launch.
@@ -13,8 +14,11 @@ use common::gate::{check_gated, gates};
 use common::paged::fill;
 use common::*;
 use half::{bf16, f16};
-use rope_attn::cuda::{attention_fwd_workspace_len, decode_workspace_len, AttentionBatch, DecodeBatch, Dtype};
-use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
+use rope_attn::cuda::{
+    attention_fwd_workspace_len, decode_workspace_len, paged_prefill_gather_len, paged_prefill_workspace_len, AttentionBatch, DecodeBatch, Dtype,
+    PagedPrefillBatch, PagedPrefillPath,
+};
+use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf, PagedFwdInputs};
 use rope_attn::{AttentionParams, Error, Layout, RopeSchedule, Rotary};
 
 fn params(d: usize) -> AttentionParams {
@@ -119,4 +123,52 @@ fn emulated_decode_output_gate() {
     decode::<f16>(&emu, 9301);
     decode::<bf16>(&emu, 9302);
     decode::<f32>(&emu, 9303);
+}
+
+fn paged_prefill<T: Dtype>(emu: &Emulator, seed: u64) {
+    let p = params(64);
+    let (hq, d) = (p.num_q_heads, p.head_dim);
+    let mut r = rng(seed);
+    let (seq_q, ctx) = ([3usize, 70], [40usize, 200]);
+    let f = fill::<T>(emu, &p, &ctx, 16, &mut r);
+    let tq: usize = seq_q.iter().sum();
+    let batch = PagedPrefillBatch::contiguous(&p, seq_q.len(), 70, tq, f.max_pages);
+    let q = guard(&as_dtype::<T>(&uniform(&mut r, tq * hq * d)).0);
+    let cq = guard(&cu_seqlens(&seq_q));
+    let x = PagedFwdInputs { q: &q, cu_seqlens_q: &cq, k_cache: &f.k_cache, v_cache: &f.v_cache, block_table: &f.table, context_lens: &f.lens };
+    let fresh = || (GuardedBuf::filled(tq * hq * d, T::default()), GuardedBuf::filled(hq * tq, 0f32));
+    let gate_sets = gates::<T>(&mut r, tq, hq, d);
+    for (splits, gather) in [(1usize, false), (3, false), (1, true)] {
+        let mut ws = GuardedBuf::filled(paged_prefill_workspace_len(&p, &batch, splits), 0f32);
+        let mut gws = GuardedBuf::filled(if gather { paged_prefill_gather_len(&p, &batch, &f.cache) } else { 0 }, T::default());
+        let (mut out_u, mut lse_u) = fresh();
+        let path = emu.attention_fwd_paged(&x, &mut out_u, &mut lse_u, &f.cache, &batch, &p, splits, Some(&mut ws), gather.then_some(&mut gws[..])).unwrap();
+        assert_eq!(path == PagedPrefillPath::Gathered, gather);
+        for (name, layout, gate, offset) in &gate_sets {
+            let what = format!("{} paged prefill splits={splits} {path:?} {name}", T::NAME);
+            let gbuf = guard(gate);
+            let (mut out, mut lse) = fresh();
+            let rep = emu
+                .attention_fwd_paged_gated_checked(&x, &gbuf[*offset..], layout, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws), gather.then_some(&mut gws[..]))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(rep.count > 0, "{what}");
+            assert!(lse.iter().zip(lse_u.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the attention's own");
+            let moved = check_gated(&out, &out_u, &gate[*offset..], layout, hq, d, &what);
+            assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+            let (mut out, mut lse) = fresh();
+            let short = &gbuf[*offset..gbuf.len() - 1];
+            let err = emu
+                .attention_fwd_paged_gated(&x, short, layout, &mut out, &mut lse, &f.cache, &batch, &p, splits, Some(&mut ws), gather.then_some(&mut gws[..]))
+                .unwrap_err();
+            assert!(matches!(err, Error::BufferTooSmall { what: "output gate", .. }), "{what}: {err:?}");
+            assert!(out.iter().all(|o| o.to_f64() == 0.0), "{what}: nothing written");
+        }
+    }
+}
+
+#[test]
+fn emulated_paged_prefill_output_gate() {
+    let emu = emulator(9600);
+    paged_prefill::<f16>(&emu, 9601);
+    paged_prefill::<bf16>(&emu, 9602);
 }

@@ -4,7 +4,7 @@
 //! five, for Qwen3-Next's per-component gate and LFM3's per-head gate. Checked mode compares O
 //! (gated) and the LSE with the f64 reference; against the same call ungated, the LSE is equal
 //! to the bit and O is `O_ungated · sigmoid(g)` within two roundings of the dtype.
-//! Tolerance (Tolerance::attention), as tests/gpu_attention.rs.
+//! Tolerance (Tolerance::attention), as tests/gpu_attention.rs. Aliased and short gates are refused.
 
 mod common;
 
@@ -12,10 +12,10 @@ use common::gate::{check_gated, gates};
 use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{
-    attention_decode, attention_decode_gated_checked, attention_fwd, attention_fwd_gated_checked, attention_fwd_workspace_len, decode_workspace_len,
-    AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, SUPPORTED_HEAD_DIMS,
+    attention_decode, attention_decode_gated, attention_decode_gated_checked, attention_fwd, attention_fwd_gated, attention_fwd_gated_checked,
+    attention_fwd_workspace_len, decode_workspace_len, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, SUPPORTED_HEAD_DIMS,
 };
-use rope_attn::{AttentionParams, Layout, RopeSchedule, Rotary};
+use rope_attn::{AttentionParams, Error, Layout, OutputGate, RopeSchedule, Rotary};
 use std::sync::Arc;
 
 type Stream = Arc<cudarc::driver::CudaStream>;
@@ -130,4 +130,42 @@ fn gpu_decode_output_gate() {
     assert_eq!(decode::<f16>(&gpu, &stream, 9500), 4 * n);
     assert_eq!(decode::<bf16>(&gpu, &stream, 9501), 4 * n);
     assert_eq!(decode::<f32>(&gpu, &stream, 9502), 4 * n);
+}
+
+/// A gate that aliases O (safe code cannot build one, a server's own allocator can) and a gate
+/// one element short are refused with typed errors before any launch: O stays as it was.
+#[test]
+fn gpu_output_gate_refuses_aliased_and_short_gates() {
+    use cudarc::driver::{CudaSlice, DevicePtr};
+    let Some((gpu, stream)) = gpu_or_skip("gpu_output_gate_refuses_aliased_and_short_gates") else { return };
+    let p = params(64);
+    let (hq, hkv, d, total) = (p.num_q_heads, p.num_kv_heads, p.head_dim, 5usize);
+    let batch = AttentionBatch::contiguous(&p, 1, total, total, total);
+    let q = stream.alloc_zeros::<f16>(total * hq * d).unwrap();
+    let kv = stream.alloc_zeros::<f16>(total * hkv * d).unwrap();
+    let cu = stream.clone_htod(&cu_seqlens(&[total])).unwrap();
+    let mut lse = stream.alloc_zeros::<f32>(hq * total).unwrap();
+    let mut out = stream.clone_htod(&vec![f16::from_f32(7.0); total * hq * d]).unwrap();
+    let layout = OutputGate::dense(hq, d);
+    let ptr = out.device_ptr(&stream).0;
+    // SAFETY: the alias is only handed to the validation, which refuses it before any launch,
+    // and it is leaked, so the allocation is freed once, by `out`.
+    let alias: CudaSlice<f16> = unsafe { stream.upgrade_device_ptr(ptr, total * hq * d) };
+    let err = attention_fwd_gated(&gpu, &stream, &q, &kv, &kv, &alias, &layout, &mut out, &mut lse, &cu, &cu, &batch, &p, None).unwrap_err();
+    assert!(matches!(err, Error::Shape { what: "output gate", .. }), "prefill: {err}");
+    let short = stream.alloc_zeros::<f16>(total * hq * d - 1).unwrap();
+    let err = attention_fwd_gated(&gpu, &stream, &q, &kv, &kv, &short, &layout, &mut out, &mut lse, &cu, &cu, &batch, &p, None).unwrap_err();
+    assert!(matches!(err, Error::BufferTooSmall { what: "output gate", .. }), "prefill: {err}");
+
+    let cache = PagedKvCache { num_pages: 1, page_size: 16, kv_heads: hkv, head_dim: d };
+    let kc = stream.alloc_zeros::<f16>(cache.len()).unwrap();
+    let table = stream.clone_htod(&[0i32]).unwrap();
+    let ctx = stream.clone_htod(&[total as i32]).unwrap();
+    let dbatch = DecodeBatch::contiguous(&p, 1, total, 1, 16);
+    let err = attention_decode_gated(&gpu, &stream, &q, &kc, &kc, &table, &ctx, &alias, &layout, &mut out, &mut lse, &cache, &dbatch, &p, 1, None).unwrap_err();
+    assert!(matches!(err, Error::Shape { what: "output gate", .. }), "decode: {err}");
+    let err = attention_decode_gated(&gpu, &stream, &q, &kc, &kc, &table, &ctx, &short, &layout, &mut out, &mut lse, &cache, &dbatch, &p, 1, None).unwrap_err();
+    assert!(matches!(err, Error::BufferTooSmall { what: "output gate", .. }), "decode: {err}");
+    alias.leak();
+    assert!(stream.clone_dtoh(&out).unwrap().iter().all(|&x| x == f16::from_f32(7.0)), "O was written");
 }

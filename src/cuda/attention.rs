@@ -411,6 +411,7 @@ fn fwd<T: Dtype, G: DevicePtr<T>>(
     if let Some((g, layout)) = gate {
         layout.check(g.len(), batch.total_q, p.num_q_heads, p.head_dim)?;
     }
+    let out_len = out.len();
     let (q, _g1) = q.device_ptr(stream);
     let (k, _g2) = k.device_ptr(stream);
     let (v, _g3) = v.device_ptr(stream);
@@ -432,13 +433,7 @@ fn fwd<T: Dtype, G: DevicePtr<T>>(
         }
         None => (0, None),
     };
-    let (gate, _g10) = match gate {
-        Some((g, layout)) => {
-            let (gp, guard) = g.device_ptr(stream);
-            (GateArgs::new(gp, layout), Some(guard))
-        }
-        None => (GateArgs::default(), None),
-    };
+    let (gate, _g10) = GateArgs::on_stream::<T, _>(gate, stream, out, out_len)?;
     let ptrs = FwdPtrs { q, k, v, out, lse, cu_q, cu_k, seq_starts, workspace, gate };
     launch_fwd::<T, _>(&be, ptrs, path, batch, p)?;
     Ok(path)

@@ -438,6 +438,7 @@ fn decode<T: Dtype, G: DevicePtr<T>>(
     if let Some((g, layout)) = gate {
         layout.check(g.len(), batch.tokens(), p.num_q_heads, p.head_dim)?;
     }
+    let out_len = out.len();
     let (q, _g1) = q.device_ptr(stream);
     let (k_cache, _g2) = k_cache.device_ptr(stream);
     let (v_cache, _g3) = v_cache.device_ptr(stream);
@@ -446,13 +447,7 @@ fn decode<T: Dtype, G: DevicePtr<T>>(
     let (out, _g6) = out.device_ptr_mut(stream);
     let (lse, _g7) = lse.device_ptr_mut(stream);
     let (workspace, _g8) = split_workspace(workspace, plan.splits, stream);
-    let (gate, _g9) = match gate {
-        Some((g, layout)) => {
-            let (gp, guard) = g.device_ptr(stream);
-            (GateArgs::new(gp, layout), Some(guard))
-        }
-        None => (GateArgs::default(), None),
-    };
+    let (gate, _g9) = GateArgs::on_stream::<T, _>(gate, stream, out, out_len)?;
     let ptrs = DecodePtrs { q, k_cache, v_cache, block_table, context_lens, out, lse, workspace, gate };
     launch_decode::<T, _>(&be, ptrs, plan, cache, batch, p)
 }

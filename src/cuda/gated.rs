@@ -5,7 +5,8 @@
 //!
 //! One rope launch (kernels/rope.cu, `q_in_hstride`) reads the queries where they lie, applies
 //! the QK norm and the rotation, and writes Q dense for the attention kernels, while K is
-//! normalised (and rotated) in place; the gates are left untouched for the caller's gating.
+//! normalised (and rotated) in place; the gates are left untouched, for the attention kernels'
+//! output gate (`attention_fwd_gated` / `attention_decode_gated` with `OutputGate::after_query`).
 //! The usual route costs a pass more: copy the queries out of the projection, then rotate them.
 
 use super::checked::{widen, CheckReport, Tolerance};

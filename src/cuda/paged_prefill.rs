@@ -15,12 +15,14 @@ use super::decode::{launch_combine, paged_reference, partials, split_plan, split
 use super::device::Gpu;
 use super::dtype::Dtype;
 use super::launch::{Backend, OnStream};
-use super::params::{to_i32, AttnParams};
+use super::params::{to_i32, AttnParams, GateArgs};
 use super::scores::{check_rows, common, gather_rows, Common};
 use super::rope::{launch as launch_rope, PagedGather, Positions, RopePtrs, RopeShape};
 use crate::attention::{AttentionParams, Relative};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
+use crate::output_gate::OutputGate;
+use crate::reference;
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// A paged prefill's batch: sequence b's new queries are rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]`
@@ -248,6 +250,7 @@ pub(crate) struct PagedFwdPtrs {
     pub workspace: u64,
     /// Gather workspace (gathered path only).
     pub gather: u64,
+    pub gate: GateArgs,
 }
 
 /// Run a paged prefill that [`PagedPrefillBatch::check`] accepted (it returned `plan`): the
@@ -292,7 +295,7 @@ pub(crate) fn launch_fwd_paged<T: Dtype, B: Backend>(
         gathered_params::<T, B>(be, &x, c, cache, batch, p)?
     };
     let (part_out, part_lse) = partials(x.workspace, plan.splits, batch.total_q, p.num_q_heads, p.head_dim);
-    let params = AttnParams { splits: plan.splits as i32, keys_per_split: plan.keys_per_split as i32, part_out, part_lse, ..params };
+    let params = AttnParams { splits: plan.splits as i32, keys_per_split: plan.keys_per_split as i32, part_out, part_lse, gate: x.gate, ..params };
     // The kernel clamps context lengths and block-table entries into the pool, and query
     // offsets to total_q, which the buffers were checked to span.
     be.run(&mma_fwd_launch::<T>(params, p, fused && p.rope.is_some()))?;
@@ -382,6 +385,57 @@ pub fn attention_fwd_paged<T: Dtype>(
     workspace: Option<&mut CudaViewMut<'_, f32>>,
     gather: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<PagedPrefillPath> {
+    fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, None::<(&CudaSlice<T>, &OutputGate)>, out, lse, cache, batch, p, splits, workspace, gather)
+}
+
+/// [`attention_fwd_paged`] with the output gate fused, as
+/// [`attention_fwd_gated`](super::attention_fwd_gated) takes it: O is written as
+/// `O · sigmoid(gate)` (with split keys, by the combine), output row `t` (`cu_seqlens_q`'s
+/// numbering) reading the gates of row `t`. The LSE is the attention's, ungated.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_paged_gated<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    gate: &impl DevicePtr<T>,
+    layout: &OutputGate,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cache: &PagedKvCache,
+    batch: &PagedPrefillBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    gather: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<PagedPrefillPath> {
+    fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, Some((gate, layout)), out, lse, cache, batch, p, splits, workspace, gather)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_paged<T: Dtype, G: DevicePtr<T>>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    gate: Option<(&G, &OutputGate)>,
+    out: &mut impl DevicePtrMut<T>,
+    lse: &mut impl DevicePtrMut<f32>,
+    cache: &PagedKvCache,
+    batch: &PagedPrefillBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    gather: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<PagedPrefillPath> {
     let be = OnStream::new(gpu, stream)?;
     let lens = PagedFwdLens {
         q: q.len(),
@@ -396,6 +450,10 @@ pub fn attention_fwd_paged<T: Dtype>(
         gather: gather.as_ref().map(|w| w.len()),
     };
     let plan = batch.check::<T>(p, cache, &lens, splits)?;
+    if let Some((g, layout)) = gate {
+        layout.check(g.len(), batch.total_q, p.num_q_heads, p.head_dim)?;
+    }
+    let out_len = out.len();
     let (q, _g1) = q.device_ptr(stream);
     let (k_cache, _g2) = k_cache.device_ptr(stream);
     let (v_cache, _g3) = v_cache.device_ptr(stream);
@@ -412,7 +470,8 @@ pub fn attention_fwd_paged<T: Dtype>(
         }
         _ => (0, None),
     };
-    let ptrs = PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse, workspace, gather };
+    let (gate, _g11) = GateArgs::on_stream::<T, _>(gate, stream, out, out_len)?;
+    let ptrs = PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse, workspace, gather, gate };
     launch_fwd_paged::<T, _>(&be, ptrs, plan, cache, batch, p)?;
     Ok(plan.path)
 }
@@ -427,6 +486,8 @@ pub(crate) struct PagedFwdHost {
     pub cu_q: Vec<i32>,
     pub out: Vec<f64>,
     pub lse: Vec<f64>,
+    /// The output gate's values and layout, if the call was gated.
+    pub gate: Option<(Vec<f64>, OutputGate)>,
 }
 
 /// [`attention_fwd_paged`], then compare O and LSE with [`crate::reference::attention`] over the keys
@@ -451,7 +512,53 @@ pub fn attention_fwd_paged_checked<T: Dtype>(
     gather: Option<&mut CudaViewMut<'_, T>>,
 ) -> Result<CheckReport> {
     attention_fwd_paged(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, cache, batch, p, splits, workspace, gather)?;
-    let host = PagedFwdHost {
+    paged_host(stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, None)
+        .and_then(|host| compare_fwd_paged::<T>(&host, cache, batch, p))
+}
+
+/// [`attention_fwd_paged_gated`], then compare O (gated) and LSE with the reference as
+/// [`attention_fwd_paged_checked`] does. Synchronizes the stream.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_paged_gated_checked<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    gate: &impl DevicePtr<T>,
+    layout: &OutputGate,
+    out: &mut (impl DevicePtrMut<T> + DevicePtr<T>),
+    lse: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    cache: &PagedKvCache,
+    batch: &PagedPrefillBatch,
+    p: &AttentionParams,
+    splits: usize,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    gather: Option<&mut CudaViewMut<'_, T>>,
+) -> Result<CheckReport> {
+    attention_fwd_paged_gated(gpu, stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, gate, layout, out, lse, cache, batch, p, splits, workspace, gather)?;
+    paged_host(stream, q, k_cache, v_cache, block_table, context_lens, cu_seqlens_q, out, lse, Some((widen(&stream.clone_dtoh(gate)?), *layout)))
+        .and_then(|host| compare_fwd_paged::<T>(&host, cache, batch, p))
+}
+
+/// Host copies of a paged prefill's buffers for checked mode (synchronizes the stream).
+#[allow(clippy::too_many_arguments)]
+fn paged_host<T: Dtype>(
+    stream: &Arc<CudaStream>,
+    q: &impl DevicePtr<T>,
+    k_cache: &impl DevicePtr<T>,
+    v_cache: &impl DevicePtr<T>,
+    block_table: &impl DevicePtr<i32>,
+    context_lens: &impl DevicePtr<i32>,
+    cu_seqlens_q: &impl DevicePtr<i32>,
+    out: &impl DevicePtr<T>,
+    lse: &impl DevicePtr<f32>,
+    gate: Option<(Vec<f64>, OutputGate)>,
+) -> Result<PagedFwdHost> {
+    Ok(PagedFwdHost {
         q: widen(&stream.clone_dtoh(q)?),
         k_cache: widen(&stream.clone_dtoh(k_cache)?),
         v_cache: widen(&stream.clone_dtoh(v_cache)?),
@@ -460,8 +567,8 @@ pub fn attention_fwd_paged_checked<T: Dtype>(
         cu_q: stream.clone_dtoh(cu_seqlens_q)?,
         out: widen(&stream.clone_dtoh(out)?),
         lse: stream.clone_dtoh(lse)?.iter().map(|&x| x as f64).collect(),
-    };
-    compare_fwd_paged::<T>(&host, cache, batch, p)
+        gate,
+    })
 }
 
 /// Checked mode's comparison of a paged prefill with [`paged_reference`] (shared with the
@@ -476,7 +583,10 @@ pub(crate) fn compare_fwd_paged<T: Dtype>(h: &PagedFwdHost, cache: &PagedKvCache
             (q0, (h.cu_q[b + 1].max(0) as usize).clamp(q0, tq) - q0)
         })
         .collect();
-    let (want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
+    let (mut want_o, want_l) = paged_reference(&qh, &h.k_cache, &h.v_cache, &h.block_table, &h.context_lens, &runs, batch.max_pages, cache, p)?;
+    if let Some((g, layout)) = &h.gate {
+        reference::output_gate(&mut want_o, g, layout, hq, d)?;
+    }
     let last = last_context_position(&h.context_lens, batch.batch);
     let (tol_o, tol_l) = Tolerance::attention::<T>(p, max_abs(&qh) * p.query_scale_bound(last), max_abs(&h.k_cache), max_abs(&h.v_cache));
     let ro = CheckReport::compare("paged prefill out", &oh, &want_o, tol_o);

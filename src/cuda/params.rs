@@ -4,7 +4,7 @@
 use crate::attention::{AttentionParams, Layout, Relative, Rotary};
 use crate::error::{Error, Result};
 use crate::output_gate::OutputGate;
-use cudarc::driver::DeviceRepr;
+use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, SyncOnDrop};
 
 /// `RA_MAX_PAIRS` in kernels/rope.cuh: rotary_dim <= 256.
 pub(crate) const MAX_PAIRS: usize = 128;
@@ -344,6 +344,29 @@ impl GateArgs {
     /// The gate at device address `ptr`, laid out as `g` says (validated by [`OutputGate::check`]).
     pub(crate) fn new(ptr: u64, g: &OutputGate) -> Self {
         GateArgs { ptr, row_stride: g.row_stride as i64, head_stride: g.head_stride as i64, comp_stride: (!g.per_head) as i32, pad_: 0 }
+    }
+
+    /// The kernels' arguments for an optional device gate of `T`s, with the guard that orders
+    /// its use on `stream`. A typed error if its bytes overlap O's (`out`, `out_len` elements):
+    /// blocks read gates while others write O, so an aliased gate would be read half-gated.
+    pub(crate) fn on_stream<'a, T, G: DevicePtr<T>>(
+        gate: Option<(&'a G, &OutputGate)>,
+        stream: &'a CudaStream,
+        out: u64,
+        out_len: usize,
+    ) -> Result<(Self, Option<SyncOnDrop<'a>>)> {
+        let Some((g, layout)) = gate else { return Ok((GateArgs::default(), None)) };
+        let (ptr, guard) = g.device_ptr(stream);
+        let elem = std::mem::size_of::<T>() as u64;
+        let (g_end, o_end) = (ptr + g.len() as u64 * elem, out + out_len as u64 * elem);
+        if g.len() > 0 && out_len > 0 && ptr < o_end && out < g_end {
+            return Err(Error::Shape {
+                what: "output gate",
+                expected: "a buffer disjoint from out".into(),
+                got: format!("gate [{ptr:#x}, {g_end:#x}) overlapping out [{out:#x}, {o_end:#x})"),
+            });
+        }
+        Ok((GateArgs::new(ptr, layout), Some(guard)))
     }
 }
 

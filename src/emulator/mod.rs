@@ -116,7 +116,6 @@ impl Default for Emulator {
     }
 }
 
-/// Address of a host buffer as the kernels see it (0 for an empty one, like an empty device buffer).
 /// The kernels' gate arguments for an optional host gate over `rows` output rows, checked.
 fn gate_args<T>(gate: Option<(&[T], &OutputGate)>, rows: usize, p: &AttentionParams) -> Result<GateArgs> {
     Ok(match gate {
@@ -128,6 +127,7 @@ fn gate_args<T>(gate: Option<(&[T], &OutputGate)>, rows: usize, p: &AttentionPar
     })
 }
 
+/// Address of a host buffer as the kernels see it (0 for an empty one, like an empty device buffer).
 fn addr<T>(s: &[T]) -> u64 {
     if s.is_empty() {
         0
@@ -621,6 +621,42 @@ impl Emulator {
         workspace: Option<&mut [f32]>,
         gather: Option<&mut [T]>,
     ) -> Result<PagedPrefillPath> {
+        self.fwd_paged(x, None, out, lse, cache, batch, p, splits, workspace, gather)
+    }
+
+    /// [`crate::cuda::attention_fwd_paged_gated`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_fwd_paged_gated<T: Dtype>(
+        &self,
+        x: &PagedFwdInputs<'_, T>,
+        gate: &[T],
+        layout: &OutputGate,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &PagedPrefillBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+        gather: Option<&mut [T]>,
+    ) -> Result<PagedPrefillPath> {
+        self.fwd_paged(x, Some((gate, layout)), out, lse, cache, batch, p, splits, workspace, gather)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_paged<T: Dtype>(
+        &self,
+        x: &PagedFwdInputs<'_, T>,
+        gate: Option<(&[T], &OutputGate)>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &PagedPrefillBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+        gather: Option<&mut [T]>,
+    ) -> Result<PagedPrefillPath> {
         let lens = PagedFwdLens {
             q: x.q.len(),
             k_cache: x.k_cache.len(),
@@ -645,6 +681,7 @@ impl Emulator {
             lse: addr(lse),
             workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
             gather: if plan.path == PagedPrefillPath::Gathered { gather.map_or(0, |w| addr(w)) } else { 0 },
+            gate: gate_args(gate, batch.total_q, p)?,
         };
         launch_fwd_paged::<T, _>(self, ptrs, plan, cache, batch, p)?;
         Ok(plan.path)
@@ -664,7 +701,43 @@ impl Emulator {
         workspace: Option<&mut [f32]>,
         gather: Option<&mut [T]>,
     ) -> Result<CheckReport> {
-        self.attention_fwd_paged(x, out, lse, cache, batch, p, splits, workspace, gather)?;
+        self.fwd_paged_checked(x, None, out, lse, cache, batch, p, splits, workspace, gather)
+    }
+
+    /// [`crate::cuda::attention_fwd_paged_gated_checked`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_fwd_paged_gated_checked<T: Dtype>(
+        &self,
+        x: &PagedFwdInputs<'_, T>,
+        gate: &[T],
+        layout: &OutputGate,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &PagedPrefillBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+        gather: Option<&mut [T]>,
+    ) -> Result<CheckReport> {
+        self.fwd_paged_checked(x, Some((gate, layout)), out, lse, cache, batch, p, splits, workspace, gather)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_paged_checked<T: Dtype>(
+        &self,
+        x: &PagedFwdInputs<'_, T>,
+        gate: Option<(&[T], &OutputGate)>,
+        out: &mut [T],
+        lse: &mut [f32],
+        cache: &PagedKvCache,
+        batch: &PagedPrefillBatch,
+        p: &AttentionParams,
+        splits: usize,
+        workspace: Option<&mut [f32]>,
+        gather: Option<&mut [T]>,
+    ) -> Result<CheckReport> {
+        self.fwd_paged(x, gate, out, lse, cache, batch, p, splits, workspace, gather)?;
         let host = PagedFwdHost {
             q: widen(x.q),
             k_cache: widen(x.k_cache),
@@ -674,6 +747,7 @@ impl Emulator {
             cu_q: x.cu_seqlens_q.to_vec(),
             out: widen(out),
             lse: lse.iter().map(|&v| v as f64).collect(),
+            gate: gate.map(|(g, l)| (widen(g), *l)),
         };
         compare_fwd_paged::<T>(&host, cache, batch, p)
     }
