@@ -1,7 +1,8 @@
 //! The output gate fused into the attention kernels on a GPU (tests/emu_output_gate.rs runs the
 //! same checks in the emulator at smaller sizes): prefill over every supported head dim, fused and
 //! pre-rotated keys, f16 / bf16 / f32, and decode over a paged cache with one split and with
-//! five, for Qwen3-Next's per-component gate and LFM3's per-head gate. Checked mode compares O
+//! five, and the paged prefill (fused with one split and four, gathered into the wide kernel),
+//! for Qwen3-Next's per-component gate and LFM3's per-head gate. Checked mode compares O
 //! (gated) and the LSE with the f64 reference; against the same call ungated, the LSE is equal
 //! to the bit and O is `O_ungated · sigmoid(g)` within two roundings of the dtype.
 //! Tolerance (Tolerance::attention), as tests/gpu_attention.rs. Aliased and short gates are refused.
@@ -13,7 +14,8 @@ use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{
     attention_decode, attention_decode_gated, attention_decode_gated_checked, attention_fwd, attention_fwd_gated, attention_fwd_gated_checked,
-    attention_fwd_workspace_len, decode_workspace_len, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, SUPPORTED_HEAD_DIMS,
+    attention_fwd_paged, attention_fwd_paged_gated_checked, attention_fwd_workspace_len, decode_workspace_len, paged_prefill_gather_len,
+    paged_prefill_workspace_len, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, SUPPORTED_HEAD_DIMS,
 };
 use rope_attn::{AttentionParams, Error, Layout, OutputGate, RopeSchedule, Rotary};
 use std::sync::Arc;
@@ -130,6 +132,64 @@ fn gpu_decode_output_gate() {
     assert_eq!(decode::<f16>(&gpu, &stream, 9500), 4 * n);
     assert_eq!(decode::<bf16>(&gpu, &stream, 9501), 4 * n);
     assert_eq!(decode::<f32>(&gpu, &stream, 9502), 4 * n);
+}
+
+/// Chunks of 1, 200 and 300 new tokens at the end of contexts of 9, 1500 and 300 keys (a fresh
+/// prompt), pages of 16 in a reversed table.
+fn paged_prefill<T: Dtype>(gpu: &Gpu, stream: &Stream, seed: u64) -> usize {
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for &d in SUPPORTED_HEAD_DIMS {
+        let p = params(d);
+        let (hq, hkv, page) = (p.num_q_heads, p.num_kv_heads, 16usize);
+        let (seq_q, ctx) = ([1usize, 200, 300], [9usize, 1500, 300]);
+        let max_pages = 1500usize.div_ceil(page);
+        let cache = PagedKvCache { num_pages: ctx.len() * max_pages, page_size: page, kv_heads: hkv, head_dim: d };
+        let k_cache = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, cache.len())).0).unwrap();
+        let v_cache = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, cache.len())).0).unwrap();
+        let table = stream.clone_htod(&(0..cache.num_pages as i32).rev().collect::<Vec<_>>()).unwrap();
+        let lens = stream.clone_htod(&ctx.iter().map(|&n| n as i32).collect::<Vec<_>>()).unwrap();
+        let tq: usize = seq_q.iter().sum();
+        let cu = stream.clone_htod(&cu_seqlens(&seq_q)).unwrap();
+        let q = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, tq * hq * d)).0).unwrap();
+        let batch = PagedPrefillBatch::contiguous(&p, seq_q.len(), 300, tq, max_pages);
+        let gate_sets = gates::<T>(&mut r, tq, hq, d);
+        for (splits, gather) in [(1usize, false), (4, false), (1, true)] {
+            let mut ws = stream.alloc_zeros::<f32>(paged_prefill_workspace_len(&p, &batch, splits).max(1)).unwrap();
+            let mut gws = stream.alloc_zeros::<T>(if gather { paged_prefill_gather_len(&p, &batch, &cache) } else { 1 }).unwrap();
+            let mut out_u = stream.alloc_zeros::<T>(tq * hq * d).unwrap();
+            let mut lse_u = stream.alloc_zeros::<f32>(hq * tq).unwrap();
+            let (mut wsv, mut gv) = (ws.as_view_mut(), gws.as_view_mut());
+            let path = attention_fwd_paged(gpu, stream, &q, &k_cache, &v_cache, &table, &lens, &cu, &mut out_u, &mut lse_u, &cache, &batch, &p, splits, Some(&mut wsv), gather.then_some(&mut gv))
+                .unwrap();
+            assert_eq!(path == PagedPrefillPath::Gathered, gather);
+            let (out_u, lse_u) = (stream.clone_dtoh(&out_u).unwrap(), stream.clone_dtoh(&lse_u).unwrap());
+            for (name, layout, gate, offset) in &gate_sets {
+                let what = format!("{} paged prefill d={d} splits={splits} {path:?} {name}", T::NAME);
+                let g = stream.clone_htod(gate).unwrap();
+                let mut out = stream.alloc_zeros::<T>(tq * hq * d).unwrap();
+                let mut lse = stream.alloc_zeros::<f32>(hq * tq).unwrap();
+                let (mut wsv, mut gv) = (ws.as_view_mut(), gws.as_view_mut());
+                let rep = attention_fwd_paged_gated_checked(gpu, stream, &q, &k_cache, &v_cache, &table, &lens, &cu, &g.slice(*offset..), layout, &mut out, &mut lse, &cache, &batch, &p, splits, Some(&mut wsv), gather.then_some(&mut gv))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(rep.count > 0, "{what}");
+                let (out, lse) = (stream.clone_dtoh(&out).unwrap(), stream.clone_dtoh(&lse).unwrap());
+                assert!(lse.iter().zip(&lse_u).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the attention's own");
+                let moved = check_gated(&out, &out_u, &gate[*offset..], layout, hq, d, &what);
+                assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+                cases += 1;
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn gpu_paged_prefill_output_gate() {
+    let Some((gpu, stream)) = gpu_or_skip("gpu_paged_prefill_output_gate") else { return };
+    let n = SUPPORTED_HEAD_DIMS.len();
+    assert_eq!(paged_prefill::<f16>(&gpu, &stream, 9700), 6 * n);
+    assert_eq!(paged_prefill::<bf16>(&gpu, &stream, 9701), 6 * n);
 }
 
 /// A gate that aliases O (safe code cannot build one, a server's own allocator can) and a gate

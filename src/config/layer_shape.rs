@@ -25,6 +25,12 @@ pub(super) fn gemma4_family(model_type: &str) -> bool {
     model_type.starts_with("gemma4") || model_type.starts_with("diffusion_gemma")
 }
 
+/// Gemma 3n and the Gemma 4 family, whose attention is alike: QK norms with plain weights that
+/// leave the scores unscaled, a V norm, a 512-key window by default.
+pub(super) fn gemma3n_or_4(model_type: &str) -> bool {
+    gemma4_family(model_type) || model_type.starts_with("gemma3n")
+}
+
 /// How a class with `global_head_dim` takes `num_global_key_value_heads` for its full layers.
 enum GlobalKv {
     /// Gemma 4: only with `attention_k_eq_v`.
@@ -126,13 +132,12 @@ pub(super) fn heads(own: &Obj, root: &Obj, model_type: &str) -> Result<Option<La
     Ok(Some(LayerHeads { num_q_heads: q, num_kv_heads: kv, head_dim }))
 }
 
-/// A positive finite number under `key`, `default` when absent.
-fn positive_or(root: &Obj, key: &str, default: f64) -> Result<f64> {
-    let v = f64_of(root, key)?.unwrap_or(default);
-    if !(v.is_finite() && v > 0.0) {
-        return Err(bad(key, format!("must be finite and > 0, got {v}")));
+/// The number under `key` (`None` when absent or null), an error unless finite and > 0.
+fn positive_at(root: &Obj, key: &str) -> Result<Option<f64>> {
+    match f64_of(root, key)? {
+        Some(v) if !(v.is_finite() && v > 0.0) => Err(bad(key, format!("must be finite and > 0, got {v}"))),
+        v => Ok(v),
     }
-    Ok(v)
 }
 
 /// The softmax scale where the model's attention does not take `1/sqrt(head_dim)`; `rope` is
@@ -140,19 +145,19 @@ fn positive_or(root: &Obj, key: &str, default: f64) -> Result<f64> {
 pub(super) fn scale(root: &Obj, model_type: &str, rope: Option<&Obj>) -> Result<Option<f64>> {
     Ok(Some(match model_type {
         // `query_pre_attn_scalar ** -0.5` (Step 3.7's defaults to its head_dim).
-        "gemma2" | "gemma3" | "gemma3_text" | "vaultgemma" => positive_or(root, "query_pre_attn_scalar", 256.0)?.powf(-0.5),
-        "step3p7" => match f64_of(root, "query_pre_attn_scalar")? {
-            Some(_) => positive_or(root, "query_pre_attn_scalar", 1.0)?.powf(-0.5),
+        "gemma2" | "gemma3" | "gemma3_text" | "vaultgemma" => positive_at(root, "query_pre_attn_scalar")?.unwrap_or(256.0).powf(-0.5),
+        "step3p7" => match positive_at(root, "query_pre_attn_scalar")? {
+            Some(v) => v.powf(-0.5),
             None => return Ok(None),
         },
         // Their QK norm (and V norm) leaves the scores unscaled.
-        t if gemma4_family(t) || t.starts_with("gemma3n") => 1.0,
+        t if gemma3n_or_4(t) => 1.0,
         // `attention_multiplier` (1 when absent, except HyperCLOVA X's head_dim^-0.5).
         "granite" | "granitemoe" | "granitemoeshared" | "granitemoehybrid" | "granite_swa" | "granitemoe_swa" => {
-            positive_or(root, "attention_multiplier", 1.0)?
+            positive_at(root, "attention_multiplier")?.unwrap_or(1.0)
         }
-        "hyperclovax" => match f64_of(root, "attention_multiplier")? {
-            Some(_) => positive_or(root, "attention_multiplier", 1.0)?,
+        "hyperclovax" => match positive_at(root, "attention_multiplier")? {
+            Some(v) => v,
             None => return Ok(None),
         },
         t if mla(t) => {
@@ -188,6 +193,37 @@ pub(super) fn softcap(root: &Obj, model_type: &str) -> Result<Option<f64>> {
     match root.get("attn_logit_softcapping") {
         Some(Value::Null) => Ok(None),
         None => Ok(default),
-        Some(_) => Ok(Some(positive_or(root, "attn_logit_softcapping", 1.0)?)),
+        Some(_) => positive_at(root, "attn_logit_softcapping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::hf::parse_root;
+
+    fn obj(json: &str) -> Obj {
+        parse_root(json).unwrap()
+    }
+
+    /// Each scale rule's key read once: present, absent (a default, or no rule), and refused
+    /// when not finite and > 0.
+    #[test]
+    fn scale_keys_present_absent_and_refused() {
+        let s = |json: &str, t: &str| scale(&obj(json), t, None);
+        assert_eq!(s("{}", "gemma2").unwrap(), Some(256f64.powf(-0.5)));
+        assert_eq!(s(r#"{"query_pre_attn_scalar": 64}"#, "step3p7").unwrap(), Some(0.125));
+        assert_eq!(s("{}", "step3p7").unwrap(), None);
+        assert_eq!(s("{}", "granite").unwrap(), Some(1.0));
+        assert_eq!(s(r#"{"attention_multiplier": 0.5}"#, "hyperclovax").unwrap(), Some(0.5));
+        assert_eq!(s("{}", "hyperclovax").unwrap(), None);
+        assert_eq!(s("{}", "gemma3n_text").unwrap(), Some(1.0));
+        for (json, t) in [(r#"{"query_pre_attn_scalar": 0}"#, "step3p7"), (r#"{"attention_multiplier": -1}"#, "hyperclovax"), (r#"{"attention_multiplier": 0}"#, "granite")] {
+            assert!(matches!(s(json, t), Err(Error::InvalidValue { .. })), "{t} {json}");
+        }
+        assert_eq!(softcap(&obj("{}"), "gemma2").unwrap(), Some(50.0));
+        assert_eq!(softcap(&obj(r#"{"attn_logit_softcapping": null}"#), "gemma2").unwrap(), None);
+        assert_eq!(softcap(&obj(r#"{"attn_logit_softcapping": 30}"#), "gemma3").unwrap(), Some(30.0));
+        assert!(matches!(softcap(&obj(r#"{"attn_logit_softcapping": 0}"#), "gemma2"), Err(Error::InvalidValue { .. })));
     }
 }

@@ -6,7 +6,7 @@
 
 use super::hf::{bad, f64_of, flag, parse_root, text_root, usize_of, Obj};
 use super::rope_dict::{defaults_of, effective_rope_dict, model_type_of};
-use super::layer_shape::{gemma4_family, heads, overrides, scale, softcap, LayerHeads};
+use super::layer_shape::{gemma3n_or_4, gemma4_family, heads, overrides, scale, softcap, LayerHeads};
 use super::qk_norm::{qk_norm_of, v_norm_of, HfQkNorm};
 use crate::attention::{AttentionParams, Mask, QueryTemperature};
 use crate::error::{Error, Result};
@@ -211,7 +211,7 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         "gpt_oss" => Some(128),
         "lfm3" | "lfm3_vl" => Some(256),
         t if t.starts_with("gemma4_unified") => Some(1024),
-        t if gemma4_family(t) || t.starts_with("gemma3n") => Some(512),
+        t if gemma3n_or_4(t) => Some(512),
         _ => None,
     };
     let window = match root.get("sliding_window") {

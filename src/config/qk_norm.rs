@@ -2,7 +2,7 @@
 //! [`HfLayer::qk_norm`](super::HfLayer::qk_norm)), as transformers' modeling code applies it.
 
 use super::hf::{f64_of, flag, Obj};
-use super::layer_shape::gemma4_family;
+use super::layer_shape::gemma3n_or_4;
 use crate::error::{Error, Result};
 use crate::qk_norm::{eps_is_valid, NormScope, QkNorm};
 
@@ -66,7 +66,7 @@ pub(super) fn qk_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm
         "glm4_moe" => (Head, Plain, 1e-5, flag(root, "use_qk_norm")?.unwrap_or(false)),
         "gemma3" | "gemma3_text" | "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => (Head, OnePlus, 1e-6, true),
         "olmo2" | "olmo3" | "olmoe" => (Heads, Plain, 1e-5, true),
-        t if gemma4_family(t) || t.starts_with("gemma3n") => (Head, Plain, 1e-6, true),
+        t if gemma3n_or_4(t) => (Head, Plain, 1e-6, true),
         // Their config calls the eps `norm_eps` (LFM3 maps `rms_norm_eps` onto it).
         "lfm2" | "lfm2_moe" | "lfm2_vl" | "lfm3" | "lfm3_vl" => (Head, Plain, 1e-5, true),
         // Command R+'s LayerNorm of each head, its own weights per head (`layer_norm_eps`).
@@ -104,7 +104,7 @@ fn eps_of(root: &Obj, model_type: &str, default_eps: f64) -> Result<f64> {
 /// The norm of V, for the model types that have one: Gemma 3n's and Gemma 4's `v_norm`, an RMS
 /// norm of each head without weights.
 pub(super) fn v_norm_of(root: &Obj, model_type: &str) -> Result<Option<HfQkNorm>> {
-    if !(gemma4_family(model_type) || model_type.starts_with("gemma3n")) {
+    if !gemma3n_or_4(model_type) {
         return Ok(None);
     }
     Ok(Some(HfQkNorm { eps: eps_of(root, model_type, 1e-6)?, scope: NormScope::Head, weight: NormWeight::None }))
