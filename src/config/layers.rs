@@ -57,7 +57,8 @@ pub struct HfLayer {
     /// output gate, the attention's output then multiplied by `sigmoid(gate)` before `o_proj`.
     /// `cuda::qk_norm_rope_gated` reads the queries from there (norm and rotation in the same
     /// pass) into a dense Q and leaves the gates in place, where `OutputGate::after_query`
-    /// finds them for `cuda::attention_fwd_gated` / `attention_decode_gated`.
+    /// finds them for `cuda::attention_fwd_gated`, `attention_decode_gated` and
+    /// `attention_fwd_paged_gated`.
     pub gated_query: bool,
     /// Its heads and head size, where the config gives them (`per_layer_config`'s, or Gemma 4's
     /// `global_head_dim` and `num_global_key_value_heads` on its full layers, override the
@@ -85,8 +86,8 @@ pub struct HfLayer {
     pub kv_shared_from: Option<usize>,
     /// A sigmoid gate per head on the attention output (LFM3's `g_proj`, with
     /// `use_attention_gate`, on by default): `o_h · sigmoid(g_proj(x)_h)` before `o_proj`,
-    /// fused by `cuda::attention_fwd_gated` / `attention_decode_gated` with
-    /// `OutputGate::per_head`.
+    /// fused by `cuda::attention_fwd_gated`, `attention_decode_gated` and
+    /// `attention_fwd_paged_gated` with `OutputGate::per_head`.
     pub head_gate: bool,
 }
 
