@@ -6,7 +6,9 @@
 //! `prefill_prefers_workspace` says so), `paged_append` of each new token's K/V, paged
 //! `attention_decode`, with checked mode confirming every step against the f64 CPU reference.
 //! `--chunk N` prefills the prompt in chunks of N tokens straight over the paged cache
-//! (`attention_fwd_paged`), as a server doing chunked prefill does. It runs on a GPU when one is present; otherwise, built with
+//! (`attention_fwd_paged`), as a server doing chunked prefill does. A gated query (Qwen3-Next,
+//! Qwen3.5) takes the `_gated` forms, which read the gates from q_proj's rows and write O
+//! gated. It runs on a GPU when one is present; otherwise, built with
 //! `--features emulator`, the same kernels run in the SIMT emulator on the CPU; otherwise (or
 //! with `--cpu`) the block runs on the f64 CPU reference alone.
 //!
@@ -18,10 +20,11 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rope_attn::cuda::{self, AttentionBatch, CheckReport, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch, RopeShape};
-use rope_attn::{hf_layers, reference, AttentionParams, HfLayer, LayerAttention, Layout, NormWeight, QkNorm, RopeConfig, Rotary};
+use rope_attn::{hf_layers, reference, AttentionParams, HfLayer, LayerAttention, Layout, NormWeight, OutputGate, QkNorm, RopeConfig, Rotary};
 use std::io::Write;
 use std::time::Instant;
 
+#[derive(Clone)]
 struct Args {
     config: String,
     /// The decoder layer to run (its mask, and whether it rotates); None: the first with softmax attention.
@@ -248,7 +251,7 @@ fn run(a: &Args) -> Result<(), String> {
         println!("QK norm ({:?} scope, {how}, eps {}) on the unrotated Q and K by the rope kernel ({call}), then the attention kernels rotate", n.scope, n.eps);
     }
     if layer.gated_query {
-        println!("gated query (q_proj emits each head's query, then its gate): the rope kernel reads the queries from between the gates (qk_norm_rope_gated), and the attention output is multiplied by sigmoid(gate)");
+        println!("gated query (q_proj emits each head's query, then its gate): the rope kernel reads the queries from between the gates (qk_norm_rope_gated), and the attention kernels write O · sigmoid(gate), the gates read where q_proj left them (attention_fwd_gated, attention_decode_gated, attention_fwd_paged_gated)");
     }
     if let Some(c) = m.softcap {
         println!("logit soft-capping at {c} (attn_logit_softcapping), score scale {:.6}", m.scale.unwrap_or(1.0 / (m.d as f64).sqrt()));
@@ -342,15 +345,14 @@ fn qk_norm_cpu(m: &Model, w: &Weights, q: &mut [f32], k: &mut [f32]) -> Result<(
 }
 
 /// The kernels' path's QK norm on `n` tokens (the rope kernel, checked), K in place: returns
-/// the dense queries, read from a gated query's rows by the kernel itself, and the gates. The
-/// worst error so far in `worst`.
-fn qk_norm_kernels(kern: &mut dyn Kernels, m: &Model, w: &Weights, q: &[f32], k: &mut [f32], n: usize, worst: &mut f64) -> Result<(Vec<f32>, Vec<f32>), String> {
-    let (queries, gates) = split_gate(m, q);
-    let Some(norm) = &w.norm else { return Ok((queries, gates)) };
+/// the dense queries, read from a gated query's rows by the kernel itself (the gates stay
+/// there for the attention kernels). The worst error so far in `worst`.
+fn qk_norm_kernels(kern: &mut dyn Kernels, m: &Model, w: &Weights, q: &[f32], k: &mut [f32], n: usize, worst: &mut f64) -> Result<Vec<f32>, String> {
+    let Some(norm) = &w.norm else { return Ok(split_gate(m, q).0) };
     let shape = RopeShape { q_row_stride: m.q_width(), ..RopeShape::contiguous(n, m.hq, m.hkv, m.d) };
     let (queries, rep) = kern.qk_norm(q, k, &shape, m.layer.1.gated_query, &norm.map(|w| w.as_slice()))?;
     *worst = worst.max(rep.max_abs);
-    Ok((queries, gates))
+    Ok(queries)
 }
 
 /// The next decode step's input: the previous token's block output (residual + attention).
@@ -401,17 +403,20 @@ fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsA
 /// What the block needs from the kernels, wherever they run: bf16 inputs (as f32 values already
 /// rounded to bf16), every call in checked mode.
 trait Kernels {
-    /// Prefill attention of the whole prompt; returns O `[n, Hq·d]` and the check against the reference.
-    fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
+    /// Prefill attention of the whole prompt; returns O `[n, Hq·d]` and the check against the
+    /// reference. With `gate` (a gated query's q_proj rows from element d on: each head's gate
+    /// follows its query), the kernel writes O gated (`OutputGate::after_query`).
+    fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
     /// Create the paged cache (pages of 16, handed out back to front so the table really indirects).
     fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String>;
     /// Append K/V rows `[n, Hkv·d]` at `slots`.
     fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32]) -> Result<(), String>;
     /// Chunked prefill: the `n` queries `[n, Hq·d]` that are the last of the first `len` cached
-    /// tokens, attending to all of them through the block table; O and the check.
-    fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
-    /// One decode step of query `[Hq·d]` over the first `len` cached keys; O and the check.
-    fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
+    /// tokens, attending to all of them through the block table; O (gated as `prefill`) and the check.
+    fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
+    /// One decode step of query `[Hq·d]` over the first `len` cached keys; O (gated as
+    /// `prefill`) and the check.
+    fn decode(&mut self, q: &[f32], len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
     /// The QK norm (the rope kernel without a rotation), checked: K in place, Q from `q`'s rows
     /// (`shape.q_row_stride` apart; a gated query's when `gated`, each head's query then its
     /// gate: `qk_norm_rope_gated`), returned dense.
@@ -424,10 +429,20 @@ fn to_bf16(x: &[f32]) -> Vec<bf16> {
     x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
+/// A gated query's gates where q_proj left them: each head's `2·d` slice holds its query, then
+/// its gate.
+fn gate_layout(p: &AttentionParams) -> OutputGate {
+    OutputGate::after_query(p.num_q_heads, p.head_dim)
+}
+
 fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsAt) -> Result<Vec<f32>, String> {
     let (q, mut k, v) = qkv(m, w, prompt);
     let mut worst_norm = 0f64;
-    let (q, gates) = qk_norm_kernels(kern.as_mut(), m, w, &q, &mut k, a.prompt, &mut worst_norm)?;
+    let q_proj = q;
+    let q = qk_norm_kernels(kern.as_mut(), m, w, &q_proj, &mut k, a.prompt, &mut worst_norm)?;
+    // Rows start..end of a gated query's gates, left in q_proj's rows for the attention kernels.
+    let qw = m.q_width();
+    let gate_of = |q_proj: &[f32], start: usize, end: usize| -> Option<Vec<f32>> { m.layer.1.gated_query.then(|| q_proj[start * qw + m.d..end * qw].to_vec()) };
     let page = 16;
     let max_pages = (a.prompt + a.steps).div_ceil(page);
     let table: Vec<i32> = (0..max_pages as i32).rev().collect();
@@ -436,7 +451,7 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
     let (row, kv_row) = (m.hq * m.d, m.hkv * m.d);
     let out = match a.chunk {
         None => {
-            let (out, rep) = kern.prefill(&q, &k, &v, a.prompt, &params_at(a.prompt)?)?;
+            let (out, rep) = kern.prefill(&q, &k, &v, a.prompt, gate_of(&q_proj, 0, a.prompt).as_deref(), &params_at(a.prompt)?)?;
             println!("prefill {} tokens: max abs error vs reference {:.2e} (tolerance {:.1e})", a.prompt, rep.max_abs, rep.tolerance.abs);
             kern.append(&k, &v, &(0..a.prompt).map(slot).collect::<Vec<_>>())?;
             out
@@ -449,7 +464,7 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
                 let end = (start + chunk).min(a.prompt);
                 let slots: Vec<i32> = (start..end).map(slot).collect();
                 kern.append(&k[start * kv_row..end * kv_row], &v[start * kv_row..end * kv_row], &slots)?;
-                let (o, rep) = kern.prefill_paged(&q[start * row..end * row], end - start, end, &params_at(end)?)?;
+                let (o, rep) = kern.prefill_paged(&q[start * row..end * row], end - start, end, gate_of(&q_proj, start, end).as_deref(), &params_at(end)?)?;
                 worst = worst.max(rep.max_abs);
                 out.extend_from_slice(&o);
             }
@@ -458,8 +473,6 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
         }
     };
 
-    let mut out = out;
-    apply_gate(&mut out, &gates);
     let mut attn = out[(a.prompt - 1) * row..].to_vec();
     let mut x_last = prompt[(a.prompt - 1) * m.hidden..].to_vec();
     let mut worst = 0f64;
@@ -467,10 +480,10 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
         let len = a.prompt + step + 1;
         let x = next_input(m, w, &x_last, &attn);
         let (qn, mut kn, vn) = qkv(m, w, &x);
-        let (qn, gn) = qk_norm_kernels(kern.as_mut(), m, w, &qn, &mut kn, 1, &mut worst_norm)?;
+        let q_proj = qn;
+        let qn = qk_norm_kernels(kern.as_mut(), m, w, &q_proj, &mut kn, 1, &mut worst_norm)?;
         kern.append(&kn, &vn, &[slot(len - 1)])?;
-        let (mut o, rep) = kern.decode(&qn, len, &params_at(len)?)?;
-        apply_gate(&mut o, &gn);
+        let (o, rep) = kern.decode(&qn, len, gate_of(&q_proj, 0, 1).as_deref(), &params_at(len)?)?;
         worst = worst.max(rep.max_abs);
         attn = o;
         x_last = x;
@@ -506,8 +519,9 @@ impl OnGpu {
 }
 
 impl Kernels for OnGpu {
-    fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+    fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
         let (qd, kd, vd) = (self.up(&to_bf16(q))?, self.up(&to_bf16(k))?, self.up(&to_bf16(v))?);
+        let gd = gate.map(|g| self.up(&to_bf16(g))).transpose()?;
         let mut out = self.up(&vec![bf16::ZERO; q.len()])?;
         let mut lse = self.up(&vec![0f32; n * p.num_q_heads])?;
         let cu = self.up(&[0i32, n as i32])?;
@@ -517,12 +531,16 @@ impl Kernels for OnGpu {
             false => None,
         };
         let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
-        let (_, rep) = cuda::attention_fwd_checked(&self.gpu, &self.stream, &qd, &kd, &vd, &mut out, &mut lse, &cu, &cu, &batch, p, wsv.as_mut())
-            .map_err(|e| e.to_string())?;
+        let (_, rep) = match &gd {
+            Some(g) => cuda::attention_fwd_gated_checked(&self.gpu, &self.stream, &qd, &kd, &vd, g, &gate_layout(p), &mut out, &mut lse, &cu, &cu, &batch, p, wsv.as_mut()),
+            None => cuda::attention_fwd_checked(&self.gpu, &self.stream, &qd, &kd, &vd, &mut out, &mut lse, &cu, &cu, &batch, p, wsv.as_mut()),
+        }
+        .map_err(|e| e.to_string())?;
         Ok((self.down(&out)?, rep))
     }
-    fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+    fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
         let qd = self.up(&to_bf16(q))?;
+        let gd = gate.map(|g| self.up(&to_bf16(g))).transpose()?;
         let (lens, cu) = (self.up(&[len as i32])?, self.up(&[0i32, n as i32])?);
         let mut o = self.up(&vec![bf16::ZERO; q.len()])?;
         let mut l = self.up(&vec![0f32; n * p.num_q_heads])?;
@@ -542,8 +560,11 @@ impl Kernels for OnGpu {
             false => None,
         };
         let mut gv = gather.as_mut().map(|w| w.as_view_mut());
-        let rep = cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p, splits, wsv.as_mut(), gv.as_mut())
-            .map_err(|e| e.to_string())?;
+        let rep = match &gd {
+            Some(g) => cuda::attention_fwd_paged_gated_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, g, &gate_layout(p), &mut o, &mut l, cache, &batch, p, splits, wsv.as_mut(), gv.as_mut()),
+            None => cuda::attention_fwd_paged_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &cu, &mut o, &mut l, cache, &batch, p, splits, wsv.as_mut(), gv.as_mut()),
+        }
+        .map_err(|e| e.to_string())?;
         Ok((self.down(&o)?, rep))
     }
     fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String> {
@@ -556,15 +577,19 @@ impl Kernels for OnGpu {
         let row = cache.kv_heads * cache.head_dim;
         cuda::paged_append(&self.gpu, &self.stream, &kd, &vd, kc, vc, &sd, slots.len(), row, row, cache).map_err(|e| e.to_string())
     }
-    fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+    fn decode(&mut self, q: &[f32], len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
         let qd = self.up(&to_bf16(q))?;
+        let gd = gate.map(|g| self.up(&to_bf16(g))).transpose()?;
         let lens = self.up(&[len as i32])?;
         let mut o = self.up(&vec![bf16::ZERO; q.len()])?;
         let mut l = self.up(&vec![0f32; p.num_q_heads])?;
         let (cache, kc, vc, table) = self.cache.as_ref().ok_or("no cache")?;
         let batch = DecodeBatch::contiguous(p, 1, 1, cache.num_pages, len);
-        let rep = cuda::attention_decode_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &mut o, &mut l, cache, &batch, p, 1, None)
-            .map_err(|e| e.to_string())?;
+        let rep = match &gd {
+            Some(g) => cuda::attention_decode_gated_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, g, &gate_layout(p), &mut o, &mut l, cache, &batch, p, 1, None),
+            None => cuda::attention_decode_checked(&self.gpu, &self.stream, &qd, kc, vc, table, &lens, &mut o, &mut l, cache, &batch, p, 1, None),
+        }
+        .map_err(|e| e.to_string())?;
         Ok((self.down(&o)?, rep))
     }
     fn qk_norm(&mut self, q: &[f32], k: &mut [f32], shape: &RopeShape, gated: bool, norm: &QkNorm<&[f32]>) -> Result<(Vec<f32>, CheckReport), String> {
@@ -620,7 +645,7 @@ mod emulated {
     }
 
     impl Kernels for Emulated {
-        fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+        fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
             let (q, k, v) = (to_bf16(q), to_bf16(k), to_bf16(v));
             let (mut out, mut lse) = (vec![bf16::ZERO; q.len()], vec![0f32; n * p.num_q_heads]);
             let cu = [0i32, n as i32];
@@ -629,10 +654,14 @@ mod emulated {
             let prefer = cuda::prefill_prefers_workspace::<bf16>(p, &batch);
             let mut ws = if prefer { vec![bf16::ZERO; cuda::attention_fwd_workspace_len(p, n)] } else { Vec::new() };
             let ws = prefer.then_some(&mut ws[..]);
-            let (_, rep) = self.emu.attention_fwd_checked(&x, &mut out, &mut lse, &batch, p, ws).map_err(|e| e.to_string())?;
+            let (_, rep) = match gate.map(to_bf16) {
+                Some(g) => self.emu.attention_fwd_gated_checked(&x, &g, &gate_layout(p), &mut out, &mut lse, &batch, p, ws),
+                None => self.emu.attention_fwd_checked(&x, &mut out, &mut lse, &batch, p, ws),
+            }
+            .map_err(|e| e.to_string())?;
             Ok((f32s(&out), rep))
         }
-        fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+        fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
             let q = to_bf16(q);
             let (cache, kc, vc, table) = self.cache.as_ref().ok_or("no cache")?;
             let (lens, cu) = ([len as i32], [0i32, n as i32]);
@@ -645,7 +674,11 @@ mod emulated {
             let prefer = cuda::paged_prefill_prefers_gather(p, &batch);
             let mut gather = if prefer { vec![bf16::ZERO; cuda::paged_prefill_gather_len(p, &batch, cache)] } else { Vec::new() };
             let g = prefer.then_some(&mut gather[..]);
-            let rep = self.emu.attention_fwd_paged_checked(&x, &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws[..]), g).map_err(|e| e.to_string())?;
+            let rep = match gate.map(to_bf16) {
+                Some(gb) => self.emu.attention_fwd_paged_gated_checked(&x, &gb, &gate_layout(p), &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws[..]), g),
+                None => self.emu.attention_fwd_paged_checked(&x, &mut o, &mut l, cache, &batch, p, splits, Some(&mut ws[..]), g),
+            }
+            .map_err(|e| e.to_string())?;
             Ok((f32s(&o), rep))
         }
         fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String> {
@@ -657,14 +690,18 @@ mod emulated {
             let row = cache.kv_heads * cache.head_dim;
             self.emu.paged_append(&to_bf16(k), &to_bf16(v), kc, vc, slots, slots.len(), row, row, cache).map_err(|e| e.to_string())
         }
-        fn decode(&mut self, q: &[f32], len: usize, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
+        fn decode(&mut self, q: &[f32], len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
             let q = to_bf16(q);
             let (cache, kc, vc, table) = self.cache.as_ref().ok_or("no cache")?;
             let lens = [len as i32];
             let x = DecodeInputs { q: &q, k_cache: kc, v_cache: vc, block_table: table, context_lens: &lens };
             let (mut o, mut l) = (vec![bf16::ZERO; q.len()], vec![0f32; p.num_q_heads]);
             let batch = DecodeBatch::contiguous(p, 1, 1, cache.num_pages, len);
-            let rep = self.emu.attention_decode_checked(&x, &mut o, &mut l, cache, &batch, p, 1, None).map_err(|e| e.to_string())?;
+            let rep = match gate.map(to_bf16) {
+                Some(g) => self.emu.attention_decode_gated_checked(&x, &g, &gate_layout(p), &mut o, &mut l, cache, &batch, p, 1, None),
+                None => self.emu.attention_decode_checked(&x, &mut o, &mut l, cache, &batch, p, 1, None),
+            }
+            .map_err(|e| e.to_string())?;
             Ok((f32s(&o), rep))
         }
         fn qk_norm(&mut self, q: &[f32], k: &mut [f32], shape: &RopeShape, gated: bool, norm: &QkNorm<&[f32]>) -> Result<(Vec<f32>, CheckReport), String> {
@@ -748,8 +785,9 @@ mod tests {
     }
 
     /// Qwen3.6's gated query: the kernels' path (the rope kernel reads the queries from between
-    /// the gates, checked on every call) ends in the CPU path's block output (split on the
-    /// host, the reference's norm), both gating the attention output the same way.
+    /// the gates, the attention kernels gate O reading the gates from the same rows, checked on
+    /// every call) ends in the CPU path's block output (split and gated on the host, the
+    /// reference's norm), in one prefill and in chunks over the paged cache.
     #[cfg(feature = "emulator")]
     #[test]
     fn decoder_gated_query_kernels_match_the_cpu_path() {
@@ -764,12 +802,15 @@ mod tests {
             p.rope = Some(Rotary::from_schedule(&m.rope.schedule(Some(len)).map_err(|e| e.to_string())?, m.layout));
             Ok(m.layer.1.apply(p).unwrap())
         };
-        let kernels = run_kernels(Box::new(emulated::Emulated::default()), &a, &m, &w, &prompt, &params_at).unwrap();
         let cpu = run_cpu(&a, &m, &w, &prompt, &params_at).unwrap();
-        let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         let scale = cpu.iter().fold(0f32, |s, x| s.max(x.abs()));
-        println!("gated query: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})");
-        assert!(diff < 1e-2 * scale, "{diff} vs {scale}");
+        for chunk in [None, Some(8)] {
+            let a = Args { chunk, ..a.clone() };
+            let kernels = run_kernels(Box::new(emulated::Emulated::default()), &a, &m, &w, &prompt, &params_at).unwrap();
+            let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            println!("gated query, chunk {chunk:?}: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})");
+            assert!(diff < 1e-2 * scale, "{chunk:?}: {diff} vs {scale}");
+        }
     }
 
     /// Gemma 2's soft-capping and query scale, GPT-OSS's sinks and a text_config (Qwen3.6) come
