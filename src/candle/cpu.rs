@@ -1,6 +1,7 @@
 //! CPU tensors: the f64 reference on the same inputs, rounded once to the tensor's dtype.
 //! Operands arrive validated (shapes, dtypes, kernel checks) by the public functions.
 
+use super::output_gate::Gate;
 use super::{candle_error, from_f64, to_f64, ErrSlot, Rows};
 use crate::attention::{AttentionParams, Rotary};
 use crate::config::MRope;
@@ -98,6 +99,7 @@ pub(super) fn attention_prefill(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    gate: Option<&Gate<'_>>,
     p: &AttentionParams,
     cu_q: &[usize],
     cu_k: &[usize],
@@ -106,7 +108,8 @@ pub(super) fn attention_prefill(
     let (d, hq) = (p.head_dim, p.num_q_heads);
     let tq = cu_q[cu_q.len() - 1];
     let r = reference::attention_varlen(&qh, &kh, &vh, cu_q, cu_k, p)?;
-    let (out, lse): (Vec<f64>, Vec<f32>) = (r.out, r.lse.iter().map(|&x| x as f32).collect());
+    let (mut out, lse): (Vec<f64>, Vec<f32>) = (r.out, r.lse.iter().map(|&x| x as f32).collect());
+    apply_gate(&mut out, gate, p)?;
     let lse = Tensor::from_vec(lse, (hq, tq), q.device()).map_err(candle_error)?;
     Ok((from_f64(out, &[tq, hq, d], q.dtype(), q.device())?, lse))
 }
@@ -120,6 +123,7 @@ pub(super) fn attention_paged(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
+    gate: Option<&Gate<'_>>,
     table: &[i64],
     lens: &[i64],
     cu_q: &[usize],
@@ -156,9 +160,18 @@ pub(super) fn attention_paged(
     let lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
     let runs: Vec<(usize, usize)> = cu_q.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
     let (kc, vc) = (to_f64(k_cache)?, to_f64(v_cache)?);
-    let (out, lse) = paged_reference(&to_f64(q)?, &kc, &vc, &table, &lens, &runs, max_pages, cache, p)?;
+    let (mut out, lse) = paged_reference(&to_f64(q)?, &kc, &vc, &table, &lens, &runs, max_pages, cache, p)?;
+    apply_gate(&mut out, gate, p)?;
     let lse = Tensor::from_vec(lse.iter().map(|&x| x as f32).collect::<Vec<f32>>(), (hq, tokens), q.device()).map_err(candle_error)?;
     Ok((from_f64(out, &[tokens, hq, d], q.dtype(), q.device())?, lse))
+}
+
+/// The output gate on the f64 result, before its one rounding to the dtype.
+fn apply_gate(out: &mut [f64], gate: Option<&Gate<'_>>, p: &AttentionParams) -> Result<()> {
+    match gate {
+        Some(g) => reference::output_gate(out, &to_f64(g.tensor)?, &g.packed, p.num_q_heads, p.head_dim),
+        None => Ok(()),
+    }
 }
 
 /// Copies rows of one source into one cache at their slots.

@@ -8,11 +8,13 @@
 //! Operands arrive validated by the public functions; the launchers validate again against the
 //! real allocations (lengths from the tensor's offset to the end of its storage, alignment).
 
+use super::output_gate::Gate;
 use super::{candle_error, same_storage, with_dtype, Elem, ErrSlot, RopeCall, Rows};
 use crate::attention::{AttentionParams, Rotary};
 use crate::config::MRope;
 use crate::cuda::{self as rc, AttentionBatch, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch, RopeShape};
 use crate::error::{Error, Result};
+use crate::output_gate::OutputGate;
 use crate::qk_norm::{NormScope, QkNorm};
 use candle_core::op::BackpropOp;
 use candle_core::cuda_backend::CudaStorageSlice;
@@ -70,6 +72,39 @@ fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &'static str) 
 
 fn new_tensor(s: CudaStorage, dims: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(s), dims, BackpropOp::none(), false)
+}
+
+/// The output gate as an op reads it: its storage, the layout's offset, where its gates lie.
+#[derive(Clone, Copy)]
+struct GateRef<'a> {
+    storage: &'a CudaStorage,
+    offset: usize,
+    layout: OutputGate,
+}
+
+impl GateRef<'_> {
+    /// The gate's elements from its offset, as `T` (the op's dtype, which the gate shares).
+    fn view<T: Elem>(&self) -> Result<CudaView<'_, T>> {
+        Ok(slice::<T>(self.storage)?.slice(self.offset..))
+    }
+}
+
+/// The gate tensor an op may lock beside its operands: the gate itself, or a contiguous copy
+/// where it shares storage with one of them (candle holds their locks during the op; a second
+/// read lock on one from this thread may deadlock). Returns it with the layout of its gates.
+fn lockable_gate(g: &Gate<'_>, operands: &[&Tensor]) -> Result<(Tensor, OutputGate)> {
+    if operands.iter().any(|t| same_storage(t, g.tensor)) {
+        return Ok((g.tensor.force_contiguous().map_err(candle_error)?, g.packed));
+    }
+    Ok((g.tensor.clone(), g.strided))
+}
+
+/// The op's view of a gate whose storage `held` holds (its read guard and layout).
+fn gate_ref<'a>(held: &'a Option<(candle_core::StorageRef<'_>, &CLayout)>, layout: Option<OutputGate>) -> Result<Option<GateRef<'a>>> {
+    match (held, layout) {
+        (Some((g, l)), Some(layout)) => Ok(Some(GateRef { storage: cuda_storage(g, "gate")?, offset: l.start_offset(), layout })),
+        _ => Ok(None),
+    }
 }
 
 /// The op traits' CPU entry points are never reached: CPU tensors take the reference path.
@@ -307,6 +342,7 @@ struct Prefill<'a> {
     batch: &'a AttentionBatch,
     cu_q: &'a [usize],
     cu_k: &'a [usize],
+    gate: Option<GateRef<'a>>,
     dtype: DType,
     lse: RefCell<Option<CudaStorage>>,
     err: ErrSlot,
@@ -333,7 +369,10 @@ impl Prefill<'_> {
             false => None,
         };
         let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
-        rc::attention_fwd(&gpu, &stream, &qv, &kv, &vv, &mut out, &mut lse, &cq, &ck, b, p, wsv.as_mut())?;
+        match &self.gate {
+            Some(g) => rc::attention_fwd_gated(&gpu, &stream, &qv, &kv, &vv, &g.view::<T>()?, &g.layout, &mut out, &mut lse, &cq, &ck, b, p, wsv.as_mut())?,
+            None => rc::attention_fwd(&gpu, &stream, &qv, &kv, &vv, &mut out, &mut lse, &cq, &ck, b, p, wsv.as_mut())?,
+        };
         *self.lse.borrow_mut() = Some(CudaStorage::wrap_cuda_slice(lse, dev.clone()));
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
@@ -362,10 +401,12 @@ impl CustomOp3 for Prefill<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_prefill(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    gate: Option<&Gate<'_>>,
     p: &AttentionParams,
     batch: &AttentionBatch,
     cu_q: &[usize],
@@ -376,7 +417,10 @@ pub(super) fn attention_prefill(
         let out = Tensor::zeros((0, hq, d), q.dtype(), q.device()).map_err(candle_error)?;
         return Ok((out, Tensor::zeros((hq, 0), DType::F32, q.device()).map_err(candle_error)?));
     }
-    let op = Prefill { p, batch, cu_q, cu_k, dtype: q.dtype(), lse: RefCell::new(None), err: ErrSlot::default() };
+    let gate = gate.map(|g| lockable_gate(g, &[q, k, v])).transpose()?;
+    let held = gate.as_ref().map(|(t, _)| t.storage_and_layout());
+    let gate = gate_ref(&held, gate.as_ref().map(|g| g.1))?;
+    let op = Prefill { p, batch, cu_q, cu_k, gate, dtype: q.dtype(), lse: RefCell::new(None), err: ErrSlot::default() };
     let out = q.apply_op3_no_bwd(k, v, &op).map_err(|e| op.err.or(e))?;
     let lse = op.lse.take().ok_or_else(|| Error::Cuda("attention_prefill: the kernel left no LSE".into()))?;
     Ok((out, new_tensor(lse, &[hq, tq])))
@@ -411,6 +455,7 @@ struct Paged<'a> {
     cache: &'a PagedKvCache,
     table: CudaView<'a, i32>,
     lens: CudaView<'a, i32>,
+    gate: Option<GateRef<'a>>,
     dtype: DType,
     lse: RefCell<Option<CudaStorage>>,
     err: ErrSlot,
@@ -435,7 +480,10 @@ impl Paged<'_> {
                     false => None,
                 };
                 let mut wsv = ws.as_mut().map(|w| w.as_view_mut());
-                rc::attention_decode(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut())?;
+                match &self.gate {
+                    Some(g) => rc::attention_decode_gated(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &g.view::<T>()?, &g.layout, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut())?,
+                    None => rc::attention_decode(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut())?,
+                }
             }
             PagedKind::Prefill(b, cu_q) => {
                 // Totals fit i32: PagedPrefillBatch::check said so.
@@ -454,7 +502,10 @@ impl Paged<'_> {
                     false => None,
                 };
                 let mut gv = gather.as_mut().map(|w| w.as_view_mut());
-                rc::attention_fwd_paged(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut(), gv.as_mut())?;
+                match &self.gate {
+                    Some(g) => rc::attention_fwd_paged_gated(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &g.view::<T>()?, &g.layout, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut(), gv.as_mut())?,
+                    None => rc::attention_fwd_paged(&gpu, &stream, &qv, &kv, &vv, &self.table, &self.lens, &cq, &mut out, &mut lse, self.cache, b, p, splits, wsv.as_mut(), gv.as_mut())?,
+                };
             }
         }
         *self.lse.borrow_mut() = Some(CudaStorage::wrap_cuda_slice(lse, dev.clone()));
@@ -497,12 +548,18 @@ fn run_paged(
     v_cache: &Tensor,
     block_table: &Tensor,
     context_lens: &Tensor,
+    gate: Option<&Gate<'_>>,
     kind: PagedKind<'_>,
     (batch, max_pages): (usize, usize),
     cache: &PagedKvCache,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
     let (table, lens) = (int32_tensor(block_table)?, int32_tensor(context_lens)?);
+    // The gate's lock is taken first and alone (copied where it shares a storage with any
+    // other operand: lockable_gate).
+    let gate = gate.map(|g| lockable_gate(g, &[q, k_cache, v_cache, &table, &lens])).transpose()?;
+    let held = gate.as_ref().map(|(t, _)| t.storage_and_layout());
+    let gate = gate_ref(&held, gate.as_ref().map(|g| g.1))?;
     let shared = same_storage(&table, &lens);
     let (tg, tl) = table.storage_and_layout();
     let lens_guard = if shared { None } else { Some(lens.storage_and_layout()) };
@@ -513,7 +570,7 @@ fn run_paged(
     let tv = i32_view(cuda_storage(&tg, "block_table")?, tl, batch * max_pages, "block_table")?;
     let lv = i32_view(ls, ll, batch, "context_lens")?;
     let tokens = kind.tokens();
-    let op = Paged { p, kind, cache, table: tv, lens: lv, dtype: q.dtype(), lse: RefCell::new(None), err: ErrSlot::default() };
+    let op = Paged { p, kind, cache, table: tv, lens: lv, gate, dtype: q.dtype(), lse: RefCell::new(None), err: ErrSlot::default() };
     let out = q.apply_op3_no_bwd(k_cache, v_cache, &op).map_err(|e| op.err.or(e))?;
     let lse = op.lse.take().ok_or_else(|| Error::Cuda(format!("{}: the kernel left no LSE", op.name())))?;
     Ok((out, new_tensor(lse, &[p.num_q_heads, tokens])))
@@ -526,12 +583,13 @@ pub(super) fn attention_decode(
     v_cache: &Tensor,
     block_table: &Tensor,
     context_lens: &Tensor,
+    gate: Option<&Gate<'_>>,
     batch: &DecodeBatch,
     cache: &PagedKvCache,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
     let dims = (batch.batch, batch.max_pages);
-    run_paged(q, k_cache, v_cache, block_table, context_lens, PagedKind::Decode(batch), dims, cache, p)
+    run_paged(q, k_cache, v_cache, block_table, context_lens, gate, PagedKind::Decode(batch), dims, cache, p)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -541,6 +599,7 @@ pub(super) fn attention_prefill_paged(
     v_cache: &Tensor,
     block_table: &Tensor,
     context_lens: &Tensor,
+    gate: Option<&Gate<'_>>,
     batch: &PagedPrefillBatch,
     cache: &PagedKvCache,
     cu_q: &[usize],
@@ -551,7 +610,7 @@ pub(super) fn attention_prefill_paged(
         return Ok((out, Tensor::zeros((p.num_q_heads, 0), DType::F32, q.device()).map_err(candle_error)?));
     }
     let dims = (batch.batch, batch.max_pages);
-    run_paged(q, k_cache, v_cache, block_table, context_lens, PagedKind::Prefill(batch, cu_q), dims, cache, p)
+    run_paged(q, k_cache, v_cache, block_table, context_lens, gate, PagedKind::Prefill(batch, cu_q), dims, cache, p)
 }
 
 /// What every append launch needs besides the two caches.

@@ -1,7 +1,8 @@
 //! The ops on candle [`Tensor`]s (feature `candle`): RoPE in place or out of place (with the QK
 //! norm before it, or the norm alone; from Qwen3-Next's gated query: [`qk_norm_rope_gated`]), fused
 //! attention prefill (causal, GQA, sliding window and sinks, ALiBi, ReRoPE), paged decode and
-//! chunked prefill over a paged cache.
+//! chunked prefill over a paged cache, each also with the output gate fused
+//! ([`attention_prefill_gated`] and its twins: Qwen3-Next, Qwen3.5, LFM3).
 //!
 //! CUDA tensors (feature `candle-cuda`) run our kernels on the tensor's own device and on the
 //! stream candle uses for it, so they order with candle's own ops and nothing syncs the host.
@@ -65,8 +66,10 @@ mod cpu;
 mod gated;
 #[cfg(feature = "candle-cuda")]
 mod gpu;
+mod output_gate;
 
 pub use gated::qk_norm_rope_gated;
+pub use output_gate::{attention_decode_gated, attention_prefill_gated, attention_prefill_paged_gated};
 
 use crate::attention::{AttentionParams, Rotary};
 use crate::config::MRope;
@@ -494,11 +497,17 @@ pub fn attention_prefill(
     seqlens_q: &[usize],
     seqlens_k: &[usize],
 ) -> Result<(Tensor, Tensor)> {
+    prefill(q, k, v, None, p, seqlens_q, seqlens_k)
+}
+
+/// [`attention_prefill`], gated or not.
+fn prefill(q: &Tensor, k: &Tensor, v: &Tensor, gate: Option<&Tensor>, p: &AttentionParams, seqlens_q: &[usize], seqlens_k: &[usize]) -> Result<(Tensor, Tensor)> {
     let call = prefill_call(q, k, v, p, seqlens_q, seqlens_k)?;
+    let gate = gate.map(|g| output_gate::gate_of(g, q, call.batch.total_q, p)).transpose()?;
     match on(q)? {
-        On::Cpu => cpu::attention_prefill(q, k, v, p, &call.cu_q, &call.cu_k),
+        On::Cpu => cpu::attention_prefill(q, k, v, gate.as_ref(), p, &call.cu_q, &call.cu_k),
         #[cfg(feature = "candle-cuda")]
-        On::Cuda => gpu::attention_prefill(q, k, v, p, &call.batch, &call.cu_q, &call.cu_k),
+        On::Cuda => gpu::attention_prefill(q, k, v, gate.as_ref(), p, &call.batch, &call.cu_q, &call.cu_k),
     }
 }
 
@@ -621,16 +630,32 @@ pub fn attention_decode(
     max_context: usize,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
+    decode(q, k_cache, v_cache, block_table, context_lens, None, max_context, p)
+}
+
+/// [`attention_decode`], gated or not.
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    context_lens: &Tensor,
+    gate: Option<&Tensor>,
+    max_context: usize,
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor)> {
     let call = decode_call(q, k_cache, v_cache, block_table, context_lens, max_context, p)?;
+    let b = &call.batch;
+    let gate = gate.map(|g| output_gate::gate_of(g, q, b.batch * b.queries, p)).transpose()?;
     match on(q)? {
         On::Cpu => {
-            let b = &call.batch;
             let cu_q: Vec<usize> = (0..=b.batch).map(|i| i * b.queries).collect();
             let (table, lens) = (host_ints(block_table)?, host_ints(context_lens)?);
-            cpu::attention_paged(q, k_cache, v_cache, &table, &lens, &cu_q, b.max_pages, b.max_context, &call.cache, p)
+            cpu::attention_paged(q, k_cache, v_cache, gate.as_ref(), &table, &lens, &cu_q, b.max_pages, b.max_context, &call.cache, p)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda => gpu::attention_decode(q, k_cache, v_cache, block_table, context_lens, &call.batch, &call.cache, p),
+        On::Cuda => gpu::attention_decode(q, k_cache, v_cache, block_table, context_lens, gate.as_ref(), b, &call.cache, p),
     }
 }
 
@@ -716,7 +741,24 @@ pub fn attention_prefill_paged(
     total_context: Option<usize>,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor)> {
+    prefill_paged(q, k_cache, v_cache, block_table, context_lens, None, seqlens_q, total_context, p)
+}
+
+/// [`attention_prefill_paged`], gated or not.
+#[allow(clippy::too_many_arguments)]
+fn prefill_paged(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    context_lens: &Tensor,
+    gate: Option<&Tensor>,
+    seqlens_q: &[usize],
+    total_context: Option<usize>,
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor)> {
     let call = paged_prefill_call(q, k_cache, v_cache, block_table, context_lens, seqlens_q, total_context, p)?;
+    let gate = gate.map(|g| output_gate::gate_of(g, q, call.batch.total_q, p)).transpose()?;
     match on(q)? {
         On::Cpu => {
             let (b, c) = (&call.batch, &call.cache);
@@ -727,10 +769,10 @@ pub fn attention_prefill_paged(
                     return Err(Error::Position { what: "context_lens (added up, against total_context)", value: sum, limit: total as i64 });
                 }
             }
-            cpu::attention_paged(q, k_cache, v_cache, &table, &lens, &call.cu_q, b.max_pages, b.max_pages * c.page_size, c, p)
+            cpu::attention_paged(q, k_cache, v_cache, gate.as_ref(), &table, &lens, &call.cu_q, b.max_pages, b.max_pages * c.page_size, c, p)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda => gpu::attention_prefill_paged(q, k_cache, v_cache, block_table, context_lens, &call.batch, &call.cache, &call.cu_q, p),
+        On::Cuda => gpu::attention_prefill_paged(q, k_cache, v_cache, block_table, context_lens, gate.as_ref(), &call.batch, &call.cache, &call.cu_q, p),
     }
 }
 
