@@ -26,7 +26,7 @@ __device__ void merge_body(const MergeParams& p) {
     for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
         const float x = wa == 0.f ? 0.f : wa * to_f32(static_cast<const T*>(p.o1)[base + c]);
         const float y = wb == 0.f ? 0.f : wb * to_f32(static_cast<const T*>(p.o2)[base + c]);
-        static_cast<T*>(p.out)[base + c] = from_f32<T>(x + y);
+        static_cast<T*>(p.out)[base + c] = from_f32<T>(gated<T>(p.gate, tok, h, c, x + y));
     }
     if (threadIdx.x == 0) p.lse_out[li] = lse;
 }

@@ -189,6 +189,7 @@ struct MergeParams {
     void* out;
     float* lse_out;
     int tokens, heads, head_dim, pad_;
+    GateArgs gate;  // the output gate on the merged rows (a cascade's last merge)
 };
 
 // Mirrored by `SplitsParams` in src/cuda/params.rs: the decode kernel's f32 partials

@@ -510,6 +510,9 @@ MUTATIONS = [
     ("output gate: the paged prefill launches ungated", "src/cuda/paged_prefill.rs",
      "part_out, part_lse, gate: x.gate, ..params };", "part_out, part_lse, ..params };",
      "emu_output_gate", "emulated_paged_prefill_output_gate"),
+    ("output gate: the merge writes its rows ungated", "kernels/merge.cu",
+     "from_f32<T>(gated<T>(p.gate, tok, h, c, x + y));", "from_f32<T>(x + y);",
+     "emu_output_gate", "emulated_merge_output_gate"),
 ]
 
 # Races the plain emulator cannot see, because it completes a collective (a shuffle, ldmatrix)

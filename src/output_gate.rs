@@ -4,7 +4,8 @@
 //! LFM3 gates whole heads (`g_proj`, one gate per head).
 //!
 //! The attention kernels apply it as they write O (`cuda::attention_fwd_gated`,
-//! `attention_decode_gated`, `attention_fwd_paged_gated`; with split keys, the combine does),
+//! `attention_decode_gated`, `attention_fwd_paged_gated`; with split keys, the combine does;
+//! `merge_states_gated` on a cascade's last merge),
 //! so the gate costs no pass over O of its own. The LSE they return stays the attention's own,
 //! ungated. Its f64 twin is [`reference::output_gate`](crate::reference::output_gate).
 

@@ -2,7 +2,8 @@
 //! `q_proj` left it, LFM3's per-head gate), run by the SIMT emulator: every prefill kernel (the
 //! fused and pre-rotated tensor-core kernels at head_dim 64 and 96, the f32 rows kernel) and the
 //! decode kernels with one split and with three (the combine gates), the paged prefill (fused
-//! with one split and three, gathered into the wide kernel), in checked mode against the
+//! with one split and three, gathered into the wide kernel) and the merge of partial states
+//! (a cascade's last merge), in checked mode against the
 //! f64 reference with the gate applied, and against the same call ungated: the LSE to the bit,
 //! O within two roundings of the dtype of `O_ungated · sigmoid(g)`, gates of +inf leaving O as
 //! it was and -inf zeroing it exactly. A gate buffer one element short is refused before launch.
@@ -171,4 +172,41 @@ fn emulated_paged_prefill_output_gate() {
     let emu = emulator(9600);
     paged_prefill::<f16>(&emu, 9601);
     paged_prefill::<bf16>(&emu, 9602);
+}
+
+/// The merge of two partial states (random O and LSE, one row's side fully masked) gated: the
+/// LSE as the ungated merge's, O its product with the gate.
+fn merge<T: Dtype>(emu: &Emulator, seed: u64) {
+    let (tokens, heads, d) = (6usize, 4usize, 64usize);
+    let mut r = rng(seed);
+    let part = |r: &mut rand::rngs::StdRng| {
+        let o = guard(&as_dtype::<T>(&uniform(r, tokens * heads * d)).0);
+        let mut l: Vec<f32> = uniform(r, tokens * heads).iter().map(|&x| 3.0 * x as f32).collect();
+        l[1] = f32::NEG_INFINITY;
+        (o, guard(&l))
+    };
+    let ((o1, l1), (o2, l2)) = (part(&mut r), part(&mut r));
+    let fresh = || (GuardedBuf::filled(tokens * heads * d, T::default()), GuardedBuf::filled(tokens * heads, 0f32));
+    let (mut out_u, mut lse_u) = fresh();
+    emu.merge_states([(&o1, &l1), (&o2, &l2)], &mut out_u, &mut lse_u, tokens, heads, d).unwrap();
+    for (name, layout, gate, offset) in gates::<T>(&mut r, tokens, heads, d) {
+        let what = format!("{} merge {name}", T::NAME);
+        let gbuf = guard(&gate);
+        let (mut out, mut lse) = fresh();
+        emu.merge_states_gated([(&o1, &l1), (&o2, &l2)], &gbuf[offset..], &layout, &mut out, &mut lse, tokens, heads, d).unwrap();
+        assert!(lse.iter().zip(lse_u.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the merge's own");
+        let moved = check_gated(&out, &out_u, &gate[offset..], &layout, heads, d, &what);
+        assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+        let (mut out, mut lse) = fresh();
+        let err = emu.merge_states_gated([(&o1, &l1), (&o2, &l2)], &gbuf[offset..gbuf.len() - 1], &layout, &mut out, &mut lse, tokens, heads, d).unwrap_err();
+        assert!(matches!(err, Error::BufferTooSmall { what: "output gate", .. }), "{what}: {err:?}");
+    }
+}
+
+#[test]
+fn emulated_merge_output_gate() {
+    let emu = emulator(9800);
+    merge::<f16>(&emu, 9801);
+    merge::<bf16>(&emu, 9802);
+    merge::<f32>(&emu, 9803);
 }

@@ -1,8 +1,9 @@
 //! The output gate fused into the attention kernels on a GPU (tests/emu_output_gate.rs runs the
 //! same checks in the emulator at smaller sizes): prefill over every supported head dim, fused and
 //! pre-rotated keys, f16 / bf16 / f32, and decode over a paged cache with one split and with
-//! five, and the paged prefill (fused with one split and four, gathered into the wide kernel),
-//! for Qwen3-Next's per-component gate and LFM3's per-head gate. Checked mode compares O
+//! five, the paged prefill (fused with one split and four, gathered into the wide kernel) and
+//! the merge of two prefills over halves of the keys (a cascade's last merge), for Qwen3-Next's
+//! per-component gate and LFM3's per-head gate. Checked mode compares O
 //! (gated) and the LSE with the f64 reference; against the same call ungated, the LSE is equal
 //! to the bit and O is `O_ungated · sigmoid(g)` within two roundings of the dtype.
 //! Tolerance (Tolerance::attention), as tests/gpu_attention.rs. Aliased and short gates are refused.
@@ -14,7 +15,7 @@ use common::*;
 use half::{bf16, f16};
 use rope_attn::cuda::{
     attention_decode, attention_decode_gated, attention_decode_gated_checked, attention_fwd, attention_fwd_gated, attention_fwd_gated_checked,
-    attention_fwd_paged, attention_fwd_paged_gated_checked, attention_fwd_workspace_len, decode_workspace_len, paged_prefill_gather_len,
+    attention_fwd_paged, attention_fwd_paged_gated_checked, attention_fwd_workspace_len, decode_workspace_len, merge_states, merge_states_gated, paged_prefill_gather_len,
     paged_prefill_workspace_len, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, SUPPORTED_HEAD_DIMS,
 };
 use rope_attn::{AttentionParams, Error, Layout, OutputGate, RopeSchedule, Rotary};
@@ -190,6 +191,60 @@ fn gpu_paged_prefill_output_gate() {
     let n = SUPPORTED_HEAD_DIMS.len();
     assert_eq!(paged_prefill::<f16>(&gpu, &stream, 9700), 6 * n);
     assert_eq!(paged_prefill::<bf16>(&gpu, &stream, 9701), 6 * n);
+}
+
+/// Two prefills over the two halves of one sequence's keys (attention_fwd_at's positions),
+/// merged ungated and gated: the LSE to the bit, O the product with the gate.
+fn merge<T: Dtype>(gpu: &Gpu, stream: &Stream, seed: u64) -> usize {
+    use rope_attn::cuda::attention_fwd_at;
+    let mut r = rng(seed);
+    let mut cases = 0;
+    for &d in SUPPORTED_HEAD_DIMS {
+        let p = params(d);
+        let (hq, hkv, nq, n, split) = (p.num_q_heads, p.num_kv_heads, 100usize, 900usize, 500usize);
+        let q = stream.clone_htod(&as_dtype::<T>(&uniform(&mut r, nq * hq * d)).0).unwrap();
+        let (k, v) = (as_dtype::<T>(&uniform(&mut r, n * hkv * d)).0, as_dtype::<T>(&uniform(&mut r, n * hkv * d)).0);
+        let mut parts = Vec::new();
+        for (a, b) in [(0usize, split), (split, n)] {
+            let (cq, ck) = (stream.clone_htod(&[0i32, nq as i32]).unwrap(), stream.clone_htod(&[0i32, (b - a) as i32]).unwrap());
+            let starts = stream.clone_htod(&[(n - nq) as i32, a as i32]).unwrap();
+            let (kb, vb) = (stream.clone_htod(&k[a * hkv * d..b * hkv * d]).unwrap(), stream.clone_htod(&v[a * hkv * d..b * hkv * d]).unwrap());
+            let mut o = stream.alloc_zeros::<T>(nq * hq * d).unwrap();
+            let mut l = stream.alloc_zeros::<f32>(nq * hq).unwrap();
+            // (f32 takes its keys pre-rotated into the workspace.)
+            let mut ws = stream.alloc_zeros::<T>(attention_fwd_workspace_len(&p, b - a)).unwrap();
+            let mut wsv = ws.as_view_mut();
+            attention_fwd_at(gpu, stream, &q, &kb, &vb, &mut o, &mut l, &cq, &ck, &starts, &AttentionBatch::single(&p, nq, b - a), &p, Some(&mut wsv)).unwrap();
+            parts.push((o, l));
+        }
+        let mut out_u = stream.alloc_zeros::<T>(nq * hq * d).unwrap();
+        let mut lse_u = stream.alloc_zeros::<f32>(nq * hq).unwrap();
+        merge_states(gpu, stream, &parts[0].0, &parts[0].1, &parts[1].0, &parts[1].1, &mut out_u, &mut lse_u, nq, hq, d).unwrap();
+        let (out_u, lse_u) = (stream.clone_dtoh(&out_u).unwrap(), stream.clone_dtoh(&lse_u).unwrap());
+        for (name, layout, gate, offset) in &gates::<T>(&mut r, nq, hq, d) {
+            let what = format!("{} merge d={d} {name}", T::NAME);
+            let g = stream.clone_htod(gate).unwrap();
+            let mut out = stream.alloc_zeros::<T>(nq * hq * d).unwrap();
+            let mut lse = stream.alloc_zeros::<f32>(nq * hq).unwrap();
+            merge_states_gated(gpu, stream, &parts[0].0, &parts[0].1, &parts[1].0, &parts[1].1, &g.slice(*offset..), layout, &mut out, &mut lse, nq, hq, d)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (out, lse) = (stream.clone_dtoh(&out).unwrap(), stream.clone_dtoh(&lse).unwrap());
+            assert!(lse.iter().zip(&lse_u).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the merge's own");
+            let moved = check_gated(&out, &out_u, &gate[*offset..], layout, hq, d, &what);
+            assert!(moved > out.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", out.len());
+            cases += 1;
+        }
+    }
+    cases
+}
+
+#[test]
+fn gpu_merge_output_gate() {
+    let Some((gpu, stream)) = gpu_or_skip("gpu_merge_output_gate") else { return };
+    let n = SUPPORTED_HEAD_DIMS.len();
+    assert_eq!(merge::<f16>(&gpu, &stream, 9900), 2 * n);
+    assert_eq!(merge::<bf16>(&gpu, &stream, 9901), 2 * n);
+    assert_eq!(merge::<f32>(&gpu, &stream, 9902), 2 * n);
 }
 
 /// A gate that aliases O (safe code cannot build one, a server's own allocator can) and a gate

@@ -206,5 +206,6 @@ int main() {
     FIELD(SplitsParams, head_dim);
     FIELD(SplitsParams, sink);
     FIELD(SplitsParams, gate);
+    FIELD(MergeParams, gate);
     return 0;
 }

@@ -45,7 +45,7 @@ pub use decode::{
 pub use device::{device_status, Gpu};
 pub use dtype::Dtype;
 pub use gated::{qk_norm_rope_gated, qk_norm_rope_gated_checked, GatedRotation, GATED_NORM_ONLY};
-pub use merge::merge_states;
+pub use merge::{merge_states, merge_states_gated};
 pub use paged_prefill::{
     attention_fwd_paged, attention_fwd_paged_checked, attention_fwd_paged_gated, attention_fwd_paged_gated_checked, paged_prefill_gather_len, paged_prefill_prefers_gather, paged_prefill_splits,
     paged_prefill_workspace_len, PagedFwdLens, PagedPrefillBatch, PagedPrefillPath, PagedPrefillPlan,

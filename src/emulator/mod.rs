@@ -117,10 +117,10 @@ impl Default for Emulator {
 }
 
 /// The kernels' gate arguments for an optional host gate over `rows` output rows, checked.
-fn gate_args<T>(gate: Option<(&[T], &OutputGate)>, rows: usize, p: &AttentionParams) -> Result<GateArgs> {
+fn gate_args<T>(gate: Option<(&[T], &OutputGate)>, rows: usize, heads: usize, head_dim: usize) -> Result<GateArgs> {
     Ok(match gate {
         Some((g, layout)) => {
-            layout.check(g.len(), rows, p.num_q_heads, p.head_dim)?;
+            layout.check(g.len(), rows, heads, head_dim)?;
             GateArgs::new(addr(g), layout)
         }
         None => GateArgs::default(),
@@ -544,7 +544,7 @@ impl Emulator {
             cu_k: addr(x.cu_seqlens_k),
             seq_starts: x.seq_starts.map_or(0, addr),
             workspace: workspace.map_or(0, |w| addr(w)),
-            gate: gate_args(gate, batch.total_q, p)?,
+            gate: gate_args(gate, batch.total_q, p.num_q_heads, p.head_dim)?,
         };
         launch_fwd::<T, _>(self, ptrs, path, batch, p)?;
         Ok(path)
@@ -681,7 +681,7 @@ impl Emulator {
             lse: addr(lse),
             workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
             gather: if plan.path == PagedPrefillPath::Gathered { gather.map_or(0, |w| addr(w)) } else { 0 },
-            gate: gate_args(gate, batch.total_q, p)?,
+            gate: gate_args(gate, batch.total_q, p.num_q_heads, p.head_dim)?,
         };
         launch_fwd_paged::<T, _>(self, ptrs, plan, cache, batch, p)?;
         Ok(plan.path)
@@ -819,7 +819,7 @@ impl Emulator {
             out: addr(out),
             lse: addr(lse),
             workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
-            gate: gate_args(gate, batch.tokens(), p)?,
+            gate: gate_args(gate, batch.tokens(), p.num_q_heads, p.head_dim)?,
         };
         launch_decode::<T, _>(self, ptrs, plan, cache, batch, p)
     }
@@ -914,10 +914,41 @@ impl Emulator {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
+        self.merge(parts, None, out, lse_out, tokens, heads, head_dim)
+    }
+
+    /// [`crate::cuda::merge_states_gated`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_states_gated<T: Dtype>(
+        &self,
+        parts: [(&[T], &[f32]); 2],
+        gate: &[T],
+        layout: &OutputGate,
+        out: &mut [T],
+        lse_out: &mut [f32],
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.merge(parts, Some((gate, layout)), out, lse_out, tokens, heads, head_dim)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn merge<T: Dtype>(
+        &self,
+        parts: [(&[T], &[f32]); 2],
+        gate: Option<(&[T], &OutputGate)>,
+        out: &mut [T],
+        lse_out: &mut [f32],
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         let [(o1, l1), (o2, l2)] = parts;
         let shape = MergeShape { tokens, heads, head_dim };
         shape.check([o1.len(), l1.len(), o2.len(), l2.len(), out.len(), lse_out.len()])?;
-        launch_merge::<T, _>(self, [addr(o1), addr(l1), addr(o2), addr(l2), addr(out), addr(lse_out)], &shape)
+        let gate = gate_args(gate, tokens, heads, head_dim)?;
+        launch_merge::<T, _>(self, [addr(o1), addr(l1), addr(o2), addr(l2), addr(out), addr(lse_out)], gate, &shape)
     }
 }
 
