@@ -19,10 +19,13 @@ pub fn gates<T: Dtype>(r: &mut rand::rngs::StdRng, rows: usize, hq: usize, d: us
     ]
 }
 
-/// Gated O against ungated O: within two roundings of T (and f32's gate arithmetic) of
-/// `ungated · sigmoid(g)`, exactly equal at g = +inf, exactly 0 at g = -inf. Returns how many
-/// elements the gate moved.
-pub fn check_gated<T: Dtype>(gated: &[T], ungated: &[T], gate: &[T], layout: &OutputGate, hq: usize, d: usize, what: &str) -> usize {
+/// A gated call's (O, LSE) against the same call ungated: the LSE equal to the bit (the gate
+/// leaves it alone); O within two roundings of T (and f32's gate arithmetic) of
+/// `ungated · sigmoid(g)`, exactly equal at g = +inf, exactly 0 at g = -inf; and the gate moved
+/// more than 90 % of the elements (a gate that did nothing fails).
+#[allow(clippy::too_many_arguments)]
+pub fn check_gated<T: Dtype>(what: &str, (gated, lse): (&[T], &[f32]), (ungated, lse_u): (&[T], &[f32]), gate: &[T], layout: &OutputGate, hq: usize, d: usize) {
+    assert!(lse.iter().zip(lse_u).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the LSE is the ungated call's");
     let mut moved = 0;
     for (e, (g, u)) in gated.iter().zip(ungated).enumerate() {
         let (t, h, c) = (e / (hq * d), e / d % hq, e % d);
@@ -38,5 +41,5 @@ pub fn check_gated<T: Dtype>(gated: &[T], ungated: &[T], gate: &[T], layout: &Ou
         }
         moved += (g != u) as usize;
     }
-    moved
+    assert!(moved > gated.len() * 9 / 10, "{what}: the gate moved {moved} of {} elements", gated.len());
 }
