@@ -1,6 +1,6 @@
 //! GPU kernel benchmarks (criterion; times from CUDA events around back-to-back launches, after
-//! criterion's warm-up): rope, scores, prefill (fused and pre-rotated paths, and the unfused
-//! pipeline), paged decode with split-K, paged (chunked) prefill fused and gathered. Without a GPU: prints "gpu benches skipped: <why>" and
+//! criterion's warm-up): rope, scores, prefill (fused and pre-rotated paths, the output gate
+//! fused, and the unfused pipeline), paged decode with split-K (and with the output gate), paged (chunked) prefill fused and gathered. Without a GPU: prints "gpu benches skipped: <why>" and
 //! exits 0. The comparison against torch / flash_attn / copy bandwidth is `rope-attn bench`.
 
 #[path = "../src/bin/rope-attn/bench/device.rs"]
@@ -92,6 +92,7 @@ fn prefill(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize) -> Res<()> 
             ("fused", PrefillVariant::Fused),
             ("pre-rotated", PrefillVariant::PreRotated),
             ("no-pe", PrefillVariant::NoPe),
+            ("fused + output gate", PrefillVariant::FusedGated),
             ("unfused rope+attn", PrefillVariant::Unfused),
         ] {
             g.bench_function(BenchmarkId::new(name, format!("{batch}x{seqlen}")), |b| {
@@ -114,6 +115,9 @@ fn decode(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize, sms: usize) 
         g.throughput(Throughput::Bytes(kv as u64));
         g.bench_function(BenchmarkId::new(format!("b{batch}"), format!("ctx{ctx}")), |b| {
             b.iter_custom(|n| gpu_time(&timer, n, &mut |i| dc.run(gpu, stream, i)))
+        });
+        g.bench_function(BenchmarkId::new(format!("b{batch} output gate"), format!("ctx{ctx}")), |b| {
+            b.iter_custom(|n| gpu_time(&timer, n, &mut |i| dc.run_gated(gpu, stream, i)))
         });
     }
     g.finish();

@@ -6,7 +6,7 @@
 
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream};
 use rope_attn::cuda::{self, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, PrefillPath, RopeShape};
-use rope_attn::{Alibi, AttentionParams, Layout, Mask, NormScope, QkNorm, QueryTemperature, RopeConfig, RopeScaling, Rotary};
+use rope_attn::{Alibi, AttentionParams, Layout, Mask, NormScope, OutputGate, QkNorm, QueryTemperature, RopeConfig, RopeScaling, Rotary};
 use std::sync::Arc;
 
 /// Any error of a benchmark step (launcher, driver, set-up).
@@ -282,6 +282,9 @@ pub enum PrefillVariant {
     /// `Fused` under Llama 4's chunked attention (chunks of [`LLAMA4_CHUNK`]): the tiles
     /// outside each query tile's chunk are skipped.
     FusedChunked,
+    /// `Fused` with Qwen3-Next's output gate (a dense `[tokens, hq, d]` gate) fused into the
+    /// epilogue: its cost next to `Fused` is the gate's.
+    FusedGated,
     /// `NoPe` with Llama 4's query temperature ([`LLAMA4_TEMPERATURE`], its NoPE layers'): the
     /// cost of scaling each Q tile once, next to the same call without it.
     NoPeTemperature,
@@ -314,6 +317,8 @@ pub struct Prefill<T: Dtype> {
     out: CudaSlice<T>,
     lse: CudaSlice<f32>,
     ws: CudaSlice<T>,
+    /// The output gate of `FusedGated`, `[tokens, hq, d]`.
+    gate: CudaSlice<T>,
     cu_q: CudaSlice<i32>,
     cu_k: CudaSlice<i32>,
     positions: CudaSlice<i32>,
@@ -326,7 +331,7 @@ impl<T: Dtype> Prefill<T> {
         let e = std::mem::size_of::<T>();
         let t = batch * seqlen;
         let qkv = t * (hq + 2 * hkv) * d * e;
-        sets * qkv + t * hq * d * e + t * hkv * d * e + t * hq * 4 + t * (hq + hkv) * d * e
+        sets * qkv + 2 * t * hq * d * e + t * hkv * d * e + t * hq * 4 + t * (hq + hkv) * d * e
     }
 
     /// Bytes of one input set (Q, K, V).
@@ -380,6 +385,7 @@ impl<T: Dtype> Prefill<T> {
             out: stream.alloc_zeros::<T>(tokens * hq * d)?,
             lse: stream.alloc_zeros::<f32>(tokens * hq)?,
             ws: stream.alloc_zeros::<T>(ws_len)?,
+            gate: random_device::<T>(stream, tokens * hq * d, seed + 7)?,
             cu_q: stream.clone_htod(&cu)?,
             cu_k: stream.clone_htod(&cu)?,
             positions: stream.clone_htod(&pos)?,
@@ -409,6 +415,11 @@ impl<T: Dtype> Prefill<T> {
             }
             PrefillVariant::NoPe => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.no_pe, None)?,
             PrefillVariant::FusedChunked => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.chunked, None)?,
+            PrefillVariant::FusedGated => {
+                let p = &self.with_pe;
+                let layout = OutputGate::dense(p.num_q_heads, p.head_dim);
+                cuda::attention_fwd_gated(gpu, stream, q, k, v, &self.gate, &layout, out, lse, cq, ck, b, p, None)?
+            }
             PrefillVariant::NoPeTemperature => cuda::attention_fwd(gpu, stream, q, k, v, out, lse, cq, ck, b, &self.temperature, None)?,
             PrefillVariant::Unfused => {
                 let p = &self.with_pe;
@@ -480,6 +491,8 @@ pub struct Decode<T: Dtype> {
     out: CudaSlice<T>,
     lse: CudaSlice<f32>,
     ws: CudaSlice<f32>,
+    /// The output gate of [`Decode::run_gated`], `[batch, hq, d]`.
+    gate: CudaSlice<T>,
 }
 
 impl<T: Dtype> Decode<T> {
@@ -527,6 +540,7 @@ impl<T: Dtype> Decode<T> {
             out: stream.alloc_zeros::<T>(batch * hq * d)?,
             lse: stream.alloc_zeros::<f32>(batch * hq)?,
             ws: stream.alloc_zeros::<f32>(ws_len)?,
+            gate: random_device::<T>(stream, batch * hq * d, seed + 4)?,
             p,
             batch: db,
             cache,
@@ -573,6 +587,16 @@ impl<T: Dtype> Decode<T> {
             self.splits,
             Some(&mut ws),
         )?;
+        Ok(())
+    }
+
+    /// [`Decode::run`] with Qwen3-Next's output gate fused (by the combine when split).
+    pub fn run_gated(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>, i: usize) -> Res<()> {
+        let table = &self.tables[i % self.tables.len()];
+        let mut ws = self.ws.as_view_mut();
+        let layout = OutputGate::dense(self.p.num_q_heads, self.p.head_dim);
+        let (q, kc, vc, lens) = (&self.q, &self.k_cache, &self.v_cache, &self.lens);
+        cuda::attention_decode_gated(gpu, stream, q, kc, vc, table, lens, &self.gate, &layout, &mut self.out, &mut self.lse, &self.cache, &self.batch, &self.p, self.splits, Some(&mut ws))?;
         Ok(())
     }
 

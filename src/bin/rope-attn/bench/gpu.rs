@@ -411,6 +411,8 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
     let chunked = (c.causal && n > dev::LLAMA4_CHUNK).then(|| time(PrefillVariant::FusedChunked)).transpose()?;
     // Llama 4's query temperature on its NoPE layers, where it changes anything (past 8191).
     let tempered = (n > dev::LLAMA4_TEMPERATURE.floor_scale).then(|| time(PrefillVariant::NoPeTemperature)).transpose()?;
+    // Qwen3-Next's output gate fused into the epilogue (its cost: the ratio to ours_fused).
+    let gated = time(PrefillVariant::FusedGated)?;
     let unfused = time(PrefillVariant::Unfused)?;
     let auto_pre = cuda::prefill_prefers_workspace::<T>(&pf.with_pe, &pf.batch);
     let ours = if auto_pre { pre.median_ms } else { fused.median_ms };
@@ -458,6 +460,8 @@ fn prefill_case<T: Dtype>(cx: &Ctx, c: &PrefillCase, seed: u64) -> Res<(Vec<Row>
         ),
         base("ours_no_pe", "none", format!("{:?}", PrefillPath::Plain), nope, "same kernel, no RoPE, no ALiBi".into()),
     ];
+    let note = format!("Qwen3-Next's output gate fused (a dense [tokens, hq, d] gate); {:.3}x ours_fused", gated.median_ms / fused.median_ms);
+    rows.push(base("ours_fused_output_gate", "rope+alibi", format!("{fused_path:?}"), gated, note));
     if let Some(st) = tempered {
         let t = dev::LLAMA4_TEMPERATURE;
         let note = format!("Llama 4 NoPE layer: query temperature (floor {}, scale {}); {:.3}x ours_no_pe", t.floor_scale, t.attn_scale, st.median_ms / nope.median_ms);
@@ -520,9 +524,9 @@ fn torch_rows(plan: &Plan, t: &TorchRun, auto_ms: &HashMap<String, f64>, peak: O
     rows
 }
 
-/// One decode case, twice over the same cache: with RoPE applied to the cached keys in the
-/// kernel (the product), and with no PE (what a pre-rotated cache would cost: the kernel's
-/// ceiling without the rotation).
+/// One decode case, three times over the same cache: with RoPE applied to the cached keys in the
+/// kernel (the product), the same with Qwen3-Next's output gate fused, and with no PE (what a
+/// pre-rotated cache would cost: the kernel's ceiling without the rotation).
 fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) -> Res<Vec<Row>> {
     let (b, ctx, hq, hkv, d) = (c.batch, c.context, c.q_heads, c.kv_heads, c.head_dim);
     let mut sets = dev::input_sets(Decode::<T>::kv_bytes(b, ctx, hkv, d), cx.l2);
@@ -533,12 +537,13 @@ fn decode_case<T: Dtype>(cx: &Ctx, c: &DecodeCase, copy_gbps: f64, seed: u64) ->
     let mut dc = Decode::<T>::new(&cx.stream, b, ctx, hq, hkv, d, PAGE_SIZE, sets, cx.sms, seed)?;
     let timer = Timer::new(&cx.stream)?;
     let (gpu, stream) = (cx.gpu, &cx.stream);
-    let mut rows = Vec::with_capacity(2);
-    for (implementation, pe) in [("ours_paged_decode", "rope"), ("ours_paged_decode_nope", "none")] {
+    let mut rows = Vec::with_capacity(3);
+    for (implementation, pe) in [("ours_paged_decode", "rope"), ("ours_paged_decode_output_gate", "rope"), ("ours_paged_decode_nope", "none")] {
         if pe == "none" {
             dc.p.rope = None;
         }
-        let st = timer.measure(&cx.settings, &mut |i| dc.run(gpu, stream, i))?;
+        let gated = implementation.ends_with("output_gate");
+        let st = timer.measure(&cx.settings, &mut |i| if gated { dc.run_gated(gpu, stream, i) } else { dc.run(gpu, stream, i) })?;
         let finite = dc.output_finite(stream)?;
         let gbps = c.kv_bytes() / (st.median_ms * 1e-3) / 1e9;
         rows.push(Row {
