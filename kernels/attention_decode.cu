@@ -378,9 +378,28 @@ __device__ void append_body(const AppendParams& p) {
     const T* v = static_cast<const T*>(p.v) + (long long)t * p.v_row_stride;
     T* kd = static_cast<T*>(p.k_cache) + (long long)slot * row;
     T* vd = static_cast<T*>(p.v_cache) + (long long)slot * row;
+    const bool v_norm = p.v_norm_eps > 0.f;
     for (int c = threadIdx.x; c < row; c += blockDim.x) {
         kd[c] = k[c];
-        vd[c] = v[c];
+        if (!v_norm) vd[c] = v[c];
+    }
+    if (!v_norm) return;
+    // Gemma 3n's and Gemma 4's v_norm fused into the append (no pass over V of its own): each
+    // head's RMS norm without weights, in f32 as transformers' Gemma3nRMSNorm(with_scale=False)
+    // computes it, rounded once to T as it is cached. A warp per head (the early return above
+    // is the whole block's, so every lane reaches the shuffles).
+    const int lane = threadIdx.x % 32, d = p.head_dim;
+    for (int h = threadIdx.x / 32; h < p.kv_heads; h += blockDim.x / 32) {
+        const T* vh = v + (long long)h * d;
+        float s = 0.f;
+        for (int c = lane; c < d; c += 32) {
+            const float x = to_f32(vh[c]);
+            s = fmaf(x, x, s);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+        const float r = rsqrtf(s / static_cast<float>(d) + p.v_norm_eps);
+        for (int c = lane; c < d; c += 32) vd[(long long)h * d + c] = from_f32<T>(to_f32(vh[c]) * r);
     }
 }
 

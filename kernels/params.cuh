@@ -178,6 +178,10 @@ struct AppendParams {
     const int* slots;
     long long k_row_stride, v_row_stride;
     int tokens, kv_heads, head_dim, num_slots;
+    // > 0: V cached RMS-normalised per head without weights (Gemma 3n's and Gemma 4's v_norm),
+    // with this epsilon; 0: V cached as it is.
+    float v_norm_eps;
+    int pad_;
 };
 
 // Mirrored by `MergeParams` in src/cuda/params.rs: O [tokens, heads, D] dense, LSE [heads, tokens].

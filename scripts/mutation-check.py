@@ -513,6 +513,9 @@ MUTATIONS = [
     ("output gate: the merge writes its rows ungated", "kernels/merge.cu",
      "from_f32<T>(gated<T>(p.gate, tok, h, c, x + y));", "from_f32<T>(x + y);",
      "emu_output_gate", "emulated_merge_output_gate"),
+    ("v norm: the append sums one lane's squares, not the warp's", "kernels/attention_decode.cu",
+     "        for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);\n", "",
+     "emu_decode", "emulated_append_normalises_v"),
 ]
 
 # Races the plain emulator cannot see, because it completes a collective (a shuffle, ldmatrix)

@@ -432,6 +432,32 @@ fn paged_append_writes_rows_at_slots_and_skips_padding() {
     }
 }
 
+/// Gemma 3n's and Gemma 4's V norm in the append: V heads cached as candle's RMS norm of them
+/// (f32 ops: x / sqrt(mean(x²) + eps)), K as it is, from views of a packed projection; a bad
+/// epsilon refused.
+#[test]
+fn paged_append_v_normed_caches_the_rms_normalised_v() {
+    let mut r = rng(31);
+    let (hkv, d, ps, np, eps) = (2, 64, 4, 5, 1e-6);
+    let qkv = uniform(&mut r, &[6, 2 + 2 * hkv, d], &Device::Cpu);
+    let (k, v) = (qkv.narrow(1, 2, hkv).unwrap(), (qkv.narrow(1, 2 + hkv, hkv).unwrap() * 3.0).unwrap());
+    let slots = [7i64, -1, 0, 19, 3, 12];
+    let c = paged(&[], (hkv, d), ps, np, 0, false);
+    ra::paged_append_v_normed(&k, &v, &c.k_cache, &c.v_cache, &positions(&slots), eps).unwrap();
+    let rms = (v.sqr().unwrap().mean_keepdim(2).unwrap() + eps).unwrap().sqrt().unwrap();
+    let want = v.broadcast_div(&rms).unwrap();
+    let (flat_k, flat_v) = (c.k_cache.reshape((np * ps, hkv, d)).unwrap(), c.v_cache.reshape((np * ps, hkv, d)).unwrap());
+    for (t, &s) in slots.iter().enumerate().filter(|(_, &s)| s >= 0) {
+        assert_eq!(max_diff(&flat_k.get(s as usize).unwrap(), &k.get(t).unwrap()), 0.0);
+        // f64 rounded once against candle's f32 ops (a square, a sum over 64, a sqrt, a
+        // division, each a rounding of values near 1): 1e-6.
+        assert_close(&format!("v of token {t}"), &flat_v.get(s as usize).unwrap(), &want.get(t).unwrap(), 1e-6);
+    }
+    for bad in [0.0, f64::NAN, -1.0] {
+        assert!(matches!(ra::paged_append_v_normed(&k, &v, &c.k_cache, &c.v_cache, &positions(&slots), bad), Err(Error::Parameter { name: "v_norm eps", .. })));
+    }
+}
+
 #[test]
 fn bf16_and_f16_round_once_from_the_f32_result() {
     let mut r = rng(40);

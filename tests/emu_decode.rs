@@ -14,7 +14,7 @@ use rope_attn::cuda::{
     decode_base_steps, decode_workspace_len, max_abs, AttentionBatch, CheckReport, DecodeBatch, Dtype, PagedKvCache, RopeShape, Tolerance,
 };
 use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf};
-use rope_attn::{Alibi, AttentionParams};
+use rope_attn::{Alibi, AttentionParams, Error};
 
 fn sweep<T: Dtype>(seed: u64) -> usize {
     let emu = emulator(seed);
@@ -110,6 +110,52 @@ fn emulated_append_skips_bad_slots() {
         let want: Vec<f16> = if s == 5 { k[..64].to_vec() } else { vec![f16::ZERO; 64] };
         assert_eq!(&kc[s * 64..(s + 1) * 64], &want[..], "slot {s}");
         assert_eq!(&vc[s * 64..(s + 1) * 64], &want[..], "slot {s}");
+    }
+}
+
+/// Gemma 3n's and Gemma 4's V norm fused into the append: every V head cached as the f64
+/// reference's RMS norm without weights within one rounding of the dtype (and f32's rsqrt), K
+/// cached bit for bit; V rows read at a stride (a packed KV projection); a skipped slot stays
+/// empty; an epsilon that is not positive in f32 is refused before launch.
+#[test]
+fn emulated_append_normalises_v() {
+    fn case<T: Dtype>(emu: &Emulator, d: usize, seed: u64) {
+        let (hkv, tokens, stride) = (3usize, 5usize, 3 * d + 8);
+        let cache = PagedKvCache { num_pages: 3, page_size: 4, kv_heads: hkv, head_dim: d };
+        let mut r = rng(seed);
+        let row = hkv * d;
+        let (k, _) = as_dtype::<T>(&uniform(&mut r, tokens * row));
+        // V rows `stride` apart, scaled up so the norm moves them.
+        let (v, vf) = as_dtype::<T>(&uniform(&mut r, tokens * stride).iter().map(|x| 5.0 * x).collect::<Vec<f64>>());
+        let slots = [7i32, -1, 0, 11, 4];
+        let (mut kc, mut vc) = (vec![T::default(); cache.len()], vec![T::default(); cache.len()]);
+        let eps = 1e-6;
+        emu.paged_append_v_normed(&k, &v, &mut kc, &mut vc, &slots, tokens, row, stride, &cache, eps).unwrap();
+        for (t, &slot) in slots.iter().enumerate() {
+            if slot < 0 {
+                continue;
+            }
+            let s = slot as usize;
+            assert!(kc[s * row..(s + 1) * row].iter().zip(&k[t * row..(t + 1) * row]).all(|(a, b)| a.to_f64() == b.to_f64()), "{} d={d}: K of token {t}", T::NAME);
+            let mut want = vf[t * stride..t * stride + row].to_vec();
+            rope_attn::reference::qk_norm_row(&mut want, d, eps, rope_attn::NormScope::Head, None).unwrap();
+            for (c, (g, w)) in vc[s * row..(s + 1) * row].iter().zip(&want).enumerate() {
+                let tol = (T::EPS + 1e-6) * w.abs() + 1e-7;
+                assert!((g.to_f64() - w).abs() <= tol, "{} d={d}: V of token {t}, element {c}: {} vs {w}", T::NAME, g.to_f64());
+            }
+        }
+        // Slots 1..=3 (pages 0's tail) were never written: token 1's slot was skipped.
+        assert!(vc[row..4 * row].iter().all(|x| x.to_f64() == 0.0), "{} d={d}: unwritten slots", T::NAME);
+        for bad in [0.0, -1e-6, f64::NAN, 1e-50] {
+            let err = emu.paged_append_v_normed(&k, &v, &mut kc, &mut vc, &slots, tokens, row, stride, &cache, bad).unwrap_err();
+            assert!(matches!(err, Error::Parameter { name: "v_norm eps", .. }), "{bad}: {err:?}");
+        }
+    }
+    let emu = emulator(0);
+    for (i, &d) in rope_attn::cuda::SUPPORTED_HEAD_DIMS.iter().enumerate() {
+        case::<f16>(&emu, d, 900 + i as u64);
+        case::<bf16>(&emu, d, 910 + i as u64);
+        case::<f32>(&emu, d, 920 + i as u64);
     }
 }
 

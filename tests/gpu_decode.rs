@@ -165,3 +165,40 @@ fn decode_reproduces_prefill_rows() {
         assert!(rep.passed(), "step {t}: {rep:?}");
     }
 }
+
+/// Gemma 3n's and Gemma 4's V norm fused into the append on the GPU (tests/emu_decode.rs,
+/// emulated_append_normalises_v, at GPU sizes): every dtype and head size, 300 tokens with V
+/// rows at a stride; each cached V head within one rounding of the dtype (and f32's rsqrt) of
+/// the f64 reference's norm, K bit for bit.
+#[test]
+fn gpu_append_normalises_v() {
+    let Some((gpu, stream)) = gpu_or_skip("gpu_append_normalises_v") else { return };
+    fn case<T: Dtype>(gpu: &rope_attn::cuda::Gpu, stream: &Stream, d: usize, seed: u64) {
+        let (hkv, tokens, stride) = (4usize, 300usize, 4 * d + 16);
+        let cache = rope_attn::cuda::PagedKvCache { num_pages: 20, page_size: 16, kv_heads: hkv, head_dim: d };
+        let mut r = rng(seed);
+        let row = hkv * d;
+        let (k, _) = as_dtype::<T>(&uniform(&mut r, tokens * row));
+        let (v, vf) = as_dtype::<T>(&uniform(&mut r, tokens * stride).iter().map(|x| 5.0 * x).collect::<Vec<f64>>());
+        // Token t into slot (7·t) mod 320: every slot at most once (7 is prime to 320).
+        let slots: Vec<i32> = (0..tokens as i32).map(|t| (7 * t) % 320).collect();
+        let (kd, vd, sd) = (stream.clone_htod(&k).unwrap(), stream.clone_htod(&v).unwrap(), stream.clone_htod(&slots).unwrap());
+        let (mut kc, mut vc) = (stream.alloc_zeros::<T>(cache.len()).unwrap(), stream.alloc_zeros::<T>(cache.len()).unwrap());
+        rope_attn::cuda::paged_append_v_normed(gpu, stream, &kd, &vd, &mut kc, &mut vc, &sd, tokens, row, stride, &cache, 1e-6).unwrap();
+        let (kc, vc) = (stream.clone_dtoh(&kc).unwrap(), stream.clone_dtoh(&vc).unwrap());
+        for (t, &slot) in slots.iter().enumerate() {
+            let s = slot as usize;
+            assert!(kc[s * row..(s + 1) * row].iter().zip(&k[t * row..(t + 1) * row]).all(|(a, b)| a.to_f64() == b.to_f64()), "{} d={d}: K of token {t}", T::NAME);
+            let mut want = vf[t * stride..t * stride + row].to_vec();
+            rope_attn::reference::qk_norm_row(&mut want, d, 1e-6, rope_attn::NormScope::Head, None).unwrap();
+            for (c, (g, w)) in vc[s * row..(s + 1) * row].iter().zip(&want).enumerate() {
+                assert!((g.to_f64() - w).abs() <= (T::EPS + 1e-6) * w.abs() + 1e-7, "{} d={d}: V of token {t}, element {c}: {} vs {w}", T::NAME, g.to_f64());
+            }
+        }
+    }
+    for (i, &d) in rope_attn::cuda::SUPPORTED_HEAD_DIMS.iter().enumerate() {
+        case::<f16>(&gpu, &stream, d, 930 + i as u64);
+        case::<bf16>(&gpu, &stream, d, 940 + i as u64);
+        case::<f32>(&gpu, &stream, d, 950 + i as u64);
+    }
+}

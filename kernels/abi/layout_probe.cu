@@ -183,6 +183,8 @@ int main() {
     FIELD(AppendParams, kv_heads);
     FIELD(AppendParams, head_dim);
     FIELD(AppendParams, num_slots);
+    FIELD(AppendParams, v_norm_eps);
+    FIELD(AppendParams, pad_);
     SIZE(MergeParams);
     FIELD(MergeParams, o1);
     FIELD(MergeParams, lse1);

@@ -8,7 +8,7 @@ use crate::config::MRope;
 use crate::cuda::decode::paged_reference;
 use crate::cuda::{Dtype, PagedKvCache};
 use crate::error::{Error, Result};
-use crate::qk_norm::QkNorm;
+use crate::qk_norm::{NormScope, QkNorm};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout as CLayout, Tensor};
@@ -221,8 +221,20 @@ pub(super) fn paged_append(
     vr: Rows,
     slots: &[i64],
     cache: &PagedKvCache,
+    v_norm_eps: Option<f64>,
 ) -> Result<()> {
     let num_slots = cache.num_pages * cache.page_size;
+    // The V norm: each head normalised in f64, rounded once, then copied like any V.
+    let (normed, vr) = match v_norm_eps {
+        Some(eps) => {
+            let mut x = to_f64(v)?;
+            reference::qk_norm_row(&mut x, cache.head_dim, eps, NormScope::Head, None)?;
+            let t = from_f64(x, &[vr.rows, vr.heads, vr.head_dim], v.dtype(), v.device())?;
+            (Some(t), Rows { offset: 0, stride: vr.heads * vr.head_dim, ..vr })
+        }
+        None => (None, vr),
+    };
+    let v = normed.as_ref().unwrap_or(v);
     for (dst, src, rows) in [(k_cache, k, kr), (v_cache, v, vr)] {
         let op = CopyRows { src: rows, slots, num_slots, err: ErrSlot::default() };
         dst.inplace_op2(src, &op).map_err(|e| op.err.or(e))?;

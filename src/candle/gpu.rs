@@ -619,6 +619,7 @@ struct Append<'a> {
     vr: Rows,
     cache: &'a PagedKvCache,
     slots: CudaView<'a, i32>,
+    v_norm_eps: Option<f64>,
     dtype: DType,
     err: ErrSlot,
 }
@@ -639,7 +640,11 @@ impl Append<'_> {
         let (stream, gpu) = (dev.cuda_stream(), gpu_for(dev));
         let kv = slice::<T>(k)?.slice(kl.start_offset()..);
         let vv = slice::<T>(v)?.slice(vl.start_offset()..);
-        rc::paged_append(&gpu, &stream, &kv, &vv, k_cache, v_cache, &self.slots, self.kr.rows, self.kr.stride, self.vr.stride, self.cache)
+        let (rows, ks, vs) = (self.kr.rows, self.kr.stride, self.vr.stride);
+        match self.v_norm_eps {
+            Some(eps) => rc::paged_append_v_normed(&gpu, &stream, &kv, &vv, k_cache, v_cache, &self.slots, rows, ks, vs, self.cache, eps),
+            None => rc::paged_append(&gpu, &stream, &kv, &vv, k_cache, v_cache, &self.slots, rows, ks, vs, self.cache),
+        }
     }
 
     /// Both caches in one storage (views of a `[2, pages, page_size, Hkv, d]` tensor): split it.
@@ -744,12 +749,13 @@ pub(super) fn paged_append(
     vr: Rows,
     slots: &Tensor,
     cache: &PagedKvCache,
+    v_norm_eps: Option<f64>,
 ) -> Result<()> {
     let shared = same_storage(k_cache, v_cache);
     let slots = int32_tensor(slots)?;
     let (sg, sl) = slots.storage_and_layout();
     let sv = i32_view(cuda_storage(&sg, "slots")?, sl, kr.rows, "slots")?;
-    let a = Append { kr, vr, cache, slots: sv, dtype: k_cache.dtype(), err: ErrSlot::default() };
+    let a = Append { kr, vr, cache, slots: sv, v_norm_eps, dtype: k_cache.dtype(), err: ErrSlot::default() };
     let op = AppendOp { a, v_cache: (!shared).then_some(v_cache), v_off: v_cache.layout().start_offset() };
     k_cache.inplace_op3(k, v, &op).map_err(|e| op.a.err.or(e))
 }

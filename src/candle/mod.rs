@@ -781,6 +781,20 @@ fn prefill_paged(
 /// are skipped, as the kernel does (padding tokens). The caches are modified in place; they may
 /// be views of one tensor, but not of the storage `k` or `v` live in.
 pub fn paged_append(k: &Tensor, v: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &Tensor) -> Result<()> {
+    append(k, v, k_cache, v_cache, slots, None)
+}
+
+/// [`paged_append`] with Gemma 3n's and Gemma 4's V norm fused (`HfLayer::v_norm`): each V head
+/// is cached RMS-normalised without weights (`v / sqrt(mean(v²) + eps)`; on CUDA in f32 in the
+/// append kernel, on the CPU in f64), rounded once; K is cached as it is.
+pub fn paged_append_v_normed(k: &Tensor, v: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &Tensor, v_norm_eps: f64) -> Result<()> {
+    append(k, v, k_cache, v_cache, slots, Some(v_norm_eps))
+}
+
+fn append(k: &Tensor, v: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &Tensor, v_norm_eps: Option<f64>) -> Result<()> {
+    if let Some(eps) = v_norm_eps.filter(|&e| !crate::qk_norm::eps_is_valid(e)) {
+        return Err(Error::Parameter { name: "v_norm eps", value: eps, reason: "must be finite and > 0 in f32" });
+    }
     let cache = caches(k_cache, v_cache)?;
     float_dtype("k_cache", k_cache)?;
     for (what, t) in [("k", k), ("v", v)] {
@@ -820,10 +834,10 @@ pub fn paged_append(k: &Tensor, v: &Tensor, k_cache: &Tensor, v_cache: &Tensor, 
     match on(k_cache)? {
         On::Cpu => {
             let slots = host_ints(slots)?;
-            cpu::paged_append(k, v, k_cache, v_cache, kr, vr, &slots, &cache)
+            cpu::paged_append(k, v, k_cache, v_cache, kr, vr, &slots, &cache, v_norm_eps)
         }
         #[cfg(feature = "candle-cuda")]
-        On::Cuda => gpu::paged_append(k, v, k_cache, v_cache, kr, vr, slots, &cache),
+        On::Cuda => gpu::paged_append(k, v, k_cache, v_cache, kr, vr, slots, &cache, v_norm_eps),
     }
 }
 

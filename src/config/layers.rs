@@ -72,8 +72,9 @@ pub struct HfLayer {
     pub scale: Option<f64>,
     /// Logit soft-capping (`attn_logit_softcapping`: Gemma 2's and VaultGemma's, 50 by default).
     pub softcap: Option<f64>,
-    /// A norm of V before attention (Gemma 4's `v_norm`: an RMS norm of each head without
-    /// weights). The caller applies it, e.g. `cuda::qk_norm_inplace` with V in K's place.
+    /// A norm of V before attention (Gemma 3n's and Gemma 4's `v_norm`: an RMS norm of each
+    /// head without weights), fused into the append by `cuda::paged_append_v_normed` (candle:
+    /// `paged_append_v_normed`) with this norm's `eps`.
     pub v_norm: Option<HfQkNorm>,
     /// Whether V is `k_proj`'s output (before the K norm and RoPE) rather than `v_proj`'s: Gemma
     /// 4's full layers with `attention_k_eq_v`.

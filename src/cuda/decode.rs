@@ -9,6 +9,7 @@ use super::scores::{check_rows, common, gather_rows};
 use crate::attention::{AttentionParams, Layout, Relative};
 use crate::error::{Error, Result};
 use crate::output_gate::OutputGate;
+use crate::qk_norm::eps_is_valid;
 use crate::reference;
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
 use std::sync::Arc;
@@ -633,9 +634,45 @@ pub fn paged_append<T: Dtype>(
     v_row_stride: usize,
     cache: &PagedKvCache,
 ) -> Result<()> {
+    append(gpu, stream, k, v, k_cache, v_cache, slots, AppendRows { tokens, k_row_stride, v_row_stride, v_norm_eps: None }, cache)
+}
+
+/// [`paged_append`] with Gemma 3n's and Gemma 4's V norm fused (`HfLayer::v_norm`): each V head
+/// is cached RMS-normalised without weights, `v / sqrt(mean(v²) + eps)` in f32, rounded once;
+/// K is cached as it is. Its f64 twin: [`reference::qk_norm_row`] over each V head
+/// (`NormScope::Head`, no weight).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_append_v_normed<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    k_cache: &mut impl DevicePtrMut<T>,
+    v_cache: &mut impl DevicePtrMut<T>,
+    slots: &impl DevicePtr<i32>,
+    tokens: usize,
+    k_row_stride: usize,
+    v_row_stride: usize,
+    cache: &PagedKvCache,
+    v_norm_eps: f64,
+) -> Result<()> {
+    append(gpu, stream, k, v, k_cache, v_cache, slots, AppendRows { tokens, k_row_stride, v_row_stride, v_norm_eps: Some(v_norm_eps) }, cache)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append<T: Dtype>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    k_cache: &mut impl DevicePtrMut<T>,
+    v_cache: &mut impl DevicePtrMut<T>,
+    slots: &impl DevicePtr<i32>,
+    rows: AppendRows,
+    cache: &PagedKvCache,
+) -> Result<()> {
     let be = OnStream::new(gpu, stream)?;
     let lens = [k.len(), v.len(), k_cache.len(), v_cache.len(), slots.len()];
-    let rows = AppendRows { tokens, k_row_stride, v_row_stride };
     rows.check(lens, cache)?;
     let (kp, _g1) = k.device_ptr(stream);
     let (vp, _g2) = v.device_ptr(stream);
@@ -650,6 +687,8 @@ pub(crate) struct AppendRows {
     pub tokens: usize,
     pub k_row_stride: usize,
     pub v_row_stride: usize,
+    /// The V norm's epsilon ([`paged_append_v_normed`]), if V is normalised as it is cached.
+    pub v_norm_eps: Option<f64>,
 }
 
 impl AppendRows {
@@ -665,6 +704,9 @@ impl AppendRows {
         }
         to_i32("tokens", self.tokens)?;
         to_i32("num_pages * page_size", cache.num_pages * cache.page_size)?;
+        if let Some(eps) = self.v_norm_eps.filter(|&e| !eps_is_valid(e)) {
+            return Err(Error::Parameter { name: "v_norm eps", value: eps, reason: "must be finite and > 0 in f32" });
+        }
         Ok(())
     }
 }
@@ -686,6 +728,8 @@ pub(crate) fn launch_append<T: Dtype, B: Backend>(be: &B, [k, v, k_cache, v_cach
         kv_heads: cache.kv_heads as i32,
         head_dim: cache.head_dim as i32,
         num_slots: (cache.num_pages * cache.page_size) as i32,
+        v_norm_eps: rows.v_norm_eps.map_or(0.0, |e| e as f32),
+        pad_: 0,
     };
     // The kernel skips slots outside the pool.
     let name = format!("paged_append_{}", T::NAME);

@@ -39,7 +39,7 @@ pub use attention::{
 };
 pub use checked::{max_abs, CheckReport, Tolerance};
 pub use decode::{
-    attention_decode, attention_decode_checked, attention_decode_gated, attention_decode_gated_checked, decode_base_steps, decode_splits, decode_workspace_len, paged_append, DecodeBatch, DecodeLens,
+    attention_decode, attention_decode_checked, attention_decode_gated, attention_decode_gated_checked, decode_base_steps, decode_splits, decode_workspace_len, paged_append, paged_append_v_normed, DecodeBatch, DecodeLens,
     DecodePlan, PagedKvCache,
 };
 pub use device::{device_status, Gpu};

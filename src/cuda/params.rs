@@ -294,6 +294,8 @@ pub(crate) struct AppendParams {
     pub kv_heads: i32,
     pub head_dim: i32,
     pub num_slots: i32,
+    pub v_norm_eps: f32,
+    pub pad_: i32,
 }
 
 /// Mirror of `ra::MergeParams` (kernels/merge.cu).
@@ -402,7 +404,7 @@ pub(crate) fn abi_layout() -> Vec<(String, usize)> {
     check!(ScoresParams; rope, q, k, out, q_row_stride, k_row_stride, nq, nk, q_heads, kv_heads, head_dim, q_offset, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, scale, cap_in, cap_out);
     check!(AttnParams; rope, q, k, v, k_far, out, lse, cu_seqlens_q, cu_seqlens_k, seq_starts, q_row_stride, k_row_stride, v_row_stride, o_row_stride, kf_row_stride, batch, max_seqlen_q, total_q, total_k, q_heads, kv_heads, head_dim, causal, window, sinks, chunk, alibi_total_heads, alibi_head_offset, rotate_k, scale_log2, scale, block_table, context_lens, page_size, max_pages, num_pages, splits, keys_per_split, gather_rows, part_out, part_lse, sink, cap_in, cap_out, gate);
     check!(DecodeParams; rope, q, k_cache, v_cache, block_table, context_lens, out, lse, part_out, part_lse, q_row_stride, o_row_stride, batch, queries, q_heads, kv_heads, head_dim, page_size, max_pages, num_pages, splits, keys_per_split, causal, window, sinks, alibi_total_heads, alibi_head_offset, scale_log2, base_steps, sink, cap_in, cap_out, chunk, gate);
-    check!(AppendParams; k, v, k_cache, v_cache, slots, k_row_stride, v_row_stride, tokens, kv_heads, head_dim, num_slots);
+    check!(AppendParams; k, v, k_cache, v_cache, slots, k_row_stride, v_row_stride, tokens, kv_heads, head_dim, num_slots, v_norm_eps, pad_);
     check!(MergeParams; o1, lse1, o2, lse2, out, lse_out, tokens, heads, head_dim, pad_, gate);
     check!(SplitsParams; part_out, part_lse, out, lse, o_row_stride, splits, tokens, heads, head_dim, sink, gate);
     out

@@ -899,7 +899,29 @@ impl Emulator {
         v_row_stride: usize,
         cache: &PagedKvCache,
     ) -> Result<()> {
-        let rows = AppendRows { tokens, k_row_stride, v_row_stride };
+        self.append(k, v, k_cache, v_cache, slots, AppendRows { tokens, k_row_stride, v_row_stride, v_norm_eps: None }, cache)
+    }
+
+    /// [`crate::cuda::paged_append_v_normed`] on host buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_append_v_normed<T: Dtype>(
+        &self,
+        k: &[T],
+        v: &[T],
+        k_cache: &mut [T],
+        v_cache: &mut [T],
+        slots: &[i32],
+        tokens: usize,
+        k_row_stride: usize,
+        v_row_stride: usize,
+        cache: &PagedKvCache,
+        v_norm_eps: f64,
+    ) -> Result<()> {
+        self.append(k, v, k_cache, v_cache, slots, AppendRows { tokens, k_row_stride, v_row_stride, v_norm_eps: Some(v_norm_eps) }, cache)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append<T: Dtype>(&self, k: &[T], v: &[T], k_cache: &mut [T], v_cache: &mut [T], slots: &[i32], rows: AppendRows, cache: &PagedKvCache) -> Result<()> {
         rows.check([k.len(), v.len(), k_cache.len(), v_cache.len(), slots.len()], cache)?;
         launch_append::<T, _>(self, [addr(k), addr(v), addr(k_cache), addr(v_cache), addr(slots)], &rows, cache)
     }
