@@ -20,6 +20,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub(crate) mod append;
 pub(crate) mod attention;
 pub(crate) mod checked;
 pub(crate) mod decode;
@@ -33,13 +34,14 @@ pub(crate) mod params;
 pub(crate) mod rope;
 pub(crate) mod scores;
 
+pub use append::{paged_append, paged_append_v_normed};
 pub use attention::{
     attention_fwd, attention_fwd_at, attention_fwd_checked, attention_fwd_gated, attention_fwd_gated_checked, attention_fwd_workspace_len, prefill_prefers_workspace, AttentionBatch, FwdLens,
     PrefillPath,
 };
 pub use checked::{max_abs, CheckReport, Tolerance};
 pub use decode::{
-    attention_decode, attention_decode_checked, attention_decode_gated, attention_decode_gated_checked, decode_base_steps, decode_splits, decode_workspace_len, paged_append, paged_append_v_normed, DecodeBatch, DecodeLens,
+    attention_decode, attention_decode_checked, attention_decode_gated, attention_decode_gated_checked, decode_base_steps, decode_splits, decode_workspace_len, DecodeBatch, DecodeLens,
     DecodePlan, PagedKvCache,
 };
 pub use device::{device_status, Gpu};
