@@ -719,6 +719,14 @@ mod gpu {
             ra::paged_append(&kc, &vc, &kcc, &vcc, &positions(&slots)).unwrap();
             assert_eq!(max_diff(&kcg.to_device(&Device::Cpu).unwrap(), &kcc), 0.0, "{dt:?} append k");
             assert_eq!(max_diff(&vcg.to_device(&Device::Cpu).unwrap(), &vcc), 0.0, "{dt:?} append v");
+            // The V norm fused into the append (into fresh caches): f32 in the kernel against f64.
+            let (kng, vng) = (Tensor::zeros((8, 4, hkv, d), dt, &gpu).unwrap(), Tensor::zeros((8, 4, hkv, d), dt, &gpu).unwrap());
+            let (knc, vnc) = (Tensor::zeros((8, 4, hkv, d), dt, &Device::Cpu).unwrap(), Tensor::zeros((8, 4, hkv, d), dt, &Device::Cpu).unwrap());
+            ra::paged_append_v_normed(&kg, &vg, &kng, &vng, &Tensor::new(slots.as_slice(), &gpu).unwrap(), 1e-6).unwrap();
+            ra::paged_append_v_normed(&kc, &vc, &knc, &vnc, &positions(&slots), 1e-6).unwrap();
+            assert_eq!(max_diff(&kng.to_device(&Device::Cpu).unwrap(), &knc), 0.0, "{dt:?} v-normed append k");
+            // Normalised values reach ~3: the tolerance scales with them.
+            assert_close(&format!("{dt:?} v-normed append v"), &vng.to_device(&Device::Cpu).unwrap(), &vnc, 4.0 * tol);
             let table = Tensor::new(&[[7i64, 6, 5, 4, 3, 2]], &Device::Cpu).unwrap();
             let lens = Tensor::new(&[t as i32], &Device::Cpu).unwrap();
             let qd = qc.narrow(0, 0, 2).unwrap();
