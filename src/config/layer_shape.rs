@@ -5,7 +5,7 @@
 //! Granite's `attention_multiplier`, Gemma 3n's and Gemma 4's 1 after their QK norm, the MLA
 //! models' YaRN `mscale²`). tests/hf_fixtures.rs checks them against the modules themselves.
 
-use super::hf::{bad, f64_of, flag, usize_of, Obj};
+use super::hf::{bad, f64_of, usize_of, Obj};
 use crate::error::{Error, Result};
 use serde_json::Value;
 
@@ -68,8 +68,9 @@ fn mla(model_type: &str) -> bool {
 /// Each layer's own keys (`head_dim`, `num_key_value_heads`, ...), empty where it takes the
 /// model's: `per_layer_config` (keys are layer indices, sometimes zero-padded: `"05"`), else,
 /// for the Gemma 4 family and EmbeddingGemma 2, `global_head_dim` (512 when absent) on their
-/// full layers and `num_global_key_value_heads` there ([`GlobalKv`]).
-pub(super) fn overrides(root: &Obj, model_type: &str, layer_types: &[&str]) -> Result<Vec<Obj>> {
+/// full layers and `num_global_key_value_heads` there ([`GlobalKv`]; `k_eq_v`: the config's
+/// `attention_k_eq_v`).
+pub(super) fn overrides(root: &Obj, model_type: &str, layer_types: &[&str], k_eq_v: bool) -> Result<Vec<Obj>> {
     let mut out = vec![Obj::new(); layer_types.len()];
     match root.get("per_layer_config") {
         None | Some(Value::Null) => {}
@@ -90,7 +91,7 @@ pub(super) fn overrides(root: &Obj, model_type: &str, layer_types: &[&str]) -> R
         let head_dim = usize_of(root, "global_head_dim")?.unwrap_or(512);
         let given = usize_of(root, "num_global_key_value_heads")?;
         let kv = match kv_rule {
-            GlobalKv::IfKEqV => given.filter(|_| flag(root, "attention_k_eq_v").ok().flatten() == Some(true)),
+            GlobalKv::IfKEqV => given.filter(|_| k_eq_v),
             GlobalKv::IfGiven => given,
             GlobalKv::DefaultOne => Some(given.unwrap_or(1)),
         };

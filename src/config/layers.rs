@@ -352,7 +352,8 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
         return Err(bad("layer_types", format!("{} entries for {n} layers", kinds.len())));
     }
     let names: Vec<&str> = kinds.iter().map(|k| k.layer_type()).collect();
-    let own = overrides(&root, &model_type, &names)?;
+    let k_eq_v = flag(&root, "attention_k_eq_v")?.unwrap_or(false);
+    let own = overrides(&root, &model_type, &names, k_eq_v)?;
     let layer_heads = own.iter().map(|o| heads(o, &root, &model_type)).collect::<Result<Vec<_>>>()?;
     let rope_dict = if model_type.starts_with("deepseek") || root.contains_key("qk_rope_head_dim") {
         effective_rope_dict(&top, &root, defaults_of(&top, &root).as_ref(), None)?
@@ -362,7 +363,6 @@ pub fn hf_layers(json: &str) -> Result<Vec<HfLayer>> {
     let layer_scale = scale(&root, &model_type, rope_dict.as_ref())?;
     let layer_softcap = softcap(&root, &model_type)?;
     let v_norm = v_norm_of(&root, &model_type)?;
-    let k_eq_v = flag(&root, "attention_k_eq_v")?.unwrap_or(false);
     let kv_sources = kv_sharing(&root, &model_type, &names)?;
     let head_gate = model_type.starts_with("lfm3") && flag(&root, "use_attention_gate")?.unwrap_or(true);
     Ok(kinds
