@@ -248,3 +248,35 @@ fn emulated_mrope_after_qk_norm_matches_reference() {
     }
     assert_eq!(cases, 5 * 2 * 3 * 3 * 2);
 }
+
+/// Gemma 3n's and Gemma 4's V norm on a dense V (a prefill that reads V from its own tensor,
+/// not the cache): the QK norm with no Q (`q_heads: 0`) and V in K's place, unweighted per
+/// head, and the fused append's norm (`paged_append_v_normed`) both match the reference within
+/// one rounding of bf16 (and f32's rsqrt), and each other within one bf16 step (their sums of
+/// squares may add in different orders).
+#[test]
+fn emulated_v_norm_of_a_dense_v_matches_the_fused_append() {
+    let emu = emulator(0);
+    let (tokens, hkv, d, eps) = (6usize, 2usize, 128usize, 1e-6);
+    let mut r = rng(4040);
+    let (v, vf) = as_dtype::<bf16>(&uniform(&mut r, tokens * hkv * d).iter().map(|x| 4.0 * x).collect::<Vec<f64>>());
+    let shape = RopeShape { q_heads: 0, q_row_stride: 0, ..RopeShape::contiguous(tokens, 0, hkv, d) };
+    let mut dense = GuardedBuf::filled(v.len(), bf16::ZERO);
+    dense.copy_from_slice(&v);
+    let mut no_q: [bf16; 0] = [];
+    emu.qk_norm_inplace(&mut no_q, &mut dense, &shape, &QkNorm::unweighted(eps, NormScope::Head)).unwrap();
+    let cache = rope_attn::cuda::PagedKvCache { num_pages: 2, page_size: 4, kv_heads: hkv, head_dim: d };
+    let (mut kc, mut vc) = (vec![bf16::ZERO; cache.len()], vec![bf16::ZERO; cache.len()]);
+    let slots: Vec<i32> = (0..tokens as i32).collect();
+    emu.paged_append_v_normed(&v, &v, &mut kc, &mut vc, &slots, tokens, hkv * d, hkv * d, &cache, eps).unwrap();
+    let mut want = vf.clone();
+    reference::qk_norm_row(&mut want, d, eps, NormScope::Head, None).unwrap();
+    for (what, got) in [("qk_norm_inplace", &dense[..]), ("paged_append_v_normed", &vc[..v.len()])] {
+        for (c, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g.to_f64() - w).abs() <= (bf16::EPS + 1e-6) * w.abs() + 1e-7, "{what}: element {c}: {} vs {w}", g.to_f64());
+        }
+    }
+    for (a, b) in dense.iter().zip(&vc[..v.len()]) {
+        assert!((a.to_f64() - b.to_f64()).abs() <= 2.0 * bf16::EPS * a.to_f64().abs(), "the two V norms: {a} vs {b}");
+    }
+}

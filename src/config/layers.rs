@@ -74,7 +74,9 @@ pub struct HfLayer {
     pub softcap: Option<f64>,
     /// A norm of V before attention (Gemma 3n's and Gemma 4's `v_norm`: an RMS norm of each
     /// head without weights), fused into the append by `cuda::paged_append_v_normed` (candle:
-    /// `paged_append_v_normed`) with this norm's `eps`.
+    /// `paged_append_v_normed`) with this norm's `eps`. A prefill that reads V from its own
+    /// tensor normalises it first: `cuda::qk_norm_inplace` with no Q (`q_heads: 0`) and V in
+    /// K's place.
     pub v_norm: Option<HfQkNorm>,
     /// Whether V is `k_proj`'s output (before the K norm and RoPE) rather than `v_proj`'s: Gemma
     /// 4's full layers with `attention_k_eq_v`.
