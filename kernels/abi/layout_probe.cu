@@ -196,6 +196,7 @@ int main() {
     FIELD(MergeParams, heads);
     FIELD(MergeParams, head_dim);
     FIELD(MergeParams, pad_);
+    FIELD(MergeParams, gate);
     SIZE(SplitsParams);
     FIELD(SplitsParams, part_out);
     FIELD(SplitsParams, part_lse);
@@ -208,6 +209,5 @@ int main() {
     FIELD(SplitsParams, head_dim);
     FIELD(SplitsParams, sink);
     FIELD(SplitsParams, gate);
-    FIELD(MergeParams, gate);
     return 0;
 }

@@ -647,7 +647,7 @@ fn decode(
 ) -> Result<(Tensor, Tensor)> {
     let call = decode_call(q, k_cache, v_cache, block_table, context_lens, max_context, p)?;
     let b = &call.batch;
-    let gate = gate.map(|g| output_gate::gate_of(g, q, b.batch * b.queries, p)).transpose()?;
+    let gate = gate.map(|g| output_gate::gate_of(g, q, b.tokens(), p)).transpose()?;
     match on(q)? {
         On::Cpu => {
             let cu_q: Vec<usize> = (0..=b.batch).map(|i| i * b.queries).collect();
@@ -792,9 +792,7 @@ pub fn paged_append_v_normed(k: &Tensor, v: &Tensor, k_cache: &Tensor, v_cache: 
 }
 
 fn append(k: &Tensor, v: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slots: &Tensor, v_norm_eps: Option<f64>) -> Result<()> {
-    if let Some(eps) = v_norm_eps.filter(|&e| !crate::qk_norm::eps_is_valid(e)) {
-        return Err(Error::Parameter { name: "v_norm eps", value: eps, reason: "must be finite and > 0 in f32" });
-    }
+    crate::cuda::append::check_v_norm_eps(v_norm_eps)?;
     let cache = caches(k_cache, v_cache)?;
     float_dtype("k_cache", k_cache)?;
     for (what, t) in [("k", k), ("v", v)] {

@@ -99,10 +99,16 @@ impl AppendRows {
         }
         to_i32("tokens", self.tokens)?;
         to_i32("num_pages * page_size", cache.num_pages * cache.page_size)?;
-        if let Some(eps) = self.v_norm_eps.filter(|&e| !eps_is_valid(e)) {
-            return Err(Error::Parameter { name: "v_norm eps", value: eps, reason: "must be finite and > 0 in f32" });
-        }
-        Ok(())
+        check_v_norm_eps(self.v_norm_eps)
+    }
+}
+
+/// The V norm's epsilon, if any, as the kernel takes it: finite and > 0 in f32 (the candle
+/// ops' CPU path checks it the same way).
+pub(crate) fn check_v_norm_eps(v_norm_eps: Option<f64>) -> Result<()> {
+    match v_norm_eps.filter(|&e| !eps_is_valid(e)) {
+        Some(eps) => Err(Error::Parameter { name: "v_norm eps", value: eps, reason: "must be finite and > 0 in f32" }),
+        None => Ok(()),
     }
 }
 

@@ -408,9 +408,6 @@ fn fwd<T: Dtype, G: DevicePtr<T>>(
         workspace: workspace.as_ref().map(|w| w.len()),
     };
     let path = batch.check::<T>(p, &lens)?;
-    if let Some((g, layout)) = gate {
-        layout.check(g.len(), batch.total_q, p.num_q_heads, p.head_dim)?;
-    }
     let out_len = out.len();
     let (q, _g1) = q.device_ptr(stream);
     let (k, _g2) = k.device_ptr(stream);
@@ -433,7 +430,7 @@ fn fwd<T: Dtype, G: DevicePtr<T>>(
         }
         None => (0, None),
     };
-    let (gate, _g10) = GateArgs::on_stream::<T, _>(gate, stream, out, out_len)?;
+    let (gate, _g10) = GateArgs::on_stream::<T, _>(gate, (batch.total_q, p.num_q_heads, p.head_dim), stream, out, out_len)?;
     let ptrs = FwdPtrs { q, k, v, out, lse, cu_q, cu_k, seq_starts, workspace, gate };
     launch_fwd::<T, _>(&be, ptrs, path, batch, p)?;
     Ok(path)

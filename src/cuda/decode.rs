@@ -435,9 +435,6 @@ fn decode<T: Dtype, G: DevicePtr<T>>(
         workspace: workspace.as_ref().map(|w| w.len()),
     };
     let plan = batch.check(p, cache, &lens, splits)?;
-    if let Some((g, layout)) = gate {
-        layout.check(g.len(), batch.tokens(), p.num_q_heads, p.head_dim)?;
-    }
     let out_len = out.len();
     let (q, _g1) = q.device_ptr(stream);
     let (k_cache, _g2) = k_cache.device_ptr(stream);
@@ -447,7 +444,7 @@ fn decode<T: Dtype, G: DevicePtr<T>>(
     let (out, _g6) = out.device_ptr_mut(stream);
     let (lse, _g7) = lse.device_ptr_mut(stream);
     let (workspace, _g8) = split_workspace(workspace, plan.splits, stream);
-    let (gate, _g9) = GateArgs::on_stream::<T, _>(gate, stream, out, out_len)?;
+    let (gate, _g9) = GateArgs::on_stream::<T, _>(gate, (batch.tokens(), p.num_q_heads, p.head_dim), stream, out, out_len)?;
     let ptrs = DecodePtrs { q, k_cache, v_cache, block_table, context_lens, out, lse, workspace, gate };
     launch_decode::<T, _>(&be, ptrs, plan, cache, batch, p)
 }

@@ -71,9 +71,6 @@ fn merge<T: Dtype, G: DevicePtr<T>>(
     let be = OnStream::new(gpu, stream)?;
     let shape = MergeShape { tokens, heads, head_dim };
     shape.check([o1.len(), lse1.len(), o2.len(), lse2.len(), out.len(), lse_out.len()])?;
-    if let Some((g, layout)) = gate {
-        layout.check(g.len(), tokens, heads, head_dim)?;
-    }
     let out_len = out.len();
     let (a, _g1) = o1.device_ptr(stream);
     let (la, _g2) = lse1.device_ptr(stream);
@@ -81,7 +78,7 @@ fn merge<T: Dtype, G: DevicePtr<T>>(
     let (lb, _g4) = lse2.device_ptr(stream);
     let (o, _g5) = out.device_ptr_mut(stream);
     let (lo, _g6) = lse_out.device_ptr_mut(stream);
-    let (gate, _g7) = GateArgs::on_stream::<T, _>(gate, stream, o, out_len)?;
+    let (gate, _g7) = GateArgs::on_stream::<T, _>(gate, (tokens, heads, head_dim), stream, o, out_len)?;
     launch_merge::<T, _>(&be, [a, la, b, lb, o, lo], gate, &shape)
 }
 

@@ -450,9 +450,6 @@ fn fwd_paged<T: Dtype, G: DevicePtr<T>>(
         gather: gather.as_ref().map(|w| w.len()),
     };
     let plan = batch.check::<T>(p, cache, &lens, splits)?;
-    if let Some((g, layout)) = gate {
-        layout.check(g.len(), batch.total_q, p.num_q_heads, p.head_dim)?;
-    }
     let out_len = out.len();
     let (q, _g1) = q.device_ptr(stream);
     let (k_cache, _g2) = k_cache.device_ptr(stream);
@@ -470,7 +467,7 @@ fn fwd_paged<T: Dtype, G: DevicePtr<T>>(
         }
         _ => (0, None),
     };
-    let (gate, _g11) = GateArgs::on_stream::<T, _>(gate, stream, out, out_len)?;
+    let (gate, _g11) = GateArgs::on_stream::<T, _>(gate, (batch.total_q, p.num_q_heads, p.head_dim), stream, out, out_len)?;
     let ptrs = PagedFwdPtrs { q, k_cache, v_cache, block_table, context_lens, cu_q, out, lse, workspace, gather, gate };
     launch_fwd_paged::<T, _>(&be, ptrs, plan, cache, batch, p)?;
     Ok(plan.path)

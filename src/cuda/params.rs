@@ -344,22 +344,28 @@ pub(crate) struct GateArgs {
 }
 
 impl GateArgs {
-    /// The gate at device address `ptr`, laid out as `g` says (validated by [`OutputGate::check`]).
-    pub(crate) fn new(ptr: u64, g: &OutputGate) -> Self {
-        GateArgs { ptr, row_stride: g.row_stride as i64, head_stride: g.head_stride as i64, comp_stride: (!g.per_head) as i32, pad_: 0 }
+    /// The gate at address `ptr`, `len` elements laid out as `g` says, once
+    /// [`OutputGate::check`] found them enough for `rows` output rows of `heads` heads of
+    /// `head_dim` (a typed error otherwise).
+    pub(crate) fn checked(ptr: u64, len: usize, g: &OutputGate, (rows, heads, head_dim): (usize, usize, usize)) -> Result<Self> {
+        g.check(len, rows, heads, head_dim)?;
+        Ok(GateArgs { ptr, row_stride: g.row_stride as i64, head_stride: g.head_stride as i64, comp_stride: (!g.per_head) as i32, pad_: 0 })
     }
 
-    /// The kernels' arguments for an optional device gate of `T`s, with the guard that orders
-    /// its use on `stream`. A typed error if its bytes overlap O's (`out`, `out_len` elements):
-    /// blocks read gates while others write O, so an aliased gate would be read half-gated.
+    /// The kernels' arguments for an optional device gate of `T`s over O's `shape` (rows,
+    /// heads, head_dim: [`GateArgs::checked`]), with the guard that orders its use on `stream`.
+    /// A typed error if its bytes overlap O's (`out`, `out_len` elements): blocks read gates
+    /// while others write O, so an aliased gate would be read half-gated.
     pub(crate) fn on_stream<'a, T, G: DevicePtr<T>>(
         gate: Option<(&'a G, &OutputGate)>,
+        shape: (usize, usize, usize),
         stream: &'a CudaStream,
         out: u64,
         out_len: usize,
     ) -> Result<(Self, Option<SyncOnDrop<'a>>)> {
         let Some((g, layout)) = gate else { return Ok((GateArgs::default(), None)) };
         let (ptr, guard) = g.device_ptr(stream);
+        let args = GateArgs::checked(ptr, g.len(), layout, shape)?;
         let elem = std::mem::size_of::<T>() as u64;
         let (g_end, o_end) = (ptr + g.len() as u64 * elem, out + out_len as u64 * elem);
         if g.len() > 0 && out_len > 0 && ptr < o_end && out < g_end {
@@ -369,7 +375,7 @@ impl GateArgs {
                 got: format!("gate [{ptr:#x}, {g_end:#x}) overlapping out [{out:#x}, {o_end:#x})"),
             });
         }
-        Ok((GateArgs::new(ptr, layout), Some(guard)))
+        Ok((args, Some(guard)))
     }
 }
 

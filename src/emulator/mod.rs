@@ -117,15 +117,10 @@ impl Default for Emulator {
     }
 }
 
-/// The kernels' gate arguments for an optional host gate over `rows` output rows, checked.
-fn gate_args<T>(gate: Option<(&[T], &OutputGate)>, rows: usize, heads: usize, head_dim: usize) -> Result<GateArgs> {
-    Ok(match gate {
-        Some((g, layout)) => {
-            layout.check(g.len(), rows, heads, head_dim)?;
-            GateArgs::new(addr(g), layout)
-        }
-        None => GateArgs::default(),
-    })
+/// The kernels' gate arguments for an optional host gate over O's `(rows, heads, head_dim)`,
+/// checked as on a device ([`GateArgs::checked`]; Rust's borrows keep it from aliasing O).
+fn gate_args<T>(gate: Option<(&[T], &OutputGate)>, shape: (usize, usize, usize)) -> Result<GateArgs> {
+    gate.map_or(Ok(GateArgs::default()), |(g, layout)| GateArgs::checked(addr(g), g.len(), layout, shape))
 }
 
 /// Address of a host buffer as the kernels see it (0 for an empty one, like an empty device buffer).
@@ -545,7 +540,7 @@ impl Emulator {
             cu_k: addr(x.cu_seqlens_k),
             seq_starts: x.seq_starts.map_or(0, addr),
             workspace: workspace.map_or(0, |w| addr(w)),
-            gate: gate_args(gate, batch.total_q, p.num_q_heads, p.head_dim)?,
+            gate: gate_args(gate, (batch.total_q, p.num_q_heads, p.head_dim))?,
         };
         launch_fwd::<T, _>(self, ptrs, path, batch, p)?;
         Ok(path)
@@ -682,7 +677,7 @@ impl Emulator {
             lse: addr(lse),
             workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
             gather: if plan.path == PagedPrefillPath::Gathered { gather.map_or(0, |w| addr(w)) } else { 0 },
-            gate: gate_args(gate, batch.total_q, p.num_q_heads, p.head_dim)?,
+            gate: gate_args(gate, (batch.total_q, p.num_q_heads, p.head_dim))?,
         };
         launch_fwd_paged::<T, _>(self, ptrs, plan, cache, batch, p)?;
         Ok(plan.path)
@@ -820,7 +815,7 @@ impl Emulator {
             out: addr(out),
             lse: addr(lse),
             workspace: if plan.splits > 1 { workspace.map_or(0, |w| addr(w)) } else { 0 },
-            gate: gate_args(gate, batch.tokens(), p.num_q_heads, p.head_dim)?,
+            gate: gate_args(gate, (batch.tokens(), p.num_q_heads, p.head_dim))?,
         };
         launch_decode::<T, _>(self, ptrs, plan, cache, batch, p)
     }
@@ -970,7 +965,7 @@ impl Emulator {
         let [(o1, l1), (o2, l2)] = parts;
         let shape = MergeShape { tokens, heads, head_dim };
         shape.check([o1.len(), l1.len(), o2.len(), l2.len(), out.len(), lse_out.len()])?;
-        let gate = gate_args(gate, tokens, heads, head_dim)?;
+        let gate = gate_args(gate, (tokens, heads, head_dim))?;
         launch_merge::<T, _>(self, [addr(o1), addr(l1), addr(o2), addr(l2), addr(out), addr(lse_out)], gate, &shape)
     }
 }
