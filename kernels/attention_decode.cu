@@ -1,6 +1,6 @@
-// Decode attention over a paged KV cache on CUDA cores (f32; the 16-bit kernels, on tensor
-// cores, are in attention_decode_mma.cu), split along the keys (flash-decoding), and the kernel
-// that appends new K/V into the cache.
+// Decode attention over a paged KV cache on CUDA cores (f32, and every dtype at head_dim 512;
+// the other 16-bit kernels, on tensor cores, are in attention_decode_mma.cu), split along the
+// keys (flash-decoding), and the kernel that appends new K/V into the cache.
 //
 // The cache holds *unrotated* keys: [num_pages, page_size, Hkv, D] for K and for V, pages
 // picked per sequence through a caller-owned block table. Keys are rotated on the fly at
@@ -31,7 +31,8 @@ constexpr int DEC_WARPS = 4, DEC_ROWS = 4;
 
 // Keys per warp tile: a warp's K and V tiles, double-buffered, take 8 KB (head_dim rounded
 // up to a power of two), so a block of four warps stages 32 KB and shared memory leaves room
-// for the three blocks per SM that the registers allow.
+// for the three blocks per SM that the registers allow. Head dim 512 takes 256's tile (16 KB
+// a warp): the warps' merge at the end needs 32 KB of f32 O, which then fits in the staging.
 __host__ __device__ constexpr int decode_tile_keys(int d, int elem_bytes) {
     return 2048 / ((d <= 64 ? 64 : d <= 128 ? 128 : 256) * elem_bytes);
 }
@@ -159,8 +160,8 @@ __device__ void decode_body(const DecodeParams& p) {
     }
     for (int e = threadIdx.x; e < BT * half; e += blockDim.x) {
         const int t = e / half, P = e % half;
-        Off[t * H2 + P] = cs_scaled(angle_turns(t, ra.freq[P]), 1.f);
-        if (leaky) Offl[t * H2 + P] = cs_scaled(angle_turns(t, ra.freq_leak[P]), 1.f);
+        Off[t * H2 + P] = cs_scaled(angle_turns(t, pair_freq(ra, P)), 1.f);
+        if (leaky) Offl[t * H2 + P] = cs_scaled(angle_turns(t, pair_freq_leak(ra, P)), 1.f);
     }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
@@ -196,8 +197,8 @@ __device__ void decode_body(const DecodeParams& p) {
         // The tile's bases, exact, shared by the warp (while its copies land).
         if (rope) {
             for (int P = lane; P < half; P += 32) {
-                Base[P] = cs_scaled(angle_turns(j0, ra.freq[P]), 1.f);
-                if (leaky) Basel[P] = cs_scaled(angle_turns(j0, ra.freq_leak[P]), 1.f);
+                Base[P] = cs_scaled(angle_turns(j0, pair_freq(ra, P)), 1.f);
+                if (leaky) Basel[P] = cs_scaled(angle_turns(j0, pair_freq_leak(ra, P)), 1.f);
             }
         }
         if (more) cp_async_wait<1>();  // this lane's copies of tile n landed ...
@@ -406,7 +407,9 @@ __device__ void append_body(const AppendParams& p) {
 }  // namespace ra
 
 // One f32 decode kernel per head dim (the lane layout depends on it):
-// attention_decode_d{64,80,96,128,256}_f32; the paged append for every dtype.
+// attention_decode_d{64,80,96,128,256,512}_f32, and at 512 the 16-bit ones too (a tensor-core
+// warp's O over 16 rows of 512 would take 256 registers; here a lane holds 8 pairs of 4 rows);
+// the paged append for every dtype.
 #define RA_DECODE_D(D) \
     RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 3, attention_decode_d##D##_f32, ra::DecodeParams) { ra::decode_body<float, D>(p); }
 RA_DECODE_D(64)
@@ -414,6 +417,11 @@ RA_DECODE_D(80)
 RA_DECODE_D(96)
 RA_DECODE_D(128)
 RA_DECODE_D(256)
+// Head dim 512: two blocks per SM (the 88 KB of shared memory allow no more on an H100; at
+// three, ptxas's 168-register budget spilled a lane's 64 accumulators and 16 key components).
+#define RA_DECODE_D512(T, NAME) \
+    RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 2, attention_decode_d512_##NAME, ra::DecodeParams) { ra::decode_body<T, 512>(p); }
+RA_FOR_EACH_DTYPE(RA_DECODE_D512)
 #define RA_APPEND(T, NAME) \
     RA_KERNEL(128, paged_append_##NAME, ra::AppendParams) { ra::append_body<T>(p); }
 RA_FOR_EACH_DTYPE(RA_APPEND)

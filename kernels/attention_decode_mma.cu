@@ -241,8 +241,8 @@ __device__ void decode_mma_body(const DecodeParams& p) {
     }
     for (int e = threadIdx.x; e < 9 * half; e += blockDim.x) {  // offsets 0..7, and 8
         const int u = e / half, P = e % half;
-        Off[u * OP + P] = cs_scaled(angle_turns(u, ra.freq[P]), 1.f);
-        if (leaky) Offl[u * OP + P] = cs_scaled(angle_turns(u, ra.freq_leak[P]), 1.f);
+        Off[u * OP + P] = cs_scaled(angle_turns(u, pair_freq(ra, P)), 1.f);
+        if (leaky) Offl[u * OP + P] = cs_scaled(angle_turns(u, pair_freq_leak(ra, P)), 1.f);
     }
     if (steps > 1) {  // Steps[h][m]: the step 16Wm + 8h keys (tile.cuh's table filler; rows of `half` pairs)
         fill_rotation_table(Steps, ra, 0, BT * W, steps, 1.f);
@@ -328,7 +328,7 @@ __device__ void decode_mma_body(const DecodeParams& p) {
                 const int ja = k_begin + BT * (warp + W * group);
 #pragma unroll
                 for (int k = 0; k < NA; ++k)
-                    if (lane + 32 * k < half) anchor[k] = cs_scaled(angle_turns(ja, ra.freq[lane + 32 * k]), 1.f);
+                    if (lane + 32 * k < half) anchor[k] = cs_scaled(angle_turns(ja, pair_freq(ra, lane + 32 * k)), 1.f);
             }
 #pragma unroll
             for (int k = 0; k < NA; ++k) {
@@ -340,11 +340,11 @@ __device__ void decode_mma_body(const DecodeParams& p) {
             }
         } else if (rope) {
             for (int P = lane; P < half; P += 32) {
-                const float2 b0 = cs_scaled(angle_turns(j0, ra.freq[P]), 1.f);
+                const float2 b0 = cs_scaled(angle_turns(j0, pair_freq(ra, P)), 1.f);
                 Base[P] = b0;
                 Base[H2 + P] = cmul(b0, Off[8 * OP + P]);
                 if (leaky) {
-                    const float2 l0 = cs_scaled(angle_turns(j0, ra.freq_leak[P]), 1.f);
+                    const float2 l0 = cs_scaled(angle_turns(j0, pair_freq_leak(ra, P)), 1.f);
                     Basel[P] = l0;
                     Basel[H2 + P] = cmul(l0, Offl[8 * OP + P]);
                 }

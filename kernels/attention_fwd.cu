@@ -120,10 +120,23 @@ __device__ __forceinline__ void copy_paged_tile_async(T* s, const T* cache, cons
 // (under ALiBi, and usually in trained models) carry the largest scores, so the running max
 // is found in the first tile and later tiles rarely rescale O (a warp skips the rescale when
 // no row's max grew).
+//
+// Head dim 512 (Gemma 4's full layers): a warp's O over the whole head would take 256
+// registers. The head is split in DS = 2 parts: warp w takes rows 16·(w % RW) of the tile and
+// components [DD·p, DD·(p + 1)) (p = w / RW, DD = D / DS), for Q·Kᵀ and for O alike. Each warp
+// of a pair holds the partial scores over its half of the components; they are added through
+// shared memory (K's buffer, once every warp has read the tile), each warp adding the other's
+// to its own, so both hold the same scores (a + b = b + a exactly) and run the same softmax.
+// No mma is done twice; what it costs is two barriers and 64 bytes a thread through shared
+// memory per tile. No ReRoPE there (its far copies would not fit in 99 KB; the launcher refuses it).
 template <typename T, int D, int WARPS, int BN, int MB, bool FULL>
 __device__ void attention_fwd_mma(const AttnParams& p) {
-    constexpr int BM = MB * WARPS * 16, LD = D + 8, NT = BN / 8, DT = D / 8;
+    constexpr int DS = D > 256 ? 2 : 1, RW = WARPS / DS, DD = D / DS;
+    constexpr int BM = MB * RW * 16, LD = D + 8, NT = BN / 8, DT = DD / 8;
     constexpr int THREADS = WARPS * 32;
+    constexpr bool FAR = FULL && DS == 1;  // ReRoPE's far copies
+    static_assert(WARPS % DS == 0 && (DS == 1 || MB == 1), "whole warp pairs, one row block");
+    static_assert(DS == 1 || WARPS * NT * 4 * 32 * sizeof(float) <= BN * LD * sizeof(T), "the partial scores fit in K's buffer");
     RA_DYNAMIC_SMEM(unsigned char, smem_raw);
     T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + BM * LD;
@@ -147,7 +160,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     const int i0 = sb.q_pos0 + m0;     // position of the tile's first query
     const bool rope = p.rope.rotary_dim > 0;
     // The launcher sends ReRoPE only to FULL kernels; a constant false drops the far code here.
-    const bool rel = FULL && rope && p.rope.relative != REL_NONE, leaky = rel && p.rope.relative == REL_LEAKY;
+    const bool rel = FAR && rope && p.rope.relative != REL_NONE, leaky = rel && p.rope.relative == REL_LEAKY;
     // The fused path rotates K tiles by composition (tile.cuh), its tables after the tiles in use:
     // (BM + 2·BN)·LD or (2·BM + 3·BN)·LD elements of T, multiples of 8 bytes. Not at head_dim
     // 256, where 12 KB of tables would cost an H100 a block per SM.
@@ -248,6 +261,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int rw = warp % RW, part = warp / RW;  // row warp, part of the head (DS > 1)
     // ALiBi slope in log2 units (the scores' unit); 0 = none.
     const float slope_log2 = p.alibi_total_heads > 0 ? alibi_slope(p.alibi_total_heads, p.alibi_head_offset + h) * LOG2E : 0.f;
     float o[MB][DT][4];
@@ -284,14 +298,14 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 
         // S = Q Kᵀ (and the far product), 16 rows x BN keys per warp and row block; each K
         // fragment is loaded once for the MB row blocks.
-        float s[MB][NT][4], sf[MB][FULL ? NT : 1][4];
+        float s[MB][NT][4], sf[MB][FAR ? NT : 1][4];
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int c = 0; c < 4; ++c) s[mb][nt][c] = 0.f;
-        if constexpr (FULL) {
+        if constexpr (FAR) {
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -300,13 +314,14 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                     for (int c = 0; c < 4; ++c) sf[mb][nt][c] = 0.f;
         }
 #pragma unroll
-        for (int kk = 0; kk < D; kk += 16) {
+        for (int k16 = 0; k16 < DD; k16 += 16) {
+            const int kk = part * DD + k16;
             uint32_t a[MB][4], af[MB][4];
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
-                const int arow = ((mb * WARPS + warp) * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + kk + (lane / 16) * 8;
+                const int arow = ((mb * RW + rw) * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + kk + (lane / 16) * 8;
                 ldmatrix_x4(a[mb], Qs + arow);
-                if constexpr (FULL)
+                if constexpr (FAR)
                     if (rel) ldmatrix_x4(af[mb], Qf + arow);
             }
 #pragma unroll
@@ -319,7 +334,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                     mma_16816<T>(s[mb][2 * np], a[mb], bk[0], bk[1]);
                     mma_16816<T>(s[mb][2 * np + 1], a[mb], bk[2], bk[3]);
                 }
-                if constexpr (FULL)
+                if constexpr (FAR)
                     if (rel) {
                         ldmatrix_x4(bk, Kf + brow);
 #pragma unroll
@@ -329,6 +344,22 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                         }
                     }
             }
+        }
+
+        // DS > 1: the pair's partial scores added up (see the kernel's header).
+        if constexpr (DS > 1) {
+            float* xs = reinterpret_cast<float*>(Ks);  // [WARPS][NT][4][32]
+            const int other = part == 0 ? warp + RW : warp - RW;
+            __syncthreads();  // every warp has read K_n
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) xs[((warp * NT + nt) * 4 + c) * 32 + lane] = s[0][nt][c];
+            __syncthreads();  // the partials are written (read before the barrier that frees K's buffer)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) s[0][nt][c] += xs[((other * NT + nt) * 4 + c) * 32 + lane];
         }
 
         // Online softmax (rows g and g+8 of each row block; 4 lanes share a row), log2 domain.
@@ -352,7 +383,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr) {
-                    const int i = i0 + (mb * WARPS + warp) * 16 + g + rr * 8;
+                    const int i = i0 + (mb * RW + rw) * 16 + g + rr * 8;
                     // SM_LINEAR: bias(j) = sigma·(j - i) = sigma·(j0 + 2t - i) + sigma·(8nt + e), exact offsets.
                     const float bias0 = KIND == SM_LINEAR || KIND == SM_EDGE ? sigma * static_cast<float>(kp + j0 + 2 * t - i) : 0.f;
                     // SM_EDGE: the last key u = 8nt + 2t + e this row sees, less 2t (so that the
@@ -371,7 +402,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
                                                              : -INFINITY;
                             } else if constexpr (KIND == SM_GENERIC) {
                                 const int j = kp + j0 + nt * 8 + 2 * t + (c & 1);
-                                if constexpr (FULL) x = score_log2(p.rope, p.scale_log2, x, sf[mb][nt][c], i, j, slope_log2, p.cap_in, p.cap_out);
+                                if constexpr (FAR) x = score_log2(p.rope, p.scale_log2, x, sf[mb][nt][c], i, j, slope_log2, p.cap_in, p.cap_out);
                                 else x = capped(x, p.scale_log2, p.cap_in, p.cap_out) + alibi_bias(slope_log2, i, j);
                                 if (!full && (j >= kp + j0 + vk || !visible(mask, i, j))) x = -INFINITY;
                             }
@@ -446,9 +477,9 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
-            for (int np = 0; np < D / 16; ++np) {
+            for (int np = 0; np < DD / 16; ++np) {
                 uint32_t bv[4];
-                ldmatrix_x4_trans(bv, Vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + np * 16 + (lane / 16) * 8);
+                ldmatrix_x4_trans(bv, Vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + part * DD + np * 16 + (lane / 16) * 8);
 #pragma unroll
                 for (int mb = 0; mb < MB; ++mb) {
                     mma_16816<T>(o[mb][2 * np], pa[mb][kk], bv[0], bv[1]);
@@ -466,28 +497,28 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
             float l = row_sum[mb][rr];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const int row = m0 + (mb * WARPS + warp) * 16 + g + rr * 8;
+            const int row = m0 + (mb * RW + rw) * 16 + g + rr * 8;
             if (row >= sb.seqlen_q) continue;
             const RowEnd end = row_end(l, row_max[mb][rr], p.sink, h, splits == 1);
             const float inv = end.den > 0.f ? 1.f / end.den : 0.f, lse = end.lse;
             const long long tok = sb.q_start + row;
             if (splits > 1) {  // f32 partial of this split, for the combine
-                float* prow = p.part_out + (((long long)split * p.total_q + tok) * p.q_heads + h) * D;
+                float* prow = p.part_out + (((long long)split * p.total_q + tok) * p.q_heads + h) * D + part * DD;
 #pragma unroll
                 for (int d = 0; d < DT; ++d) {  // scalar stores: the workspace need only be 4-byte aligned
                     prow[d * 8 + 2 * t] = o[mb][d][2 * rr] * inv;
                     prow[d * 8 + 2 * t + 1] = o[mb][d][2 * rr + 1] * inv;
                 }
-                if (t == 0) p.part_lse[((long long)split * p.q_heads + h) * p.total_q + tok] = lse;
+                if (t == 0 && part == 0) p.part_lse[((long long)split * p.q_heads + h) * p.total_q + tok] = lse;
                 continue;
             }
-            T* orow = static_cast<T*>(p.out) + tok * p.o_row_stride + (long long)h * D;
+            T* orow = static_cast<T*>(p.out) + tok * p.o_row_stride + (long long)h * D + part * DD;
 #pragma unroll
             for (int d = 0; d < DT; ++d) {
                 const float v2[2] = {o[mb][d][2 * rr] * inv, o[mb][d][2 * rr + 1] * inv};
                 store_f32<T, 2>(orow + d * 8 + 2 * t, v2);
             }
-            if (t == 0) p.lse[(long long)h * p.total_q + tok] = lse;
+            if (t == 0 && part == 0) p.lse[(long long)h * p.total_q + tok] = lse;
         }
     // The output gate, once the block's rows are written, by the whole block (coalesced):
     // gating in the loop above made the d96 kernels spill, on sm_80 and sm_90. O is rounded
@@ -500,10 +531,10 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
 
 // f32: one warp per query row; lane c owns components c, c + 32, ... K arrives pre-rotated
 // (the launcher always takes the workspace path for f32), Q is rotated here in shared memory.
-constexpr int ROW_WARPS = 4, ROW_MAXC = 8;  // head_dim <= 256
+constexpr int ROW_WARPS = 4, ROW_MAXC = 16;  // head_dim <= 512
 
 __device__ void attention_fwd_rows(const AttnParams& p) {
-    RA_STATIC_SMEM(float, qrow, [ROW_WARPS][2][256]);
+    RA_STATIC_SMEM(float, qrow, [ROW_WARPS][2][32 * ROW_MAXC]);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int m = blockIdx.x * ROW_WARPS + warp, h = blockIdx.y, b = blockIdx.z;
     const SeqBounds sb = seq_bounds(p, b);
@@ -590,7 +621,8 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
 // Two kernels per head dim and dtype (mma_fwd_launch in src/cuda/attention.rs picks):
 // - attention_fwd_d<D>_<dtype> (FULL: in-kernel K rotation, ReRoPE far copies, paged K/V, key
 //   splits): 4 warps x 64 keys per tile, 64 query rows; head_dim 256 takes 2 warps x 32 keys so
-//   that Q, K, V and the far copies fit the 99 KB of an sm_86/89 block.
+//   that Q, K, V and the far copies fit the 99 KB of an sm_86/89 block; head_dim 512 4 warps as
+//   2 x 2 (rows x halves of the head) over 32 keys: Q, K and V at pitch 520 take 97.5 KB.
 // - attention_fwd_wide_d<D>_<dtype>: 128 query rows x 64 keys up to head_dim 128, 64 x 64 at 256
 //   (Q, K and V at pitch 264: exactly the 99 KB). On sm_80 head_dim 128 takes 48-key tiles: at 64,
 //   ptxas's sm_80 allocation spills 20 bytes (sm_90's does not). The launcher sizes shared memory
@@ -611,7 +643,7 @@ __device__ void attention_fwd_rows(const AttnParams& p) {
 #define RA_FWD_ALL_D(T, NAME)                                                                            \
     RA_FWD(T, NAME, d, 64, 4, 64, 1, true) RA_FWD(T, NAME, d, 80, 4, 64, 1, true)                      \
     RA_FWD(T, NAME, d, 96, 4, 64, 1, true) RA_FWD(T, NAME, d, 128, 4, 64, 1, true)                     \
-    RA_FWD(T, NAME, d, 256, 2, 32, 1, true)                                                              \
+    RA_FWD(T, NAME, d, 256, 2, 32, 1, true) RA_FWD(T, NAME, d, 512, 4, 32, 1, true)                      \
     RA_FWD(T, NAME, wide_d, 64, 4, 64, 2, false) RA_FWD(T, NAME, wide_d, 80, 4, 64, 2, false)          \
     RA_FWD(T, NAME, wide_d, 96, 4, 64, 2, false) RA_FWD(T, NAME, wide_d, 128, 4, RA_WIDE_BN_D128(NAME), 2, false) \
     RA_FWD(T, NAME, wide_d, 256, 4, 64, 1, false)

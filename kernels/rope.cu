@@ -224,14 +224,14 @@ __device__ void norm_rest(const RopeParams& p, long long src_row, long long dst_
 template <typename T, bool INTERLEAVED, int P, bool NORM>
 __device__ void rope_token(const RopeParams& p, long long src_row, long long dst_row, TokenPos pos) {
     constexpr bool VEC = (INTERLEAVED ? 2 * P : P) * sizeof(T) == 16;
-    RA_STATIC_SMEM(float2, cs, [RA_MAX_PAIRS]);
+    RA_STATIC_SMEM(float2, cs, [RA_MAX_ROT_PAIRS]);
     // Per head: its sum of squares, then (norm 2) the tensors' totals, then (norm 3) its mean.
     RA_STATIC_SMEM(float, sums, [2 * RA_MAX_NORM_HEADS + 2]);
     if (NORM) norm_sums<T, VEC>(p, src_row, sums);
     const int half = p.rope.rotary_dim / 2;
-    const float2* freq = p.use_leak_freq ? p.rope.freq_leak : p.rope.freq;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        cs[i] = cs_scaled(angle_turns(pair_position(p, pos, i), freq[i]), p.rope.attention_factor);
+        const float2 f = p.use_leak_freq ? pair_freq_leak(p.rope, i) : pair_freq(p.rope, i);
+        cs[i] = cs_scaled(angle_turns(pair_position(p, pos, i), f), p.rope.attention_factor);
     }
     __syncthreads();
     if (NORM && p.norm == 2) norm_totals(p, sums);

@@ -3,7 +3,12 @@
 #pragma once
 #include "common.cuh"
 
-#define RA_MAX_PAIRS 128  // head_dim <= 256
+// Frequencies RopeArgs holds: rotary_dim <= 256 (head_dim <= 256), or up to 512 where every
+// pair past the first RA_MAX_PAIRS has frequency 0 (Gemma 4's 512-wide layers: proportional
+// RoPE turns 64 pairs, the rest pass through). The host refuses any other rotation, so the
+// kernels' parameters stay under 4 KB (a table for 256 pairs would double RopeArgs).
+#define RA_MAX_PAIRS 128
+#define RA_MAX_ROT_PAIRS 256
 
 namespace ra {
 
@@ -26,6 +31,12 @@ struct RopeArgs {
     float temp_scale;
     int temp_offset;
 };
+
+// Pair i's frequencies (turns per position, hi + lo): the table's, 0 past it (see RA_MAX_PAIRS).
+__device__ __forceinline__ float2 pair_freq(const RopeArgs& a, int i) { return i < RA_MAX_PAIRS ? a.freq[i] : make_float2(0.f, 0.f); }
+__device__ __forceinline__ float2 pair_freq_leak(const RopeArgs& a, int i) {
+    return i < RA_MAX_PAIRS ? a.freq_leak[i] : make_float2(0.f, 0.f);
+}
 
 enum Relative { REL_NONE = 0, REL_RE = 1, REL_LEAKY = 2 };
 

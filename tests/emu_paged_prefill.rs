@@ -68,7 +68,7 @@ fn emulated_paged_prefill_matches_reference() {
         }
         cases += 1;
     }
-    assert_eq!(cases, 40);
+    assert_eq!(cases, 48);
 }
 
 /// Split keys: a few queries against long contexts (the case splitting is for), in up to 5

@@ -95,7 +95,7 @@ pub fn prefill_prefers_workspace<T: Dtype>(p: &AttentionParams, batch: &Attentio
 
 /// Query rows of the narrow prefill kernel (the one that takes every option).
 pub(crate) fn narrow_tile_rows(d: usize) -> usize {
-    if d == 256 {
+    if d >= 256 {
         32
     } else {
         64
@@ -199,18 +199,26 @@ pub(crate) fn rotation_table_bytes(keys: usize, d: usize) -> usize {
 ///
 /// Two kernels per head dim (kernels/attention_fwd.cu): the *wide* one (128 query rows, 64 at
 /// head_dim 256) for keys ready in memory, contiguous, without ReRoPE, when the queries fill more
-/// than one narrow tile; otherwise the narrow one, which takes every option.
+/// than one narrow tile; otherwise the narrow one, which takes every option. Head dim 512 has
+/// only the narrow one (32 query rows, 32 keys, its 4 warps 2 x 2 over rows and halves of the
+/// head: 97.5 KB of tiles), and no ReRoPE ([`common`] refuses it).
 pub(crate) fn mma_fwd_launch<T: Dtype>(params: AttnParams, p: &AttentionParams, fused: bool) -> Launch<AttnParams> {
     let d = p.head_dim;
     let rel = p.rope.is_some() && p.relative != Relative::None;
-    let wide = !fused && !rel && params.block_table == 0 && params.splits <= 1 && params.max_seqlen_q as usize > narrow_tile_rows(d);
+    let wide = d <= 256
+        && !fused
+        && !rel
+        && params.block_table == 0
+        && params.splits <= 1
+        && params.max_seqlen_q as usize > narrow_tile_rows(d);
     // (query rows, keys, threads) per block; the wide head_dim-128 kernel's 48-key tiles on sm_80
     // fit in the 64 sized here.
-    let (bm, bn, threads) = match (wide, d == 256) {
-        (true, true) => (64, 64, 128),
-        (true, false) => (128, 64, 128),
-        (false, true) => (32, 32, 64),
-        (false, false) => (64, 64, 128),
+    let (bm, bn, threads) = match (wide, d) {
+        (_, 512) => (32, 32, 128),
+        (true, 256) => (64, 64, 128),
+        (true, _) => (128, 64, 128),
+        (false, 256) => (32, 32, 64),
+        (false, _) => (64, 64, 128),
     };
     let tiles = (bm + 2 * bn + if rel { bm + bn } else { 0 }) * (d + 8) * std::mem::size_of::<T>();
     let smem = tiles + if fused && d <= 128 { rotation_table_bytes(bn, d) } else { 0 };

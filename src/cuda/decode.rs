@@ -85,11 +85,18 @@ impl DecodeBatch {
     }
 }
 
-/// Keys per warp tile of the f32 decode kernel (`decode_tile_keys` in attention_decode.cu): a
-/// warp's K and V tiles, double-buffered, take 8 KB.
-fn tile_keys_f32(d: usize) -> usize {
+/// Whether a decode runs on the CUDA-core kernel (kernels/attention_decode.cu): f32, and every
+/// dtype at head_dim 512, where a tensor-core warp's O over its 16 rows would take 256 registers.
+pub(crate) fn on_cores(elem: usize, d: usize) -> bool {
+    elem == 4 || d > 256
+}
+
+/// Keys per warp tile of the CUDA-core decode kernel (`decode_tile_keys` in
+/// attention_decode.cu): a warp's K and V tiles, double-buffered, take 8 KB (16 KB at head_dim
+/// 512, which takes 256's tile).
+fn tile_keys_cores(d: usize, elem: usize) -> usize {
     let d2 = if d <= 64 { 64 } else if d <= 128 { 128 } else { 256 };
-    2048 / (d2 * 4)
+    2048 / (d2 * elem)
 }
 
 /// Split boundaries fall on multiples of this: of every tile size (`SPLIT_ALIGN_KEYS` in
@@ -100,9 +107,9 @@ const SPLIT_ALIGN: usize = 32;
 const DEC_WARPS: usize = 4;
 
 /// (query head, query) rows per decode block: 16 on the tensor-core kernel (the mma's M),
-/// 4 on the f32 one.
-fn rows_per_block(elem: usize) -> usize {
-    if elem == 4 {
+/// 4 on the CUDA-core one ([`on_cores`]).
+fn rows_per_block(cores: bool) -> usize {
+    if cores {
         4
     } else {
         16
@@ -116,15 +123,16 @@ const MMA_TILE: usize = 16;
 /// sm_86 / sm_89 (A100: 163 KB, H100: 227 KB).
 const SMEM_BUDGET: usize = 99 * 1024;
 
-/// Shared memory of the f32 decode kernel (layout in kernels/attention_decode.cu): per warp its
-/// K and V tiles double-buffered, Q rotated [rows][d/2] pairs in f32 and its far copy with
-/// ReRoPE (`rel`), the (cos, sin) table of a tile's key offsets [tile][d/2] (twice with Leaky
-/// ReRoPE, `leaky`), per warp the tile's bases [d/2] (twice with Leaky) and its tile's scores
-/// and cache slots: at most 56.3 KB.
-fn decode_f32_smem_bytes(d: usize, rel: bool, leaky: bool) -> usize {
-    let (bt, rows, pairs) = (tile_keys_f32(d), rows_per_block(4), d / 2 * 8);
+/// Shared memory of the CUDA-core decode kernel (layout in kernels/attention_decode.cu): per
+/// warp its K and V tiles double-buffered (elements of `elem` bytes), Q rotated [rows][d/2]
+/// pairs in f32 and its far copy with ReRoPE (`rel`), the (cos, sin) table of a tile's key
+/// offsets [tile][d/2] (twice with Leaky ReRoPE, `leaky`), per warp the tile's bases [d/2]
+/// (twice with Leaky) and its tile's scores and cache slots: at most 56.3 KB up to head_dim 256,
+/// 88.3 KB at 512 (no ReRoPE there).
+fn decode_cores_smem_bytes(d: usize, elem: usize, rel: bool, leaky: bool) -> usize {
+    let (bt, rows, pairs) = (tile_keys_cores(d, elem), rows_per_block(true), d / 2 * 8);
     let tables = if leaky { 2 } else { 1 };
-    DEC_WARPS * 4 * bt * d * 4
+    DEC_WARPS * 4 * bt * d * elem
         + rows * pairs * if rel { 2 } else { 1 }
         + bt * pairs * tables
         + DEC_WARPS * pairs * tables
@@ -145,7 +153,7 @@ fn decode_mma_layout(d: usize, elem: usize, rel: bool, leaky: bool, smem_rot: bo
     let (pairs, tables) = (d / 2 * 8, if leaky { 2 } else { 1 });
     let bytes = |w: usize| {
         w * 4 * tile
-            + rows_per_block(elem) * (d + 8) * elem * if rel { 2 } else { 1 }
+            + rows_per_block(false) * (d + 8) * elem * if rel { 2 } else { 1 }
             + 9 * pairs * tables
             + w * 2 * pairs * tables
             + w * MMA_TILE * 4
@@ -220,10 +228,11 @@ fn mma_smem_rot(p: &AttentionParams) -> bool {
         })
 }
 
-/// Blocks of one key split of the 16-bit (tensor-core) kernel, the one servers run.
+/// Blocks of one key split of the 16-bit kernel, the one servers run (on tensor cores but at
+/// head_dim 512).
 fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
     let rows = p.group_size() * b.queries;
-    b.batch * p.num_kv_heads * rows.div_ceil(rows_per_block(2))
+    b.batch * p.num_kv_heads * rows.div_ceil(rows_per_block(on_cores(2, p.head_dim)))
 }
 
 /// The keys the splits share out: the whole context, or under a sliding window W the last
@@ -340,8 +349,8 @@ impl DecodeBatch {
         if splits == 0 {
             return Err(Error::Parameter { name: "splits", value: 0.0, reason: "must be >= 1" });
         }
-        // (The f32 kernel's 4-row blocks make the larger grid.)
-        let grid_y = p.num_kv_heads * (p.group_size() * self.queries).div_ceil(rows_per_block(4));
+        // (The CUDA-core kernel's 4-row blocks make the larger grid.)
+        let grid_y = p.num_kv_heads * (p.group_size() * self.queries).div_ceil(rows_per_block(true));
         if grid_y > 65535 || self.batch > 65535 {
             return Err(Error::Shape { what: "decode grid", expected: "<= 65535".into(), got: format!("{grid_y} x {}", self.batch) });
         }
@@ -476,16 +485,17 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     let c = common(p)?;
     let (d, hq) = (p.head_dim, p.num_q_heads);
     let elem = std::mem::size_of::<T>();
-    // The 16-bit kernel's head_dim-256 build leaves the chunk test out: at 255 registers it
+    // The tensor-core kernel's head_dim-256 build leaves the chunk test out: at 255 registers it
     // would spill (kernels/attention_decode_mma.cu, CHUNKS).
-    if let Some(chunk) = p.mask.chunk.filter(|_| elem != 4 && d > 128) {
+    let cores = on_cores(elem, d);
+    if let Some(chunk) = p.mask.chunk.filter(|_| !cores && d > 128) {
         return Err(Error::Parameter { name: "chunk", value: chunk as f64, reason: "16-bit decode takes chunked attention up to head_dim 128" });
     }
     let tokens = batch.tokens();
     if tokens == 0 {
         return Ok(());
     }
-    let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(rows_per_block(elem));
+    let grid_y = p.num_kv_heads * (p.group_size() * batch.queries).div_ceil(rows_per_block(cores));
     let DecodePtrs { q: qp, k_cache: kp, v_cache: vp, block_table: bp, context_lens: cp, out: op, lse: lp, workspace: wp, gate } = ptrs;
     if kp % 16 != 0 || vp % 16 != 0 {
         return Err(Error::Shape { what: "k/v cache pointers", expected: "16-byte aligned".into(), got: format!("{kp:#x} {vp:#x}") });
@@ -532,14 +542,15 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     };
     // Buffers were checked against the cache geometry and batch; the kernel clamps context
     // lengths and block-table entries into the pool.
-    let (warps, smem) = if elem == 4 {
-        (DEC_WARPS, decode_f32_smem_bytes(d, rel, leaky))
+    let (warps, smem) = if cores {
+        (DEC_WARPS, decode_cores_smem_bytes(d, elem, rel, leaky))
     } else {
         decode_mma_layout(d, elem, rel, leaky, mma_smem_rot(p), steps)
     };
     be.run(&Launch {
-        // The same kernel names in two modules: f32 on CUDA cores, 16-bit on tensor cores.
-        module: if elem == 4 { Module::AttentionDecode } else { Module::AttentionDecodeMma },
+        // The same kernel names in two modules: f32 (and head_dim 512) on CUDA cores, the
+        // other 16-bit ones on tensor cores.
+        module: if cores { Module::AttentionDecode } else { Module::AttentionDecodeMma },
         name: format!("attention_decode_d{d}_{}", T::NAME),
         grid: (splits as u32, grid_y as u32, batch.batch as u32),
         threads: (warps * 32) as u32,
@@ -784,13 +795,13 @@ mod tests {
     /// per block), which its registers allow (at most 255: the kernel is built for two blocks of 128 threads).
     #[test]
     fn tensor_core_decode_layouts_fit() {
-        for &d in crate::cuda::SUPPORTED_HEAD_DIMS {
+        for &d in crate::cuda::SUPPORTED_HEAD_DIMS.iter().filter(|&&d| !on_cores(2, d)) {
             for (rel, leaky) in [(false, false), (true, false), (true, true)] {
                 for smem_rot in [false, true] {
                     let (w, bytes) = decode_mma_layout(d, 2, rel, leaky, smem_rot, 1);
                     assert!(bytes <= SMEM_BUDGET && (1..=DEC_WARPS).contains(&w), "d={d} rel={rel} leaky={leaky}: {w} warps, {bytes} B");
                     let staging = w * 4 * MMA_TILE * (d + 8) * 2;
-                    let merge = w * rows_per_block(2) * (d + 2) * 4;
+                    let merge = w * rows_per_block(false) * (d + 2) * 4;
                     assert!(merge <= staging, "d={d}: the merge needs {merge} B of {staging}");
                 }
             }
@@ -799,6 +810,13 @@ mod tests {
         assert_eq!(w, DEC_WARPS);
         assert!(2 * (bytes + 1024) <= 164 * 1024, "{bytes} B");
         // The f32 kernel stays as sized before: at most 56.3 KB.
-        assert!(decode_f32_smem_bytes(256, true, true) <= 57_700);
+        assert!(decode_cores_smem_bytes(256, 4, true, true) <= 57_700);
+        // Head dim 512 (no ReRoPE there) fits every card, and its warps' merge, f32 O of its 4
+        // rows per warp, fits in the staging buffers.
+        for elem in [2, 4] {
+            let bytes = decode_cores_smem_bytes(512, elem, false, false);
+            assert!(bytes <= SMEM_BUDGET, "{elem}: {bytes} B");
+            assert!(DEC_WARPS * rows_per_block(true) * (512 + 2) * 4 <= DEC_WARPS * 4 * tile_keys_cores(512, elem) * 512 * elem);
+        }
     }
 }

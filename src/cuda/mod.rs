@@ -65,5 +65,11 @@ pub fn abi_layout() -> Vec<(String, usize)> {
     params::abi_layout()
 }
 
-/// Head dimensions the attention kernels are instantiated for.
-pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 80, 96, 128, 256];
+/// Head dimensions the attention kernels (prefill, paged prefill, decode, merge) are
+/// instantiated for. 512 (Gemma 4's full layers) takes no ReRoPE, and the score-matrix kernel
+/// stops at 256 ([`SCORES_HEAD_DIMS`]).
+pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 80, 96, 128, 256, 512];
+
+/// Head dimensions of [`scores`]: its Q and K tiles of 64 rows at 512 would not fit in an
+/// sm_86 block's 99 KB.
+pub const SCORES_HEAD_DIMS: &[usize] = &[64, 80, 96, 128, 256];

@@ -6,8 +6,12 @@ use crate::error::{Error, Result};
 use crate::output_gate::OutputGate;
 use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, SyncOnDrop};
 
-/// `RA_MAX_PAIRS` in kernels/rope.cuh: rotary_dim <= 256.
+/// `RA_MAX_PAIRS` in kernels/rope.cuh: the frequencies the kernels' parameters hold.
 pub(crate) const MAX_PAIRS: usize = 128;
+
+/// `RA_MAX_ROT_PAIRS`: rotary_dim <= 512, every pair past [`MAX_PAIRS`] of frequency 0 (Gemma
+/// 4's proportional RoPE on its 512-wide layers turns 64 pairs and passes the rest through).
+pub(crate) const MAX_ROT_PAIRS: usize = 256;
 
 /// Mirror of `ra::RopeArgs` (kernels/rope.cuh).
 #[repr(C, align(8))]
@@ -55,10 +59,17 @@ impl RopeArgs {
         let mut a = Self::none();
         let Some(rot) = rot else { return Ok(a) };
         rot.validate(head_dim)?;
-        if rot.rotary_dim / 2 > MAX_PAIRS {
+        if rot.rotary_dim / 2 > MAX_ROT_PAIRS {
             return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim });
         }
-        for (i, &f) in rot.inv_freq.iter().enumerate() {
+        if let Some(&f) = rot.inv_freq.iter().skip(MAX_PAIRS).find(|&&f| f != 0.0) {
+            return Err(Error::Parameter {
+                name: "inv_freq",
+                value: f,
+                reason: "the kernels turn at most 128 rotation pairs; pairs past them must have frequency 0 (proportional RoPE)",
+            });
+        }
+        for (i, &f) in rot.inv_freq.iter().take(MAX_PAIRS).enumerate() {
             a.freq[i] = split_turns(f);
         }
         a.rotary_dim = rot.rotary_dim as i32;
@@ -73,7 +84,7 @@ impl RopeArgs {
             Relative::Leaky { window, k } => {
                 a.relative = 2;
                 a.window = window_i32(window)?;
-                for (i, &f) in rot.inv_freq.iter().enumerate() {
+                for (i, &f) in rot.inv_freq.iter().take(MAX_PAIRS).enumerate() {
                     a.freq_leak[i] = split_turns(f / k);
                 }
             }

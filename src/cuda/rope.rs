@@ -14,8 +14,9 @@ use crate::reference;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
-/// Largest rotary dimension the kernels take (128 pairs); components past it may pass through.
-pub const ROPE_MAX_HEAD_DIM: usize = 256;
+/// Largest rotary dimension the kernels take: 256, or 512 with every pair past the first 128 of
+/// frequency 0 (proportional RoPE; a typed error otherwise). Components past it pass through.
+pub const ROPE_MAX_HEAD_DIM: usize = 512;
 
 /// Geometry of Q and K for the rope kernel: `[tokens, heads, head_dim]` with a row stride
 /// (elements from one token to the next) per tensor, so views into a packed QKV work.

@@ -5,7 +5,7 @@ use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
 use super::params::{to_i32, RopeArgs, ScoresParams, SinkArgs};
-use super::SUPPORTED_HEAD_DIMS;
+use super::{SCORES_HEAD_DIMS, SUPPORTED_HEAD_DIMS};
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::reference;
@@ -31,8 +31,11 @@ pub struct ScoresShape {
 impl ScoresShape {
     /// Validate a score computation's buffer lengths (elements) and parameters.
     pub fn check(&self, p: &AttentionParams, q_len: usize, k_len: usize, out_len: usize) -> Result<()> {
-        common(p)?;
         let d = p.head_dim;
+        if !SCORES_HEAD_DIMS.contains(&d) {
+            return Err(Error::UnsupportedHeadDim { head_dim: d, supported: SCORES_HEAD_DIMS });
+        }
+        common(p)?;
         check_rows("q", q_len, self.nq, self.q_row_stride, p.num_q_heads, d)?;
         check_rows("k", k_len, self.nk, self.k_row_stride, p.num_kv_heads, d)?;
         let needed = p.num_q_heads * self.nq * self.nk;
@@ -102,6 +105,11 @@ pub(crate) struct Common {
 pub(crate) fn common(p: &AttentionParams) -> Result<Common> {
     p.validate()?;
     check_head_dim(p.head_dim)?;
+    // Head dim 512's prefill kernel splits the head over two warps and has no room for
+    // ReRoPE's far copies of the tiles.
+    if p.head_dim > 256 && p.rope.is_some() && p.relative != crate::attention::Relative::None {
+        return Err(Error::Parameter { name: "relative", value: p.head_dim as f64, reason: "ReRoPE and Leaky ReRoPE take head_dim up to 256" });
+    }
     let (total, offset) = p.alibi.map_or((0, 0), |a| (a.total_heads, a.head_offset));
     let mut rope = RopeArgs::new(p.rope.as_ref(), p.relative, p.head_dim)?;
     if let Some(t) = p.query_temperature {

@@ -29,22 +29,30 @@ pub fn gpu_scale() -> Scale {
     }
 }
 
+/// Head dims of the rope, norm and score sweeps.
 pub const HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
 
-/// Full rotary on even head-dim indices, half of it (partial rotary, pass-through components) on odd ones.
+/// Head dims of the attention sweeps (prefill, paged prefill, decode): 512 too (Gemma 4's full
+/// layers), where no case takes ReRoPE (the kernels refuse it there).
+pub const ATTENTION_HEAD_DIMS: [usize; 6] = [64, 80, 96, 128, 256, 512];
+
+/// Full rotary on even head-dim indices, half of it (partial rotary, pass-through components) on
+/// odd ones; at 512 the whole head, which `schedules` makes Gemma 4's proportional RoPE first and
+/// a rotation of the first 256 components for the other rope types.
 pub fn full_or_half(d: usize, dim_index: usize) -> usize {
-    if dim_index.is_multiple_of(2) {
+    if dim_index.is_multiple_of(2) || d > 256 {
         d
     } else {
         d / 2
     }
 }
 
-/// Each head dim with each of the 8 rope types (`case` = 8·dim index + schedule index) and the
-/// rotary dim `rot_dim(d, dim index)` picks.
+/// Each attention head dim (`ATTENTION_HEAD_DIMS`; the score sweeps leave 512 out) with each
+/// of the 8 rope types (`case` = 8·dim index + schedule index) and the rotary dim
+/// `rot_dim(d, dim index)` picks.
 pub fn dims_and_schedules(rot_dim: impl Fn(usize, usize) -> usize) -> Vec<(usize, usize, &'static str, Rotary)> {
     let mut out = Vec::new();
-    for (ci, &d) in HEAD_DIMS.iter().enumerate() {
+    for (ci, &d) in ATTENTION_HEAD_DIMS.iter().enumerate() {
         for (si, (name, rot)) in schedules(d, rot_dim(d, ci)).into_iter().enumerate() {
             out.push((ci * 8 + si, d, name, rot));
         }
@@ -174,6 +182,9 @@ pub fn prefill_case(case: usize, d: usize, rot: Rotary, f32_path: bool, scale: S
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(rot);
     p.relative = [Relative::None, Relative::None, Relative::ReRope { window: 16 }, Relative::Leaky { window: 8, k: 4.0 }][case % 4];
+    if d > 256 {
+        p.relative = Relative::None;
+    }
     p.mask = [
         Mask { causal: true, window: None, sinks: 0, chunk: None },
         Mask { causal: true, window: Some(40), sinks: 4, chunk: None },
@@ -259,6 +270,9 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
     let mut p = AttentionParams::new(hq, hkv, d);
     p.rope = Some(rot);
     p.relative = [Relative::None, Relative::ReRope { window: 32 }, Relative::Leaky { window: 16, k: 8.0 }][case % 3];
+    if d > 256 {
+        p.relative = Relative::None;
+    }
     p.mask = [Mask { causal: true, window: None, sinks: 0, chunk: None }, Mask { causal: true, window: Some(100), sinks: 4, chunk: None }][case % 2];
     if case % 2 == 1 {
         p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
@@ -267,9 +281,9 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
     soft_cap(&mut p, case);
     chunked(&mut p, case);
     temperature(&mut p, case);
-    if d > 128 {
+    if d > 128 && d <= 256 {
         // The 16-bit decode refuses chunks at head_dim 256 (tests/emu_chunked.rs checks that,
-        // and the f32 kernel taking them).
+        // and the f32 kernel taking them); at 512 every dtype runs on CUDA cores and takes them.
         p.mask.chunk = None;
     }
     let ctx = match scale {
@@ -319,13 +333,13 @@ pub struct NormCase {
 }
 
 /// Every head dim (and two the attention kernels do not take, 6 and 72: the rope kernel takes
-/// any even one) × full and partial rotary with three rope types, and the norm alone ×
+/// any even one; and Gemma 4's 512, the norm alone) × full and partial rotary with three rope types, and the norm alone ×
 /// rope_layouts (all three vector widths), rotating through the scope (per head and weighted,
 /// over all heads and weighted, per head without weights: Qwen3 / Gemma 3, OLMo 2, Llama 4)
 /// and eps (1e-6, where the inputs' smallest tokens' mean square is ~1e-7, so eps shows).
 pub fn qk_norm_cases() -> Vec<NormCase> {
     let mut out = Vec::new();
-    for d in HEAD_DIMS.into_iter().chain([6, 72]) {
+    for d in HEAD_DIMS.into_iter().chain([6, 72, 512]) {
         let mut rots: Vec<(String, Option<Rotary>)> = vec![("norm only".into(), None)];
         if HEAD_DIMS.contains(&d) {
             for frac in [1.0, 0.5] {
@@ -346,7 +360,7 @@ pub fn qk_norm_cases() -> Vec<NormCase> {
             }
         }
     }
-    assert_eq!(out.len(), (5 * 7 + 2) * 3);
+    assert_eq!(out.len(), (5 * 7 + 3) * 3);
     out
 }
 

@@ -69,15 +69,26 @@ pub fn guard<T: Copy>(v: &[T]) -> rope_attn::emulator::GuardedBuf<T> {
     rope_attn::emulator::GuardedBuf::from_slice(v)
 }
 
-/// Schedules of every rope type, for a head of `d` with rotary dim `r`.
+/// Schedules of every rope type, for a head of `d` with rotary dim `r`. Past 256 rotated
+/// components (head_dim 512, where the kernels turn at most 128 pairs) the first is Gemma 4's
+/// proportional RoPE over the whole head (64 pairs turn, the rest pass through), and the others
+/// rotate the first 256 components.
 pub fn schedules(d: usize, r: usize) -> Vec<(&'static str, Rotary)> {
+    let wide = r > 256;
+    let r = r.min(256);
     let half = r / 2;
     let mk = |theta: f64, scaling: RopeScaling, seq: Option<usize>, layout: Layout| {
         let cfg = RopeConfig::with_scaling(theta, d, r, Some(8192), scaling).unwrap();
         Rotary::from_schedule(&cfg.schedule(seq).unwrap(), layout)
     };
+    let first = if wide {
+        let cfg = RopeConfig::with_scaling(1e6, d, d, Some(8192), RopeScaling::Proportional { factor: 1.0, rotated_pairs: d / 8 }).unwrap();
+        ("proportional", Rotary::from_schedule(&cfg.schedule(None).unwrap(), Layout::Half))
+    } else {
+        ("default", mk(10000.0, RopeScaling::Default, None, Layout::Half))
+    };
     vec![
-        ("default", mk(10000.0, RopeScaling::Default, None, Layout::Half)),
+        first,
         ("default-interleaved", mk(10000.0, RopeScaling::Default, None, Layout::Interleaved)),
         ("linear", mk(10000.0, RopeScaling::Linear { factor: 4.0 }, None, Layout::Half)),
         ("dynamic", mk(10000.0, RopeScaling::Dynamic { factor: 2.0, max_position_embeddings: 8192 }, Some(20000), Layout::Half)),
