@@ -40,7 +40,7 @@ MUTATIONS = [
      "                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));", "",
      "emu_attention", "emulated_prefill_matches_reference_f16"),
     ("wide prefill: the second row block's Q rows are the first's", "kernels/attention_fwd.cu",
-     "const int arow = ((mb * WARPS + warp) * 16", "const int arow = (warp * 16",
+     "const int arow = ((mb * RW + rw) * 16", "const int arow = (rw * 16",
      "emu_attention", "emulated_wide_tiles_every_head_dim"),
     ("wide prefill: P·V uses the first row block's P for both", "kernels/attention_fwd.cu",
      "mma_16816<T>(o[mb][2 * np + 1], pa[mb][kk], bv[2], bv[3]);", "mma_16816<T>(o[mb][2 * np + 1], pa[0][kk], bv[2], bv[3]);",
@@ -516,6 +516,25 @@ MUTATIONS = [
     ("v norm: the append sums one lane's squares, not the warp's", "kernels/attention_decode.cu",
      "        for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);\n", "",
      "emu_decode", "emulated_append_normalises_v"),
+    ("head dim 512: the pair's partial scores left unadded", "kernels/attention_fwd.cu",
+     "s[0][nt][c] += xs[((other * NT + nt) * 4 + c) * 32 + lane];", "(void)other;",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
+    ("head dim 512: a warp adds its own partial scores again, not its pair's", "kernels/attention_fwd.cu",
+     "s[0][nt][c] += xs[((other * NT", "s[0][nt][c] += xs[((warp * NT",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
+    ("head dim 512: P·V reads the first half of V for both halves of O", "kernels/attention_fwd.cu",
+     "* LD + part * DD + np * 16 + (lane / 16) * 8);", "* LD + np * 16 + (lane / 16) * 8);",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
+    ("head dim 512: the second half of O written over the first", "kernels/attention_fwd.cu",
+     "T* orow = static_cast<T*>(p.out) + tok * p.o_row_stride + (long long)h * D + part * DD;",
+     "T* orow = static_cast<T*>(p.out) + tok * p.o_row_stride + (long long)h * D;",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
+    ("head dim 512: split partials of the second half written over the first", "kernels/attention_fwd.cu",
+     "* p.q_heads + h) * D + part * DD;", "* p.q_heads + h) * D;",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
+    ("head dim 512: pairs past the frequency table turn with its first frequencies", "kernels/rope.cuh",
+     "return i < RA_MAX_PAIRS ? a.freq[i] : make_float2(0.f, 0.f);", "return a.freq[i % RA_MAX_PAIRS];",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
 ]
 
 # Races the plain emulator cannot see, because it completes a collective (a shuffle, ldmatrix)
@@ -536,6 +555,9 @@ RACE_MUTATIONS = [
      "    if (lane < BT) slots[lane] = slot;\n    __syncwarp();\n",
      "    if (lane < BT) slots[lane] = slot;\n    (void)__shfl_xor_sync(0xffffffffu, 0.f, 1);\n",
      "emu_decode", "emulated_decode_matches_reference_bf16"),
+    ("racecheck head dim 512: no barrier before the partial scores go into K's buffer", "kernels/attention_fwd.cu",
+     "            __syncthreads();  // every warp has read K_n\n", "",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
 ]
 
 
