@@ -1,6 +1,7 @@
 //! GPU kernel benchmarks (criterion; times from CUDA events around back-to-back launches, after
 //! criterion's warm-up): rope, scores, prefill (fused and pre-rotated paths, the output gate
-//! fused, and the unfused pipeline), paged decode with split-K (and with the output gate), paged (chunked) prefill fused and gathered. Without a GPU: prints "gpu benches skipped: <why>" and
+//! fused, and the unfused pipeline; at head_dim 128, and at 512 as Gemma 4's full layers), paged
+//! decode with split-K (and with the output gate; 128 and 512), paged (chunked) prefill fused and gathered. Without a GPU: prints "gpu benches skipped: <why>" and
 //! exits 0. The comparison against torch / flash_attn / copy bandwidth is `rope-attn bench`.
 
 #[path = "../src/bin/rope-attn/bench/device.rs"]
@@ -55,7 +56,7 @@ fn rope(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize) -> Res<()> {
 fn scores(c: &mut Criterion, gpu: &Gpu, stream: &Stream) -> Res<()> {
     let (n, hq, hkv, d) = (1024usize, 32usize, 8usize, 128usize);
     let mut p = AttentionParams::new(hq, hkv, d);
-    p.rope = Some(device::llama31_rotary(d)?);
+    p.rope = Some(device::bench_rotary(d)?);
     p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
     let q = device::random_device::<bf16>(stream, n * hq * d, 21)?;
     let k = device::random_device::<bf16>(stream, n * hkv * d, 22)?;
@@ -73,10 +74,10 @@ fn scores(c: &mut Criterion, gpu: &Gpu, stream: &Stream) -> Res<()> {
     Ok(())
 }
 
-fn prefill(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize) -> Res<()> {
-    let (hq, hkv, d) = (32, 8, 128);
-    let mut g = c.benchmark_group("gpu/prefill_bf16_d128_gqa32-8_causal");
-    for (batch, seqlen) in [(1usize, 4096usize), (8, 512)] {
+/// Prefill of `(batch, seqlen)` shapes with `hq` query heads over `hkv` at head_dim `d`.
+fn prefill(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize, (hq, hkv, d): (usize, usize, usize), shapes: &[(usize, usize)]) -> Res<()> {
+    let mut g = c.benchmark_group(format!("gpu/prefill_bf16_d{d}_gqa{hq}-{hkv}_causal"));
+    for &(batch, seqlen) in shapes {
         let sets = device::input_sets(Prefill::<bf16>::set_bytes(batch, seqlen, hq, hkv, d), l2);
         let mut pf = Prefill::<bf16>::new(stream, batch, seqlen, hq, hkv, d, true, sets, 5)?;
         let (fused, pre, d_pre, d_unf) = pf.cross_check(gpu, stream)?;
@@ -104,10 +105,10 @@ fn prefill(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize) -> Res<()> 
     Ok(())
 }
 
-fn decode(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize, sms: usize) -> Res<()> {
-    let (hq, hkv, d) = (32, 8, 128);
-    let mut g = c.benchmark_group("gpu/decode_paged_bf16_d128_gqa32-8");
-    for (batch, ctx) in [(1usize, 32768usize), (16, 8192), (64, 4096)] {
+/// Paged decode of `(batch, context)` shapes with `hq` query heads over `hkv` at head_dim `d`.
+fn decode(c: &mut Criterion, gpu: &Gpu, stream: &Stream, l2: usize, sms: usize, (hq, hkv, d): (usize, usize, usize), shapes: &[(usize, usize)]) -> Res<()> {
+    let mut g = c.benchmark_group(format!("gpu/decode_paged_bf16_d{d}_gqa{hq}-{hkv}"));
+    for &(batch, ctx) in shapes {
         let kv = Decode::<bf16>::kv_bytes(batch, ctx, hkv, d);
         let mut dc = Decode::<bf16>::new(stream, batch, ctx, hq, hkv, d, 16, device::input_sets(kv, l2), sms, 9)?;
         println!("decode b{batch} ctx {ctx}: {} splits (decode_splits for {sms} SMs)", dc.splits);
@@ -158,11 +159,15 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .without_plots()
         .configure_from_args();
-    let steps: [Step; 5] = [
+    // Head dim 512: Gemma 4's full layers (32 query heads over 4), proportional RoPE.
+    let (llama, gemma4) = ((32, 8, 128), (32, 4, 512));
+    let steps: [Step; 7] = [
         ("rope", &mut |c| rope(c, &gpu, &stream, l2)),
         ("scores", &mut |c| scores(c, &gpu, &stream)),
-        ("prefill", &mut |c| prefill(c, &gpu, &stream, l2)),
-        ("decode", &mut |c| decode(c, &gpu, &stream, l2, sms)),
+        ("prefill", &mut |c| prefill(c, &gpu, &stream, l2, llama, &[(1, 4096), (8, 512)])),
+        ("prefill d512", &mut |c| prefill(c, &gpu, &stream, l2, gemma4, &[(1, 4096)])),
+        ("decode", &mut |c| decode(c, &gpu, &stream, l2, sms, llama, &[(1, 32768), (16, 8192), (64, 4096)])),
+        ("decode d512", &mut |c| decode(c, &gpu, &stream, l2, sms, gemma4, &[(1, 32768), (16, 8192)])),
         ("chunked", &mut |c| chunked(c, &gpu, &stream, sms)),
     ];
     let mut failed = false;

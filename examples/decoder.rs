@@ -8,7 +8,10 @@
 //! `--chunk N` prefills the prompt in chunks of N tokens straight over the paged cache
 //! (`attention_fwd_paged`), as a server doing chunked prefill does. A gated query (Qwen3-Next,
 //! Qwen3.5) takes the `_gated` forms, which read the gates from q_proj's rows and write O
-//! gated. It runs on a GPU when one is present; otherwise, built with
+//! gated. Gemma 4's layers (`examples/shapes/gemma-4-12b-text-shape.json`; `--layer 5` is a
+//! full layer, head_dim 512) take V from k_proj where the config says so and normalise it: the
+//! norm fused into the cache append (`paged_append_v_normed`), and for the prefill's own dense V
+//! `qk_norm_inplace` with no Q. It runs on a GPU when one is present; otherwise, built with
 //! `--features emulator`, the same kernels run in the SIMT emulator on the CPU; otherwise (or
 //! with `--cpu`) the block runs on the f64 CPU reference alone.
 //!
@@ -20,7 +23,7 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rope_attn::cuda::{self, AttentionBatch, CheckReport, DecodeBatch, Gpu, PagedKvCache, PagedPrefillBatch, RopeShape};
-use rope_attn::{hf_layers, reference, AttentionParams, HfLayer, LayerAttention, Layout, NormWeight, OutputGate, QkNorm, RopeConfig, Rotary};
+use rope_attn::{hf_layers, reference, AttentionParams, HfLayer, LayerAttention, Layout, NormScope, NormWeight, OutputGate, QkNorm, RopeConfig, Rotary};
 use std::io::Write;
 use std::time::Instant;
 
@@ -253,6 +256,15 @@ fn run(a: &Args) -> Result<(), String> {
     if layer.gated_query {
         println!("gated query (q_proj emits each head's query, then its gate): the rope kernel reads the queries from between the gates (qk_norm_rope_gated), and the attention kernels write O · sigmoid(gate), the gates read where q_proj left them (attention_fwd_gated, attention_decode_gated, attention_fwd_paged_gated)");
     }
+    if layer.value_is_key {
+        println!("V = k_proj's output before the K norm and RoPE (attention_k_eq_v): no v_proj");
+    }
+    if let Some(n) = layer.v_norm {
+        println!("V norm (RMS over each head, no weight, eps {}): fused into the cache append (paged_append_v_normed); the prefill's dense V through qk_norm_inplace with no Q", n.eps);
+    }
+    if let Some(from) = layer.kv_shared_from {
+        println!("(in the model this layer reads layer {from}'s K and V cache instead of its own; one layer runs here)");
+    }
     if let Some(c) = m.softcap {
         println!("logit soft-capping at {c} (attn_logit_softcapping), score scale {:.6}", m.scale.unwrap_or(1.0 / (m.d as f64).sqrt()));
     }
@@ -302,11 +314,26 @@ fn run(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs (before any QK norm;
-/// Q's rows gated where the layer's query is: [`Model::q_width`]).
+/// Q, K, V of rows x [n, hidden], bf16-rounded like the GPU path's inputs (before any QK or V
+/// norm; Q's rows gated where the layer's query is: [`Model::q_width`]; V is k_proj's output
+/// where the layer's values are its keys, Gemma 4's full layers with `attention_k_eq_v`).
 fn qkv(m: &Model, w: &Weights, x: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let f = |wm: &[f32], width: usize| matmul(x, wm, m.hidden, width);
-    (bf16_round(&f(&w.wq, m.q_width())), bf16_round(&f(&w.wk, m.hkv * m.d)), bf16_round(&f(&w.wv, m.hkv * m.d)))
+    let k = bf16_round(&f(&w.wk, m.hkv * m.d));
+    let v = if m.layer.1.value_is_key { k.clone() } else { bf16_round(&f(&w.wv, m.hkv * m.d)) };
+    (bf16_round(&f(&w.wq, m.q_width())), k, v)
+}
+
+/// The CPU path's V norm (Gemma 3n's and Gemma 4's, the reference's RMS norm of each head
+/// without weights, rounded to bf16 like the kernels' output); no-op for the other models.
+fn v_norm_cpu(m: &Model, v: &mut [f32]) -> Result<(), String> {
+    let Some(n) = m.layer.1.v_norm else { return Ok(()) };
+    for row in v.chunks_mut(m.hkv * m.d) {
+        let mut y = to64(row);
+        reference::qk_norm_row(&mut y, m.d, n.eps, NormScope::Head, None).map_err(|e| e.to_string())?;
+        row.iter_mut().zip(y).for_each(|(r, v)| *r = bf16::from_f64(v).to_f32());
+    }
+    Ok(())
 }
 
 /// q_proj's rows as dense queries `[n, Hq·d]` and, for a gated query, the gates (else empty).
@@ -373,6 +400,7 @@ fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsA
     let (q, mut k, mut v) = qkv(m, w, prompt);
     let (mut q, gates) = split_gate(m, &q);
     qk_norm_cpu(m, w, &mut q, &mut k)?;
+    v_norm_cpu(m, &mut v)?;
     let pos: Vec<i64> = (0..a.prompt as i64).collect();
     let p = params_at(a.prompt)?;
     let o = reference::attention(&to64(&q), &to64(&k), &to64(&v), &pos, &pos, &p).map_err(|e| e.to_string())?;
@@ -383,9 +411,10 @@ fn run_cpu(a: &Args, m: &Model, w: &Weights, prompt: &[f32], params_at: &ParamsA
     for step in 0..a.steps {
         let len = a.prompt + step + 1;
         let x = next_input(m, w, &x_last, &attn[attn.len() - row..]);
-        let (qn, mut kn, vn) = qkv(m, w, &x);
+        let (qn, mut kn, mut vn) = qkv(m, w, &x);
         let (mut qn, gn) = split_gate(m, &qn);
         qk_norm_cpu(m, w, &mut qn, &mut kn)?;
+        v_norm_cpu(m, &mut vn)?;
         k.extend_from_slice(&kn);
         v.extend_from_slice(&vn);
         q = qn;
@@ -409,8 +438,11 @@ trait Kernels {
     fn prefill(&mut self, q: &[f32], k: &[f32], v: &[f32], n: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
     /// Create the paged cache (pages of 16, handed out back to front so the table really indirects).
     fn new_cache(&mut self, cache: PagedKvCache, table: &[i32]) -> Result<(), String>;
-    /// Append K/V rows `[n, Hkv·d]` at `slots`.
-    fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32]) -> Result<(), String>;
+    /// Append K/V rows `[n, Hkv·d]` at `slots`, each V head RMS-normalised as it is cached
+    /// with `v_norm_eps` (Gemma 3n's and Gemma 4's V norm fused into the append).
+    fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32], v_norm_eps: Option<f64>) -> Result<(), String>;
+    /// The V norm on a dense V `[n, Hkv·d]` in place (the rope kernel's norm with no Q), checked.
+    fn v_norm(&mut self, v: &mut [f32], shape: &RopeShape, eps: f64) -> Result<CheckReport, String>;
     /// Chunked prefill: the `n` queries `[n, Hq·d]` that are the last of the first `len` cached
     /// tokens, attending to all of them through the block table; O (gated as `prefill`) and the check.
     fn prefill_paged(&mut self, q: &[f32], n: usize, len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String>;
@@ -449,11 +481,19 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
     let slot = |t: usize| table[t / page] * page as i32 + (t % page) as i32;
     kern.new_cache(PagedKvCache { num_pages: max_pages, page_size: page, kv_heads: m.hkv, head_dim: m.d }, &table)?;
     let (row, kv_row) = (m.hq * m.d, m.hkv * m.d);
+    let v_eps = m.layer.1.v_norm.map(|n| n.eps);
     let out = match a.chunk {
         None => {
-            let (out, rep) = kern.prefill(&q, &k, &v, a.prompt, gate_of(&q_proj, 0, a.prompt).as_deref(), &params_at(a.prompt)?)?;
+            // The prefill reads its own dense V: normalised by a pass of its own (the cache's
+            // copy is normalised by the append).
+            let mut v_dense = v.clone();
+            if let Some(eps) = v_eps {
+                let shape = RopeShape { q_heads: 0, q_row_stride: 0, ..RopeShape::contiguous(a.prompt, 0, m.hkv, m.d) };
+                worst_norm = worst_norm.max(kern.v_norm(&mut v_dense, &shape, eps)?.max_abs);
+            }
+            let (out, rep) = kern.prefill(&q, &k, &v_dense, a.prompt, gate_of(&q_proj, 0, a.prompt).as_deref(), &params_at(a.prompt)?)?;
             println!("prefill {} tokens: max abs error vs reference {:.2e} (tolerance {:.1e})", a.prompt, rep.max_abs, rep.tolerance.abs);
-            kern.append(&k, &v, &(0..a.prompt).map(slot).collect::<Vec<_>>())?;
+            kern.append(&k, &v, &(0..a.prompt).map(slot).collect::<Vec<_>>(), v_eps)?;
             out
         }
         Some(chunk) => {
@@ -463,7 +503,7 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
             for start in (0..a.prompt).step_by(chunk) {
                 let end = (start + chunk).min(a.prompt);
                 let slots: Vec<i32> = (start..end).map(slot).collect();
-                kern.append(&k[start * kv_row..end * kv_row], &v[start * kv_row..end * kv_row], &slots)?;
+                kern.append(&k[start * kv_row..end * kv_row], &v[start * kv_row..end * kv_row], &slots, v_eps)?;
                 let (o, rep) = kern.prefill_paged(&q[start * row..end * row], end - start, end, gate_of(&q_proj, start, end).as_deref(), &params_at(end)?)?;
                 worst = worst.max(rep.max_abs);
                 out.extend_from_slice(&o);
@@ -482,7 +522,7 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
         let (qn, mut kn, vn) = qkv(m, w, &x);
         let q_proj = qn;
         let qn = qk_norm_kernels(kern.as_mut(), m, w, &q_proj, &mut kn, 1, &mut worst_norm)?;
-        kern.append(&kn, &vn, &[slot(len - 1)])?;
+        kern.append(&kn, &vn, &[slot(len - 1)], v_eps)?;
         let (o, rep) = kern.decode(&qn, len, gate_of(&q_proj, 0, 1).as_deref(), &params_at(len)?)?;
         worst = worst.max(rep.max_abs);
         attn = o;
@@ -490,8 +530,8 @@ fn run_kernels(mut kern: Box<dyn Kernels>, a: &Args, m: &Model, w: &Weights, pro
         progress(step + 1, a.steps, &format!("decode steps ({}, checked)", kern.name()));
     }
     println!("{} decode steps checked against the CPU reference: max abs error {worst:.2e}", a.steps);
-    if w.norm.is_some() {
-        println!("QK norm on every token's Q and K, checked: max abs error {worst_norm:.2e}");
+    if w.norm.is_some() || v_eps.is_some() {
+        println!("QK / V norms through the rope kernel, checked: max abs error {worst_norm:.2e}");
     }
     Ok(next_input(m, w, &x_last, &attn))
 }
@@ -571,11 +611,23 @@ impl Kernels for OnGpu {
         self.cache = Some((cache, self.up(&vec![bf16::ZERO; cache.len()])?, self.up(&vec![bf16::ZERO; cache.len()])?, self.up(table)?));
         Ok(())
     }
-    fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32]) -> Result<(), String> {
+    fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32], v_norm_eps: Option<f64>) -> Result<(), String> {
         let (kd, vd, sd) = (self.up(&to_bf16(k))?, self.up(&to_bf16(v))?, self.up(slots)?);
         let (cache, kc, vc, _) = self.cache.as_mut().ok_or("no cache")?;
         let row = cache.kv_heads * cache.head_dim;
-        cuda::paged_append(&self.gpu, &self.stream, &kd, &vd, kc, vc, &sd, slots.len(), row, row, cache).map_err(|e| e.to_string())
+        match v_norm_eps {
+            Some(eps) => cuda::paged_append_v_normed(&self.gpu, &self.stream, &kd, &vd, kc, vc, &sd, slots.len(), row, row, cache, eps),
+            None => cuda::paged_append(&self.gpu, &self.stream, &kd, &vd, kc, vc, &sd, slots.len(), row, row, cache),
+        }
+        .map_err(|e| e.to_string())
+    }
+    fn v_norm(&mut self, v: &mut [f32], shape: &RopeShape, eps: f64) -> Result<CheckReport, String> {
+        // No Q: a one-element buffer stands in for it (the launcher reads none of it).
+        let (mut no_q, mut vd) = (self.up(&[bf16::ZERO])?, self.up(&to_bf16(v))?);
+        let rep = cuda::qk_norm_inplace_checked(&self.gpu, &self.stream, &mut no_q, &mut vd, shape, &QkNorm::<&cudarc::driver::CudaSlice<f32>>::unweighted(eps, NormScope::Head))
+            .map_err(|e| e.to_string())?;
+        v.copy_from_slice(&self.down(&vd)?);
+        Ok(rep)
     }
     fn decode(&mut self, q: &[f32], len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
         let qd = self.up(&to_bf16(q))?;
@@ -685,10 +737,21 @@ mod emulated {
             self.cache = Some((cache, vec![bf16::ZERO; cache.len()], vec![bf16::ZERO; cache.len()], table.to_vec()));
             Ok(())
         }
-        fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32]) -> Result<(), String> {
+        fn append(&mut self, k: &[f32], v: &[f32], slots: &[i32], v_norm_eps: Option<f64>) -> Result<(), String> {
             let (cache, kc, vc, _) = self.cache.as_mut().ok_or("no cache")?;
             let row = cache.kv_heads * cache.head_dim;
-            self.emu.paged_append(&to_bf16(k), &to_bf16(v), kc, vc, slots, slots.len(), row, row, cache).map_err(|e| e.to_string())
+            let (k, v) = (to_bf16(k), to_bf16(v));
+            match v_norm_eps {
+                Some(eps) => self.emu.paged_append_v_normed(&k, &v, kc, vc, slots, slots.len(), row, row, cache, eps),
+                None => self.emu.paged_append(&k, &v, kc, vc, slots, slots.len(), row, row, cache),
+            }
+            .map_err(|e| e.to_string())
+        }
+        fn v_norm(&mut self, v: &mut [f32], shape: &RopeShape, eps: f64) -> Result<CheckReport, String> {
+            let mut vb = to_bf16(v);
+            let rep = self.emu.qk_norm_inplace_checked(&mut [], &mut vb, shape, &QkNorm::unweighted(eps, NormScope::Head)).map_err(|e| e.to_string())?;
+            v.copy_from_slice(&f32s(&vb));
+            Ok(rep)
         }
         fn decode(&mut self, q: &[f32], len: usize, gate: Option<&[f32]>, p: &AttentionParams) -> Result<(Vec<f32>, CheckReport), String> {
             let q = to_bf16(q);
@@ -738,6 +801,7 @@ mod tests {
             "examples/configs/gpt-oss-120b.json",
             "examples/configs/qwen3.6-35b-a3b-text.json",
             "examples/configs/llama-4-scout-text-transformers-defaults.json",
+            "examples/shapes/gemma-4-12b-text-shape.json",
         ] {
             let a = Args { config: config.into(), layer: None, layer_type: None, prompt: 12, steps: 3, chunk: None, force_cpu: true };
             run(&a).unwrap_or_else(|e| panic!("{config}: {e}"));
@@ -810,6 +874,40 @@ mod tests {
             let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             println!("gated query, chunk {chunk:?}: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})");
             assert!(diff < 1e-2 * scale, "{chunk:?}: {diff} vs {scale}");
+        }
+    }
+
+    /// Gemma 4 (examples/shapes: the 12B's shape): a sliding layer (head_dim 256, window 1024)
+    /// and a full one (head_dim 512, one KV head, V = k_proj's output, proportional RoPE), V
+    /// normalised in both. The kernels' path (the V norm fused into the append, the dense one
+    /// through the rope kernel, every call checked) ends in the CPU path's block output, in one
+    /// prefill and in chunks over the paged cache.
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn decoder_gemma4_layers_kernels_match_the_cpu_path() {
+        let config = "examples/shapes/gemma-4-12b-text-shape.json";
+        for (layer, d, hkv) in [(0usize, 256usize, 8usize), (5, 512, 1)] {
+            let a = Args { config: config.into(), layer: Some(layer), layer_type: None, prompt: 40, steps: 2, chunk: None, force_cpu: false };
+            let m = load_model(&a).unwrap();
+            assert_eq!((m.hq, m.hkv, m.d, m.layer.1.value_is_key), (16, hkv, d, d == 512));
+            assert!(m.layer.1.v_norm.is_some() && m.layer.1.qk_norm.is_some());
+            let mut r = StdRng::seed_from_u64(4);
+            let w = Weights::draw(&mut r, &m, 1.0 / (m.hidden as f32).sqrt(), 1.0 / ((m.hq * m.d) as f32).sqrt());
+            let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
+            let params_at = |len: usize| -> Result<AttentionParams, String> {
+                let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
+                p.rope = Some(Rotary::from_schedule(&m.rope.schedule(Some(len)).map_err(|e| e.to_string())?, m.layout));
+                Ok(m.layer.1.apply(p).unwrap())
+            };
+            let cpu = run_cpu(&a, &m, &w, &prompt, &params_at).unwrap();
+            let scale = cpu.iter().fold(0f32, |s, x| s.max(x.abs()));
+            for chunk in [None, Some(16)] {
+                let a = Args { chunk, ..a.clone() };
+                let kernels = run_kernels(Box::new(emulated::Emulated::default()), &a, &m, &w, &prompt, &params_at).unwrap();
+                let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                println!("Gemma 4 layer {layer} (d {d}), chunk {chunk:?}: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})");
+                assert!(diff < 1e-2 * scale, "layer {layer} {chunk:?}: {diff} vs {scale}");
+            }
         }
     }
 

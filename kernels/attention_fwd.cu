@@ -177,7 +177,7 @@ __device__ void attention_fwd_mma(const AttnParams& p) {
     };
     auto frow = [&](int j) { return paged ? paged_at(p.k, j) : fg + (long long)j * p.kf_row_stride; };
     // A K or V tile: one stepped pointer (contiguous) or page walk (paged) per thread where the
-    // chunks per row divide the block (16-bit head_dim 64, 128, 256), else the per-chunk loader.
+    // chunks per row divide the block (16-bit head_dim 64, 128, 256, 512), else the per-chunk loader.
     constexpr bool STEPPED = THREADS % (D * sizeof(T) / 16) == 0;
     // The sequence's K and V row bases come from shared memory at each copy: O and S take the
     // wide kernel's registers, and ptxas would otherwise spill one of these (written before the

@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-nvcc.sh >/dev/null || exit 1
 suites=("$@")
-[ ${#suites[@]} -eq 0 ] && suites=(emu_rope_scores emu_qk_norm emu_gated_query emu_attention emu_paged_prefill emu_decode)
+[ ${#suites[@]} -eq 0 ] && suites=(emu_rope_scores emu_qk_norm emu_gated_query emu_attention emu_paged_prefill emu_decode emu_head_dim_512)
 args=()
 for s in "${suites[@]}"; do
     case "$s" in emu_*) args+=(--test "$s") ;; *) args+=("$s") ;; esac

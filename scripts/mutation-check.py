@@ -532,6 +532,9 @@ MUTATIONS = [
     ("head dim 512: split partials of the second half written over the first", "kernels/attention_fwd.cu",
      "* p.q_heads + h) * D + part * DD;", "* p.q_heads + h) * D;",
      "emu_head_dim_512", "emulated_gemma4_full_layer"),
+    ("head dim 512: no barrier before the partial scores go into K's buffer", "kernels/attention_fwd.cu",
+     "            __syncthreads();  // every warp has read K_n\n", "",
+     "emu_head_dim_512", "emulated_gemma4_full_layer"),
     ("head dim 512: pairs past the frequency table turn with its first frequencies", "kernels/rope.cuh",
      "return i < RA_MAX_PAIRS ? a.freq[i] : make_float2(0.f, 0.f);", "return a.freq[i % RA_MAX_PAIRS];",
      "emu_head_dim_512", "emulated_gemma4_full_layer"),
@@ -555,9 +558,6 @@ RACE_MUTATIONS = [
      "    if (lane < BT) slots[lane] = slot;\n    __syncwarp();\n",
      "    if (lane < BT) slots[lane] = slot;\n    (void)__shfl_xor_sync(0xffffffffu, 0.f, 1);\n",
      "emu_decode", "emulated_decode_matches_reference_bf16"),
-    ("racecheck head dim 512: no barrier before the partial scores go into K's buffer", "kernels/attention_fwd.cu",
-     "            __syncthreads();  // every warp has read K_n\n", "",
-     "emu_head_dim_512", "emulated_gemma4_full_layer"),
 ]
 
 

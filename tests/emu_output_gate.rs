@@ -1,7 +1,8 @@
 //! The output gate fused into the attention kernels (Qwen3-Next's per-component gate where
 //! `q_proj` left it, LFM3's per-head gate), run by the SIMT emulator: every prefill kernel (the
-//! fused and pre-rotated tensor-core kernels at head_dim 64 and 96, the f32 rows kernel) and the
-//! decode kernels with one split and with three (the combine gates), the paged prefill (fused
+//! fused and pre-rotated tensor-core kernels at head_dim 64, 96 and 512, the f32 rows kernel at
+//! 64 and 512) and the decode kernels (tensor cores at 64, CUDA cores at 512) with one split
+//! and with three (the combine gates), the paged prefill (fused
 //! with one split and three, gathered into the wide kernel) and the merge of partial states
 //! (a cascade's last merge), in checked mode against the
 //! f64 reference with the gate applied, and against the same call ungated: the LSE to the bit,
@@ -24,7 +25,13 @@ use rope_attn::{AttentionParams, Error, Layout, RopeSchedule, Rotary};
 
 fn params(d: usize) -> AttentionParams {
     let mut p = AttentionParams::new(4, 2, d);
-    p.rope = Some(Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half));
+    // Every pair turning up to head_dim 256; at 512 (the kernels hold 128 frequencies) Gemma
+    // 4's proportional RoPE, a quarter of the pairs turning.
+    p.rope = Some(if d <= 256 {
+        Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half)
+    } else {
+        schedules(d, d).remove(0).1
+    });
     p
 }
 
@@ -67,7 +74,7 @@ fn prefill<T: Dtype>(emu: &Emulator, d: usize, use_ws: bool, seed: u64) {
 #[test]
 fn emulated_prefill_output_gate_16_bit() {
     let emu = emulator(9100);
-    for d in [64, 96] {
+    for d in [64, 96, 512] {
         for use_ws in [false, true] {
             prefill::<f16>(&emu, d, use_ws, 9101 + d as u64);
             prefill::<bf16>(&emu, d, use_ws, 9102 + d as u64);
@@ -78,11 +85,12 @@ fn emulated_prefill_output_gate_16_bit() {
 #[test]
 fn emulated_prefill_output_gate_f32() {
     prefill::<f32>(&emulator(9200), 64, true, 9201);
+    prefill::<f32>(&emulator(9200), 512, true, 9202);
 }
 
-fn decode<T: Dtype>(emu: &Emulator, seed: u64) {
-    let p = params(64);
-    let (hq, d, queries) = (p.num_q_heads, p.head_dim, 2usize);
+fn decode<T: Dtype>(emu: &Emulator, d: usize, seed: u64) {
+    let p = params(d);
+    let (hq, queries) = (p.num_q_heads, 2usize);
     let mut r = rng(seed);
     let lens = [5usize, 40];
     let f = fill::<T>(emu, &p, &lens, 16, &mut r);
@@ -117,9 +125,11 @@ fn decode<T: Dtype>(emu: &Emulator, seed: u64) {
 #[test]
 fn emulated_decode_output_gate() {
     let emu = emulator(9300);
-    decode::<f16>(&emu, 9301);
-    decode::<bf16>(&emu, 9302);
-    decode::<f32>(&emu, 9303);
+    for d in [64, 512] {
+        decode::<f16>(&emu, d, 9301 + d as u64);
+        decode::<bf16>(&emu, d, 9302 + d as u64);
+        decode::<f32>(&emu, d, 9303 + d as u64);
+    }
 }
 
 fn paged_prefill<T: Dtype>(emu: &Emulator, seed: u64) {

@@ -25,7 +25,13 @@ type Stream = Arc<cudarc::driver::CudaStream>;
 
 fn params(d: usize) -> AttentionParams {
     let mut p = AttentionParams::new(8, 2, d);
-    p.rope = Some(Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half));
+    // Every pair turning up to head_dim 256; at 512 (the kernels hold 128 frequencies) Gemma
+    // 4's proportional RoPE, a quarter of the pairs turning.
+    p.rope = Some(if d <= 256 {
+        Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half)
+    } else {
+        schedules(d, d).remove(0).1
+    });
     p
 }
 

@@ -85,7 +85,7 @@ pub fn attention_fwd_workspace_len(p: &AttentionParams, total_k: usize) -> usize
 /// Whether to pass a workspace (of [`attention_fwd_workspace_len`]) to [`attention_fwd`] for
 /// element type `T`: always when the pre-rotated path is required (ReRoPE / Leaky ReRoPE, f32),
 /// never without RoPE, and otherwise once the queries of a sequence fill more than one narrow
-/// query tile (64 rows; 32 at head_dim 256). Past that point the fused path re-rotates each K
+/// query tile (64 rows; 32 at head_dim 256 and 512). Past that point the fused path re-rotates each K
 /// tile once per query block, while pre-rotated keys cost one pass over K and let the kernel run
 /// its wide tile (128 query rows, half the shared-memory traffic per mma), which needs keys ready
 /// in memory. The threshold is argued from work counts, unmeasured until BENCHMARKS.md has figures.

@@ -65,7 +65,8 @@ impl<'a, P: ?Sized> GatedRotation<'a, P> {
         }
     }
 
-    /// The rotation and (M-RoPE) its sections, if the call rotates.
+    /// The rotation and (M-RoPE) its sections, if the call rotates (candle's CUDA path).
+    #[cfg(feature = "candle")]
     pub(crate) fn rotary(self) -> Option<(&'a Rotary, Option<&'a MRope>)> {
         match self {
             GatedRotation::None => None,

@@ -150,7 +150,7 @@ pub fn paged_prefill_gather_len(p: &AttentionParams, batch: &PagedPrefillBatch, 
 
 /// Whether to pass a gather workspace ([`paged_prefill_gather_len`]) to [`attention_fwd_paged`]:
 /// without ReRoPE, once a sequence's new queries fill more than one narrow query tile (64
-/// rows; 32 at head_dim 256), the point past which the contiguous prefill pre-rotates too
+/// rows; 32 at head_dim 256 and 512), the point past which the contiguous prefill pre-rotates too
 /// ([`super::prefill_prefers_workspace`]). The gather is one pass over the context's K and V;
 /// the fused path re-reads and re-rotates every K tile once per query tile and head. Argued
 /// from work counts, unmeasured until BENCHMARKS.md has figures.

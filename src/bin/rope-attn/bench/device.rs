@@ -229,9 +229,15 @@ pub fn random_device_tiled<T: Dtype>(stream: &Arc<CudaStream>, n: usize, seed: u
     Ok(buf)
 }
 
-/// Llama 3.1's RoPE schedule (theta 5e5, llama3 scaling, factor 8) over a head of `d`:
-/// attention factor 1, so rotating the same buffer again and again keeps it bounded.
-pub fn llama31_rotary(d: usize) -> Res<Rotary> {
+/// The benchmarks' RoPE over a head of `d`: Llama 3.1's schedule (theta 5e5, llama3 scaling,
+/// factor 8) up to head_dim 256; at 512, Gemma 4's full layers' proportional RoPE (theta 1e6, a
+/// quarter of the pairs turning: the kernels turn at most 128). Attention factor 1 either way,
+/// so rotating the same buffer again and again keeps it bounded.
+pub fn bench_rotary(d: usize) -> Res<Rotary> {
+    if d > 256 {
+        let cfg = RopeConfig::with_scaling(1e6, d, d, Some(131072), RopeScaling::Proportional { factor: 1.0, rotated_pairs: d / 8 })?;
+        return Ok(Rotary::from_schedule(&cfg.schedule(None)?, Layout::Half));
+    }
     let cfg = RopeConfig::with_scaling(
         500000.0,
         d,
@@ -352,7 +358,7 @@ impl<T: Dtype> Prefill<T> {
         sets: usize,
         seed: u64,
     ) -> Res<Self> {
-        let rot = llama31_rotary(d)?;
+        let rot = bench_rotary(d)?;
         let mut no_pe = AttentionParams::new(hq, hkv, d);
         no_pe.mask = Mask { causal, window: None, sinks: 0, chunk: None };
         let alibi_only = AttentionParams { alibi: Some(Alibi { total_heads: hq, head_offset: 0 }), ..no_pe.clone() };
@@ -516,7 +522,7 @@ impl<T: Dtype> Decode<T> {
         seed: u64,
     ) -> Res<Self> {
         let mut p = AttentionParams::new(hq, hkv, d);
-        p.rope = Some(llama31_rotary(d)?);
+        p.rope = Some(bench_rotary(d)?);
         let max_pages = context.div_ceil(page_size);
         let per_set = batch * max_pages;
         let sets = sets.max(1);
@@ -656,7 +662,7 @@ impl<T: Dtype> PagedPrefill<T> {
         seed: u64,
     ) -> Res<Self> {
         let mut p = AttentionParams::new(hq, hkv, d);
-        p.rope = Some(llama31_rotary(d)?);
+        p.rope = Some(bench_rotary(d)?);
         p.alibi = Some(Alibi { total_heads: hq, head_offset: 0 });
         let max_pages = context.div_ceil(page_size);
         let cache = PagedKvCache { num_pages: batch * max_pages, page_size, kv_heads: hkv, head_dim: d };
@@ -769,7 +775,7 @@ impl<T: Dtype> RopeCopy<T> {
             shape: RopeShape::contiguous(tokens, hq, hkv, d),
             sets: list,
             positions: stream.clone_htod(&pos)?,
-            rot: llama31_rotary(d)?,
+            rot: bench_rotary(d)?,
             src: random_device_tiled::<T>(stream, sets * elems, seed + 7)?,
             dst: stream.alloc_zeros::<T>(sets * elems)?,
             elems,

@@ -351,7 +351,7 @@ fn sanity<T: Dtype>(cx: &Ctx, d: usize) -> Result<String, String> {
         let lens = [200usize, 77];
         let total: usize = lens.iter().sum();
         let mut p = rope_attn::AttentionParams::new(hq, hkv, d);
-        p.rope = Some(dev::llama31_rotary(d)?);
+        p.rope = Some(dev::bench_rotary(d)?);
         p.alibi = Some(rope_attn::Alibi { total_heads: hq, head_offset: 0 });
         let b = AttentionBatch::contiguous(&p, lens.len(), 200, total, total);
         let q = dev::random_device::<T>(s, total * hq * d, 11)?;
