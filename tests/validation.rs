@@ -46,9 +46,15 @@ fn rope_shape_errors() {
     // more tokens than an i32 grid dimension holds
     let huge = RopeShape::contiguous(3_000_000_000, 1, 1, 2);
     assert!(matches!(huge.check(usize::MAX / 4, usize::MAX / 4, usize::MAX / 4, &rot(2)), Err(Error::Position { what: "tokens", .. })));
-    // rotary dim beyond the kernels' 128 pairs
+    // 256 turning pairs: the kernels hold 128 frequencies (pairs past them must not turn)
     let big = RopeShape::contiguous(1, 1, 1, 512);
-    assert!(matches!(big.check(512, 512, 1, &rot(512)), Err(Error::RotaryDim { rotary_dim: 512, .. })));
+    assert!(matches!(big.check(512, 512, 1, &rot(512)), Err(Error::Parameter { name: "inv_freq", .. })));
+    let mut proportional = rot(512);
+    proportional.inv_freq[128..].iter_mut().for_each(|f| *f = 0.0);
+    assert_eq!(big.check(512, 512, 1, &proportional), Ok(()));
+    // rotary dim beyond 512
+    let huge_d = RopeShape::contiguous(1, 1, 1, 1024);
+    assert!(matches!(huge_d.check(1024, 1024, 1, &rot(1024)), Err(Error::RotaryDim { rotary_dim: 1024, .. })));
 }
 
 #[test]

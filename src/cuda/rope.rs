@@ -57,6 +57,8 @@ impl RopeShape {
         if rot.rotary_dim > ROPE_MAX_HEAD_DIM {
             return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim: self.head_dim });
         }
+        // Past 128 pairs, only frequencies of 0 (the kernels' parameters hold 128).
+        RopeArgs::new(Some(rot), Relative::None, self.head_dim)?;
         self.check_buffers(q_len, k_len)?;
         if pos_len < self.tokens {
             return Err(Error::BufferTooSmall { what: "positions", needed: self.tokens, got: pos_len });
