@@ -848,6 +848,29 @@ mod tests {
         }
     }
 
+    /// The kernels' path of `a`'s layer (in the emulator, every call checked) ends in the CPU
+    /// path's block output, in one prefill and in chunks of `chunk` over the paged cache.
+    #[cfg(feature = "emulator")]
+    fn kernels_match_the_cpu_path(a: &Args, m: &Model, seed: u64, chunk: usize) {
+        let mut r = StdRng::seed_from_u64(seed);
+        let w = Weights::draw(&mut r, m, 1.0 / (m.hidden as f32).sqrt(), 1.0 / ((m.hq * m.d) as f32).sqrt());
+        let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
+        let params_at = |len: usize| -> Result<AttentionParams, String> {
+            let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
+            p.rope = Some(Rotary::from_schedule(&m.rope.schedule(Some(len)).map_err(|e| e.to_string())?, m.layout));
+            Ok(m.layer.1.apply(p).unwrap())
+        };
+        let cpu = run_cpu(a, m, &w, &prompt, &params_at).unwrap();
+        let scale = cpu.iter().fold(0f32, |s, x| s.max(x.abs()));
+        for chunk in [None, Some(chunk)] {
+            let a = Args { chunk, ..a.clone() };
+            let kernels = run_kernels(Box::new(emulated::Emulated::default()), &a, m, &w, &prompt, &params_at).unwrap();
+            let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            println!("{} layer {}, chunk {chunk:?}: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})", a.config, m.layer.0);
+            assert!(diff < 1e-2 * scale, "{} layer {} {chunk:?}: {diff} vs {scale}", a.config, m.layer.0);
+        }
+    }
+
     /// Qwen3.6's gated query: the kernels' path (the rope kernel reads the queries from between
     /// the gates, the attention kernels gate O reading the gates from the same rows, checked on
     /// every call) ends in the CPU path's block output (split and gated on the host, the
@@ -858,23 +881,7 @@ mod tests {
         let a = Args { config: "examples/configs/qwen3.6-35b-a3b-text.json".into(), layer: None, layer_type: None, prompt: 20, steps: 2, chunk: None, force_cpu: false };
         let m = load_model(&a).unwrap();
         assert!(m.layer.1.gated_query && m.q_width() == 2 * m.hq * m.d);
-        let mut r = StdRng::seed_from_u64(3);
-        let w = Weights::draw(&mut r, &m, 1.0 / (m.hidden as f32).sqrt(), 1.0 / ((m.hq * m.d) as f32).sqrt());
-        let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
-        let params_at = |len: usize| -> Result<AttentionParams, String> {
-            let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
-            p.rope = Some(Rotary::from_schedule(&m.rope.schedule(Some(len)).map_err(|e| e.to_string())?, m.layout));
-            Ok(m.layer.1.apply(p).unwrap())
-        };
-        let cpu = run_cpu(&a, &m, &w, &prompt, &params_at).unwrap();
-        let scale = cpu.iter().fold(0f32, |s, x| s.max(x.abs()));
-        for chunk in [None, Some(8)] {
-            let a = Args { chunk, ..a.clone() };
-            let kernels = run_kernels(Box::new(emulated::Emulated::default()), &a, &m, &w, &prompt, &params_at).unwrap();
-            let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            println!("gated query, chunk {chunk:?}: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})");
-            assert!(diff < 1e-2 * scale, "{chunk:?}: {diff} vs {scale}");
-        }
+        kernels_match_the_cpu_path(&a, &m, 3, 8);
     }
 
     /// Gemma 4 (examples/shapes: the 12B's shape): a sliding layer (head_dim 256, window 1024)
@@ -885,29 +892,12 @@ mod tests {
     #[cfg(feature = "emulator")]
     #[test]
     fn decoder_gemma4_layers_kernels_match_the_cpu_path() {
-        let config = "examples/shapes/gemma-4-12b-text-shape.json";
         for (layer, d, hkv) in [(0usize, 256usize, 8usize), (5, 512, 1)] {
-            let a = Args { config: config.into(), layer: Some(layer), layer_type: None, prompt: 40, steps: 2, chunk: None, force_cpu: false };
+            let a = Args { config: "examples/shapes/gemma-4-12b-text-shape.json".into(), layer: Some(layer), layer_type: None, prompt: 40, steps: 2, chunk: None, force_cpu: false };
             let m = load_model(&a).unwrap();
             assert_eq!((m.hq, m.hkv, m.d, m.layer.1.value_is_key), (16, hkv, d, d == 512));
             assert!(m.layer.1.v_norm.is_some() && m.layer.1.qk_norm.is_some());
-            let mut r = StdRng::seed_from_u64(4);
-            let w = Weights::draw(&mut r, &m, 1.0 / (m.hidden as f32).sqrt(), 1.0 / ((m.hq * m.d) as f32).sqrt());
-            let prompt = random(&mut r, a.prompt * m.hidden, 1.0);
-            let params_at = |len: usize| -> Result<AttentionParams, String> {
-                let mut p = AttentionParams::new(m.hq, m.hkv, m.d);
-                p.rope = Some(Rotary::from_schedule(&m.rope.schedule(Some(len)).map_err(|e| e.to_string())?, m.layout));
-                Ok(m.layer.1.apply(p).unwrap())
-            };
-            let cpu = run_cpu(&a, &m, &w, &prompt, &params_at).unwrap();
-            let scale = cpu.iter().fold(0f32, |s, x| s.max(x.abs()));
-            for chunk in [None, Some(16)] {
-                let a = Args { chunk, ..a.clone() };
-                let kernels = run_kernels(Box::new(emulated::Emulated::default()), &a, &m, &w, &prompt, &params_at).unwrap();
-                let diff = kernels.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                println!("Gemma 4 layer {layer} (d {d}), chunk {chunk:?}: kernels' and CPU block outputs differ by {diff:.2e} (max |x| {scale:.2})");
-                assert!(diff < 1e-2 * scale, "layer {layer} {chunk:?}: {diff} vs {scale}");
-            }
+            kernels_match_the_cpu_path(&a, &m, 4, 16);
         }
     }
 
