@@ -160,8 +160,8 @@ __device__ void decode_body(const DecodeParams& p) {
     }
     for (int e = threadIdx.x; e < BT * half; e += blockDim.x) {
         const int t = e / half, P = e % half;
-        Off[t * H2 + P] = cs_scaled(angle_turns(t, pair_freq(ra, P)), 1.f);
-        if (leaky) Offl[t * H2 + P] = cs_scaled(angle_turns(t, pair_freq_leak(ra, P)), 1.f);
+        Off[t * H2 + P] = pair_cs(t, pair_freq(ra, P), 1.f);
+        if (leaky) Offl[t * H2 + P] = pair_cs(t, pair_freq_leak(ra, P), 1.f);
     }
     __syncthreads();  // the only barrier before the end: the warps now run independently
 
@@ -197,8 +197,8 @@ __device__ void decode_body(const DecodeParams& p) {
         // The tile's bases, exact, shared by the warp (while its copies land).
         if (rope) {
             for (int P = lane; P < half; P += 32) {
-                Base[P] = cs_scaled(angle_turns(j0, pair_freq(ra, P)), 1.f);
-                if (leaky) Basel[P] = cs_scaled(angle_turns(j0, pair_freq_leak(ra, P)), 1.f);
+                Base[P] = pair_cs(j0, pair_freq(ra, P), 1.f);
+                if (leaky) Basel[P] = pair_cs(j0, pair_freq_leak(ra, P), 1.f);
             }
         }
         if (more) cp_async_wait<1>();  // this lane's copies of tile n landed ...

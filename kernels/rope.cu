@@ -231,7 +231,7 @@ __device__ void rope_token(const RopeParams& p, long long src_row, long long dst
     const int half = p.rope.rotary_dim / 2;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         const float2 f = p.use_leak_freq ? pair_freq_leak(p.rope, i) : pair_freq(p.rope, i);
-        cs[i] = cs_scaled(angle_turns(pair_position(p, pos, i), f), p.rope.attention_factor);
+        cs[i] = pair_cs(pair_position(p, pos, i), f, p.rope.attention_factor);
     }
     __syncthreads();
     if (NORM && p.norm == 2) norm_totals(p, sums);

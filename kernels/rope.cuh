@@ -119,4 +119,13 @@ __device__ __forceinline__ float2 cs_scaled(float t, float scale) {
     return make_float2(c * scale, s * scale);
 }
 
+// (cos, sin)·scale at position pos of a pair of frequency f (turns): the exact reduction and
+// sincospif, or for a pair of frequency 0 (proportional RoPE's pass-through pairs: 192 of
+// Gemma 4's 256 at head_dim 512) (scale, 0) at once, the same bits the reduction gives
+// (angle 0: cos 1, sin 0). The warps of a tile's pairs mostly take one side.
+__device__ __forceinline__ float2 pair_cs(int pos, float2 f, float scale) {
+    if (f.x == 0.f && f.y == 0.f) return make_float2(scale, 0.f);
+    return cs_scaled(angle_turns(pos, f), scale);
+}
+
 }  // namespace ra

@@ -18,11 +18,11 @@ enum RotMode {
 __device__ __forceinline__ float2 mode_cs(const RopeArgs& a, int mode, int pos, int pair) {
     const float af = a.attention_factor;
     switch (mode) {
-        case ROT_POS: return cs_scaled(angle_turns(pos, pair_freq(a, pair)), af);
-        case ROT_Q_RE: return cs_scaled(angle_turns(a.window, pair_freq(a, pair)), af * af);
+        case ROT_POS: return pair_cs(pos, pair_freq(a, pair), af);
+        case ROT_Q_RE: return pair_cs(a.window, pair_freq(a, pair), af * af);
         case ROT_Q_LEAKY:
             return cs_scaled(angle_turns(a.window, pair_freq(a, pair)) + angle_turns(pos - a.window, pair_freq_leak(a, pair)), af);
-        default: return cs_scaled(angle_turns(pos, pair_freq_leak(a, pair)), af);  // ROT_K_LEAKY
+        default: return pair_cs(pos, pair_freq_leak(a, pair), af);  // ROT_K_LEAKY
     }
 }
 
@@ -103,7 +103,7 @@ constexpr int ROT_SUB = 8;
 // below, each angle from an exact reduction.
 __device__ __forceinline__ void fill_rotation_table(float2* t, const RopeArgs& a, int pos0, int stride, int n, float scale) {
     const int half = a.rotary_dim / 2;
-    for (int e = threadIdx.x; e < n * half; e += blockDim.x) t[e] = cs_scaled(angle_turns(pos0 + stride * (e / half), pair_freq(a, e % half)), scale);
+    for (int e = threadIdx.x; e < n * half; e += blockDim.x) t[e] = pair_cs(pos0 + stride * (e / half), pair_freq(a, e % half), scale);
 }
 
 // off[b][pair] = (cos, sin) of offset b < ROT_SUB: once per block.
@@ -127,12 +127,12 @@ __device__ __forceinline__ void fill_rotation_bases_stepped(float2* base, const 
     const int half = a.rotary_dim / 2, n = rows / ROT_SUB, share = blockDim.x / half;
     if (share <= 1) {  // no more threads than pairs: each thread its pairs' every base
         for (int p = threadIdx.x; p < half; p += blockDim.x) {
-            const float2 b0 = cs_scaled(angle_turns(pos0, pair_freq(a, p)), a.attention_factor);
+            const float2 b0 = pair_cs(pos0, pair_freq(a, p), a.attention_factor);
             for (int s = 0; s < n; ++s) base[s * half + p] = cmul(b0, step[s * half + p]);
         }
     } else if (threadIdx.x < share * half) {  // `share` threads a pair, every share-th base each
         const int p = threadIdx.x % half;
-        const float2 b0 = cs_scaled(angle_turns(pos0, pair_freq(a, p)), a.attention_factor);
+        const float2 b0 = pair_cs(pos0, pair_freq(a, p), a.attention_factor);
         for (int s = threadIdx.x / half; s < n; s += share) base[s * half + p] = cmul(b0, step[s * half + p]);
     }
 }

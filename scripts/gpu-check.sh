@@ -6,6 +6,7 @@
 # For a short device budget:
 #   SANITIZE="memcheck"   the sanitizer tools to run ("" for none; default "memcheck racecheck")
 #   BENCH_ARGS="--quick"  passed to `rope-attn bench`
+#   CRITERION="d512"      also the criterion GPU benches (benches/gpu.rs) whose names hold it
 #   BUDGET_S=480          seconds for the whole script: each phase runs under `timeout` with
 #                         what is left (a phase cut off is logged as TIMEOUT and fails the run),
 #                         so the tests, the decoder and the bench come back even when the
@@ -42,7 +43,9 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("gpu_"): print(m["executable"])
 ' > "$LOG/gpu_bins.txt"
     DECODER=(cargo run --release --example decoder -- examples/configs/llama-3.1-8b.json)
+    GEMMA4=(cargo run --release --example decoder -- examples/shapes/gemma-4-12b-text-shape.json)
     BENCH=(cargo run --release --bin rope-attn -- bench)
+    CRIT=(cargo bench --bench gpu --)
 else
     # Staged binaries: only the GPU tests (the CPU tests read files at paths baked in at build
     # time, and they already ran where they were built).
@@ -50,14 +53,24 @@ else
     grep -q '^FAILED' "$LOG/tests.txt" && status=1
     ls -d "$PWD"/.devbin/tests/gpu_* > "$LOG/gpu_bins.txt"
     DECODER=(.devbin/decoder .devbin/configs/llama-3.1-8b.json)
+    GEMMA4=(.devbin/decoder .devbin/shapes/gemma-4-12b-text-shape.json)
     BENCH=(.devbin/rope-attn bench)
+    CRIT=(.devbin/gpu-benches --bench)
 fi
+# Gemma 4's full layer (layer 5: head_dim 512, V = K, the V norm) too, whole and chunked.
 (run decoder "${DECODER[@]}" --prompt 512 --steps 64 &&
-    run decoder-chunked "${DECODER[@]}" --prompt 512 --steps 8 --chunk 128) 2>&1 | tee "$LOG/decoder.txt"
+    run decoder-chunked "${DECODER[@]}" --prompt 512 --steps 8 --chunk 128 &&
+    run decoder-gemma4 "${GEMMA4[@]}" --layer 5 --prompt 512 --steps 16 &&
+    run decoder-gemma4-chunked "${GEMMA4[@]}" --layer 5 --prompt 512 --steps 4 --chunk 128) 2>&1 | tee "$LOG/decoder.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # shellcheck disable=SC2086
 run bench "${BENCH[@]}" ${BENCH_ARGS:-} --csv "$LOG/bench.csv" 2>&1 | tee "$LOG/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# CRITERION=<filter> (e.g. d512): the criterion GPU benches whose names hold it.
+if [ -n "${CRITERION:-}" ]; then
+    run criterion "${CRIT[@]}" "$CRITERION" 2>&1 | tee "$LOG/criterion.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
 if [ -n "$SAN" ]; then
     export ROPE_ATTN_SANITIZER=1

@@ -204,3 +204,32 @@ fn emulated_head_dim_512_refusals() {
     let e = emu.scores(&q, &kv, &mut s, &ScoresShape::contiguous(&p, n, n, 0), &p).unwrap_err();
     assert!(matches!(e, Error::UnsupportedHeadDim { head_dim: 512, .. }), "{e:?}");
 }
+
+/// Gemma 4's proportional RoPE turns 64 of the 512-wide head's 256 pairs: the other 192 have
+/// frequency 0, and no kernel evaluates an angle for them (kernels/rope.cuh, pair_cs: their
+/// (cos, sin) is (1, 0) to the bit). Counted by the emulator on the fused prefill (32 queries
+/// over 256 keys, one 32-row Q tile composed from 8 offsets and a base per 8 rows, eight 32-key
+/// K tiles rotated in shared memory a pair at a time): a quarter of the sincos evaluations
+/// every pair turning would take.
+#[test]
+fn emulated_head_dim_512_evaluates_no_angle_of_a_pair_that_does_not_turn() {
+    let (p, _) = full_layer();
+    let (nq, nk, d) = (32usize, 256usize, p.head_dim);
+    let p = AttentionParams { num_q_heads: 1, num_kv_heads: 1, ..p };
+    let turning = p.rope.as_ref().unwrap().inv_freq.iter().filter(|&&f| f != 0.0).count();
+    assert_eq!(turning, 64);
+    let emu = emulator(514);
+    let mut r = rng(514);
+    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, nq * d)).0);
+    let k = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
+    let v = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
+    let (cq, ck) = (guard(&[0i32, nq as i32]), guard(&[0i32, nk as i32]));
+    let (mut out, mut lse) = (GuardedBuf::filled(nq * d, bf16::ZERO), GuardedBuf::filled(nq, 0f32));
+    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: None };
+    emu.take_work();
+    let (path, rep) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &AttentionBatch::single(&p, nq, nk), &p, None).unwrap();
+    assert!(path == PrefillPath::Fused && rep.passed(), "{path:?} {rep:?}");
+    let w = emu.take_work();
+    println!("fused prefill {nq}x{nk} at head_dim 512: {w:?}");
+    assert_eq!(w.trig as usize, (8 + nq / 8) * turning + (nk / 32) * 32 * turning);
+}
