@@ -314,6 +314,18 @@ fn prefill_gqa_causal_rope_matches_candle() {
     check_prefill("mqa plain", &AttentionParams::new(4, 1, 64), SEQS, 11);
 }
 
+/// Head dim 512, Gemma 4's full layers: one KV head, proportional RoPE over the whole head (64
+/// of its 256 pairs turning, the rest passed through), against candle-nn's rope over the same
+/// frequencies. (d = 512 products per score: the random walk of roundings is √8 times d = 64's,
+/// still 6x under the tolerance.)
+#[test]
+fn prefill_head_dim_512_proportional_rope_matches_candle() {
+    let d = 512;
+    let mut p = AttentionParams::new(4, 1, d);
+    p.rope = Some(rotary(d, d, Layout::Half, RopeScaling::Proportional { factor: 1.0, rotated_pairs: 64 }));
+    check_prefill("head_dim 512 proportional", &p, SEQS, 14);
+}
+
 #[test]
 fn prefill_sliding_window_with_sinks_matches_candle() {
     let mut p = AttentionParams::new(4, 2, 64);
