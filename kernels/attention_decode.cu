@@ -408,8 +408,9 @@ __device__ void append_body(const AppendParams& p) {
 
 // One f32 decode kernel per head dim (the lane layout depends on it):
 // attention_decode_d{64,80,96,128,256,512}_f32, and at 512 the 16-bit ones too (a tensor-core
-// warp's O over 16 rows of 512 would take 256 registers; here a lane holds 8 pairs of 4 rows);
-// the paged append for every dtype.
+// warp's O over 16 rows of 512 would take 256 registers; here a lane holds 8 pairs of 4 rows),
+// and at 256 the 16-bit ones chunked attention takes (attention_decode_cores_d256_*); the paged
+// append for every dtype.
 #define RA_DECODE_D(D) \
     RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 3, attention_decode_d##D##_f32, ra::DecodeParams) { ra::decode_body<float, D>(p); }
 RA_DECODE_D(64)
@@ -422,6 +423,13 @@ RA_DECODE_D(256)
 #define RA_DECODE_D512(T, NAME) \
     RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 2, attention_decode_d512_##NAME, ra::DecodeParams) { ra::decode_body<T, 512>(p); }
 RA_FOR_EACH_DTYPE(RA_DECODE_D512)
+// The 16-bit decode at head_dim 256 with chunked attention: the tensor-core kernel's 256 build
+// leaves chunks out (at 255 registers they would spill), so those calls run here:
+// attention_decode_cores_d256_{f16,bf16} (the tensor-core ones keep the plain names).
+#define RA_DECODE_D256_CHUNKED(T, NAME) \
+    RA_KERNEL_MIN_BLOCKS(ra::DEC_WARPS * 32, 3, attention_decode_cores_d256_##NAME, ra::DecodeParams) { ra::decode_body<T, 256>(p); }
+RA_DECODE_D256_CHUNKED(__half, f16)
+RA_DECODE_D256_CHUNKED(__nv_bfloat16, bf16)
 #define RA_APPEND(T, NAME) \
     RA_KERNEL(128, paged_append_##NAME, ra::AppendParams) { ra::append_body<T>(p); }
 RA_FOR_EACH_DTYPE(RA_APPEND)

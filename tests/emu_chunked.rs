@@ -2,7 +2,7 @@
 //! kernels in checked mode: prefill at explicit positions (chunk starts inside tiles, negative
 //! query positions, non-causal), decode whose queries straddle a chunk start (every row bound
 //! the tensor-core kernel keeps per row), the keys decode reads (the chunk's, not the cache's),
-//! and the typed refusal where the 16-bit decode at head_dim 256 leaves chunks out.
+//! and the 16-bit decode at head_dim 256, whose chunks the CUDA-core kernel takes.
 #![cfg(feature = "emulator")]
 
 mod common;
@@ -44,7 +44,7 @@ fn emulated_chunked_prefill_at_explicit_positions() {
 /// Sixteen queries straddling the chunk start 1024 (positions 1014..=1029 of a 1030-key
 /// context): the first ten see keys from 0 (its chunk), the last six only 1024..; with sinks,
 /// with a window, causal and not, split and not, on the tensor-core kernel (16-bit, head_dim
-/// 128 and 64) and the CUDA-core one (f32).
+/// 128 and 64) and the CUDA-core one (f32, and 16-bit at head_dim 256).
 fn straddle<T: Dtype>(emu: &Emulator, d: usize, mask: Mask, seed: u64) {
     let mut p = AttentionParams::new(8, 2, d);
     p.rope = Some(schedules(d, d).remove(1).1);
@@ -61,8 +61,10 @@ fn emulated_decode_with_queries_straddling_a_chunk_start() {
         straddle::<f16>(&emu, 64, m, 80 + i as u64);
         straddle::<f32>(&emu, 128, m, 90 + i as u64);
     }
+    straddle::<f16>(&emu, 256, masks[2], 97);
     // Chunks smaller than a tile and than the queries: many chunks among the 16 rows.
     straddle::<bf16>(&emu, 64, chunked(true, None, 1, 5), 99);
+    straddle::<bf16>(&emu, 256, chunked(true, None, 1, 5), 96);
     straddle::<f32>(&emu, 64, chunked(false, None, 0, 3), 98);
 }
 
@@ -84,13 +86,16 @@ fn emulated_decode_reads_only_the_chunk() {
     }
 }
 
-/// The 16-bit decode at head_dim 256 leaves chunks out (its registers): a typed error before
-/// any launch, not a wrong answer; f32 at 256 and 16-bit at 128 take them.
+/// The tensor-core decode's head_dim-256 build leaves chunks out (its registers): a 16-bit
+/// chunked decode at 256 runs on the CUDA-core kernel instead (the f32 one's code, 4 rows a
+/// block; no mma), checked against the reference as f32 at 256 and 16-bit at 128 (on tensor
+/// cores) are.
 #[test]
-fn emulated_chunked_decode_at_head_dim_256_is_refused_in_16_bit() {
+fn emulated_chunked_decode_at_head_dim_256_runs_in_16_bit() {
     let emu = emulator(43);
     let (hq, hkv, page, ctx) = (4usize, 2usize, 16usize, 100usize);
     let run = |d: usize, dtype16: bool| -> Result<(), Error> {
+        emu.take_work();
         let mut p = AttentionParams::new(hq, hkv, d);
         p.rope = Some(schedules(d, d).remove(0).1);
         p.mask = chunked(true, None, 0, 32);
@@ -110,7 +115,10 @@ fn emulated_chunked_decode_at_head_dim_256_is_refused_in_16_bit() {
             emu.attention_decode_checked(&x, &mut out, &mut lse, &f.cache, &batch, &p, 1, None).map(|_| ())
         }
     };
-    assert!(matches!(run(256, true), Err(Error::Parameter { name: "chunk", .. })), "{:?}", run(256, true));
+    run(256, true).unwrap();
+    // On CUDA cores: no mma.sync (the tensor-core kernel at 128 takes them).
+    assert_eq!(emu.take_work().mma, 0);
     run(256, false).unwrap();
     run(128, true).unwrap();
+    assert!(emu.take_work().mma > 0);
 }

@@ -56,6 +56,10 @@ fn every_launched_kernel_is_compiled_for_sm80_and_sm90() {
         for d in rope_attn::cuda::SUPPORTED_HEAD_DIMS {
             expected.push(format!("attention_decode_d{d}_{dt}"));
         }
+        // The 16-bit chunked decode at 256 runs on CUDA cores.
+        if dt != "f32" {
+            expected.push(format!("attention_decode_cores_d256_{dt}"));
+        }
     }
     for dt in ["f16", "bf16"] {
         for &d in rope_attn::cuda::SUPPORTED_HEAD_DIMS {

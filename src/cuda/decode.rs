@@ -85,10 +85,12 @@ impl DecodeBatch {
     }
 }
 
-/// Whether a decode runs on the CUDA-core kernel (kernels/attention_decode.cu): f32, and every
-/// dtype at head_dim 512, where a tensor-core warp's O over its 16 rows would take 256 registers.
-pub(crate) fn on_cores(elem: usize, d: usize) -> bool {
-    elem == 4 || d > 256
+/// Whether a decode runs on the CUDA-core kernel (kernels/attention_decode.cu): f32, every dtype
+/// at head_dim 512, where a tensor-core warp's O over its 16 rows would take 256 registers, and
+/// chunked attention (`chunked`) at head_dim 256, which the tensor-core kernel's 256 build
+/// leaves out (at 255 registers the chunk test would spill: attention_decode_mma.cu, CHUNKS).
+pub(crate) fn on_cores(elem: usize, d: usize, chunked: bool) -> bool {
+    elem == 4 || d > 256 || (chunked && d > 128)
 }
 
 /// Keys per warp tile of the CUDA-core decode kernel (`decode_tile_keys` in
@@ -232,7 +234,7 @@ fn mma_smem_rot(p: &AttentionParams) -> bool {
 /// head_dim 512).
 fn blocks_per_split(p: &AttentionParams, b: &DecodeBatch) -> usize {
     let rows = p.group_size() * b.queries;
-    b.batch * p.num_kv_heads * rows.div_ceil(rows_per_block(on_cores(2, p.head_dim)))
+    b.batch * p.num_kv_heads * rows.div_ceil(rows_per_block(on_cores(2, p.head_dim, p.mask.chunk.is_some())))
 }
 
 /// The keys the splits share out: the whole context, or under a sliding window W the last
@@ -485,12 +487,7 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     let c = common(p)?;
     let (d, hq) = (p.head_dim, p.num_q_heads);
     let elem = std::mem::size_of::<T>();
-    // The tensor-core kernel's head_dim-256 build leaves the chunk test out: at 255 registers it
-    // would spill (kernels/attention_decode_mma.cu, CHUNKS).
-    let cores = on_cores(elem, d);
-    if let Some(chunk) = p.mask.chunk.filter(|_| !cores && d > 128) {
-        return Err(Error::Parameter { name: "chunk", value: chunk as f64, reason: "16-bit decode takes chunked attention up to head_dim 128" });
-    }
+    let cores = on_cores(elem, d, p.mask.chunk.is_some());
     let tokens = batch.tokens();
     if tokens == 0 {
         return Ok(());
@@ -549,9 +546,10 @@ pub(crate) fn launch_decode<T: Dtype, B: Backend>(
     };
     be.run(&Launch {
         // The same kernel names in two modules: f32 (and head_dim 512) on CUDA cores, the
-        // other 16-bit ones on tensor cores.
+        // other 16-bit ones on tensor cores; the chunked 16-bit ones at 256 on CUDA cores as
+        // attention_decode_cores_d256_*.
         module: if cores { Module::AttentionDecode } else { Module::AttentionDecodeMma },
-        name: format!("attention_decode_d{d}_{}", T::NAME),
+        name: format!("attention_decode_{}d{d}_{}", if cores && elem == 2 && d <= 256 { "cores_" } else { "" }, T::NAME),
         grid: (splits as u32, grid_y as u32, batch.batch as u32),
         threads: (warps * 32) as u32,
         smem,
@@ -795,7 +793,7 @@ mod tests {
     /// per block), which its registers allow (at most 255: the kernel is built for two blocks of 128 threads).
     #[test]
     fn tensor_core_decode_layouts_fit() {
-        for &d in crate::cuda::SUPPORTED_HEAD_DIMS.iter().filter(|&&d| !on_cores(2, d)) {
+        for &d in crate::cuda::SUPPORTED_HEAD_DIMS.iter().filter(|&&d| !on_cores(2, d, false)) {
             for (rel, leaky) in [(false, false), (true, false), (true, true)] {
                 for smem_rot in [false, true] {
                     let (w, bytes) = decode_mma_layout(d, 2, rel, leaky, smem_rot, 1);
@@ -811,12 +809,12 @@ mod tests {
         assert!(2 * (bytes + 1024) <= 164 * 1024, "{bytes} B");
         // The f32 kernel stays as sized before: at most 56.3 KB.
         assert!(decode_cores_smem_bytes(256, 4, true, true) <= 57_700);
-        // Head dim 512 (no ReRoPE there) fits every card, and its warps' merge, f32 O of its 4
-        // rows per warp, fits in the staging buffers.
-        for elem in [2, 4] {
-            let bytes = decode_cores_smem_bytes(512, elem, false, false);
-            assert!(bytes <= SMEM_BUDGET, "{elem}: {bytes} B");
-            assert!(DEC_WARPS * rows_per_block(true) * (512 + 2) * 4 <= DEC_WARPS * 4 * tile_keys_cores(512, elem) * 512 * elem);
+        // Head dim 512 (no ReRoPE there) and the 16-bit chunked 256 fit every card, and their
+        // warps' merge, f32 O of 4 rows per warp, fits in the staging buffers.
+        for (d, elem, rel) in [(512, 2, false), (512, 4, false), (256, 2, true)] {
+            let bytes = decode_cores_smem_bytes(d, elem, rel, rel);
+            assert!(bytes <= SMEM_BUDGET, "{d} {elem}: {bytes} B");
+            assert!(DEC_WARPS * rows_per_block(true) * (d + 2) * 4 <= DEC_WARPS * 4 * tile_keys_cores(d, elem) * d * elem);
         }
     }
 }

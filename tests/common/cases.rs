@@ -281,11 +281,6 @@ pub fn decode_case(case: usize, d: usize, rot: Rotary, scale: Scale) -> DecodeCa
     soft_cap(&mut p, case);
     chunked(&mut p, case);
     temperature(&mut p, case);
-    if d > 128 && d <= 256 {
-        // The 16-bit decode refuses chunks at head_dim 256 (tests/emu_chunked.rs checks that,
-        // and the f32 kernel taking them); at 512 every dtype runs on CUDA cores and takes them.
-        p.mask.chunk = None;
-    }
     let ctx = match scale {
         Scale::Gpu => [queries, 300, 1000 + case],
         Scale::Emulator => [queries, 100, 150 + case],
