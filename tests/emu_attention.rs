@@ -253,13 +253,9 @@ fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     let mut p = AttentionParams::new(1, 1, d);
     p.rope = Some(schedules(d, d).remove(6).1);
     let emu = emulator(10);
-    let mut r = rng(10);
-    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, nq * d)).0);
-    let k = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
-    let v = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
-    let (cq, ck) = (guard(&[0i32, nq as i32]), guard(&[0i32, nk as i32]));
+    let one = common::one_head::OneHead::new(10, nq, nk, d);
     let (mut out, mut lse) = (GuardedBuf::filled(nq * d, bf16::ZERO), GuardedBuf::filled(nq, 0f32));
-    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: None };
+    let x = one.inputs();
     let (path, _) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &AttentionBatch::single(&p, nq, nk), &p, None).unwrap();
     assert_eq!(path, PrefillPath::Fused);
     let w = emu.take_work();
@@ -277,7 +273,7 @@ fn emulated_fused_prefill_does_little_trigonometry_per_key() {
     // Q rows off 16-byte boundaries take the other Q load (a pair at a time from global memory),
     // composed from the same tables: the same trigonometry.
     let mut qo = vec![bf16::ZERO; 1 + nq * d];
-    qo[1..].copy_from_slice(&q[..]);
+    qo[1..].copy_from_slice(&one.q[..]);
     let qo = guard(&qo);
     let x = FwdInputs { q: &qo[1..], ..x };
     emu.attention_fwd_checked(&x, &mut out, &mut lse, &AttentionBatch::single(&p, nq, nk), &p, None).unwrap();

@@ -219,13 +219,9 @@ fn emulated_head_dim_512_evaluates_no_angle_of_a_pair_that_does_not_turn() {
     let turning = p.rope.as_ref().unwrap().inv_freq.iter().filter(|&&f| f != 0.0).count();
     assert_eq!(turning, 64);
     let emu = emulator(514);
-    let mut r = rng(514);
-    let q = guard(&as_dtype::<bf16>(&uniform(&mut r, nq * d)).0);
-    let k = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
-    let v = guard(&as_dtype::<bf16>(&uniform(&mut r, nk * d)).0);
-    let (cq, ck) = (guard(&[0i32, nq as i32]), guard(&[0i32, nk as i32]));
+    let one = common::one_head::OneHead::new(514, nq, nk, d);
     let (mut out, mut lse) = (GuardedBuf::filled(nq * d, bf16::ZERO), GuardedBuf::filled(nq, 0f32));
-    let x = FwdInputs { q: &q, k: &k, v: &v, cu_seqlens_q: &cq, cu_seqlens_k: &ck, seq_starts: None };
+    let x = one.inputs();
     emu.take_work();
     let (path, rep) = emu.attention_fwd_checked(&x, &mut out, &mut lse, &AttentionBatch::single(&p, nq, nk), &p, None).unwrap();
     assert!(path == PrefillPath::Fused && rep.passed(), "{path:?} {rep:?}");

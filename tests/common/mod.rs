@@ -5,6 +5,7 @@
 pub mod cases;
 pub mod explicit;
 pub mod gate;
+pub mod one_head;
 pub mod paged;
 
 use cudarc::driver::CudaStream;
