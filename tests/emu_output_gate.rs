@@ -21,17 +21,11 @@ use rope_attn::cuda::{
     PagedPrefillBatch, PagedPrefillPath,
 };
 use rope_attn::emulator::{DecodeInputs, Emulator, FwdInputs, GuardedBuf, PagedFwdInputs};
-use rope_attn::{AttentionParams, Error, Layout, RopeSchedule, Rotary};
+use rope_attn::{AttentionParams, Error};
 
 fn params(d: usize) -> AttentionParams {
     let mut p = AttentionParams::new(4, 2, d);
-    // Every pair turning up to head_dim 256; at 512 (the kernels hold 128 frequencies) Gemma
-    // 4's proportional RoPE, a quarter of the pairs turning.
-    p.rope = Some(if d <= 256 {
-        Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half)
-    } else {
-        schedules(d, d).remove(0).1
-    });
+    p.rope = Some(turning_rotary(d));
     p
 }
 

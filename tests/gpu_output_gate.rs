@@ -18,20 +18,14 @@ use rope_attn::cuda::{
     attention_fwd_paged, attention_fwd_paged_gated_checked, attention_fwd_workspace_len, decode_workspace_len, merge_states, merge_states_gated, paged_prefill_gather_len,
     paged_prefill_workspace_len, AttentionBatch, DecodeBatch, Dtype, Gpu, PagedKvCache, PagedPrefillBatch, PagedPrefillPath, SUPPORTED_HEAD_DIMS,
 };
-use rope_attn::{AttentionParams, Error, Layout, OutputGate, RopeSchedule, Rotary};
+use rope_attn::{AttentionParams, Error, OutputGate};
 use std::sync::Arc;
 
 type Stream = Arc<cudarc::driver::CudaStream>;
 
 fn params(d: usize) -> AttentionParams {
     let mut p = AttentionParams::new(8, 2, d);
-    // Every pair turning up to head_dim 256; at 512 (the kernels hold 128 frequencies) Gemma
-    // 4's proportional RoPE, a quarter of the pairs turning.
-    p.rope = Some(if d <= 256 {
-        Rotary::from_schedule(&RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half)
-    } else {
-        schedules(d, d).remove(0).1
-    });
+    p.rope = Some(turning_rotary(d));
     p
 }
 

@@ -13,6 +13,22 @@ pub(crate) const MAX_PAIRS: usize = 128;
 /// 4's proportional RoPE on its 512-wide layers turns 64 pairs and passes the rest through).
 pub(crate) const MAX_ROT_PAIRS: usize = 256;
 
+/// What the kernels' rotation arguments hold: at most [`MAX_ROT_PAIRS`] pairs, none turning
+/// past the first [`MAX_PAIRS`] (the launchers and the shape checks refuse anything else).
+pub(crate) fn check_rotation_fits(rot: &Rotary, head_dim: usize) -> Result<()> {
+    if rot.rotary_dim / 2 > MAX_ROT_PAIRS {
+        return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim });
+    }
+    if let Some(&f) = rot.inv_freq.iter().skip(MAX_PAIRS).find(|&&f| f != 0.0) {
+        return Err(Error::Parameter {
+            name: "inv_freq",
+            value: f,
+            reason: "the kernels turn at most 128 rotation pairs; pairs past them must have frequency 0 (proportional RoPE)",
+        });
+    }
+    Ok(())
+}
+
 /// Mirror of `ra::RopeArgs` (kernels/rope.cuh).
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
@@ -59,16 +75,7 @@ impl RopeArgs {
         let mut a = Self::none();
         let Some(rot) = rot else { return Ok(a) };
         rot.validate(head_dim)?;
-        if rot.rotary_dim / 2 > MAX_ROT_PAIRS {
-            return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim });
-        }
-        if let Some(&f) = rot.inv_freq.iter().skip(MAX_PAIRS).find(|&&f| f != 0.0) {
-            return Err(Error::Parameter {
-                name: "inv_freq",
-                value: f,
-                reason: "the kernels turn at most 128 rotation pairs; pairs past them must have frequency 0 (proportional RoPE)",
-            });
-        }
+        check_rotation_fits(rot, head_dim)?;
         for (i, &f) in rot.inv_freq.iter().take(MAX_PAIRS).enumerate() {
             a.freq[i] = split_turns(f);
         }

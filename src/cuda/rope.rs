@@ -4,7 +4,7 @@ use super::checked::{max_abs, widen, CheckReport, Tolerance};
 use super::device::{Gpu, Module};
 use super::dtype::Dtype;
 use super::launch::{Backend, Launch, OnStream};
-use super::params::{to_i32, RopeArgs, RopeParams};
+use super::params::{check_rotation_fits, to_i32, RopeArgs, RopeParams, MAX_ROT_PAIRS};
 use super::scores::span;
 use crate::attention::{Relative, Rotary};
 use crate::config::MRope;
@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 /// Largest rotary dimension the kernels take: 256, or 512 with every pair past the first 128 of
 /// frequency 0 (proportional RoPE; a typed error otherwise). Components past it pass through.
-pub const ROPE_MAX_HEAD_DIM: usize = 512;
+pub const ROPE_MAX_HEAD_DIM: usize = 2 * MAX_ROT_PAIRS;
 
 /// Geometry of Q and K for the rope kernel: `[tokens, heads, head_dim]` with a row stride
 /// (elements from one token to the next) per tensor, so views into a packed QKV work.
@@ -54,11 +54,7 @@ impl RopeShape {
     /// Validate buffer lengths (elements) and the rotation, as every launcher does before a launch.
     pub fn check(&self, q_len: usize, k_len: usize, pos_len: usize, rot: &Rotary) -> Result<()> {
         rot.validate(self.head_dim)?;
-        if rot.rotary_dim > ROPE_MAX_HEAD_DIM {
-            return Err(Error::RotaryDim { rotary_dim: rot.rotary_dim, head_dim: self.head_dim });
-        }
-        // Past 128 pairs, only frequencies of 0 (the kernels' parameters hold 128).
-        RopeArgs::new(Some(rot), Relative::None, self.head_dim)?;
+        check_rotation_fits(rot, self.head_dim)?;
         self.check_buffers(q_len, k_len)?;
         if pos_len < self.tokens {
             return Err(Error::BufferTooSmall { what: "positions", needed: self.tokens, got: pos_len });

@@ -70,6 +70,16 @@ pub fn guard<T: Copy>(v: &[T]) -> rope_attn::emulator::GuardedBuf<T> {
     rope_attn::emulator::GuardedBuf::from_slice(v)
 }
 
+/// Plain RoPE (theta 1e4) with every pair turning, up to head_dim 256; at 512, where the kernels
+/// turn at most 128 pairs, Gemma 4's proportional RoPE (`schedules`' first there).
+pub fn turning_rotary(d: usize) -> Rotary {
+    if d <= 256 {
+        Rotary::from_schedule(&rope_attn::RopeSchedule::plain(10000.0, d).unwrap(), Layout::Half)
+    } else {
+        schedules(d, d).remove(0).1
+    }
+}
+
 /// Schedules of every rope type, for a head of `d` with rotary dim `r`. Past 256 rotated
 /// components (head_dim 512, where the kernels turn at most 128 pairs) the first is Gemma 4's
 /// proportional RoPE over the whole head (64 pairs turn, the rest pass through), and the others
